@@ -1,0 +1,495 @@
+//! Bounded pulls from one durable consumer, and their acknowledgement.
+//!
+//! A [`Fetcher`] sends one pull request per [`Fetcher::fetch`] call for at most `fetch_batch`
+//! messages and `fetch_bytes_max` bytes, waiting at most `fetch_expires_ms` for them, so an idle
+//! stream yields an empty [`Batch`] promptly and the relay's memory per consumer is bounded.
+//!
+//! A [`Batch`] owns the delivered messages; [`MessageRef`] borrows each one's stream, sequence,
+//! subject, selected headers, publish time and payload without copying, so the caller can build
+//! WAL records straight from them.
+//!
+//! **The caller acks a batch only after the WAL fsync covering all of its records has
+//! returned** ([`Batch::ack`]). With ack policy `all`, batches must also be appended to the WAL in
+//! fetch order: one ack covers every earlier message of the consumer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::{reply, setup, SourceError};
+use crate::config::{AckPolicyKind, ConsumerConfig};
+
+/// Headers copied into WAL records; every other header is dropped.
+pub const SELECTED_HEADERS: [&str; 1] = ["Nats-Msg-Id"];
+
+/// Extra wait past `fetch_expires_ms` for the server's end-of-pull notice before the client
+/// gives up on a pull: covers network latency without hanging on a lost connection.
+const FETCH_DEADLINE_MARGIN_MS: u64 = 2_000;
+
+/// The status JetStream uses when the next message exceeds the pull's byte limit.
+const TOO_LARGE_STATUS: &str = "Message Size Exceeds MaxBytes";
+
+/// Body of a positive acknowledgement.
+const ACK_BODY: &[u8] = b"+ACK";
+
+/// Pulls batches from one durable pull consumer.
+pub struct Fetcher {
+    /// Handle used to send pull requests.
+    consumer: PullConsumer,
+    /// Client used to check the connection and to send acks.
+    client: async_nats::Client,
+    /// Stream name, shared with every batch.
+    stream: Arc<str>,
+    /// Durable name, shared with every batch.
+    durable: Arc<str>,
+    /// Messages per pull, at most.
+    fetch_batch: usize,
+    /// Bytes per pull, at most.
+    fetch_bytes_max: u64,
+    /// How long the server holds one pull open.
+    fetch_expires: Duration,
+    /// The ack policy in force on the server (which wins over the configuration on drift).
+    ack_policy: AckPolicyKind,
+}
+
+impl Fetcher {
+    /// Opens the existing durable pull consumer of `config` (create it first with
+    /// [`super::ensure_consumer`]). Acks follow the ack policy the server has for the consumer,
+    /// whatever the configuration says: acking one message under an explicit policy that the
+    /// configuration believes is `all` would leave the rest to be redelivered.
+    pub async fn new(
+        js: &jetstream::Context,
+        config: &ConsumerConfig,
+    ) -> Result<Fetcher, SourceError> {
+        let stream = js.get_stream_no_info(&config.stream).await.map_err(|err| {
+            SourceError::StreamRequest {
+                stream: config.stream.clone(),
+                source: Box::new(err),
+            }
+        })?;
+        let info = setup::consumer_info(&stream, config)
+            .await?
+            .ok_or_else(|| SourceError::ConsumerMissing {
+                stream: config.stream.clone(),
+                durable: config.durable.clone(),
+            })?;
+        setup::check_usable(config, &info.config)?;
+        let ack_policy = setup::server_ack_policy(info.config.ack_policy).ok_or_else(|| {
+            // check_usable already rejected the policies without a kind; kept as an error
+            // rather than an unwrap so a future policy cannot panic here.
+            SourceError::UnsupportedAckPolicy {
+                stream: config.stream.clone(),
+                durable: config.durable.clone(),
+                policy: format!("{:?}", info.config.ack_policy),
+            }
+        })?;
+        let consumer: PullConsumer =
+            stream
+                .get_consumer(&config.durable)
+                .await
+                .map_err(|source| SourceError::ConsumerRequest {
+                    stream: config.stream.clone(),
+                    durable: config.durable.clone(),
+                    source,
+                })?;
+        Ok(Fetcher {
+            consumer,
+            client: js.client(),
+            stream: Arc::from(config.stream.as_str()),
+            durable: Arc::from(config.durable.as_str()),
+            fetch_batch: config.fetch_batch as usize,
+            fetch_bytes_max: config.fetch_bytes_max,
+            fetch_expires: Duration::from_millis(config.fetch_expires_ms),
+            ack_policy,
+        })
+    }
+
+    /// Stream name.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Durable name.
+    pub fn durable(&self) -> &str {
+        &self.durable
+    }
+
+    /// The ack policy in force on the server.
+    pub fn ack_policy(&self) -> AckPolicyKind {
+        self.ack_policy
+    }
+
+    /// Pulls up to `fetch_batch` messages (and `fetch_bytes_max` bytes), returning as soon as
+    /// the server has delivered what it had, or after `fetch_expires_ms` with an empty batch when
+    /// the stream is idle.
+    ///
+    /// Errors are transient unless they say otherwise: the caller retries with backoff. A pull
+    /// cut short by an error after some messages arrived returns those messages; the error shows
+    /// again on the next pull if it persists.
+    pub async fn fetch(&mut self) -> Result<Batch, SourceError> {
+        let state = self.client.connection_state();
+        if state != State::Connected {
+            return Err(SourceError::Disconnected {
+                durable: self.durable.to_string(),
+                state: state.to_string(),
+            });
+        }
+
+        let mut pull = self
+            .consumer
+            .fetch()
+            .max_messages(self.fetch_batch)
+            .max_bytes(usize::try_from(self.fetch_bytes_max).unwrap_or(usize::MAX))
+            .expires(self.fetch_expires)
+            .messages()
+            .await
+            .map_err(|err| self.fetch_error(Box::new(err) as super::NatsError))?;
+
+        // The client library waits five seconds past `expires` for the server's end-of-pull
+        // status; a lost connection would stall the relay that long, so cut it shorter.
+        let deadline = tokio::time::Instant::now()
+            + self.fetch_expires
+            + Duration::from_millis(FETCH_DEADLINE_MARGIN_MS);
+        let mut messages = Vec::with_capacity(self.fetch_batch.min(1024));
+        loop {
+            let next = match tokio::time::timeout_at(deadline, pull.next()).await {
+                Ok(next) => next,
+                Err(_elapsed) => {
+                    let state = self.client.connection_state();
+                    if messages.is_empty() && state != State::Connected {
+                        return Err(SourceError::Disconnected {
+                            durable: self.durable.to_string(),
+                            state: state.to_string(),
+                        });
+                    }
+                    break;
+                }
+            };
+            match next {
+                None => break,
+                Some(Ok(message)) => messages.push(self.delivered(message.message)?),
+                Some(Err(err)) => {
+                    let err = self.fetch_error(err);
+                    if messages.is_empty() {
+                        return Err(err);
+                    }
+                    tracing::warn!(stream = %self.stream, durable = %self.durable, error = %err,
+                        delivered = messages.len(), "pull ended early; keeping the messages delivered so far");
+                    break;
+                }
+            }
+        }
+        Ok(Batch {
+            stream: Arc::clone(&self.stream),
+            durable: Arc::clone(&self.durable),
+            messages,
+            ack_policy: self.ack_policy,
+            client: self.client.clone(),
+        })
+    }
+
+    /// The consumer's backlog as the server sees it (the autoscaling signal).
+    pub async fn backlog(&mut self) -> Result<Backlog, SourceError> {
+        let info = self
+            .consumer
+            .info()
+            .await
+            .map_err(|err| SourceError::ConsumerRequest {
+                stream: self.stream.to_string(),
+                durable: self.durable.to_string(),
+                source: Box::new(err),
+            })?;
+        Ok(Backlog {
+            num_pending: info.num_pending,
+            num_ack_pending: info.num_ack_pending as u64,
+            num_redelivered: info.num_redelivered as u64,
+        })
+    }
+
+    fn delivered(&self, message: async_nats::Message) -> Result<Delivered, SourceError> {
+        let meta = message
+            .reply
+            .as_deref()
+            .and_then(reply::parse)
+            .ok_or_else(|| SourceError::Metadata {
+                durable: self.durable.to_string(),
+                subject: message.subject.to_string(),
+                reply: message.reply.as_ref().map(ToString::to_string),
+            })?;
+        debug_assert_eq!(
+            meta.stream, &*self.stream,
+            "a consumer delivers from its own stream"
+        );
+        Ok(Delivered {
+            stream_seq: meta.stream_seq,
+            consumer_seq: meta.consumer_seq,
+            delivered: meta.delivered,
+            published_ns: meta.published_ns,
+            message,
+        })
+    }
+
+    fn fetch_error(&self, source: super::NatsError) -> SourceError {
+        if source.to_string().contains(TOO_LARGE_STATUS) {
+            SourceError::MessageTooLarge {
+                stream: self.stream.to_string(),
+                durable: self.durable.to_string(),
+                fetch_bytes_max: self.fetch_bytes_max,
+            }
+        } else {
+            SourceError::Fetch {
+                stream: self.stream.to_string(),
+                durable: self.durable.to_string(),
+                source,
+            }
+        }
+    }
+}
+
+/// The consumer's counters, from consumer info.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Messages of the stream matching the filter that were never delivered.
+    pub num_pending: u64,
+    /// Messages delivered and not acknowledged yet.
+    pub num_ack_pending: u64,
+    /// Messages delivered more than once and not acknowledged yet.
+    pub num_redelivered: u64,
+}
+
+/// One delivered message with its parsed metadata.
+struct Delivered {
+    stream_seq: u64,
+    consumer_seq: u64,
+    delivered: u64,
+    published_ns: i64,
+    message: async_nats::Message,
+}
+
+/// The messages of one pull, in delivery order.
+pub struct Batch {
+    stream: Arc<str>,
+    durable: Arc<str>,
+    messages: Vec<Delivered>,
+    ack_policy: AckPolicyKind,
+    client: async_nats::Client,
+}
+
+impl Batch {
+    /// Number of messages.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// True when the pull expired without messages.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// Total payload bytes.
+    pub fn payload_bytes(&self) -> usize {
+        self.messages.iter().map(|m| m.message.payload.len()).sum()
+    }
+
+    /// Stream the messages come from.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Durable that delivered them.
+    pub fn durable(&self) -> &str {
+        &self.durable
+    }
+
+    /// The ack policy [`Batch::ack`] follows.
+    pub fn ack_policy(&self) -> AckPolicyKind {
+        self.ack_policy
+    }
+
+    /// The messages, in delivery order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = MessageRef<'_>> + '_ {
+        self.messages.iter().map(move |m| MessageRef {
+            stream: &self.stream,
+            delivered: m,
+        })
+    }
+
+    /// Acknowledges the batch. **Call only after the WAL fsync covering every record of this
+    /// batch has returned.**
+    ///
+    /// Explicit policy: one ack per message, all sent without waiting for a reply each, then one
+    /// flush. Ack-all policy: one ack, of the message with the highest consumer sequence, which
+    /// covers the whole batch and every earlier delivery of the consumer.
+    ///
+    /// Acks are fire-and-forget: a lost ack (connection dropped) makes JetStream redeliver the
+    /// message after `ack_wait_ms`; its WAL record and ClickHouse row collapse with the
+    /// redelivery by stream sequence. An error here is therefore worth a warning, not a retry.
+    pub async fn ack(self) -> Result<AckSummary, SourceError> {
+        let covered = self.messages.len();
+        if covered == 0 {
+            return Ok(AckSummary {
+                acks_sent: 0,
+                messages_covered: 0,
+            });
+        }
+        let mut acks_sent = 0;
+        match self.ack_policy {
+            AckPolicyKind::Explicit => {
+                for m in &self.messages {
+                    self.send_ack(&m.message).await?;
+                    acks_sent += 1;
+                }
+            }
+            AckPolicyKind::All => {
+                // Delivery order is consumer-sequence order, but take the maximum explicitly:
+                // acking a lower one would leave later messages of the batch unacknowledged.
+                let last = self
+                    .messages
+                    .iter()
+                    .max_by_key(|m| m.consumer_seq)
+                    .map(|m| &m.message);
+                if let Some(message) = last {
+                    self.send_ack(message).await?;
+                    acks_sent = 1;
+                }
+            }
+        }
+        self.client.flush().await.map_err(|err| SourceError::Ack {
+            stream: self.stream.to_string(),
+            durable: self.durable.to_string(),
+            source: Box::new(err),
+        })?;
+        Ok(AckSummary {
+            acks_sent,
+            messages_covered: covered,
+        })
+    }
+
+    async fn send_ack(&self, message: &async_nats::Message) -> Result<(), SourceError> {
+        // Every message in a batch passed reply::parse, so it has a reply subject.
+        let Some(reply) = message.reply.clone() else {
+            return Err(SourceError::Metadata {
+                durable: self.durable.to_string(),
+                subject: message.subject.to_string(),
+                reply: None,
+            });
+        };
+        self.client
+            .publish(reply, Bytes::from_static(ACK_BODY))
+            .await
+            .map_err(|err| SourceError::Ack {
+                stream: self.stream.to_string(),
+                durable: self.durable.to_string(),
+                source: Box::new(err),
+            })
+    }
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("stream", &self.stream)
+            .field("durable", &self.durable)
+            .field("len", &self.messages.len())
+            .field("ack_policy", &self.ack_policy)
+            .finish()
+    }
+}
+
+/// What [`Batch::ack`] sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckSummary {
+    /// Ack messages published.
+    pub acks_sent: usize,
+    /// Messages of the batch they cover.
+    pub messages_covered: usize,
+}
+
+/// One message of a [`Batch`], borrowed.
+#[derive(Clone, Copy)]
+pub struct MessageRef<'a> {
+    stream: &'a str,
+    delivered: &'a Delivered,
+}
+
+impl<'a> MessageRef<'a> {
+    /// Stream the message is stored in.
+    pub fn stream(&self) -> &'a str {
+        self.stream
+    }
+
+    /// The message's sequence in its stream: with the stream name, its identity, kept by
+    /// redeliveries and replays.
+    pub fn stream_seq(&self) -> u64 {
+        self.delivered.stream_seq
+    }
+
+    /// The delivery's sequence in the consumer (grows with redeliveries).
+    pub fn consumer_seq(&self) -> u64 {
+        self.delivered.consumer_seq
+    }
+
+    /// Delivery attempt, starting at 1; above 1 the message is a redelivery.
+    pub fn delivery_count(&self) -> u64 {
+        self.delivered.delivered
+    }
+
+    /// The subject it was published on.
+    pub fn subject(&self) -> &'a str {
+        self.delivered.message.subject.as_str()
+    }
+
+    /// The `Nats-Msg-Id` header, if the publisher set one.
+    pub fn msg_id(&self) -> Option<&'a str> {
+        self.header("Nats-Msg-Id")
+    }
+
+    /// The [`SELECTED_HEADERS`] present on the message, as (name, value).
+    pub fn headers(&self) -> impl Iterator<Item = (&'static str, &'a str)> + 'a {
+        let this = *self;
+        SELECTED_HEADERS
+            .iter()
+            .filter_map(move |name| this.header(name).map(|value| (*name, value)))
+    }
+
+    /// Time the stream stored the message, unix nanoseconds.
+    pub fn published_ns(&self) -> i64 {
+        self.delivered.published_ns
+    }
+
+    /// The payload bytes.
+    pub fn payload(&self) -> &'a [u8] {
+        &self.delivered.message.payload
+    }
+
+    /// The payload as shared bytes (cloning it is a reference count, not a copy).
+    pub fn payload_shared(&self) -> &'a Bytes {
+        &self.delivered.message.payload
+    }
+
+    fn header(&self, name: &str) -> Option<&'a str> {
+        self.delivered
+            .message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str())
+    }
+}
+
+impl std::fmt::Debug for MessageRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageRef")
+            .field("stream", &self.stream())
+            .field("stream_seq", &self.stream_seq())
+            .field("subject", &self.subject())
+            .field("msg_id", &self.msg_id())
+            .field("payload_len", &self.payload().len())
+            .finish()
+    }
+}
