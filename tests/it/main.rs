@@ -1,1 +1,6 @@
-//! Integration tests.
+//! Integration tests of the relay against real servers started by `prism-testbed`.
+
+mod source;
+
+/// Result of a test: any error fails it with its message.
+pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
