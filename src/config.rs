@@ -187,6 +187,22 @@ pub const SHUTDOWN_TIMEOUT_MS_MIN: u64 = 1_000;
 /// Orchestrators kill a pod after their own grace period (30 s on Kubernetes by default).
 pub const SHUTDOWN_TIMEOUT_MS_MAX: u64 = 300_000;
 
+// Relations between bounds, checked at compile time so that no value within every bound can
+// violate a relation that validation checks between fields.
+const _: () = {
+    // Every allowed fetch_batch fits under some allowed max_ack_pending.
+    assert!(CONSUMER_FETCH_BATCH_MAX as i64 <= CONSUMER_MAX_ACK_PENDING_MAX);
+    // A pull can always expire before its messages' ack wait.
+    assert!(CONSUMER_FETCH_EXPIRES_MS_MIN < CONSUMER_ACK_WAIT_MS_MIN);
+    // The smallest segment can hold the smallest group commit.
+    assert!(WAL_GROUP_BYTES_MAX_MIN <= WAL_SEGMENT_BYTES_MAX_MIN);
+    // The largest budget holds the largest segments.
+    assert!(WAL_SEGMENT_BYTES_MAX_MAX * WAL_BUDGET_SEGMENTS_MIN <= WAL_BUDGET_BYTES_MAX_MAX);
+    // A pull's byte limit can hold the largest NATS payload the server allows by default (1 MiB).
+    assert!(CONSUMER_FETCH_BYTES_MAX_MIN >= MIB);
+    assert!(DRAIN_RETRY_BACKOFF_MS_MIN <= DRAIN_RETRY_BACKOFF_MS_MAX);
+};
+
 /// The whole relay configuration. `Default` gives the documented defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

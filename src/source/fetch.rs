@@ -34,6 +34,12 @@ const FETCH_DEADLINE_MARGIN_MS: u64 = 2_000;
 /// The status JetStream uses when the next message exceeds the pull's byte limit.
 const TOO_LARGE_STATUS: &str = "Message Size Exceeds MaxBytes";
 
+/// Bound on handing one batch's acks to the connection. Sending an ack only queues it and
+/// writes it to the socket; if that takes longer, the connection is stuck (a frozen server with
+/// full socket buffers), and the caller must not hang: the acks are abandoned and the messages
+/// come back after ack_wait.
+const ACK_SEND_TIMEOUT_MS: u64 = 5_000;
+
 /// Body of a positive acknowledgement.
 const ACK_BODY: &[u8] = b"+ACK";
 
@@ -330,6 +336,18 @@ impl Batch {
     /// message after `ack_wait_ms`; its WAL record and ClickHouse row collapse with the
     /// redelivery by stream sequence. An error here is therefore worth a warning, not a retry.
     pub async fn ack(self) -> Result<AckSummary, SourceError> {
+        let timeout = Duration::from_millis(ACK_SEND_TIMEOUT_MS);
+        match tokio::time::timeout(timeout, self.send_acks()).await {
+            Ok(result) => result,
+            Err(elapsed) => Err(SourceError::Ack {
+                stream: self.stream.to_string(),
+                durable: self.durable.to_string(),
+                source: Box::new(elapsed),
+            }),
+        }
+    }
+
+    async fn send_acks(&self) -> Result<AckSummary, SourceError> {
         let covered = self.messages.len();
         if covered == 0 {
             return Ok(AckSummary {

@@ -648,3 +648,31 @@ async fn fetch_fails_while_nats_is_down_and_recovers_after_its_restart() -> Test
     assert_eq!(m[0].msg_id(), Some("after"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_does_not_hang_while_nats_is_frozen_and_resumes_after() -> TestResult {
+    let bed = bed().await?;
+    ensure_streams(&bed.js, &[stream("MARKET_TRADES", &["trade.>"])]).await?;
+    let config = consumer_config("MARKET_TRADES", "relay", &[]);
+    ensure_consumer(&bed.js, &config).await?;
+    let mut fetcher = Fetcher::new(&bed.js, &config).await?;
+
+    bed.nats.pause()?;
+    let started = Instant::now();
+    let frozen = fetcher.fetch().await;
+    let elapsed = started.elapsed();
+    bed.nats.resume()?;
+    assert!(frozen.map(|b| b.is_empty()).unwrap_or(true));
+    assert!(
+        elapsed < Duration::from_millis(config.fetch_expires_ms + 3_000),
+        "a pull to a frozen server took {elapsed:?}"
+    );
+
+    publish(&bed.js, "trade.binance.spot.BTC-USDT", "after-pause", "{}").await?;
+    let batches = fetch_count(&mut fetcher, 1).await?;
+    assert_eq!(
+        batches[0].iter().next().and_then(|m| m.msg_id()),
+        Some("after-pause")
+    );
+    Ok(())
+}
