@@ -196,6 +196,7 @@ fn give_up(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use std::cell::RefCell;
 
     /// A fake table that rejects any insert containing a row from `bad`, and records each call.
@@ -246,11 +247,14 @@ mod tests {
             let result = table.insert(range, token);
             async move { result }
         });
-        // The fake completes synchronously, so a minimal executor is enough.
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .expect("current-thread runtime builds without I/O drivers")
-            .block_on(fut)
+        // The fake completes synchronously, so polling with a no-op waker drives it to the end.
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        loop {
+            if let std::task::Poll::Ready(result) = fut.as_mut().poll(&mut cx) {
+                return result;
+            }
+        }
     }
 
     fn poison_indices(outcome: &IsolateOutcome) -> Vec<usize> {
@@ -389,5 +393,28 @@ mod tests {
         assert_eq!(depth_bound(3), 2);
         assert_eq!(depth_bound(1024), 10);
         assert_eq!(depth_bound(1025), 11);
+    }
+
+    proptest! {
+        #[test]
+        fn any_set_of_bad_rows_is_reported_exactly_and_the_rest_is_stored(
+            len in 1usize..300,
+            bad_seed in proptest::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let mut bad: Vec<usize> = bad_seed.iter().map(|b| b % len).collect();
+            bad.sort_unstable();
+            bad.dedup();
+            let table = FakeTable::new(&bad);
+            let outcome = run(&table, len, Some("t"), u32::MAX).expect("no error");
+            prop_assert_eq!(poison_indices(&outcome), bad.clone());
+            let mut stored = table.stored.borrow().clone();
+            stored.sort_unstable();
+            let good: Vec<usize> = (0..len).filter(|i| !bad.contains(i)).collect();
+            prop_assert_eq!(stored, good);
+            prop_assert!(outcome.inserts as usize <= 2 * len - 1);
+            // Each bad row costs at most two inserts per level, plus the first insert.
+            let bound = 1 + 2 * bad.len() * depth_bound(len) as usize;
+            prop_assert!(outcome.inserts as usize <= bound, "{} > {}", outcome.inserts, bound);
+        }
     }
 }

@@ -302,7 +302,15 @@ impl Sink {
             }
             insert.end().await.map_err(classify)
         };
-        self.bounded_insert(table, request).await
+        let result = self.bounded_insert(table, request).await;
+        if let Err(error) = &result {
+            if error.class == ErrorClass::Schema && self.inner.opts.modern {
+                // The client caches each table's columns for validation; after a schema error the
+                // operator may fix the table, and the retry must see the new columns.
+                self.inner.client.clear_cached_metadata().await;
+            }
+        }
+        result
     }
 
     /// Inserts `rows` like [`Sink::insert`]; if ClickHouse rejects them as poison, bisects until

@@ -463,3 +463,55 @@ async fn a_failing_statement_reports_its_class() {
     assert!(matches!(&error, SinkError::Query { .. }), "{error}");
     assert_eq!(error.class(), Some(ErrorClass::Schema));
 }
+
+/// ClickHouse 23.8 cannot run on these machines, so what a modern server receives is checked with
+/// a minimal HTTP listener that records the request line and accepts the insert.
+#[tokio::test]
+async fn a_modern_server_receives_the_deduplication_token_with_each_insert() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    let recorder = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The body is chunked; the request is complete at the empty last chunk.
+        while !request.ends_with(b"\r\n0\r\n\r\n") {
+            let n = stream.read(&mut buf).expect("read request");
+            assert!(n > 0, "client closed before the end of the body");
+            request.extend_from_slice(&buf[..n]);
+        }
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .expect("respond");
+        let head = String::from_utf8_lossy(&request);
+        head.lines().next().unwrap_or_default().to_owned()
+    });
+
+    let sink = Sink::new(SinkOptions {
+        url,
+        database: DATABASE.to_owned(),
+        modern: true,
+        ..SinkOptions::default()
+    })
+    .expect("valid options");
+    sink.insert_json_each_row("events", b"{\"id\":1}\n", Some("stream-a:17-42"))
+        .await
+        .expect("accepted");
+    let request_line = recorder.join().expect("recorder thread");
+    assert!(
+        request_line.contains("insert_deduplication_token=stream-a%3A17-42"),
+        "{request_line}"
+    );
+    assert!(
+        request_line.contains("insert_deduplicate=1"),
+        "{request_line}"
+    );
+    assert!(
+        request_line.contains("input_format_skip_unknown_fields=1"),
+        "{request_line}"
+    );
+}
