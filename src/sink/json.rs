@@ -33,6 +33,17 @@ pub fn json_each_row_body<R: AsRef<[u8]>>(rows: &[R]) -> Vec<u8> {
     body
 }
 
+/// Splits a newline-separated body into its lines, for [`super::Sink::insert_json_isolating`].
+/// A final newline does not start another line; any other empty line is kept (and will be
+/// reported as poison) so that line numbers stay the caller's record numbers.
+pub fn split_lines(body: &[u8]) -> Vec<&[u8]> {
+    let body = body.strip_suffix(b"\n").unwrap_or(body);
+    if body.is_empty() {
+        return Vec::new();
+    }
+    body.split(|&b| b == b'\n').collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +79,13 @@ mod tests {
             b"{}\n{\"a\":1}\n"
         );
         assert!(json_each_row_body::<&[u8]>(&[]).is_empty());
+    }
+
+    #[test]
+    fn lines_are_split_without_a_phantom_last_line() {
+        assert_eq!(split_lines(b"{}\n{\"a\":1}\n"), [&b"{}"[..], b"{\"a\":1}"]);
+        assert_eq!(split_lines(b"{}\n\n{}"), [&b"{}"[..], b"", b"{}"]);
+        assert!(split_lines(b"").is_empty());
+        assert!(split_lines(b"\n").is_empty());
     }
 }

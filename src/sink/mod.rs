@@ -381,6 +381,7 @@ impl Sink {
     /// rows ClickHouse rejects like [`Sink::insert_isolating`]. Rows that are not exactly one JSON
     /// object are reported as poison without being sent (see [`json`]); the remaining rows are
     /// bisected by position among themselves, which is deterministic for a given batch.
+    /// For a newline-separated body, pass [`json::split_lines`] of it; indices are then line numbers.
     pub async fn insert_json_isolating<R>(
         &self,
         table: &str,
@@ -556,5 +557,30 @@ mod tests {
             ..SinkOptions::default()
         };
         assert!(!format!("{opts:?}").contains("hunter2"));
+    }
+
+    #[derive(Debug, clickhouse::Row, serde::Serialize)]
+    struct Probe {
+        id: u64,
+    }
+
+    fn assert_send<F: Send>(_: &F) {}
+
+    #[test]
+    fn sink_and_its_futures_can_move_across_threads() {
+        fn assert_handle<T: Send + Sync + Clone + 'static>() {}
+        assert_handle::<Sink>();
+        let sink = Sink::new(SinkOptions::default()).expect("valid options");
+        let rows = [Probe { id: 1 }];
+        let lines = [&b"{}"[..]];
+        // The futures are only built, never polled: no server is contacted.
+        assert_send(&sink.insert("t", &rows, Some("x")));
+        assert_send(&sink.insert_isolating("t", &rows, Some("x")));
+        assert_send(&sink.insert_json_each_row("t", b"{}", None));
+        assert_send(&sink.insert_json_isolating("t", &lines, None));
+        assert_send(&sink.insert_dead_letters("dead_letters", &[], None));
+        assert_send(&sink.server_version());
+        assert_send(&sink.table_columns("db"));
+        assert_send(&sink.execute("SELECT 1"));
     }
 }

@@ -351,8 +351,12 @@ async fn json_each_row_passthrough_inserts_and_isolates_a_bad_line() {
             _ => format!("{{\"id\":{id},\"side\":\"sell\",\"note\":\"n{id}\"}}"),
         })
         .collect();
+    // The drain may hold the rows as one body; its lines are the rows.
+    let body = rows.join("\n");
+    let lines = prism_relay::sink::json::split_lines(body.as_bytes());
+    assert_eq!(lines.len(), rows.len());
     let outcome = sink
-        .insert_json_isolating("events", &rows, Some("j2"))
+        .insert_json_isolating("events", &lines, Some("j2"))
         .await
         .expect("isolated");
     let indices: Vec<usize> = outcome.poison.iter().map(|p| p.index).collect();
