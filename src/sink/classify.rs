@@ -109,6 +109,7 @@ mod code {
     pub const ARGUMENT_OUT_OF_BOUND: u32 = 69;
     pub const CANNOT_CONVERT_TYPE: u32 = 70;
     pub const CANNOT_PARSE_NUMBER: u32 = 72;
+    pub const UNKNOWN_FORMAT: u32 = 73;
     pub const UNKNOWN_DATABASE: u32 = 81;
     pub const UNKNOWN_SETTING: u32 = 115;
     pub const INCORRECT_DATA: u32 = 117;
@@ -179,7 +180,9 @@ pub fn classify(code: Option<u32>, message: &str, format: BodyFormat) -> ErrorCl
         | UNKNOWN_IDENTIFIER
         | UNKNOWN_TABLE
         | UNKNOWN_DATABASE
-        | UNKNOWN_SETTING => ErrorClass::Schema,
+        // A setting or format of a newer server generation: the configured profile is wrong.
+        | UNKNOWN_SETTING
+        | UNKNOWN_FORMAT => ErrorClass::Schema,
 
         // A short read of a RowBinary body cannot come from row values (the client writes every
         // field with its length); it means the row type does not match the table's columns.
@@ -345,6 +348,7 @@ mod tests {
             (Some(60), "Code: 60, e.displayText() = DB::Exception: Table default.nope doesn't exist.", RowBinary, Schema),
             (Some(81), "Code: 81, e.displayText() = DB::Exception: Database nodb doesn't exist", Text, Schema),
             (Some(115), "Code: 115, e.displayText() = DB::Exception: Unknown setting insert_deduplication_token", RowBinary, Schema),
+            (Some(73), "Code: 73, e.displayText() = DB::Exception: Unknown format RowBinaryWithNamesAndTypes", NoBody, Schema),
             // Without a body, value codes are not about rows.
             (Some(6), "Code: 6. Cannot parse string", NoBody, Retryable),
         ]

@@ -166,12 +166,12 @@ impl fmt::Debug for Sink {
     }
 }
 
-/// One row of the `system.columns` query; the alias avoids the keyword `type` in Rust.
-#[derive(Debug, clickhouse::Row, Deserialize)]
+/// One row of the `system.columns` query.
+#[derive(Debug, Deserialize)]
 struct ColumnRow {
     table: String,
     name: String,
-    column_type: String,
+    r#type: String,
 }
 
 impl Sink {
@@ -235,10 +235,23 @@ impl Sink {
     }
 
     /// The server's version string (`SELECT version()`), e.g. `18.16.1` or `23.8.16.16`.
+    ///
+    /// Read as JSONEachRow, which every server generation writes, so it works before the profile
+    /// is known (the `auto` profile asks this first) and whatever `modern` says.
     pub async fn server_version(&self) -> Result<String, SinkError> {
-        const SQL: &str = "SELECT version()";
-        let query = self.inner.client.query(SQL).fetch_one::<String>();
-        self.bounded_query(SQL, query).await
+        const SQL: &str = "SELECT version() AS version";
+        #[derive(Deserialize)]
+        struct Version {
+            version: String,
+        }
+        let rows: Vec<Version> = self.fetch_json_rows(SQL, None).await?;
+        match rows.into_iter().next() {
+            Some(row) => Ok(row.version),
+            None => Err(SinkError::Query {
+                statement: SQL.to_owned(),
+                source: InsertError::retryable("the server returned no row"),
+            }),
+        }
     }
 
     /// Runs one statement (DDL) as given; `?` is not treated as a placeholder.
@@ -254,21 +267,14 @@ impl Sink {
         &self,
         database: &str,
     ) -> Result<BTreeMap<String, Vec<(String, String)>>, SinkError> {
-        const SQL: &str =
-            "SELECT table, name, type AS column_type FROM system.columns WHERE database = ?";
-        let query = self
-            .inner
-            .client
-            .query(SQL)
-            .bind(database)
-            .fetch_all::<ColumnRow>();
-        let rows = self.bounded_query(SQL, query).await?;
+        const SQL: &str = "SELECT table, name, type FROM system.columns WHERE database = ?";
+        let rows: Vec<ColumnRow> = self.fetch_json_rows(SQL, Some(database)).await?;
         let mut tables: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
         for row in rows {
             tables
                 .entry(row.table)
                 .or_default()
-                .push((row.name, row.column_type));
+                .push((row.name, row.r#type));
         }
         Ok(tables)
     }
@@ -427,6 +433,34 @@ impl Sink {
         outcome.poison.sort_by_key(|p| p.index);
         log_isolation(table, rows.len(), &outcome);
         Ok(outcome)
+    }
+
+    /// Runs a query (with at most one bound string) and parses its JSONEachRow answer. Reads go
+    /// through JSON rather than the crate's typed rows so they never depend on validation,
+    /// whose RowBinaryWithNamesAndTypes format 18.16 lacks.
+    async fn fetch_json_rows<R: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        bound: Option<&str>,
+    ) -> Result<Vec<R>, SinkError> {
+        let mut query = self.inner.client.query(sql);
+        if let Some(value) = bound {
+            query = query.bind(value);
+        }
+        let fetch = async move {
+            let mut cursor = query.fetch_bytes("JSONEachRow")?;
+            cursor.collect().await
+        };
+        let body = self.bounded_query(sql, fetch).await?;
+        let mut rows = Vec::new();
+        for line in json::split_lines(&body) {
+            let row = serde_json::from_slice(line).map_err(|e| SinkError::Query {
+                statement: sql.to_owned(),
+                source: InsertError::retryable(format!("unreadable answer row: {e}")),
+            })?;
+            rows.push(row);
+        }
+        Ok(rows)
     }
 
     /// The deduplication token to send: only modern servers know the setting.

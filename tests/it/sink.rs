@@ -519,3 +519,23 @@ async fn a_modern_server_receives_the_deduplication_token_with_each_insert() {
         "{request_line}"
     );
 }
+
+/// The `auto` profile asks the version before it knows the server generation, so reading it must
+/// not depend on the modern-only validation; a modern sink pointed at 18.16 by mistake fails its
+/// inserts as a schema (configuration) error, not as poison.
+#[tokio::test]
+async fn the_version_is_readable_whatever_the_profile_and_a_wrong_profile_is_a_schema_error() {
+    let (server, _) = setup();
+    let modern = Sink::new(SinkOptions {
+        modern: true,
+        ..options(&server)
+    })
+    .expect("valid options");
+    let version = modern.server_version().await.expect("version");
+    assert!(version.starts_with("18.16"), "{version}");
+    let error = modern
+        .insert("quotes", &quotes(3), Some("t"))
+        .await
+        .expect_err("18.16 lacks what a modern insert uses");
+    assert_eq!(error.class, ErrorClass::Schema, "{error}");
+}
