@@ -343,12 +343,17 @@ impl Sink {
     }
 
     /// Inserts dead letters into `table` (the dead-letter table's name) with one `INSERT`.
-    pub async fn insert_dead_letters(
+    /// Generic so that any row type with the dead-letter columns can be written ([`DeadLetter`]
+    /// is the sink's own).
+    pub async fn insert_dead_letters<T>(
         &self,
         table: &str,
-        rows: &[DeadLetter],
+        rows: &[T],
         dedup_token: Option<&str>,
-    ) -> Result<(), InsertError> {
+    ) -> Result<(), InsertError>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowWrite + Sync,
+    {
         self.insert(table, rows, dedup_token).await
     }
 
@@ -612,7 +617,7 @@ mod tests {
         assert_send(&sink.insert_isolating("t", &rows, Some("x")));
         assert_send(&sink.insert_json_each_row("t", b"{}", None));
         assert_send(&sink.insert_json_isolating("t", &lines, None));
-        assert_send(&sink.insert_dead_letters("dead_letters", &[], None));
+        assert_send(&sink.insert_dead_letters::<DeadLetter>("dead_letters", &[], None));
         assert_send(&sink.server_version());
         assert_send(&sink.table_columns("db"));
         assert_send(&sink.execute("SELECT 1"));

@@ -431,7 +431,7 @@ async fn dead_letters_are_inserted_and_read_back() {
             nats_stream: "MARKET_DATA".into(),
             nats_seq: 42,
             error: "Code: 6, Cannot parse string".into(),
-            payload: "{\"price\":\"x\"}".into(),
+            payload: b"{\"price\":\"x\"}".to_vec(),
         },
         DeadLetter {
             failed_at: 1_761_714_312_999,
@@ -440,7 +440,8 @@ async fn dead_letters_are_inserted_and_read_back() {
             nats_stream: "MARKET_DATA".into(),
             nats_seq: 43,
             error: "no route".into(),
-            payload: "not json".into(),
+            // Not UTF-8: stored byte for byte.
+            payload: b"not json \xff\xfe".to_vec(),
         },
     ];
     sink.insert_dead_letters("dead_letters", &letters, Some("dl-1"))
@@ -453,7 +454,14 @@ async fn dead_letters_are_inserted_and_read_back() {
              FROM sink_it.dead_letters ORDER BY nats_seq FORMAT TSV"
         ),
         "1761714312456\ttrades\ttrade.binance.spot.BTC-USDT\tMARKET_DATA\t42\tCode: 6, Cannot parse string\t{\"price\":\"x\"}\n\
-         1761714312999\t\tweird.subject\tMARKET_DATA\t43\tno route\tnot json"
+         1761714312999\t\tweird.subject\tMARKET_DATA\t43\tno route\tnot json \u{fffd}\u{fffd}"
+    );
+    assert_eq!(
+        query(
+            &server,
+            "SELECT hex(payload) FROM sink_it.dead_letters WHERE nats_seq = 43"
+        ),
+        "6E6F74206A736F6E20FFFE"
     );
 }
 
