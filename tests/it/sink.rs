@@ -140,7 +140,7 @@ async fn a_poison_row_is_isolated_and_every_good_row_is_stored() {
     server
         .query(&format!(
             "CREATE TABLE {DATABASE}.codes (id UInt64, code String, n UInt32 MATERIALIZED toUInt32(code)) \
-             ENGINE = MergeTree ORDER BY id"
+             ENGINE = ReplacingMergeTree ORDER BY id"
         ))
         .expect("table created");
 
@@ -182,6 +182,18 @@ async fn a_poison_row_is_isolated_and_every_good_row_is_stored() {
             "SELECT count(), sum(n), countIf(id = 37) FROM sink_it.codes"
         ),
         format!("49\t{}\t0", (0..50).sum::<u32>() - 37)
+    );
+
+    // A bisection run again (the drain retrying after a crash) sends the same inserts and reaches
+    // the same verdict; the rows it stores twice collapse by identity.
+    let again = sink
+        .insert_isolating("codes", &rows, Some("b"))
+        .await
+        .expect("isolated again");
+    assert_eq!(again, outcome);
+    assert_eq!(
+        query(&server, "SELECT count(), sum(n) FROM sink_it.codes FINAL"),
+        format!("49\t{}", (0..50).sum::<u32>() - 37)
     );
 }
 
