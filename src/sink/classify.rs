@@ -248,8 +248,9 @@ pub fn from_client_error(error: &clickhouse::error::Error, format: BodyFormat) -
     let message = error_chain(error);
     match error {
         // The server answered with an exception (or a bare HTTP status).
+        // The server's own text is the reason (without the crate's "bad response" prefix).
         E::BadResponse(text) => {
-            InsertError::classified(parse_exception_code(text), message, format)
+            InsertError::classified(parse_exception_code(text), text.trim(), format)
         }
         // Client-side validation against the table's columns (modern servers only).
         E::SchemaMismatch(text) if text.contains(CLIENT_ENUM_MISMATCH_MARKER) => InsertError {
@@ -400,6 +401,11 @@ mod tests {
         let classified = from_client_error(&error, BodyFormat::RowBinary);
         assert_eq!(classified.class, ErrorClass::Schema);
         assert_eq!(classified.code, Some(60));
+        assert!(
+            classified.message.starts_with("Code: 60"),
+            "{}",
+            classified.message
+        );
     }
 
     #[test]
