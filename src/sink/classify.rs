@@ -116,6 +116,7 @@ mod code {
     pub const CANNOT_READ_ARRAY_FROM_TEXT: u32 = 130;
     pub const TOO_LARGE_STRING_SIZE: u32 = 131;
     pub const TIMEOUT_EXCEEDED: u32 = 159;
+    pub const SIZES_OF_ARRAYS_DOESNT_MATCH: u32 = 190;
     pub const READONLY: u32 = 164;
     pub const TOO_MANY_SIMULTANEOUS_QUERIES: u32 = 202;
     pub const NO_FREE_CONNECTION: u32 = 203;
@@ -126,6 +127,8 @@ mod code {
     pub const TOO_MANY_PARTS: u32 = 252;
     pub const TOO_FEW_LIVE_REPLICAS: u32 = 285;
     pub const UNKNOWN_STATUS_OF_INSERT: u32 = 319;
+    pub const VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE: u32 = 321;
+    pub const CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN: u32 = 349;
     pub const FUNCTION_THROW_IF_VALUE_IS_NON_ZERO: u32 = 395;
     pub const DECIMAL_OVERFLOW: u32 = 407;
     pub const SYSTEM_ERROR: u32 = 425;
@@ -207,6 +210,9 @@ pub fn classify(code: Option<u32>, message: &str, format: BodyFormat) -> ErrorCl
         | INCORRECT_DATA
         | CANNOT_READ_ARRAY_FROM_TEXT
         | TOO_LARGE_STRING_SIZE
+        | SIZES_OF_ARRAYS_DOESNT_MATCH
+        | VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+        | CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
         | CANNOT_PARSE_UUID
         | CANNOT_PARSE_BOOL
         | FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
@@ -335,6 +341,9 @@ mod tests {
             (Some(72), "Code: 72. Cannot parse number", Text, Poison),
             (Some(117), "Code: 117, e.displayText() = DB::Exception: Unknown field found while parsing JSONEachRow format: zz", Text, Poison),
             (Some(407), "Code: 407. Decimal math overflow", RowBinary, Poison),
+            (Some(190), "Code: 190. Elements 'a' and 'b' of Nested data structure 'n' have different array sizes", Text, Poison),
+            (Some(321), "Code: 321. Value 300 is out of range of UInt8", Text, Poison),
+            (Some(349), "Code: 349. Cannot insert NULL value into a column of type 'String'", Text, Poison),
             (Some(469), "Code: 469. Constraint `price_positive` is violated", RowBinary, Poison),
             (Some(691), "Code: 691. DB::Exception: Unknown element 'x' for enum. (UNKNOWN_ELEMENT_OF_ENUM)", Text, Poison),
             (Some(49), "Code: 49, e.displayText() = DB::Exception: Unknown element 'bogus' for type Enum8('buy' = 1, 'sell' = 2)", Text, Poison),
