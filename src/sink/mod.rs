@@ -24,6 +24,11 @@
 //!
 //! Every request is bounded by `insert_timeout_ms` (a paused server makes a request fail as
 //! retryable instead of hanging) and every connection attempt by `connect_timeout_ms`.
+//!
+//! A server behaviour to keep in mind: ClickHouse 18.16 does not check `Enum8` values in RowBinary
+//! bodies. An out-of-set value is stored, and every later read of the column fails. Typed rows
+//! should carry such columns as strings (or check them before the insert); JSONEachRow bodies
+//! are checked by the server and fail as poison.
 
 mod backoff;
 pub mod classify;
