@@ -1,4 +1,5 @@
 //! placeholder
 
 pub mod config;
+pub mod sink;
 pub mod source;

@@ -1,5 +1,6 @@
 //! Integration tests of the relay against real servers started by `prism-testbed`.
 
+mod sink;
 mod source;
 
 /// Result of a test: any error fails it with its message.

@@ -1,0 +1,465 @@
+//! Classification of ClickHouse failures into what the drain should do about them.
+//!
+//! Every failed request ends up as an [`InsertError`] carrying an [`ErrorClass`]:
+//!
+//! - [`ErrorClass::Retryable`]: the server or the network is unwell (connection refused or reset,
+//!   timeouts, HTTP 5xx without an exception code, memory limits, too many parts, read-only replicas).
+//!   The same batch is retried later with backoff; the WAL keeps the backlog.
+//! - [`ErrorClass::Poison`]: the rows' content is rejected (parse and type errors, enum values outside
+//!   the set, values an expression refuses). The batch is bisected and the offending rows go to the
+//!   dead-letter table.
+//! - [`ErrorClass::Schema`]: the target does not match what the relay writes (missing table, database
+//!   or column, a setting the server does not know). It is not the rows' fault: the drain retries
+//!   slowly and reports not-ready until an operator fixes the target, and never dead-letters.
+//!
+//! **Unknown codes are retryable.** Guessing "poison" for an error we do not recognise would move
+//! good rows out of the main tables into dead letters for good; guessing "retryable" only delays
+//! them (they wait in the WAL) and keeps the failure visible on the metrics and logs until someone
+//! looks. Losing data by guessing is the worse mistake, so the default is the one that cannot lose.
+//!
+//! The classification is a pure function of the exception code, the message text and the body
+//! format, so it is tested table-driven without a server.
+
+use std::fmt;
+
+/// What the drain should do with a failed insert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// Transient: retry the same batch later (same rows, same order, same token).
+    Retryable,
+    /// The rows' content is rejected: isolate the bad rows and dead-letter them.
+    Poison,
+    /// The target schema or configuration does not match: retry slowly, report not-ready.
+    Schema,
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ErrorClass::Retryable => "retryable",
+            ErrorClass::Poison => "poison",
+            ErrorClass::Schema => "schema",
+        })
+    }
+}
+
+/// A classified ClickHouse failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{class} ClickHouse error{}: {message}", code.map(|c| format!(" (code {c})")).unwrap_or_default())]
+pub struct InsertError {
+    /// What the caller should do about it.
+    pub class: ErrorClass,
+    /// The server's exception text or the transport error, as received.
+    pub message: String,
+    /// The ClickHouse exception code when the server sent one.
+    pub code: Option<u32>,
+}
+
+impl InsertError {
+    /// Builds an error whose class is derived from its code and message.
+    pub fn classified(code: Option<u32>, message: impl Into<String>, format: BodyFormat) -> Self {
+        let message = message.into();
+        InsertError {
+            class: classify(code, &message, format),
+            message,
+            code,
+        }
+    }
+
+    /// A transient failure that carries no server exception (connection, timeout).
+    pub fn retryable(message: impl Into<String>) -> Self {
+        InsertError {
+            class: ErrorClass::Retryable,
+            message: message.into(),
+            code: None,
+        }
+    }
+}
+
+/// The body format of the request that failed; a few codes mean different things per format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// Typed rows serialized by the client; a short read means the row layout does not match the table.
+    RowBinary,
+    /// Text rows (JSONEachRow passthrough); a short read means a truncated row.
+    Text,
+    /// No body (a query or DDL statement).
+    None,
+}
+
+/// ClickHouse exception codes, named as in the server's `ErrorCodes.cpp`.
+mod code {
+    pub const CANNOT_PARSE_TEXT: u32 = 6;
+    pub const THERE_IS_NO_COLUMN: u32 = 8;
+    pub const NOT_FOUND_COLUMN_IN_BLOCK: u32 = 10;
+    pub const NO_SUCH_COLUMN_IN_TABLE: u32 = 16;
+    pub const CANNOT_PARSE_ESCAPE_SEQUENCE: u32 = 25;
+    pub const CANNOT_PARSE_QUOTED_STRING: u32 = 26;
+    pub const CANNOT_PARSE_INPUT_ASSERTION_FAILED: u32 = 27;
+    pub const ATTEMPT_TO_READ_AFTER_EOF: u32 = 32;
+    pub const CANNOT_READ_ALL_DATA: u32 = 33;
+    pub const BAD_ARGUMENTS: u32 = 36;
+    pub const CANNOT_PARSE_DATE: u32 = 38;
+    pub const CANNOT_PARSE_DATETIME: u32 = 41;
+    pub const ILLEGAL_COLUMN: u32 = 44;
+    pub const UNKNOWN_IDENTIFIER: u32 = 47;
+    pub const LOGICAL_ERROR: u32 = 49;
+    pub const TYPE_MISMATCH: u32 = 53;
+    pub const UNKNOWN_TABLE: u32 = 60;
+    pub const ARGUMENT_OUT_OF_BOUND: u32 = 69;
+    pub const CANNOT_CONVERT_TYPE: u32 = 70;
+    pub const CANNOT_PARSE_NUMBER: u32 = 72;
+    pub const UNKNOWN_FORMAT: u32 = 73;
+    pub const UNKNOWN_DATABASE: u32 = 81;
+    pub const UNKNOWN_SETTING: u32 = 115;
+    pub const INCORRECT_DATA: u32 = 117;
+    pub const CANNOT_READ_ARRAY_FROM_TEXT: u32 = 130;
+    pub const TOO_LARGE_STRING_SIZE: u32 = 131;
+    pub const TIMEOUT_EXCEEDED: u32 = 159;
+    pub const SIZES_OF_ARRAYS_DOESNT_MATCH: u32 = 190;
+    pub const READONLY: u32 = 164;
+    pub const TOO_MANY_SIMULTANEOUS_QUERIES: u32 = 202;
+    pub const NO_FREE_CONNECTION: u32 = 203;
+    pub const SOCKET_TIMEOUT: u32 = 209;
+    pub const NETWORK_ERROR: u32 = 210;
+    pub const MEMORY_LIMIT_EXCEEDED: u32 = 241;
+    pub const TABLE_IS_READ_ONLY: u32 = 242;
+    pub const TOO_MANY_PARTS: u32 = 252;
+    pub const TOO_FEW_LIVE_REPLICAS: u32 = 285;
+    pub const UNKNOWN_STATUS_OF_INSERT: u32 = 319;
+    pub const VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE: u32 = 321;
+    pub const CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN: u32 = 349;
+    pub const FUNCTION_THROW_IF_VALUE_IS_NON_ZERO: u32 = 395;
+    pub const DECIMAL_OVERFLOW: u32 = 407;
+    pub const SYSTEM_ERROR: u32 = 425;
+    pub const VIOLATED_CONSTRAINT: u32 = 469;
+    pub const CANNOT_PARSE_UUID: u32 = 376;
+    pub const CANNOT_PARSE_BOOL: u32 = 467;
+    pub const UNKNOWN_ELEMENT_OF_ENUM: u32 = 691;
+    pub const KEEPER_EXCEPTION: u32 = 999;
+}
+
+/// Message fragments that mark an enum value outside the type's set. ClickHouse 18.16 reports these
+/// as LOGICAL_ERROR (49) or BAD_ARGUMENTS (36), modern servers as UNKNOWN_ELEMENT_OF_ENUM (691).
+const ENUM_VALUE_MARKERS: &[&str] = &["Unknown element", "Unexpected value"];
+
+/// TOO_MANY_PARTS (252) is also raised when one INSERT block spans too many partitions; that is a
+/// property of the batch's rows which splitting resolves, not a server that needs time.
+const TOO_MANY_PARTITIONS_MARKER: &str = "Too many partitions for single INSERT block";
+
+/// The client's own validation (modern servers) rejects an enum value the table does not define.
+const CLIENT_ENUM_MISMATCH_MARKER: &str = "is not present in the database schema";
+
+/// Classifies a failure from its ClickHouse exception code (if any), its message and the body format.
+pub fn classify(code: Option<u32>, message: &str, format: BodyFormat) -> ErrorClass {
+    use code::*;
+    let Some(code) = code else {
+        // No exception code: transport failures, timeouts, bare HTTP statuses (proxies, 5xx).
+        return ErrorClass::Retryable;
+    };
+    let about_enum_value = ENUM_VALUE_MARKERS.iter().any(|m| message.contains(m));
+    match code {
+        // The server needs time, memory, merges or replicas.
+        TIMEOUT_EXCEEDED
+        | READONLY
+        | TOO_MANY_SIMULTANEOUS_QUERIES
+        | NO_FREE_CONNECTION
+        | SOCKET_TIMEOUT
+        | NETWORK_ERROR
+        | MEMORY_LIMIT_EXCEEDED
+        | TABLE_IS_READ_ONLY
+        | TOO_FEW_LIVE_REPLICAS
+        | UNKNOWN_STATUS_OF_INSERT
+        | SYSTEM_ERROR
+        | KEEPER_EXCEPTION => ErrorClass::Retryable,
+        TOO_MANY_PARTS if message.contains(TOO_MANY_PARTITIONS_MARKER) => ErrorClass::Poison,
+        TOO_MANY_PARTS => ErrorClass::Retryable,
+
+        // The target does not have what the relay writes.
+        NO_SUCH_COLUMN_IN_TABLE
+        | THERE_IS_NO_COLUMN
+        | NOT_FOUND_COLUMN_IN_BLOCK
+        | ILLEGAL_COLUMN
+        | UNKNOWN_IDENTIFIER
+        | UNKNOWN_TABLE
+        | UNKNOWN_DATABASE
+        // A setting or format of a newer server generation: the configured profile is wrong.
+        | UNKNOWN_SETTING
+        | UNKNOWN_FORMAT => ErrorClass::Schema,
+
+        // A short read of a RowBinary body cannot come from row values (the client writes every
+        // field with its length); it means the row type does not match the table's columns.
+        ATTEMPT_TO_READ_AFTER_EOF | CANNOT_READ_ALL_DATA if format == BodyFormat::RowBinary => {
+            ErrorClass::Schema
+        }
+        ATTEMPT_TO_READ_AFTER_EOF | CANNOT_READ_ALL_DATA if format == BodyFormat::Text => {
+            ErrorClass::Poison
+        }
+
+        // The rows' values are rejected.
+        CANNOT_PARSE_TEXT
+        | CANNOT_PARSE_ESCAPE_SEQUENCE
+        | CANNOT_PARSE_QUOTED_STRING
+        | CANNOT_PARSE_INPUT_ASSERTION_FAILED
+        | CANNOT_PARSE_DATE
+        | CANNOT_PARSE_DATETIME
+        | TYPE_MISMATCH
+        | ARGUMENT_OUT_OF_BOUND
+        | CANNOT_CONVERT_TYPE
+        | CANNOT_PARSE_NUMBER
+        | INCORRECT_DATA
+        | CANNOT_READ_ARRAY_FROM_TEXT
+        | TOO_LARGE_STRING_SIZE
+        | SIZES_OF_ARRAYS_DOESNT_MATCH
+        | VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+        | CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+        | CANNOT_PARSE_UUID
+        | CANNOT_PARSE_BOOL
+        | FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
+        | DECIMAL_OVERFLOW
+        | VIOLATED_CONSTRAINT
+        | UNKNOWN_ELEMENT_OF_ENUM
+            if format != BodyFormat::None =>
+        {
+            ErrorClass::Poison
+        }
+        // These two codes are generic; they are about the rows only when they name a value.
+        BAD_ARGUMENTS | LOGICAL_ERROR if about_enum_value && format != BodyFormat::None => {
+            ErrorClass::Poison
+        }
+
+        // Anything else, including the codes above when no rows were sent: see the module docs.
+        _ => ErrorClass::Retryable,
+    }
+}
+
+/// Finds the exception code in a ClickHouse error text: `Code: 60, e.displayText() = ...` (18.16)
+/// or `Code: 60. DB::Exception: ...` (modern). The first occurrence wins.
+pub fn parse_exception_code(message: &str) -> Option<u32> {
+    const MARKER: &str = "Code: ";
+    let start = message.find(MARKER)? + MARKER.len();
+    let digits: &str = {
+        let rest = &message[start..];
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        &rest[..end]
+    };
+    digits.parse().ok()
+}
+
+/// Converts an error of the `clickhouse` crate into a classified error.
+pub fn from_client_error(error: &clickhouse::error::Error, format: BodyFormat) -> InsertError {
+    use clickhouse::error::Error as E;
+    let message = error_chain(error);
+    match error {
+        // The server answered with an exception (or a bare HTTP status).
+        // The server's own text is the reason (without the crate's "bad response" prefix).
+        E::BadResponse(text) => {
+            InsertError::classified(parse_exception_code(text), text.trim(), format)
+        }
+        // Client-side validation against the table's columns (modern servers only).
+        E::SchemaMismatch(text) if text.contains(CLIENT_ENUM_MISMATCH_MARKER) => InsertError {
+            class: ErrorClass::Poison,
+            message,
+            code: None,
+        },
+        E::SchemaMismatch(_) | E::InvalidColumnsHeader(_) => InsertError {
+            class: ErrorClass::Schema,
+            message,
+            code: None,
+        },
+        // The client cannot even form the request as configured.
+        E::InvalidParams(_) | E::Unsupported(_) => InsertError {
+            class: ErrorClass::Schema,
+            message,
+            code: None,
+        },
+        // Connection refused or reset, timeouts, broken bodies, and anything the crate adds later.
+        _ => InsertError::retryable(message),
+    }
+}
+
+/// Renders an error with its sources, so the io error kind behind a network error is visible.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (code, message, format, expected class); messages are real server texts.
+    const CASES: &[(Option<u32>, &str, BodyFormat, ErrorClass)] = {
+        use BodyFormat::{None as NoBody, RowBinary, Text};
+        use ErrorClass::{Poison, Retryable, Schema};
+        &[
+            // Transport and bare statuses.
+            (None, "network error: connection refused", RowBinary, Retryable),
+            (None, "timeout expired", RowBinary, Retryable),
+            (None, "503 Service Unavailable", Text, Retryable),
+            (None, "Unknown element 'x' for type Enum8", Text, Retryable),
+            // Retryable server states.
+            (Some(159), "Code: 159. DB::Exception: Timeout exceeded", RowBinary, Retryable),
+            (Some(164), "Code: 164. DB::Exception: Cannot execute query in readonly mode", RowBinary, Retryable),
+            (Some(202), "Code: 202. Too many simultaneous queries", RowBinary, Retryable),
+            (Some(203), "Code: 203. No free connection", RowBinary, Retryable),
+            (Some(209), "Code: 209. Timeout exceeded while reading from socket", RowBinary, Retryable),
+            (Some(210), "Code: 210. Connection refused", RowBinary, Retryable),
+            (Some(241), "Code: 241. Memory limit (total) exceeded", RowBinary, Retryable),
+            (Some(242), "Code: 242. Table is in readonly mode", RowBinary, Retryable),
+            (Some(252), "Code: 252. Too many parts (300). Merges are processing significantly slower than inserts", RowBinary, Retryable),
+            (Some(285), "Code: 285. Number of alive replicas (0) is less than requested quorum", RowBinary, Retryable),
+            (Some(319), "Code: 319. Unknown status, client must retry", RowBinary, Retryable),
+            (Some(425), "Code: 425. System error", RowBinary, Retryable),
+            (Some(999), "Code: 999. Coordination::Exception: Connection loss", RowBinary, Retryable),
+            // Unknown and generic codes default to retryable.
+            (Some(1002), "Code: 1002. DB::Exception: something new", RowBinary, Retryable),
+            (Some(36), "Code: 36. DB::Exception: Unknown codec family", RowBinary, Retryable),
+            (Some(49), "Code: 49. DB::Exception: Logical error: some invariant", Text, Retryable),
+            // Poison: values rejected, as the servers word it.
+            (Some(6), "Code: 6, e.displayText() = DB::Exception: Cannot parse string 'abc' as UInt32: syntax error", RowBinary, Poison),
+            (Some(26), "Code: 26. Cannot parse quoted string", Text, Poison),
+            (Some(27), "Code: 27, e.displayText() = DB::Exception: Cannot parse input: expected \" before: abc", Text, Poison),
+            (Some(33), "Code: 33, e.displayText() = DB::Exception: Unexpected end of stream while parsing JSONEachRow format", Text, Poison),
+            (Some(32), "Code: 32. Attempt to read after eof", Text, Poison),
+            (Some(38), "Code: 38. Cannot parse date", Text, Poison),
+            (Some(41), "Code: 41. Cannot parse datetime", Text, Poison),
+            (Some(53), "Code: 53. Type mismatch", Text, Poison),
+            (Some(69), "Code: 69. Argument out of bound", Text, Poison),
+            (Some(70), "Code: 70. Cannot convert type", Text, Poison),
+            (Some(72), "Code: 72. Cannot parse number", Text, Poison),
+            (Some(117), "Code: 117, e.displayText() = DB::Exception: Unknown field found while parsing JSONEachRow format: zz", Text, Poison),
+            (Some(407), "Code: 407. Decimal math overflow", RowBinary, Poison),
+            (Some(190), "Code: 190. Elements 'a' and 'b' of Nested data structure 'n' have different array sizes", Text, Poison),
+            (Some(321), "Code: 321. Value 300 is out of range of UInt8", Text, Poison),
+            (Some(349), "Code: 349. Cannot insert NULL value into a column of type 'String'", Text, Poison),
+            (Some(469), "Code: 469. Constraint `price_positive` is violated", RowBinary, Poison),
+            (Some(691), "Code: 691. DB::Exception: Unknown element 'x' for enum. (UNKNOWN_ELEMENT_OF_ENUM)", Text, Poison),
+            (Some(49), "Code: 49, e.displayText() = DB::Exception: Unknown element 'bogus' for type Enum8('buy' = 1, 'sell' = 2)", Text, Poison),
+            (Some(36), "Code: 36. DB::Exception: Unexpected value 7 in enum: (BAD_ARGUMENTS)", RowBinary, Poison),
+            (Some(252), "Code: 252. Too many partitions for single INSERT block (more than 100)", RowBinary, Poison),
+            // A short RowBinary read means the row type does not match the table.
+            (Some(33), "Code: 33, e.displayText() = DB::Exception: Cannot read all data. Bytes read: 1. Bytes expected: 8.", RowBinary, Schema),
+            (Some(32), "Code: 32. Attempt to read after eof", RowBinary, Schema),
+            // Schema: the target lacks what is written.
+            (Some(16), "Code: 16, e.displayText() = DB::Exception: No such column zz in table t", RowBinary, Schema),
+            (Some(47), "Code: 47. Missing columns: 'x'", NoBody, Schema),
+            (Some(60), "Code: 60, e.displayText() = DB::Exception: Table default.nope doesn't exist.", RowBinary, Schema),
+            (Some(81), "Code: 81, e.displayText() = DB::Exception: Database nodb doesn't exist", Text, Schema),
+            (Some(115), "Code: 115, e.displayText() = DB::Exception: Unknown setting insert_deduplication_token", RowBinary, Schema),
+            (Some(73), "Code: 73, e.displayText() = DB::Exception: Unknown format RowBinaryWithNamesAndTypes", NoBody, Schema),
+            // Without a body, value codes are not about rows.
+            (Some(6), "Code: 6. Cannot parse string", NoBody, Retryable),
+        ]
+    };
+
+    #[test]
+    fn every_listed_failure_gets_its_documented_class() {
+        for (code, message, format, expected) in CASES {
+            assert_eq!(
+                classify(*code, message, *format),
+                *expected,
+                "code {code:?}, format {format:?}, message {message:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn codes_listed_in_messages_match_the_code_argument() {
+        for (code, message, _, _) in CASES {
+            if code.is_some() {
+                assert_eq!(parse_exception_code(message), *code, "{message}");
+            }
+        }
+    }
+
+    #[test]
+    fn exception_code_is_parsed_from_legacy_and_modern_texts() {
+        assert_eq!(
+            parse_exception_code(
+                "Code: 60, e.displayText() = DB::Exception: Table x doesn't exist."
+            ),
+            Some(60)
+        );
+        assert_eq!(
+            parse_exception_code("Code: 241. DB::Exception: Memory limit exceeded. (MEMORY_LIMIT_EXCEEDED) (version 23.8.1)"),
+            Some(241)
+        );
+        assert_eq!(parse_exception_code("Code: 115"), Some(115));
+        assert_eq!(parse_exception_code("503 Service Unavailable"), None);
+        assert_eq!(parse_exception_code("Code: x"), None);
+        assert_eq!(parse_exception_code(""), None);
+    }
+
+    #[test]
+    fn client_bad_response_is_classified_by_its_exception_code() {
+        let error = clickhouse::error::Error::BadResponse(
+            "Code: 60, e.displayText() = DB::Exception: Table default.nope doesn't exist.".into(),
+        );
+        let classified = from_client_error(&error, BodyFormat::RowBinary);
+        assert_eq!(classified.class, ErrorClass::Schema);
+        assert_eq!(classified.code, Some(60));
+        assert!(
+            classified.message.starts_with("Code: 60"),
+            "{}",
+            classified.message
+        );
+    }
+
+    #[test]
+    fn client_timeouts_and_network_errors_are_retryable() {
+        let timeout = from_client_error(&clickhouse::error::Error::TimedOut, BodyFormat::RowBinary);
+        assert_eq!(timeout.class, ErrorClass::Retryable);
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let network = clickhouse::error::Error::Network(Box::new(refused));
+        let classified = from_client_error(&network, BodyFormat::Text);
+        assert_eq!(classified.class, ErrorClass::Retryable);
+        assert!(
+            classified.message.contains("refused"),
+            "{}",
+            classified.message
+        );
+    }
+
+    #[test]
+    fn client_side_enum_validation_is_poison_and_other_mismatches_are_schema() {
+        let enum_value = clickhouse::error::Error::SchemaMismatch(
+            "While processing column side defined as Enum8('buy' = 1): Enum8 value 7 is not present in the database schema".into(),
+        );
+        assert_eq!(
+            from_client_error(&enum_value, BodyFormat::RowBinary).class,
+            ErrorClass::Poison
+        );
+        let types =
+            clickhouse::error::Error::SchemaMismatch("column price: expected Decimal64".into());
+        assert_eq!(
+            from_client_error(&types, BodyFormat::RowBinary).class,
+            ErrorClass::Schema
+        );
+    }
+
+    #[test]
+    fn error_display_names_class_and_code() {
+        let error =
+            InsertError::classified(Some(60), "Table t doesn't exist", BodyFormat::RowBinary);
+        assert_eq!(
+            error.to_string(),
+            "schema ClickHouse error (code 60): Table t doesn't exist"
+        );
+        assert_eq!(
+            InsertError::retryable("timeout").to_string(),
+            "retryable ClickHouse error: timeout"
+        );
+    }
+}
