@@ -48,12 +48,50 @@ pub enum Profile {
 }
 
 /// The profile as configured: fixed, or picked from the server's `SELECT version()`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// Spelled `modern`, `legacy` or `auto` in config files and on the command line.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum ProfileChoice {
     Modern,
     Legacy,
     #[default]
     Auto,
+}
+
+/// A profile name that is not `modern`, `legacy` or `auto`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown schema profile `{0}` (expected modern, legacy or auto)")]
+pub struct UnknownProfile(pub String);
+
+impl std::str::FromStr for ProfileChoice {
+    type Err = UnknownProfile;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name {
+            "modern" => Ok(ProfileChoice::Modern),
+            "legacy" => Ok(ProfileChoice::Legacy),
+            "auto" => Ok(ProfileChoice::Auto),
+            other => Err(UnknownProfile(other.to_owned())),
+        }
+    }
+}
+
+impl std::fmt::Display for ProfileChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProfileChoice::Modern => "modern",
+            ProfileChoice::Legacy => "legacy",
+            ProfileChoice::Auto => "auto",
+        })
+    }
+}
+
+impl std::fmt::Display for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl ProfileChoice {

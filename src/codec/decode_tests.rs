@@ -617,3 +617,72 @@ fn spot_and_perpetual_trades_with_equal_ids_have_distinct_identities() {
     let perp = ok("trade.binance.perpetual.BTC-USDT", &perp_payload);
     assert_ne!(spot.identity().natural, perp.identity().natural);
 }
+
+#[test]
+fn a_duplicated_field_is_rejected_naming_it() {
+    let e = err(
+        "trade.binance.spot.BTC-USDT",
+        r#"{"trade_id":"1","price":"1","price":"2","quantity":"1","side":"buy","ts_ms":1}"#,
+    );
+    assert!(e.to_string().contains("duplicate field `price`"), "{e}");
+}
+
+#[test]
+fn a_dead_letter_names_the_table_of_the_subject_or_its_first_token() {
+    let e = err("trade.binance.spot.BTC-USDT", "{}");
+    let letter = DeadLetterRow::new(7, "trade.binance.spot.BTC-USDT", STREAM, 3, &e, b"{}\xff");
+    assert_eq!(
+        letter,
+        DeadLetterRow {
+            failed_at: 7,
+            table: s("trades"),
+            subject: s("trade.binance.spot.BTC-USDT"),
+            nats_stream: s(STREAM),
+            nats_seq: 3,
+            error: s("field `ts_ms` is missing or null"),
+            payload: b"{}\xff".to_vec(),
+        }
+    );
+    let letter = DeadLetterRow::new(7, "ticker.binance.spot.X", STREAM, 4, &"unknown", b"");
+    assert_eq!(letter.table, "ticker");
+}
+
+mod never_panics {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SUBJECTS: [&str; 9] = [
+        "trade.binance.spot.BTC-USDT",
+        "orderbook.okx.spot.BTC-USDT",
+        "funding_rate.okx.perpetual.BTC-USDT-SWAP",
+        "open_interest.binance.perpetual.BTC-USDT",
+        "liquidation.okx.perpetual.BTC-USDT-SWAP",
+        "lsr_top_position.binance.perpetual.BTC-USDT",
+        "lsr_all_account.binance.perpetual.BTC-USDT",
+        "volatility_index.deribit.options.BTC",
+        "x",
+    ];
+
+    proptest! {
+        #[test]
+        fn decode_returns_for_arbitrary_bytes(subject in 0usize..9, bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode(SUBJECTS[subject], &bytes, STREAM, 1);
+        }
+
+        #[test]
+        fn decode_returns_for_mutated_examples(
+            subject in 0usize..9,
+            example in 0usize..3,
+            cut in any::<prop::sample::Index>(),
+            insert in "[\\[\\]{}\",:0-9.eE+-]{0,4}",
+        ) {
+            let text = [TRADE_EXAMPLE, ORDERBOOK_EXAMPLE, FUNDING_EXAMPLE][example];
+            let mut at = cut.index(text.len());
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            let mutated = format!("{}{}{}", &text[..at], insert, &text[at..]);
+            let _ = decode(SUBJECTS[subject], mutated.as_bytes(), STREAM, 1);
+        }
+    }
+}

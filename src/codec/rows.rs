@@ -238,6 +238,33 @@ pub struct DeadLetterRow {
     pub payload: Vec<u8>,
 }
 
+impl DeadLetterRow {
+    /// A dead letter for the message on `subject`; the table is the one the subject's data type
+    /// names, or the subject's first token when it names none (an unknown data type).
+    pub fn new(
+        failed_at_ms: i64,
+        subject: &str,
+        nats_stream: &str,
+        nats_seq: u64,
+        error: &dyn std::fmt::Display,
+        payload: &[u8],
+    ) -> DeadLetterRow {
+        let table = match super::DataType::from_subject(subject) {
+            Some(data_type) => data_type.table().name().to_owned(),
+            None => super::first_token(subject).to_owned(),
+        };
+        DeadLetterRow {
+            failed_at: failed_at_ms,
+            table,
+            subject: subject.to_owned(),
+            nats_stream: nats_stream.to_owned(),
+            nats_seq,
+            error: error.to_string(),
+            payload: payload.to_vec(),
+        }
+    }
+}
+
 /// RowBinary writes `String` and byte slices identically (length, bytes), so raw payloads go
 /// through serde's bytes API instead of a lossy UTF-8 conversion.
 mod bytes_as_string {
