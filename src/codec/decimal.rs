@@ -16,8 +16,6 @@
 //! The result must fit the column's declared precision of 18 digits, so its magnitude is at most
 //! [`SCALED_ABS_MAX`] (`9999999999.99999999`); anything larger is [`DecimalError::Overflow`].
 
-use std::fmt::Write as _;
-
 /// Digits after the decimal point in `Decimal64(8)`.
 pub const SCALE_DIGITS: u32 = 8;
 
@@ -27,9 +25,11 @@ pub const SCALE: i64 = 100_000_000;
 /// Largest magnitude of a scaled value: `Decimal64(8)` has precision 18, so 18 nines.
 pub const SCALED_ABS_MAX: u64 = 999_999_999_999_999_999;
 
-/// Significant digits kept exactly while parsing; later digits only matter for rounding.
-/// 10^36 < 2^128 / 10 leaves room for one more multiplication by ten without overflow.
-const SIGNIFICANT_DIGITS_MAX: u32 = 36;
+/// Significant digits kept exactly while parsing, in a `u64` (10^19 - 1 < 2^64); later digits
+/// only matter for rounding. A result has at most 18 significant digits, so when all 19 kept
+/// digits sit above the eighth fractional place the value overflows anyway, and otherwise the
+/// dropped digits lie below the rounding position, where only "were they all zero" matters.
+const SIGNIFICANT_DIGITS_MAX: u32 = 19;
 
 /// Exponents are clamped to this magnitude while being read, so huge exponents cannot overflow
 /// the arithmetic; any clamped value is far outside the representable range either way.
@@ -70,13 +70,13 @@ pub fn parse(text: &str) -> Result<i64, DecimalError> {
     };
 
     // The significand: `mantissa * 10^(dropped - frac_digits)` plus whatever `sticky` remembers.
-    let mut mantissa: u128 = 0;
+    let mut mantissa: u64 = 0;
     let mut significant: u32 = 0;
     let mut dropped: i64 = 0;
     let mut sticky = false;
     let mut push_digit = |digit: u8| {
         if significant < SIGNIFICANT_DIGITS_MAX {
-            mantissa = mantissa * 10 + u128::from(digit);
+            mantissa = mantissa * 10 + u64::from(digit);
             if mantissa != 0 {
                 significant += 1;
             }
@@ -142,29 +142,29 @@ pub fn parse(text: &str) -> Result<i64, DecimalError> {
     }
     // value * 10^8 = mantissa * 10^shift (+ the sticky remainder below mantissa's last digit).
     let shift = exponent - frac_digits + dropped + i64::from(SCALE_DIGITS);
-    let magnitude: u128 = if shift >= 0 {
+    let magnitude: u64 = if shift >= 0 {
         // A non-zero mantissa times 10^19 or more is always past 18 digits.
         if shift > 18 {
             return Err(DecimalError::Overflow);
         }
         mantissa
-            .checked_mul(10u128.pow(shift as u32))
+            .checked_mul(10u64.pow(shift as u32))
             .ok_or(DecimalError::Overflow)?
     } else {
         let down = -shift;
-        // mantissa < 10^36, so dividing by 10^37 or more leaves less than half a unit.
+        // mantissa < 10^19, so dividing by 10^20 or more leaves less than a tenth of a unit.
         if down > i64::from(SIGNIFICANT_DIGITS_MAX) {
             0
         } else {
-            let divisor = 10u128.pow(down as u32);
+            let divisor = 10u64.pow(down as u32);
             let quotient = mantissa / divisor;
             let remainder = mantissa % divisor;
             let half = divisor / 2;
             let round_up = remainder > half || (remainder == half && (sticky || quotient % 2 == 1));
-            quotient + u128::from(round_up)
+            quotient + u64::from(round_up)
         }
     };
-    if magnitude > u128::from(SCALED_ABS_MAX) {
+    if magnitude > SCALED_ABS_MAX {
         return Err(DecimalError::Overflow);
     }
     // Cannot fail: magnitude <= SCALED_ABS_MAX < i64::MAX.
@@ -174,14 +174,33 @@ pub fn parse(text: &str) -> Result<i64, DecimalError> {
 
 /// Appends the canonical text of a scaled value: optional `-`, integer digits, `.`, exactly
 /// eight fractional digits (`"112345.60000000"`, MarketPrism's own string format).
+/// Hand-rolled rather than `write!`: orderbooks format two values per level, hundreds per message.
 pub fn write(scaled: i64, out: &mut String) {
-    let magnitude = scaled.unsigned_abs();
-    let scale = SCALE as u64;
-    if scaled < 0 {
-        out.push('-');
+    // 20 digits for u64::MAX, a point, a sign: 22 bytes; 24 leaves slack.
+    let mut buf = [0u8; 24];
+    let mut at = buf.len();
+    let mut rest = scaled.unsigned_abs();
+    for _ in 0..SCALE_DIGITS {
+        at -= 1;
+        buf[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
     }
-    // Writing into a String cannot fail.
-    let _ = write!(out, "{}.{:08}", magnitude / scale, magnitude % scale);
+    at -= 1;
+    buf[at] = b'.';
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    if scaled < 0 {
+        at -= 1;
+        buf[at] = b'-';
+    }
+    // Only ASCII digits, '.', and '-' were written, so the slice is valid UTF-8.
+    out.push_str(std::str::from_utf8(&buf[at..]).unwrap_or_default());
 }
 
 /// The canonical text of a scaled value (see [`write`]).
@@ -348,7 +367,51 @@ mod tests {
         text
     }
 
+    /// A reference on the digit strings themselves, for texts longer than any integer type.
+    fn reference_digits(int_part: &str, frac_part: &str) -> Result<i64, DecimalError> {
+        let padded = format!("{frac_part:0<8}");
+        let (kept_frac, rest) = padded.split_at(8);
+        let kept = format!("{int_part}{kept_frac}");
+        let kept = kept.trim_start_matches('0');
+        if kept.len() > 19 {
+            return Err(DecimalError::Overflow);
+        }
+        let quotient: u64 = if kept.is_empty() {
+            0
+        } else {
+            kept.parse().expect("digits")
+        };
+        let round_up = match rest.as_bytes().first() {
+            None => false,
+            Some(b'6'..=b'9') => true,
+            Some(b'5') => rest[1..].bytes().any(|b| b != b'0') || quotient % 2 == 1,
+            Some(_) => false,
+        };
+        let value = quotient + u64::from(round_up);
+        if value > SCALED_ABS_MAX {
+            Err(DecimalError::Overflow)
+        } else {
+            Ok(value as i64)
+        }
+    }
+
     proptest! {
+        #[test]
+        fn long_digit_strings_round_like_a_digit_string_reference(
+            int_part in "[0-9]{1,20}",
+            frac_part in "[0-9]{0,40}",
+            tie in any::<bool>(),
+        ) {
+            // Bias towards exact ties at the ninth digit, where half-to-even matters.
+            let frac_part = if tie && frac_part.len() > 8 {
+                format!("{}5{}", &frac_part[..8], "0".repeat(frac_part.len() - 9))
+            } else {
+                frac_part
+            };
+            let text = if frac_part.is_empty() { int_part.clone() } else { format!("{int_part}.{frac_part}") };
+            prop_assert_eq!(parse(&text), reference_digits(&int_part, &frac_part), "text {}", text);
+        }
+
         #[test]
         fn parse_inverts_format_for_every_representable_value(
             scaled in -(SCALED_ABS_MAX as i64)..=(SCALED_ABS_MAX as i64)
@@ -367,13 +430,19 @@ mod tests {
         }
 
         #[test]
-        fn shortest_float_text_parses_like_the_reference(value in -1.0e9f64..1.0e9) {
-            // Rust's `{}` for f64 is the shortest text that round-trips, as Python's repr is.
+        fn shortest_float_text_parses_like_the_digit_reference(
+            value in any::<f64>().prop_filter("finite", |v| v.is_finite())
+        ) {
+            // Rust's `{}` for f64 is the shortest text that round-trips, as Python's repr is,
+            // written without an exponent.
             let text = format!("{value}");
-            let (int_part, frac_part) = text.split_once('.').unwrap_or((&text, ""));
-            let mantissa: i64 = format!("{int_part}{frac_part}").parse().unwrap_or(0);
-            prop_assume!(format!("{int_part}{frac_part}").trim_start_matches('-').len() <= 18);
-            prop_assert_eq!(parse(&text), reference(mantissa, -(frac_part.len() as i32)));
+            let (negative, body) = match text.strip_prefix('-') {
+                Some(body) => (true, body),
+                None => (false, text.as_str()),
+            };
+            let (int_part, frac_part) = body.split_once('.').unwrap_or((body, ""));
+            let expected = reference_digits(int_part, frac_part).map(|v| if negative { -v } else { v });
+            prop_assert_eq!(parse(&text), expected, "text {}", text);
         }
     }
 }

@@ -112,6 +112,21 @@ pub(crate) fn decimal(field: &str, raw: &RawValue) -> Result<i64, DecodeError> {
     })
 }
 
+/// The decimal value of a plain string or number without building a field name: the fast path
+/// for orderbook levels. `None` means "take the slow path", which reports the error properly.
+pub(crate) fn decimal_fast(raw: &RawValue) -> Option<i64> {
+    let text = raw.get();
+    let digits = match text.as_bytes().first()? {
+        b'"' => text
+            .strip_prefix('"')?
+            .strip_suffix('"')
+            .filter(|t| !t.contains('\\'))?,
+        b'-' | b'0'..=b'9' => text,
+        _ => return None,
+    };
+    decimal::parse(digits).ok()
+}
+
 /// A required string field.
 pub(crate) fn req_string<'a>(field: &str, raw: Field<'a>) -> Result<Cow<'a, str>, DecodeError> {
     string(field, required(field, raw)?)

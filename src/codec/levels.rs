@@ -248,12 +248,16 @@ fn parse_level<S: Side>(
             found: found.to_owned(),
         }),
         RawLevel::Pair(price, quantity) => {
-            let price_field = levels.level_field(index, "price");
-            let price = field::decimal(&price_field, field::required(&price_field, price)?)?;
-            let quantity_field = levels.level_field(index, "quantity");
-            let quantity =
-                field::decimal(&quantity_field, field::required(&quantity_field, quantity)?)?;
-            Ok((price, quantity))
+            // Field names are built only when a value is bad: a level is parsed hundreds of
+            // times per message and almost never fails.
+            let value = |raw: Option<&RawValue>, part: &str| -> Result<i64, DecodeError> {
+                if let Some(scaled) = raw.and_then(field::decimal_fast) {
+                    return Ok(scaled);
+                }
+                let name = levels.level_field(index, part);
+                field::decimal(&name, field::required(&name, raw)?)
+            };
+            Ok((value(price, "price")?, value(quantity, "quantity")?))
         }
     }
 }
