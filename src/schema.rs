@@ -15,6 +15,10 @@
 //! be stored, keyed by message identity. `created_at` is filled by the server (`DEFAULT`);
 //! the relay never writes it.
 //!
+//! Columns beyond MarketPrism's own tables: `nats_stream` and `nats_seq` on every table (the
+//! message identity), `long_short_ratio` on both `lsr_*` tables, and `liquidation_id` on
+//! `liquidations` (part of its key); `codec::rows` says why for each.
+//!
 //! [`check_columns`] compares a table's columns (from `system.columns`) with what the relay
 //! inserts and accepts any type with the same RowBinary encoding, so tables created by either
 //! profile, or by MarketPrism's own scripts with compatible types, pass.
@@ -485,8 +489,9 @@ fn created_at_definition(profile: Profile) -> &'static str {
 
 /// `CREATE TABLE IF NOT EXISTS` for one table in `profile`.
 ///
-/// `ttl_days` adds `TTL` on the row's time column in the modern profile (MarketPrism keeps
-/// 3 days on hot); the legacy profile has no TTL and ignores it.
+/// `ttl_days` adds `TTL` on `timestamp` to the data tables in the modern profile (MarketPrism
+/// keeps 3 days on hot). Dead letters never expire by TTL: they wait for an operator. The legacy
+/// profile has no TTL and ignores it.
 pub fn ddl(
     profile: Profile,
     database: &str,
@@ -524,7 +529,7 @@ pub fn ddl(
                 out,
                 "ENGINE = ReplacingMergeTree\nPARTITION BY toYYYYMM({time})\nORDER BY ({order_by})\n"
             );
-            if let Some(days) = ttl_days {
+            if let (Some(days), SchemaTable::Data(_)) = (ttl_days, table) {
                 let _ = writeln!(out, "TTL toDateTime({time}) + INTERVAL {days} DAY");
             }
             let _ = write!(
@@ -741,6 +746,8 @@ mod tests {
         );
         let legacy = ddl(Profile::Legacy, "db", Table::Orderbooks, Some(3));
         assert!(!legacy.contains("TTL"));
+        let letters = ddl(Profile::Modern, "db", SchemaTable::DeadLetters, Some(3));
+        assert!(!letters.contains("TTL"), "{letters}");
     }
 
     #[test]
