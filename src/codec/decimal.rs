@@ -203,7 +203,7 @@ pub fn write(scaled: i64, out: &mut String) {
     out.push_str(std::str::from_utf8(&buf[at..]).unwrap_or_default());
 }
 
-/// The canonical text of a scaled value (see [`write`]).
+/// The canonical text of a scaled value (see [`write()`]).
 pub fn format(scaled: i64) -> String {
     let mut out = String::with_capacity(24);
     write(scaled, &mut out);
