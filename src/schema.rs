@@ -1,0 +1,901 @@
+//! ClickHouse DDL for the relay's tables, and the start-up check that they can take its rows.
+//!
+//! Two profiles render the same columns (see `codec::rows` for their RowBinary encodings):
+//! - [`Profile::Modern`] (ClickHouse 22.2 and newer; MarketPrism runs 23.8): `DateTime64(3,'UTC')`,
+//!   `LowCardinality(String)`, `Decimal64(8)`, `Bool`, column codecs, an optional TTL,
+//!   `ReplacingMergeTree` with `non_replicated_deduplication_window` so retried batches carrying
+//!   the same `insert_deduplication_token` are dropped by the server;
+//! - [`Profile::Legacy`] (ClickHouse 18.16, what Debian ships): `Int64` milliseconds for
+//!   `DateTime64`, `String` for `LowCardinality(String)`, `UInt8` for `Bool`, no codecs, no TTL,
+//!   no deduplication window; `ReplacingMergeTree()` with the custom-partitioning syntax.
+//!
+//! Every data table is `ReplacingMergeTree`, `PARTITION BY` the month of `timestamp`, `ORDER BY`
+//! its natural identity with `market_type` (MarketPrism's own keys lack it, so spot and
+//! perpetual rows of one symbol would collapse). The `dead_letters` table keeps what could not
+//! be stored, keyed by message identity. `created_at` is filled by the server (`DEFAULT`);
+//! the relay never writes it.
+//!
+//! Columns beyond MarketPrism's own tables: `nats_stream` and `nats_seq` on every table (the
+//! message identity), `long_short_ratio` on both `lsr_*` tables, and `liquidation_id` on
+//! `liquidations` (part of its key); `codec::rows` says why for each.
+//!
+//! [`check_columns`] compares a table's columns (from `system.columns`) with what the relay
+//! inserts and accepts any type with the same RowBinary encoding, so tables created by either
+//! profile, or by MarketPrism's own scripts with compatible types, pass.
+
+use std::fmt::Write as _;
+
+use crate::codec::Table;
+
+/// The name of the dead-letter table.
+pub const DEAD_LETTERS_TABLE: &str = "dead_letters";
+
+/// The default database, MarketPrism's hot store.
+pub const DATABASE_DEFAULT: &str = "marketprism_hot";
+
+/// Blocks of recent inserts each table remembers for deduplication (modern profile). A retried
+/// batch is recognised while fewer than this many other inserts have reached the table since.
+pub const DEDUPLICATION_WINDOW_BLOCKS: u32 = 1000;
+
+/// The oldest server the modern profile targets, as (major, minor): `DateTime64` exists since
+/// 20.1, but `Bool` arrived in 21.12 and `insert_deduplication_token` in 22.2, and the modern
+/// profile relies on both. Older servers get the legacy profile, whose DDL they all accept.
+pub const MODERN_SERVER_VERSION_MIN: (u32, u32) = (22, 2);
+
+/// Which DDL dialect and column types to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Profile {
+    /// ClickHouse 22.2 and newer.
+    Modern,
+    /// ClickHouse 18.16 (and anything older than [`MODERN_SERVER_VERSION_MIN`]).
+    Legacy,
+}
+
+/// The profile as configured: fixed, or picked from the server's `SELECT version()`.
+/// Spelled `modern`, `legacy` or `auto` in config files and on the command line.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ProfileChoice {
+    Modern,
+    Legacy,
+    #[default]
+    Auto,
+}
+
+/// A profile name that is not `modern`, `legacy` or `auto`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown schema profile `{0}` (expected modern, legacy or auto)")]
+pub struct UnknownProfile(pub String);
+
+impl std::str::FromStr for ProfileChoice {
+    type Err = UnknownProfile;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        match name {
+            "modern" => Ok(ProfileChoice::Modern),
+            "legacy" => Ok(ProfileChoice::Legacy),
+            "auto" => Ok(ProfileChoice::Auto),
+            other => Err(UnknownProfile(other.to_owned())),
+        }
+    }
+}
+
+impl std::fmt::Display for ProfileChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProfileChoice::Modern => "modern",
+            ProfileChoice::Legacy => "legacy",
+            ProfileChoice::Auto => "auto",
+        })
+    }
+}
+
+impl std::fmt::Display for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl ProfileChoice {
+    /// The profile to use, given the server version when one is known. `Auto` without a version
+    /// is legacy, whose DDL every server accepts.
+    pub fn resolve(self, server_version: Option<&str>) -> Profile {
+        match self {
+            ProfileChoice::Modern => Profile::Modern,
+            ProfileChoice::Legacy => Profile::Legacy,
+            ProfileChoice::Auto => {
+                server_version.map_or(Profile::Legacy, Profile::for_server_version)
+            }
+        }
+    }
+}
+
+impl Profile {
+    /// The profile for a `SELECT version()` answer such as `23.8.16.40` or `18.16.1`.
+    /// A version that does not parse gets [`Profile::Legacy`].
+    pub fn for_server_version(version: &str) -> Profile {
+        let mut parts = version.trim().split('.').map(|p| p.parse::<u32>());
+        match (parts.next(), parts.next()) {
+            (Some(Ok(major)), Some(Ok(minor))) if (major, minor) >= MODERN_SERVER_VERSION_MIN => {
+                Profile::Modern
+            }
+            _ => Profile::Legacy,
+        }
+    }
+
+    /// The name used in config and on the command line.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Profile::Modern => "modern",
+            Profile::Legacy => "legacy",
+        }
+    }
+}
+
+/// The type of a column as the relay writes it; each profile spells it in SQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ColumnType {
+    /// Epoch milliseconds: `DateTime64(3,'UTC')`, legacy `Int64`. RowBinary `i64`.
+    DateTime64Ms,
+    /// `LowCardinality(String)`, legacy `String`.
+    LowCardinalityString,
+    /// `String`.
+    String,
+    /// `Decimal64(8)`: RowBinary `i64` scaled by 10^8.
+    Decimal64,
+    /// `Bool`, legacy `UInt8`.
+    Bool,
+    /// `Date`: RowBinary `u16` days since 1970-01-01.
+    Date,
+    /// `UInt32`.
+    UInt32,
+    /// `UInt64`.
+    UInt64,
+}
+
+impl ColumnType {
+    /// The SQL type in `profile`.
+    pub const fn sql(self, profile: Profile) -> &'static str {
+        match (self, profile) {
+            (ColumnType::DateTime64Ms, Profile::Modern) => "DateTime64(3, 'UTC')",
+            (ColumnType::DateTime64Ms, Profile::Legacy) => "Int64",
+            (ColumnType::LowCardinalityString, Profile::Modern) => "LowCardinality(String)",
+            (ColumnType::LowCardinalityString, Profile::Legacy) => "String",
+            (ColumnType::String, _) => "String",
+            (ColumnType::Decimal64, _) => "Decimal64(8)",
+            (ColumnType::Bool, Profile::Modern) => "Bool",
+            (ColumnType::Bool, Profile::Legacy) => "UInt8",
+            (ColumnType::Date, _) => "Date",
+            (ColumnType::UInt32, _) => "UInt32",
+            (ColumnType::UInt64, _) => "UInt64",
+        }
+    }
+
+    /// The column codec in the modern profile: delta coding for the time columns, whose values
+    /// are close within a part, ZSTD for wide values; none where LowCardinality already
+    /// compresses or the value is one byte.
+    const fn codec(self) -> Option<&'static str> {
+        match self {
+            ColumnType::DateTime64Ms => Some("CODEC(Delta, ZSTD)"),
+            ColumnType::String | ColumnType::Decimal64 | ColumnType::UInt64 => Some("CODEC(ZSTD)"),
+            ColumnType::LowCardinalityString
+            | ColumnType::Bool
+            | ColumnType::Date
+            | ColumnType::UInt32 => None,
+        }
+    }
+
+    /// True when a column of type `actual` (as `system.columns` spells it) takes this type's
+    /// RowBinary encoding. Spaces are ignored; `Nullable` never matches (it adds a null byte).
+    pub fn accepts(self, actual: &str) -> bool {
+        let actual: std::string::String = actual.chars().filter(|c| !c.is_whitespace()).collect();
+        match self {
+            ColumnType::DateTime64Ms => actual == "Int64" || actual.starts_with("DateTime64(3"),
+            ColumnType::LowCardinalityString | ColumnType::String => {
+                actual == "String" || actual == "LowCardinality(String)"
+            }
+            ColumnType::Decimal64 => {
+                actual == "Decimal64(8)"
+                    || actual
+                        .strip_prefix("Decimal(")
+                        .and_then(|rest| rest.strip_suffix(",8)"))
+                        .and_then(|precision| precision.parse::<u32>().ok())
+                        // Precisions 10 to 18 are all stored in 8 bytes.
+                        .is_some_and(|precision| (10..=18).contains(&precision))
+            }
+            ColumnType::Bool => actual == "Bool" || actual == "UInt8",
+            ColumnType::Date => actual == "Date",
+            ColumnType::UInt32 => actual == "UInt32",
+            ColumnType::UInt64 => actual == "UInt64",
+        }
+    }
+}
+
+/// A table of the relay's schema: one of the eight data tables, or the dead letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchemaTable {
+    Data(Table),
+    DeadLetters,
+}
+
+impl From<Table> for SchemaTable {
+    fn from(table: Table) -> Self {
+        SchemaTable::Data(table)
+    }
+}
+
+impl SchemaTable {
+    /// Every table of the schema, data tables first.
+    pub const ALL: [SchemaTable; 9] = [
+        SchemaTable::Data(Table::Trades),
+        SchemaTable::Data(Table::Orderbooks),
+        SchemaTable::Data(Table::FundingRates),
+        SchemaTable::Data(Table::OpenInterests),
+        SchemaTable::Data(Table::Liquidations),
+        SchemaTable::Data(Table::LsrTopPositions),
+        SchemaTable::Data(Table::LsrAllAccounts),
+        SchemaTable::Data(Table::VolatilityIndices),
+        SchemaTable::DeadLetters,
+    ];
+
+    /// The ClickHouse table name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SchemaTable::Data(table) => table.name(),
+            SchemaTable::DeadLetters => DEAD_LETTERS_TABLE,
+        }
+    }
+
+    /// The `ORDER BY` columns: the identity rows collapse on.
+    pub const fn order_by(self) -> &'static [&'static str] {
+        match self {
+            SchemaTable::Data(Table::Trades) => &["exchange", "market_type", "symbol", "trade_id"],
+            SchemaTable::Data(Table::Orderbooks) => &[
+                "exchange",
+                "market_type",
+                "symbol",
+                "last_update_id",
+                "timestamp",
+            ],
+            SchemaTable::Data(Table::FundingRates)
+            | SchemaTable::Data(Table::OpenInterests)
+            | SchemaTable::Data(Table::VolatilityIndices) => {
+                &["exchange", "market_type", "symbol", "timestamp"]
+            }
+            SchemaTable::Data(Table::Liquidations) => &[
+                "exchange",
+                "market_type",
+                "symbol",
+                "timestamp",
+                "liquidation_id",
+            ],
+            SchemaTable::Data(Table::LsrTopPositions)
+            | SchemaTable::Data(Table::LsrAllAccounts) => {
+                &["exchange", "market_type", "symbol", "timestamp", "period"]
+            }
+            SchemaTable::DeadLetters => &["nats_stream", "nats_seq", "table"],
+        }
+    }
+
+    /// The column the table is partitioned by month of.
+    const fn time_column(self) -> &'static str {
+        match self {
+            SchemaTable::Data(_) => "timestamp",
+            SchemaTable::DeadLetters => "failed_at",
+        }
+    }
+}
+
+use ColumnType::{
+    Bool, Date, DateTime64Ms as Ms, Decimal64 as Dec, LowCardinalityString as Lc, String as Str,
+    UInt32, UInt64,
+};
+
+const TRADES: &[(&str, ColumnType)] = &[
+    ("timestamp", Ms),
+    ("exchange", Lc),
+    ("market_type", Lc),
+    ("symbol", Lc),
+    ("trade_id", Str),
+    ("price", Dec),
+    ("quantity", Dec),
+    ("side", Lc),
+    ("is_maker", Bool),
+    ("trade_time", Ms),
+    ("data_source", Lc),
+    ("nats_stream", Lc),
+    ("nats_seq", UInt64),
+];
+
+const ORDERBOOKS: &[(&str, ColumnType)] = &[
+    ("timestamp", Ms),
+    ("exchange", Lc),
+    ("market_type", Lc),
+    ("symbol", Lc),
+    ("last_update_id", UInt64),
+    ("bids_count", UInt32),
+    ("asks_count", UInt32),
+    ("best_bid_price", Dec),
+    ("best_ask_price", Dec),
+    ("best_bid_quantity", Dec),
+    ("best_ask_quantity", Dec),
+    ("bids", Str),
+    ("asks", Str),
+    ("data_source", Lc),
+    ("nats_stream", Lc),
+    ("nats_seq", UInt64),
+];
+
+const FUNDING_RATES: &[(&str, ColumnType)] = &[
+    ("timestamp", Ms),
+    ("exchange", Lc),
+    ("market_type", Lc),
+    ("symbol", Lc),
+    ("funding_rate", Dec),
+    ("mark_price", Dec),
+    ("index_price", Dec),
+    ("funding_time", Ms),
+    ("next_funding_time", Ms),
+    ("data_source", Lc),
+    ("nats_stream", Lc),
+    ("nats_seq", UInt64),
+];
+
+const OPEN_INTERESTS: &[(&str, ColumnType)] = &[
+    ("timestamp", Ms),
+    ("exchange", Lc),
+    ("market_type", Lc),
+    ("symbol", Lc),
+    ("open_interest", Dec),
+    ("open_interest_value", Dec),
+    ("count", UInt64),
+    ("data_source", Lc),
+    ("nats_stream", Lc),
+    ("nats_seq", UInt64),
+];
+
+const LIQUIDATIONS: &[(&str, ColumnType)] = &[
+    ("timestamp", Ms),
+    ("exchange", Lc),
+    ("market_type", Lc),
+    ("symbol", Lc),
+    ("side", Lc),
+    ("price", Dec),
+    ("quantity", Dec),
+    ("liquidation_time", Ms),
+    ("liquidation_id", Str),
+    ("data_source", Lc),
+    ("nats_stream", Lc),
+    ("nats_seq", UInt64),
+];
+
+const LSR_TOP_POSITIONS: &[(&str, ColumnType)] = &[
+    ("timestamp", Ms),
+    ("exchange", Lc),
+    ("market_type", Lc),
+    ("symbol", Lc),
+    ("long_position_ratio", Dec),
+    ("short_position_ratio", Dec),
+    ("period", Lc),
+    ("long_short_ratio", Dec),
+    ("data_source", Lc),
+    ("nats_stream", Lc),
+    ("nats_seq", UInt64),
+];
+
+const LSR_ALL_ACCOUNTS: &[(&str, ColumnType)] = &[
+    ("timestamp", Ms),
+    ("exchange", Lc),
+    ("market_type", Lc),
+    ("symbol", Lc),
+    ("long_account_ratio", Dec),
+    ("short_account_ratio", Dec),
+    ("period", Lc),
+    ("long_short_ratio", Dec),
+    ("data_source", Lc),
+    ("nats_stream", Lc),
+    ("nats_seq", UInt64),
+];
+
+const VOLATILITY_INDICES: &[(&str, ColumnType)] = &[
+    ("timestamp", Ms),
+    ("exchange", Lc),
+    ("market_type", Lc),
+    ("symbol", Lc),
+    ("index_value", Dec),
+    ("underlying_asset", Lc),
+    ("maturity_date", Date),
+    ("data_source", Lc),
+    ("nats_stream", Lc),
+    ("nats_seq", UInt64),
+];
+
+const DEAD_LETTERS: &[(&str, ColumnType)] = &[
+    ("failed_at", Ms),
+    ("table", Str),
+    ("subject", Str),
+    ("nats_stream", Str),
+    ("nats_seq", UInt64),
+    ("error", Str),
+    ("payload", Str),
+];
+
+/// The columns the relay writes to `table`, in the row struct's field order (insert order).
+/// `created_at` is not among them: the server fills it.
+pub fn expected_columns(table: impl Into<SchemaTable>) -> &'static [(&'static str, ColumnType)] {
+    match table.into() {
+        SchemaTable::Data(Table::Trades) => TRADES,
+        SchemaTable::Data(Table::Orderbooks) => ORDERBOOKS,
+        SchemaTable::Data(Table::FundingRates) => FUNDING_RATES,
+        SchemaTable::Data(Table::OpenInterests) => OPEN_INTERESTS,
+        SchemaTable::Data(Table::Liquidations) => LIQUIDATIONS,
+        SchemaTable::Data(Table::LsrTopPositions) => LSR_TOP_POSITIONS,
+        SchemaTable::Data(Table::LsrAllAccounts) => LSR_ALL_ACCOUNTS,
+        SchemaTable::Data(Table::VolatilityIndices) => VOLATILITY_INDICES,
+        SchemaTable::DeadLetters => DEAD_LETTERS,
+    }
+}
+
+/// Appends `name` as a backquoted ClickHouse identifier.
+fn push_identifier(out: &mut String, name: &str) {
+    out.push('`');
+    for c in name.chars() {
+        if c == '`' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('`');
+}
+
+fn identifier(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    push_identifier(&mut out, name);
+    out
+}
+
+/// `CREATE DATABASE IF NOT EXISTS` for `database` (the same in both profiles).
+pub fn database_ddl(database: &str) -> String {
+    format!("CREATE DATABASE IF NOT EXISTS {}", identifier(database))
+}
+
+/// The definition of one column, as in `CREATE TABLE` and `ALTER TABLE ADD COLUMN`.
+fn column_definition(profile: Profile, name: &str, column_type: ColumnType) -> String {
+    let mut out = identifier(name);
+    out.push(' ');
+    out.push_str(column_type.sql(profile));
+    if name == "data_source" {
+        out.push_str(" DEFAULT 'marketprism'");
+    }
+    if profile == Profile::Modern {
+        if let Some(codec) = column_type.codec() {
+            out.push(' ');
+            out.push_str(codec);
+        }
+    }
+    out
+}
+
+/// The `created_at` column: when the row reached the server, in milliseconds.
+fn created_at_definition(profile: Profile) -> &'static str {
+    match profile {
+        Profile::Modern => "`created_at` DateTime64(3, 'UTC') DEFAULT now64(3) CODEC(Delta, ZSTD)",
+        // 18.16 has no now64: whole seconds scaled to milliseconds keep the column's unit.
+        Profile::Legacy => "`created_at` Int64 DEFAULT toInt64(toUInt32(now())) * 1000",
+    }
+}
+
+/// `CREATE TABLE IF NOT EXISTS` for one table in `profile`.
+///
+/// `ttl_days` adds `TTL` on `timestamp` to the data tables in the modern profile (MarketPrism
+/// keeps 3 days on hot). Dead letters never expire by TTL: they wait for an operator. The legacy
+/// profile has no TTL and ignores it.
+pub fn ddl(
+    profile: Profile,
+    database: &str,
+    table: impl Into<SchemaTable>,
+    ttl_days: Option<u32>,
+) -> String {
+    let table = table.into();
+    let mut out = String::with_capacity(2048);
+    out.push_str("CREATE TABLE IF NOT EXISTS ");
+    push_identifier(&mut out, database);
+    out.push('.');
+    push_identifier(&mut out, table.name());
+    out.push_str("\n(\n");
+    let mut definitions: Vec<String> = Vec::new();
+    for &(name, column_type) in expected_columns(table) {
+        definitions.push(column_definition(profile, name, column_type));
+        if name == "data_source" {
+            definitions.push(created_at_definition(profile).to_owned());
+        }
+    }
+    if table == SchemaTable::DeadLetters {
+        definitions.push(created_at_definition(profile).to_owned());
+    }
+    out.push_str("    ");
+    out.push_str(&definitions.join(",\n    "));
+    out.push_str("\n)\n");
+
+    let time = table.time_column();
+    let order_by: Vec<String> = table.order_by().iter().map(|c| identifier(c)).collect();
+    let order_by = order_by.join(", ");
+    // Writing into a String cannot fail.
+    match profile {
+        Profile::Modern => {
+            let _ = write!(
+                out,
+                "ENGINE = ReplacingMergeTree\nPARTITION BY toYYYYMM({time})\nORDER BY ({order_by})\n"
+            );
+            if let (Some(days), SchemaTable::Data(_)) = (ttl_days, table) {
+                let _ = writeln!(out, "TTL toDateTime({time}) + INTERVAL {days} DAY");
+            }
+            let _ = write!(
+                out,
+                "SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW_BLOCKS}"
+            );
+        }
+        Profile::Legacy => {
+            let _ = write!(
+                out,
+                "ENGINE = ReplacingMergeTree()\nPARTITION BY toYYYYMM(toDateTime(intDiv({time}, 1000), 'UTC'))\nORDER BY ({order_by})"
+            );
+        }
+    }
+    out
+}
+
+/// Every statement that creates the schema: the database, the eight tables, the dead letters.
+pub fn all_ddl(profile: Profile, database: &str, ttl_days: Option<u32>) -> Vec<String> {
+    let mut statements = vec![database_ddl(database)];
+    statements.extend(
+        SchemaTable::ALL
+            .into_iter()
+            .map(|table| ddl(profile, database, table, ttl_days)),
+    );
+    statements
+}
+
+/// `ALTER TABLE .. ADD COLUMN` statements for the columns the relay writes that `actual`
+/// (name, type from `system.columns`) lacks. An existing table is never dropped or retyped;
+/// this is what `schema apply` can do safely to a table created by an older relay.
+pub fn add_missing_columns_ddl(
+    profile: Profile,
+    database: &str,
+    table: impl Into<SchemaTable>,
+    actual: &[(String, String)],
+) -> Vec<String> {
+    let table = table.into();
+    expected_columns(table)
+        .iter()
+        .filter(|(name, _)| !actual.iter().any(|(actual_name, _)| actual_name == name))
+        .map(|&(name, column_type)| {
+            format!(
+                "ALTER TABLE {}.{} ADD COLUMN {}",
+                identifier(database),
+                identifier(table.name()),
+                column_definition(profile, name, column_type)
+            )
+        })
+        .collect()
+}
+
+/// Why a table cannot take the relay's rows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchemaError {
+    /// The table does not exist (no columns at all).
+    #[error("table `{table}` does not exist: run `prism-relay schema apply` to create it")]
+    MissingTable { table: String },
+    /// A column the relay writes is absent.
+    #[error("table `{table}` has no column `{column}` ({expected}): run `prism-relay schema apply` to add it")]
+    MissingColumn {
+        table: String,
+        column: String,
+        expected: String,
+    },
+    /// A column has a type whose RowBinary encoding differs from what the relay writes.
+    #[error("table `{table}` column `{column}` is {actual}, but the relay writes {expected}: change it with `ALTER TABLE {table} MODIFY COLUMN {column} {expected}` or recreate the table (`prism-relay schema print` shows the DDL)")]
+    ColumnType {
+        table: String,
+        column: String,
+        expected: String,
+        actual: String,
+    },
+}
+
+/// Checks that `actual` (name, type pairs from `system.columns` for this table) has every
+/// column the relay writes with a compatible type. Extra columns are fine as long as they have
+/// defaults, which the server enforces at insert time.
+pub fn check_columns(
+    table: impl Into<SchemaTable>,
+    actual: &[(String, String)],
+    profile: Profile,
+) -> Result<(), SchemaError> {
+    let table = table.into();
+    if actual.is_empty() {
+        return Err(SchemaError::MissingTable {
+            table: table.name().to_owned(),
+        });
+    }
+    for &(name, column_type) in expected_columns(table) {
+        let expected = column_type.sql(profile).to_owned();
+        match actual.iter().find(|(actual_name, _)| actual_name == name) {
+            None => {
+                return Err(SchemaError::MissingColumn {
+                    table: table.name().to_owned(),
+                    column: name.to_owned(),
+                    expected,
+                })
+            }
+            Some((_, actual_type)) if !column_type.accepts(actual_type) => {
+                return Err(SchemaError::ColumnType {
+                    table: table.name().to_owned(),
+                    column: name.to_owned(),
+                    expected,
+                    actual: actual_type.clone(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::rows::DeadLetterRow;
+    use clickhouse::Row as _;
+
+    #[test]
+    fn expected_columns_follow_the_row_structs_field_order() {
+        for table in Table::ALL {
+            let names: Vec<&str> = expected_columns(table).iter().map(|(n, _)| *n).collect();
+            assert_eq!(names, table.column_names(), "{table}");
+        }
+        let names: Vec<&str> = expected_columns(SchemaTable::DeadLetters)
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        assert_eq!(names, DeadLetterRow::COLUMN_NAMES);
+    }
+
+    #[test]
+    fn every_order_by_column_is_a_written_column() {
+        for table in SchemaTable::ALL {
+            for key in table.order_by() {
+                assert!(
+                    expected_columns(table).iter().any(|(n, _)| n == key),
+                    "{}: {key}",
+                    table.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn modern_ddl_orders_trades_by_identity_with_market_type() {
+        let sql = ddl(Profile::Modern, "marketprism_hot", Table::Trades, None);
+        assert!(sql.starts_with("CREATE TABLE IF NOT EXISTS `marketprism_hot`.`trades`"));
+        assert!(
+            sql.contains("ORDER BY (`exchange`, `market_type`, `symbol`, `trade_id`)"),
+            "{sql}"
+        );
+        assert!(sql.contains("ENGINE = ReplacingMergeTree\n"));
+        assert!(sql.contains("PARTITION BY toYYYYMM(timestamp)"));
+        assert!(sql.contains("`timestamp` DateTime64(3, 'UTC') CODEC(Delta, ZSTD)"));
+        assert!(sql.contains("`price` Decimal64(8) CODEC(ZSTD)"));
+        assert!(sql.contains("`is_maker` Bool"));
+        assert!(sql.contains("`exchange` LowCardinality(String)"));
+        assert!(sql.contains("`data_source` LowCardinality(String) DEFAULT 'marketprism'"));
+        assert!(sql.contains("`created_at` DateTime64(3, 'UTC') DEFAULT now64(3)"));
+        assert!(sql.contains("SETTINGS non_replicated_deduplication_window = 1000"));
+        assert!(!sql.contains("TTL"));
+    }
+
+    #[test]
+    fn every_table_keys_on_market_type_in_both_profiles() {
+        for profile in [Profile::Modern, Profile::Legacy] {
+            for table in Table::ALL {
+                let sql = ddl(profile, "db", table, None);
+                let order_by = sql
+                    .lines()
+                    .find(|l| l.starts_with("ORDER BY"))
+                    .expect("every table has ORDER BY");
+                assert!(
+                    order_by.starts_with("ORDER BY (`exchange`, `market_type`, `symbol`"),
+                    "{order_by}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn natural_identities_match_marketprism() {
+        let order_by = |t: Table| SchemaTable::from(t).order_by().join(",");
+        assert_eq!(
+            order_by(Table::Orderbooks),
+            "exchange,market_type,symbol,last_update_id,timestamp"
+        );
+        assert_eq!(
+            order_by(Table::FundingRates),
+            "exchange,market_type,symbol,timestamp"
+        );
+        assert_eq!(
+            order_by(Table::LsrTopPositions),
+            "exchange,market_type,symbol,timestamp,period"
+        );
+        assert_eq!(
+            order_by(Table::LsrAllAccounts),
+            "exchange,market_type,symbol,timestamp,period"
+        );
+        assert_eq!(
+            order_by(Table::Liquidations),
+            "exchange,market_type,symbol,timestamp,liquidation_id"
+        );
+    }
+
+    #[test]
+    fn ttl_is_modern_only() {
+        let modern = ddl(Profile::Modern, "db", Table::Orderbooks, Some(3));
+        assert!(
+            modern.contains("TTL toDateTime(timestamp) + INTERVAL 3 DAY\nSETTINGS"),
+            "{modern}"
+        );
+        let legacy = ddl(Profile::Legacy, "db", Table::Orderbooks, Some(3));
+        assert!(!legacy.contains("TTL"));
+        let letters = ddl(Profile::Modern, "db", SchemaTable::DeadLetters, Some(3));
+        assert!(!letters.contains("TTL"), "{letters}");
+    }
+
+    #[test]
+    fn legacy_ddl_uses_only_what_clickhouse_18_16_has() {
+        for sql in all_ddl(Profile::Legacy, "marketprism_hot", Some(3)) {
+            for absent in [
+                "DateTime64",
+                "LowCardinality",
+                "Bool",
+                "CODEC",
+                "TTL",
+                "SETTINGS",
+                "now64",
+            ] {
+                assert!(!sql.contains(absent), "{absent} in {sql}");
+            }
+        }
+        let sql = ddl(Profile::Legacy, "marketprism_hot", Table::Trades, None);
+        assert!(sql.contains("`timestamp` Int64,"));
+        assert!(sql.contains("`is_maker` UInt8,"));
+        assert!(sql.contains("ENGINE = ReplacingMergeTree()\nPARTITION BY toYYYYMM(toDateTime(intDiv(timestamp, 1000), 'UTC'))"));
+    }
+
+    #[test]
+    fn dead_letters_are_keyed_by_message_identity() {
+        let sql = ddl(Profile::Modern, "db", SchemaTable::DeadLetters, None);
+        assert!(
+            sql.contains("ORDER BY (`nats_stream`, `nats_seq`, `table`)"),
+            "{sql}"
+        );
+        assert!(sql.contains("PARTITION BY toYYYYMM(failed_at)"));
+        assert!(sql.contains("`payload` String"));
+    }
+
+    #[test]
+    fn all_ddl_creates_the_database_then_nine_tables() {
+        let statements = all_ddl(Profile::Modern, "marketprism_hot", None);
+        assert_eq!(statements.len(), 10);
+        assert_eq!(
+            statements[0],
+            "CREATE DATABASE IF NOT EXISTS `marketprism_hot`"
+        );
+        assert!(statements[9].contains("`dead_letters`"));
+    }
+
+    #[test]
+    fn server_versions_pick_the_profile() {
+        assert_eq!(Profile::for_server_version("18.16.1"), Profile::Legacy);
+        assert_eq!(Profile::for_server_version("20.1.2.4"), Profile::Legacy);
+        assert_eq!(Profile::for_server_version("22.1.3"), Profile::Legacy);
+        assert_eq!(Profile::for_server_version("22.2.1"), Profile::Modern);
+        assert_eq!(Profile::for_server_version("23.8.16.40"), Profile::Modern);
+        assert_eq!(Profile::for_server_version("26.9.1.1"), Profile::Modern);
+        assert_eq!(Profile::for_server_version(" 24.3.1\n"), Profile::Modern);
+        assert_eq!(Profile::for_server_version("garbage"), Profile::Legacy);
+        assert_eq!(ProfileChoice::Auto.resolve(Some("23.8.1")), Profile::Modern);
+        assert_eq!(ProfileChoice::Auto.resolve(None), Profile::Legacy);
+        assert_eq!(
+            ProfileChoice::Legacy.resolve(Some("23.8.1")),
+            Profile::Legacy
+        );
+    }
+
+    fn columns(table: impl Into<SchemaTable>, profile: Profile) -> Vec<(String, String)> {
+        expected_columns(table)
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.sql(profile).to_string()))
+            .collect()
+    }
+
+    /// How `system.columns` spells the modern types.
+    fn as_server_spells(t: &str) -> String {
+        t.replace("Decimal64(8)", "Decimal(18, 8)")
+    }
+
+    #[test]
+    fn tables_created_by_either_profile_pass_the_check_in_either_profile() {
+        for table in SchemaTable::ALL {
+            for created in [Profile::Modern, Profile::Legacy] {
+                let mut actual = columns(table, created);
+                for (_, t) in &mut actual {
+                    *t = as_server_spells(t);
+                }
+                actual.push(("created_at".into(), "DateTime64(3, 'UTC')".into()));
+                for running in [Profile::Modern, Profile::Legacy] {
+                    assert_eq!(
+                        check_columns(table, &actual, running),
+                        Ok(()),
+                        "{}",
+                        table.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn check_columns_names_the_missing_column_and_the_fix() {
+        let mut actual = columns(Table::LsrTopPositions, Profile::Modern);
+        actual.retain(|(n, _)| n != "long_short_ratio");
+        let err = check_columns(Table::LsrTopPositions, &actual, Profile::Modern).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "table `lsr_top_positions` has no column `long_short_ratio` (Decimal64(8)): run `prism-relay schema apply` to add it"
+        );
+        let alters =
+            add_missing_columns_ddl(Profile::Modern, "db", Table::LsrTopPositions, &actual);
+        assert_eq!(
+            alters,
+            ["ALTER TABLE `db`.`lsr_top_positions` ADD COLUMN `long_short_ratio` Decimal64(8) CODEC(ZSTD)"]
+        );
+    }
+
+    #[test]
+    fn check_columns_rejects_types_with_another_encoding() {
+        let mut actual = columns(Table::Trades, Profile::Modern);
+        for (n, t) in &mut actual {
+            if n == "price" {
+                *t = "Float64".into();
+            }
+        }
+        let err = check_columns(Table::Trades, &actual, Profile::Modern).unwrap_err();
+        assert!(matches!(err, SchemaError::ColumnType { ref column, .. } if column == "price"));
+        assert!(
+            err.to_string()
+                .contains("is Float64, but the relay writes Decimal64(8)"),
+            "{err}"
+        );
+        assert_eq!(
+            check_columns(Table::Trades, &[], Profile::Legacy),
+            Err(SchemaError::MissingTable {
+                table: "trades".into()
+            })
+        );
+    }
+
+    #[test]
+    fn compatible_spellings_are_accepted_and_nullable_is_not() {
+        assert!(ColumnType::DateTime64Ms.accepts("DateTime64(3)"));
+        assert!(ColumnType::DateTime64Ms.accepts("DateTime64(3, 'Asia/Shanghai')"));
+        assert!(!ColumnType::DateTime64Ms.accepts("DateTime64(6, 'UTC')"));
+        assert!(!ColumnType::DateTime64Ms.accepts("DateTime"));
+        assert!(ColumnType::Decimal64.accepts("Decimal(18, 8)"));
+        assert!(ColumnType::Decimal64.accepts("Decimal(12, 8)"));
+        assert!(!ColumnType::Decimal64.accepts("Decimal(38, 8)"));
+        assert!(!ColumnType::Decimal64.accepts("Decimal(18, 6)"));
+        assert!(ColumnType::LowCardinalityString.accepts("String"));
+        assert!(!ColumnType::String.accepts("Nullable(String)"));
+        assert!(ColumnType::Bool.accepts("UInt8"));
+    }
+}
