@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// Names of the fault points.
 pub mod points {
@@ -91,6 +91,8 @@ struct State {
     ops_until_freeze: Option<u64>,
     /// Calls per fault point.
     counts: BTreeMap<String, u64>,
+    /// How long each `sync_data` takes (to let concurrent appends pile up in tests).
+    sync_delay: Option<Duration>,
 }
 
 impl State {
@@ -197,6 +199,48 @@ impl FaultyFs {
     /// After `ops` more mutating operations every operation fails, as if power was lost then.
     pub fn freeze_after_ops(&self, ops: Option<u64>) {
         self.lock().ops_until_freeze = ops;
+    }
+
+    /// Makes every `sync_data` take `delay` (like a slow disk), so concurrent appends queue up.
+    pub fn set_sync_delay(&self, delay: Option<Duration>) {
+        self.lock().sync_delay = delay;
+    }
+
+    /// A new disk holding what would survive a crash right now (synced data and synced
+    /// directory entries only); this disk is left as it is.
+    pub fn durable_snapshot(&self) -> FaultyFs {
+        let s = self.lock();
+        let mut files = BTreeMap::new();
+        for (path, file) in s.durable_files.iter() {
+            let d = file.lock();
+            let data = d.data[..d.synced_len.min(d.data.len())].to_vec();
+            let len = data.len();
+            let fresh = MemFile {
+                data: Mutex::new(FileData {
+                    data,
+                    synced_len: len,
+                    modified: d.modified,
+                }),
+            };
+            files.insert(path.clone(), Arc::new(fresh));
+        }
+        let state = State {
+            dirs: s.dirs.clone(),
+            durable_files: files.clone(),
+            files,
+            ..State::default()
+        };
+        FaultyFs {
+            state: Arc::new(Mutex::new(state)),
+        }
+    }
+
+    /// Length of a file that would survive a crash now; `None` if its entry would not.
+    pub fn synced_len(&self, path: &Path) -> Option<u64> {
+        let s = self.lock();
+        s.durable_files
+            .get(path)
+            .map(|f| f.lock().synced_len as u64)
     }
 
     /// How many times the fault point was entered (e.g. `wal::segment::fsync`).
@@ -380,9 +424,15 @@ impl WalFile for Handle {
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        let mut s = self.fs.lock();
-        self.check(&s)?;
-        s.enter(&point_of(&self.path, "fsync"), true)?;
+        let delay = {
+            let mut s = self.fs.lock();
+            self.check(&s)?;
+            s.enter(&point_of(&self.path, "fsync"), true)?;
+            s.sync_delay
+        };
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         let mut d = self.file.lock();
         d.synced_len = d.data.len();
         Ok(())

@@ -263,6 +263,10 @@ impl Wal {
                 }
                 Some(id) => {
                     let r = recover_last(&*fs, dir, id, opts.recovery_mode)?;
+                    // The last segment's directory entry may never have been fsynced (a crash
+                    // or a failed rollover right after creating it): make it durable first.
+                    fs.sync_dir(dir)
+                        .map_err(|e| WalError::io("fsync directory", dir, e))?;
                     (id, r.file, r.len, r.next_lsn, r.records, r.torn_tail)
                 }
             };
@@ -537,14 +541,21 @@ fn recover_last(
         .len()
         .map_err(|e| WalError::io("stat segment", &path, e))?;
     let header = SEGMENT_HEADER_BYTES as u64;
-    if len < header {
-        // The crash interrupted the creation of this segment: none of its records were written,
-        // since records follow only after the header is durable.
+    let header_only_invalid = len <= header && {
+        let mut h = [0u8; SEGMENT_HEADER_BYTES];
+        let n = crate::fs::read_full_at(&*file, &mut h, 0)
+            .map_err(|e| WalError::io("read segment", &path, e))?;
+        segment::decode_header(&h[..n]) != Ok(id.first_lsn())
+    };
+    if header_only_invalid {
+        // The crash interrupted the creation of this segment: records are written only after
+        // the header is durable, so a file with nothing but a bad header never held a record.
+        // A bad header followed by records is corruption instead (below).
         let torn = TornTail {
             segment: id,
             offset: 0,
             bytes_dropped: len,
-            reason: format!("segment header is {len} bytes"),
+            reason: format!("segment header of {len} bytes is incomplete or invalid"),
         };
         if mode == RecoveryMode::Strict {
             return Err(WalError::TornTail {
@@ -609,9 +620,11 @@ fn recover_last(
         end = t.offset;
         file.set_len(end)
             .map_err(|e| WalError::io("truncate segment", &path, e))?;
-        file.sync_data()
-            .map_err(|e| WalError::io("fdatasync segment", &path, e))?;
     }
+    // The records just scanned may sit in the page cache only (a previous process may have
+    // died, or been poisoned, before its fdatasync): make them durable before calling them so.
+    file.sync_data()
+        .map_err(|e| WalError::io("fdatasync segment", &path, e))?;
     Ok(Recovered {
         file,
         len: end,

@@ -1,1 +1,11 @@
-//! Integration tests.
+//! Integration tests of prism-wal, one module per concern.
+
+mod common;
+mod faults;
+mod format;
+mod group_commit;
+mod ledger;
+mod model;
+mod reader;
+mod recovery;
+mod retention;
