@@ -142,6 +142,8 @@ pub struct WalStats {
     pub durable_lsn: Lsn,
     /// Every record up to this LSN is in a released (or deleted) segment.
     pub released_through: Lsn,
+    /// Group commits (one write + one fdatasync each) since open.
+    pub groups_committed: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -159,6 +161,7 @@ pub(crate) struct Segments {
     pub(crate) bytes_on_disk: u64,
     pub(crate) release_point: Option<Lsn>,
     pub(crate) released_through: Lsn,
+    pub(crate) groups_committed: u64,
 }
 
 pub(crate) struct Inner {
@@ -310,6 +313,7 @@ impl Wal {
                 bytes_on_disk,
                 release_point: ledger.release_point(),
                 released_through: Lsn::ZERO,
+                groups_committed: 0,
             }),
             durable_tx: watch::Sender::new(durable),
             disk_tx: watch::Sender::new(bytes_on_disk),
@@ -439,6 +443,7 @@ impl Wal {
             next_lsn,
             durable_lsn: s.durable_lsn,
             released_through: s.released_through,
+            groups_committed: s.groups_committed,
         }
     }
 

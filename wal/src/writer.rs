@@ -229,6 +229,7 @@ impl Writer {
                 m.len = self.len;
             }
             s.durable_lsn = range.last;
+            s.groups_committed += 1;
             s.bytes_on_disk += self.spare.len() as u64;
             s.bytes_on_disk
         };
