@@ -26,6 +26,8 @@ mod envelope;
 mod error;
 pub mod fault;
 mod fs;
+#[doc(hidden)]
+pub mod fuzzing;
 mod ledger;
 mod reader;
 mod retention;

@@ -12,6 +12,7 @@ use crate::segment::{segment_file_name, SegmentScan, Step};
 use crate::types::{Lsn, SegmentId};
 use crate::wal::Inner;
 use crate::Envelope;
+use std::ops::Bound::{Excluded, Unbounded};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -136,7 +137,9 @@ impl Reader {
         let file = match fs.open(&path, false) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let first = self.view_first().map_or(Lsn(id.0 + 1), |f| f.first_lsn());
+                let first = self
+                    .view_first()
+                    .map_or(Lsn(id.0.saturating_add(1)), |f| f.first_lsn());
                 return Err(WalError::Truncated {
                     requested: id.first_lsn(),
                     first_available: first,
@@ -176,7 +179,11 @@ impl Reader {
         match &self.source {
             Source::Live(inner) => {
                 let s = inner.lock_segs();
-                let next = s.list.range(SegmentId(id.0 + 1)..).next().map(|(k, _)| *k);
+                let next = s
+                    .list
+                    .range((Excluded(id), Unbounded))
+                    .next()
+                    .map(|(k, _)| *k);
                 let first = s.list.keys().next().copied();
                 let limit = match (s.list.get(&id), next) {
                     (Some(m), _) => m.len,

@@ -1,6 +1,7 @@
 //! Integration tests of prism-wal, one module per concern.
 
 mod common;
+mod corpus;
 mod faults;
 mod format;
 mod group_commit;
