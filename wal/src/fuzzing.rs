@@ -2,7 +2,7 @@
 //! both run exactly this code. Not part of the supported API.
 
 use crate::fault::FaultyFs;
-use crate::segment::{decode_header, decode_record, FrameEnd, SEGMENT_HEADER_BYTES};
+use crate::segment::{decode_header, decode_record, SEGMENT_HEADER_BYTES};
 use crate::types::Lsn;
 use crate::{Envelope, Wal, WalOptions};
 use std::path::Path;
@@ -14,23 +14,18 @@ pub fn record_decode(data: &[u8]) {
     let _ = decode_header(data);
     let mut rest = data;
     let mut expected = None;
-    loop {
-        match decode_record(rest, expected) {
-            Ok(f) => {
-                assert!(f.bytes <= rest.len() && f.body.len() <= crate::RECORD_BYTES_MAX);
-                if let Ok(env) = bincode::deserialize::<Envelope<'_>>(f.body) {
-                    // A body that decodes re-encodes to a valid record of the same LSN.
-                    let mut again = Vec::new();
-                    if crate::segment::encode_record(&mut again, f.lsn, &env).is_ok() {
-                        let g = decode_record(&again, Some(f.lsn)).map_err(|e| format!("{e:?}"));
-                        assert!(g.is_ok(), "re-encoded record does not decode: {g:?}");
-                    }
-                }
-                rest = &rest[f.bytes..];
-                expected = Some(f.lsn.next());
+    while let Ok(f) = decode_record(rest, expected) {
+        assert!(f.bytes <= rest.len() && f.body.len() <= crate::RECORD_BYTES_MAX);
+        if let Ok(env) = bincode::deserialize::<Envelope<'_>>(f.body) {
+            // A body that decodes re-encodes to a valid record of the same LSN.
+            let mut again = Vec::new();
+            if crate::segment::encode_record(&mut again, f.lsn, &env).is_ok() {
+                let g = decode_record(&again, Some(f.lsn)).map_err(|e| format!("{e:?}"));
+                assert!(g.is_ok(), "re-encoded record does not decode: {g:?}");
             }
-            Err(FrameEnd::Clean) | Err(FrameEnd::Invalid(_)) => break,
         }
+        rest = &rest[f.bytes..];
+        expected = Some(f.lsn.next());
     }
     // Envelopes straight from the bytes, too.
     let _ = bincode::deserialize::<Envelope<'_>>(data);
