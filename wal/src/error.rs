@@ -72,6 +72,14 @@ pub enum WalError {
         /// The limit.
         bytes_max: usize,
     },
+    /// An append with more than [`crate::APPEND_RECORDS_MAX`] records.
+    #[error("append of {records} records exceeds the limit of {records_max}")]
+    TooManyRecords {
+        /// Records in the call.
+        records: usize,
+        /// The limit.
+        records_max: usize,
+    },
     /// An append with no records.
     #[error("append of zero records")]
     EmptyAppend,

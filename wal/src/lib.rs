@@ -55,6 +55,10 @@ pub use wal::{Recovery, RecoveryMode, Retention, TornTail, Wal, WalOptions, WalS
 /// a garbled length can never make the reader allocate more than this.
 pub const RECORD_BYTES_MAX: usize = 16 * 1024 * 1024;
 
+/// Most records one [`Wal::append`] call may carry (a JetStream fetch batch is a few hundred);
+/// bounds the memory one caller can queue in the shared group buffer.
+pub const APPEND_RECORDS_MAX: usize = 65_536;
+
 /// How many bytes the reader pulls from a segment per read when it refills its buffer.
 pub const READ_CHUNK_BYTES: usize = 1024 * 1024;
 

@@ -350,6 +350,12 @@ impl Wal {
         if records.is_empty() {
             return Err(WalError::EmptyAppend);
         }
+        if records.len() > crate::APPEND_RECORDS_MAX {
+            return Err(WalError::TooManyRecords {
+                records: records.len(),
+                records_max: crate::APPEND_RECORDS_MAX,
+            });
+        }
         self.wait_for_budget().await?;
         let inner = &self.inner;
         let rx = loop {

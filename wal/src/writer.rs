@@ -201,6 +201,10 @@ impl Writer {
             self.roll(range.first)?;
         }
         let path = self.inner.segment_path(self.id);
+        debug_assert!(
+            group_is_well_formed(&self.spare, range),
+            "group {range:?} is malformed"
+        );
         if let Err(e) = write_all_at(&*self.file, &self.spare, self.len) {
             // Undo whatever part of the group reached the file, so the next group starts at the
             // durable end and the failed LSNs can be given out again.
@@ -275,4 +279,20 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Checks, right before writing, that the group is exactly the records of `range`, in order,
+/// each with a valid CRC (debug builds only: it costs a second CRC pass).
+fn group_is_well_formed(mut buf: &[u8], range: LsnRange) -> bool {
+    let mut expected = range.first;
+    while !buf.is_empty() {
+        match crate::segment::decode_record(buf, Some(expected)) {
+            Ok(f) => {
+                buf = &buf[f.bytes..];
+                expected = f.lsn.next();
+            }
+            Err(_) => return false,
+        }
+    }
+    expected == range.last.next()
 }

@@ -143,3 +143,16 @@ async fn close_completes_and_later_appends_on_clones_are_refused() {
         Err(prism_wal::WalError::Closed)
     ));
 }
+
+#[tokio::test]
+async fn an_append_of_more_records_than_allowed_is_refused() {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, WalOptions::default()).unwrap();
+    let many = vec![env(1, 0); prism_wal::APPEND_RECORDS_MAX + 1];
+    let err = wal.append(&many).await.unwrap_err();
+    assert!(
+        matches!(err, prism_wal::WalError::TooManyRecords { .. }),
+        "{err:?}"
+    );
+    assert_eq!(wal.append(&[env(2, 0)]).await.unwrap().first, Lsn(1));
+}
