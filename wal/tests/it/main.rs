@@ -1,1 +1,12 @@
-//! Integration tests.
+//! Integration tests of prism-wal, one module per concern.
+
+mod common;
+mod corpus;
+mod faults;
+mod format;
+mod group_commit;
+mod ledger;
+mod model;
+mod reader;
+mod recovery;
+mod retention;

@@ -1,0 +1,143 @@
+//! [`WalError`]: every failure the WAL reports, with structured fields.
+
+use crate::types::{Lsn, SegmentId};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Errors of the WAL. Cloneable so one failed group can report the same error to every waiter.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WalError {
+    /// An I/O operation failed.
+    #[error("{op} failed on {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// The disk is full (ENOSPC): nothing of the failed append was written and its LSNs were not
+    /// consumed; appends succeed again once space is freed.
+    #[error("disk full while writing {path}")]
+    DiskFull {
+        /// The segment being written.
+        path: PathBuf,
+    },
+    /// An fsync failed earlier: the writer stopped for good. Restart to recover from disk.
+    #[error("write-ahead log poisoned: {reason}")]
+    Poisoned {
+        /// What failed.
+        reason: String,
+    },
+    /// The WAL was closed.
+    #[error("write-ahead log is closed")]
+    Closed,
+    /// A record or segment header failed its checks somewhere a torn tail cannot be.
+    #[error("corrupt record in segment {segment} at offset {offset}: {reason}")]
+    Corrupt {
+        /// The segment.
+        segment: SegmentId,
+        /// Byte offset of the bad record (or header) in the segment.
+        offset: u64,
+        /// Which check failed.
+        reason: String,
+    },
+    /// Strict recovery found a torn tail.
+    #[error(
+        "torn tail in segment {segment} at offset {offset} ({bytes} bytes) under strict recovery"
+    )]
+    TornTail {
+        /// The last segment.
+        segment: SegmentId,
+        /// Offset where the valid log ends.
+        offset: u64,
+        /// Bytes after it.
+        bytes: u64,
+    },
+    /// The requested LSN was deleted by retention.
+    #[error("lsn {requested} is gone: the oldest record kept is {first_available}")]
+    Truncated {
+        /// What was asked for.
+        requested: Lsn,
+        /// The oldest LSN still on disk.
+        first_available: Lsn,
+    },
+    /// A record body is larger than [`crate::RECORD_BYTES_MAX`].
+    #[error("record of {bytes} bytes exceeds the limit of {bytes_max} bytes")]
+    RecordTooLarge {
+        /// Size of the encoded body.
+        bytes: usize,
+        /// The limit.
+        bytes_max: usize,
+    },
+    /// An append with more than [`crate::APPEND_RECORDS_MAX`] records.
+    #[error("append of {records} records exceeds the limit of {records_max}")]
+    TooManyRecords {
+        /// Records in the call.
+        records: usize,
+        /// The limit.
+        records_max: usize,
+    },
+    /// An append with no records.
+    #[error("append of zero records")]
+    EmptyAppend,
+    /// Encoding an envelope failed.
+    #[error("cannot encode envelope: {reason}")]
+    Encode {
+        /// The encoder's message.
+        reason: String,
+    },
+    /// A record body does not decode as an envelope.
+    #[error("cannot decode envelope of lsn {lsn}: {reason}")]
+    Decode {
+        /// The record.
+        lsn: Lsn,
+        /// The decoder's message.
+        reason: String,
+    },
+    /// The ledger file fails its checks.
+    #[error("ledger {path} is corrupt: {reason}")]
+    LedgerCorrupt {
+        /// The ledger file.
+        path: PathBuf,
+        /// Which check failed.
+        reason: String,
+    },
+    /// The ledger has more entries or bytes than allowed.
+    #[error("ledger too large: {reason}")]
+    LedgerTooLarge {
+        /// Which limit.
+        reason: String,
+    },
+    /// Options out of range.
+    #[error("invalid WAL options: {reason}")]
+    InvalidOptions {
+        /// Which option.
+        reason: String,
+    },
+    /// A file in the WAL directory is not what its name says.
+    #[error("segment {path} is unusable: {reason}")]
+    BadSegment {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl WalError {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        WalError::Io {
+            op,
+            path: path.into(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// Whether the writer is dead for good (an fsync failed).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, WalError::Poisoned { .. })
+    }
+}

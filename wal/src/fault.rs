@@ -1,0 +1,574 @@
+//! [`FaultyFs`]: an in-memory [`FileSystem`] that injects faults, for this crate's tests and for
+//! other crates' (e.g. the relay's disk-full tests).
+//!
+//! It models what a crash keeps: file data is durable up to the last `sync_data`, directory
+//! entries (creations, renames, removals) up to the last `sync_dir`. [`FaultyFs::crash`] drops
+//! everything else, keeping a random prefix of each file's unsynced tail (optionally garbled, like
+//! a torn sector write); handles opened before the crash go dead.
+//!
+//! Faults are named by fault point, in the style `wal::segment::fsync` (see [`points`]); the point
+//! of an operation follows from the file it touches (`*.wal` is a segment, `ledger*` the ledger).
+
+use crate::fs::{FileMeta, FileSystem, WalFile};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+/// Names of the fault points.
+pub mod points {
+    /// Creating a segment file.
+    pub const SEGMENT_CREATE: &str = "wal::segment::create";
+    /// Writing to a segment.
+    pub const SEGMENT_WRITE: &str = "wal::segment::write";
+    /// `fdatasync` of a segment.
+    pub const SEGMENT_FSYNC: &str = "wal::segment::fsync";
+    /// Truncating a segment.
+    pub const SEGMENT_TRUNCATE: &str = "wal::segment::truncate";
+    /// Removing a segment.
+    pub const SEGMENT_REMOVE: &str = "wal::segment::remove";
+    /// Writing the ledger's temporary file.
+    pub const LEDGER_WRITE: &str = "wal::ledger::write";
+    /// `fdatasync` of the ledger's temporary file.
+    pub const LEDGER_FSYNC: &str = "wal::ledger::fsync";
+    /// Renaming the ledger into place.
+    pub const LEDGER_RENAME: &str = "wal::ledger::rename";
+    /// fsync of a directory.
+    pub const DIR_FSYNC: &str = "wal::dir::fsync";
+}
+
+fn point_of(path: &Path, op: &str) -> String {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let kind = if name.ends_with(".wal") {
+        "segment"
+    } else if name.starts_with("ledger") {
+        "ledger"
+    } else {
+        "file"
+    };
+    format!("wal::{kind}::{op}")
+}
+
+#[derive(Default)]
+struct FileData {
+    data: Vec<u8>,
+    /// Bytes that survive a crash.
+    synced_len: usize,
+    modified: Option<SystemTime>,
+}
+
+#[derive(Default)]
+struct MemFile {
+    data: Mutex<FileData>,
+}
+
+impl MemFile {
+    fn lock(&self) -> MutexGuard<'_, FileData> {
+        // A panic while holding this lock can only come from a test assertion; keep going.
+        self.data.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    dirs: BTreeSet<PathBuf>,
+    files: BTreeMap<PathBuf, Arc<MemFile>>,
+    /// Directory entries as of each file's directory's last `sync_dir`.
+    durable_files: BTreeMap<PathBuf, Arc<MemFile>>,
+    /// Bumped by a crash; handles of an older generation fail.
+    generation: u64,
+    /// Fault point -> remaining failures (`u32::MAX` = forever).
+    failures: BTreeMap<String, u32>,
+    /// Fault point -> remaining writes to tear (write half, then fail).
+    tears: BTreeMap<String, u32>,
+    /// Total file bytes allowed; writes past it get ENOSPC.
+    capacity_bytes: Option<u64>,
+    /// Largest write that completes in one call (short writes).
+    write_bytes_max: Option<usize>,
+    /// Mutating operations left before the disk "freezes" (every later operation fails with EIO,
+    /// like a machine that lost power at that instant); reset by [`FaultyFs::crash`].
+    ops_until_freeze: Option<u64>,
+    /// Calls per fault point.
+    counts: BTreeMap<String, u64>,
+    /// How long each `sync_data` takes (to let concurrent appends pile up in tests).
+    sync_delay: Option<Duration>,
+}
+
+impl State {
+    fn used_bytes(&self) -> u64 {
+        self.files
+            .values()
+            .map(|f| f.lock().data.len() as u64)
+            .sum()
+    }
+
+    /// Counts the call and returns an error if a fault is armed for the point.
+    fn enter(&mut self, point: &str, mutating: bool) -> io::Result<()> {
+        *self.counts.entry(point.to_string()).or_default() += 1;
+        if mutating {
+            if let Some(left) = self.ops_until_freeze.as_mut() {
+                if *left == 0 {
+                    return Err(io::Error::other(format!(
+                        "{point}: disk frozen (simulated power loss)"
+                    )));
+                }
+                *left -= 1;
+            }
+        }
+        if let Some(left) = self.failures.get_mut(point) {
+            if *left > 0 {
+                if *left != u32::MAX {
+                    *left -= 1;
+                }
+                return Err(io::Error::other(format!("{point}: injected failure")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An in-memory, fault-injecting [`FileSystem`]. Cloning shares the same disk.
+#[derive(Clone, Default)]
+pub struct FaultyFs {
+    state: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for FaultyFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultyFs").finish_non_exhaustive()
+    }
+}
+
+struct Handle {
+    file: Arc<MemFile>,
+    path: PathBuf,
+    generation: u64,
+    writable: bool,
+    fs: FaultyFs,
+}
+
+impl FaultyFs {
+    /// An empty disk without faults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the next `times` operations at `point` fail with an I/O error (`u32::MAX`: forever).
+    pub fn fail(&self, point: &str, times: u32) {
+        self.lock().failures.insert(point.to_string(), times);
+    }
+
+    /// Disarms every failure, tear, capacity, short-write and freeze setting.
+    pub fn clear_faults(&self) {
+        let mut s = self.lock();
+        s.failures.clear();
+        s.tears.clear();
+        s.capacity_bytes = None;
+        s.write_bytes_max = None;
+        s.ops_until_freeze = None;
+    }
+
+    /// Tears the next `times` writes at `point`: half of the bytes land, then the write fails.
+    pub fn tear_writes(&self, point: &str, times: u32) {
+        self.lock().tears.insert(point.to_string(), times);
+    }
+
+    /// Limits the total bytes of all files; a write past it writes what fits and then fails with
+    /// ENOSPC. `None` lifts the limit.
+    pub fn set_capacity_bytes(&self, bytes: Option<u64>) {
+        self.lock().capacity_bytes = bytes;
+    }
+
+    /// Sets the capacity to the bytes used now plus `bytes`: ENOSPC after `bytes` more.
+    pub fn enospc_after(&self, bytes: u64) {
+        let mut s = self.lock();
+        let used = s.used_bytes();
+        s.capacity_bytes = Some(used + bytes);
+    }
+
+    /// Makes every write complete at most `bytes` per call (short writes).
+    pub fn set_write_bytes_max(&self, bytes: Option<usize>) {
+        self.lock().write_bytes_max = bytes.map(|b| b.max(1));
+    }
+
+    /// After `ops` more mutating operations every operation fails, as if power was lost then.
+    pub fn freeze_after_ops(&self, ops: Option<u64>) {
+        self.lock().ops_until_freeze = ops;
+    }
+
+    /// Makes every `sync_data` take `delay` (like a slow disk), so concurrent appends queue up.
+    pub fn set_sync_delay(&self, delay: Option<Duration>) {
+        self.lock().sync_delay = delay;
+    }
+
+    /// A new disk holding what would survive a crash right now (synced data and synced
+    /// directory entries only); this disk is left as it is.
+    pub fn durable_snapshot(&self) -> FaultyFs {
+        let s = self.lock();
+        let mut files = BTreeMap::new();
+        for (path, file) in s.durable_files.iter() {
+            let d = file.lock();
+            let data = d.data[..d.synced_len.min(d.data.len())].to_vec();
+            let len = data.len();
+            let fresh = MemFile {
+                data: Mutex::new(FileData {
+                    data,
+                    synced_len: len,
+                    modified: d.modified,
+                }),
+            };
+            files.insert(path.clone(), Arc::new(fresh));
+        }
+        let state = State {
+            dirs: s.dirs.clone(),
+            durable_files: files.clone(),
+            files,
+            ..State::default()
+        };
+        FaultyFs {
+            state: Arc::new(Mutex::new(state)),
+        }
+    }
+
+    /// Length of a file that would survive a crash now; `None` if its entry would not.
+    pub fn synced_len(&self, path: &Path) -> Option<u64> {
+        let s = self.lock();
+        s.durable_files
+            .get(path)
+            .map(|f| f.lock().synced_len as u64)
+    }
+
+    /// How many times the fault point was entered (e.g. `wal::segment::fsync`).
+    pub fn count(&self, point: &str) -> u64 {
+        self.lock().counts.get(point).copied().unwrap_or(0)
+    }
+
+    /// Total bytes of all files.
+    pub fn used_bytes(&self) -> u64 {
+        self.lock().used_bytes()
+    }
+
+    /// Overwrites bytes of a file (for corruption tests); the change counts as synced.
+    pub fn corrupt(&self, path: &Path, offset: usize, bytes: &[u8]) -> io::Result<()> {
+        let s = self.lock();
+        let f = s
+            .files
+            .get(path)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let mut d = f.lock();
+        let end = offset + bytes.len();
+        if d.data.len() < end {
+            d.data.resize(end, 0);
+        }
+        d.data[offset..end].copy_from_slice(bytes);
+        d.synced_len = d.synced_len.max(end);
+        Ok(())
+    }
+
+    /// Simulates a power loss and reboot: directory entries fall back to their last `sync_dir`,
+    /// each file keeps its synced bytes plus a random prefix of the rest (garbled when `tear`),
+    /// faults are cleared and every handle opened before goes dead. `seed` drives the choices.
+    pub fn crash(&self, seed: u64, tear: bool) {
+        let mut rng = SplitMix(seed);
+        let mut s = self.lock();
+        s.generation += 1;
+        let mut files = BTreeMap::new();
+        for (path, file) in s.durable_files.iter() {
+            let old = file.lock();
+            let unsynced = old.data.len().saturating_sub(old.synced_len);
+            let keep = if unsynced == 0 {
+                0
+            } else {
+                (rng.next() % (unsynced as u64 + 1)) as usize
+            };
+            let mut data = old.data[..old.synced_len.min(old.data.len())].to_vec();
+            let start = data.len();
+            data.extend_from_slice(&old.data[start..start + keep]);
+            if tear && keep > 0 {
+                let flips = 1 + rng.next() % 3;
+                for _ in 0..flips {
+                    let at = start + (rng.next() % keep as u64) as usize;
+                    data[at] ^= 1 << (rng.next() % 8);
+                }
+            }
+            let len = data.len();
+            let fresh = MemFile {
+                data: Mutex::new(FileData {
+                    data,
+                    synced_len: len,
+                    modified: old.modified,
+                }),
+            };
+            files.insert(path.clone(), Arc::new(fresh));
+        }
+        s.durable_files = files.clone();
+        s.files = files;
+        s.failures.clear();
+        s.tears.clear();
+        s.capacity_bytes = None;
+        s.write_bytes_max = None;
+        s.ops_until_freeze = None;
+    }
+
+    fn new_handle(
+        &self,
+        s: &State,
+        path: &Path,
+        file: Arc<MemFile>,
+        writable: bool,
+    ) -> Arc<dyn WalFile> {
+        Arc::new(Handle {
+            file,
+            path: path.to_path_buf(),
+            generation: s.generation,
+            writable,
+            fs: self.clone(),
+        })
+    }
+}
+
+/// A tiny deterministic generator so crashes are reproducible from a seed without a dependency.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+fn dead() -> io::Error {
+    io::Error::other("file handle from before a simulated crash")
+}
+
+impl Handle {
+    fn check(&self, s: &State) -> io::Result<()> {
+        if s.generation != self.generation {
+            return Err(dead());
+        }
+        Ok(())
+    }
+}
+
+impl WalFile for Handle {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        {
+            let s = self.fs.lock();
+            self.check(&s)?;
+        }
+        let d = self.file.lock();
+        let offset = usize::try_from(offset).unwrap_or(usize::MAX);
+        if offset >= d.data.len() {
+            return Ok(0);
+        }
+        let n = buf.len().min(d.data.len() - offset);
+        buf[..n].copy_from_slice(&d.data[offset..offset + n]);
+        Ok(n)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        if !self.writable {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "read-only handle",
+            ));
+        }
+        let point = point_of(&self.path, "write");
+        let mut s = self.fs.lock();
+        self.check(&s)?;
+        s.enter(&point, true)?;
+        let mut n = buf.len();
+        if let Some(max) = s.write_bytes_max {
+            n = n.min(max);
+        }
+        let mut tear = false;
+        if let Some(left) = s.tears.get_mut(&point) {
+            if *left > 0 {
+                *left -= 1;
+                tear = true;
+                n = n.div_ceil(2);
+            }
+        }
+        let offset = usize::try_from(offset).map_err(|_| io::Error::other("offset too large"))?;
+        let current_len = self.file.lock().data.len();
+        if let Some(cap) = s.capacity_bytes {
+            let used = s.used_bytes();
+            let growth = (offset + n).saturating_sub(current_len) as u64;
+            if used + growth > cap {
+                let room = cap.saturating_sub(used) as usize;
+                let fits = (current_len + room).saturating_sub(offset).min(n);
+                if fits == 0 {
+                    return Err(io::Error::from(io::ErrorKind::StorageFull));
+                }
+                n = fits;
+            }
+        }
+        let mut d = self.file.lock();
+        if d.data.len() < offset + n {
+            d.data.resize(offset + n, 0);
+        }
+        d.data[offset..offset + n].copy_from_slice(&buf[..n]);
+        d.modified = Some(SystemTime::now());
+        if tear {
+            return Err(io::Error::other(format!("{point}: torn write")));
+        }
+        Ok(n)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        let delay = {
+            let mut s = self.fs.lock();
+            self.check(&s)?;
+            s.enter(&point_of(&self.path, "fsync"), true)?;
+            s.sync_delay
+        };
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
+        let mut d = self.file.lock();
+        d.synced_len = d.data.len();
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut s = self.fs.lock();
+        self.check(&s)?;
+        s.enter(&point_of(&self.path, "truncate"), true)?;
+        let len = usize::try_from(len).map_err(|_| io::Error::other("length too large"))?;
+        let mut d = self.file.lock();
+        d.data.resize(len, 0);
+        // Dropping bytes is modelled as immediately durable; the WAL only truncates bytes that
+        // were never synced or that it is about to rewrite and sync.
+        d.synced_len = d.synced_len.min(len);
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        {
+            let s = self.fs.lock();
+            self.check(&s)?;
+        }
+        Ok(self.file.lock().data.len() as u64)
+    }
+}
+
+impl FileSystem for FaultyFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        let mut s = self.lock();
+        s.enter("wal::dir::create", true)?;
+        for a in dir.ancestors() {
+            s.dirs.insert(a.to_path_buf());
+        }
+        Ok(())
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut s = self.lock();
+        s.enter("wal::dir::list", false)?;
+        if !s.dirs.contains(dir) {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        let mut names: Vec<String> = s
+            .files
+            .keys()
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name().and_then(|n| n.to_str()).map(str::to_string))
+            .collect();
+        for d in s.dirs.iter() {
+            if d.parent() == Some(dir) {
+                if let Some(n) = d.file_name().and_then(|n| n.to_str()) {
+                    names.push(n.to_string());
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    fn create(&self, path: &Path) -> io::Result<Arc<dyn WalFile>> {
+        let mut s = self.lock();
+        s.enter(&point_of(path, "create"), true)?;
+        let parent_ok = path.parent().is_some_and(|p| s.dirs.contains(p));
+        if !parent_ok {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        if s.files.contains_key(path) {
+            return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+        }
+        let file = Arc::new(MemFile::default());
+        file.lock().modified = Some(SystemTime::now());
+        s.files.insert(path.to_path_buf(), file.clone());
+        Ok(self.new_handle(&s, path, file, true))
+    }
+
+    fn open(&self, path: &Path, writable: bool) -> io::Result<Arc<dyn WalFile>> {
+        let mut s = self.lock();
+        s.enter(&point_of(path, "open"), false)?;
+        let file = s
+            .files
+            .get(path)
+            .cloned()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        Ok(self.new_handle(&s, path, file, writable))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut s = self.lock();
+        s.enter(&point_of(to, "rename"), true)?;
+        if to.parent().is_none_or(|p| !s.dirs.contains(p)) {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        let file = s
+            .files
+            .remove(from)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        s.files.insert(to.to_path_buf(), file);
+        Ok(())
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        let mut s = self.lock();
+        s.enter(&point_of(path, "remove"), true)?;
+        s.files
+            .remove(path)
+            .map(|_| ())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        let mut s = self.lock();
+        s.enter(points::DIR_FSYNC, true)?;
+        let State {
+            files,
+            durable_files,
+            ..
+        } = &mut *s;
+        durable_files.retain(|p, _| p.parent() != Some(dir));
+        for (p, f) in files.iter() {
+            if p.parent() == Some(dir) {
+                durable_files.insert(p.clone(), f.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn metadata(&self, path: &Path) -> io::Result<FileMeta> {
+        let s = self.lock();
+        let file = s
+            .files
+            .get(path)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        let d = file.lock();
+        Ok(FileMeta {
+            len: d.data.len() as u64,
+            modified: d.modified.unwrap_or(SystemTime::UNIX_EPOCH),
+        })
+    }
+}

@@ -1,0 +1,163 @@
+//! The [`FileSystem`] trait: every file operation of the WAL goes through it, so tests can swap
+//! the real disk ([`StdFs`]) for the fault-injecting in-memory [`crate::FaultyFs`].
+//!
+//! Files are addressed by offset (`read_at`/`write_at`), which keeps readers and the writer
+//! independent of each other's file position. A write may be short; callers loop.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// What the WAL needs to know about a file.
+#[derive(Debug, Clone, Copy)]
+pub struct FileMeta {
+    /// Length in bytes.
+    pub len: u64,
+    /// Last modification time (used as the sealing time of segments found at open).
+    pub modified: SystemTime,
+}
+
+/// An open file.
+#[allow(clippy::len_without_is_empty)] // a fallible length; emptiness is never asked
+pub trait WalFile: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `offset`; returns 0 at end of file.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes up to `buf.len()` bytes at `offset`; may write fewer (a short write).
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize>;
+    /// `fdatasync`: makes the written data (and the length) durable.
+    fn sync_data(&self) -> io::Result<()>;
+    /// Truncates or extends the file.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Current length.
+    fn len(&self) -> io::Result<u64>;
+}
+
+/// The file operations of the WAL.
+pub trait FileSystem: Send + Sync + 'static {
+    /// Creates a directory and its parents.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    /// Names of the entries of a directory (files and directories).
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
+    /// Creates a new file for reading and writing; fails if it exists.
+    fn create(&self, path: &Path) -> io::Result<Arc<dyn WalFile>>;
+    /// Opens an existing file, for writing too when `writable`.
+    fn open(&self, path: &Path, writable: bool) -> io::Result<Arc<dyn WalFile>>;
+    /// Renames a file, replacing the target.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Removes a file.
+    fn remove(&self, path: &Path) -> io::Result<()>;
+    /// fsyncs a directory so created, renamed and removed entries are durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Length and modification time of a file.
+    fn metadata(&self, path: &Path) -> io::Result<FileMeta>;
+}
+
+/// The real filesystem.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StdFs;
+
+struct StdFile(File);
+
+impl WalFile for StdFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        self.0.write_at(buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+}
+
+impl FileSystem for StdFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            // Names that are not UTF-8 cannot be ours; skip them.
+            if let Ok(name) = entry?.file_name().into_string() {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+    fn create(&self, path: &Path) -> io::Result<Arc<dyn WalFile>> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(Arc::new(StdFile(f)))
+    }
+    fn open(&self, path: &Path, writable: bool) -> io::Result<Arc<dyn WalFile>> {
+        let f = OpenOptions::new().read(true).write(writable).open(path)?;
+        Ok(Arc::new(StdFile(f)))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+    fn metadata(&self, path: &Path) -> io::Result<FileMeta> {
+        let m = std::fs::metadata(path)?;
+        Ok(FileMeta {
+            len: m.len(),
+            modified: m.modified()?,
+        })
+    }
+}
+
+/// Reads exactly `buf.len()` bytes at `offset` unless the file ends first; returns how many
+/// bytes were read (a short count means end of file).
+pub(crate) fn read_full_at(file: &dyn WalFile, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Writes all of `buf` at `offset`, looping over short writes.
+pub(crate) fn write_all_at(file: &dyn WalFile, buf: &[u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.write_at(&buf[done..], offset + done as u64) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "write returned 0 bytes",
+                ))
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Whether an I/O error means "no space left on the device".
+pub(crate) fn is_disk_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
+}

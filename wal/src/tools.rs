@@ -1,0 +1,268 @@
+//! Offline tools for operators, behind `prism-relay wal inspect|verify|dump`: list segments,
+//! verify every record of a directory, read records read-only, quarantine a corrupt segment.
+//! They never modify a segment; run `quarantine_segment` only while the relay is stopped.
+
+use crate::error::WalError;
+use crate::fs::{FileSystem, StdFs};
+use crate::reader::Reader;
+use crate::segment::{parse_segment_name, segment_file_name, SegmentScan, Step};
+use crate::types::{Lsn, SegmentId};
+use crate::wal::TornTail;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Name of the folder corrupt segments are moved into.
+pub const QUARANTINE_DIR: &str = "quarantine";
+
+/// One segment as listed by [`list_segments`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// The segment.
+    pub id: SegmentId,
+    /// Its file.
+    pub path: PathBuf,
+    /// File size.
+    pub bytes: u64,
+    /// First LSN (from the name).
+    pub first_lsn: Lsn,
+    /// Last LSN: from the next segment's name for sealed segments, by scanning for the last
+    /// one; `None` if the segment holds no record.
+    pub last_lsn: Option<Lsn>,
+}
+
+/// A problem found by [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentProblem {
+    /// The segment.
+    pub segment: SegmentId,
+    /// Byte offset of the bad record or header.
+    pub offset: u64,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Result of [`verify`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VerifyReport {
+    /// Segments checked.
+    pub segments: usize,
+    /// Valid records seen.
+    pub records: u64,
+    /// Bytes of all segments.
+    pub bytes: u64,
+    /// First LSN on disk.
+    pub first_lsn: Option<Lsn>,
+    /// Last valid LSN.
+    pub last_lsn: Option<Lsn>,
+    /// Corruption: in a sealed segment, a bad header, or an envelope that does not decode.
+    pub problems: Vec<SegmentProblem>,
+    /// A torn tail of the last segment (recovery would truncate it; not a problem).
+    pub torn_tail: Option<TornTail>,
+}
+
+impl VerifyReport {
+    /// Whether no corruption was found (a torn tail is not corruption).
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+fn segment_ids(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<SegmentId>, WalError> {
+    let names = fs
+        .list(dir)
+        .map_err(|e| WalError::io("list directory", dir, e))?;
+    let mut ids: Vec<SegmentId> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// Lists the segments of `dir` with their LSN ranges and sizes; scans only the last segment.
+pub fn list_segments(dir: &Path) -> Result<Vec<SegmentInfo>, WalError> {
+    list_segments_with_fs(&StdFs, dir)
+}
+
+/// [`list_segments`] through `fs`.
+pub fn list_segments_with_fs(
+    fs: &dyn FileSystem,
+    dir: &Path,
+) -> Result<Vec<SegmentInfo>, WalError> {
+    let ids = segment_ids(fs, dir)?;
+    let mut out = Vec::with_capacity(ids.len());
+    for (i, &id) in ids.iter().enumerate() {
+        let path = dir.join(segment_file_name(id));
+        let bytes = fs
+            .metadata(&path)
+            .map_err(|e| WalError::io("stat segment", &path, e))?
+            .len;
+        let last_lsn = match ids.get(i + 1) {
+            Some(next) => (next.0 > id.0).then(|| Lsn(next.0 - 1)),
+            None => {
+                let mut last = None;
+                let file = fs
+                    .open(&path, false)
+                    .map_err(|e| WalError::io("open segment", &path, e))?;
+                if let Ok(mut scan) = SegmentScan::open(id, file)
+                    .map_err(|e| WalError::io("read segment", &path, e))?
+                {
+                    while let Step::Record { lsn, .. } = scan
+                        .step(bytes)
+                        .map_err(|e| WalError::io("read segment", &path, e))?
+                    {
+                        last = Some(lsn);
+                    }
+                }
+                last
+            }
+        };
+        out.push(SegmentInfo {
+            id,
+            path,
+            bytes,
+            first_lsn: id.first_lsn(),
+            last_lsn,
+        });
+    }
+    Ok(out)
+}
+
+/// Scans every record of every segment of `dir`: CRCs, LSN continuity within and across
+/// segments, and envelope decoding. Reads only.
+pub fn verify(dir: &Path) -> Result<VerifyReport, WalError> {
+    verify_with_fs(&StdFs, dir)
+}
+
+/// [`verify`] through `fs`.
+pub fn verify_with_fs(fs: &dyn FileSystem, dir: &Path) -> Result<VerifyReport, WalError> {
+    let ids = segment_ids(fs, dir)?;
+    let mut report = VerifyReport {
+        segments: ids.len(),
+        first_lsn: ids.first().map(|i| i.first_lsn()),
+        ..Default::default()
+    };
+    for (i, &id) in ids.iter().enumerate() {
+        let is_last = i + 1 == ids.len();
+        let path = dir.join(segment_file_name(id));
+        let io_err = |e| WalError::io("read segment", &path, e);
+        let file = fs
+            .open(&path, false)
+            .map_err(|e| WalError::io("open segment", &path, e))?;
+        let len = file.len().map_err(io_err)?;
+        report.bytes += len;
+        let mut scan = match SegmentScan::open(id, file).map_err(io_err)? {
+            Ok(s) => s,
+            Err(reason) => {
+                if is_last && len < crate::segment::SEGMENT_HEADER_BYTES as u64 {
+                    report.torn_tail = Some(TornTail {
+                        segment: id,
+                        offset: 0,
+                        bytes_dropped: len,
+                        reason,
+                    });
+                } else {
+                    report.problems.push(SegmentProblem {
+                        segment: id,
+                        offset: 0,
+                        reason,
+                    });
+                }
+                continue;
+            }
+        };
+        loop {
+            match scan.step(len).map_err(io_err)? {
+                Step::Record {
+                    lsn,
+                    offset,
+                    body_start,
+                    body_len,
+                } => {
+                    report.records += 1;
+                    report.last_lsn = Some(lsn);
+                    let body = scan.body(body_start, body_len);
+                    if let Err(e) = bincode::deserialize::<crate::Envelope<'_>>(body) {
+                        report.problems.push(SegmentProblem {
+                            segment: id,
+                            offset,
+                            reason: format!("envelope of lsn {lsn} does not decode: {e}"),
+                        });
+                    }
+                }
+                Step::End => {
+                    if let Some(next) = ids.get(i + 1) {
+                        if next.first_lsn() != scan.expected {
+                            report.problems.push(SegmentProblem {
+                                segment: id,
+                                offset: scan.pos,
+                                reason: format!(
+                                    "segment ends before lsn {} but the next segment starts at {}",
+                                    scan.expected, next.0
+                                ),
+                            });
+                        }
+                    }
+                    break;
+                }
+                Step::Invalid { offset, reason } => {
+                    if is_last {
+                        report.torn_tail = Some(TornTail {
+                            segment: id,
+                            offset,
+                            bytes_dropped: len - offset,
+                            reason,
+                        });
+                    } else {
+                        report.problems.push(SegmentProblem {
+                            segment: id,
+                            offset,
+                            reason,
+                        });
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// A read-only reader over the records of `dir` from `from`, as they are on disk (for
+/// `wal dump`). A torn tail of the last segment ends it; corruption elsewhere is an error.
+pub fn read_dir(dir: &Path, from: Lsn) -> Result<Reader, WalError> {
+    read_dir_with_fs(Arc::new(StdFs), dir, from)
+}
+
+/// [`read_dir`] through `fs`.
+pub fn read_dir_with_fs(
+    fs: Arc<dyn FileSystem>,
+    dir: &Path,
+    from: Lsn,
+) -> Result<Reader, WalError> {
+    let ids = segment_ids(&*fs, dir)?;
+    Reader::offline(fs, dir.to_path_buf(), ids, from)
+}
+
+/// Moves a segment into `dir/quarantine/` and fsyncs both directories; returns its new path.
+/// Only while the WAL is not open: the relay would otherwise still count it.
+pub fn quarantine_segment(dir: &Path, segment: SegmentId) -> Result<PathBuf, WalError> {
+    quarantine_segment_with_fs(&StdFs, dir, segment)
+}
+
+/// [`quarantine_segment`] through `fs`.
+pub fn quarantine_segment_with_fs(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    segment: SegmentId,
+) -> Result<PathBuf, WalError> {
+    let qdir = dir.join(QUARANTINE_DIR);
+    fs.create_dir_all(&qdir)
+        .map_err(|e| WalError::io("create quarantine directory", &qdir, e))?;
+    let from = dir.join(segment_file_name(segment));
+    let to = qdir.join(segment_file_name(segment));
+    fs.rename(&from, &to)
+        .map_err(|e| WalError::io("move segment to quarantine", &from, e))?;
+    fs.sync_dir(&qdir)
+        .map_err(|e| WalError::io("fsync directory", &qdir, e))?;
+    fs.sync_dir(dir)
+        .map_err(|e| WalError::io("fsync directory", dir, e))?;
+    Ok(to)
+}

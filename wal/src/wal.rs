@@ -1,0 +1,646 @@
+//! [`Wal`]: opening (recovery), appending through the writer thread, readers, the ledger and
+//! statistics. The shared state lives in [`Inner`]; the writer thread is in `writer`.
+
+use crate::error::WalError;
+use crate::fs::{write_all_at, FileSystem, StdFs};
+use crate::ledger::{self, Ledger, LEDGER_TMP_FILE};
+use crate::reader::Reader;
+use crate::segment::{
+    self, parse_segment_name, segment_file_name, SegmentScan, Step, SEGMENT_HEADER_BYTES,
+};
+use crate::types::{Lsn, LsnRange, SegmentId};
+use crate::writer::{Pending, WriterState};
+use crate::Envelope;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{oneshot, watch, Notify};
+
+const MIB: u64 = 1024 * 1024;
+
+/// What to do with a torn tail of the last segment at recovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecoveryMode {
+    /// Truncate it (it was never acknowledged) and report it in [`Recovery::torn_tail`].
+    #[default]
+    TruncateTornTail,
+    /// Refuse to open: a torn tail is an error too.
+    Strict,
+}
+
+/// How long released (fully consumed) segments are kept for replay. A released segment is
+/// deleted once any limit is exceeded (oldest first), or sooner when the disk budget needs room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Bytes of released segments kept.
+    pub bytes_max: u64,
+    /// Released segments kept.
+    pub segments_max: u32,
+    /// Age of a released segment, counted from when it was sealed.
+    pub age_max: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            bytes_max: 1024 * MIB,
+            segments_max: 16,
+            age_max: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Options of [`Wal::open`]. `Default` gives production values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalOptions {
+    /// Roll to a new segment once the active one has reached this many bytes (64 MiB).
+    pub segment_bytes_max: u64,
+    /// One write + fdatasync covers about this many bytes at most (4 MiB); appends wait while
+    /// this much is already queued.
+    pub group_bytes_max: usize,
+    /// Total bytes of segments on disk; appends wait while at or over it (4 GiB).
+    pub budget_bytes_max: u64,
+    /// Retention of released segments.
+    pub retention: Retention,
+    /// Torn-tail policy at recovery.
+    pub recovery_mode: RecoveryMode,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions {
+            segment_bytes_max: 64 * MIB,
+            group_bytes_max: 4 * MIB as usize,
+            budget_bytes_max: 4096 * MIB,
+            retention: Retention::default(),
+            recovery_mode: RecoveryMode::TruncateTornTail,
+        }
+    }
+}
+
+impl WalOptions {
+    fn validate(&self) -> Result<(), WalError> {
+        let bad = |reason: &str| {
+            Err(WalError::InvalidOptions {
+                reason: reason.to_string(),
+            })
+        };
+        if self.segment_bytes_max <= SEGMENT_HEADER_BYTES as u64 {
+            return bad("segment_bytes_max must exceed the segment header");
+        }
+        if self.group_bytes_max <= segment::RECORD_HEADER_BYTES {
+            return bad("group_bytes_max must exceed a record header");
+        }
+        if self.budget_bytes_max == 0 {
+            return bad("budget_bytes_max must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// A torn tail found (and, unless strict, truncated) at recovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    /// The last segment.
+    pub segment: SegmentId,
+    /// Where the valid log ends (the file was truncated here).
+    pub offset: u64,
+    /// Bytes dropped.
+    pub bytes_dropped: u64,
+    /// What made the first dropped record invalid.
+    pub reason: String,
+}
+
+/// What [`Wal::open`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Segments found (0 for a new WAL).
+    pub segments: usize,
+    /// Oldest LSN on disk.
+    pub first_lsn: Lsn,
+    /// LSN the next record gets.
+    pub next_lsn: Lsn,
+    /// Records found in the last segment.
+    pub tail_records: u64,
+    /// The torn tail, if any.
+    pub torn_tail: Option<TornTail>,
+}
+
+/// Counters for metrics and `wal inspect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalStats {
+    /// Bytes of all segments (durable lengths).
+    pub bytes_on_disk: u64,
+    /// Segment files.
+    pub segments: usize,
+    /// Oldest LSN on disk.
+    pub first_lsn: Lsn,
+    /// LSN the next appended record gets.
+    pub next_lsn: Lsn,
+    /// Last durable LSN.
+    pub durable_lsn: Lsn,
+    /// Every record up to this LSN is in a released (or deleted) segment.
+    pub released_through: Lsn,
+    /// Group commits (one write + one fdatasync each) since open.
+    pub groups_committed: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SegMeta {
+    /// Durable length in bytes.
+    pub(crate) len: u64,
+    /// When it stopped being the active segment.
+    pub(crate) sealed_at: Option<SystemTime>,
+}
+
+pub(crate) struct Segments {
+    /// Every segment on disk; the last one is the active one.
+    pub(crate) list: BTreeMap<SegmentId, SegMeta>,
+    pub(crate) durable_lsn: Lsn,
+    pub(crate) bytes_on_disk: u64,
+    pub(crate) release_point: Option<Lsn>,
+    pub(crate) released_through: Lsn,
+    pub(crate) groups_committed: u64,
+}
+
+pub(crate) struct Inner {
+    pub(crate) dir: PathBuf,
+    pub(crate) fs: Arc<dyn FileSystem>,
+    pub(crate) opts: WalOptions,
+    pub(crate) pending: Mutex<Pending>,
+    /// Wakes the writer when records are pending or the WAL closes.
+    pub(crate) work: Condvar,
+    /// Wakes appenders waiting for room in the pending buffer.
+    pub(crate) drained: Notify,
+    pub(crate) segs: Mutex<Segments>,
+    pub(crate) durable_tx: watch::Sender<Lsn>,
+    pub(crate) disk_tx: watch::Sender<u64>,
+}
+
+impl Inner {
+    pub(crate) fn lock_pending(&self) -> MutexGuard<'_, Pending> {
+        // The lock is never held across code that can panic on external data.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn lock_segs(&self) -> MutexGuard<'_, Segments> {
+        self.segs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn segment_path(&self, id: SegmentId) -> PathBuf {
+        self.dir.join(segment_file_name(id))
+    }
+}
+
+/// Stops the writer when the last [`Wal`] clone is dropped.
+struct Owner {
+    inner: Arc<Inner>,
+    exited: Mutex<Option<oneshot::Receiver<()>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let mut p = self.inner.lock_pending();
+        if p.state == WriterState::Running {
+            p.state = WriterState::Closed;
+        }
+        drop(p);
+        self.inner.work.notify_all();
+        self.inner.drained.notify_waiters();
+        self.inner.disk_tx.send_modify(|_| {});
+    }
+}
+
+/// The write-ahead log. Cheap to clone; all clones share one writer thread.
+#[derive(Clone)]
+pub struct Wal {
+    inner: Arc<Inner>,
+    owner: Arc<Owner>,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Wal {
+    /// Opens (or creates) the WAL in `dir` on the real filesystem and recovers it.
+    pub fn open(dir: &Path, opts: WalOptions) -> Result<(Wal, Recovery), WalError> {
+        Self::open_with_fs(dir, opts, Arc::new(StdFs))
+    }
+
+    /// Opens (or creates) the WAL in `dir` through `fs`. Recovery scans only the last segment,
+    /// so start-up time does not grow with the size of the WAL.
+    pub fn open_with_fs(
+        dir: &Path,
+        opts: WalOptions,
+        fs: Arc<dyn FileSystem>,
+    ) -> Result<(Wal, Recovery), WalError> {
+        opts.validate()?;
+        fs.create_dir_all(dir)
+            .map_err(|e| WalError::io("create directory", dir, e))?;
+        let tmp = dir.join(LEDGER_TMP_FILE);
+        if fs.remove(&tmp).is_ok() {
+            fs.sync_dir(dir)
+                .map_err(|e| WalError::io("fsync directory", dir, e))?;
+        }
+        let ledger = ledger::load(&*fs, dir)?;
+        let names = fs
+            .list(dir)
+            .map_err(|e| WalError::io("list directory", dir, e))?;
+        let mut ids: Vec<SegmentId> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
+        ids.sort();
+        let found = ids.len();
+
+        let (active_id, file, active_len, next_lsn, tail_records, torn_tail) =
+            match ids.last().copied() {
+                None => {
+                    let id = SegmentId(1);
+                    let file = create_segment(&*fs, dir, id)?;
+                    (id, file, SEGMENT_HEADER_BYTES as u64, Lsn(1), 0, None)
+                }
+                Some(id) => {
+                    let r = recover_last(&*fs, dir, id, opts.recovery_mode)?;
+                    // The last segment's directory entry may never have been fsynced (a crash
+                    // or a failed rollover right after creating it): make it durable first.
+                    fs.sync_dir(dir)
+                        .map_err(|e| WalError::io("fsync directory", dir, e))?;
+                    (id, r.file, r.len, r.next_lsn, r.records, r.torn_tail)
+                }
+            };
+        if ids.is_empty() {
+            ids.push(active_id);
+        }
+
+        let mut list = BTreeMap::new();
+        let mut bytes_on_disk = 0;
+        for &id in &ids {
+            let meta = if id == active_id {
+                SegMeta {
+                    len: active_len,
+                    sealed_at: None,
+                }
+            } else {
+                let path = dir.join(segment_file_name(id));
+                let m = fs
+                    .metadata(&path)
+                    .map_err(|e| WalError::io("stat segment", &path, e))?;
+                SegMeta {
+                    len: m.len,
+                    sealed_at: Some(m.modified),
+                }
+            };
+            bytes_on_disk += meta.len;
+            list.insert(id, meta);
+        }
+        let durable = Lsn(next_lsn.0 - 1);
+        let first_lsn = ids[0].first_lsn();
+        let inner = Arc::new(Inner {
+            dir: dir.to_path_buf(),
+            fs,
+            opts,
+            pending: Mutex::new(Pending::new(next_lsn)),
+            work: Condvar::new(),
+            drained: Notify::new(),
+            segs: Mutex::new(Segments {
+                list,
+                durable_lsn: durable,
+                bytes_on_disk,
+                release_point: ledger.release_point(),
+                released_through: Lsn::ZERO,
+                groups_committed: 0,
+            }),
+            durable_tx: watch::Sender::new(durable),
+            disk_tx: watch::Sender::new(bytes_on_disk),
+        });
+        inner.apply_retention()?;
+        let (exit_tx, exit_rx) = oneshot::channel();
+        let writer = crate::writer::Writer::new(inner.clone(), active_id, file, active_len);
+        let thread = std::thread::Builder::new()
+            .name("prism-wal-writer".into())
+            .spawn(move || writer.run(exit_tx))
+            .map_err(|e| WalError::io("spawn writer thread", dir, e))?;
+        let owner = Arc::new(Owner {
+            inner: inner.clone(),
+            exited: Mutex::new(Some(exit_rx)),
+            thread: Mutex::new(Some(thread)),
+        });
+        let recovery = Recovery {
+            segments: found,
+            first_lsn,
+            next_lsn,
+            tail_records,
+            torn_tail,
+        };
+        if let Some(t) = &recovery.torn_tail {
+            tracing::warn!(segment = %t.segment, offset = t.offset, bytes = t.bytes_dropped, reason = %t.reason, "truncated torn tail of the write-ahead log");
+        }
+        Ok((Wal { inner, owner }, recovery))
+    }
+
+    /// Appends the records; returns once one fdatasync covering all of them has returned.
+    /// Concurrent callers share the write and the fdatasync (group commit). Waits while the
+    /// disk budget is full.
+    pub async fn append(&self, records: &[Envelope<'_>]) -> Result<LsnRange, WalError> {
+        if records.is_empty() {
+            return Err(WalError::EmptyAppend);
+        }
+        if records.len() > crate::APPEND_RECORDS_MAX {
+            return Err(WalError::TooManyRecords {
+                records: records.len(),
+                records_max: crate::APPEND_RECORDS_MAX,
+            });
+        }
+        self.wait_for_budget().await?;
+        let inner = &self.inner;
+        let rx = loop {
+            let mut notified = std::pin::pin!(inner.drained.notified());
+            notified.as_mut().enable();
+            {
+                let mut p = inner.lock_pending();
+                p.state.check()?;
+                if p.buf.len() < inner.opts.group_bytes_max {
+                    break p.enqueue(records)?;
+                }
+            }
+            notified.await;
+        };
+        inner.work.notify_one();
+        match rx.await {
+            Ok(result) => result,
+            // The writer dropped the sender without answering: it is gone.
+            Err(_) => Err(self
+                .inner
+                .lock_pending()
+                .state
+                .check()
+                .err()
+                .unwrap_or(WalError::Closed)),
+        }
+    }
+
+    async fn wait_for_budget(&self) -> Result<(), WalError> {
+        let budget = self.inner.opts.budget_bytes_max;
+        if *self.inner.disk_tx.borrow() < budget {
+            return Ok(());
+        }
+        let mut rx = self.inner.disk_tx.subscribe();
+        loop {
+            // Closing and poisoning also touch the watch, so a waiter notices them.
+            self.inner.lock_pending().state.check()?;
+            if *rx.borrow_and_update() < budget {
+                return Ok(());
+            }
+            rx.changed().await.map_err(|_| WalError::Closed)?;
+        }
+    }
+
+    /// Whether appends would wait for the disk budget (ingest stops fetching while true).
+    pub fn budget_full(&self) -> bool {
+        *self.inner.disk_tx.borrow() >= self.inner.opts.budget_bytes_max
+    }
+
+    /// Last LSN covered by a returned fdatasync.
+    pub fn durable_lsn(&self) -> Lsn {
+        *self.inner.durable_tx.borrow()
+    }
+
+    /// A watch of the durable LSN (runtime-agnostic).
+    pub fn watch_durable(&self) -> watch::Receiver<Lsn> {
+        self.inner.durable_tx.subscribe()
+    }
+
+    /// A reader of durable records with `lsn >= from`.
+    pub fn reader(&self, from: Lsn) -> Result<Reader, WalError> {
+        Reader::live(self.inner.clone(), from)
+    }
+
+    /// The ledger on disk (empty if none yet).
+    pub fn load_ledger(&self) -> Result<Ledger, WalError> {
+        ledger::load(&*self.inner.fs, &self.inner.dir)
+    }
+
+    /// Writes the ledger atomically, then applies retention with its release point.
+    pub fn commit_ledger(&self, ledger: &Ledger) -> Result<(), WalError> {
+        ledger::store(&*self.inner.fs, &self.inner.dir, ledger)?;
+        self.inner.lock_segs().release_point = ledger.release_point();
+        self.inner.apply_retention()
+    }
+
+    /// Applies retention now (age limits expire without a ledger commit; the writer also calls
+    /// this at every rollover).
+    pub fn enforce_retention(&self) -> Result<(), WalError> {
+        self.inner.apply_retention()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> WalStats {
+        let next_lsn = self.inner.lock_pending().next_lsn;
+        let s = self.inner.lock_segs();
+        WalStats {
+            bytes_on_disk: s.bytes_on_disk,
+            segments: s.list.len(),
+            first_lsn: s.list.keys().next().map_or(Lsn(1), |id| id.first_lsn()),
+            next_lsn,
+            durable_lsn: s.durable_lsn,
+            released_through: s.released_through,
+            groups_committed: s.groups_committed,
+        }
+    }
+
+    /// The WAL directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Completes pending appends, stops the writer thread and waits for it. Other clones get
+    /// [`WalError::Closed`] afterwards.
+    pub async fn close(self) -> Result<(), WalError> {
+        {
+            let mut p = self.inner.lock_pending();
+            if p.state == WriterState::Running {
+                p.state = WriterState::Closed;
+            }
+        }
+        self.inner.work.notify_all();
+        self.inner.drained.notify_waiters();
+        self.inner.disk_tx.send_modify(|_| {});
+        let rx = self
+            .owner
+            .exited
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(rx) = rx {
+            // An error only means the thread exited without sending, which is what we wait for.
+            let _ = rx.await;
+        }
+        let thread = self
+            .owner
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = thread {
+            // The thread has signalled its exit; joining does not block for long.
+            let _ = t.join();
+        }
+        match &self.inner.lock_pending().state {
+            WriterState::Poisoned(reason) => Err(WalError::Poisoned {
+                reason: reason.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Creates a segment: file, header, fdatasync, directory fsync.
+pub(crate) fn create_segment(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    id: SegmentId,
+) -> Result<Arc<dyn crate::fs::WalFile>, WalError> {
+    let path = dir.join(segment_file_name(id));
+    let file = fs
+        .create(&path)
+        .map_err(|e| WalError::io("create segment", &path, e))?;
+    if let Err(e) = write_all_at(&*file, &segment::encode_header(id.first_lsn()), 0) {
+        drop(file);
+        // Best effort: an orphan header-less file is also handled by recovery.
+        let _ = fs.remove(&path);
+        let _ = fs.sync_dir(dir);
+        return Err(if crate::fs::is_disk_full(&e) {
+            WalError::DiskFull { path }
+        } else {
+            WalError::io("write segment header", path, e)
+        });
+    }
+    file.sync_data().map_err(|e| WalError::Poisoned {
+        reason: format!("fdatasync of new segment {}: {e}", path.display()),
+    })?;
+    fs.sync_dir(dir).map_err(|e| WalError::Poisoned {
+        reason: format!("fsync of directory {}: {e}", dir.display()),
+    })?;
+    Ok(file)
+}
+
+struct Recovered {
+    file: Arc<dyn crate::fs::WalFile>,
+    len: u64,
+    next_lsn: Lsn,
+    records: u64,
+    torn_tail: Option<TornTail>,
+}
+
+/// Scans the last segment to its end and truncates a torn tail.
+fn recover_last(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    id: SegmentId,
+    mode: RecoveryMode,
+) -> Result<Recovered, WalError> {
+    let path = dir.join(segment_file_name(id));
+    let file = fs
+        .open(&path, true)
+        .map_err(|e| WalError::io("open segment", &path, e))?;
+    let len = file
+        .len()
+        .map_err(|e| WalError::io("stat segment", &path, e))?;
+    let header = SEGMENT_HEADER_BYTES as u64;
+    let header_only_invalid = len <= header && {
+        let mut h = [0u8; SEGMENT_HEADER_BYTES];
+        let n = crate::fs::read_full_at(&*file, &mut h, 0)
+            .map_err(|e| WalError::io("read segment", &path, e))?;
+        segment::decode_header(&h[..n]) != Ok(id.first_lsn())
+    };
+    if header_only_invalid {
+        // The crash interrupted the creation of this segment: records are written only after
+        // the header is durable, so a file with nothing but a bad header never held a record.
+        // A bad header followed by records is corruption instead (below).
+        let torn = TornTail {
+            segment: id,
+            offset: 0,
+            bytes_dropped: len,
+            reason: format!("segment header of {len} bytes is incomplete or invalid"),
+        };
+        if mode == RecoveryMode::Strict {
+            return Err(WalError::TornTail {
+                segment: id,
+                offset: 0,
+                bytes: len,
+            });
+        }
+        file.set_len(0)
+            .map_err(|e| WalError::io("truncate segment", &path, e))?;
+        write_all_at(&*file, &segment::encode_header(id.first_lsn()), 0)
+            .map_err(|e| WalError::io("write segment header", &path, e))?;
+        file.sync_data()
+            .map_err(|e| WalError::io("fdatasync segment", &path, e))?;
+        return Ok(Recovered {
+            file,
+            len: header,
+            next_lsn: id.first_lsn(),
+            records: 0,
+            torn_tail: Some(torn),
+        });
+    }
+    let mut scan = match SegmentScan::open(id, file.clone())
+        .map_err(|e| WalError::io("read segment", &path, e))?
+    {
+        Ok(s) => s,
+        Err(reason) => {
+            return Err(WalError::Corrupt {
+                segment: id,
+                offset: 0,
+                reason,
+            })
+        }
+    };
+    let mut records = 0u64;
+    let torn_tail = loop {
+        match scan
+            .step(len)
+            .map_err(|e| WalError::io("read segment", &path, e))?
+        {
+            Step::Record { .. } => records += 1,
+            Step::End => break None,
+            Step::Invalid { offset, reason } => {
+                break Some(TornTail {
+                    segment: id,
+                    offset,
+                    bytes_dropped: len - offset,
+                    reason,
+                });
+            }
+        }
+    };
+    let mut end = len;
+    if let Some(t) = &torn_tail {
+        if mode == RecoveryMode::Strict {
+            return Err(WalError::TornTail {
+                segment: id,
+                offset: t.offset,
+                bytes: t.bytes_dropped,
+            });
+        }
+        end = t.offset;
+        file.set_len(end)
+            .map_err(|e| WalError::io("truncate segment", &path, e))?;
+    }
+    // The records just scanned may sit in the page cache only (a previous process may have
+    // died, or been poisoned, before its fdatasync): make them durable before calling them so.
+    file.sync_data()
+        .map_err(|e| WalError::io("fdatasync segment", &path, e))?;
+    Ok(Recovered {
+        file,
+        len: end,
+        next_lsn: scan.expected,
+        records,
+        torn_tail,
+    })
+}

@@ -1,0 +1,298 @@
+//! The writer thread: group commit.
+//!
+//! Appenders encode their records straight into one shared pending buffer (framing, LSN and
+//! CRC included; LSNs are assigned in buffer order, which is write order) and wait on a oneshot.
+//! The writer swaps the buffer out, does one write and one fdatasync for everything in it,
+//! advances the durable LSN and answers every waiter. While it writes, new appends fill the
+//! other buffer, so the next group is ready when the fdatasync returns.
+//!
+//! Failure policy: a failed fdatasync (or directory fsync) poisons the WAL for good; it is never
+//! retried, because the kernel may have dropped the dirty pages it failed to write. A failed
+//! write (ENOSPC above all) is undone by truncating the segment to its durable length; the group
+//! and everything queued behind it fail, their LSNs are given out again, and the writer lives on.
+
+use crate::error::WalError;
+use crate::fs::{is_disk_full, write_all_at, WalFile};
+use crate::types::{Lsn, LsnRange, SegmentId};
+use crate::wal::{create_segment, Inner, SegMeta};
+use crate::Envelope;
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::sync::oneshot;
+
+type Answer = oneshot::Sender<Result<LsnRange, WalError>>;
+
+/// Lifecycle of the writer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum WriterState {
+    Running,
+    Closed,
+    Poisoned(String),
+}
+
+impl WriterState {
+    pub(crate) fn check(&self) -> Result<(), WalError> {
+        match self {
+            WriterState::Running => Ok(()),
+            WriterState::Closed => Err(WalError::Closed),
+            WriterState::Poisoned(reason) => Err(WalError::Poisoned {
+                reason: reason.clone(),
+            }),
+        }
+    }
+}
+
+pub(crate) struct Waiter {
+    range: LsnRange,
+    answer: Answer,
+}
+
+/// Records waiting for the writer.
+pub(crate) struct Pending {
+    /// Framed records, ready to be written as they are.
+    pub(crate) buf: Vec<u8>,
+    waiters: Vec<Waiter>,
+    /// LSN the next enqueued record gets.
+    pub(crate) next_lsn: Lsn,
+    pub(crate) state: WriterState,
+}
+
+impl Pending {
+    pub(crate) fn new(next_lsn: Lsn) -> Self {
+        Pending {
+            buf: Vec::new(),
+            waiters: Vec::new(),
+            next_lsn,
+            state: WriterState::Running,
+        }
+    }
+
+    /// Encodes the records into the buffer with the next LSNs; all or nothing.
+    pub(crate) fn enqueue(
+        &mut self,
+        records: &[Envelope<'_>],
+    ) -> Result<oneshot::Receiver<Result<LsnRange, WalError>>, WalError> {
+        let start = self.buf.len();
+        let first = self.next_lsn;
+        for (i, r) in records.iter().enumerate() {
+            if let Err(e) = crate::segment::encode_record(&mut self.buf, Lsn(first.0 + i as u64), r)
+            {
+                self.buf.truncate(start);
+                return Err(e);
+            }
+        }
+        let range = LsnRange {
+            first,
+            last: Lsn(first.0 + records.len() as u64 - 1),
+        };
+        self.next_lsn = range.last.next();
+        let (answer, rx) = oneshot::channel();
+        self.waiters.push(Waiter { range, answer });
+        Ok(rx)
+    }
+
+    /// Fails everything queued and gives its LSNs out again from `next_lsn`.
+    fn fail_all(&mut self, next_lsn: Lsn, err: &WalError) {
+        self.buf.clear();
+        for w in self.waiters.drain(..) {
+            // A dropped receiver means the appender went away; nobody to tell.
+            let _ = w.answer.send(Err(err.clone()));
+        }
+        self.next_lsn = next_lsn;
+    }
+}
+
+pub(crate) struct Writer {
+    inner: Arc<Inner>,
+    id: SegmentId,
+    file: Arc<dyn WalFile>,
+    /// Durable length of the active segment.
+    len: u64,
+    /// The buffer being written; swapped with the pending one.
+    spare: Vec<u8>,
+}
+
+enum GroupError {
+    /// The group failed; the writer lives on.
+    Failed(WalError),
+    /// The WAL is poisoned.
+    Fatal(String),
+}
+
+impl Writer {
+    pub(crate) fn new(inner: Arc<Inner>, id: SegmentId, file: Arc<dyn WalFile>, len: u64) -> Self {
+        Writer {
+            inner,
+            id,
+            file,
+            len,
+            spare: Vec::new(),
+        }
+    }
+
+    pub(crate) fn run(mut self, exited: oneshot::Sender<()>) {
+        loop {
+            let waiters = {
+                let mut p = self.inner.lock_pending();
+                loop {
+                    if !p.buf.is_empty() {
+                        break;
+                    }
+                    if p.state != WriterState::Running {
+                        drop(p);
+                        // The receiver may be gone if nobody awaits close; that is fine.
+                        let _ = exited.send(());
+                        return;
+                    }
+                    p = self.inner.work.wait(p).unwrap_or_else(|e| e.into_inner());
+                }
+                std::mem::swap(&mut p.buf, &mut self.spare);
+                std::mem::take(&mut p.waiters)
+            };
+            self.inner.drained.notify_waiters();
+            let (Some(first), Some(last)) = (waiters.first(), waiters.last()) else {
+                // Bytes without waiters cannot happen: enqueue adds both under one lock.
+                self.spare.clear();
+                continue;
+            };
+            let range = LsnRange {
+                first: first.range.first,
+                last: last.range.last,
+            };
+            match self.commit(range) {
+                Ok(()) => {
+                    for w in waiters {
+                        let _ = w.answer.send(Ok(w.range));
+                    }
+                }
+                Err(GroupError::Failed(err)) => {
+                    tracing::warn!(error = %err, "write-ahead log group failed; nothing of it was kept");
+                    self.inner.lock_pending().fail_all(range.first, &err);
+                    for w in waiters {
+                        let _ = w.answer.send(Err(err.clone()));
+                    }
+                }
+                Err(GroupError::Fatal(reason)) => {
+                    tracing::error!(%reason, "write-ahead log poisoned");
+                    let err = WalError::Poisoned {
+                        reason: reason.clone(),
+                    };
+                    {
+                        let mut p = self.inner.lock_pending();
+                        p.state = WriterState::Poisoned(reason);
+                        p.fail_all(range.first, &err);
+                    }
+                    for w in waiters {
+                        let _ = w.answer.send(Err(err.clone()));
+                    }
+                    self.inner.drained.notify_waiters();
+                    self.inner.disk_tx.send_modify(|_| {});
+                    let _ = exited.send(());
+                    return;
+                }
+            }
+            self.spare.clear();
+        }
+    }
+
+    /// One write and one fdatasync for the whole group (after a rollover if due).
+    fn commit(&mut self, range: LsnRange) -> Result<(), GroupError> {
+        if self.len >= self.inner.opts.segment_bytes_max {
+            self.roll(range.first)?;
+        }
+        let path = self.inner.segment_path(self.id);
+        debug_assert!(
+            group_is_well_formed(&self.spare, range),
+            "group {range:?} is malformed"
+        );
+        if let Err(e) = write_all_at(&*self.file, &self.spare, self.len) {
+            // Undo whatever part of the group reached the file, so the next group starts at the
+            // durable end and the failed LSNs can be given out again.
+            if let Err(te) = self.file.set_len(self.len) {
+                return Err(GroupError::Fatal(format!(
+                    "write to {} failed ({e}) and truncating it back failed too: {te}",
+                    path.display()
+                )));
+            }
+            return Err(GroupError::Failed(if is_disk_full(&e) {
+                WalError::DiskFull { path }
+            } else {
+                WalError::io("write segment", path, e)
+            }));
+        }
+        if let Err(e) = self.file.sync_data() {
+            return Err(GroupError::Fatal(format!(
+                "fdatasync of {} failed: {e}",
+                path.display()
+            )));
+        }
+        self.len += self.spare.len() as u64;
+        let bytes_on_disk = {
+            let mut s = self.inner.lock_segs();
+            if let Some(m) = s.list.get_mut(&self.id) {
+                m.len = self.len;
+            }
+            s.durable_lsn = range.last;
+            s.groups_committed += 1;
+            s.bytes_on_disk += self.spare.len() as u64;
+            s.bytes_on_disk
+        };
+        self.inner.durable_tx.send_replace(range.last);
+        self.inner.disk_tx.send_replace(bytes_on_disk);
+        Ok(())
+    }
+
+    /// Seals the active segment and starts a new one whose first record is `first`. The old
+    /// segment needs no further fdatasync: every group written to it was already synced.
+    fn roll(&mut self, first: Lsn) -> Result<(), GroupError> {
+        let id = SegmentId(first.0);
+        let file = match create_segment(&*self.inner.fs, &self.inner.dir, id) {
+            Ok(f) => f,
+            Err(WalError::Poisoned { reason }) => return Err(GroupError::Fatal(reason)),
+            Err(WalError::Io { source, path, .. }) if is_disk_full(&source) => {
+                return Err(GroupError::Failed(WalError::DiskFull { path }))
+            }
+            Err(e) => return Err(GroupError::Failed(e)),
+        };
+        let header = crate::segment::SEGMENT_HEADER_BYTES as u64;
+        let bytes_on_disk = {
+            let mut s = self.inner.lock_segs();
+            if let Some(m) = s.list.get_mut(&self.id) {
+                m.sealed_at = Some(SystemTime::now());
+            }
+            s.list.insert(
+                id,
+                SegMeta {
+                    len: header,
+                    sealed_at: None,
+                },
+            );
+            s.bytes_on_disk += header;
+            s.bytes_on_disk
+        };
+        self.inner.disk_tx.send_replace(bytes_on_disk);
+        self.id = id;
+        self.file = file;
+        self.len = header;
+        if let Err(e) = self.inner.apply_retention() {
+            tracing::warn!(error = %e, "retention at segment rollover failed");
+        }
+        Ok(())
+    }
+}
+
+/// Checks, right before writing, that the group is exactly the records of `range`, in order,
+/// each with a valid CRC (debug builds only: it costs a second CRC pass).
+fn group_is_well_formed(mut buf: &[u8], range: LsnRange) -> bool {
+    let mut expected = range.first;
+    while !buf.is_empty() {
+        match crate::segment::decode_record(buf, Some(expected)) {
+            Ok(f) => {
+                buf = &buf[f.bytes..];
+                expected = f.lsn.next();
+            }
+            Err(_) => return false,
+        }
+    }
+    expected == range.last.next()
+}

@@ -1,0 +1,158 @@
+//! Group commit, LSN assignment and segment rollover.
+
+use crate::common::*;
+use prism_wal::fault::points::{SEGMENT_FSYNC, SEGMENT_WRITE};
+use prism_wal::{FaultyFs, Lsn, SegmentId, Wal, WalOptions};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appenders_share_writes_and_fsyncs() {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, WalOptions::default()).unwrap();
+    fs.set_sync_delay(Some(Duration::from_millis(2)));
+    let fsyncs_before = fs.count(SEGMENT_FSYNC);
+    let writes_before = fs.count(SEGMENT_WRITE);
+    let appenders = 16u64;
+    let per = 10u64;
+    let mut tasks = Vec::new();
+    for a in 0..appenders {
+        let wal = wal.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ranges = Vec::new();
+            for k in 0..per {
+                let i = a * 1000 + k;
+                ranges.push(wal.append(&[env(i, 100), env(i + 500, 100)]).await.unwrap());
+            }
+            ranges
+        }));
+    }
+    let mut lsns = BTreeSet::new();
+    for t in tasks {
+        for r in t.await.unwrap() {
+            assert_eq!(r.len(), 2);
+            assert!(lsns.insert(r.first.0) && lsns.insert(r.last.0));
+        }
+    }
+    let total = appenders * per;
+    let fsyncs = fs.count(SEGMENT_FSYNC) - fsyncs_before;
+    let writes = fs.count(SEGMENT_WRITE) - writes_before;
+    assert_eq!(
+        lsns,
+        (1..=2 * total).collect::<BTreeSet<_>>(),
+        "LSNs are dense and unique"
+    );
+    assert!(
+        fsyncs * 2 <= total,
+        "{fsyncs} fsyncs for {total} appends: groups were not shared"
+    );
+    assert_eq!(writes, fsyncs, "one write per group");
+    assert_eq!(wal.durable_lsn(), Lsn(2 * total));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_append_returns_only_after_an_fsync_covering_it() {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, small_opts()).unwrap();
+    fs.set_sync_delay(Some(Duration::from_millis(1)));
+    let mut tasks = Vec::new();
+    for a in 0..4u64 {
+        let wal = wal.clone();
+        let fs = fs.clone();
+        tasks.push(tokio::spawn(async move {
+            for k in 0..8 {
+                let r = wal.append(&[env(a * 100 + k, 60)]).await.unwrap();
+                // What a crash right now would keep must already hold the record.
+                let snap = fs.durable_snapshot();
+                let (w, _) = open_mem(&snap, small_opts()).unwrap();
+                let got = read_all(&mut w.reader(Lsn(1)).unwrap()).unwrap();
+                assert!(
+                    got.iter().any(|&(l, s)| l == r.first && s == a * 100 + k),
+                    "lsn {} not durable",
+                    r.first
+                );
+                drop(w);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn records_are_written_in_lsn_order_and_each_segment_is_named_by_its_first_lsn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), small_opts()).unwrap();
+    append_each(&wal, 1..40, 100).await;
+    let r = wal
+        .append(&(40..45).map(|i| env(i, 100)).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!((r.first, r.last), (Lsn(40), Lsn(44)));
+    let stats = wal.stats();
+    wal.close().await.unwrap();
+    let list = prism_wal::list_segments(dir.path()).unwrap();
+    assert!(list.len() >= 4, "rolled over: {list:?}");
+    assert_eq!(stats.segments, list.len());
+    assert_eq!(list[0].id, SegmentId(1));
+    for s in &list {
+        let bytes = std::fs::read(&s.path).unwrap();
+        assert_eq!(prism_wal::segment::decode_header(&bytes), Ok(s.first_lsn));
+        // A segment passes the limit by at most one group.
+        if s.id != list.last().unwrap().id {
+            assert!(
+                s.bytes >= 1024,
+                "{s:?} sealed before reaching segment_bytes_max"
+            );
+        }
+    }
+    let report = prism_wal::verify(dir.path()).unwrap();
+    assert!(report.is_ok());
+    assert_eq!(report.records, 44);
+}
+
+#[tokio::test]
+async fn an_append_of_an_oversized_record_is_refused_before_writing_and_consumes_no_lsn() {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, WalOptions::default()).unwrap();
+    wal.append(&[env(1, 10)]).await.unwrap();
+    let big = env(2, prism_wal::RECORD_BYTES_MAX + 1);
+    let err = wal.append(&[env(3, 10), big]).await.unwrap_err();
+    assert!(
+        matches!(err, prism_wal::WalError::RecordTooLarge { .. }),
+        "{err:?}"
+    );
+    let r = wal.append(&[env(4, 10)]).await.unwrap();
+    assert_eq!(r.first, Lsn(2));
+    assert!(matches!(
+        wal.append(&[]).await,
+        Err(prism_wal::WalError::EmptyAppend)
+    ));
+}
+
+#[tokio::test]
+async fn close_completes_and_later_appends_on_clones_are_refused() {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, WalOptions::default()).unwrap();
+    let other = wal.clone();
+    wal.append(&[env(1, 10)]).await.unwrap();
+    wal.close().await.unwrap();
+    assert!(matches!(
+        other.append(&[env(2, 10)]).await,
+        Err(prism_wal::WalError::Closed)
+    ));
+}
+
+#[tokio::test]
+async fn an_append_of_more_records_than_allowed_is_refused() {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, WalOptions::default()).unwrap();
+    let many = vec![env(1, 0); prism_wal::APPEND_RECORDS_MAX + 1];
+    let err = wal.append(&many).await.unwrap_err();
+    assert!(
+        matches!(err, prism_wal::WalError::TooManyRecords { .. }),
+        "{err:?}"
+    );
+    assert_eq!(wal.append(&[env(2, 0)]).await.unwrap().first, Lsn(1));
+}

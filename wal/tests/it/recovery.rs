@@ -1,0 +1,285 @@
+//! Every outcome of recovery at open.
+
+use crate::common::*;
+use prism_wal::{verify, Lsn, RecoveryMode, SegmentId, Wal, WalError, WalOptions};
+use std::io::Write;
+
+fn append_raw(path: &std::path::Path, bytes: &[u8]) {
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+const SEG1: &str = "00000000000000000001.wal";
+
+#[tokio::test]
+async fn clean_log_reopens_with_every_record_and_no_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, rec) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    assert_eq!(rec.next_lsn, Lsn(1));
+    append_each(&wal, 1..6, 50).await;
+    wal.close().await.unwrap();
+    let (wal, rec) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    assert_eq!(rec.torn_tail, None);
+    assert_eq!(rec.segments, 1);
+    assert_eq!(rec.next_lsn, Lsn(6));
+    assert_eq!(rec.tail_records, 5);
+    assert_eq!(wal.durable_lsn(), Lsn(5));
+    let got = read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap();
+    assert_eq!(got, (1..6).map(|i| (Lsn(i), i)).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn empty_directory_gets_a_first_segment_starting_at_lsn_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("new");
+    let (wal, rec) = Wal::open(&sub, WalOptions::default()).unwrap();
+    assert_eq!(rec.segments, 0);
+    assert_eq!(rec.next_lsn, Lsn(1));
+    assert_eq!(rec.torn_tail, None);
+    assert_eq!(wal.durable_lsn(), Lsn(0));
+    assert_eq!(segment_files(&sub), vec![SEG1.to_string()]);
+    assert!(wal.reader(Lsn(1)).unwrap().next().unwrap().is_none());
+}
+
+#[tokio::test]
+async fn torn_tail_of_last_segment_is_truncated_at_recovery_and_its_lsns_are_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    append_each(&wal, 1..4, 40).await;
+    wal.close().await.unwrap();
+    let path = dir.path().join(SEG1);
+    let good_len = std::fs::metadata(&path).unwrap().len();
+    // Half of a record 4: its header claims more bytes than follow.
+    let mut framed = Vec::new();
+    prism_wal::segment::encode_record(&mut framed, Lsn(4), &env(4, 40)).unwrap();
+    append_raw(&path, &framed[..framed.len() / 2]);
+
+    let (wal, rec) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    let torn = rec.torn_tail.expect("torn tail reported");
+    assert_eq!(torn.segment, SegmentId(1));
+    assert_eq!(torn.offset, good_len);
+    assert_eq!(torn.bytes_dropped, (framed.len() / 2) as u64);
+    assert_eq!(rec.next_lsn, Lsn(4));
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len);
+    let r = wal.append(&[env(40, 10)]).await.unwrap();
+    assert_eq!(r.first, Lsn(4));
+    let got = read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap();
+    assert_eq!(
+        got,
+        vec![(Lsn(1), 1), (Lsn(2), 2), (Lsn(3), 3), (Lsn(4), 40)]
+    );
+}
+
+#[tokio::test]
+async fn garbage_after_the_last_record_is_truncated_as_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    append_each(&wal, 1..3, 40).await;
+    wal.close().await.unwrap();
+    let path = dir.path().join(SEG1);
+    let good_len = std::fs::metadata(&path).unwrap().len();
+    append_raw(&path, &[0x5a; 300]);
+    let (wal, rec) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    let torn = rec.torn_tail.expect("garbage reported as torn tail");
+    assert_eq!((torn.offset, torn.bytes_dropped), (good_len, 300));
+    assert_eq!(rec.next_lsn, Lsn(3));
+    assert_eq!(read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn zeroes_after_the_last_record_are_truncated_as_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    append_each(&wal, 1..3, 40).await;
+    wal.close().await.unwrap();
+    append_raw(&dir.path().join(SEG1), &[0; 4096]);
+    let (_wal, rec) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    assert_eq!(rec.torn_tail.map(|t| t.bytes_dropped), Some(4096));
+    assert_eq!(rec.next_lsn, Lsn(3));
+}
+
+#[tokio::test]
+async fn strict_recovery_refuses_a_torn_tail_and_leaves_the_file_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    append_each(&wal, 1..3, 40).await;
+    wal.close().await.unwrap();
+    let path = dir.path().join(SEG1);
+    append_raw(&path, &[1, 2, 3]);
+    let len = std::fs::metadata(&path).unwrap().len();
+    let strict = WalOptions {
+        recovery_mode: RecoveryMode::Strict,
+        ..WalOptions::default()
+    };
+    let err = Wal::open(dir.path(), strict).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WalError::TornTail {
+                segment: SegmentId(1),
+                bytes: 3,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+}
+
+#[tokio::test]
+async fn corrupt_header_of_the_last_segment_is_an_error_in_every_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    append_each(&wal, 1..3, 40).await;
+    wal.close().await.unwrap();
+    let path = dir.path().join(SEG1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[2] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = Wal::open(dir.path(), WalOptions::default()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WalError::Corrupt {
+                segment: SegmentId(1),
+                offset: 0,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let report = verify(dir.path()).unwrap();
+    assert!(!report.is_ok());
+    assert_eq!(report.problems[0].offset, 0);
+}
+
+#[tokio::test]
+async fn segment_whose_header_was_never_completed_is_reinitialised() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), small_opts()).unwrap();
+    append_each(&wal, 1..4, 40).await;
+    wal.close().await.unwrap();
+    // A crash right after creating the next segment file, before its header was written.
+    std::fs::write(dir.path().join("00000000000000000004.wal"), [b'P', b'R']).unwrap();
+    let (wal, rec) = Wal::open(dir.path(), small_opts()).unwrap();
+    assert_eq!(
+        rec.torn_tail.map(|t| (t.segment, t.offset)),
+        Some((SegmentId(4), 0))
+    );
+    assert_eq!(rec.next_lsn, Lsn(4));
+    append_each(&wal, 4..6, 40).await;
+    let got = read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap();
+    assert_eq!(
+        got.iter().map(|g| g.0 .0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+}
+
+#[tokio::test]
+async fn corrupt_record_in_a_sealed_segment_is_not_scanned_at_open_but_reported_by_reader_and_verify(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), small_opts()).unwrap();
+    append_each(&wal, 1..40, 100).await;
+    wal.close().await.unwrap();
+    let segs = segment_files(dir.path());
+    assert!(segs.len() >= 3, "{segs:?}");
+    let first = dir.path().join(&segs[0]);
+    let mut bytes = std::fs::read(&first).unwrap();
+    // Inside the body of the second record.
+    let second = prism_wal::segment::SEGMENT_HEADER_BYTES + bytes[24] as usize + 16;
+    bytes[second + 30] ^= 0x01;
+    std::fs::write(&first, &bytes).unwrap();
+
+    let (wal, rec) = Wal::open(dir.path(), small_opts()).unwrap();
+    assert_eq!(rec.torn_tail, None);
+    let mut reader = wal.reader(Lsn(1)).unwrap();
+    let r = reader.next().unwrap().unwrap();
+    assert_eq!(r.lsn, Lsn(1));
+    for _ in 0..3 {
+        let err = reader.next().unwrap_err();
+        assert!(
+            matches!(err, WalError::Corrupt { segment: SegmentId(1), offset, .. } if offset == second as u64),
+            "{err:?}"
+        );
+    }
+    let report = verify(dir.path()).unwrap();
+    assert_eq!(report.problems.len(), 1, "{report:?}");
+    assert_eq!(report.problems[0].segment, SegmentId(1));
+    assert_eq!(report.problems[0].offset, second as u64);
+    assert_eq!(report.torn_tail, None);
+
+    // The operator moves it aside; a reader from the next segment works again.
+    wal.close().await.unwrap();
+    let moved = prism_wal::quarantine_segment(dir.path(), SegmentId(1)).unwrap();
+    assert!(moved.exists());
+    let (wal, _) = Wal::open(dir.path(), small_opts()).unwrap();
+    let first_left = wal.stats().first_lsn;
+    assert!(first_left > Lsn(1));
+    assert!(matches!(
+        wal.reader(Lsn(1)),
+        Err(WalError::Truncated { .. })
+    ));
+    let got = read_all(&mut wal.reader(first_left).unwrap()).unwrap();
+    assert_eq!(got.last().map(|g| g.0), Some(Lsn(39)));
+}
+
+#[tokio::test]
+async fn verify_and_list_segments_describe_a_healthy_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), small_opts()).unwrap();
+    append_each(&wal, 1..30, 100).await;
+    wal.close().await.unwrap();
+    let report = verify(dir.path()).unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.records, 29);
+    assert_eq!(
+        (report.first_lsn, report.last_lsn),
+        (Some(Lsn(1)), Some(Lsn(29)))
+    );
+    let list = prism_wal::list_segments(dir.path()).unwrap();
+    assert_eq!(list.len(), report.segments);
+    assert_eq!(list.last().unwrap().last_lsn, Some(Lsn(29)));
+    for w in list.windows(2) {
+        assert_eq!(w[0].last_lsn.unwrap().0 + 1, w[1].first_lsn.0);
+    }
+    let mut dump = prism_wal::read_dir(dir.path(), Lsn(10)).unwrap();
+    let got = read_all(&mut dump).unwrap();
+    assert_eq!(got.first(), Some(&(Lsn(10), 10)));
+    assert_eq!(got.len(), 20);
+}
+
+#[tokio::test]
+async fn a_segment_left_by_a_failed_rollover_is_made_durable_before_records_go_into_it() {
+    let fs = prism_wal::FaultyFs::new();
+    let (wal, _) = open_mem(&fs, small_opts()).unwrap();
+    append_each(&wal, 1..8, 80).await;
+    let segments = wal.stats().segments;
+    // Fill the active segment so that the next group rolls over.
+    let dir = mem_dir();
+    while prism_wal::list_segments_with_fs(&fs, &dir)
+        .unwrap()
+        .last()
+        .unwrap()
+        .bytes
+        < 1024
+    {
+        wal.append(&[env(50, 80)]).await.unwrap();
+    }
+    // The rollover creates the file, then fails to write its header and to clean up.
+    fs.freeze_after_ops(Some(1));
+    while wal.append(&[env(100, 80)]).await.is_ok() {}
+    wal.close().await.unwrap();
+    fs.clear_faults();
+    let (wal, rec) = open_mem(&fs, small_opts()).unwrap();
+    let r = wal.append(&[env(200, 80)]).await.unwrap();
+    assert!(wal.stats().segments >= segments);
+    drop((wal, rec));
+    fs.crash(9, true);
+    let (wal, _) = open_mem(&fs, small_opts()).unwrap();
+    let got = read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap();
+    assert!(
+        got.contains(&(r.first, 200)),
+        "acknowledged record lost: {got:?}"
+    );
+}
