@@ -48,7 +48,9 @@ summarize_steps() {
         info "$line"
     done
     if ((${#STEP_FAILURES[@]} > 0)); then
-        printf 'FAILED: %s\n' "${STEP_FAILURES[*]}" >&2
+        local joined
+        joined=$(printf '%s; ' "${STEP_FAILURES[@]}")
+        printf 'FAILED: %s\n' "${joined%; }" >&2
         return 1
     fi
     info "all steps passed"
