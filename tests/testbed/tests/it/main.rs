@@ -4,6 +4,7 @@
 
 mod clickhouse_server;
 mod nats_server;
+mod process_lifetime;
 
 /// Error type of the tests: any error, with `?` instead of unwrap.
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
