@@ -214,6 +214,14 @@ impl Writer {
                     path.display()
                 )));
             }
+            // Make the truncation durable too: otherwise a crash could bring the partial group
+            // back after the segment is sealed, where recovery no longer looks for torn tails.
+            if let Err(se) = self.file.sync_data() {
+                return Err(GroupError::Fatal(format!(
+                    "fdatasync of {} after undoing a failed write failed: {se}",
+                    path.display()
+                )));
+            }
             return Err(GroupError::Failed(if is_disk_full(&e) {
                 WalError::DiskFull { path }
             } else {
@@ -242,9 +250,18 @@ impl Writer {
         Ok(())
     }
 
-    /// Seals the active segment and starts a new one whose first record is `first`. The old
-    /// segment needs no further fdatasync: every group written to it was already synced.
+    /// Seals the active segment (fdatasync) and starts a new one whose first record is `first`
+    /// (create, header, fdatasync, directory fsync).
     fn roll(&mut self, first: Lsn) -> Result<(), GroupError> {
+        // Every group written to the old segment was synced already, and so was any undone
+        // write; this fdatasync is a cheap guarantee that nothing of the sealed segment is left
+        // only in the page cache.
+        if let Err(e) = self.file.sync_data() {
+            return Err(GroupError::Fatal(format!(
+                "fdatasync of {} before sealing it failed: {e}",
+                self.inner.segment_path(self.id).display()
+            )));
+        }
         let id = SegmentId(first.0);
         let file = match create_segment(&*self.inner.fs, &self.inner.dir, id) {
             Ok(f) => f,
