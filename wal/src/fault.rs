@@ -140,11 +140,17 @@ impl std::fmt::Debug for FaultyFs {
     }
 }
 
+/// An open file of a [`FaultyFs`].
 struct Handle {
+    /// The file's data (kept alive after removal, like an open descriptor).
     file: Arc<MemFile>,
+    /// Its path, which names its fault points.
     path: PathBuf,
+    /// The disk's generation at open; a crash makes the handle dead.
     generation: u64,
+    /// Opened for writing.
     writable: bool,
+    /// The disk, for faults and counters.
     fs: FaultyFs,
 }
 

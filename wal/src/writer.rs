@@ -42,8 +42,11 @@ impl WriterState {
     }
 }
 
+/// One append waiting for its group.
 pub(crate) struct Waiter {
+    /// The LSNs its records got.
     range: LsnRange,
+    /// Where the outcome goes.
     answer: Answer,
 }
 
@@ -51,9 +54,11 @@ pub(crate) struct Waiter {
 pub(crate) struct Pending {
     /// Framed records, ready to be written as they are.
     pub(crate) buf: Vec<u8>,
+    /// The appends whose records are in `buf`, in buffer order.
     waiters: Vec<Waiter>,
     /// LSN the next enqueued record gets.
     pub(crate) next_lsn: Lsn,
+    /// Whether appends are accepted.
     pub(crate) state: WriterState,
 }
 
@@ -102,9 +107,13 @@ impl Pending {
     }
 }
 
+/// The writer thread's state: it alone writes to the active segment.
 pub(crate) struct Writer {
+    /// Shared state.
     inner: Arc<Inner>,
+    /// The active segment.
     id: SegmentId,
+    /// Its file.
     file: Arc<dyn WalFile>,
     /// Durable length of the active segment.
     len: u64,
