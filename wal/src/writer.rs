@@ -223,8 +223,8 @@ impl Writer {
                     path.display()
                 )));
             }
-            // Make the truncation durable too: otherwise a crash could bring the partial group
-            // back after the segment is sealed, where recovery no longer looks for torn tails.
+            // Make the truncation durable right away instead of relying on the next group's
+            // fdatasync, so the file never holds more than its durable records for long.
             if let Err(se) = self.file.sync_data() {
                 return Err(GroupError::Fatal(format!(
                     "fdatasync of {} after undoing a failed write failed: {se}",
