@@ -50,12 +50,120 @@ fn point_of(path: &Path, op: &str) -> String {
     format!("wal::{kind}::{op}")
 }
 
+/// A change to a file since its last `sync_data`.
+enum Unsynced {
+    Write { offset: usize, bytes: Vec<u8> },
+    SetLen(usize),
+}
+
+/// A file's contents, current and durable. Appends (the common case) cost no copy: the durable
+/// content is `data[..synced_len]` until a change reaches below `synced_len`, which first saves
+/// the durable content aside.
 #[derive(Default)]
 struct FileData {
+    /// What reads see now.
     data: Vec<u8>,
-    /// Bytes that survive a crash.
+    /// Length of the durable prefix of `data` (while `durable_image` is `None`).
     synced_len: usize,
+    /// The durable content, once a change reached below `synced_len`.
+    durable_image: Option<Vec<u8>>,
+    /// Changes since the last `sync_data`, in order; a crash keeps a random prefix of them.
+    log: Vec<Unsynced>,
     modified: Option<SystemTime>,
+}
+
+impl FileData {
+    fn durable(data: Vec<u8>, modified: Option<SystemTime>) -> Self {
+        let synced_len = data.len();
+        FileData {
+            data,
+            synced_len,
+            durable_image: None,
+            log: Vec::new(),
+            modified,
+        }
+    }
+
+    fn durable_content(&self) -> Vec<u8> {
+        match &self.durable_image {
+            Some(img) => img.clone(),
+            None => self.data[..self.synced_len.min(self.data.len())].to_vec(),
+        }
+    }
+
+    /// Saves the durable content before a change at `offset` could overwrite it.
+    fn protect(&mut self, offset: usize) {
+        if offset < self.synced_len && self.durable_image.is_none() {
+            self.durable_image = Some(self.data[..self.synced_len.min(self.data.len())].to_vec());
+        }
+    }
+
+    fn write(&mut self, offset: usize, bytes: &[u8]) {
+        self.protect(offset);
+        let end = offset + bytes.len();
+        if self.data.len() < end {
+            self.data.resize(end, 0);
+        }
+        self.data[offset..end].copy_from_slice(bytes);
+        self.log.push(Unsynced::Write {
+            offset,
+            bytes: bytes.to_vec(),
+        });
+        self.modified = Some(SystemTime::now());
+    }
+
+    fn set_len(&mut self, len: usize) {
+        self.protect(len);
+        self.data.resize(len, 0);
+        self.log.push(Unsynced::SetLen(len));
+    }
+
+    fn sync(&mut self) {
+        self.synced_len = self.data.len();
+        self.durable_image = None;
+        self.log.clear();
+    }
+
+    /// What a power loss leaves: the durable content, then a random prefix of the unsynced
+    /// changes in order, the last one possibly partial (and garbled when `tear`).
+    fn after_crash(&self, rng: &mut SplitMix, tear: bool) -> Vec<u8> {
+        let mut img = self.durable_content();
+        let applied = (rng.next() % (self.log.len() as u64 + 1)) as usize;
+        let mut last_write = None;
+        for (i, op) in self.log.iter().enumerate().take(applied + 1) {
+            match op {
+                Unsynced::SetLen(len) if i < applied => img.resize(*len, 0),
+                Unsynced::SetLen(_) => {}
+                Unsynced::Write { offset, bytes } => {
+                    let n = if i < applied {
+                        bytes.len()
+                    } else {
+                        (rng.next() % (bytes.len() as u64 + 1)) as usize
+                    };
+                    if n == 0 {
+                        continue;
+                    }
+                    let end = offset + n;
+                    if img.len() < end {
+                        img.resize(end, 0);
+                    }
+                    img[*offset..end].copy_from_slice(&bytes[..n]);
+                    last_write = Some((*offset, end));
+                }
+            }
+        }
+        // A later truncation may have cut into the last write.
+        let last_write = last_write
+            .map(|(start, end)| (start, end.min(img.len())))
+            .filter(|(s, e)| s < e);
+        if let (true, Some((start, end))) = (tear, last_write) {
+            for _ in 0..1 + rng.next() % 3 {
+                let at = start + (rng.next() % (end - start) as u64) as usize;
+                img[at] ^= 1 << (rng.next() % 8);
+            }
+        }
+        img
+    }
 }
 
 #[derive(Default)]
@@ -140,11 +248,17 @@ impl std::fmt::Debug for FaultyFs {
     }
 }
 
+/// An open file of a [`FaultyFs`].
 struct Handle {
+    /// The file's data (kept alive after removal, like an open descriptor).
     file: Arc<MemFile>,
+    /// Its path, which names its fault points.
     path: PathBuf,
+    /// The disk's generation at open; a crash makes the handle dead.
     generation: u64,
+    /// Opened for writing.
     writable: bool,
+    /// The disk, for faults and counters.
     fs: FaultyFs,
 }
 
@@ -213,14 +327,8 @@ impl FaultyFs {
         let mut files = BTreeMap::new();
         for (path, file) in s.durable_files.iter() {
             let d = file.lock();
-            let data = d.data[..d.synced_len.min(d.data.len())].to_vec();
-            let len = data.len();
             let fresh = MemFile {
-                data: Mutex::new(FileData {
-                    data,
-                    synced_len: len,
-                    modified: d.modified,
-                }),
+                data: Mutex::new(FileData::durable(d.durable_content(), d.modified)),
             };
             files.insert(path.clone(), Arc::new(fresh));
         }
@@ -240,7 +348,7 @@ impl FaultyFs {
         let s = self.lock();
         s.durable_files
             .get(path)
-            .map(|f| f.lock().synced_len as u64)
+            .map(|f| f.lock().durable_content().len() as u64)
     }
 
     /// How many times the fault point was entered (e.g. `wal::segment::fsync`).
@@ -253,7 +361,8 @@ impl FaultyFs {
         self.lock().used_bytes()
     }
 
-    /// Overwrites bytes of a file (for corruption tests); the change counts as synced.
+    /// Overwrites bytes of a file (for corruption tests); the file's content then counts as
+    /// synced.
     pub fn corrupt(&self, path: &Path, offset: usize, bytes: &[u8]) -> io::Result<()> {
         let s = self.lock();
         let f = s
@@ -261,17 +370,14 @@ impl FaultyFs {
             .get(path)
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         let mut d = f.lock();
-        let end = offset + bytes.len();
-        if d.data.len() < end {
-            d.data.resize(end, 0);
-        }
-        d.data[offset..end].copy_from_slice(bytes);
-        d.synced_len = d.synced_len.max(end);
+        d.write(offset, bytes);
+        d.sync();
         Ok(())
     }
 
     /// Simulates a power loss and reboot: directory entries fall back to their last `sync_dir`,
-    /// each file keeps its synced bytes plus a random prefix of the rest (garbled when `tear`),
+    /// each file keeps its synced content plus a random prefix of its later changes (writes and
+    /// truncations, in order; the last write possibly partial, and garbled when `tear`),
     /// faults are cleared and every handle opened before goes dead. `seed` drives the choices.
     pub fn crash(&self, seed: u64, tear: bool) {
         let mut rng = SplitMix(seed);
@@ -280,29 +386,9 @@ impl FaultyFs {
         let mut files = BTreeMap::new();
         for (path, file) in s.durable_files.iter() {
             let old = file.lock();
-            let unsynced = old.data.len().saturating_sub(old.synced_len);
-            let keep = if unsynced == 0 {
-                0
-            } else {
-                (rng.next() % (unsynced as u64 + 1)) as usize
-            };
-            let mut data = old.data[..old.synced_len.min(old.data.len())].to_vec();
-            let start = data.len();
-            data.extend_from_slice(&old.data[start..start + keep]);
-            if tear && keep > 0 {
-                let flips = 1 + rng.next() % 3;
-                for _ in 0..flips {
-                    let at = start + (rng.next() % keep as u64) as usize;
-                    data[at] ^= 1 << (rng.next() % 8);
-                }
-            }
-            let len = data.len();
+            let data = old.after_crash(&mut rng, tear);
             let fresh = MemFile {
-                data: Mutex::new(FileData {
-                    data,
-                    synced_len: len,
-                    modified: old.modified,
-                }),
+                data: Mutex::new(FileData::durable(data, old.modified)),
             };
             files.insert(path.clone(), Arc::new(fresh));
         }
@@ -411,12 +497,7 @@ impl WalFile for Handle {
                 n = fits;
             }
         }
-        let mut d = self.file.lock();
-        if d.data.len() < offset + n {
-            d.data.resize(offset + n, 0);
-        }
-        d.data[offset..offset + n].copy_from_slice(&buf[..n]);
-        d.modified = Some(SystemTime::now());
+        self.file.lock().write(offset, &buf[..n]);
         if tear {
             return Err(io::Error::other(format!("{point}: torn write")));
         }
@@ -433,8 +514,7 @@ impl WalFile for Handle {
         if let Some(d) = delay {
             std::thread::sleep(d);
         }
-        let mut d = self.file.lock();
-        d.synced_len = d.data.len();
+        self.file.lock().sync();
         Ok(())
     }
 
@@ -443,11 +523,8 @@ impl WalFile for Handle {
         self.check(&s)?;
         s.enter(&point_of(&self.path, "truncate"), true)?;
         let len = usize::try_from(len).map_err(|_| io::Error::other("length too large"))?;
-        let mut d = self.file.lock();
-        d.data.resize(len, 0);
-        // Dropping bytes is modelled as immediately durable; the WAL only truncates bytes that
-        // were never synced or that it is about to rewrite and sync.
-        d.synced_len = d.synced_len.min(len);
+        // Like a write, a truncation is durable only after the next `sync_data`.
+        self.file.lock().set_len(len);
         Ok(())
     }
 

@@ -35,11 +35,17 @@ impl RecordRef<'_> {
     }
 }
 
+/// Where a reader learns which segments exist and how far it may read.
 enum Source {
+    /// An open WAL: up to the durable LSN, segments as retention leaves them.
     Live(Arc<Inner>),
+    /// A directory as found on disk (read-only tools).
     Offline {
+        /// The filesystem.
         fs: Arc<dyn FileSystem>,
+        /// The WAL directory.
         dir: PathBuf,
+        /// Its segments, listed once.
         ids: Vec<SegmentId>,
     },
 }
@@ -58,8 +64,11 @@ struct View {
 
 /// Reads records in LSN order. See the module documentation.
 pub struct Reader {
+    /// Where segments come from.
     source: Source,
+    /// Records below it are skipped.
     from: Lsn,
+    /// The segment being read; `None` only for an offline directory without segments.
     scan: Option<SegmentScan>,
     /// Length of the current segment once it is known to be sealed.
     sealed_len: Option<u64>,
@@ -175,7 +184,7 @@ impl Reader {
         }
     }
 
-    fn view(&mut self, id: SegmentId) -> View {
+    fn view(&mut self, id: SegmentId) -> Result<View, WalError> {
         match &self.source {
             Source::Live(inner) => {
                 let s = inner.lock_segs();
@@ -189,26 +198,32 @@ impl Reader {
                     (Some(m), _) => m.len,
                     // Deleted behind our back: our handle still reads it, and only sealed
                     // segments are deleted, so its current length is final.
-                    (None, _) => self.sealed_len.unwrap_or(u64::MAX),
+                    (None, _) => match (self.sealed_len, self.scan.as_ref()) {
+                        (Some(len), _) => len,
+                        (None, Some(scan)) => scan
+                            .file_len()
+                            .map_err(|e| WalError::io("stat segment", segment_file_name(id), e))?,
+                        (None, None) => 0,
+                    },
                 };
                 if next.is_some() && self.sealed_len.is_none() {
                     self.sealed_len = Some(limit);
                 }
-                View {
+                Ok(View {
                     limit,
                     durable: s.durable_lsn,
                     next,
                     first,
-                }
+                })
             }
             Source::Offline { ids, .. } => {
                 let next = ids.iter().copied().find(|n| n.0 > id.0);
-                View {
+                Ok(View {
                     limit: self.sealed_len.unwrap_or(0),
                     durable: Lsn(u64::MAX),
                     next,
                     first: ids.first().copied(),
-                }
+                })
             }
         }
     }
@@ -221,7 +236,7 @@ impl Reader {
             let Some(id) = self.scan.as_ref().map(|s| s.id) else {
                 return Ok(None);
             };
-            let view = self.view(id);
+            let view = self.view(id)?;
             let offline = matches!(self.source, Source::Offline { .. });
             let Some(scan) = self.scan.as_mut() else {
                 return Ok(None);

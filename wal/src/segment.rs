@@ -357,6 +357,11 @@ impl SegmentScan {
         }
     }
 
+    /// Current length of the file.
+    pub(crate) fn file_len(&self) -> io::Result<u64> {
+        self.file.len()
+    }
+
     /// The body of the record the last [`Step::Record`] described.
     pub(crate) fn body(&self, start: usize, len: usize) -> &[u8] {
         &self.buf[start..start + len]

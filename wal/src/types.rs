@@ -75,3 +75,25 @@ impl LsnRange {
         self.last.0 < self.first.0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    fn send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn handles_can_be_shared_across_threads_and_tasks() {
+        send_sync::<crate::Wal>();
+        send_sync::<crate::FaultyFs>();
+        fn send<T: Send>() {}
+        send::<crate::Reader>();
+    }
+
+    #[test]
+    fn lsn_display_and_order() {
+        use super::Lsn;
+        assert_eq!(Lsn(42).to_string(), "42");
+        assert!(Lsn(1) < Lsn(2));
+        assert_eq!(Lsn(1).next(), Lsn(2));
+        assert_eq!(super::SegmentId(3).to_string(), "00000000000000000003.wal");
+    }
+}

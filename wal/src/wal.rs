@@ -154,27 +154,41 @@ pub(crate) struct SegMeta {
     pub(crate) sealed_at: Option<SystemTime>,
 }
 
+/// What is on disk, as the writer and retention maintain it.
 pub(crate) struct Segments {
     /// Every segment on disk; the last one is the active one.
     pub(crate) list: BTreeMap<SegmentId, SegMeta>,
+    /// Last LSN covered by a returned fdatasync (readers stop here).
     pub(crate) durable_lsn: Lsn,
+    /// Sum of the durable lengths of `list`.
     pub(crate) bytes_on_disk: u64,
+    /// Records below it are consumed, from the last committed ledger; `None`: keep everything.
     pub(crate) release_point: Option<Lsn>,
+    /// See [`WalStats::released_through`].
     pub(crate) released_through: Lsn,
+    /// See [`WalStats::groups_committed`].
     pub(crate) groups_committed: u64,
 }
 
+/// State shared by the handles, the writer thread and the readers.
 pub(crate) struct Inner {
+    /// The WAL directory.
     pub(crate) dir: PathBuf,
+    /// Every file operation goes through it.
     pub(crate) fs: Arc<dyn FileSystem>,
+    /// Options given at open.
     pub(crate) opts: WalOptions,
+    /// Records waiting for the writer (the group being formed) and the writer's state.
     pub(crate) pending: Mutex<Pending>,
     /// Wakes the writer when records are pending or the WAL closes.
     pub(crate) work: Condvar,
     /// Wakes appenders waiting for room in the pending buffer.
     pub(crate) drained: Notify,
+    /// The segments on disk and the durable position; lock order: `pending` before `segs`.
     pub(crate) segs: Mutex<Segments>,
+    /// The durable LSN, for ackers.
     pub(crate) durable_tx: watch::Sender<Lsn>,
+    /// Bytes of segments on disk, for appenders waiting on the budget.
     pub(crate) disk_tx: watch::Sender<u64>,
 }
 
@@ -195,8 +209,11 @@ impl Inner {
 
 /// Stops the writer when the last [`Wal`] clone is dropped.
 struct Owner {
+    /// The shared state the writer serves.
     inner: Arc<Inner>,
+    /// Fires when the writer thread exits; taken by `close`.
     exited: Mutex<Option<oneshot::Receiver<()>>>,
+    /// The writer thread; joined by `close`.
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 

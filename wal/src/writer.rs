@@ -42,8 +42,11 @@ impl WriterState {
     }
 }
 
+/// One append waiting for its group.
 pub(crate) struct Waiter {
+    /// The LSNs its records got.
     range: LsnRange,
+    /// Where the outcome goes.
     answer: Answer,
 }
 
@@ -51,9 +54,11 @@ pub(crate) struct Waiter {
 pub(crate) struct Pending {
     /// Framed records, ready to be written as they are.
     pub(crate) buf: Vec<u8>,
+    /// The appends whose records are in `buf`, in buffer order.
     waiters: Vec<Waiter>,
     /// LSN the next enqueued record gets.
     pub(crate) next_lsn: Lsn,
+    /// Whether appends are accepted.
     pub(crate) state: WriterState,
 }
 
@@ -102,9 +107,13 @@ impl Pending {
     }
 }
 
+/// The writer thread's state: it alone writes to the active segment.
 pub(crate) struct Writer {
+    /// Shared state.
     inner: Arc<Inner>,
+    /// The active segment.
     id: SegmentId,
+    /// Its file.
     file: Arc<dyn WalFile>,
     /// Durable length of the active segment.
     len: u64,
@@ -214,6 +223,14 @@ impl Writer {
                     path.display()
                 )));
             }
+            // Make the truncation durable right away instead of relying on the next group's
+            // fdatasync, so the file never holds more than its durable records for long.
+            if let Err(se) = self.file.sync_data() {
+                return Err(GroupError::Fatal(format!(
+                    "fdatasync of {} after undoing a failed write failed: {se}",
+                    path.display()
+                )));
+            }
             return Err(GroupError::Failed(if is_disk_full(&e) {
                 WalError::DiskFull { path }
             } else {
@@ -242,9 +259,18 @@ impl Writer {
         Ok(())
     }
 
-    /// Seals the active segment and starts a new one whose first record is `first`. The old
-    /// segment needs no further fdatasync: every group written to it was already synced.
+    /// Seals the active segment (fdatasync) and starts a new one whose first record is `first`
+    /// (create, header, fdatasync, directory fsync).
     fn roll(&mut self, first: Lsn) -> Result<(), GroupError> {
+        // Every group written to the old segment was synced already, and so was any undone
+        // write; this fdatasync is a cheap guarantee that nothing of the sealed segment is left
+        // only in the page cache.
+        if let Err(e) = self.file.sync_data() {
+            return Err(GroupError::Fatal(format!(
+                "fdatasync of {} before sealing it failed: {e}",
+                self.inner.segment_path(self.id).display()
+            )));
+        }
         let id = SegmentId(first.0);
         let file = match create_segment(&*self.inner.fs, &self.inner.dir, id) {
             Ok(f) => f,

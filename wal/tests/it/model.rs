@@ -32,6 +32,8 @@ enum Fault {
     TornWrite,
     /// The disk stops after this many more mutating operations (a crash mid-operation).
     FreezeAfter(u8),
+    /// Every fault is lifted (an operator frees space); the WAL must carry on.
+    Lift,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -44,6 +46,7 @@ fn op() -> impl Strategy<Value = Op> {
             (1u8..40).prop_map(Fault::ShortWrites),
             Just(Fault::TornWrite),
             (0u8..8).prop_map(Fault::FreezeAfter),
+            Just(Fault::Lift),
         ]
         .prop_map(Op::Fault),
         2 => (any::<u64>(), any::<bool>()).prop_map(|(seed, tear)| Op::Crash { seed, tear }),
@@ -189,6 +192,7 @@ impl Model {
                 Fault::ShortWrites(n) => self.fs.set_write_bytes_max(Some(n as usize)),
                 Fault::TornWrite => self.fs.tear_writes(SEGMENT_WRITE, 1),
                 Fault::FreezeAfter(n) => self.fs.freeze_after_ops(Some(n as u64)),
+                Fault::Lift => self.fs.clear_faults(),
             },
             Op::Crash { seed, tear } => {
                 self.wal = None;
@@ -212,7 +216,7 @@ impl Model {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, max_shrink_iters: 200, ..ProptestConfig::default() })]
 
     #[test]
     fn acknowledged_records_survive_any_crash_in_order_without_gaps(

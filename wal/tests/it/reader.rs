@@ -107,3 +107,25 @@ async fn reader_survives_retention_deleting_segments_behind_it_and_old_lsns_are_
     );
     assert!(read_all(&mut wal.reader(Lsn(45)).unwrap()).unwrap().len() == 15);
 }
+
+#[tokio::test]
+async fn a_reader_whose_segment_is_deleted_before_its_first_read_still_reads_it_to_the_end() {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, small_opts()).unwrap();
+    append_each(&wal, 1..60, 80).await;
+    let mut behind = wal.reader(Lsn(1)).unwrap();
+    let mut ledger = Ledger::default();
+    ledger.cursors.insert("trades".into(), Lsn(45));
+    wal.commit_ledger(&ledger).unwrap();
+    let mut lsns = Vec::new();
+    let err = loop {
+        match behind.next() {
+            Ok(Some(r)) => lsns.push(r.lsn.0),
+            Ok(None) => panic!("reader skipped deleted records"),
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, WalError::Truncated { .. }), "{err:?}");
+    assert_eq!(lsns, (1..=lsns.len() as u64).collect::<Vec<_>>());
+    assert!(!lsns.is_empty());
+}
