@@ -26,8 +26,9 @@ use super::{connect_nats, DataType, ToolError};
 /// small enough that a stalled server stops the generator within a fraction of a second.
 pub const INFLIGHT_MAX_DEFAULT: usize = 1024;
 
-/// Messages between two progress updates; keeps progress cost off the publish path.
-const PROGRESS_EVERY_MESSAGES: u64 = 1024;
+/// Time between two progress updates: frequent enough to look live, rare enough to keep
+/// the cost off the publish path at any rate.
+const PROGRESS_INTERVAL_MS: u64 = 100;
 
 /// Limits of streams `loadgen` creates, after MarketPrism's `MARKET_DATA` stream.
 const CREATED_STREAM_MAX_AGE_S: u64 = 48 * 3600;
@@ -469,6 +470,8 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
     let mut aborted = None;
     let mut ts_last_ms = i64::MIN;
     let mut n = 0u64;
+    let progress_interval = Duration::from_millis(PROGRESS_INTERVAL_MS);
+    let mut progress_due = progress_interval;
     while n < count_max {
         schedule.wait_for(n).await;
         let elapsed = start.elapsed();
@@ -504,8 +507,9 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
                 tally.settle(dt, ack).await;
             }
         }
-        if n % PROGRESS_EVERY_MESSAGES == 0 {
+        if elapsed >= progress_due {
             bar.set_position(n);
+            progress_due = elapsed + progress_interval;
         }
     }
     while let Some((dt, ack)) = window.pop_front() {

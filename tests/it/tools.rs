@@ -31,7 +31,11 @@ mod bed {
     }
 
     pub fn servers() -> Servers {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let dir = tempfile::tempdir().unwrap();
         let child = Command::new("nats-server")
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
@@ -248,7 +252,11 @@ async fn verify_counts_lost_duplicated_dead_lettered_and_unexpected_exactly() {
     exec(&ch, &format!("DROP DATABASE IF EXISTS {db}")).await;
     exec(&ch, &format!("CREATE DATABASE {db}")).await;
     for dt in DataType::ALL {
-        exec(&ch, &format!("CREATE TABLE {db}.{} {TABLE_DDL}", dt.table())).await;
+        exec(
+            &ch,
+            &format!("CREATE TABLE {db}.{} {TABLE_DDL}", dt.table()),
+        )
+        .await;
     }
     exec(
         &ch,
@@ -279,12 +287,12 @@ async fn verify_counts_lost_duplicated_dead_lettered_and_unexpected_exactly() {
         .map(|s| (s, 0))
         .collect();
     exec(&ch, &insert_rows("trades", "V_TRADES", trade_rows)).await;
-    exec(&ch, &insert_rows("trades", "V_TRADES", vec![(5, 0), (6, 1)])).await;
     exec(
         &ch,
-        &insert_rows("trades", "V_BOOKS", vec![(1, 0)]),
+        &insert_rows("trades", "V_TRADES", vec![(5, 0), (6, 1)]),
     )
     .await;
+    exec(&ch, &insert_rows("trades", "V_BOOKS", vec![(1, 0)])).await;
     exec(
         &ch,
         &format!(
@@ -294,11 +302,16 @@ async fn verify_counts_lost_duplicated_dead_lettered_and_unexpected_exactly() {
     )
     .await;
     // Order books: all stored; the last one also under a second key (duplicate).
-    let mut book_rows: Vec<(u64, u64)> = (books.first_seq..=books.last_seq).map(|s| (s, 0)).collect();
+    let mut book_rows: Vec<(u64, u64)> =
+        (books.first_seq..=books.last_seq).map(|s| (s, 0)).collect();
     book_rows.push((books.last_seq, 7));
     exec(&ch, &insert_rows("orderbooks", "V_BOOKS", book_rows)).await;
     // Rows of another stream with the same sequences must not count.
-    exec(&ch, &insert_rows("orderbooks", "OTHER", vec![(1, 0), (1, 1)])).await;
+    exec(
+        &ch,
+        &insert_rows("orderbooks", "OTHER", vec![(1, 0), (1, 1)]),
+    )
+    .await;
 
     let opts = VerifyOptions {
         nats_url: servers.nats_url.clone(),
@@ -320,7 +333,11 @@ async fn verify_counts_lost_duplicated_dead_lettered_and_unexpected_exactly() {
     assert_eq!(lost, vec![2, 4]);
     assert_eq!(t.duplicated_sample[0].seq, 6);
     let b = report.table(DataType::Orderbook);
-    assert_eq!((b.published, b.stored, b.lost), (books.published, books.published, 0), "{text}");
+    assert_eq!(
+        (b.published, b.stored, b.lost),
+        (books.published, books.published, 0),
+        "{text}"
+    );
     assert_eq!((b.duplicated, b.unexpected), (1, 0), "{text}");
     for dt in &DataType::ALL[2..] {
         assert_eq!(report.table(*dt).published, 0, "{text}");
@@ -340,7 +357,10 @@ async fn verify_counts_lost_duplicated_dead_lettered_and_unexpected_exactly() {
     .await
     .unwrap();
     let t = ranged.table(DataType::Trade);
-    assert_eq!((t.published, t.stored, t.dead_lettered, t.lost), (3, 1, 1, 1));
+    assert_eq!(
+        (t.published, t.stored, t.dead_lettered, t.lost),
+        (3, 1, 1, 1)
+    );
     assert_eq!(t.unexpected, 0);
 
     // Small chunks give the same accounting as one big chunk.
@@ -356,8 +376,16 @@ async fn verify_counts_lost_duplicated_dead_lettered_and_unexpected_exactly() {
     assert_eq!(chunked.totals().unexpected, report.totals().unexpected);
 
     // Repair: store the lost ones, remove the duplicates; the check passes.
-    exec(&ch, &insert_rows("trades", "V_TRADES", vec![(2, 0), (4, 0)])).await;
-    exec(&ch, &format!("ALTER TABLE {db}.trades DELETE WHERE nats_seq = 6 AND row_key = 1")).await;
+    exec(
+        &ch,
+        &insert_rows("trades", "V_TRADES", vec![(2, 0), (4, 0)]),
+    )
+    .await;
+    exec(
+        &ch,
+        &format!("ALTER TABLE {db}.trades DELETE WHERE nats_seq = 6 AND row_key = 1"),
+    )
+    .await;
     exec(
         &ch,
         &format!("ALTER TABLE {db}.orderbooks DELETE WHERE row_key = 7"),
@@ -389,7 +417,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "condition not met in time");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in time"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
