@@ -1,1 +1,57 @@
+//! Real servers for tests, chaos runs and benchmarks of prism-relay.
+//!
+//! The main types are [`Nats`], a `nats-server` with JetStream, and [`ClickHouse`],
+//! a `clickhouse-server`. Each starts on free 127.0.0.1 ports in its own temporary
+//! directory, is ready when `start` returns, and can be killed with SIGKILL, restarted
+//! on the same ports and data, paused with SIGSTOP and resumed. Dropping a handle kills
+//! the server and removes its directory, also when a test panics; a server also dies
+//! with the test process, because it is spawned with a parent-death signal.
+//! Failures are [`TestbedError`]s that carry the server's log tail where it helps.
+//!
+//! The API is synchronous (it blocks for at most the named bounds below), so it works
+//! from plain tests and from tokio tests alike; from async code that must not block a
+//! runtime thread for long, wrap `start`/`restart` in `spawn_blocking`.
+//!
+//! Binaries are found through `PRISM_NATS_SERVER` / `PRISM_CLICKHOUSE_SERVER`, then
+//! `PATH`, then (for ClickHouse) `/usr/sbin` and `/usr/bin`. A missing binary is an
+//! error naming how to install it: tests never skip. `scripts/test` installs both.
 
+mod clickhouse;
+mod error;
+mod http;
+mod nats;
+mod process;
+
+pub use clickhouse::ClickHouse;
+pub use error::TestbedError;
+pub use nats::Nats;
+
+/// How long `Nats::start`/`restart` wait for JetStream to report healthy. NATS is
+/// ready in tens of milliseconds; the bound is wide for a loaded 2-core machine.
+pub const NATS_READY_TIMEOUT_MS: u64 = 15_000;
+
+/// How long `ClickHouse::start`/`restart` wait for `/ping`. ClickHouse 18.16 starts
+/// in a fraction of a second to 2 s here; restarts after SIGKILL load all tables first.
+pub const CLICKHOUSE_READY_TIMEOUT_MS: u64 = 30_000;
+
+/// Pause between two readiness (or state) probes.
+pub const READY_POLL_INTERVAL_MS: u64 = 20;
+
+/// Bound on one readiness probe request; a probe that takes longer counts as "not yet".
+pub const PROBE_TIMEOUT_MS: u64 = 1_000;
+
+/// Default bound on [`ClickHouse::query`], connection to last byte.
+pub const QUERY_TIMEOUT_MS: u64 = 30_000;
+
+/// Starts tried with fresh ports (or, for a restart, the same ports again) when a
+/// port turns out taken between picking it and the server binding it.
+pub const START_ATTEMPTS_MAX: u32 = 4;
+
+/// How much of the end of each log file an error carries.
+pub const LOG_TAIL_BYTES_MAX: u64 = 4 * 1024;
+
+/// How long `pause`/`resume` wait for the kernel to report the new process state.
+pub const SIGNAL_SETTLE_TIMEOUT_MS: u64 = 5_000;
+
+/// How long `terminate` waits for a graceful exit after SIGTERM before SIGKILL.
+pub const TERMINATE_TIMEOUT_MS: u64 = 15_000;

@@ -1,0 +1,293 @@
+//! A `clickhouse-server` on free ports in a temporary directory, with a minimal
+//! config written here and a tiny HTTP query client for setup and assertions.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::http;
+use crate::process::{
+    free_ports, retry_on_port_taken, unique_name, wait_ready, BinarySpec, LogFile, Probe,
+    ServerProcess, StartFailure,
+};
+use crate::{
+    TestbedError, CLICKHOUSE_READY_TIMEOUT_MS, PROBE_TIMEOUT_MS, QUERY_TIMEOUT_MS,
+    SIGNAL_SETTLE_TIMEOUT_MS, START_ATTEMPTS_MAX, TERMINATE_TIMEOUT_MS,
+};
+
+const SERVER: &str = "clickhouse-server";
+
+const BINARY: BinarySpec = BinarySpec {
+    name: SERVER,
+    override_var: "PRISM_CLICKHOUSE_SERVER",
+    fallback_dirs: &["/usr/sbin", "/usr/bin"],
+    install_hint:
+        "run scripts/test, which installs clickhouse-server and clickhouse-client with apt-get",
+};
+
+/// Users, profiles and quotas come from the Debian package (user `default`, no password).
+const USERS_CONFIG: &str = "/etc/clickhouse-server/users.xml";
+
+/// Mark cache size; the packaged 5 GiB would be far beyond what tests touch.
+const MARK_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Uncompressed block cache size (off by default in queries; kept small all the same).
+const UNCOMPRESSED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Macro whose value names this server, so the readiness probe can tell it from a
+/// stranger that took its HTTP port.
+const IDENTITY_MACRO: &str = "prism_testbed_id";
+
+/// Files in the server's directory.
+const CONFIG_FILE: &str = "config.xml";
+const CONSOLE_LOG_FILE: &str = "console.log";
+const SERVER_LOG_FILE: &str = "clickhouse-server.log";
+const ERROR_LOG_FILE: &str = "clickhouse-server.err.log";
+const DATA_DIR: &str = "data";
+
+/// A running (or killed, awaiting restart) `clickhouse-server`.
+///
+/// Dropping it kills the server with SIGKILL and removes its directory.
+#[derive(Debug)]
+pub struct ClickHouse {
+    // Declared first so the server dies before its directory is removed.
+    process: ServerProcess,
+    binary: PathBuf,
+    name: String,
+    http_port: u16,
+    tcp_port: u16,
+    dir: TempDir,
+}
+
+impl ClickHouse {
+    /// Starts a server on free ports and returns once `/ping` answers `Ok.`.
+    pub fn start() -> Result<ClickHouse, TestbedError> {
+        let binary = BINARY.locate()?;
+        let dir = tempfile::Builder::new()
+            .prefix("prism-clickhouse-")
+            .tempdir()
+            .map_err(|e| TestbedError::io("creating the ClickHouse directory", e))?;
+        let name = unique_name("prism-testbed-clickhouse");
+        let (process, http_port, tcp_port) =
+            retry_on_port_taken(SERVER, START_ATTEMPTS_MAX, || {
+                let [http_port, tcp_port] = free_ports::<2>()?;
+                write_config(dir.path(), &name, http_port, tcp_port)?;
+                let process = launch(&binary, dir.path(), &name, http_port)?;
+                Ok((process, http_port, tcp_port))
+            })?;
+        Ok(ClickHouse {
+            process,
+            binary,
+            name,
+            http_port,
+            tcp_port,
+            dir,
+        })
+    }
+
+    /// HTTP endpoint, `http://127.0.0.1:PORT`, for the `clickhouse` crate.
+    pub fn http_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// HTTP port.
+    pub fn http_port(&self) -> u16 {
+        self.http_port
+    }
+
+    /// Native protocol port, for `clickhouse-client --port`.
+    pub fn tcp_port(&self) -> u16 {
+        self.tcp_port
+    }
+
+    /// The server's data path (tables, metadata); it survives `kill9` and `restart`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join(DATA_DIR)
+    }
+
+    /// The server's log at level warning (appended across restarts).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join(SERVER_LOG_FILE)
+    }
+
+    /// Process id of the running server, `None` after `kill9`.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// Kills the server with SIGKILL and reaps it; the data directory stays.
+    /// Does nothing when it is not running.
+    pub fn kill9(&mut self) -> Result<(), TestbedError> {
+        self.process.kill9()
+    }
+
+    /// Stops the server with SIGTERM (SIGKILL after [`TERMINATE_TIMEOUT_MS`]); returns its
+    /// exit status if it exited by itself.
+    pub fn terminate(&mut self) -> Result<Option<ExitStatus>, TestbedError> {
+        self.process
+            .terminate(Duration::from_millis(TERMINATE_TIMEOUT_MS))
+    }
+
+    /// Starts the server again on the same ports and data directory and waits for
+    /// `/ping`; a running server is killed with SIGKILL first.
+    pub fn restart(&mut self) -> Result<(), TestbedError> {
+        self.process.kill9()?;
+        let process = retry_on_port_taken(SERVER, START_ATTEMPTS_MAX, || {
+            launch(&self.binary, self.dir.path(), &self.name, self.http_port)
+        })?;
+        self.process = process;
+        Ok(())
+    }
+
+    /// Freezes the server with SIGSTOP; returns once the kernel reports it stopped.
+    /// Connections are still accepted by the kernel, but nothing is answered until
+    /// [`ClickHouse::resume`].
+    pub fn pause(&self) -> Result<(), TestbedError> {
+        self.process
+            .pause(Duration::from_millis(SIGNAL_SETTLE_TIMEOUT_MS))
+    }
+
+    /// Continues a paused server with SIGCONT.
+    pub fn resume(&self) -> Result<(), TestbedError> {
+        self.process
+            .resume(Duration::from_millis(SIGNAL_SETTLE_TIMEOUT_MS))
+    }
+
+    /// Runs `sql` over HTTP within [`QUERY_TIMEOUT_MS`] and returns the response body
+    /// (tab-separated unless the query says `FORMAT ...`). A rejected query is a
+    /// [`TestbedError::Query`] carrying ClickHouse's exception text.
+    pub fn query(&self, sql: &str) -> Result<String, TestbedError> {
+        self.query_with_timeout(sql, Duration::from_millis(QUERY_TIMEOUT_MS))
+    }
+
+    /// [`ClickHouse::query`] with its own bound, connection to last byte; running out
+    /// of time is an error whose [`TestbedError::is_timeout`] is true.
+    pub fn query_with_timeout(&self, sql: &str, timeout: Duration) -> Result<String, TestbedError> {
+        let response = http::request(self.http_port, "POST", "/", sql.as_bytes(), timeout)?;
+        if response.status == 200 {
+            Ok(response.body_text())
+        } else {
+            Err(TestbedError::Query {
+                status: response.status,
+                exception: response.body_text().trim().to_owned(),
+            })
+        }
+    }
+}
+
+/// Writes the server config. Only what 18.16 needs to run isolated: ports on
+/// 127.0.0.1 (no interserver, HTTPS or secure TCP ports), every path inside `dir`,
+/// file logs at level warning, the packaged users, small caches.
+fn write_config(dir: &Path, name: &str, http_port: u16, tcp_port: u16) -> Result<(), TestbedError> {
+    let data = dir.join(DATA_DIR);
+    let path = |sub: &str| xml_escape(&format!("{}/", data.join(sub).display()));
+    let config = format!(
+        r#"<?xml version="1.0"?>
+<yandex>
+    <logger>
+        <level>warning</level>
+        <log>{server_log}</log>
+        <errorlog>{error_log}</errorlog>
+        <size>100M</size>
+        <count>1</count>
+    </logger>
+    <listen_host>127.0.0.1</listen_host>
+    <http_port>{http_port}</http_port>
+    <tcp_port>{tcp_port}</tcp_port>
+    <path>{data_path}/</path>
+    <tmp_path>{tmp_path}</tmp_path>
+    <user_files_path>{user_files_path}</user_files_path>
+    <format_schema_path>{format_schema_path}</format_schema_path>
+    <users_config>{users_config}</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <mark_cache_size>{MARK_CACHE_BYTES}</mark_cache_size>
+    <uncompressed_cache_size>{UNCOMPRESSED_CACHE_BYTES}</uncompressed_cache_size>
+    <macros>
+        <{IDENTITY_MACRO}>{name}</{IDENTITY_MACRO}>
+    </macros>
+</yandex>
+"#,
+        server_log = xml_escape(&dir.join(SERVER_LOG_FILE).display().to_string()),
+        error_log = xml_escape(&dir.join(ERROR_LOG_FILE).display().to_string()),
+        data_path = xml_escape(&data.display().to_string()),
+        tmp_path = path("tmp"),
+        user_files_path = path("user_files"),
+        format_schema_path = path("format_schemas"),
+        users_config = xml_escape(USERS_CONFIG),
+        name = xml_escape(name),
+    );
+    let config_path = dir.join(CONFIG_FILE);
+    std::fs::write(&config_path, config)
+        .map_err(|e| TestbedError::io(format!("writing {}", config_path.display()), e))
+}
+
+fn xml_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Spawns one server and waits until it is ready and known to be ours.
+fn launch(
+    binary: &Path,
+    dir: &Path,
+    name: &str,
+    http_port: u16,
+) -> Result<ServerProcess, StartFailure> {
+    let console_path = dir.join(CONSOLE_LOG_FILE);
+    let logs = [
+        LogFile::from_end(console_path.clone()),
+        LogFile::from_end(dir.join(SERVER_LOG_FILE)),
+    ];
+    let stdout = open_append(&console_path)?;
+    let stderr = stdout
+        .try_clone()
+        .map_err(|e| TestbedError::io("duplicating the ClickHouse console log handle", e))?;
+    let mut command = Command::new(binary);
+    command
+        .arg(format!("--config-file={}", dir.join(CONFIG_FILE).display()))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr);
+    let mut process = ServerProcess::spawn(SERVER, command)?;
+    wait_ready(
+        &mut process,
+        &logs,
+        Duration::from_millis(CLICKHOUSE_READY_TIMEOUT_MS),
+        || probe(http_port, name),
+    )?;
+    Ok(process)
+}
+
+/// Ready when `/ping` answers `Ok.` and the identity macro holds our name.
+fn probe(http_port: u16, name: &str) -> Probe {
+    let timeout = Duration::from_millis(PROBE_TIMEOUT_MS);
+    match http::request(http_port, "GET", "/ping", b"", timeout) {
+        Ok(response) if response.status == 200 && response.body_text().trim() == "Ok." => {}
+        _ => return Probe::NotYet,
+    }
+    let sql = format!("SELECT substitution FROM system.macros WHERE macro = '{IDENTITY_MACRO}'");
+    match http::request(http_port, "POST", "/", sql.as_bytes(), timeout) {
+        Ok(response) if response.status == 200 => {
+            if response.body_text().trim() == name {
+                Probe::Ready
+            } else {
+                Probe::Stranger
+            }
+        }
+        _ => Probe::NotYet,
+    }
+}
+
+fn open_append(path: &Path) -> Result<File, TestbedError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| TestbedError::io(format!("opening {}", path.display()), e))
+}

@@ -1,0 +1,534 @@
+//! Process plumbing shared by the servers: finding a binary, picking free ports,
+//! spawning a child that dies with the test process, signalling and reaping it,
+//! polling a readiness probe against a deadline, and reading a log's tail.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::{TestbedError, LOG_TAIL_BYTES_MAX, READY_POLL_INTERVAL_MS};
+
+/// Where to look for an executable, in order.
+pub(crate) struct BinarySpec {
+    /// Executable name, also used in messages.
+    pub(crate) name: &'static str,
+    /// Environment variable that, when set, names the executable to use.
+    pub(crate) override_var: &'static str,
+    /// Directories searched after `PATH`.
+    pub(crate) fallback_dirs: &'static [&'static str],
+    /// How to install it, for the not-found message.
+    pub(crate) install_hint: &'static str,
+}
+
+impl BinarySpec {
+    /// Finds the executable from the real environment.
+    pub(crate) fn locate(&self) -> Result<PathBuf, TestbedError> {
+        self.locate_in(
+            std::env::var_os(self.override_var),
+            std::env::var_os("PATH"),
+        )
+    }
+
+    /// Finds the executable given the override variable's and `PATH`'s values
+    /// (separate from [`BinarySpec::locate`] so tests need not change the process environment).
+    pub(crate) fn locate_in(
+        &self,
+        override_value: Option<OsString>,
+        path_value: Option<OsString>,
+    ) -> Result<PathBuf, TestbedError> {
+        if let Some(value) = override_value.filter(|v| !v.is_empty()) {
+            let path = PathBuf::from(&value);
+            return if is_executable(&path) {
+                Ok(path)
+            } else {
+                Err(TestbedError::BadOverride {
+                    variable: self.override_var,
+                    path: path.display().to_string(),
+                })
+            };
+        }
+        let path_dirs = path_value
+            .as_deref()
+            .map(|p| std::env::split_paths(p).collect::<Vec<_>>())
+            .unwrap_or_default();
+        let fallback_dirs = self.fallback_dirs.iter().map(PathBuf::from);
+        path_dirs
+            .into_iter()
+            .chain(fallback_dirs)
+            .map(|dir| dir.join(self.name))
+            .find(|candidate| is_executable(candidate))
+            .ok_or(TestbedError::BinaryNotFound {
+                binary: self.name,
+                hint: self.install_hint,
+            })
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Picks `N` distinct ports that were free a moment ago: all listeners are held
+/// together so the kernel hands out different ports, then dropped so the server can
+/// bind them. Another process may take one in between; callers retry on that.
+pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N], TestbedError> {
+    let mut listeners = Vec::with_capacity(N);
+    let mut ports = [0u16; N];
+    for port in ports.iter_mut() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .map_err(|e| TestbedError::io("binding a probe socket to find a free port", e))?;
+        *port = listener
+            .local_addr()
+            .map_err(|e| TestbedError::io("reading a probe socket's port", e))?
+            .port();
+        listeners.push(listener);
+    }
+    Ok(ports)
+}
+
+/// A name no other server started on this machine at the same time carries:
+/// used to tell our server from a stranger that took our port.
+pub(crate) fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A request to the spawner thread.
+struct SpawnRequest {
+    command: Command,
+    reply: mpsc::Sender<io::Result<Child>>,
+}
+
+/// Spawns `command` so that the child gets SIGKILL when this process dies.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits, not the
+/// process. Test threads, tokio's blocking threads (which retire after idling) and
+/// any thread a handle is moved away from may end long before the server should, so
+/// every fork happens on one spawner thread that lives as long as the process.
+fn spawn_tied_to_this_process(mut command: Command) -> io::Result<Child> {
+    static SPAWNER: OnceLock<Option<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        thread::Builder::new()
+            .name("prism-testbed-spawner".into())
+            .spawn(move || {
+                for mut request in rx {
+                    // The requester may have given up (it never does today); nothing to do then.
+                    let _ = request.reply.send(request.command.spawn());
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    let Some(spawner) = spawner else {
+        return Err(io::Error::other("could not start the spawner thread"));
+    };
+
+    let parent_pid = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: it calls prctl and getppid (both plain
+    // system calls), does not allocate, and builds its error from a raw errno.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl, which the death
+            // signal would then never report.
+            if libc::getppid() as u32 != parent_pid {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    let (reply, replied) = mpsc::channel();
+    spawner
+        .send(SpawnRequest { command, reply })
+        .map_err(|_| io::Error::other("the spawner thread has stopped"))?;
+    replied
+        .recv()
+        .map_err(|_| io::Error::other("the spawner thread has stopped"))?
+}
+
+/// A running server process; killed with SIGKILL and reaped when dropped.
+#[derive(Debug)]
+pub(crate) struct ServerProcess {
+    server: &'static str,
+    child: Option<Child>,
+}
+
+impl ServerProcess {
+    pub(crate) fn spawn(server: &'static str, command: Command) -> Result<Self, TestbedError> {
+        let child = spawn_tied_to_this_process(command)
+            .map_err(|e| TestbedError::io(format!("spawning {server}"), e))?;
+        Ok(ServerProcess {
+            server,
+            child: Some(child),
+        })
+    }
+
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal`. The child is not reaped until `kill9`, so its pid cannot have
+    /// been reused by another process.
+    pub(crate) fn signal(&self, signal: libc::c_int) -> Result<(), TestbedError> {
+        let pid = self.pid().ok_or(TestbedError::NotRunning {
+            server: self.server,
+        })?;
+        let pid = libc::pid_t::try_from(pid)
+            .map_err(|_| TestbedError::io("signalling", io::Error::other("pid out of range")))?;
+        // SAFETY: kill(2) has no memory-safety preconditions; pid is our unreaped child.
+        if unsafe { libc::kill(pid, signal) } != 0 {
+            return Err(TestbedError::io(
+                format!("sending signal {signal} to {} (pid {pid})", self.server),
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP, then waits until the kernel reports the process stopped, so the caller
+    /// knows the server is frozen when this returns.
+    pub(crate) fn pause(&self, timeout: Duration) -> Result<(), TestbedError> {
+        self.signal(libc::SIGSTOP)?;
+        self.wait_for_state(true, timeout)
+    }
+
+    /// SIGCONT, then waits until the process runs again.
+    pub(crate) fn resume(&self, timeout: Duration) -> Result<(), TestbedError> {
+        self.signal(libc::SIGCONT)?;
+        self.wait_for_state(false, timeout)
+    }
+
+    fn wait_for_state(&self, stopped: bool, timeout: Duration) -> Result<(), TestbedError> {
+        let pid = self.pid().ok_or(TestbedError::NotRunning {
+            server: self.server,
+        })?;
+        let stat_path = format!("/proc/{pid}/stat");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stat = std::fs::read_to_string(&stat_path)
+                .map_err(|e| TestbedError::io(format!("reading {stat_path}"), e))?;
+            if is_stopped_state(&stat) == stopped {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(TestbedError::io(
+                    format!(
+                        "waiting for {} (pid {pid}) to become {}",
+                        self.server,
+                        if stopped { "stopped" } else { "running" }
+                    ),
+                    io::Error::new(io::ErrorKind::TimedOut, stat.trim().to_owned()),
+                ));
+            }
+            thread::sleep(Duration::from_millis(READY_POLL_INTERVAL_MS));
+        }
+    }
+
+    /// SIGKILL and reap; does nothing when not running. SIGKILL also ends a stopped process.
+    pub(crate) fn kill9(&mut self) -> Result<(), TestbedError> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        // kill() fails only if the child already exited; wait() reaps it either way.
+        let _ = child.kill();
+        child
+            .wait()
+            .map_err(|e| TestbedError::io(format!("reaping {}", self.server), e))?;
+        Ok(())
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit, then falls back to SIGKILL.
+    /// Returns the exit status when the server exited by itself.
+    pub(crate) fn terminate(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<ExitStatus>, TestbedError> {
+        if self.child.is_none() {
+            return Ok(None);
+        }
+        // A stopped process would not act on SIGTERM until continued.
+        self.signal(libc::SIGTERM)?;
+        self.signal(libc::SIGCONT)?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.try_exit()? {
+                return Ok(Some(status));
+            }
+            thread::sleep(Duration::from_millis(READY_POLL_INTERVAL_MS));
+        }
+        self.kill9()?;
+        Ok(None)
+    }
+
+    /// The exit status if the process has exited (it is then reaped and forgotten).
+    pub(crate) fn try_exit(&mut self) -> Result<Option<ExitStatus>, TestbedError> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(None);
+        };
+        let status = child
+            .try_wait()
+            .map_err(|e| TestbedError::io(format!("polling {}", self.server), e))?;
+        if status.is_some() {
+            self.child = None;
+        }
+        Ok(status)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // Nothing useful can be done with a failure here; the death signal and the
+        // temporary directory's removal still clean up.
+        let _ = self.kill9();
+    }
+}
+
+/// What one readiness probe found.
+pub(crate) enum Probe {
+    /// The server answers and it is ours.
+    Ready,
+    /// Not answering yet (connection refused, not yet healthy).
+    NotYet,
+    /// Another process answers on our port: ours cannot have bound it.
+    Stranger,
+}
+
+/// How a start attempt ended when it did not succeed.
+pub(crate) enum StartFailure {
+    /// A port was taken; a fresh start on other ports may work.
+    PortTaken { log_tail: String },
+    /// Anything else: retrying would not help.
+    Fatal(TestbedError),
+}
+
+impl From<TestbedError> for StartFailure {
+    fn from(e: TestbedError) -> Self {
+        StartFailure::Fatal(e)
+    }
+}
+
+/// A log file and where the current run's output starts in it: logs are appended
+/// across restarts, and only this run's lines may explain this run's failure.
+#[derive(Debug, Clone)]
+pub(crate) struct LogFile {
+    path: PathBuf,
+    offset_bytes: u64,
+}
+
+impl LogFile {
+    /// Marks the current end of `path` (zero if it does not exist yet).
+    pub(crate) fn from_end(path: PathBuf) -> LogFile {
+        let offset_bytes = path.metadata().map(|m| m.len()).unwrap_or(0);
+        LogFile { path, offset_bytes }
+    }
+}
+
+/// Polls `probe` until it reports ready, the process exits, or `timeout` passes.
+/// On failure the process is killed.
+pub(crate) fn wait_ready(
+    process: &mut ServerProcess,
+    logs: &[LogFile],
+    timeout: Duration,
+    mut probe: impl FnMut() -> Probe,
+) -> Result<(), StartFailure> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    loop {
+        if let Some(status) = process.try_exit()? {
+            let log_tail = log_tail(logs);
+            return Err(if mentions_port_in_use(&log_tail) {
+                StartFailure::PortTaken { log_tail }
+            } else {
+                StartFailure::Fatal(TestbedError::ExitedEarly {
+                    server: process.server,
+                    status: status.to_string(),
+                    log_tail,
+                })
+            });
+        }
+        match probe() {
+            Probe::Ready => return Ok(()),
+            Probe::Stranger => {
+                process.kill9()?;
+                return Err(StartFailure::PortTaken {
+                    log_tail: log_tail(logs),
+                });
+            }
+            Probe::NotYet => {}
+        }
+        if Instant::now() >= deadline {
+            process.kill9()?;
+            return Err(StartFailure::Fatal(TestbedError::NotReady {
+                server: process.server,
+                waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                log_tail: log_tail(logs),
+            }));
+        }
+        thread::sleep(Duration::from_millis(READY_POLL_INTERVAL_MS));
+    }
+}
+
+/// Whether a `/proc/PID/stat` line shows a stopped process. The state letter follows
+/// the command name in parentheses, which may itself contain spaces and parentheses.
+fn is_stopped_state(stat: &str) -> bool {
+    stat.rfind(')')
+        .and_then(|close| stat[close + 1..].trim_start().chars().next())
+        .is_some_and(|state| state == 'T' || state == 't')
+}
+
+fn mentions_port_in_use(log: &str) -> bool {
+    log.to_ascii_lowercase().contains("address already in use")
+}
+
+/// Runs `attempt` until it succeeds, fails for a reason other than a taken port, or
+/// `attempts_max` attempts found their ports taken.
+pub(crate) fn retry_on_port_taken<T>(
+    server: &'static str,
+    attempts_max: u32,
+    mut attempt: impl FnMut() -> Result<T, StartFailure>,
+) -> Result<T, TestbedError> {
+    let mut last_tail = String::new();
+    for _ in 0..attempts_max {
+        match attempt() {
+            Ok(value) => return Ok(value),
+            Err(StartFailure::Fatal(e)) => return Err(e),
+            Err(StartFailure::PortTaken { log_tail }) => last_tail = log_tail,
+        }
+    }
+    Err(TestbedError::PortsUnavailable {
+        server,
+        attempts: attempts_max,
+        log_tail: last_tail,
+    })
+}
+
+/// The last [`LOG_TAIL_BYTES_MAX`] bytes of this run's part of each log file,
+/// headed by the file's path.
+pub(crate) fn log_tail(logs: &[LogFile]) -> String {
+    let mut out = String::new();
+    for log in logs {
+        let Ok(tail) = read_tail(&log.path, log.offset_bytes, LOG_TAIL_BYTES_MAX) else {
+            continue;
+        };
+        if tail.trim().is_empty() {
+            continue;
+        }
+        out.push_str(&format!(
+            "==> {} <==\n{}\n",
+            log.path.display(),
+            tail.trim_end()
+        ));
+    }
+    if out.is_empty() {
+        out.push_str("(no log output)");
+    }
+    out
+}
+
+fn read_tail(path: &Path, offset_bytes: u64, bytes_max: u64) -> io::Result<String> {
+    let mut file = File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(
+        len.saturating_sub(bytes_max).max(offset_bytes),
+    ))?;
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: BinarySpec = BinarySpec {
+        name: "sh",
+        override_var: "PRISM_TESTBED_UNUSED",
+        fallback_dirs: &["/bin", "/usr/bin"],
+        install_hint: "install a shell",
+    };
+
+    #[test]
+    fn override_wins_over_path_and_fallbacks() {
+        let found = SPEC
+            .locate_in(Some("/bin/sh".into()), Some("/nonexistent".into()))
+            .unwrap();
+        assert_eq!(found, PathBuf::from("/bin/sh"));
+    }
+
+    #[test]
+    fn override_naming_a_missing_file_is_an_error_not_a_fallback() {
+        let err = SPEC
+            .locate_in(Some("/nonexistent/sh".into()), Some("/bin".into()))
+            .unwrap_err();
+        assert!(matches!(err, TestbedError::BadOverride { .. }), "{err}");
+    }
+
+    #[test]
+    fn fallback_directories_are_searched_after_path() {
+        let found = SPEC.locate_in(None, Some("/nonexistent".into())).unwrap();
+        assert!(found.ends_with("sh"), "{}", found.display());
+    }
+
+    #[test]
+    fn missing_binary_names_itself_and_how_to_install_it() {
+        let spec = BinarySpec {
+            name: "surely-not-installed-anywhere",
+            fallback_dirs: &[],
+            ..SPEC
+        };
+        let err = spec.locate_in(None, Some("/bin".into())).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "surely-not-installed-anywhere not found: install a shell"
+        );
+    }
+
+    #[test]
+    fn stopped_state_is_read_after_the_command_name() {
+        assert!(is_stopped_state("42 (clickhouse-serv) T 1 42 42 0"));
+        assert!(!is_stopped_state("42 (odd ) T name) S 1 42 42 0"));
+        assert!(!is_stopped_state("42 (nats-server) S 1 42"));
+    }
+
+    #[test]
+    fn free_ports_are_distinct() {
+        let [a, b, c] = free_ports::<3>().unwrap();
+        assert!(a != b && b != c && a != c);
+    }
+
+    #[test]
+    fn port_in_use_is_recognised_in_both_servers_wordings() {
+        assert!(mentions_port_in_use(
+            "<Error> Application: Net Exception: Address already in use: 127.0.0.1:18123"
+        ));
+        assert!(mentions_port_in_use(
+            "[FTL] Error listening on port: 127.0.0.1:4222, \"listen tcp 127.0.0.1:4222: bind: address already in use\""
+        ));
+    }
+}
