@@ -1,5 +1,6 @@
 //! The operator tools against real servers: `loadgen` into a real JetStream, `verify`
-//! against a real ClickHouse 18.16 whose tables the tests create themselves.
+//! against a real ClickHouse 18.16 whose tables the tests create themselves (a minimal
+//! legacy-compatible table per data type: the identity columns and ReplacingMergeTree).
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -10,53 +11,7 @@ use prism_relay::tools::gen::Mix;
 use prism_relay::tools::loadgen::{self, LoadgenOptions};
 use prism_relay::tools::verify::{self, VerifyOptions};
 use prism_relay::tools::DataType;
-
-mod bed {
-    //! Servers for these tests (temporary until the shared test bed lands).
-    use std::net::TcpListener;
-    use std::process::{Child, Command, Stdio};
-
-    pub struct Servers {
-        pub nats_url: String,
-        pub clickhouse_url: String,
-        child: Child,
-        _dir: tempfile::TempDir,
-    }
-
-    impl Drop for Servers {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    pub fn servers() -> Servers {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline);
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        Servers {
-            nats_url: format!("nats://127.0.0.1:{port}"),
-            clickhouse_url: std::env::var("TOOLS_CH_URL").unwrap(),
-            child,
-            _dir: dir,
-        }
-    }
-}
+use prism_testbed::{ClickHouse, Nats};
 
 /// One message read back from a stream.
 struct Stored {
@@ -116,9 +71,9 @@ fn loadgen_options(nats_url: &str, run_id: &str, count: u64) -> LoadgenOptions {
 
 #[tokio::test]
 async fn loadgen_publishes_every_type_with_subjects_headers_and_contiguous_sequences() {
-    let servers = bed::servers();
+    let nats = Nats::start().unwrap();
     let count = 800;
-    let summary = loadgen::run(&loadgen_options(&servers.nats_url, "itlg", count))
+    let summary = loadgen::run(&loadgen_options(&nats.url(), "itlg", count))
         .await
         .unwrap();
     assert!(summary.ok(), "{summary}");
@@ -129,7 +84,7 @@ async fn loadgen_publishes_every_type_with_subjects_headers_and_contiguous_seque
         vec!["MARKET_TRADES", "MARKET_BOOKS", "MARKET_DATA"]
     );
 
-    let client = async_nats::connect(&servers.nats_url).await.unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
     let js = jetstream::new(client);
     let mut per_type = [0u64; 8];
     let mut ids = HashSet::new();
@@ -161,7 +116,7 @@ async fn loadgen_publishes_every_type_with_subjects_headers_and_contiguous_seque
     assert_eq!(per_type, summary.published);
 
     // A second run with another run id appends after the first and collides with nothing.
-    let again = loadgen::run(&loadgen_options(&servers.nats_url, "itlg2", 100))
+    let again = loadgen::run(&loadgen_options(&nats.url(), "itlg2", 100))
         .await
         .unwrap();
     assert!(again.ok(), "{again}");
@@ -174,11 +129,11 @@ async fn loadgen_publishes_every_type_with_subjects_headers_and_contiguous_seque
 
 #[tokio::test]
 async fn loadgen_paces_a_limited_rate_by_elapsed_time() {
-    let servers = bed::servers();
+    let nats = Nats::start().unwrap();
     let opts = LoadgenOptions {
         single_stream: Some("PACED".into()),
         rate_per_s: 400,
-        ..loadgen_options(&servers.nats_url, "itrate", 200)
+        ..loadgen_options(&nats.url(), "itrate", 200)
     };
     let summary = loadgen::run(&opts).await.unwrap();
     assert!(summary.ok(), "{summary}");
@@ -190,10 +145,10 @@ async fn loadgen_paces_a_limited_rate_by_elapsed_time() {
 
 #[tokio::test]
 async fn loadgen_counts_publish_errors_when_no_stream_covers_the_subjects() {
-    let servers = bed::servers();
+    let nats = Nats::start().unwrap();
     let opts = LoadgenOptions {
         create_streams: false,
-        ..loadgen_options(&servers.nats_url, "itnostream", 50)
+        ..loadgen_options(&nats.url(), "itnostream", 50)
     };
     let summary = loadgen::run(&opts).await.unwrap();
     assert_eq!(summary.published_total(), 0, "{summary}");
@@ -216,47 +171,51 @@ async fn loadgen_counts_publish_errors_when_no_stream_covers_the_subjects() {
 const TABLE_DDL: &str = "(nats_stream String, nats_seq UInt64, row_key UInt64) \
      ENGINE = ReplacingMergeTree() ORDER BY (nats_stream, nats_seq, row_key)";
 
-async fn clickhouse(url: &str) -> clickhouse::Client {
-    clickhouse::Client::default()
-        .with_url(url)
-        .with_validation(false)
-}
-
-async fn exec(ch: &clickhouse::Client, sql: &str) {
-    ch.query(sql)
-        .execute()
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+/// Runs `sql` on the test server, naming the statement when it fails.
+fn exec(ch: &ClickHouse, sql: &str) {
+    if let Err(e) = ch.query(sql) {
+        panic!("{sql}: {e}");
+    }
 }
 
 #[tokio::test]
 async fn verify_counts_lost_duplicated_dead_lettered_and_unexpected_exactly() {
-    let servers = bed::servers();
+    let nats = Nats::start().unwrap();
+    let ch = ClickHouse::start().unwrap();
     let run_id = "itverify";
-    // Streams of their own, so other tests publishing on the same server do not interfere.
-    let layout = ["V_TRADES=trade.>", "V_BOOKS=orderbook.>"];
+    // Trades and order books only, in streams named for this test.
+    let layout = ["V_TRADES=trade.>,ticker.>", "V_BOOKS=orderbook.>"];
     let summary = loadgen::run(&LoadgenOptions {
         streams: layout.iter().map(|s| s.parse().unwrap()).collect(),
         mix: "trade=1,orderbook=1".parse().unwrap(),
         exchanges: vec!["binance".into()],
-        ..loadgen_options(&servers.nats_url, run_id, 300)
+        ..loadgen_options(&nats.url(), run_id, 300)
     })
     .await
     .unwrap();
     assert!(summary.ok(), "{summary}");
     let trades = summary.streams["V_TRADES"];
     let books = summary.streams["V_BOOKS"];
+    // A subject no table is named for, and a message removed from the stream (seq 10).
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let ack = js
+        .publish("ticker.binance.spot.BTC-USDT", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(ack.sequence, trades.last_seq + 1);
+    let stream = js.get_stream("V_TRADES").await.unwrap();
+    assert!(stream.delete_message(10).await.unwrap());
 
     let db = "verify_it";
-    let ch = clickhouse(&servers.clickhouse_url).await;
-    exec(&ch, &format!("DROP DATABASE IF EXISTS {db}")).await;
-    exec(&ch, &format!("CREATE DATABASE {db}")).await;
+    exec(&ch, &format!("DROP DATABASE IF EXISTS {db}"));
+    exec(&ch, &format!("CREATE DATABASE {db}"));
     for dt in DataType::ALL {
         exec(
             &ch,
             &format!("CREATE TABLE {db}.{} {TABLE_DDL}", dt.table()),
-        )
-        .await;
+        );
     }
     exec(
         &ch,
@@ -265,13 +224,13 @@ async fn verify_counts_lost_duplicated_dead_lettered_and_unexpected_exactly() {
              nats_stream String, nats_seq UInt64, error String, payload String) \
              ENGINE = MergeTree() ORDER BY (nats_stream, nats_seq)"
         ),
-    )
-    .await;
+    );
 
     // Trades: 1..=N stored except seq 2 (lost), 3 (dead-lettered) and 4 (lost);
     // seq 5 inserted twice with the same key in separate parts (FINAL collapses it);
     // seq 6 stored under two keys (a real duplicate); the order book V_BOOKS#1 stored as a
-    // trade (unexpected there).
+    // trade and the row of the removed seq 10 (both unexpected). Dead letters for seq 3, for
+    // the ticker message, and for the removed seq 10 (not published in the range).
     let insert_rows = |table: &str, stream: &str, rows: Vec<(u64, u64)>| {
         let values: Vec<String> = rows
             .iter()
@@ -286,49 +245,49 @@ async fn verify_counts_lost_duplicated_dead_lettered_and_unexpected_exactly() {
         .filter(|s| ![2, 3, 4].contains(s))
         .map(|s| (s, 0))
         .collect();
-    exec(&ch, &insert_rows("trades", "V_TRADES", trade_rows)).await;
+    exec(&ch, &insert_rows("trades", "V_TRADES", trade_rows));
     exec(
         &ch,
         &insert_rows("trades", "V_TRADES", vec![(5, 0), (6, 1)]),
-    )
-    .await;
-    exec(&ch, &insert_rows("trades", "V_BOOKS", vec![(1, 0)])).await;
+    );
+    exec(&ch, &insert_rows("trades", "V_BOOKS", vec![(1, 0)]));
     exec(
         &ch,
         &format!(
             "INSERT INTO {db}.dead_letters VALUES \
-             (0, 'trades', 'trade.binance.spot.BTC-USDT', 'V_TRADES', 3, 'bad price', '{{}}')"
+             (0, 'trades', 'trade.binance.spot.BTC-USDT', 'V_TRADES', 3, 'bad price', '{{}}'), \
+             (0, '', 'ticker.binance.spot.BTC-USDT', 'V_TRADES', {}, 'no route', '{{}}'), \
+             (0, 'trades', 'trade.binance.spot.BTC-USDT', 'V_TRADES', 10, 'bad price', '{{}}')",
+            ack.sequence
         ),
-    )
-    .await;
+    );
     // Order books: all stored; the last one also under a second key (duplicate).
     let mut book_rows: Vec<(u64, u64)> =
         (books.first_seq..=books.last_seq).map(|s| (s, 0)).collect();
     book_rows.push((books.last_seq, 7));
-    exec(&ch, &insert_rows("orderbooks", "V_BOOKS", book_rows)).await;
+    exec(&ch, &insert_rows("orderbooks", "V_BOOKS", book_rows));
     // Rows of another stream with the same sequences must not count.
     exec(
         &ch,
         &insert_rows("orderbooks", "OTHER", vec![(1, 0), (1, 1)]),
-    )
-    .await;
+    );
 
     let opts = VerifyOptions {
-        nats_url: servers.nats_url.clone(),
+        nats_url: nats.url(),
         streams: vec!["V_TRADES".into(), "V_BOOKS".into()],
-        clickhouse_url: servers.clickhouse_url.clone(),
+        clickhouse_url: ch.http_url(),
         database: db.into(),
         ..VerifyOptions::default()
     };
     let report = verify::run(&opts).await.unwrap();
     let text = report.to_string();
     let t = report.table(DataType::Trade);
-    assert_eq!(t.published, trades.published, "{text}");
-    assert_eq!(t.stored, trades.published - 3, "{text}");
+    assert_eq!(t.published, trades.published - 1, "{text}");
+    assert_eq!(t.stored, trades.published - 4, "{text}");
     assert_eq!(t.dead_lettered, 1, "{text}");
     assert_eq!(t.lost, 2, "{text}");
     assert_eq!(t.duplicated, 1, "{text}");
-    assert_eq!(t.unexpected, 1, "{text}");
+    assert_eq!(t.unexpected, 2, "{text}");
     let lost: Vec<u64> = t.lost_sample.iter().map(|i| i.seq).collect();
     assert_eq!(lost, vec![2, 4]);
     assert_eq!(t.duplicated_sample[0].seq, 6);
@@ -342,7 +301,13 @@ async fn verify_counts_lost_duplicated_dead_lettered_and_unexpected_exactly() {
     for dt in &DataType::ALL[2..] {
         assert_eq!(report.table(*dt).published, 0, "{text}");
     }
-    assert_eq!(report.unexpected_dead_letters, 0);
+    assert_eq!(report.unexpected_dead_letters, 1, "{text}");
+    assert_eq!(report.unrouted.published, 1, "{text}");
+    assert_eq!(report.unrouted.dead_lettered, 1, "{text}");
+    assert_eq!(
+        report.unrouted.subjects_sample,
+        vec!["ticker.binance.spot.BTC-USDT"]
+    );
     assert!(!report.dead_letter_table_missing);
     assert!(!report.ok());
     assert!(text.contains("FAILED"), "{text}");
@@ -379,18 +344,15 @@ async fn verify_counts_lost_duplicated_dead_lettered_and_unexpected_exactly() {
     exec(
         &ch,
         &insert_rows("trades", "V_TRADES", vec![(2, 0), (4, 0)]),
-    )
-    .await;
+    );
     exec(
         &ch,
         &format!("ALTER TABLE {db}.trades DELETE WHERE nats_seq = 6 AND row_key = 1"),
-    )
-    .await;
+    );
     exec(
         &ch,
         &format!("ALTER TABLE {db}.orderbooks DELETE WHERE row_key = 7"),
-    )
-    .await;
+    );
     let repaired = poll_until(|| async {
         let r = verify::run(&opts).await.unwrap();
         r.ok().then_some(r)
@@ -427,29 +389,60 @@ where
 
 #[tokio::test]
 async fn verify_finds_marketprism_streams_by_itself_and_reports_missing_tables() {
-    let servers = bed::servers();
+    let nats = Nats::start().unwrap();
+    let ch = ClickHouse::start().unwrap();
     let summary = loadgen::run(&LoadgenOptions {
         single_stream: Some("V_AUTO".into()),
-        ..loadgen_options(&servers.nats_url, "itauto", 40)
+        ..loadgen_options(&nats.url(), "itauto", 40)
     })
     .await
     .unwrap();
     assert!(summary.ok(), "{summary}");
-    let ch = clickhouse(&servers.clickhouse_url).await;
-    let db = "verify_auto";
-    exec(&ch, &format!("DROP DATABASE IF EXISTS {db}")).await;
-    exec(&ch, &format!("CREATE DATABASE {db}")).await;
-    exec(&ch, &format!("CREATE TABLE {db}.trades {TABLE_DDL}")).await;
-    let err = verify::run(&VerifyOptions {
-        nats_url: servers.nats_url.clone(),
-        clickhouse_url: servers.clickhouse_url.clone(),
-        database: db.into(),
-        ..VerifyOptions::default()
+    // A stream of other subjects that verify must leave alone.
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.create_stream(jetstream::stream::Config {
+        name: "ORDERS".into(),
+        subjects: vec!["orders.>".into()],
+        ..Default::default()
     })
     .await
-    .unwrap_err();
+    .unwrap();
+    js.publish("orders.new", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let db = "verify_auto";
+    exec(&ch, &format!("CREATE DATABASE {db}"));
+    exec(&ch, &format!("CREATE TABLE {db}.trades {TABLE_DDL}"));
+    let opts = VerifyOptions {
+        nats_url: nats.url(),
+        clickhouse_url: ch.http_url(),
+        database: db.into(),
+        ..VerifyOptions::default()
+    };
+    let err = verify::run(&opts).await.unwrap_err();
     assert!(
         matches!(err, prism_relay::tools::ToolError::MissingTable { .. }),
         "{err}"
     );
+
+    // With every table present (and no dead-letter table), nothing stored means all lost.
+    for dt in &DataType::ALL[1..] {
+        exec(
+            &ch,
+            &format!("CREATE TABLE {db}.{} {TABLE_DDL}", dt.table()),
+        );
+    }
+    let report = verify::run(&opts).await.unwrap();
+    let streams: Vec<&str> = report.streams.iter().map(|s| s.stream.as_str()).collect();
+    assert_eq!(streams, vec!["V_AUTO"]);
+    assert!(report.dead_letter_table_missing);
+    let totals = report.totals();
+    assert_eq!((totals.published, totals.lost), (40, 40), "{report}");
+    for dt in DataType::ALL {
+        assert_eq!(report.table(dt).published, summary.published[dt.index()]);
+    }
+    assert!(!report.ok());
 }
