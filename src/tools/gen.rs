@@ -868,25 +868,33 @@ mod tests {
         assert_eq!(seen.len(), 8, "every data type generated: {seen:?}");
     }
 
-    #[test]
-    fn natural_identities_never_repeat_within_a_run() {
-        let mut g = Generator::new(&config(Mix::uniform())).unwrap();
+    /// Generates `count` messages with the clock `clock(i)` and asserts that no identity
+    /// MarketPrism keys rows by repeats, and that every market carries only what it should.
+    fn assert_identities_unique(g: &mut Generator, count: usize, clock: impl Fn(usize) -> i64) {
         let mut msg_ids = HashSet::new();
         let mut trade_keys = HashSet::new();
         let mut liquidation_ids = HashSet::new();
         let mut ts_keys = HashSet::new();
         let mut book_keys = HashSet::new();
-        let now = 1_761_714_300_000;
-        for i in 0..60_000i64 {
-            // A clock that mostly stands still and sometimes jumps back, the worst case.
-            let clock = now + (i / 1000) - if i % 7 == 0 { 5 } else { 0 };
-            let m = g.next_message(clock);
+        for i in 0..count {
+            let m = g.next_message(clock(i));
             assert!(msg_ids.insert(m.msg_id.to_string()), "{}", m.msg_id);
             let v = parse(&m);
             let market = (
                 s(&v, "exchange").to_string(),
                 s(&v, "market_type").to_string(),
                 s(&v, "symbol").to_string(),
+            );
+            let market_type = match market.1.as_str() {
+                "spot" => MarketType::Spot,
+                "perpetual" => MarketType::Perpetual,
+                "options" => MarketType::Options,
+                other => panic!("unknown market type {other}"),
+            };
+            assert!(
+                carries(&market.0, market_type, m.data_type),
+                "{}",
+                m.subject
             );
             let ts = v["ts_ms"].as_i64().unwrap();
             assert!(
@@ -909,7 +917,68 @@ mod tests {
                 _ => {}
             }
         }
-        assert_eq!(msg_ids.len(), 60_000);
+        assert_eq!(msg_ids.len(), count);
+    }
+
+    #[test]
+    fn natural_identities_never_repeat_within_a_run() {
+        let mut g = Generator::new(&config(Mix::uniform())).unwrap();
+        let now = 1_761_714_300_000;
+        // A clock that mostly stands still and sometimes jumps back, the worst case.
+        assert_identities_unique(&mut g, 30_000, |i| {
+            now + (i as i64 / 1000) - if i % 7 == 0 { 5 } else { 0 }
+        });
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 16,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        #[test]
+        fn identities_are_unique_for_any_seed_mix_markets_and_clock(
+            seed in proptest::prelude::any::<u64>(),
+            weights in proptest::array::uniform8(0u32..4),
+            exchange_mask in 1usize..8,
+            symbol_mask in 1usize..8,
+            steps in proptest::collection::vec(-20i64..=20, 1..50),
+        ) {
+            let exchanges: Vec<String> = ["binance", "okx", "deribit"]
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| exchange_mask & (1 << i) != 0)
+                .map(|(_, e)| e.to_string())
+                .collect();
+            let symbols: Vec<String> = ["BTC-USDT", "ETH-USDT", "SOL-USDT"]
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| symbol_mask & (1 << i) != 0)
+                .map(|(_, e)| e.to_string())
+                .collect();
+            proptest::prop_assume!(weights.iter().any(|&w| w > 0));
+            let cfg = GeneratorConfig {
+                exchanges,
+                symbols,
+                mix: Mix { weights },
+                orderbook_depth: 3,
+                run_id: "p".into(),
+                seed,
+            };
+            // Configurations where no market carries the mix are rejected, not generated.
+            let Ok(mut g) = Generator::new(&cfg) else {
+                return Ok(());
+            };
+            let base = 1_761_714_300_000i64;
+            let clock: Vec<i64> = steps
+                .iter()
+                .scan(base, |t, d| {
+                    *t += d;
+                    Some(*t)
+                })
+                .collect();
+            assert_identities_unique(&mut g, 1_000, |i| clock[i % clock.len()]);
+        }
     }
 
     #[test]
