@@ -606,8 +606,8 @@ impl<'a> Obj<'a> {
     }
 }
 
-fn push_u64(buf: &mut Vec<u8>, mut v: u64) {
-    let mut digits = [0u8; 20];
+/// The decimal digits of `v`, written into `digits`.
+fn u64_digits(mut v: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut i = digits.len();
     loop {
         i -= 1;
@@ -617,14 +617,17 @@ fn push_u64(buf: &mut Vec<u8>, mut v: u64) {
             break;
         }
     }
-    buf.extend_from_slice(&digits[i..]);
+    &digits[i..]
+}
+
+fn push_u64(buf: &mut Vec<u8>, v: u64) {
+    buf.extend_from_slice(u64_digits(v, &mut [0; 20]));
 }
 
 fn push_u64_str(s: &mut String, v: u64) {
-    let mut tmp = Vec::with_capacity(20);
-    push_u64(&mut tmp, v);
-    // Only ASCII digits were written.
-    s.push_str(std::str::from_utf8(&tmp).unwrap_or("0"));
+    for &d in u64_digits(v, &mut [0; 20]) {
+        s.push(char::from(d));
+    }
 }
 
 fn push_i64(buf: &mut Vec<u8>, v: i64) {

@@ -12,6 +12,10 @@
 //! unexpected. Ranges are processed in chunks of `chunk_seqs` sequences, so memory stays
 //! bounded whatever the range.
 //!
+//! [`run`] checks the streams and range of the options (by default every stream whose
+//! subjects carry MarketPrism data types, each whole); [`run_ranges`] checks a range of
+//! its own per stream, such as the sequences a `loadgen` run reported.
+//!
 //! The queries are plain enough for ClickHouse 18.16 (`FINAL` on ReplacingMergeTree,
 //! RowBinary output), where the `clickhouse` crate must run without schema validation.
 
@@ -563,34 +567,71 @@ impl Store {
     }
 }
 
-/// Runs the check; see the module documentation.
+/// A stream range to check, inclusive; `None` bounds mean the stream's first or last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeSpec {
+    pub stream: String,
+    pub from_seq: Option<u64>,
+    pub to_seq: Option<u64>,
+}
+
+/// Runs the check on the streams and range of the options; see the module documentation.
 pub async fn run(opts: &VerifyOptions) -> Result<VerifyReport, ToolError> {
-    if opts.chunk_seqs == 0 {
-        return Err(ToolError::Options("chunk_seqs must be at least 1".into()));
-    }
-    let started = Instant::now();
     let client = connect_nats(&opts.nats_url, "prism-relay verify").await?;
     let js = jetstream::new(client);
-    let store = Store::connect(opts).await?;
     let names = if opts.streams.is_empty() {
         marketprism_streams(&js).await?
     } else {
         opts.streams.clone()
     };
+    let ranges: Vec<RangeSpec> = names
+        .into_iter()
+        .map(|stream| RangeSpec {
+            stream,
+            from_seq: opts.from_seq,
+            to_seq: opts.to_seq,
+        })
+        .collect();
+    check_ranges(&js, opts, &ranges).await
+}
+
+/// Runs the check on ranges of their own per stream (for example the sequences a
+/// `loadgen` run reported, see `LoadgenSummary::ranges`); the options' `streams`,
+/// `from_seq` and `to_seq` are not used.
+pub async fn run_ranges(
+    opts: &VerifyOptions,
+    ranges: &[RangeSpec],
+) -> Result<VerifyReport, ToolError> {
+    let client = connect_nats(&opts.nats_url, "prism-relay verify").await?;
+    check_ranges(&jetstream::new(client), opts, ranges).await
+}
+
+async fn check_ranges(
+    js: &jetstream::Context,
+    opts: &VerifyOptions,
+    ranges: &[RangeSpec],
+) -> Result<VerifyReport, ToolError> {
+    if opts.chunk_seqs == 0 {
+        return Err(ToolError::Options("chunk_seqs must be at least 1".into()));
+    }
+    let started = Instant::now();
+    let store = Store::connect(opts).await?;
     let idle = Duration::from_millis(opts.idle_timeout_ms);
     let mut report = VerifyReport::new(&opts.database);
     report.dead_letter_table_missing = !store.tables.contains(&opts.dead_letter_table);
 
-    for name in names {
+    for range in ranges {
+        let name = range.stream.clone();
         let handle = js.get_stream(&name).await.map_err(|e| match e.kind() {
             jetstream::context::GetStreamErrorKind::JetStream(inner) if inner.code() == 404 => {
                 ToolError::StreamNotFound(name.clone())
             }
             _ => ToolError::js("stream info", e),
         })?;
+        // Only what the stream still holds can be read: clamp to its first and last.
         let state = &handle.cached_info().state;
-        let from = opts.from_seq.unwrap_or(0).max(state.first_sequence).max(1);
-        let to = opts
+        let from = range.from_seq.unwrap_or(0).max(state.first_sequence).max(1);
+        let to = range
             .to_seq
             .unwrap_or(state.last_sequence)
             .min(state.last_sequence);
@@ -607,7 +648,7 @@ pub async fn run(opts: &VerifyOptions) -> Result<VerifyReport, ToolError> {
         while chunk_from <= to {
             let chunk_to = chunk_from.saturating_add(opts.chunk_seqs - 1).min(to);
             let ids = read_identities(
-                &js,
+                js,
                 &name,
                 chunk_from,
                 chunk_to,

@@ -328,6 +328,12 @@ async fn verify_counts_lost_duplicated_dead_lettered_and_unexpected_exactly() {
     );
     assert_eq!(t.unexpected, 0);
 
+    // The ranges a loadgen run reports check exactly its own messages.
+    let own = verify::run_ranges(&opts, &summary.ranges()).await.unwrap();
+    let t = own.table(DataType::Trade);
+    assert_eq!((t.published, t.lost), (trades.published - 1, 2));
+    assert_eq!(own.unrouted.published, 0, "the ticker came after the run");
+
     // Small chunks give the same accounting as one big chunk.
     let chunked = verify::run(&VerifyOptions {
         chunk_seqs: 7,
