@@ -4,8 +4,8 @@
 //! buffers it reuses, so generating costs no allocation per message once the buffers have
 //! grown. Payloads follow the MarketPrism collector formats field by field: decimal strings
 //! for trade prices and quantities and for long/short ratios, JSON floats for funding, open
-//! interest and liquidation figures, `[price_str, qty_str]` order book levels, epoch
-//! milliseconds in `ts_ms`.
+//! interest and liquidation figures (written like Python's `json.dumps`, exponents
+//! included), `[price_str, qty_str]` order book levels, epoch milliseconds in `ts_ms`.
 //!
 //! Identity guarantees, within one run (one generator):
 //! - every `Nats-Msg-Id` embeds the run id and a run-wide counter, so ids never repeat and
@@ -596,9 +596,7 @@ impl<'a> Obj<'a> {
     fn float(&mut self, key: &str, value: f64) {
         debug_assert!(value.is_finite());
         self.key(key);
-        // Writing into a Vec<u8> cannot fail; f64's Display never uses exponent notation,
-        // so the text is always a valid JSON number.
-        let _ = write!(self.buf, "{value}");
+        push_py_float(self.buf, value);
     }
 
     fn finish(self) {
@@ -635,6 +633,41 @@ fn push_i64(buf: &mut Vec<u8>, v: i64) {
         buf.push(b'-');
     }
     push_u64(buf, v.unsigned_abs());
+}
+
+/// Writes a float the way the Python collector's `json.dumps` does (`repr`): shortest
+/// round-trip digits, `.0` on integral values, and exponent notation below 1e-4 or from
+/// 1e16 on (`4.357e-05`, `1e+16`), so decoders meet every form the real feed sends.
+fn push_py_float(buf: &mut Vec<u8>, v: f64) {
+    let start = buf.len();
+    let magnitude = v.abs();
+    if v == 0.0 || (1e-4..1e16).contains(&magnitude) {
+        // Writing into a Vec<u8> cannot fail; Display never uses exponent notation.
+        let _ = write!(buf, "{v}");
+        if !buf[start..].contains(&b'.') {
+            buf.extend_from_slice(b".0");
+        }
+        return;
+    }
+    // Rust writes `4.357e-5`; Python writes a signed exponent of at least two digits.
+    let _ = write!(buf, "{v:e}");
+    let Some(e) = buf[start..]
+        .iter()
+        .position(|&c| c == b'e')
+        .map(|i| start + i)
+    else {
+        return;
+    };
+    let exponent: i64 = std::str::from_utf8(&buf[e + 1..])
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    buf.truncate(e + 1);
+    buf.push(if exponent < 0 { b'-' } else { b'+' });
+    if exponent.unsigned_abs() < 10 {
+        buf.push(b'0');
+    }
+    push_u64(buf, exponent.unsigned_abs());
 }
 
 /// Writes `v / 1e8` with exactly 8 decimals (`112345.67000000`).
@@ -729,6 +762,29 @@ mod tests {
         buf.clear();
         push_u64(&mut buf, 0);
         assert_eq!(buf, b"0");
+    }
+
+    #[test]
+    fn floats_are_written_like_python_json_dumps() {
+        let cases: [(f64, &str); 10] = [
+            (0.0, "0.0"),
+            (0.0001, "0.0001"),
+            (0.00004357, "4.357e-05"),
+            (-0.000000025, "-2.5e-08"),
+            (179_621.0, "179621.0"),
+            (112_344.7, "112344.7"),
+            (1e16, "1e+16"),
+            (1.5e22, "1.5e+22"),
+            (2e-100, "2e-100"),
+            (-3.0, "-3.0"),
+        ];
+        for (v, text) in cases {
+            let mut buf = Vec::new();
+            push_py_float(&mut buf, v);
+            assert_eq!(std::str::from_utf8(&buf).unwrap(), text);
+            let back: f64 = serde_json::from_slice(&buf).unwrap();
+            assert_eq!(back, v, "{text} round-trips");
+        }
     }
 
     #[test]
