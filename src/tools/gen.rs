@@ -185,6 +185,8 @@ pub struct Generator {
     cumulative: [u64; 8],
     skipped: Vec<DataType>,
     n: u64,
+    /// Greatest `ts_ms` written so far.
+    ts_max_ms: i64,
     trade_seq: u64,
     liquidation_seq: u64,
     subject: String,
@@ -333,6 +335,7 @@ impl Generator {
             cumulative,
             skipped,
             n: 0,
+            ts_max_ms: i64::MIN,
             trade_seq: 0,
             liquidation_seq: 0,
             subject: String::with_capacity(64),
@@ -345,6 +348,12 @@ impl Generator {
     /// generated; e.g. `volatility_index` without `deribit`).
     pub fn skipped_types(&self) -> &[DataType] {
         &self.skipped
+    }
+
+    /// The greatest `ts_ms` generated so far (`i64::MIN` before the first message); a
+    /// later run that starts past it cannot repeat a timestamp identity of this one.
+    pub fn ts_max_ms(&self) -> i64 {
+        self.ts_max_ms
     }
 
     /// How many messages were generated so far.
@@ -365,6 +374,7 @@ impl Generator {
         let last = market.last_ts_ms[dt.index()];
         let ts_ms = if now_ms > last { now_ms } else { last + 1 };
         market.last_ts_ms[dt.index()] = ts_ms;
+        self.ts_max_ms = self.ts_max_ms.max(ts_ms);
         // Random walk by whole ticks, floored so prices stay positive.
         let step = self.rng.range_inclusive(-3, 3);
         market.mid_e8 = (market.mid_e8 + step * market.tick_e8).max(100 * market.tick_e8);
@@ -977,6 +987,36 @@ mod tests {
             }
         }
         assert_eq!(msg_ids.len(), count);
+        let ts_max = ts_keys.iter().map(|(_, _, ts)| *ts).max();
+        assert_eq!(ts_max, Some(g.ts_max_ms()));
+    }
+
+    #[test]
+    fn a_run_started_past_the_previous_runs_last_ts_repeats_none_of_its_identities() {
+        let mut keys = HashSet::new();
+        let mut start = 1_761_714_300_000;
+        for run_id in ["a", "b"] {
+            let mut cfg = config(Mix::uniform());
+            cfg.run_id = run_id.into();
+            // Same seed on purpose: only the run id and the clock tell the runs apart.
+            let mut g = Generator::new(&cfg).unwrap();
+            for _ in 0..5_000 {
+                // A clock standing still makes ts_ms run ahead of it, the case to cover.
+                let m = g.next_message(start);
+                let v = parse(&m);
+                let key = match m.data_type {
+                    DataType::Trade => s(&v, "trade_id").to_string(),
+                    _ => v["ts_ms"].to_string(),
+                };
+                assert!(
+                    keys.insert((m.subject.to_string(), m.data_type, key.clone())),
+                    "{} {key} repeats across runs",
+                    m.subject
+                );
+                assert!(keys.insert((m.msg_id.to_string(), m.data_type, String::new())));
+            }
+            start = g.ts_max_ms() + 1;
+        }
     }
 
     #[test]

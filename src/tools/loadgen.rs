@@ -255,7 +255,8 @@ pub struct LoadgenSummary {
     pub duplicates: u64,
     /// Why the run stopped early, if it did.
     pub aborted: Option<String>,
-    /// `ts_ms` the next run should start past to keep timestamp identities unique.
+    /// The greatest `ts_ms` of the run (`i64::MIN` if nothing was generated); start the
+    /// next run on the same markets past it to keep timestamp identities unique.
     pub ts_last_ms: i64,
 }
 
@@ -485,7 +486,6 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
     let start = Instant::now();
     let schedule = Schedule::new(start, opts.rate_per_s);
     let mut aborted = None;
-    let mut ts_last_ms = i64::MIN;
     let mut n = 0u64;
     let progress_interval = Duration::from_millis(PROGRESS_INTERVAL_MS);
     let mut progress_due = progress_interval;
@@ -517,7 +517,6 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
             Ok(ack) => window.push_back((dt, ack)),
             Err(e) => tally.error(e),
         }
-        ts_last_ms = ts_last_ms.max(now_ms);
         n += 1;
         while window.len() >= opts.inflight_max {
             if let Some((dt, ack)) = window.pop_front() {
@@ -550,7 +549,7 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
         first_error: tally.first_error,
         duplicates: tally.duplicates,
         aborted,
-        ts_last_ms,
+        ts_last_ms: generator.ts_max_ms(),
     })
 }
 
