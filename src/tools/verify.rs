@@ -45,7 +45,7 @@ pub struct VerifyOptions {
     pub nats_url: String,
     /// Streams to check (comma separated or repeated); default every stream whose subjects
     /// carry MarketPrism data types.
-    #[arg(long = "stream", value_delimiter = ',')]
+    #[arg(long = "stream", value_name = "NAME", value_delimiter = ',')]
     pub streams: Vec<String>,
     /// First stream sequence to check (default the stream's first).
     #[arg(long)]
@@ -56,8 +56,10 @@ pub struct VerifyOptions {
     /// ClickHouse HTTP URL.
     #[arg(long, default_value = "http://127.0.0.1:8123")]
     pub clickhouse_url: String,
+    /// ClickHouse user.
     #[arg(long, default_value = "default")]
     pub clickhouse_user: String,
+    /// ClickHouse password (empty: none).
     #[arg(
         long,
         env = "CLICKHOUSE_PASSWORD",
@@ -71,8 +73,8 @@ pub struct VerifyOptions {
     /// Dead-letter table (in the same database).
     #[arg(long, default_value = "dead_letters")]
     pub dead_letter_table: String,
-    /// Let the ClickHouse client validate row types (needs ClickHouse 24.10 or newer;
-    /// leave off for older servers such as 18.16).
+    /// Let the ClickHouse client check result types against the rows it decodes (it asks
+    /// for RowBinaryWithNamesAndTypes, which ClickHouse 18.16 lacks; leave off there).
     #[arg(long)]
     pub clickhouse_validation: bool,
     /// Sequences checked per round (bounds memory).
