@@ -9,3 +9,4 @@ pub mod config;
 pub mod schema;
 pub mod sink;
 pub mod source;
+pub mod tools;

@@ -2,6 +2,7 @@
 
 mod sink;
 mod source;
+mod tools;
 
 /// Result of a test: any error fails it with its message.
 pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
