@@ -44,9 +44,9 @@ pub use fs::{FileMeta, FileSystem, StdFs, WalFile};
 pub use ledger::{InflightBatch, Ledger};
 pub use reader::{Reader, RecordRef};
 pub use tools::{
-    list_segments, list_segments_with_fs, quarantine_segment, quarantine_segment_with_fs, read_dir,
-    read_dir_with_fs, verify, verify_with_fs, SegmentInfo, SegmentProblem, VerifyReport,
-    QUARANTINE_DIR,
+    list_segments, list_segments_with_fs, load_ledger, quarantine_segment,
+    quarantine_segment_with_fs, read_dir, read_dir_with_fs, verify, verify_with_fs, SegmentInfo,
+    SegmentProblem, VerifyReport, QUARANTINE_DIR,
 };
 pub use types::{Lsn, LsnRange, SegmentId, StreamSeq};
 pub use wal::{Recovery, RecoveryMode, Retention, TornTail, Wal, WalOptions, WalStats};

@@ -266,3 +266,9 @@ pub fn quarantine_segment_with_fs(
         .map_err(|e| WalError::io("fsync directory", dir, e))?;
     Ok(to)
 }
+
+/// Reads the ledger of `dir` without opening the WAL (for `wal inspect`); an empty ledger if
+/// none was written yet.
+pub fn load_ledger(dir: &Path) -> Result<crate::Ledger, WalError> {
+    crate::ledger::load(&StdFs, dir)
+}
