@@ -36,7 +36,8 @@ mod setup;
 
 pub use fetch::{AckSummary, Backlog, Batch, Fetcher, MessageRef, SELECTED_HEADERS};
 pub use setup::{
-    ensure_consumer, ensure_streams, ConsumerOutcome, Drift, SetupAction, StreamOutcome,
+    check_consumer, check_streams, ensure_consumer, ensure_streams, ConsumerOutcome, Drift,
+    SetupAction, StreamOutcome,
 };
 
 use std::path::PathBuf;

@@ -50,6 +50,8 @@ pub enum SetupAction {
     Created,
     /// It existed and was left as it is.
     Existed,
+    /// It is missing and was not created (`prism-relay check` only looks).
+    Missing,
 }
 
 /// The outcome for one `[[stream]]`.
@@ -84,7 +86,20 @@ pub async fn ensure_streams(
 ) -> Result<Vec<StreamOutcome>, SourceError> {
     let mut outcomes = Vec::with_capacity(streams.len());
     for config in streams {
-        outcomes.push(ensure_stream(js, config).await?);
+        outcomes.push(ensure_stream(js, config, true).await?);
+    }
+    Ok(outcomes)
+}
+
+/// Like [`ensure_streams`] but changes nothing: a missing stream is reported as
+/// [`SetupAction::Missing`].
+pub async fn check_streams(
+    js: &jetstream::Context,
+    streams: &[StreamConfig],
+) -> Result<Vec<StreamOutcome>, SourceError> {
+    let mut outcomes = Vec::with_capacity(streams.len());
+    for config in streams {
+        outcomes.push(ensure_stream(js, config, false).await?);
     }
     Ok(outcomes)
 }
@@ -92,12 +107,20 @@ pub async fn ensure_streams(
 async fn ensure_stream(
     js: &jetstream::Context,
     config: &StreamConfig,
+    create: bool,
 ) -> Result<StreamOutcome, SourceError> {
     let name = config.name.as_str();
     let action = match stream_info(js, name).await? {
         Some(info) => {
             let drift = stream_drift(config, &info.config);
             return Ok(existed_stream(name, drift));
+        }
+        None if !create => {
+            return Ok(StreamOutcome {
+                stream: name.to_owned(),
+                action: SetupAction::Missing,
+                drift: Vec::new(),
+            })
         }
         None => match js.create_stream(new_stream_config(config)).await {
             Ok(_) => SetupAction::Created,
@@ -257,6 +280,23 @@ pub async fn ensure_consumer(
     js: &jetstream::Context,
     config: &ConsumerConfig,
 ) -> Result<ConsumerOutcome, SourceError> {
+    setup_consumer(js, config, true).await
+}
+
+/// Like [`ensure_consumer`] but changes nothing: a missing durable is reported as
+/// [`SetupAction::Missing`].
+pub async fn check_consumer(
+    js: &jetstream::Context,
+    config: &ConsumerConfig,
+) -> Result<ConsumerOutcome, SourceError> {
+    setup_consumer(js, config, false).await
+}
+
+async fn setup_consumer(
+    js: &jetstream::Context,
+    config: &ConsumerConfig,
+    create: bool,
+) -> Result<ConsumerOutcome, SourceError> {
     let stream =
         js.get_stream_no_info(&config.stream)
             .await
@@ -268,6 +308,14 @@ pub async fn ensure_consumer(
     let existing = consumer_info(&stream, config).await?;
     let info = match existing {
         Some(info) => info,
+        None if !create => {
+            return Ok(ConsumerOutcome {
+                stream: config.stream.clone(),
+                durable: config.durable.clone(),
+                action: SetupAction::Missing,
+                drift: Vec::new(),
+            })
+        }
         None => match stream
             .create_consumer_strict(new_consumer_config(config))
             .await
