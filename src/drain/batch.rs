@@ -1,0 +1,397 @@
+//! One lane's batch under construction: the rows decoded from a contiguous WAL range.
+//!
+//! A batch is identified by its WAL range and a fingerprint of the message identities in it;
+//! both go into the ClickHouse deduplication token, so a batch retried after an error or
+//! re-cut after a crash (from the ledger's in-flight entry) carries the same token and the
+//! same rows in the same order (invariant 7).
+
+use std::time::Instant;
+
+use prism_wal::{Envelope, Lsn};
+
+use crate::codec::rows::{
+    FundingRateRow, LiquidationRow, LsrAllAccountRow, LsrTopPositionRow, OpenInterestRow,
+    OrderbookRow, TradeRow, VolatilityIndexRow,
+};
+use crate::codec::{self, Row, Table};
+use crate::sink::{DeadLetter, InsertError, IsolateOutcome, Sink};
+
+use super::route::Route;
+use crate::metrics::RowLabels;
+
+macro_rules! typed_rows {
+    ($($variant:ident($row:ty) => $table:ident),* $(,)?) => {
+        /// Rows of one typed table, held as the concrete row type so the sink encodes them
+        /// as RowBinary straight from the vector.
+        #[derive(Debug, Default)]
+        pub enum TypedRows {
+            /// No row yet.
+            #[default]
+            Empty,
+            $(
+                #[doc = concat!("Rows of `", stringify!($table), "`.")]
+                $variant(Vec<$row>),
+            )*
+        }
+
+        impl TypedRows {
+            /// Adds a row; a row of another table than the rows already held is handed back.
+            fn push(&mut self, row: Row) -> Result<(), Row> {
+                match (self, row) {
+                    $(
+                        (rows @ TypedRows::Empty, Row::$variant(row)) => {
+                            *rows = TypedRows::$variant(vec![row]);
+                            Ok(())
+                        }
+                        (TypedRows::$variant(rows), Row::$variant(row)) => {
+                            rows.push(row);
+                            Ok(())
+                        }
+                    )*
+                    (_, row) => Err(row),
+                }
+            }
+
+            /// Inserts the rows, isolating the ones ClickHouse rejects for their content.
+            pub async fn insert(&self, sink: &Sink, token: &str) -> Result<IsolateOutcome, InsertError> {
+                match self {
+                    TypedRows::Empty => Ok(IsolateOutcome::default()),
+                    $(
+                        TypedRows::$variant(rows) => {
+                            sink.insert_isolating(Table::$table.name(), rows, Some(token)).await
+                        }
+                    )*
+                }
+            }
+        }
+    };
+}
+
+typed_rows! {
+    Trade(TradeRow) => Trades,
+    Orderbook(OrderbookRow) => Orderbooks,
+    FundingRate(FundingRateRow) => FundingRates,
+    OpenInterest(OpenInterestRow) => OpenInterests,
+    Liquidation(LiquidationRow) => Liquidations,
+    LsrTopPosition(LsrTopPositionRow) => LsrTopPositions,
+    LsrAllAccount(LsrAllAccountRow) => LsrAllAccounts,
+    VolatilityIndex(VolatilityIndexRow) => VolatilityIndices,
+}
+
+/// How a lane's records become rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowsKind {
+    /// Decoded by a typed codec into RowBinary rows.
+    Typed,
+    /// Passed through as JSONEachRow lines.
+    Json,
+    /// Not inserted: every record becomes a dead letter (the unrouted lane).
+    DeadLettersOnly,
+}
+
+impl RowsKind {
+    /// The kind of a lane, by its name: a typed table, the unrouted lane, or a passthrough table.
+    pub fn for_lane(lane: &str) -> RowsKind {
+        if Table::from_name(lane).is_some() {
+            RowsKind::Typed
+        } else if lane == super::route::UNROUTED_LANE {
+            RowsKind::DeadLettersOnly
+        } else {
+            RowsKind::Json
+        }
+    }
+}
+
+impl From<Route<'_>> for RowsKind {
+    fn from(route: Route<'_>) -> RowsKind {
+        match route {
+            Route::Typed(_) => RowsKind::Typed,
+            Route::Passthrough(_) => RowsKind::Json,
+            Route::Unrouted => RowsKind::DeadLettersOnly,
+        }
+    }
+}
+
+/// What a lane inserts: typed rows for one table, JSON lines, or nothing but dead letters.
+#[derive(Debug)]
+pub enum Rows {
+    /// Rows of one typed MarketPrism table.
+    Typed(TypedRows),
+    /// JSON objects for a passthrough table, each on its own line of `body`.
+    Json {
+        /// The objects, one per line.
+        body: Vec<u8>,
+        /// Where each line starts in `body`.
+        starts: Vec<usize>,
+    },
+    /// The unrouted lane: every record becomes a dead letter.
+    None,
+}
+
+impl Rows {
+    /// Inserts the rows into `table`, isolating the ones ClickHouse rejects for their content.
+    pub async fn insert(
+        &self,
+        sink: &Sink,
+        table: &str,
+        token: &str,
+    ) -> Result<IsolateOutcome, InsertError> {
+        match self {
+            Rows::Typed(rows) => rows.insert(sink, token).await,
+            Rows::Json { body, starts } => {
+                let lines: Vec<&[u8]> = starts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, start)| {
+                        let end = starts.get(i + 1).map_or(body.len(), |next| next - 1);
+                        &body[*start..end]
+                    })
+                    .collect();
+                sink.insert_json_isolating(table, &lines, Some(token)).await
+            }
+            Rows::None => Ok(IsolateOutcome::default()),
+        }
+    }
+}
+
+/// Limits that cut a batch; the age limit is checked by the lane loop.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Cut when the batch holds this many rows.
+    pub rows_max: usize,
+    /// Cut when the payload bytes of the batch reach this.
+    pub bytes_max: usize,
+    /// Cut when the oldest record has waited this long.
+    pub age_max: std::time::Duration,
+}
+
+/// A batch being filled from the WAL.
+#[derive(Debug)]
+pub struct Batch {
+    /// Lane (table) name; part of the token.
+    lane: String,
+    /// WAL position of the first record in the batch.
+    first: Option<Lsn>,
+    /// WAL position of the last record in the batch.
+    last: Lsn,
+    /// The decoded rows.
+    pub rows: Rows,
+    /// WAL position of each row (typed or JSON line), to dead-letter rows ClickHouse rejects.
+    pub row_lsns: Vec<Lsn>,
+    /// The row labels (data type, exchange, market type) of each row, by index into `labels`.
+    pub row_labels: Vec<u16>,
+    /// Distinct labels seen in this batch.
+    pub labels: Vec<RowLabels>,
+    /// Records that did not decode, with their reason.
+    pub dead: Vec<DeadLetter>,
+    /// Payload bytes pushed, for the byte limit.
+    bytes: usize,
+    /// When the first record arrived, for the age limit.
+    opened_at: Option<Instant>,
+    /// FNV-1a over the identities pushed, for the token.
+    fingerprint: u64,
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+fn fnv(mut hash: u64, bytes: &[u8]) -> u64 {
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(FNV_PRIME);
+    }
+    hash
+}
+
+impl Batch {
+    /// An empty batch for a lane whose rows are of the given kind.
+    pub fn new(lane: &str, kind: RowsKind) -> Batch {
+        let rows = match kind {
+            RowsKind::Typed => Rows::Typed(TypedRows::Empty),
+            RowsKind::Json => Rows::Json {
+                body: Vec::new(),
+                starts: Vec::new(),
+            },
+            RowsKind::DeadLettersOnly => Rows::None,
+        };
+        Batch {
+            lane: lane.to_string(),
+            first: None,
+            last: Lsn(0),
+            rows,
+            row_lsns: Vec::new(),
+            row_labels: Vec::new(),
+            labels: Vec::new(),
+            dead: Vec::new(),
+            bytes: 0,
+            opened_at: None,
+            fingerprint: FNV_OFFSET,
+        }
+    }
+
+    /// Number of records in the batch (rows plus dead letters).
+    pub fn len(&self) -> usize {
+        self.row_lsns.len() + self.dead.len()
+    }
+
+    /// True when nothing has been pushed.
+    pub fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    /// First WAL position in the batch, if any.
+    pub fn first(&self) -> Option<Lsn> {
+        self.first
+    }
+
+    /// Last WAL position in the batch (meaningful when not empty).
+    pub fn last(&self) -> Lsn {
+        self.last
+    }
+
+    /// When the first record arrived.
+    pub fn opened_at(&self) -> Option<Instant> {
+        self.opened_at
+    }
+
+    /// True when a row or byte limit is reached.
+    pub fn is_full(&self, limits: &BatchLimits) -> bool {
+        self.row_lsns.len() + self.dead.len() >= limits.rows_max || self.bytes >= limits.bytes_max
+    }
+
+    /// Decodes one record of this lane and adds it as a row, or as a dead letter when it does not decode.
+    pub fn push(&mut self, lsn: Lsn, envelope: &Envelope<'_>, now_ms: i64) {
+        debug_assert!(
+            self.first.is_none() || lsn > self.last,
+            "records arrive in WAL order"
+        );
+        if self.first.is_none() {
+            self.first = Some(lsn);
+            self.opened_at = Some(Instant::now());
+        }
+        self.last = lsn;
+        self.bytes += envelope.payload.len();
+        self.fingerprint = fnv(self.fingerprint, envelope.stream.as_bytes());
+        self.fingerprint = fnv(self.fingerprint, &envelope.stream_seq.0.to_le_bytes());
+
+        let outcome = match &mut self.rows {
+            Rows::Typed(rows) => codec::decode(
+                &envelope.subject,
+                &envelope.payload,
+                &envelope.stream,
+                envelope.stream_seq.0,
+            )
+            .map_err(|error| error.to_string())
+            .and_then(|row| {
+                rows.push(row).map_err(|row| {
+                    format!("row of table {} does not belong to lane {}", row.table().name(), self.lane)
+                })
+            }),
+            Rows::Json { body, starts } => {
+                push_json_line(body, starts, &envelope.payload);
+                Ok(())
+            }
+            Rows::None => Err(format!(
+                "no route for subject {:?}: no typed codec and no [[drain.passthrough]] entry for its first token",
+                envelope.subject
+            )),
+        };
+        match outcome {
+            Ok(()) => {
+                self.row_lsns.push(lsn);
+                let label = self.label_index(&envelope.subject);
+                self.row_labels.push(label);
+            }
+            Err(reason) => self
+                .dead
+                .push(dead_letter(&self.lane, envelope, reason, now_ms)),
+        }
+    }
+
+    /// Index of the subject's labels in `labels`, adding them when new. A batch holds a handful of
+    /// markets, so a linear search beats hashing and allocates only for a new market.
+    fn label_index(&mut self, subject: &str) -> u16 {
+        let (data_type, exchange, market_type) = subject_labels(subject);
+        let found = self.labels.iter().position(|l| {
+            l.data_type == data_type && l.exchange == exchange && l.market_type == market_type
+        });
+        let index = found.unwrap_or_else(|| {
+            self.labels.push(RowLabels {
+                data_type: data_type.to_string(),
+                exchange: exchange.to_string(),
+                market_type: market_type.to_string(),
+            });
+            self.labels.len() - 1
+        });
+        u16::try_from(index).unwrap_or(u16::MAX)
+    }
+
+    /// Row counts per label, leaving out the rows at `skip` (sorted indices of rejected rows).
+    pub fn label_counts(&self, skip: &[usize]) -> Vec<(&RowLabels, u64)> {
+        let mut counts = vec![0u64; self.labels.len()];
+        let mut skip = skip.iter().peekable();
+        for (index, label) in self.row_labels.iter().enumerate() {
+            if skip.next_if(|s| **s == index).is_some() {
+                continue;
+            }
+            if let Some(count) = counts.get_mut(usize::from(*label)) {
+                *count += 1;
+            }
+        }
+        self.labels
+            .iter()
+            .zip(counts)
+            .filter(|(_, c)| *c > 0)
+            .collect()
+    }
+
+    /// The deduplication token: lane, WAL range, record count and identity fingerprint.
+    ///
+    /// The fingerprint makes the token unique even if a WAL directory were wiped and LSNs
+    /// started again: only a batch of the very same messages can carry the same token.
+    pub fn token(&self) -> String {
+        format!(
+            "{}:{}-{}:{}:{:016x}",
+            self.lane,
+            self.first.unwrap_or(Lsn(0)).0,
+            self.last.0,
+            self.len(),
+            self.fingerprint
+        )
+    }
+}
+
+/// Appends a passthrough payload as one line; the sink rejects lines that are not one JSON object.
+fn push_json_line(body: &mut Vec<u8>, starts: &mut Vec<usize>, payload: &[u8]) {
+    starts.push(body.len());
+    // A JSON object may span lines; keep it on one line by replacing raw newlines, which JSON
+    // allows only between tokens (inside strings they are escaped).
+    body.extend(
+        payload
+            .iter()
+            .map(|b| if *b == b'\n' || *b == b'\r' { b' ' } else { *b }),
+    );
+    body.push(b'\n');
+}
+
+/// A dead-letter row for a record of `lane`.
+pub fn dead_letter(lane: &str, envelope: &Envelope<'_>, reason: String, now_ms: i64) -> DeadLetter {
+    DeadLetter {
+        failed_at: now_ms,
+        table: lane.to_string(),
+        subject: envelope.subject.to_string(),
+        nats_stream: envelope.stream.to_string(),
+        nats_seq: envelope.stream_seq.0,
+        error: reason,
+        payload: envelope.payload.to_vec(),
+    }
+}
+
+/// Labels of a subject `{data_type}.{exchange}.{market_type}.{symbol}`; missing tokens are empty.
+fn subject_labels(subject: &str) -> (&str, &str, &str) {
+    let mut tokens = subject.split('.');
+    let data_type = tokens.next().unwrap_or_default();
+    let exchange = tokens.next().unwrap_or_default();
+    let market_type = tokens.next().unwrap_or_default();
+    (data_type, exchange, market_type)
+}

@@ -1,0 +1,353 @@
+//! One drain lane: tails the WAL, batches the records of one table and inserts them with retries.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prism_wal::{Envelope, InflightBatch, Lsn, Wal};
+use tokio::sync::watch;
+
+use crate::metrics::{DataTypeLabels, LaneLabels, Metrics};
+use crate::sink::{Backoff, DeadLetter, ErrorClass, InsertError, Sink};
+
+use super::batch::{dead_letter, Batch, BatchLimits, RowsKind};
+use super::route::Router;
+use super::{DrainError, LedgerKeeper};
+
+/// Records read per pass before the lane yields to other tasks and checks its timers.
+const READ_CHUNK_RECORDS: usize = 4_096;
+
+/// Static settings of a lane.
+#[derive(Debug, Clone)]
+pub struct LaneConfig {
+    /// Lane name: the table (or the unrouted lane).
+    pub name: String,
+    /// Batch cutting limits.
+    pub limits: BatchLimits,
+    /// Dead-letter table name.
+    pub dead_letter_table: String,
+    /// First retry delay after a failed insert.
+    pub backoff_initial: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// Token namespace: empty for the live drain, `replay` for replays, so a replay is not
+    /// swallowed by server-side deduplication of the live inserts.
+    pub token_prefix: String,
+    /// Stop after this position (replay); `None` tails forever.
+    pub end: Option<Lsn>,
+}
+
+/// A running lane.
+pub struct Lane {
+    config: LaneConfig,
+    wal: Wal,
+    router: Arc<Router>,
+    sink: Sink,
+    ledger: Arc<LedgerKeeper>,
+    metrics: Metrics,
+    shutdown: watch::Receiver<bool>,
+    /// Next WAL position this lane will look at.
+    read_pos: Lsn,
+    /// Records of this lane below this position are already in ClickHouse.
+    resume_cursor: Lsn,
+    /// A batch found in flight at start-up: re-cut exactly this range first.
+    recut: Option<InflightBatch>,
+    /// How the rows of this lane are encoded.
+    kind: RowsKind,
+    /// Publish time of the newest record handled (for the drain watermark).
+    newest_published_ns: i64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Lane {
+    /// Prepares a lane from its ledger state; `first_lsn` is the oldest record the WAL holds.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn new(
+        config: LaneConfig,
+        kind: RowsKind,
+        wal: Wal,
+        router: Arc<Router>,
+        sink: Sink,
+        ledger: Arc<LedgerKeeper>,
+        metrics: Metrics,
+        shutdown: watch::Receiver<bool>,
+        first_lsn: Lsn,
+    ) -> Lane {
+        let (cursor, recut) = ledger.lane_state(&config.name).await;
+        let resume_cursor = cursor.unwrap_or(first_lsn).max(first_lsn);
+        let start = recut
+            .as_ref()
+            .map_or(resume_cursor, |b| b.first.min(resume_cursor));
+        ledger.register(&config.name, resume_cursor).await;
+        Lane {
+            config,
+            wal,
+            router,
+            sink,
+            ledger,
+            metrics,
+            shutdown,
+            read_pos: start,
+            resume_cursor,
+            recut,
+            kind,
+            newest_published_ns: 0,
+        }
+    }
+
+    /// Runs until shutdown (or the replay end), inserting every record of the lane.
+    pub async fn run(mut self) -> Result<(), DrainError> {
+        let mut batch = Batch::new(&self.config.name, self.kind);
+        let mut durable = self.wal.watch_durable();
+        let mut reader = self
+            .wal
+            .reader(self.read_pos)
+            .map_err(|source| DrainError::Wal {
+                lane: self.config.name.clone(),
+                source,
+            })?;
+        loop {
+            let mut caught_up = false;
+            for _ in 0..READ_CHUNK_RECORDS {
+                if self.config.end.is_some_and(|end| self.read_pos > end) {
+                    caught_up = true;
+                    break;
+                }
+                let record = match reader.next() {
+                    Ok(Some(record)) => record,
+                    Ok(None) => {
+                        caught_up = true;
+                        break;
+                    }
+                    Err(source) => {
+                        return Err(DrainError::Wal {
+                            lane: self.config.name.clone(),
+                            source,
+                        })
+                    }
+                };
+                let lsn = record.lsn;
+                let envelope = record.envelope().map_err(|source| DrainError::Wal {
+                    lane: self.config.name.clone(),
+                    source,
+                })?;
+                // A re-cut batch ends exactly where it ended before the crash.
+                if self.recut.as_ref().is_some_and(|r| lsn > r.last) && !batch.is_empty() {
+                    self.flush(&mut batch, false).await?;
+                }
+                self.read_pos = Lsn(lsn.0 + 1);
+                let mine = self.router.route(&envelope.subject).lane() == self.config.name;
+                if !mine || lsn < self.resume_cursor && self.recut.is_none() {
+                    continue;
+                }
+                if lsn < self.resume_cursor && !self.recut.as_ref().is_some_and(|r| lsn >= r.first)
+                {
+                    continue;
+                }
+                self.newest_published_ns = self.newest_published_ns.max(envelope.published_ns);
+                batch.push(lsn, &envelope, now_ms());
+                let cut = match &self.recut {
+                    Some(r) => lsn >= r.last,
+                    None => batch.is_full(&self.config.limits),
+                };
+                if cut {
+                    self.flush(&mut batch, false).await?;
+                }
+            }
+
+            let recut_done = self.recut.as_ref().is_some_and(|r| self.read_pos > r.last);
+            let aged = batch
+                .opened_at()
+                .is_some_and(|t| t.elapsed() >= self.config.limits.age_max);
+            let replay_done = self.config.end.is_some_and(|end| self.read_pos > end);
+            if !batch.is_empty() && (recut_done || (self.recut.is_none() && aged) || replay_done) {
+                self.flush(&mut batch, false).await?;
+            }
+            if batch.is_empty() {
+                self.recut = None;
+                self.ledger
+                    .note_cursor(&self.config.name, self.read_pos)
+                    .await;
+            }
+            self.publish_progress(&batch);
+            if replay_done
+                || (caught_up
+                    && self.config.end.is_some()
+                    && self.read_pos > self.wal.durable_lsn())
+            {
+                return Ok(());
+            }
+            if *self.shutdown.borrow() {
+                return self.stop(&mut batch).await;
+            }
+            if caught_up {
+                let deadline = batch
+                    .opened_at()
+                    .map(|t| t + self.config.limits.age_max)
+                    .unwrap_or_else(|| Instant::now() + IDLE_WAKE);
+                tokio::select! {
+                    _ = durable.changed() => {}
+                    _ = tokio::time::sleep_until(deadline.into()) => {}
+                    _ = self.shutdown.changed() => {}
+                }
+            } else {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    /// On shutdown: one bounded attempt to insert what is batched, then stop.
+    async fn stop(&mut self, batch: &mut Batch) -> Result<(), DrainError> {
+        if !batch.is_empty() {
+            self.flush(batch, true).await?;
+            self.ledger
+                .note_cursor(&self.config.name, self.read_pos)
+                .await;
+        }
+        Ok(())
+    }
+
+    fn publish_progress(&self, batch: &Batch) {
+        let lane = LaneLabels {
+            table: self.config.name.clone(),
+        };
+        let cursor = batch.first().unwrap_or(self.read_pos);
+        self.metrics
+            .drain_cursor_lsn
+            .get_or_create(&lane)
+            .set(cursor.0 as i64);
+        let backlog = self
+            .wal
+            .durable_lsn()
+            .0
+            .saturating_sub(cursor.0.saturating_sub(1));
+        self.metrics
+            .batch_queue_size
+            .get_or_create(&DataTypeLabels {
+                data_type: self.config.name.clone(),
+            })
+            .set(backlog as i64);
+        if batch.is_empty() && self.newest_published_ns > 0 {
+            self.metrics
+                .drain_watermark_seconds
+                .get_or_create(&lane)
+                .set(self.newest_published_ns as f64 / 1e9);
+        }
+    }
+
+    /// Inserts the batch (rows, then dead letters) with retries, then moves the cursor.
+    /// `stopping` bounds the retries to one attempt: shutdown must not wait on ClickHouse.
+    async fn flush(&mut self, batch: &mut Batch, stopping: bool) -> Result<(), DrainError> {
+        let Some(first) = batch.first() else {
+            return Ok(());
+        };
+        let full = std::mem::replace(batch, Batch::new(&self.config.name, self.kind));
+        let token = format!("{}{}", self.config.token_prefix, full.token());
+        let inflight = InflightBatch {
+            first,
+            last: full.last(),
+            rows: u32::try_from(full.len()).unwrap_or(u32::MAX),
+        };
+        self.ledger.begin(&self.config.name, inflight).await?;
+
+        let (rows, table, token_ref) = (&full.rows, self.config.name.clone(), token.as_str());
+        let outcome = self
+            .retry(stopping, |sink| {
+                let table = table.clone();
+                async move { rows.insert(&sink, &table, token_ref).await }
+            })
+            .await?;
+        let rejected: Vec<usize> = outcome.poison.iter().map(|p| p.index).collect();
+        let mut dead = full.dead.clone();
+        for poison in &outcome.poison {
+            let lsn = full.row_lsns[poison.index];
+            dead.push(self.reread_dead_letter(lsn, poison.error.message.clone())?);
+        }
+        if !dead.is_empty() {
+            let dead_table = self.config.dead_letter_table.as_str().to_owned();
+            let dead_token = format!("{token}/dead");
+            let (dead_rows, dead_table, dead_token) =
+                (&dead, dead_table.as_str(), dead_token.as_str());
+            self.retry(stopping, |sink| async move {
+                sink.insert_dead_letters(dead_table, dead_rows, Some(dead_token))
+                    .await
+            })
+            .await?;
+            self.metrics.failed(dead.len() as u64);
+        }
+        if outcome.rows_inserted > 0 {
+            self.metrics.batch_inserts.inc();
+            self.metrics.batch_size.inc_by(outcome.rows_inserted as u64);
+            for (labels, rows) in full.label_counts(&rejected) {
+                self.metrics.processed(labels, rows);
+            }
+        }
+        self.ledger.finish(&self.config.name, self.read_pos).await?;
+        Ok(())
+    }
+
+    fn reread_dead_letter(&self, lsn: Lsn, reason: String) -> Result<DeadLetter, DrainError> {
+        let wal_error = |source| DrainError::Wal {
+            lane: self.config.name.clone(),
+            source,
+        };
+        let mut reader = self.wal.reader(lsn).map_err(wal_error)?;
+        let record = reader
+            .next()
+            .map_err(wal_error)?
+            .ok_or_else(|| DrainError::Wal {
+                lane: self.config.name.clone(),
+                source: prism_wal::WalError::Truncated {
+                    requested: lsn,
+                    first_available: lsn,
+                },
+            })?;
+        let envelope: Envelope<'_> = record.envelope().map_err(wal_error)?;
+        Ok(dead_letter(&self.config.name, &envelope, reason, now_ms()))
+    }
+
+    /// Runs an insert until it succeeds; retryable and schema errors back off and try again.
+    async fn retry<T, F, Fut>(&mut self, stopping: bool, mut attempt: F) -> Result<T, DrainError>
+    where
+        F: FnMut(Sink) -> Fut,
+        Fut: std::future::Future<Output = Result<T, InsertError>>,
+    {
+        let mut backoff = Backoff::new(
+            self.config.backoff_initial.as_millis() as u64,
+            self.config.backoff_max.as_millis() as u64,
+        );
+        loop {
+            match attempt(self.sink.clone()).await {
+                Ok(value) => {
+                    self.metrics.ready.set(1);
+                    return Ok(value);
+                }
+                Err(error) => {
+                    self.metrics.clickhouse_insert_errors.inc();
+                    if error.class == ErrorClass::Schema {
+                        self.metrics.ready.set(0);
+                    }
+                    tracing::warn!(lane = %self.config.name, class = ?error.class, %error, "insert failed; retrying");
+                    if stopping || *self.shutdown.borrow() {
+                        return Err(DrainError::Interrupted {
+                            lane: self.config.name.clone(),
+                        });
+                    }
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.changed() => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How long an idle lane sleeps before re-checking (a durable-LSN change wakes it sooner).
+const IDLE_WAKE: Duration = Duration::from_millis(1_000);

@@ -1,0 +1,108 @@
+//! Routing: which drain lane owns a WAL record, decided from its subject alone.
+//!
+//! The first subject token names the MarketPrism data type (`trade.binance.spot.BTC-USDT`).
+//! A typed codec owns the eight known types; `[[drain.passthrough]]` routes send other
+//! first tokens to a table as JSONEachRow; anything else is unrouted and goes to dead letters,
+//! so a new collector type never blocks the pipeline and is never dropped silently.
+
+use std::collections::BTreeMap;
+
+use crate::codec::{DataType, Table};
+
+/// Name of the lane that collects records no route claims (its rows are dead letters).
+pub const UNROUTED_LANE: &str = "_unrouted";
+
+/// Where one record goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'r> {
+    /// A typed MarketPrism table, encoded as RowBinary by its codec.
+    Typed(Table),
+    /// A passthrough table, inserted as JSONEachRow.
+    Passthrough(&'r str),
+    /// No route: the record becomes a dead letter.
+    Unrouted,
+}
+
+impl Route<'_> {
+    /// The lane (and ledger cursor) name of this route.
+    pub fn lane(&self) -> &str {
+        match self {
+            Route::Typed(table) => table.name(),
+            Route::Passthrough(table) => table,
+            Route::Unrouted => UNROUTED_LANE,
+        }
+    }
+}
+
+/// Maps subjects to routes.
+#[derive(Debug, Clone, Default)]
+pub struct Router {
+    /// First subject token -> passthrough table.
+    passthrough: BTreeMap<String, String>,
+}
+
+impl Router {
+    /// A router with the typed codecs and the given passthrough routes (first token -> table).
+    pub fn new(passthrough: impl IntoIterator<Item = (String, String)>) -> Router {
+        Router {
+            passthrough: passthrough.into_iter().collect(),
+        }
+    }
+
+    /// The route of one subject. Typed codecs win over passthrough routes for the same token.
+    pub fn route(&self, subject: &str) -> Route<'_> {
+        if let Some(data_type) = DataType::from_subject(subject) {
+            return Route::Typed(data_type.table());
+        }
+        let first = subject.split('.').next().unwrap_or(subject);
+        match self.passthrough.get(first) {
+            Some(table) => Route::Passthrough(table),
+            None => Route::Unrouted,
+        }
+    }
+
+    /// Every lane this router can produce, typed tables first.
+    pub fn lanes(&self) -> Vec<String> {
+        let mut lanes: Vec<String> = Table::ALL.iter().map(|t| t.name().to_string()).collect();
+        for table in self.passthrough.values() {
+            if !lanes.contains(table) {
+                lanes.push(table.clone());
+            }
+        }
+        lanes.push(UNROUTED_LANE.to_string());
+        lanes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_data_types_route_to_their_typed_table() {
+        let router = Router::default();
+        assert_eq!(
+            router.route("trade.binance.spot.BTC-USDT"),
+            Route::Typed(Table::Trades)
+        );
+        assert_eq!(
+            router.route("volatility_index.deribit.options.BTC").lane(),
+            "volatility_indices"
+        );
+    }
+
+    #[test]
+    fn passthrough_routes_claim_unknown_first_tokens_only() {
+        let router = Router::new([("ticker".to_string(), "tickers".to_string())]);
+        assert_eq!(
+            router.route("ticker.okx.spot.BTC-USDT"),
+            Route::Passthrough("tickers")
+        );
+        assert_eq!(router.route("candles.okx.spot.BTC-USDT"), Route::Unrouted);
+        assert!(router.lanes().contains(&"tickers".to_string()));
+        assert_eq!(
+            router.lanes().last().map(String::as_str),
+            Some(UNROUTED_LANE)
+        );
+    }
+}

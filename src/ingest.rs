@@ -1,0 +1,155 @@
+//! Ingest: JetStream batches -> WAL append -> ack, one task per configured consumer.
+//!
+//! The order of the three steps is the relay's first invariant: a message is acknowledged only after
+//! the fdatasync that covers its WAL record has returned. `Wal::append` returns only then, and the ack
+//! site asserts it against the WAL's durable watermark. Several consumers append concurrently and the
+//! WAL's group commit lets them share one write and one fdatasync.
+//!
+//! Backpressure: while the WAL's byte budget is full, or the disk is, the task stops fetching; the
+//! messages stay in JetStream (unacked ones are redelivered after `ack_wait`), memory does not grow.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use prism_wal::{Envelope, StreamSeq, Wal, WalError};
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::source::{Fetcher, SourceError};
+
+/// How often a paused task re-checks the WAL budget or a full disk.
+const PAUSE_POLL_MS: u64 = 100;
+/// First delay after a failed fetch (NATS down); doubles up to the maximum.
+const FETCH_RETRY_INITIAL_MS: u64 = 100;
+/// Longest delay between fetch attempts while NATS is unreachable.
+const FETCH_RETRY_MAX_MS: u64 = 5_000;
+
+/// Why an ingest task stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The WAL writer failed for good (an fsync error); the relay must exit and recover at restart.
+    #[error("WAL append failed for consumer {consumer}: {source}")]
+    Wal {
+        /// Durable consumer name.
+        consumer: String,
+        /// The WAL's error.
+        #[source]
+        source: WalError,
+    },
+}
+
+/// Runs one consumer until shutdown: fetch, append, ack.
+pub async fn run(
+    mut fetcher: Fetcher,
+    wal: Wal,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), IngestError> {
+    let consumer = fetcher.durable().to_string();
+    let mut fetch_delay_ms = FETCH_RETRY_INITIAL_MS;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        if wal.budget_full() {
+            metrics.ingest_paused.set(1);
+            if pause(&mut shutdown).await {
+                return Ok(());
+            }
+            continue;
+        }
+        metrics.ingest_paused.set(0);
+
+        let batch = tokio::select! {
+            batch = fetcher.fetch() => batch,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        let batch = match batch {
+            Ok(batch) => {
+                fetch_delay_ms = FETCH_RETRY_INITIAL_MS;
+                batch
+            }
+            Err(error) => {
+                log_fetch_error(&consumer, &error);
+                let delay = Duration::from_millis(fetch_delay_ms);
+                fetch_delay_ms = (fetch_delay_ms * 2).min(FETCH_RETRY_MAX_MS);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        metrics.fetch_batches.inc();
+
+        // Borrow every field from the fetched messages: the only copy is the WAL write itself.
+        let envelopes: Vec<Envelope<'_>> = batch
+            .iter()
+            .map(|m| Envelope {
+                stream: Cow::Borrowed(m.stream()),
+                stream_seq: StreamSeq(m.stream_seq()),
+                subject: Cow::Borrowed(m.subject()),
+                headers: m
+                    .msg_id()
+                    .map(|id| vec![(Cow::Borrowed("Nats-Msg-Id"), Cow::Borrowed(id))])
+                    .unwrap_or_default(),
+                published_ns: m.published_ns(),
+                payload: Cow::Borrowed(m.payload()),
+            })
+            .collect();
+
+        let range = loop {
+            match wal.append(&envelopes).await {
+                Ok(range) => break range,
+                Err(WalError::DiskFull { .. }) => {
+                    // Nothing was written; keep the batch (unacked) and try again once space is freed.
+                    metrics.ingest_paused.set(1);
+                    tracing::warn!(%consumer, "disk full: WAL append paused, messages stay unacked in JetStream");
+                    if pause(&mut shutdown).await {
+                        return Ok(());
+                    }
+                }
+                Err(source) => return Err(IngestError::Wal { consumer, source }),
+            }
+        };
+        metrics.ingest_paused.set(0);
+
+        // Invariant 1: the ack covers only records an fdatasync has covered.
+        assert!(
+            wal.durable_lsn() >= range.last,
+            "ack before fsync: durable {} < batch end {}",
+            wal.durable_lsn(),
+            range.last
+        );
+        metrics.messages_received.inc_by(envelopes.len() as u64);
+        if let Some(newest) = envelopes.iter().map(|e| e.published_ns).max() {
+            metrics
+                .last_message_timestamp_seconds
+                .set(newest as f64 / 1e9);
+        }
+        drop(envelopes);
+        match batch.ack().await {
+            Ok(summary) => {
+                metrics.acks.inc_by(summary.acks_sent as u64);
+            }
+            // The records are durable: a lost ack only means JetStream redelivers them, and the
+            // redelivered copies collapse on their identity in ClickHouse.
+            Err(error) => tracing::warn!(%consumer, %error, "ack failed; JetStream will redeliver"),
+        }
+    }
+}
+
+/// Waits a pause interval; true if shutdown was requested meanwhile.
+async fn pause(shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_millis(PAUSE_POLL_MS)) => *shutdown.borrow(),
+        _ = shutdown.changed() => true,
+    }
+}
+
+fn log_fetch_error(consumer: &str, error: &SourceError) {
+    tracing::warn!(%consumer, %error, "fetch failed; retrying");
+}
