@@ -1,11 +1,25 @@
 //! prism-relay: a durable relay from NATS JetStream through a local write-ahead log to ClickHouse.
 //!
+//! The pipeline, in data-flow order (ARCHITECTURE.md draws it):
+//! - [`source`]: JetStream connection, streams, durable pull consumers, fetch and ack.
+//! - [`ingest`]: fetch, append to the WAL (`prism_wal`), ack after the fsync.
+//! - [`drain`]: per-table lanes that read the WAL, decode, batch and insert.
 //! - [`codec`]: MarketPrism JSON payloads decoded into typed ClickHouse rows.
-//! - [`schema`]: the ClickHouse DDL of those rows (modern and legacy profiles) and the start-up
-//!   column check.
+//! - [`sink`]: ClickHouse inserts, error classification, poison isolation, dead letters.
+//! - [`schema`]: the ClickHouse DDL (modern and legacy profiles) and the start-up column check.
+//!
+//! Around it: [`config`] (TOML with environment overrides), [`run`] (start-up and graceful
+//! shutdown), [`metrics`] and [`http`] (Prometheus, health, readiness), [`replay`] (WAL backfill),
+//! and [`tools`] (`loadgen` and `verify`).
 
 pub mod codec;
 pub mod config;
+pub mod drain;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod replay;
+pub mod run;
 pub mod schema;
 pub mod sink;
 pub mod source;

@@ -1,0 +1,408 @@
+//! `prism-relay run`: start-up, the task set, and graceful shutdown.
+//!
+//! Start-up order follows what must never be lost: the WAL is recovered first (so acked data is
+//! back before anything new arrives), then JetStream consumers are checked or created and ingest
+//! starts. ClickHouse is not needed to ingest: the drain waits for it (retrying with backoff while
+//! the WAL absorbs data), checks the schema, and only then starts its lanes. A schema mismatch is
+//! an operator error and stops the relay with a message naming the table and column.
+//!
+//! Shutdown (SIGTERM/SIGINT, or the future passed to [`run`]): fetching stops, appends and acks in
+//! flight finish, each lane makes one bounded attempt to insert what it has batched, the ledger is
+//! committed and the WAL closed, all within `shutdown.timeout_ms`. Whatever is not inserted stays
+//! in the WAL for the next start.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prism_wal::{Lsn, RecoveryMode, Retention, Wal, WalError, WalOptions};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{ClickHouseProfile, Config, RecoveryModeKind, WalConfig};
+use crate::drain::{BatchLimits, DrainError, Lane, LaneConfig, LedgerKeeper, Router, RowsKind};
+use crate::metrics::Metrics;
+use crate::schema::{self, Profile, SchemaError, SchemaTable};
+use crate::sink::{Backoff, Sink, SinkError, SinkOptions};
+use crate::source::{self, Fetcher, SourceError};
+use crate::{http, ingest};
+
+/// How often the ledger is committed when no batch commits it, so idle lanes release segments.
+const LEDGER_COMMIT_INTERVAL_MS: u64 = 1_000;
+
+/// Why the relay stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The WAL could not be opened or recovered.
+    #[error("cannot open the WAL in {dir}: {source}")]
+    WalOpen {
+        /// WAL directory.
+        dir: String,
+        /// The WAL's error.
+        #[source]
+        source: WalError,
+    },
+    /// The WAL failed while running (an fsync error is fatal by design).
+    #[error("WAL failure: {0}")]
+    Wal(#[source] WalError),
+    /// NATS set-up failed.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The metrics endpoint could not bind.
+    #[error("cannot listen on {listen} for /metrics: {source}")]
+    Listen {
+        /// Address from `[metrics] listen`.
+        listen: String,
+        /// The bind error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// ClickHouse's tables do not have the columns the relay writes.
+    #[error("{0}")]
+    Schema(#[from] SchemaError),
+    /// A ClickHouse statement failed in a way retrying cannot fix.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// An ingest task failed.
+    #[error(transparent)]
+    Ingest(#[from] ingest::IngestError),
+    /// A drain lane failed.
+    #[error(transparent)]
+    Drain(#[from] DrainError),
+}
+
+/// Maps `[wal]` to the WAL's options.
+pub fn wal_options(config: &WalConfig) -> WalOptions {
+    WalOptions {
+        segment_bytes_max: config.segment_bytes_max,
+        group_bytes_max: usize::try_from(config.group_bytes_max).unwrap_or(usize::MAX),
+        budget_bytes_max: config.budget_bytes_max,
+        retention: Retention {
+            bytes_max: config.retention_bytes_max,
+            segments_max: config.retention_segments_max,
+            age_max: Duration::from_secs(config.retention_age_s),
+        },
+        recovery_mode: match config.recovery_mode {
+            RecoveryModeKind::TruncateTornTail => RecoveryMode::TruncateTornTail,
+            RecoveryModeKind::Strict => RecoveryMode::Strict,
+        },
+    }
+}
+
+/// Sink options for `[clickhouse]` with the given profile.
+pub fn sink_options(config: &Config, profile: Profile) -> SinkOptions {
+    let ch = &config.clickhouse;
+    SinkOptions {
+        url: ch.url.clone(),
+        user: ch.user.clone(),
+        password: ch.password.clone(),
+        database: ch.database.clone(),
+        insert_timeout_ms: ch.insert_timeout_ms,
+        connect_timeout_ms: ch.connect_timeout_ms,
+        modern: profile == Profile::Modern,
+        ..SinkOptions::default()
+    }
+}
+
+/// Connects to ClickHouse and resolves the schema profile (`auto` asks `SELECT version()`).
+pub async fn resolve_profile(config: &Config) -> Result<(Sink, Profile), SinkError> {
+    // A client bound to a database fails every request while that database does not exist,
+    // and the schema may not be applied yet: the probe uses `system`, which every server has.
+    let mut options = sink_options(config, Profile::Legacy);
+    options.database = "system".to_string();
+    let probe = Sink::new(options)?;
+    let profile = match config.clickhouse.profile {
+        ClickHouseProfile::Modern => Profile::Modern,
+        ClickHouseProfile::Legacy => Profile::Legacy,
+        ClickHouseProfile::Auto => Profile::for_server_version(&probe.server_version().await?),
+    };
+    Ok((probe, profile))
+}
+
+/// Applies the DDL of `profile` (database, tables, dead letters), idempotently.
+pub async fn apply_schema(
+    config: &Config,
+    probe: &Sink,
+    profile: Profile,
+) -> Result<(), SinkError> {
+    let ch = &config.clickhouse;
+    for statement in schema::all_ddl(profile, &ch.database, ch.ttl_days) {
+        probe.execute(&statement).await?;
+    }
+    Ok(())
+}
+
+/// Problems found by the schema check, if any, each naming the table, the column and the fix.
+pub async fn check_schema(
+    config: &Config,
+    probe: &Sink,
+    profile: Profile,
+) -> Result<Vec<SchemaError>, SinkError> {
+    let columns = probe.table_columns(&config.clickhouse.database).await?;
+    let mut problems = Vec::new();
+    for table in SchemaTable::ALL {
+        let name = match table {
+            SchemaTable::DeadLetters => config.drain.dead_letter_table.as_str(),
+            SchemaTable::Data(t) => t.name(),
+        };
+        let actual = columns.get(name).map(Vec::as_slice).unwrap_or_default();
+        if let Err(problem) = schema::check_columns(table, actual, profile) {
+            problems.push(problem);
+        }
+    }
+    Ok(problems)
+}
+
+/// Runs the relay until `shutdown` resolves or a fatal error occurs.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let (wal, recovery) =
+        Wal::open(&config.wal.dir, wal_options(&config.wal)).map_err(|source| {
+            RunError::WalOpen {
+                dir: config.wal.dir.display().to_string(),
+                source,
+            }
+        })?;
+    tracing::info!(
+        dir = %config.wal.dir.display(),
+        segments = recovery.segments,
+        first_lsn = %recovery.first_lsn,
+        next_lsn = %recovery.next_lsn,
+        torn_tail = ?recovery.torn_tail,
+        "WAL recovered"
+    );
+    let first_lsn = recovery.first_lsn;
+
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let registry = Arc::new(registry);
+    let listener = http::bind(config.metrics.listen)
+        .await
+        .map_err(|source| RunError::Listen {
+            listen: config.metrics.listen.to_string(),
+            source,
+        })?;
+
+    let client = source::connect(&config.nats).await?;
+    let js = source::jetstream(client, &config.nats);
+    for outcome in source::ensure_streams(&js, &config.stream).await? {
+        tracing::info!(stream = %outcome.stream, action = ?outcome.action, drift = outcome.drift.len(), "stream");
+    }
+    let mut fetchers = Vec::new();
+    for consumer in &config.consumer {
+        let outcome = source::ensure_consumer(&js, consumer).await?;
+        tracing::info!(stream = %outcome.stream, durable = %outcome.durable, action = ?outcome.action, drift = outcome.drift.len(), "consumer");
+        fetchers.push(Fetcher::new(&js, consumer).await?);
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut ingest_tasks = JoinSet::new();
+    for fetcher in fetchers {
+        ingest_tasks.spawn(ingest::run(
+            fetcher,
+            wal.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        registry,
+        metrics.clone(),
+        wal.clone(),
+        stop_rx.clone(),
+    ));
+    let drain_task = tokio::spawn(drain(
+        config.clone(),
+        wal.clone(),
+        metrics.clone(),
+        stop_rx.clone(),
+        first_lsn,
+    ));
+
+    // Wait for a stop request or the first fatal error.
+    tokio::pin!(shutdown);
+    let mut drain_task = drain_task;
+    let mut failure: Option<RunError> = None;
+    let mut drain_done = None;
+    tokio::select! {
+        _ = &mut shutdown => tracing::info!("shutdown requested"),
+        Some(joined) = ingest_tasks.join_next() => {
+            failure = task_failure(joined.map(|r| r.map_err(RunError::from)));
+        }
+        joined = &mut drain_task => {
+            failure = task_failure(joined.map(|r| r));
+            drain_done = Some(());
+        }
+    }
+    if let Some(error) = &failure {
+        tracing::error!(%error, "stopping after a fatal error");
+        if matches!(error, RunError::Ingest(_) | RunError::Wal(_)) {
+            metrics.wal_failed.set(1);
+        }
+    }
+    let _ = stop_tx.send(true);
+
+    let bound = Duration::from_millis(config.shutdown.timeout_ms);
+    let graceful = tokio::time::timeout(bound, async {
+        while let Some(joined) = ingest_tasks.join_next().await {
+            if let Some(error) = task_failure(joined.map(|r| r.map_err(RunError::from))) {
+                tracing::error!(%error, "ingest task failed during shutdown");
+            }
+        }
+        if drain_done.is_none() {
+            if let Some(error) = task_failure((&mut drain_task).await) {
+                tracing::warn!(%error, "drain stopped with work left in the WAL");
+            }
+        }
+    })
+    .await;
+    if graceful.is_err() {
+        tracing::warn!(
+            timeout_ms = config.shutdown.timeout_ms,
+            "shutdown bound reached; the WAL keeps what was not inserted"
+        );
+        ingest_tasks.abort_all();
+        drain_task.abort();
+    }
+    let _ = http_task.await;
+    if let Err(error) = wal.close().await {
+        tracing::warn!(%error, "closing the WAL");
+    }
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// The error of a finished task, if it failed (a panic is re-raised).
+fn task_failure(joined: Result<Result<(), RunError>, tokio::task::JoinError>) -> Option<RunError> {
+    match joined {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(error),
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Err(_) => None,
+    }
+}
+
+/// Waits for ClickHouse, checks the schema, then runs one lane per table until shutdown.
+async fn drain(
+    config: Config,
+    wal: Wal,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+    first_lsn: Lsn,
+) -> Result<(), RunError> {
+    let mut backoff = Backoff::new(
+        config.drain.retry_backoff_initial_ms,
+        config.drain.retry_backoff_max_ms,
+    );
+    let (probe, profile) = loop {
+        let attempt = async {
+            let (probe, profile) = resolve_profile(&config).await?;
+            if config.clickhouse.create_schema {
+                apply_schema(&config, &probe, profile).await?;
+            }
+            let problems = check_schema(&config, &probe, profile).await?;
+            Ok::<_, SinkError>((probe, profile, problems))
+        };
+        match attempt.await {
+            Ok((probe, profile, problems)) => {
+                if let Some(first) = problems.into_iter().next() {
+                    return Err(RunError::Schema(first));
+                }
+                break (probe, profile);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "ClickHouse not ready; ingesting into the WAL meanwhile");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = stop.changed() => return Ok(()),
+                }
+            }
+        }
+    };
+    drop(probe);
+    tracing::info!(
+        profile = profile.name(),
+        "ClickHouse schema checked; draining"
+    );
+    metrics.ready.set(1);
+
+    let sink = Sink::new(sink_options(&config, profile))?;
+    let router = Arc::new(Router::new(
+        config
+            .drain
+            .passthrough
+            .iter()
+            .map(|r| (r.data_type.clone(), r.table.clone())),
+    ));
+    let ledger = LedgerKeeper::load(wal.clone()).map_err(RunError::Wal)?;
+    let mut lanes = JoinSet::new();
+    for name in router.lanes() {
+        let kind = RowsKind::for_lane(&name);
+        let table = config.drain.table_batch(&name);
+        let lane_config = LaneConfig {
+            limits: BatchLimits {
+                rows_max: table.rows_max as usize,
+                bytes_max: usize::try_from(table.bytes_max).unwrap_or(usize::MAX),
+                age_max: Duration::from_millis(table.flush_interval_ms),
+            },
+            name,
+            dead_letter_table: config.drain.dead_letter_table.clone(),
+            backoff_initial: Duration::from_millis(config.drain.retry_backoff_initial_ms),
+            backoff_max: Duration::from_millis(config.drain.retry_backoff_max_ms),
+            token_prefix: String::new(),
+            end: None,
+        };
+        let lane = Lane::new(
+            lane_config,
+            kind,
+            wal.clone(),
+            router.clone(),
+            sink.clone(),
+            ledger.clone(),
+            metrics.clone(),
+            stop.clone(),
+            first_lsn,
+        )
+        .await;
+        lanes.spawn(lane.run());
+    }
+
+    // Idle lanes move their cursors in memory; commit them now and then so segments get released.
+    let mut tick = tokio::time::interval(Duration::from_millis(LEDGER_COMMIT_INTERVAL_MS));
+    let mut result = Ok(());
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(error) = ledger.commit().await {
+                    result = Err(RunError::Drain(error));
+                    break;
+                }
+            }
+            joined = lanes.join_next() => match joined {
+                None => break,
+                Some(joined) => {
+                    if let Some(error) = task_failure(joined.map(|r| r.map_err(RunError::from))) {
+                        result = Err(error);
+                        // Stop the other lanes: the relay exits and the next start resumes from
+                        // the ledger (an interrupted insert is repeated with the same token).
+                        lanes.abort_all();
+                        break;
+                    }
+                }
+            },
+        }
+    }
+    // On a lane failure, stop the others too: the relay exits and restarts from the ledger.
+    while let Some(joined) = lanes.join_next().await {
+        if let Some(error) = task_failure(joined.map(|r| r.map_err(RunError::from))) {
+            tracing::warn!(%error, "lane stopped");
+        }
+    }
+    if let Err(error) = ledger.commit().await {
+        tracing::warn!(%error, "final ledger commit");
+    }
+    result
+}
