@@ -86,7 +86,7 @@ async fn health(State(shared): State<Shared>) -> impl IntoResponse {
 }
 
 async fn ready(State(shared): State<Shared>) -> impl IntoResponse {
-    if shared.metrics.ready.get() == 1 && !(shared.metrics.wal_failed.get() == 1) {
+    if shared.metrics.ready.get() == 1 && shared.metrics.wal_failed.get() != 1 {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

@@ -231,7 +231,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             failure = task_failure(joined.map(|r| r.map_err(RunError::from)));
         }
         joined = &mut drain_task => {
-            failure = task_failure(joined.map(|r| r));
+            failure = task_failure(joined);
             drain_done = Some(());
         }
     }

@@ -36,7 +36,7 @@ macro_rules! typed_rows {
 
         impl TypedRows {
             /// Adds a row; a row of another table than the rows already held is handed back.
-            fn push(&mut self, row: Row) -> Result<(), Row> {
+            fn push(&mut self, row: Row) -> Result<(), Box<Row>> {
                 match (self, row) {
                     $(
                         (rows @ TypedRows::Empty, Row::$variant(row)) => {
@@ -48,7 +48,7 @@ macro_rules! typed_rows {
                             Ok(())
                         }
                     )*
-                    (_, row) => Err(row),
+                    (_, row) => Err(Box::new(row)),
                 }
             }
 

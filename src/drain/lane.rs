@@ -80,9 +80,10 @@ impl Lane {
     ) -> Lane {
         let (cursor, recut) = ledger.lane_state(&config.name).await;
         let resume_cursor = cursor.unwrap_or(first_lsn).max(first_lsn);
-        let start = recut
-            .as_ref()
-            .map_or(resume_cursor, |b| b.first.min(resume_cursor));
+        debug_assert!(
+            recut.as_ref().is_none_or(|b| b.first >= resume_cursor),
+            "an in-flight batch starts at or after its lane's cursor"
+        );
         ledger.register(&config.name, resume_cursor).await;
         Lane {
             config,
@@ -92,7 +93,7 @@ impl Lane {
             ledger,
             metrics,
             shutdown,
-            read_pos: start,
+            read_pos: resume_cursor,
             resume_cursor,
             recut,
             kind,
@@ -141,12 +142,10 @@ impl Lane {
                     self.flush(&mut batch, false).await?;
                 }
                 self.read_pos = Lsn(lsn.0 + 1);
+                // The committed cursor never passes an in-flight batch's first record, so the
+                // cursor alone says which records of this lane are already in ClickHouse.
                 let mine = self.router.route(&envelope.subject).lane() == self.config.name;
-                if !mine || lsn < self.resume_cursor && self.recut.is_none() {
-                    continue;
-                }
-                if lsn < self.resume_cursor && !self.recut.as_ref().is_some_and(|r| lsn >= r.first)
-                {
+                if !mine || lsn < self.resume_cursor {
                     continue;
                 }
                 self.newest_published_ns = self.newest_published_ns.max(envelope.published_ns);
