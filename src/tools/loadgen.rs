@@ -31,6 +31,11 @@ use super::{connect_nats, DataType, ToolError};
 /// small enough that a stalled server stops the generator within a fraction of a second.
 pub const INFLIGHT_MAX_DEFAULT: usize = 1024;
 
+/// How long a publish may wait for its ack, counted from the send. The client's own timeout
+/// starts only when an ack is awaited, and acks are awaited oldest first: publishes lost to a
+/// server restart would otherwise time out one after the other.
+const PUBLISH_ACK_TIMEOUT_MS: u64 = 5_000;
+
 /// Time between two progress updates: frequent enough to look live, rare enough to keep
 /// the cost off the publish path at any rate.
 const PROGRESS_INTERVAL_MS: u64 = 100;
@@ -420,8 +425,15 @@ impl Tally {
         }
     }
 
-    async fn settle(&mut self, dt: DataType, ack: PublishAckFuture) {
-        match ack.await {
+    async fn settle(&mut self, dt: DataType, ack: PublishAckFuture, deadline: Instant) {
+        let ack = match tokio::time::timeout_at(deadline.into(), ack).await {
+            Ok(ack) => ack,
+            Err(_) => {
+                self.error("publish ack timed out");
+                return;
+            }
+        };
+        match ack {
             Ok(ack) => {
                 self.published[dt.index()] += 1;
                 if ack.duplicate {
@@ -464,6 +476,7 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(opts.inflight_max)
         .backpressure_on_inflight(true)
+        .timeout(Duration::from_millis(PUBLISH_ACK_TIMEOUT_MS))
         .build(client.clone());
     let streams_created = if opts.create_streams {
         ensure_streams(&js, &opts.stream_layout()).await?
@@ -479,7 +492,7 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
         first_error: None,
         duplicates: 0,
     };
-    let mut window: VecDeque<(DataType, PublishAckFuture)> =
+    let mut window: VecDeque<(DataType, PublishAckFuture, Instant)> =
         VecDeque::with_capacity(opts.inflight_max);
     let count_max = opts.count.unwrap_or(u64::MAX);
     let duration_max = opts.duration_s.map(Duration::from_secs);
@@ -514,13 +527,17 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
             .message_id(m.msg_id);
         let subject = m.subject.to_string();
         match js.send_publish(subject, publish).await {
-            Ok(ack) => window.push_back((dt, ack)),
+            Ok(ack) => window.push_back((
+                dt,
+                ack,
+                Instant::now() + Duration::from_millis(PUBLISH_ACK_TIMEOUT_MS),
+            )),
             Err(e) => tally.error(e),
         }
         n += 1;
         while window.len() >= opts.inflight_max {
-            if let Some((dt, ack)) = window.pop_front() {
-                tally.settle(dt, ack).await;
+            if let Some((dt, ack, deadline)) = window.pop_front() {
+                tally.settle(dt, ack, deadline).await;
             }
         }
         if elapsed >= progress_due {
@@ -528,8 +545,8 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
             progress_due = elapsed + progress_interval;
         }
     }
-    while let Some((dt, ack)) = window.pop_front() {
-        tally.settle(dt, ack).await;
+    while let Some((dt, ack, deadline)) = window.pop_front() {
+        tally.settle(dt, ack, deadline).await;
     }
     let elapsed = start.elapsed();
     bar.set_position(n);
