@@ -210,6 +210,22 @@ impl Bed {
         }
     }
 
+    /// Messages stored in `stream` on subjects matching `filter`.
+    pub async fn subject_count(&self, stream: &str, filter: &str) -> u64 {
+        use futures_util::TryStreamExt as _;
+        let js = self.js().await;
+        let stream = js.get_stream(stream).await.expect("stream exists");
+        let mut subjects = stream
+            .info_with_subjects(filter)
+            .await
+            .expect("stream info with subjects");
+        let mut total = 0;
+        while let Some((_, count)) = subjects.try_next().await.expect("subject counts") {
+            total += count as u64;
+        }
+        total
+    }
+
     /// JetStream's view of a durable consumer.
     pub async fn consumer_info(&self, stream: &str, durable: &str) -> jetstream::consumer::Info {
         let js = self.js().await;

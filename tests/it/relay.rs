@@ -1,7 +1,323 @@
-//! The relay end to end: the binary (or the library) between real NATS and ClickHouse
-//! servers, with exact accounting of what was published and what was stored.
+//! The relay end to end: the binary between real NATS and ClickHouse servers, with exact
+//! accounting of what was published and what was stored.
 
-use crate::harness::{Bed, Load, RelayProc, DRAIN_TIMEOUT};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::harness::{wait_until_sync, Bed, Load, RelayProc, DATABASE, DRAIN_TIMEOUT};
+
+/// Every column of `table` in the bed's database, in table order.
+fn columns_of(bed: &Bed, table: &str) -> Vec<String> {
+    bed.rows(&format!("DESCRIBE TABLE {DATABASE}.{table}"))
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// One hand-written message and the row it must become: (column, value as ClickHouse prints it).
+struct Case {
+    subject: &'static str,
+    payload: &'static str,
+    table: &'static str,
+    row: Vec<(&'static str, &'static str)>,
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            subject: "trade.binance.spot.BTC-USDT",
+            payload: r#"{"symbol":"BTC-USDT","price":"112345.67000000","quantity":"0.00120000","side":"buy","trade_id":"5321098765","exchange":"binance","market_type":"spot","data_source":"marketprism","data_type":"trade","ts_ms":1761714312456,"trade_ts_ms":1761714312345,"publisher":"unified-collector","collected_ts_ms":1761714312401}"#,
+            table: "trades",
+            row: vec![
+                ("timestamp", "1761714312456"),
+                ("exchange", "binance"),
+                ("market_type", "spot"),
+                ("symbol", "BTC-USDT"),
+                ("trade_id", "5321098765"),
+                ("price", "112345.67000000"),
+                ("quantity", "0.00120000"),
+                ("side", "buy"),
+                ("is_maker", "0"),
+                ("trade_time", "1761714312345"),
+                ("data_source", "marketprism"),
+                ("nats_stream", "MARKET_TRADES"),
+                ("nats_seq", "1"),
+            ],
+        },
+        Case {
+            subject: "orderbook.binance.spot.BTC-USDT",
+            payload: r#"{"exchange":"binance","market_type":"spot","symbol":"BTC-USDT","bids":[["112345.60000000","1.23400000"],["112345.5","0.5"],["112340","2"]],"asks":[["112345.70000000","0.80000000"],["112346.01","3.25"]],"last_update_id":71234567890,"data_type":"orderbook","ts_ms":1761714312456,"publisher":"unified-collector","collected_ts_ms":1761714312450}"#,
+            table: "orderbooks",
+            row: vec![
+                ("timestamp", "1761714312456"),
+                ("exchange", "binance"),
+                ("market_type", "spot"),
+                ("symbol", "BTC-USDT"),
+                ("last_update_id", "71234567890"),
+                ("bids_count", "3"),
+                ("asks_count", "2"),
+                ("best_bid_price", "112345.60000000"),
+                ("best_ask_price", "112345.70000000"),
+                ("best_bid_quantity", "1.23400000"),
+                ("best_ask_quantity", "0.80000000"),
+                (
+                    "bids",
+                    r#"[["112345.60000000","1.23400000"],["112345.50000000","0.50000000"],["112340.00000000","2.00000000"]]"#,
+                ),
+                (
+                    "asks",
+                    r#"[["112345.70000000","0.80000000"],["112346.01000000","3.25000000"]]"#,
+                ),
+                ("data_source", "marketprism"),
+                ("nats_stream", "MARKET_BOOKS"),
+                ("nats_seq", "1"),
+            ],
+        },
+        Case {
+            // OKX: no update id, and the older object format of levels.
+            subject: "orderbook.okx.perpetual.ETH-USDT",
+            payload: r#"{"exchange":"okx","market_type":"perpetual","symbol":"ETH-USDT","bids":[{"price":"4012.35","quantity":"12.5"},{"price":"4012.4","quantity":"0.001"}],"asks":[{"price":"4012.50","quantity":"7"}],"last_update_id":null,"data_type":"orderbook","ts_ms":1761714312999,"publisher":"unified-collector","collected_ts_ms":1761714312990,"data_source":"marketprism"}"#,
+            table: "orderbooks",
+            row: vec![
+                ("timestamp", "1761714312999"),
+                ("exchange", "okx"),
+                ("market_type", "perpetual"),
+                ("symbol", "ETH-USDT"),
+                ("last_update_id", "0"),
+                ("bids_count", "2"),
+                ("asks_count", "1"),
+                ("best_bid_price", "4012.40000000"),
+                ("best_ask_price", "4012.50000000"),
+                ("best_bid_quantity", "0.00100000"),
+                ("best_ask_quantity", "7.00000000"),
+                (
+                    "bids",
+                    r#"[["4012.35000000","12.50000000"],["4012.40000000","0.00100000"]]"#,
+                ),
+                ("asks", r#"[["4012.50000000","7.00000000"]]"#),
+                ("data_source", "marketprism"),
+                ("nats_stream", "MARKET_BOOKS"),
+                ("nats_seq", "2"),
+            ],
+        },
+        Case {
+            subject: "funding_rate.binance.perpetual.BTC-USDT",
+            payload: r#"{"exchange":"binance","market_type":"perpetual","symbol":"BTC-USDT","current_funding_rate":0.0001,"estimated_funding_rate":0.00012,"premium_index":-0.00003,"funding_interval":"8h","mark_price":112350.1,"index_price":112340.2,"data_type":"funding_rate","ts_ms":1761714300123,"next_funding_ts_ms":1761714300099,"publisher":"unified-collector","collected_ts_ms":1761714300100}"#,
+            table: "funding_rates",
+            row: vec![
+                ("timestamp", "1761714300123"),
+                ("exchange", "binance"),
+                ("market_type", "perpetual"),
+                ("symbol", "BTC-USDT"),
+                ("funding_rate", "0.00010000"),
+                ("mark_price", "112350.10000000"),
+                ("index_price", "112340.20000000"),
+                ("funding_time", "1761714300123"),
+                ("next_funding_time", "1761714300099"),
+                ("data_source", "marketprism"),
+                ("nats_stream", "MARKET_DATA"),
+                ("nats_seq", "1"),
+            ],
+        },
+        Case {
+            subject: "open_interest.okx.perpetual.BTC-USDT",
+            payload: r#"{"exchange":"okx","market_type":"perpetual","symbol":"BTC-USDT","open_interest_value":2856123.5,"open_interest_usd":3208512345.25,"open_interest_unit":"contracts","mark_price":112340.5,"index_price":null,"data_type":"open_interest","ts_ms":1761714600000,"publisher":"unified-collector","collected_ts_ms":1761714599990,"data_source":"api"}"#,
+            table: "open_interests",
+            row: vec![
+                ("timestamp", "1761714600000"),
+                ("exchange", "okx"),
+                ("market_type", "perpetual"),
+                ("symbol", "BTC-USDT"),
+                ("open_interest", "2856123.50000000"),
+                ("open_interest_value", "3208512345.25000000"),
+                ("count", "1"),
+                ("data_source", "api"),
+                ("nats_stream", "MARKET_DATA"),
+                ("nats_seq", "2"),
+            ],
+        },
+        Case {
+            subject: "liquidation.binance.perpetual.ETH-USDT",
+            payload: r#"{"exchange":"binance","market_type":"perpetual","symbol":"ETH-USDT","liquidation_id":"ETHUSDT-1761714400777-17","side":"sell","status":"FILLED","price":4012.35,"quantity":1.25,"filled_quantity":1.25,"notional_value":5015.4375,"liquidation_ts_ms":1761714400777,"data_type":"liquidation","ts_ms":1761714400812,"publisher":"unified-collector","collected_ts_ms":1761714400801,"data_source":"marketprism"}"#,
+            table: "liquidations",
+            row: vec![
+                ("timestamp", "1761714400812"),
+                ("exchange", "binance"),
+                ("market_type", "perpetual"),
+                ("symbol", "ETH-USDT"),
+                ("side", "sell"),
+                ("price", "4012.35000000"),
+                ("quantity", "1.25000000"),
+                ("liquidation_time", "1761714400777"),
+                ("liquidation_id", "ETHUSDT-1761714400777-17"),
+                ("data_source", "marketprism"),
+                ("nats_stream", "MARKET_DATA"),
+                ("nats_seq", "3"),
+            ],
+        },
+        Case {
+            subject: "lsr_top_position.binance.perpetual.BTC-USDT",
+            payload: r#"{"exchange":"binance","market_type":"perpetual","symbol":"BTC-USDT","long_short_ratio":"1.8523","long_position_ratio":"0.6494","short_position_ratio":"0.3506","period":"5m","data_type":"lsr_top_position","ts_ms":1761714500000,"publisher":"unified-collector","collected_ts_ms":1761714499870}"#,
+            table: "lsr_top_positions",
+            row: vec![
+                ("timestamp", "1761714500000"),
+                ("exchange", "binance"),
+                ("market_type", "perpetual"),
+                ("symbol", "BTC-USDT"),
+                ("long_position_ratio", "0.64940000"),
+                ("short_position_ratio", "0.35060000"),
+                ("period", "5m"),
+                ("long_short_ratio", "1.85230000"),
+                ("data_source", "marketprism"),
+                ("nats_stream", "MARKET_DATA"),
+                ("nats_seq", "4"),
+            ],
+        },
+        Case {
+            subject: "lsr_all_account.okx.perpetual.ETH-USDT",
+            payload: r#"{"exchange":"okx","market_type":"perpetual","symbol":"ETH-USDT","long_short_ratio":"1.33209877","long_account_ratio":"0.5712","short_account_ratio":"0.4288","period":"5m","data_type":"lsr_all_account","ts_ms":1761714510000,"publisher":"unified-collector","collected_ts_ms":1761714509950,"data_source":"marketprism"}"#,
+            table: "lsr_all_accounts",
+            row: vec![
+                ("timestamp", "1761714510000"),
+                ("exchange", "okx"),
+                ("market_type", "perpetual"),
+                ("symbol", "ETH-USDT"),
+                ("long_account_ratio", "0.57120000"),
+                ("short_account_ratio", "0.42880000"),
+                ("period", "5m"),
+                ("long_short_ratio", "1.33209877"),
+                ("data_source", "marketprism"),
+                ("nats_stream", "MARKET_DATA"),
+                ("nats_seq", "5"),
+            ],
+        },
+        Case {
+            subject: "volatility_index.deribit.options.BTC",
+            payload: r#"{"exchange":"deribit","market_type":"options","symbol":"BTC","vol_index":"52.37","currency":"BTC","data_type":"volatility_index","ts_ms":1761714360000,"publisher":"unified-collector","collected_ts_ms":1761714359987,"data_source":"marketprism"}"#,
+            table: "volatility_indices",
+            row: vec![
+                ("timestamp", "1761714360000"),
+                ("exchange", "deribit"),
+                ("market_type", "options"),
+                ("symbol", "BTC"),
+                ("index_value", "52.37000000"),
+                ("underlying_asset", "BTC"),
+                // Day 0, "no maturity" (18.16 prints it as 0000-00-00: compared as a day number).
+                ("maturity_date", "0"),
+                ("data_source", "marketprism"),
+                ("nats_stream", "MARKET_DATA"),
+                ("nats_seq", "6"),
+            ],
+        },
+        Case {
+            // The index under its other name, a maturity, and no currency (the symbol stands in).
+            subject: "volatility_index.deribit.options.ETH",
+            payload: r#"{"exchange":"deribit","market_type":"options","symbol":"ETH","volatility_index":61.2,"maturity_date":"2026-12-25","data_type":"volatility_index","ts_ms":1761714360001,"publisher":"unified-collector","collected_ts_ms":1761714359990}"#,
+            table: "volatility_indices",
+            row: vec![
+                ("timestamp", "1761714360001"),
+                ("exchange", "deribit"),
+                ("market_type", "options"),
+                ("symbol", "ETH"),
+                ("index_value", "61.20000000"),
+                ("underlying_asset", "ETH"),
+                ("maturity_date", "20812"),
+                ("data_source", "marketprism"),
+                ("nats_stream", "MARKET_DATA"),
+                ("nats_seq", "7"),
+            ],
+        },
+    ]
+}
+
+/// The SELECT expression of a column: dates as day numbers, the rest as they are.
+fn select_expr(column: &str) -> String {
+    if column == "maturity_date" {
+        format!("toUInt16({column})")
+    } else {
+        column.to_string()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_marketprism_data_type_is_stored_with_every_column_exact() {
+    let bed = Bed::start();
+    let mut relay = RelayProc::spawn(&bed, "relay", &bed.config());
+    relay.wait_ready().await;
+    let started_ms = now_ms();
+    let cases = cases();
+    for case in &cases {
+        let (stream, seq) = bed.publish_raw(case.subject, case.payload).await;
+        let expected = |col: &str| case.row.iter().find(|(c, _)| *c == col).unwrap().1;
+        assert_eq!(stream, expected("nats_stream"), "{}", case.subject);
+        assert_eq!(seq.to_string(), expected("nats_seq"), "{}", case.subject);
+    }
+    wait_until_sync("one row per message in every table", DRAIN_TIMEOUT, || {
+        bed.count_all_tables() == cases.len() as u64
+    })
+    .await;
+    let finished_ms = now_ms();
+
+    for case in &cases {
+        // The row holds exactly the relay's columns plus the server-filled `created_at`.
+        let mut names: Vec<&str> = case.row.iter().map(|(c, _)| *c).collect();
+        names.push("created_at");
+        let mut actual = columns_of(&bed, case.table);
+        actual.sort();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(actual, sorted, "{}", case.table);
+
+        let seq = case.row.iter().find(|(c, _)| *c == "nats_seq").unwrap().1;
+        let stream = case
+            .row
+            .iter()
+            .find(|(c, _)| *c == "nats_stream")
+            .unwrap()
+            .1;
+        let rows = bed.rows(&format!(
+            "SELECT {} FROM {DATABASE}.{} FINAL WHERE nats_stream = '{stream}' AND nats_seq = {seq}",
+            names.iter().map(|c| select_expr(c)).collect::<Vec<_>>().join(", "),
+            case.table
+        ));
+        assert_eq!(rows.len(), 1, "{}: {rows:?}", case.subject);
+        let row = &rows[0];
+        for (i, (column, value)) in case.row.iter().enumerate() {
+            assert_eq!(
+                row[i], *value,
+                "{} column {column} of {}",
+                case.table, case.subject
+            );
+        }
+        // created_at: the server's clock when the row arrived, in ms (legacy: whole seconds).
+        let created_at: i64 = row[case.row.len()].parse().unwrap();
+        assert!(
+            created_at >= started_ms / 1000 * 1000 && created_at <= finished_ms + 1000,
+            "{} created_at {created_at} outside [{started_ms}, {finished_ms}]",
+            case.table
+        );
+    }
+    assert_eq!(bed.count_dead_letters(), 0);
+    let report = bed.verify().await;
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (cases.len() as u64, cases.len() as u64, 0, 0),
+        "{report}"
+    );
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadgen_traffic_is_stored_exactly_once() {
@@ -19,5 +335,6 @@ async fn loadgen_traffic_is_stored_exactly_once() {
         "{report}"
     );
     assert_eq!(bed.count_all_tables(), 800);
+    let _ = Duration::ZERO;
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
