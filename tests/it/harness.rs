@@ -194,13 +194,15 @@ impl Bed {
         }
     }
 
-    /// Polls verify until every published identity is stored or dead-lettered, then
+    /// Polls verify until every published identity is stored or dead-lettered (unrouted
+    /// subjects included), then
     /// returns that report (which may still show duplicates: the caller asserts).
     pub async fn wait_accounted(&self, timeout: Duration) -> VerifyReport {
         let deadline = Instant::now() + timeout;
         loop {
             let report = self.verify().await;
-            if report.totals().lost == 0 {
+            let unrouted = &report.unrouted;
+            if report.totals().lost == 0 && unrouted.dead_lettered >= unrouted.published {
                 return report;
             }
             if Instant::now() >= deadline {
@@ -289,6 +291,13 @@ impl Load {
 
     pub fn rate(mut self, rate_per_s: u64) -> Load {
         self.rate_per_s = rate_per_s;
+        self
+    }
+
+    /// Starts the generated `ts_ms` at `ts_ms` (past an earlier run's last, so timestamp
+    /// identities of the two runs cannot collide).
+    pub fn ts_start(mut self, ts_ms: i64) -> Load {
+        self.ts_start_ms = Some(ts_ms);
         self
     }
 

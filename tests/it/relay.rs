@@ -3,6 +3,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use prism_relay::tools::DataType;
+
 use crate::harness::{wait_until_sync, Bed, Load, RelayProc, DATABASE, DRAIN_TIMEOUT};
 
 /// Every column of `table` in the bed's database, in table order.
@@ -336,5 +338,128 @@ async fn loadgen_traffic_is_stored_exactly_once() {
     );
     assert_eq!(bed.count_all_tables(), 800);
     let _ = Duration::ZERO;
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+/// A poison message and what its dead letter must say.
+struct Poison {
+    subject: &'static str,
+    payload: &'static str,
+    table: &'static str,
+    /// Fragments the reason must contain.
+    reason: &'static [&'static str],
+}
+
+const POISONS: [Poison; 5] = [
+    Poison {
+        subject: "trade.binance.spot.BTC-USDT",
+        payload: "not json {",
+        table: "trades",
+        reason: &["payload is not a valid JSON object"],
+    },
+    Poison {
+        subject: "trade.okx.spot.ETH-USDT",
+        payload: r#"{"exchange":"okx","market_type":"spot","symbol":"ETH-USDT","quantity":"1.5","side":"sell","trade_id":"okx-77","data_type":"trade","ts_ms":1761714312456,"publisher":"unified-collector","collected_ts_ms":1761714312401}"#,
+        table: "trades",
+        reason: &["field `price` is missing or null"],
+    },
+    Poison {
+        subject: "trade.binance.perpetual.BTC-USDT",
+        payload: r#"{"exchange":"binance","market_type":"perpetual","symbol":"BTC-USDT","price":"112,345.6","quantity":"0.5","side":"buy","trade_id":"bad-decimal-1","data_type":"trade","ts_ms":1761714312457,"publisher":"unified-collector","collected_ts_ms":1761714312401}"#,
+        table: "trades",
+        reason: &["field `price`", "`112,345.6`", "not a valid Decimal64(8)"],
+    },
+    Poison {
+        // Beyond Decimal64(8)'s range (about 9.2e10).
+        subject: "lsr_top_position.binance.perpetual.BTC-USDT",
+        payload: r#"{"exchange":"binance","market_type":"perpetual","symbol":"BTC-USDT","long_short_ratio":"1.5","long_position_ratio":"123456789012.5","short_position_ratio":"0.4","period":"5m","data_type":"lsr_top_position","ts_ms":1761714500000,"publisher":"unified-collector","collected_ts_ms":1761714499870}"#,
+        table: "lsr_top_positions",
+        reason: &[
+            "field `long_position_ratio`",
+            "`123456789012.5`",
+            "not a valid Decimal64(8)",
+        ],
+    },
+    Poison {
+        subject: "ticker.binance.spot.BTC-USDT",
+        payload: r#"{"exchange":"binance","market_type":"spot","symbol":"BTC-USDT","last":"112345.6","data_type":"ticker","ts_ms":1761714312456}"#,
+        // The drain's lane for subjects without a table.
+        table: "_unrouted",
+        reason: &[
+            "no route for subject \"ticker.binance.spot.BTC-USDT\"",
+            "no typed codec and no [[drain.passthrough]] entry",
+        ],
+    },
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_dead_lettered_with_their_reason_while_good_ones_around_them_are_stored(
+) {
+    let bed = Bed::start();
+    let mut config = bed.config();
+    // A subject no table is named for, captured by the data stream.
+    config.streams[2].subjects.push("ticker.>".into());
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    relay.wait_ready().await;
+
+    let before = bed.publish(Load::new("poison-before", 300)).await;
+    let good = cases();
+    let mut poisoned = Vec::new();
+    for (i, poison) in POISONS.iter().enumerate() {
+        // Good messages interleaved with the poison ones, in the same streams.
+        bed.publish_raw(good[i].subject, good[i].payload).await;
+        let (stream, seq) = bed.publish_raw(poison.subject, poison.payload).await;
+        poisoned.push((stream, seq));
+    }
+    bed.publish(Load::new("poison-after", 300).ts_start(before.ts_last_ms + 1_000))
+        .await;
+
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    let totals = report.totals();
+    // 600 from loadgen, one good message before each poison one, and the poison ones; the
+    // ticker belongs to no typed table: verify counts it apart as unrouted.
+    let good_published = 600 + POISONS.len() as u64;
+    assert_eq!(
+        totals.published,
+        good_published + POISONS.len() as u64 - 1,
+        "{report}"
+    );
+    assert_eq!(totals.stored, good_published, "{report}");
+    assert_eq!(totals.dead_lettered, POISONS.len() as u64 - 1, "{report}");
+    assert_eq!((totals.lost, totals.duplicated), (0, 0), "{report}");
+    assert_eq!(report.table(DataType::Trade).dead_lettered, 3, "{report}");
+    assert_eq!(
+        report.table(DataType::LsrTopPosition).dead_lettered,
+        1,
+        "{report}"
+    );
+    assert_eq!(
+        (report.unrouted.published, report.unrouted.dead_lettered),
+        (1, 1),
+        "{report}"
+    );
+    assert_eq!(report.unexpected_dead_letters, 0, "{report}");
+
+    let letters = bed.rows(&format!(
+        "SELECT table, subject, nats_stream, nats_seq, error, payload \
+         FROM {DATABASE}.dead_letters FINAL ORDER BY nats_stream, nats_seq"
+    ));
+    assert_eq!(letters.len(), POISONS.len(), "{letters:?}");
+    for (poison, (stream, seq)) in POISONS.iter().zip(&poisoned) {
+        let letter = letters
+            .iter()
+            .find(|l| l[2] == *stream && l[3] == seq.to_string())
+            .unwrap_or_else(|| panic!("no dead letter for {stream}#{seq}: {letters:?}"));
+        assert_eq!(letter[0], poison.table, "{letter:?}");
+        assert_eq!(letter[1], poison.subject, "{letter:?}");
+        for fragment in poison.reason {
+            assert!(
+                letter[4].contains(fragment),
+                "reason {:?} lacks {fragment:?}",
+                letter[4]
+            );
+        }
+        assert_eq!(letter[5], poison.payload, "the original payload");
+    }
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
