@@ -5,7 +5,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prism_relay::tools::DataType;
 
-use crate::harness::{wait_until_sync, Bed, Load, RelayProc, DATABASE, DRAIN_TIMEOUT};
+use crate::harness::{
+    wait_for, wait_until_sync, Bed, ConsumerDef, Load, RelayProc, DATABASE, DRAIN_TIMEOUT,
+};
 
 /// Every column of `table` in the bed's database, in table order.
 fn columns_of(bed: &Bed, table: &str) -> Vec<String> {
@@ -460,6 +462,94 @@ async fn poison_messages_are_dead_lettered_with_their_reason_while_good_ones_aro
             );
         }
         assert_eq!(letter[5], poison.payload, "the original payload");
+    }
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_sharding_one_stream_by_exchange_each_take_their_share_and_store_all_once() {
+    let bed = Bed::start();
+    let mut config = bed.config();
+    config.streams.truncate(1); // MARKET_TRADES
+    let mut binance =
+        ConsumerDef::new("MARKET_TRADES", "trades-binance").filter(&["trade.binance.>"]);
+    binance.fetch_batch = 64;
+    let mut okx = ConsumerDef::new("MARKET_TRADES", "trades-okx").filter(&["trade.okx.>"]);
+    okx.fetch_batch = 200;
+    config.consumers = vec![binance, okx];
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    relay.wait_ready().await;
+
+    let count = 1_000;
+    bed.publish(
+        Load::new("shard", count)
+            .mix("trade=1")
+            .exchanges(&["binance", "okx"]),
+    )
+    .await;
+    let per_exchange = [
+        (
+            "binance",
+            "trades-binance",
+            bed.subject_count("MARKET_TRADES", "trade.binance.>").await,
+        ),
+        (
+            "okx",
+            "trades-okx",
+            bed.subject_count("MARKET_TRADES", "trade.okx.>").await,
+        ),
+    ];
+    assert_eq!(per_exchange[0].2 + per_exchange[1].2, count);
+    assert!(
+        per_exchange.iter().all(|(_, _, n)| *n > 0),
+        "{per_exchange:?}"
+    );
+
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (count, count, 0, 0),
+        "{report}"
+    );
+    assert_eq!(bed.count_final("trades"), count);
+    for (exchange, durable, published) in per_exchange {
+        assert_eq!(
+            bed.count_where("trades", &format!("exchange = '{exchange}'")),
+            published,
+            "{exchange}"
+        );
+        // The consumer was delivered its own subjects only, each once, and acked them all.
+        let info = wait_for(
+            &format!("{durable} acked everything"),
+            DRAIN_TIMEOUT,
+            || async {
+                let info = bed.consumer_info("MARKET_TRADES", durable).await;
+                (info.ack_floor.consumer_sequence == published).then_some(info)
+            },
+        )
+        .await;
+        assert_eq!(info.delivered.consumer_sequence, published, "{durable}");
+        assert_eq!(
+            (info.num_pending, info.num_ack_pending, info.num_redelivered),
+            (0, 0, 0),
+            "{durable}"
+        );
+        assert_eq!(
+            relay
+                .metric_sum(
+                    "marketprism_storage_messages_processed_total",
+                    &[("exchange", exchange)]
+                )
+                .await,
+            published as f64,
+            "{exchange}"
+        );
     }
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
