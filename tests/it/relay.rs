@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prism_relay::tools::DataType;
 
 use crate::harness::{
-    wait_for, wait_until_sync, Bed, ConsumerDef, Load, RelayProc, DATABASE, DRAIN_TIMEOUT,
+    relay_command, wait_for, wait_until_sync, Bed, ConsumerDef, Load, RelayProc, DATABASE,
+    DRAIN_TIMEOUT,
 };
 
 /// Every column of `table` in the bed's database, in table order.
@@ -551,5 +552,110 @@ async fn two_consumers_sharding_one_stream_by_exchange_each_take_their_share_and
             "{exchange}"
         );
     }
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_whose_ack_wait_drifted_is_reported_by_check_and_run_and_kept_with_its_backlog() {
+    let bed = Bed::start();
+    let config = bed.config();
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    relay.wait_ready().await;
+    let first = bed
+        .publish(Load::new("drift-1", 200).mix("funding_rate=1,open_interest=1"))
+        .await;
+    bed.wait_accounted(DRAIN_TIMEOUT).await;
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+
+    // A backlog builds up while the relay is down.
+    bed.publish(
+        Load::new("drift-2", 150)
+            .mix("funding_rate=1,open_interest=1")
+            .ts_start(first.ts_last_ms + 1_000),
+    )
+    .await;
+    let (stream, durable) = ("MARKET_DATA", "prism-relay-data");
+    let before = bed.consumer_info(stream, durable).await;
+    assert_eq!(before.config.ack_wait, Duration::from_secs(30));
+    assert_eq!(before.num_pending, 150);
+    assert_eq!(before.ack_floor.stream_sequence, 200);
+
+    // The operator's file now says 45 s.
+    let mut drifted = config.clone();
+    drifted.consumers[2].ack_wait_ms = 45_000;
+    let path = drifted.write(&bed.path("drifted.toml"));
+    let (status, out) = relay_command(&["check", "--config", path.to_str().unwrap()]).await;
+    assert!(status.success(), "check: {status}\n{out}");
+    assert!(
+        out.contains(
+            "consumer MARKET_DATA/prism-relay-data: drift: ack_wait_ms: configured 45000, server has 30000"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("consumer MARKET_TRADES/prism-relay-trades: ok"),
+        "{out}"
+    );
+    let after_check = bed.consumer_info(stream, durable).await;
+    assert_eq!(
+        after_check.created, before.created,
+        "check recreated the durable"
+    );
+    assert_eq!(after_check.config.ack_wait, Duration::from_secs(30));
+    assert_eq!(
+        after_check.num_pending, 150,
+        "check consumed or dropped the backlog"
+    );
+    assert_eq!(
+        after_check.delivered.stream_sequence,
+        before.delivered.stream_sequence
+    );
+    assert_eq!(after_check.ack_floor.stream_sequence, 200);
+
+    // `run` with the drifted file warns, keeps the durable and drains the backlog from it.
+    let mut relay = RelayProc::spawn(&bed, "drifted", &drifted);
+    relay.wait_ready().await;
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (350, 350, 0, 0),
+        "{report}"
+    );
+    let log = relay.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("consumer differs from its configuration"))
+        .unwrap_or_else(|| panic!("no drift warning in the log:\n{log}"));
+    for fragment in [
+        "WARN",
+        "durable=prism-relay-data",
+        "field=\"ack_wait_ms\"",
+        "configured=45000",
+        "server=30000",
+    ] {
+        assert!(
+            warning.contains(fragment),
+            "{fragment:?} not in {warning:?}"
+        );
+    }
+    let after_run = wait_for("the backlog acked", DRAIN_TIMEOUT, || async {
+        let info = bed.consumer_info(stream, durable).await;
+        (info.ack_floor.stream_sequence == 350).then_some(info)
+    })
+    .await;
+    assert_eq!(
+        after_run.created, before.created,
+        "run recreated the durable"
+    );
+    assert_eq!(after_run.config.ack_wait, Duration::from_secs(30));
+    // Only the backlog was delivered again after the restart: nothing from the start.
+    assert_eq!(after_run.delivered.consumer_sequence, 350);
+    assert_eq!((after_run.num_pending, after_run.num_redelivered), (0, 0));
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
