@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prism_relay::tools::DataType;
 
 use crate::harness::{
-    relay_command, wait_for, wait_until_sync, Bed, ConsumerDef, Load, RelayProc, DATABASE,
-    DRAIN_TIMEOUT,
+    dir_bytes, metric_sum, relay_command, wait_for, wait_until, wait_until_sync, Bed, ConsumerDef,
+    Load, RelayProc, DATABASE, DRAIN_TIMEOUT,
 };
 
 /// Every column of `table` in the bed's database, in table order.
@@ -657,5 +657,108 @@ async fn a_durable_whose_ack_wait_drifted_is_reported_by_check_and_run_and_kept_
     // Only the backlog was delivered again after the restart: nothing from the start.
     assert_eq!(after_run.delivered.consumer_sequence, 350);
     assert_eq!((after_run.num_pending, after_run.num_redelivered), (0, 0));
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+/// Sum over the bed's three MarketPrism consumers of a figure of their JetStream info.
+async fn consumers_sum(
+    bed: &Bed,
+    figure: impl Fn(&async_nats::jetstream::consumer::Info) -> u64,
+) -> u64 {
+    let mut sum = 0;
+    for (stream, durable) in [
+        ("MARKET_TRADES", "prism-relay-trades"),
+        ("MARKET_BOOKS", "prism-relay-books"),
+        ("MARKET_DATA", "prism-relay-data"),
+    ] {
+        sum += figure(&bed.consumer_info(stream, durable).await);
+    }
+    sum
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_wal_budget_stops_fetching_until_clickhouse_returns_then_everything_is_stored_once()
+{
+    const SEGMENT: u64 = 64 * 1024;
+    const BUDGET: u64 = 1024 * 1024;
+    let bed = Bed::start();
+    let mut config = bed.config();
+    config.segment_bytes_max = SEGMENT;
+    config.budget_bytes_max = BUDGET;
+    config.retention_bytes_max = 0;
+    config.retention_segments_max = 0;
+    config.insert_timeout_ms = 1_000;
+    for consumer in &mut config.consumers {
+        consumer.fetch_batch = 50;
+    }
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    relay.wait_ready().await;
+
+    // About 3 MB of order books and trades while ClickHouse is frozen.
+    bed.ch.pause().expect("SIGSTOP clickhouse");
+    let count = 3_000;
+    bed.publish(Load::new("budget", count).mix("trade=1,orderbook=3"))
+        .await;
+    wait_until("ingest paused on the WAL budget", DRAIN_TIMEOUT, || async {
+        relay.metric_sum("prism_relay_ingest_paused", &[]).await == 1.0
+            && relay.metric_sum("prism_relay_wal_bytes", &[]).await >= BUDGET as f64
+    })
+    .await;
+    let received = relay
+        .metric_sum("marketprism_storage_messages_received_total", &[])
+        .await;
+    // Held for a while: nothing more is fetched into the WAL, nothing more is acked.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let metrics = relay.metrics().await;
+    let received_later = metric_sum(&metrics, "marketprism_storage_messages_received_total", &[]);
+    assert_eq!(received_later, received, "ingest went on past the budget");
+    assert!(
+        received > 0.0 && received < count as f64,
+        "received {received}"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "prism_relay_acks_total", &[]),
+        received
+    );
+    let wal_bytes = dir_bytes(&config.wal_dir);
+    assert!(
+        (BUDGET..=BUDGET + SEGMENT).contains(&wal_bytes),
+        "WAL holds {wal_bytes} bytes for a budget of {BUDGET}"
+    );
+    assert_eq!(
+        consumers_sum(&bed, |i| i.ack_floor.consumer_sequence).await as f64,
+        received,
+        "JetStream saw acks beyond what the WAL holds"
+    );
+    let pending = consumers_sum(&bed, |i| i.num_pending).await;
+    assert!(pending > 0, "JetStream keeps the rest");
+
+    bed.ch.resume().expect("SIGCONT clickhouse");
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (count, count, 0, 0),
+        "{report}"
+    );
+    // The drain released and deleted the segments; fetching resumed and acked everything.
+    wait_until_sync("released segments deleted", DRAIN_TIMEOUT, || {
+        dir_bytes(&config.wal_dir) < BUDGET / 2
+    })
+    .await;
+    wait_until("everything acked", DRAIN_TIMEOUT, || async {
+        consumers_sum(&bed, |i| i.ack_floor.consumer_sequence).await == count
+            && consumers_sum(&bed, |i| i.num_pending).await == 0
+    })
+    .await;
+    assert_eq!(
+        relay.metric_sum("prism_relay_ingest_paused", &[]).await,
+        0.0
+    );
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
