@@ -1,7 +1,7 @@
 //! The relay end to end: the binary between real NATS and ClickHouse servers, with exact
 //! accounting of what was published and what was stored.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prism_relay::tools::DataType;
 
@@ -760,5 +760,66 @@ async fn a_full_wal_budget_stops_fetching_until_clickhouse_returns_then_everythi
         relay.metric_sum("prism_relay_ingest_paused", &[]).await,
         0.0
     );
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_load_exits_zero_within_the_bound_and_a_restart_stores_everything_once() {
+    const SHUTDOWN_BOUND: Duration = Duration::from_millis(5_000);
+    let bed = Bed::start();
+    let mut config = bed.config();
+    config.shutdown_timeout_ms = SHUTDOWN_BOUND.as_millis() as u64;
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    relay.wait_ready().await;
+
+    let count = 3_000;
+    let load = {
+        let opts = Load::new("sigterm", count).rate(1_500);
+        let bed = &bed;
+        async move { bed.publish(opts).await }
+    };
+    let stop = async {
+        wait_until_sync("some rows stored mid-load", DRAIN_TIMEOUT, || {
+            bed.count_all_tables() >= 300
+        })
+        .await;
+        let started = Instant::now();
+        let status = relay
+            .terminate_within(SHUTDOWN_BOUND + Duration::from_secs(2))
+            .await;
+        (status, started.elapsed())
+    };
+    let (summary, (status, took)) = tokio::join!(load, stop);
+    assert!(status.success(), "exit {status}; log:\n{}", relay.log());
+    assert!(
+        took <= SHUTDOWN_BOUND + Duration::from_secs(1),
+        "shutdown took {took:?}"
+    );
+    let stored_at_stop = bed.count_all_tables();
+    assert!(
+        stored_at_stop < count,
+        "the load ended before the stop ({stored_at_stop} stored): nothing was interrupted"
+    );
+    assert!(
+        relay.log().contains("shutdown requested"),
+        "{}",
+        relay.log()
+    );
+
+    relay.restart();
+    relay.wait_ready().await;
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (summary.published_total(), count, 0, 0),
+        "{report}"
+    );
+    assert_eq!(bed.count_all_tables(), count);
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
