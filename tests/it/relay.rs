@@ -823,3 +823,42 @@ async fn sigterm_during_a_load_exits_zero_within_the_bound_and_a_restart_stores_
     assert_eq!(bed.count_all_tables(), count);
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_missing_a_column_the_relay_writes_stops_run_with_a_message_naming_both() {
+    let bed = Bed::start();
+    let config = bed.config();
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    relay.wait_ready().await;
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+    bed.sql(&format!(
+        "ALTER TABLE {DATABASE}.lsr_top_positions DROP COLUMN long_short_ratio"
+    ));
+
+    let expected = "table `lsr_top_positions` has no column `long_short_ratio` (Decimal64(8)): \
+                    run `prism-relay schema apply` to add it";
+    let (status, out) =
+        relay_command(&["check", "--config", relay.config_path.to_str().unwrap()]).await;
+    assert!(!status.success(), "check passed:\n{out}");
+    assert!(out.contains(&format!("schema: {expected}")), "{out}");
+
+    // `create_schema = true` creates missing tables only; it does not repair this one.
+    let mut relay = RelayProc::spawn(&bed, "mismatch", &config);
+    let status = relay
+        .wait_exit(DRAIN_TIMEOUT)
+        .await
+        .unwrap_or_else(|| panic!("run kept going; log:\n{}", relay.log()));
+    let log = relay.log();
+    assert!(!status.success(), "run exited 0; log:\n{log}");
+    assert!(log.contains(expected), "{log}");
+    assert!(!log.contains("schema checked; draining"), "{log}");
+    // The table was left as it was.
+    assert_eq!(
+        bed.sql(&format!(
+            "SELECT count() FROM system.columns WHERE database = '{DATABASE}' \
+             AND table = 'lsr_top_positions' AND name = 'long_short_ratio'"
+        ))
+        .trim(),
+        "0"
+    );
+}
