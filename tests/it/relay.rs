@@ -6,8 +6,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prism_relay::tools::DataType;
 
 use crate::harness::{
-    dir_bytes, metric_sum, relay_command, wait_for, wait_until, wait_until_sync, Bed, ConsumerDef,
-    Load, RelayProc, DATABASE, DRAIN_TIMEOUT,
+    dir_bytes, http_get, metric_sum, relay_command, wait_for, wait_until, wait_until_sync, Bed,
+    ConsumerDef, Load, RelayProc, DATABASE, DRAIN_TIMEOUT,
 };
 
 /// Every column of `table` in the bed's database, in table order.
@@ -861,4 +861,101 @@ async fn a_table_missing_a_column_the_relay_writes_stops_run_with_a_message_nami
         .trim(),
         "0"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_exactly_the_rows_stored_under_marketprism_names() {
+    let bed = Bed::start();
+    let mut relay = RelayProc::spawn(&bed, "relay", &bed.config());
+    relay.wait_ready().await;
+    let count = 800;
+    bed.publish(Load::new("metrics", count)).await;
+    // Two dead letters.
+    bed.publish_raw(POISONS[0].subject, POISONS[0].payload)
+        .await;
+    bed.publish_raw(POISONS[3].subject, POISONS[3].payload)
+        .await;
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    assert_eq!(report.totals().stored, count, "{report}");
+    assert_eq!(report.totals().dead_lettered, 2, "{report}");
+
+    let processed = "marketprism_storage_messages_processed_total";
+    wait_until(
+        "processed counts every stored row",
+        DRAIN_TIMEOUT,
+        || async { relay.metric_sum(processed, &[]).await == count as f64 },
+    )
+    .await;
+    let metrics = relay.metrics().await;
+    // Per data type, exchange and market type, exactly the rows of each table.
+    for dt in DataType::ALL {
+        let groups = bed.rows(&format!(
+            "SELECT exchange, market_type, count() FROM {DATABASE}.{} FINAL \
+             GROUP BY exchange, market_type",
+            dt.table()
+        ));
+        assert!(!groups.is_empty(), "no {} rows", dt.table());
+        let mut table_total = 0;
+        for group in &groups {
+            let rows: u64 = group[2].parse().unwrap();
+            table_total += rows;
+            let labels = [
+                ("data_type", dt.name()),
+                ("exchange", group[0].as_str()),
+                ("market_type", group[1].as_str()),
+            ];
+            assert_eq!(
+                metric_sum(&metrics, processed, &labels),
+                rows as f64,
+                "{labels:?}"
+            );
+        }
+        assert_eq!(
+            metric_sum(&metrics, processed, &[("data_type", dt.name())]),
+            table_total as f64,
+            "{}",
+            dt.name()
+        );
+    }
+    let total = |name: &str| metric_sum(&metrics, name, &[]);
+    assert_eq!(
+        total("marketprism_storage_messages_received_total"),
+        (count + 2) as f64
+    );
+    assert_eq!(total("marketprism_storage_messages_failed_total"), 2.0);
+    assert_eq!(total("marketprism_storage_batch_size_total"), count as f64);
+    assert!(total("marketprism_storage_batch_inserts_total") >= 8.0);
+    assert_eq!(
+        total("marketprism_storage_clickhouse_insert_errors_total"),
+        0.0
+    );
+    let rate = total("marketprism_storage_error_rate_percent");
+    assert!(
+        (rate - 200.0 / (count + 2) as f64).abs() < 1e-9,
+        "error rate {rate}"
+    );
+    assert!(total("marketprism_storage_last_message_timestamp_seconds") > 1.7e9);
+    assert_eq!(total("prism_relay_acks_total"), (count + 2) as f64);
+    assert_eq!(total("prism_relay_ready"), 1.0);
+    assert_eq!(total("prism_relay_ingest_paused"), 0.0);
+    // Names MarketPrism's dashboards and alerts use are all there.
+    for name in [
+        "marketprism_storage_messages_received_total",
+        "marketprism_storage_messages_processed_total",
+        "marketprism_storage_messages_failed_total",
+        "marketprism_storage_batch_inserts_total",
+        "marketprism_storage_batch_size_total",
+        "marketprism_storage_clickhouse_insert_errors_total",
+        "marketprism_storage_batch_queue_size",
+        "marketprism_storage_error_rate_percent",
+        "marketprism_storage_last_message_timestamp_seconds",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(name)),
+            "{name} missing:\n{metrics}"
+        );
+    }
+    let (status, body) = http_get(relay.metrics_addr, "/health").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(relay.terminate().await.success(), "{}", relay.log());
 }
