@@ -880,13 +880,15 @@ async fn metrics_count_exactly_the_rows_stored_under_marketprism_names() {
     assert_eq!(report.totals().dead_lettered, 2, "{report}");
 
     let processed = "marketprism_storage_messages_processed_total";
-    wait_until(
-        "processed counts every stored row",
-        DRAIN_TIMEOUT,
-        || async { relay.metric_sum(processed, &[]).await == count as f64 },
-    )
+    // Counters move right after ClickHouse answers (and acks after the fsync): poll them.
+    let metrics = wait_for("counters caught up", DRAIN_TIMEOUT, || async {
+        let metrics = relay.metrics().await;
+        let settled = metric_sum(&metrics, processed, &[]) == count as f64
+            && metric_sum(&metrics, "marketprism_storage_messages_failed_total", &[]) == 2.0
+            && metric_sum(&metrics, "prism_relay_acks_total", &[]) == (count + 2) as f64;
+        settled.then_some(metrics)
+    })
     .await;
-    let metrics = relay.metrics().await;
     // Per data type, exchange and market type, exactly the rows of each table.
     for dt in DataType::ALL {
         let groups = bed.rows(&format!(
