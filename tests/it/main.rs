@@ -1,5 +1,7 @@
 //! Integration tests of the relay against real servers started by `prism-testbed`.
 
+mod harness;
+mod relay;
 mod sink;
 mod source;
 mod tools;

@@ -1,0 +1,928 @@
+//! The end-to-end test bed: real NATS and ClickHouse servers, a relay configuration written
+//! for them, the relay binary (or the library in process), publishers, verification and
+//! polling helpers. Everything a test starts dies with the test (handles kill on drop).
+//!
+//! Tests using it should run on tokio's multi-thread runtime: the servers' query helpers
+//! block for short, bounded times.
+
+#![allow(dead_code)] // Not every test module uses every helper.
+
+use std::fmt::Write as _;
+use std::fs::{self, File, OpenOptions};
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use prism_relay::config::Config;
+use prism_relay::run::RunError;
+use prism_relay::tools::loadgen::{self, LoadgenOptions, LoadgenSummary};
+use prism_relay::tools::verify::{self, VerifyOptions, VerifyReport};
+use prism_testbed::{ClickHouse, Nats};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// The ClickHouse database every bed's relay writes into.
+pub const DATABASE: &str = "marketprism_hot";
+
+/// How long a relay may take from spawn to `/ready` (schema creation on 18.16 included).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a drain of a few thousand messages may take on a loaded 2-core machine.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The MarketPrism stream layout the relay creates (and loadgen's default layout).
+pub const STREAMS: [(&str, &[&str]); 3] = [
+    ("MARKET_TRADES", &["trade.>"]),
+    ("MARKET_BOOKS", &["orderbook.>"]),
+    (
+        "MARKET_DATA",
+        &[
+            "funding_rate.>",
+            "open_interest.>",
+            "liquidation.>",
+            "volatility_index.>",
+            "lsr_top_position.>",
+            "lsr_all_account.>",
+        ],
+    ),
+];
+
+/// The eight typed tables.
+pub const TABLES: [&str; 8] = [
+    "trades",
+    "orderbooks",
+    "funding_rates",
+    "open_interests",
+    "liquidations",
+    "lsr_top_positions",
+    "lsr_all_accounts",
+    "volatility_indices",
+];
+
+/// A NATS server, a ClickHouse server and a temporary directory for configs, WALs and logs.
+pub struct Bed {
+    pub nats: Nats,
+    pub ch: ClickHouse,
+    pub dir: TempDir,
+}
+
+impl Bed {
+    /// Starts both servers (each ready when this returns).
+    pub fn start() -> Bed {
+        let nats = Nats::start().expect("start nats-server");
+        let ch = ClickHouse::start().expect("start clickhouse-server");
+        let dir = tempfile::Builder::new()
+            .prefix("prism-e2e-")
+            .tempdir()
+            .expect("temporary directory");
+        Bed { nats, ch, dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A relay configuration for this bed: MarketPrism's three streams, a consumer each,
+    /// WAL under the bed's directory, schema created, a free metrics port, fast flushes.
+    pub fn config(&self) -> RelayConfig {
+        RelayConfig::new(self)
+    }
+
+    pub async fn nats_client(&self) -> async_nats::Client {
+        async_nats::connect(self.nats.url())
+            .await
+            .expect("connect to nats")
+    }
+
+    pub async fn js(&self) -> jetstream::Context {
+        jetstream::new(self.nats_client().await)
+    }
+
+    /// Runs `sql`, panicking with the statement and ClickHouse's error if it fails.
+    pub fn sql(&self, sql: &str) -> String {
+        match self.ch.query(sql) {
+            Ok(body) => body,
+            Err(e) => panic!("{sql}: {e}"),
+        }
+    }
+
+    /// Runs `sql`, returning ClickHouse's error instead of panicking.
+    pub fn try_sql(&self, sql: &str) -> Result<String, String> {
+        self.ch.query(sql).map_err(|e| e.to_string())
+    }
+
+    /// Rows of a query in TabSeparated form, unescaped, one `Vec` of columns per row.
+    pub fn rows(&self, sql: &str) -> Vec<Vec<String>> {
+        parse_tsv(&self.sql(&format!("{sql} FORMAT TabSeparated")))
+    }
+
+    /// `count()` of `table` in the bed's database under FINAL (0 when the table is missing).
+    pub fn count_final(&self, table: &str) -> u64 {
+        self.count_where(table, "1")
+    }
+
+    /// `count()` of `table` FINAL with a WHERE condition (0 when the table is missing).
+    pub fn count_where(&self, table: &str, condition: &str) -> u64 {
+        match self.ch.query(&format!(
+            "SELECT count() FROM {DATABASE}.{table} FINAL WHERE {condition}"
+        )) {
+            Ok(body) => body.trim().parse().expect("count is a number"),
+            Err(e) if e.to_string().contains("doesn't exist") => 0,
+            Err(e) => panic!("count {table}: {e}"),
+        }
+    }
+
+    /// Rows stored in all eight typed tables (FINAL).
+    pub fn count_all_tables(&self) -> u64 {
+        TABLES.iter().map(|t| self.count_final(t)).sum()
+    }
+
+    /// Rows of the dead-letter table (it has no replacing key: a plain count).
+    pub fn count_dead_letters(&self) -> u64 {
+        match self
+            .ch
+            .query(&format!("SELECT count() FROM {DATABASE}.dead_letters"))
+        {
+            Ok(body) => body.trim().parse().expect("count is a number"),
+            Err(e) if e.to_string().contains("doesn't exist") => 0,
+            Err(e) => panic!("count dead_letters: {e}"),
+        }
+    }
+
+    /// Publishes loadgen traffic into the relay's streams (which the relay created).
+    pub async fn publish(&self, load: Load) -> LoadgenSummary {
+        let opts = LoadgenOptions {
+            nats_url: self.nats.url(),
+            create_streams: false,
+            mix: load.mix.parse().expect("mix"),
+            count: Some(load.count),
+            rate_per_s: load.rate_per_s,
+            run_id: Some(load.run_id.clone()),
+            exchanges: load.exchanges.clone(),
+            seed: load.seed,
+            ts_start_ms: load.ts_start_ms,
+            progress: false,
+            ..LoadgenOptions::default()
+        };
+        let summary = loadgen::run(&opts).await.expect("loadgen runs");
+        assert!(summary.ok(), "loadgen failed: {summary}");
+        assert_eq!(summary.published_total(), load.count, "{summary}");
+        summary
+    }
+
+    /// Publishes one raw message with a JetStream ack; returns (stream, sequence).
+    pub async fn publish_raw(&self, subject: &str, payload: impl Into<Vec<u8>>) -> (String, u64) {
+        publish_raw(&self.js().await, subject, payload).await
+    }
+
+    /// Verifies every MarketPrism stream against the tables.
+    pub async fn verify(&self) -> VerifyReport {
+        verify::run(&self.verify_options())
+            .await
+            .expect("verify runs")
+    }
+
+    pub fn verify_options(&self) -> VerifyOptions {
+        VerifyOptions {
+            nats_url: self.nats.url(),
+            clickhouse_url: self.ch.http_url(),
+            database: DATABASE.into(),
+            ..VerifyOptions::default()
+        }
+    }
+
+    /// Polls verify until every published identity is stored or dead-lettered (unrouted
+    /// subjects included), then
+    /// returns that report (which may still show duplicates: the caller asserts).
+    pub async fn wait_accounted(&self, timeout: Duration) -> VerifyReport {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let report = self.verify().await;
+            let unrouted = &report.unrouted;
+            if report.totals().lost == 0 && unrouted.dead_lettered >= unrouted.published {
+                return report;
+            }
+            if Instant::now() >= deadline {
+                panic!("not everything stored after {timeout:?}:\n{report}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Messages stored in `stream` on subjects matching `filter`.
+    pub async fn subject_count(&self, stream: &str, filter: &str) -> u64 {
+        use futures_util::TryStreamExt as _;
+        let js = self.js().await;
+        let stream = js.get_stream(stream).await.expect("stream exists");
+        let mut subjects = stream
+            .info_with_subjects(filter)
+            .await
+            .expect("stream info with subjects");
+        let mut total = 0;
+        while let Some((_, count)) = subjects.try_next().await.expect("subject counts") {
+            total += count as u64;
+        }
+        total
+    }
+
+    /// JetStream's view of a durable consumer.
+    pub async fn consumer_info(&self, stream: &str, durable: &str) -> jetstream::consumer::Info {
+        let js = self.js().await;
+        let stream = js.get_stream(stream).await.expect("stream exists");
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer(durable).await.expect("consumer exists");
+        consumer.info().await.expect("consumer info").clone()
+    }
+}
+
+/// Publishes one message and waits for its ack; returns (stream, sequence).
+pub async fn publish_raw(
+    js: &jetstream::Context,
+    subject: &str,
+    payload: impl Into<Vec<u8>>,
+) -> (String, u64) {
+    let payload: Vec<u8> = payload.into();
+    let ack = js
+        .publish(subject.to_string(), payload.into())
+        .await
+        .unwrap_or_else(|e| panic!("publish {subject}: {e}"))
+        .await
+        .unwrap_or_else(|e| panic!("ack of {subject}: {e}"));
+    (ack.stream.to_string(), ack.sequence)
+}
+
+/// What [`Bed::publish`] sends.
+#[derive(Debug, Clone)]
+pub struct Load {
+    pub count: u64,
+    /// `type=weight,...` (see `tools::gen::Mix`).
+    pub mix: String,
+    /// Messages per second; 0 = as fast as acks allow.
+    pub rate_per_s: u64,
+    pub run_id: String,
+    pub exchanges: Vec<String>,
+    pub seed: u64,
+    pub ts_start_ms: Option<i64>,
+}
+
+impl Load {
+    /// `count` messages of every type, uniformly, as fast as possible.
+    pub fn new(run_id: &str, count: u64) -> Load {
+        Load {
+            count,
+            mix: "trade=1,orderbook=1,funding_rate=1,open_interest=1,liquidation=1,\
+                  lsr_top_position=1,lsr_all_account=1,volatility_index=1"
+                .into(),
+            rate_per_s: 0,
+            run_id: run_id.into(),
+            exchanges: vec!["binance".into(), "okx".into(), "deribit".into()],
+            seed: 1,
+            ts_start_ms: None,
+        }
+    }
+
+    pub fn mix(mut self, mix: &str) -> Load {
+        self.mix = mix.into();
+        self
+    }
+
+    pub fn rate(mut self, rate_per_s: u64) -> Load {
+        self.rate_per_s = rate_per_s;
+        self
+    }
+
+    /// Starts the generated `ts_ms` at `ts_ms` (past an earlier run's last, so timestamp
+    /// identities of the two runs cannot collide).
+    pub fn ts_start(mut self, ts_ms: i64) -> Load {
+        self.ts_start_ms = Some(ts_ms);
+        self
+    }
+
+    pub fn exchanges(mut self, exchanges: &[&str]) -> Load {
+        self.exchanges = exchanges.iter().map(|s| s.to_string()).collect();
+        self
+    }
+}
+
+/// A `[[stream]]` entry.
+#[derive(Debug, Clone)]
+pub struct StreamDef {
+    pub name: String,
+    pub subjects: Vec<String>,
+}
+
+/// A `[[consumer]]` entry; `extra` is raw TOML appended to the entry.
+#[derive(Debug, Clone)]
+pub struct ConsumerDef {
+    pub stream: String,
+    pub durable: String,
+    pub filter_subjects: Vec<String>,
+    pub ack_wait_ms: u64,
+    pub max_ack_pending: u64,
+    pub fetch_batch: u64,
+    pub fetch_expires_ms: u64,
+    pub extra: String,
+}
+
+impl ConsumerDef {
+    pub fn new(stream: &str, durable: &str) -> ConsumerDef {
+        ConsumerDef {
+            stream: stream.into(),
+            durable: durable.into(),
+            filter_subjects: Vec::new(),
+            ack_wait_ms: 30_000,
+            max_ack_pending: 20_000,
+            fetch_batch: 500,
+            fetch_expires_ms: 250,
+            extra: String::new(),
+        }
+    }
+
+    pub fn filter(mut self, subjects: &[&str]) -> ConsumerDef {
+        self.filter_subjects = subjects.iter().map(|s| s.to_string()).collect();
+        self
+    }
+}
+
+/// A relay configuration for a [`Bed`], rendered as TOML. Every piece is a public field.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub nats_url: String,
+    pub clickhouse_url: String,
+    pub streams: Vec<StreamDef>,
+    pub consumers: Vec<ConsumerDef>,
+    pub wal_dir: PathBuf,
+    pub segment_bytes_max: u64,
+    pub budget_bytes_max: u64,
+    pub retention_bytes_max: u64,
+    pub retention_segments_max: u64,
+    pub create_schema: bool,
+    pub insert_timeout_ms: u64,
+    /// Applied to every typed table's `[drain.tables.*]`.
+    pub rows_max: u64,
+    pub table_flush_interval_ms: u64,
+    pub flush_interval_ms: u64,
+    pub retry_backoff_initial_ms: u64,
+    pub retry_backoff_max_ms: u64,
+    pub metrics_port: u16,
+    pub shutdown_timeout_ms: u64,
+    /// Raw TOML appended at the end (e.g. `[[drain.passthrough]]` entries).
+    pub extra: String,
+}
+
+impl RelayConfig {
+    fn new(bed: &Bed) -> RelayConfig {
+        RelayConfig {
+            nats_url: bed.nats.url(),
+            clickhouse_url: bed.ch.http_url(),
+            streams: STREAMS
+                .iter()
+                .map(|(name, subjects)| StreamDef {
+                    name: name.to_string(),
+                    subjects: subjects.iter().map(|s| s.to_string()).collect(),
+                })
+                .collect(),
+            consumers: vec![
+                ConsumerDef::new("MARKET_TRADES", "prism-relay-trades"),
+                ConsumerDef::new("MARKET_BOOKS", "prism-relay-books"),
+                ConsumerDef::new("MARKET_DATA", "prism-relay-data"),
+            ],
+            wal_dir: bed.path("wal"),
+            segment_bytes_max: 4 * 1024 * 1024,
+            budget_bytes_max: 256 * 1024 * 1024,
+            retention_bytes_max: 64 * 1024 * 1024,
+            retention_segments_max: 16,
+            create_schema: true,
+            insert_timeout_ms: 5_000,
+            rows_max: 10_000,
+            table_flush_interval_ms: 100,
+            flush_interval_ms: 50,
+            retry_backoff_initial_ms: 50,
+            retry_backoff_max_ms: 500,
+            metrics_port: free_port(),
+            shutdown_timeout_ms: 10_000,
+            extra: String::new(),
+        }
+    }
+
+    /// The metrics/health listen address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.metrics_port))
+    }
+
+    pub fn to_toml(&self) -> String {
+        let q = |s: &str| toml_string(s);
+        let list = |v: &[String]| {
+            let items: Vec<String> = v.iter().map(|s| q(s)).collect();
+            format!("[{}]", items.join(", "))
+        };
+        let mut t = String::new();
+        let _ = writeln!(t, "[nats]\nurl = {}\n", q(&self.nats_url));
+        for s in &self.streams {
+            let _ = writeln!(
+                t,
+                "[[stream]]\nname = {}\nsubjects = {}\n",
+                q(&s.name),
+                list(&s.subjects)
+            );
+        }
+        for c in &self.consumers {
+            let _ = writeln!(
+                t,
+                "[[consumer]]\nstream = {}\ndurable = {}\nfilter_subjects = {}\n\
+                 ack_wait_ms = {}\nmax_ack_pending = {}\nfetch_batch = {}\nfetch_expires_ms = {}\n{}\n",
+                q(&c.stream),
+                q(&c.durable),
+                list(&c.filter_subjects),
+                c.ack_wait_ms,
+                c.max_ack_pending,
+                c.fetch_batch,
+                c.fetch_expires_ms,
+                c.extra
+            );
+        }
+        let _ = writeln!(
+            t,
+            "[wal]\ndir = {}\nsegment_bytes_max = {}\ngroup_bytes_max = {}\nbudget_bytes_max = {}\n\
+             retention_bytes_max = {}\nretention_segments_max = {}\n",
+            q(&self.wal_dir.display().to_string()),
+            self.segment_bytes_max,
+            self.segment_bytes_max.min(4 * 1024 * 1024),
+            self.budget_bytes_max,
+            self.retention_bytes_max.min(self.budget_bytes_max),
+            self.retention_segments_max,
+        );
+        let _ = writeln!(
+            t,
+            "[clickhouse]\nurl = {}\ndatabase = {}\nprofile = \"auto\"\ncreate_schema = {}\n\
+             insert_timeout_ms = {}\nconnect_timeout_ms = 1000\n",
+            q(&self.clickhouse_url),
+            q(DATABASE),
+            self.create_schema,
+            self.insert_timeout_ms
+        );
+        let _ = writeln!(
+            t,
+            "[drain]\nflush_interval_ms = {}\nretry_backoff_initial_ms = {}\nretry_backoff_max_ms = {}\n",
+            self.flush_interval_ms, self.retry_backoff_initial_ms, self.retry_backoff_max_ms
+        );
+        for table in TABLES {
+            let _ = writeln!(
+                t,
+                "[drain.tables.{table}]\nrows_max = {}\nflush_interval_ms = {}\n",
+                self.rows_max, self.table_flush_interval_ms
+            );
+        }
+        let _ = writeln!(
+            t,
+            "[metrics]\nlisten = {}\n\n[shutdown]\ntimeout_ms = {}\n",
+            q(&self.metrics_addr().to_string()),
+            self.shutdown_timeout_ms
+        );
+        t.push_str(&self.extra);
+        t
+    }
+
+    /// Writes the TOML to `path` and returns the path.
+    pub fn write(&self, path: &Path) -> PathBuf {
+        fs::write(path, self.to_toml()).expect("write relay config");
+        path.to_path_buf()
+    }
+
+    /// The parsed and validated configuration, for the in-process relay.
+    pub fn parse(&self) -> Config {
+        let config = Config::parse_toml(&self.to_toml()).expect("config parses");
+        config.validate().expect("config is valid");
+        config
+    }
+}
+
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the relay binds it again).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// The relay binary, spawned with a config file; stdout and stderr go to a log file.
+/// Killed (SIGKILL) on drop.
+pub struct RelayProc {
+    child: Option<Child>,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    pub metrics_addr: SocketAddr,
+}
+
+impl RelayProc {
+    /// Writes `config` into the bed's directory (as `<name>.toml`) and spawns
+    /// `prism-relay run` on it, logging to `<name>.log`.
+    pub fn spawn(bed: &Bed, name: &str, config: &RelayConfig) -> RelayProc {
+        let config_path = config.write(&bed.path(&format!("{name}.toml")));
+        let mut relay = RelayProc {
+            child: None,
+            config_path,
+            log_path: bed.path(&format!("{name}.log")),
+            metrics_addr: config.metrics_addr(),
+        };
+        relay.start();
+        relay
+    }
+
+    fn start(&mut self) {
+        assert!(self.child.is_none(), "relay already running");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("open relay log");
+        let err = log.try_clone().expect("clone log handle");
+        let child = Command::new(relay_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .env_remove("PRISM_RELAY_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .expect("spawn prism-relay");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Polls `/ready` until it answers 200; panics with the log if the relay exits or
+    /// the timeout passes.
+    pub async fn wait_ready(&mut self) {
+        self.wait_ready_within(READY_TIMEOUT).await
+    }
+
+    pub async fn wait_ready_within(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "relay exited with {status} before ready; log:\n{}",
+                    self.log()
+                );
+            }
+            if let Ok((200, _)) = http_get(self.metrics_addr, "/ready").await {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("relay not ready after {timeout:?}; log:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The exit status if the process has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        child.try_wait().expect("try_wait on relay")
+    }
+
+    /// Waits for the process to exit by itself within `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (panics after `bound`, killing the process).
+    pub async fn terminate_within(&mut self, bound: Duration) -> ExitStatus {
+        let pid = self.pid().expect("relay is running");
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid} failed");
+        match self.wait_exit(bound).await {
+            Some(status) => status,
+            None => {
+                self.kill9();
+                panic!(
+                    "relay did not exit within {bound:?} of SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+        }
+    }
+
+    /// SIGTERM with a 20 s bound.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        self.terminate_within(Duration::from_secs(20)).await
+    }
+
+    /// Starts the relay again on the same config and WAL (kill it or terminate it first).
+    pub fn restart(&mut self) {
+        if let Some(status) = self.try_wait() {
+            let _ = status;
+            self.child = None;
+        }
+        assert!(self.child.is_none(), "stop the relay before restarting it");
+        self.start();
+    }
+
+    /// Everything the relay logged so far (all runs).
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let (status, body) = http_get(self.metrics_addr, "/metrics")
+            .await
+            .expect("GET /metrics");
+        assert_eq!(status, 200, "GET /metrics: {body}");
+        body
+    }
+
+    /// Sum of every sample of `name` (with any labels) whose labels contain all of
+    /// `labels` (`key="value"` pairs).
+    pub async fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.metrics().await, name, labels)
+    }
+}
+
+impl Drop for RelayProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Path of the relay binary built for these tests.
+pub fn relay_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_prism-relay")
+}
+
+/// Runs a `prism-relay` subcommand to completion (bounded by 30 s); returns its status
+/// and its stdout + stderr.
+pub async fn relay_command(args: &[&str]) -> (ExitStatus, String) {
+    let out = tempfile::NamedTempFile::new().expect("temporary output file");
+    let file = out.reopen().expect("reopen output file");
+    let err = file.try_clone().expect("clone output handle");
+    let mut child = Command::new(relay_bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("PRISM_RELAY_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(err)
+        .spawn()
+        .expect("spawn prism-relay");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("prism-relay {args:?} did not finish in 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let text = fs::read_to_string(out.path()).unwrap_or_default();
+    (status, text)
+}
+
+/// The relay library in a tokio task, stopped through a oneshot.
+pub struct InProcRelay {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), RunError>>,
+    pub metrics_addr: SocketAddr,
+}
+
+impl InProcRelay {
+    pub fn spawn(config: &RelayConfig) -> InProcRelay {
+        let parsed = config.parse();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(prism_relay::run::run(parsed, async move {
+            let _ = rx.await;
+        }));
+        InProcRelay {
+            stop: Some(tx),
+            task,
+            metrics_addr: config.metrics_addr(),
+        }
+    }
+
+    pub async fn wait_ready(&self) {
+        let addr = self.metrics_addr;
+        wait_until("in-process relay ready", READY_TIMEOUT, || async move {
+            matches!(http_get(addr, "/ready").await, Ok((200, _)))
+        })
+        .await;
+    }
+
+    /// Requests shutdown and returns `run`'s result.
+    pub async fn stop(mut self) -> Result<(), RunError> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await.expect("relay task panicked")
+    }
+
+    /// Waits for `run` to return by itself (a fatal error) within `timeout`.
+    pub async fn join(mut self, timeout: Duration) -> Result<(), RunError> {
+        tokio::time::timeout(timeout, &mut self.task)
+            .await
+            .expect("relay did not stop in time")
+            .expect("relay task panicked")
+    }
+}
+
+impl Drop for InProcRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A minimal HTTP/1.0 GET; returns (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let io = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = Vec::new();
+        stream.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(5), io)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "GET timed out"))??;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no status"))?;
+    Ok((status, body.to_string()))
+}
+
+/// Sum of the samples of `name` in Prometheus text whose labels include all `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (label_text, value) = if let Some(rest) = rest.strip_prefix('{') {
+            let Some((l, v)) = rest.split_once('}') else {
+                continue;
+            };
+            (l, v)
+        } else if rest.starts_with(' ') {
+            ("", rest)
+        } else {
+            continue;
+        };
+        if labels
+            .iter()
+            .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
+        {
+            if let Some(v) = value.split_whitespace().next() {
+                sum += v.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+    }
+    sum
+}
+
+/// Polls `condition` every 100 ms until it is true; panics naming `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `f` every 100 ms until it yields a value; panics naming `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls a blocking condition (e.g. a SQL count) every 100 ms until it is true.
+pub async fn wait_until_sync(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    wait_until(what, timeout, || std::future::ready(condition())).await
+}
+
+/// Total size of the `*.seg`-like files (everything but the ledger) in a WAL directory.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Parses TabSeparated output, undoing its escapes.
+pub fn parse_tsv(text: &str) -> Vec<Vec<String>> {
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|line| line.split('\t').map(unescape_tsv).collect())
+        .collect()
+}
+
+fn unescape_tsv(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut chars = field.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('t') => out.push('\t'),
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('b') => out.push('\u{8}'),
+            Some('f') => out.push('\u{c}'),
+            Some('0') => out.push('\0'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+/// Opens (creating) a file for appending.
+pub fn append_file(path: &Path) -> File {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open file")
+}
