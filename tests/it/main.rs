@@ -1,5 +1,6 @@
 //! Integration tests of the relay against real servers started by `prism-testbed`.
 
+mod chaos;
 mod harness;
 mod relay;
 mod sink;

@@ -1,0 +1,539 @@
+//! Chaos: the relay binary between real servers while ClickHouse, NATS or the relay itself is
+//! killed with SIGKILL, ClickHouse is frozen with SIGSTOP, or the WAL's tail is torn. Every
+//! scenario publishes MarketPrism traffic while the fault happens and ends with an exact
+//! accounting by `verify` (which reads the streams themselves and the tables under FINAL):
+//! nothing lost, nothing duplicated, every published identity stored, no dead letters.
+//!
+//! Faults are timed by conditions (rows stored, messages appended, insert errors counted), not
+//! by sleeps, and every wait is bounded. Each scenario prints one `chaos:` line with its message
+//! count and how long the drain took after the last fault was lifted and the traffic ended
+//! (run with `--nocapture` to see them).
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use prism_relay::tools::gen::Mix;
+use prism_relay::tools::loadgen::{self, LoadgenOptions, LoadgenSummary};
+use prism_relay::tools::verify::VerifyReport;
+use prism_relay::tools::ToolError;
+use prism_wal::{Envelope, Lsn, StreamSeq};
+use std::borrow::Cow;
+use tokio::task::JoinHandle;
+
+use crate::harness::{
+    wait_for, wait_until, wait_until_sync, Bed, RelayConfig, RelayProc, DRAIN_TIMEOUT, STREAMS,
+};
+
+/// Redelivery delay of the chaos consumers: a killed relay's fetched-but-unacked messages come
+/// back after this, so it bounds the drain after every relay kill (1000 ms is the minimum).
+const ACK_WAIT_MS: u64 = 2_000;
+
+/// Rows per batch: small, so a kill lands between a batch's insert and its ledger commit often.
+const ROWS_MAX: u64 = 200;
+
+/// Bound on any wait for traffic, rows or metrics to reach a threshold.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Bound on the traffic generator finishing once every fault is lifted.
+const TRAFFIC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Appends covered by an fsync (the relay's own counter; it restarts at 0 with the process).
+const RECEIVED: &str = "marketprism_storage_messages_received_total";
+
+/// Inserts that failed, of any class.
+const INSERT_ERRORS: &str = "marketprism_storage_clickhouse_insert_errors_total";
+
+/// Successful inserts and the rows they carried.
+const BATCH_INSERTS: &str = "marketprism_storage_batch_inserts_total";
+const BATCH_ROWS: &str = "marketprism_storage_batch_size_total";
+
+/// Fewest rows per insert a restarted relay may average (see [`assert_batched`]).
+const ROWS_PER_INSERT_MIN: f64 = 4.0;
+
+/// Lines of the relay's log shown when a drain does not complete.
+const LOG_TAIL_LINES: usize = 80;
+
+/// A bed configuration for chaos: short redelivery and small batches.
+fn chaos_config(bed: &Bed) -> RelayConfig {
+    let mut config = bed.config();
+    for consumer in &mut config.consumers {
+        consumer.ack_wait_ms = ACK_WAIT_MS;
+    }
+    config.rows_max = ROWS_MAX;
+    config
+}
+
+/// Loadgen in a task of its own, so faults can be injected while it publishes.
+struct Traffic {
+    task: JoinHandle<Result<LoadgenSummary, ToolError>>,
+    count: u64,
+}
+
+impl Traffic {
+    /// Starts `count` messages of all eight types at `rate_per_s` into the relay's streams.
+    /// `publish_errors_max` is how many failed publishes the run tolerates (NATS outages).
+    fn start(bed: &Bed, run_id: &str, count: u64, rate_per_s: u64, errors_max: u64) -> Traffic {
+        let opts = LoadgenOptions {
+            nats_url: bed.nats.url(),
+            create_streams: false,
+            mix: Mix::uniform(),
+            count: Some(count),
+            rate_per_s,
+            run_id: Some(run_id.to_string()),
+            publish_errors_max: errors_max.max(1),
+            progress: false,
+            ..LoadgenOptions::default()
+        };
+        Traffic {
+            task: tokio::spawn(async move { loadgen::run(&opts).await }),
+            count,
+        }
+    }
+
+    /// Waits for the run to end; panics if it does not within [`TRAFFIC_TIMEOUT`].
+    async fn finish(self) -> LoadgenSummary {
+        match tokio::time::timeout(TRAFFIC_TIMEOUT, self.task).await {
+            Ok(joined) => joined
+                .expect("loadgen task panicked")
+                .expect("loadgen runs"),
+            Err(_) => panic!(
+                "loadgen did not finish {} messages in {TRAFFIC_TIMEOUT:?}",
+                self.count
+            ),
+        }
+    }
+
+    /// Waits for the run and checks every message was published once.
+    async fn finish_clean(self) -> LoadgenSummary {
+        let count = self.count;
+        let summary = self.finish().await;
+        assert!(summary.ok(), "loadgen failed: {summary}");
+        assert_eq!(summary.published_total(), count, "{summary}");
+        summary
+    }
+}
+
+/// Messages the relay's three streams hold, or `None` while NATS does not answer.
+async fn stream_messages(js: &jetstream::Context) -> Option<u64> {
+    let mut total = 0;
+    for (name, _) in STREAMS {
+        let mut stream = js.get_stream(name).await.ok()?;
+        total += stream.info().await.ok()?.state.messages;
+    }
+    Some(total)
+}
+
+/// Waits until the streams hold at least `n` messages.
+async fn wait_published(js: &jetstream::Context, n: u64) {
+    wait_until(
+        &format!("{n} messages in JetStream"),
+        PROGRESS_TIMEOUT,
+        || async { stream_messages(js).await.is_some_and(|m| m >= n) },
+    )
+    .await;
+}
+
+/// Waits until the running relay process has counted `name` up to at least `n`.
+async fn wait_metric(relay: &RelayProc, name: &str, n: f64) {
+    let addr = relay.metrics_addr;
+    wait_until(&format!("{name} >= {n}"), PROGRESS_TIMEOUT, || async move {
+        match crate::harness::http_get(addr, "/metrics").await {
+            Ok((200, body)) => crate::harness::metric_sum(&body, name, &[]) >= n,
+            _ => false,
+        }
+    })
+    .await;
+}
+
+/// The current value of a metric of the running relay (0 when it does not answer).
+async fn metric(relay: &RelayProc, name: &str) -> f64 {
+    match crate::harness::http_get(relay.metrics_addr, "/metrics").await {
+        Ok((200, body)) => crate::harness::metric_sum(&body, name, &[]),
+        _ => 0.0,
+    }
+}
+
+/// Exact accounting of clean traffic: every identity the streams hold is stored once, none
+/// lost, duplicated, dead-lettered or unexpected; `published` (from loadgen's acks) is a lower
+/// bound of what the streams hold and equal to it when every publish was acked.
+fn assert_exact(report: &VerifyReport, published: u64, exact: bool) {
+    let t = report.totals();
+    assert_eq!(t.lost, 0, "lost:\n{report}");
+    assert_eq!(t.duplicated, 0, "duplicated:\n{report}");
+    assert_eq!(t.dead_lettered, 0, "dead letters:\n{report}");
+    assert_eq!(t.unexpected, 0, "unexpected rows:\n{report}");
+    assert_eq!(report.unexpected_dead_letters, 0, "{report}");
+    assert_eq!(report.unrouted.published, 0, "{report}");
+    assert_eq!(t.stored + t.dead_lettered, t.published, "{report}");
+    if exact {
+        assert_eq!(t.published, published, "{report}");
+    } else {
+        assert!(t.published >= published, "{report}");
+    }
+}
+
+/// Rows per insert of a restarted relay stay those of batches: live traffic alone fills about
+/// a dozen rows per table and flush interval here, a recovered backlog far more. A lane that
+/// inserted every record on its own after a crash (a re-cut that did not end) shows about one.
+fn assert_batched(rows_per_insert: f64) {
+    assert!(
+        rows_per_insert >= ROWS_PER_INSERT_MIN,
+        "the restarted relay inserts {rows_per_insert:.1} rows per batch"
+    );
+}
+
+/// After the relay stopped: the WAL it leaves has no damage anywhere.
+fn assert_wal_intact(dir: &std::path::Path) {
+    let wal = prism_wal::verify(dir).expect("verify the WAL");
+    assert!(wal.is_ok(), "{wal:?}");
+    assert!(
+        wal.torn_tail.is_none(),
+        "a clean stop leaves no torn tail: {wal:?}"
+    );
+}
+
+/// One line per scenario for the run's record.
+fn report_line(scenario: &str, report: &VerifyReport, drain: Duration, total: Duration) {
+    let t = report.totals();
+    println!(
+        "chaos: {scenario}: messages={} stored={} lost={} duplicated={} dead_lettered={} \
+         drain_after_recovery_ms={} total_ms={}",
+        t.published,
+        t.stored,
+        t.lost,
+        t.duplicated,
+        t.dead_lettered,
+        drain.as_millis(),
+        total.as_millis()
+    );
+}
+
+/// Waits for the accounting to close (nothing lost) and returns it with the time it took;
+/// panics with the last report and the relay's log after [`DRAIN_TIMEOUT`].
+async fn drain(bed: &Bed, relay: &RelayProc) -> (VerifyReport, Duration) {
+    let from = Instant::now();
+    loop {
+        let report = bed.verify().await;
+        if report.totals().lost == 0 {
+            return (report, from.elapsed());
+        }
+        if from.elapsed() >= DRAIN_TIMEOUT {
+            let log = relay.log();
+            let tail: Vec<&str> = log.lines().rev().take(LOG_TAIL_LINES).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "not everything stored after {DRAIN_TIMEOUT:?}:\n{report}\nrelay log (tail):\n{}",
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_killed_mid_load_and_restarted_on_its_data_loses_and_duplicates_nothing() {
+    let started = Instant::now();
+    let mut bed = Bed::start();
+    let mut relay = RelayProc::spawn(&bed, "relay", &chaos_config(&bed));
+    relay.wait_ready().await;
+    let traffic = Traffic::start(&bed, "chaosch", 3_000, 1_000, 1);
+
+    wait_until_sync("rows reach ClickHouse", PROGRESS_TIMEOUT, || {
+        bed.count_all_tables() >= 300
+    })
+    .await;
+    bed.ch.kill9().expect("kill -9 clickhouse-server");
+    // The outage lasts until the relay has met it and the WAL has absorbed more traffic.
+    let received = metric(&relay, RECEIVED).await;
+    wait_metric(&relay, INSERT_ERRORS, 1.0).await;
+    wait_metric(&relay, RECEIVED, received + 500.0).await;
+    tokio::task::block_in_place(|| bed.ch.restart()).expect("restart clickhouse-server");
+
+    let summary = traffic.finish_clean().await;
+    let (report, drained) = drain(&bed, &relay).await;
+    assert_exact(&report, summary.published_total(), true);
+    report_line("clickhouse kill -9", &report, drained, started.elapsed());
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_frozen_past_the_insert_timeout_neither_hangs_the_relay_nor_duplicates_rows() {
+    let started = Instant::now();
+    let bed = Bed::start();
+    let mut config = chaos_config(&bed);
+    config.insert_timeout_ms = 1_000;
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    relay.wait_ready().await;
+    let traffic = Traffic::start(&bed, "chaosstop", 3_000, 1_000, 1);
+
+    wait_until_sync("rows reach ClickHouse", PROGRESS_TIMEOUT, || {
+        bed.count_all_tables() >= 300
+    })
+    .await;
+    bed.ch.pause().expect("SIGSTOP clickhouse-server");
+    // Inserts must time out and be retried, twice per lane on average (so the freeze outlasts
+    // the insert timeout and no lane hangs on the frozen server), and ingest must go on into
+    // the WAL meanwhile.
+    let errors = metric(&relay, INSERT_ERRORS).await;
+    let received = metric(&relay, RECEIVED).await;
+    wait_metric(&relay, INSERT_ERRORS, errors + 16.0).await;
+    wait_metric(&relay, RECEIVED, received + 500.0).await;
+    let (status, _) = crate::harness::http_get(relay.metrics_addr, "/health")
+        .await
+        .expect("/health answers while ClickHouse is frozen");
+    assert_eq!(status, 200, "/health while ClickHouse is frozen");
+    bed.ch.resume().expect("SIGCONT clickhouse-server");
+
+    let summary = traffic.finish_clean().await;
+    let (report, drained) = drain(&bed, &relay).await;
+    assert_exact(&report, summary.published_total(), true);
+    report_line("clickhouse SIGSTOP", &report, drained, started.elapsed());
+    let raw = bed.sql("SELECT count() FROM marketprism_hot.trades");
+    println!(
+        "chaos: clickhouse SIGSTOP: trades rows before FINAL {} after FINAL {}",
+        raw.trim(),
+        bed.count_final("trades")
+    );
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_killed_mid_load_and_restarted_on_its_store_loses_and_duplicates_nothing() {
+    let started = Instant::now();
+    let mut bed = Bed::start();
+    let mut relay = RelayProc::spawn(&bed, "relay", &chaos_config(&bed));
+    relay.wait_ready().await;
+    let count = 3_000;
+    // Publishes that meet the outage fail; whatever JetStream stored is accounted for.
+    let traffic = Traffic::start(&bed, "chaosnats", count, 1_000, count);
+
+    wait_metric(&relay, RECEIVED, 800.0).await;
+    bed.nats.kill9().expect("kill -9 nats-server");
+    tokio::task::block_in_place(|| bed.nats.restart()).expect("restart nats-server");
+
+    let summary = traffic.finish().await;
+    assert!(summary.aborted.is_none(), "{summary}");
+    assert!(summary.published_total() > 0, "{summary}");
+    let (report, drained) = drain(&bed, &relay).await;
+    // The streams may hold messages whose publish ack the outage swallowed: verify reads
+    // the streams, so those are accounted too.
+    assert_exact(&report, summary.published_total(), false);
+    report_line("nats kill -9", &report, drained, started.elapsed());
+    println!(
+        "chaos: nats kill -9: publish_errors={} acked={}",
+        summary.publish_errors,
+        summary.published_total()
+    );
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_killed_three_times_mid_load_resumes_from_its_wal_without_loss_or_duplicates() {
+    let started = Instant::now();
+    let bed = Bed::start();
+    let config = chaos_config(&bed);
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    relay.wait_ready().await;
+    let js = bed.js().await;
+    let traffic = Traffic::start(&bed, "chaosrelay", 4_000, 1_000, 1);
+
+    for (round, published) in [700, 1_700, 2_700].into_iter().enumerate() {
+        wait_published(&js, published).await;
+        // Kill only a relay that is busy: it has appended traffic since it started.
+        wait_metric(&relay, RECEIVED, 100.0).await;
+        relay.kill9();
+        relay.restart();
+        relay.wait_ready().await;
+        let recoveries = relay.log().matches("WAL recovered").count();
+        assert_eq!(recoveries, round + 2, "{}", relay.log());
+    }
+
+    let summary = traffic.finish_clean().await;
+    let (report, drained) = drain(&bed, &relay).await;
+    assert_exact(&report, summary.published_total(), true);
+    report_line("relay kill -9 x3", &report, drained, started.elapsed());
+    let rows_per_insert = metric(&relay, BATCH_ROWS).await / metric(&relay, BATCH_INSERTS).await;
+    println!(
+        "chaos: relay kill -9 x3: rows per insert after the last restart {rows_per_insert:.1}"
+    );
+    assert_batched(rows_per_insert);
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+    assert_wal_intact(&config.wal_dir);
+}
+
+/// How a test damages the end of the last WAL segment of a killed relay.
+enum Tear {
+    /// Bytes no record starts with.
+    Garbage,
+    /// A group of records whose write the crash interrupted: the first one whole, the second
+    /// cut in the middle. Both are real messages the relay never acked.
+    MidRecord,
+}
+
+/// Damages the tail of the WAL in `dir` as `tear` says; returns the bytes appended.
+async fn tear_wal_tail(dir: &std::path::Path, js: &jetstream::Context, tear: Tear) -> u64 {
+    let segments = prism_wal::list_segments(dir).expect("list WAL segments");
+    let last = segments.last().expect("the WAL has a segment");
+    let wal = prism_wal::verify(dir).expect("verify the WAL");
+    assert!(wal.is_ok(), "the WAL is intact before it is torn: {wal:?}");
+    assert!(wal.torn_tail.is_none(), "{wal:?}");
+    let mut bytes = Vec::new();
+    match tear {
+        Tear::Garbage => {
+            // A plausible length, then bytes whose CRC cannot match.
+            bytes.extend_from_slice(&64u32.to_le_bytes());
+            let mut x: u32 = 0x9E37_79B9;
+            for _ in 0..700 {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                bytes.push(x as u8);
+            }
+        }
+        Tear::MidRecord => {
+            let last_lsn = wal.last_lsn.expect("the WAL holds records");
+            let (stream, seq) = {
+                let mut reader = prism_wal::read_dir(dir, last_lsn).expect("read the WAL");
+                let record = reader
+                    .next()
+                    .expect("read the last record")
+                    .expect("the last record is there");
+                let envelope = record.envelope().expect("decode the last record");
+                (envelope.stream.to_string(), envelope.stream_seq.0)
+            };
+            let stream = js.get_stream(&stream).await.expect("stream");
+            for (i, next) in [seq + 1, seq + 2].into_iter().enumerate() {
+                // The traffic goes on while the relay is down: these messages come.
+                let message = wait_for(
+                    &format!("message {next} in JetStream"),
+                    PROGRESS_TIMEOUT,
+                    || async { stream.get_raw_message(next).await.ok() },
+                )
+                .await;
+                let msg_id = message
+                    .headers
+                    .get("Nats-Msg-Id")
+                    .map(|v| v.as_str().to_string());
+                let envelope = Envelope {
+                    stream: Cow::Borrowed(stream.cached_info().config.name.as_str()),
+                    stream_seq: StreamSeq(next),
+                    subject: Cow::Borrowed(message.subject.as_str()),
+                    headers: msg_id
+                        .iter()
+                        .map(|id| (Cow::Borrowed("Nats-Msg-Id"), Cow::Borrowed(id.as_str())))
+                        .collect(),
+                    published_ns: (message.time.unix_timestamp_nanos()) as i64,
+                    payload: Cow::Borrowed(&message.payload[..]),
+                };
+                let start = bytes.len();
+                prism_wal::segment::encode_record(
+                    &mut bytes,
+                    Lsn(last_lsn.0 + 1 + i as u64),
+                    &envelope,
+                )
+                .expect("encode a record");
+                if i == 1 {
+                    // Cut the second record in the middle of its body.
+                    let cut = start
+                        + prism_wal::segment::RECORD_HEADER_BYTES
+                        + (bytes.len() - start - prism_wal::segment::RECORD_HEADER_BYTES) / 2;
+                    bytes.truncate(cut);
+                }
+            }
+        }
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&last.path)
+        .expect("open the last segment");
+    std::io::Write::write_all(&mut file, &bytes).expect("append to the last segment");
+    file.sync_all().expect("sync the last segment");
+    let torn = prism_wal::verify(dir).expect("verify the torn WAL");
+    assert!(
+        torn.torn_tail.is_some(),
+        "the damage reads as a torn tail: {torn:?}"
+    );
+    bytes.len() as u64
+}
+
+async fn torn_tail_scenario(name: &str, run_id: &str, tear: Tear) {
+    let started = Instant::now();
+    let bed = Bed::start();
+    let config = chaos_config(&bed);
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    relay.wait_ready().await;
+    let js = bed.js().await;
+    let traffic = Traffic::start(&bed, run_id, 2_500, 1_000, 1);
+
+    wait_metric(&relay, RECEIVED, 800.0).await;
+    relay.kill9();
+    let appended = tear_wal_tail(&config.wal_dir, &js, tear).await;
+    relay.restart();
+    relay.wait_ready().await;
+    let log = relay.log();
+    assert!(
+        log.contains("bytes_dropped"),
+        "recovery reports the torn tail ({appended} bytes appended):\n{log}"
+    );
+    let after = prism_wal::verify(&config.wal_dir).expect("verify the recovered WAL");
+    assert!(after.problems.is_empty(), "{after:?}");
+
+    let summary = traffic.finish_clean().await;
+    let (report, drained) = drain(&bed, &relay).await;
+    assert_exact(&report, summary.published_total(), true);
+    report_line(name, &report, drained, started.elapsed());
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+    assert_wal_intact(&config.wal_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_after_the_last_wal_record_of_a_killed_relay_is_cut_at_recovery_and_nothing_is_lost(
+) {
+    torn_tail_scenario("torn tail (garbage)", "chaosgarbage", Tear::Garbage).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_record_cut_mid_write_is_truncated_at_recovery_and_redelivered_by_jetstream() {
+    torn_tail_scenario("torn tail (mid-record)", "chaostorn", Tear::MidRecord).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_killed_while_clickhouse_is_down_recovers_when_both_come_back() {
+    let started = Instant::now();
+    let mut bed = Bed::start();
+    let config = chaos_config(&bed);
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    relay.wait_ready().await;
+    let traffic = Traffic::start(&bed, "chaosboth", 3_000, 1_000, 1);
+
+    wait_until_sync("rows reach ClickHouse", PROGRESS_TIMEOUT, || {
+        bed.count_all_tables() >= 300
+    })
+    .await;
+    bed.ch.kill9().expect("kill -9 clickhouse-server");
+    let received = metric(&relay, RECEIVED).await;
+    wait_metric(&relay, INSERT_ERRORS, 1.0).await;
+    wait_metric(&relay, RECEIVED, received + 300.0).await;
+    relay.kill9();
+    // The relay comes back first: it recovers its WAL and ingests while ClickHouse is still
+    // down (not ready, since it cannot check the schema).
+    relay.restart();
+    wait_metric(&relay, RECEIVED, 300.0).await;
+    tokio::task::block_in_place(|| bed.ch.restart()).expect("restart clickhouse-server");
+    relay.wait_ready().await;
+
+    let summary = traffic.finish_clean().await;
+    let (report, drained) = drain(&bed, &relay).await;
+    assert_exact(&report, summary.published_total(), true);
+    report_line(
+        "relay kill -9 while clickhouse down",
+        &report,
+        drained,
+        started.elapsed(),
+    );
+    let rows_per_insert = metric(&relay, BATCH_ROWS).await / metric(&relay, BATCH_INSERTS).await;
+    println!("chaos: combined: rows per insert after the restart {rows_per_insert:.1}");
+    assert_batched(rows_per_insert);
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+    assert_wal_intact(&config.wal_dir);
+}
