@@ -585,3 +585,60 @@ async fn sigterm_while_clickhouse_is_frozen_exits_within_the_bound_and_the_resta
     assert!(relay.terminate().await.success(), "{}", relay.log());
     assert_wal_intact(&config.wal_dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_killed_before_ready_and_during_its_backlog_drain_with_segments_freed_at_once_loses_nothing(
+) {
+    let started = Instant::now();
+    let mut bed = Bed::start();
+    let mut config = chaos_config(&bed);
+    // Segments of the smallest size, freed as soon as every lane is past them: kills land
+    // around rollovers and deletions, and a recovery that needed a freed record would fail.
+    config.segment_bytes_max = 65_536;
+    config.retention_bytes_max = 0;
+    config.retention_segments_max = 0;
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    relay.wait_ready().await;
+    let traffic = Traffic::start(&bed, "chaosbacklog", 5_000, 1_000, 1);
+
+    wait_until_sync("rows reach ClickHouse", PROGRESS_TIMEOUT, || {
+        bed.count_all_tables() >= 300
+    })
+    .await;
+    bed.ch.kill9().expect("kill -9 clickhouse-server");
+    wait_metric(&relay, RECEIVED, 1_200.0).await;
+    // Twice killed before it is ready (ClickHouse is down, so the drain waits), each time
+    // after it has ingested more into the WAL.
+    for _ in 0..2 {
+        relay.kill9();
+        relay.restart();
+        wait_metric(&relay, RECEIVED, 100.0).await;
+    }
+    relay.kill9();
+    tokio::task::block_in_place(|| bed.ch.restart()).expect("restart clickhouse-server");
+    relay.restart();
+    relay.wait_ready().await;
+    // Killed three times while it drains the backlog, each time after more rows went in.
+    for _ in 0..3 {
+        let stored = bed.count_all_tables();
+        wait_until_sync("the backlog drains", PROGRESS_TIMEOUT, || {
+            bed.count_all_tables() >= stored + 150
+        })
+        .await;
+        relay.kill9();
+        relay.restart();
+        relay.wait_ready().await;
+    }
+
+    let summary = traffic.finish_clean().await;
+    let (report, drained) = drain(&bed, &relay).await;
+    assert_exact(&report, summary.published_total(), true);
+    report_line(
+        "relay kill -9 x5 around a backlog",
+        &report,
+        drained,
+        started.elapsed(),
+    );
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+    assert_wal_intact(&config.wal_dir);
+}
