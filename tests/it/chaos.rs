@@ -8,7 +8,12 @@
 //! by sleeps, and every wait is bounded. Each scenario prints one `chaos:` line with its message
 //! count and how long the drain took after the last fault was lifted and the traffic ended
 //! (run with `--nocapture` to see them).
+//!
+//! The consumers use explicit acks (the default). Ack policy `all` is left out on purpose: after
+//! a relay crash, the restarted relay's first ack also covers the messages JetStream had
+//! delivered to the killed one, which never reached the WAL, so they are never redelivered.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -17,7 +22,6 @@ use prism_relay::tools::loadgen::{self, LoadgenOptions, LoadgenSummary};
 use prism_relay::tools::verify::VerifyReport;
 use prism_relay::tools::ToolError;
 use prism_wal::{Envelope, Lsn, StreamSeq};
-use std::borrow::Cow;
 use tokio::task::JoinHandle;
 
 use crate::harness::{
