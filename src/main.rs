@@ -125,6 +125,14 @@ enum WalAction {
         #[arg(long, default_value_t = 100)]
         limit: u64,
     },
+    /// Move a corrupt segment into the WAL's quarantine/ folder (only while the relay is stopped).
+    Quarantine {
+        #[command(flatten)]
+        dir: WalDir,
+        /// The segment, by its first LSN (its file name), as `wal verify` reports it.
+        #[arg(long)]
+        segment: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -389,6 +397,12 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
                 println!("{line}");
                 printed += 1;
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        WalAction::Quarantine { dir, segment } => {
+            let dir = dir.resolve()?;
+            let moved = prism_wal::quarantine_segment(&dir, prism_wal::SegmentId(segment))?;
+            println!("moved to {}", moved.display());
             Ok(ExitCode::SUCCESS)
         }
     }

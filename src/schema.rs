@@ -646,8 +646,7 @@ pub fn check_columns(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::rows::DeadLetterRow;
-    use clickhouse::Row as _;
+    use crate::sink::DeadLetter;
 
     #[test]
     fn expected_columns_follow_the_row_structs_field_order() {
@@ -659,7 +658,7 @@ mod tests {
             .iter()
             .map(|(n, _)| *n)
             .collect();
-        assert_eq!(names, DeadLetterRow::COLUMN_NAMES);
+        assert_eq!(names, <DeadLetter as clickhouse::Row>::COLUMN_NAMES);
     }
 
     #[test]

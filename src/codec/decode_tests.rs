@@ -627,26 +627,6 @@ fn a_duplicated_field_is_rejected_naming_it() {
     assert!(e.to_string().contains("duplicate field `price`"), "{e}");
 }
 
-#[test]
-fn a_dead_letter_names_the_table_of_the_subject_or_its_first_token() {
-    let e = err("trade.binance.spot.BTC-USDT", "{}");
-    let letter = DeadLetterRow::new(7, "trade.binance.spot.BTC-USDT", STREAM, 3, &e, b"{}\xff");
-    assert_eq!(
-        letter,
-        DeadLetterRow {
-            failed_at: 7,
-            table: s("trades"),
-            subject: s("trade.binance.spot.BTC-USDT"),
-            nats_stream: s(STREAM),
-            nats_seq: 3,
-            error: s("field `ts_ms` is missing or null"),
-            payload: b"{}\xff".to_vec(),
-        }
-    );
-    let letter = DeadLetterRow::new(7, "ticker.binance.spot.X", STREAM, 4, &"unknown", b"");
-    assert_eq!(letter.table, "ticker");
-}
-
 mod never_panics {
     use super::*;
     use proptest::prelude::*;

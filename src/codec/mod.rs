@@ -27,7 +27,7 @@ use std::fmt;
 
 pub use decode::decode;
 pub use rows::{
-    DeadLetterRow, FundingRateRow, LiquidationRow, LsrAllAccountRow, LsrTopPositionRow,
+    FundingRateRow, LiquidationRow, LsrAllAccountRow, LsrTopPositionRow,
     OpenInterestRow, OrderbookRow, TradeRow, VolatilityIndexRow,
 };
 
