@@ -131,7 +131,7 @@ pub async fn run(
                 .set(newest as f64 / 1e9);
         }
         drop(envelopes);
-        match batch.ack().await {
+        match fetcher.ack(batch).await {
             Ok(summary) => {
                 metrics.acks.inc_by(summary.acks_sent as u64);
             }

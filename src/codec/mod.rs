@@ -27,8 +27,8 @@ use std::fmt;
 
 pub use decode::decode;
 pub use rows::{
-    FundingRateRow, LiquidationRow, LsrAllAccountRow, LsrTopPositionRow,
-    OpenInterestRow, OrderbookRow, TradeRow, VolatilityIndexRow,
+    FundingRateRow, LiquidationRow, LsrAllAccountRow, LsrTopPositionRow, OpenInterestRow,
+    OrderbookRow, TradeRow, VolatilityIndexRow,
 };
 
 /// The eight MarketPrism data types, named by the first token of a subject.

@@ -216,4 +216,3 @@ pub struct VolatilityIndexRow {
     pub nats_stream: String,
     pub nats_seq: u64,
 }
-

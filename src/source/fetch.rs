@@ -12,6 +12,7 @@
 //! returned** ([`Batch::ack`]). With ack policy `all`, batches must also be appended to the WAL in
 //! fetch order: one ack covers every earlier message of the consumer.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -61,6 +62,10 @@ pub struct Fetcher {
     fetch_expires: Duration,
     /// The ack policy in force on the server (which wins over the configuration on drift).
     ack_policy: AckPolicyKind,
+    /// Ack-all only: stream sequences of messages written to the WAL and not acknowledged yet.
+    /// Bounded by the consumer's max_ack_pending (the server delivers no more than that
+    /// unacknowledged), and a redelivery of one of them does not grow it.
+    written_unacked: BTreeSet<u64>,
 }
 
 impl Fetcher {
@@ -112,6 +117,7 @@ impl Fetcher {
             fetch_bytes_max: config.fetch_bytes_max,
             fetch_expires: Duration::from_millis(config.fetch_expires_ms),
             ack_policy,
+            written_unacked: BTreeSet::new(),
         })
     }
 
@@ -197,6 +203,42 @@ impl Fetcher {
             ack_policy: self.ack_policy,
             client: self.client.clone(),
         })
+    }
+
+    /// Acknowledges a batch whose messages are all in the WAL (the caller asserts the fsync).
+    ///
+    /// Explicit policy: every message of the batch is acked. Ack-all policy: one ack covers every
+    /// pending message of the consumer with a lower stream sequence, including messages delivered
+    /// to a previous, killed process (or by a pull whose reply arrived after [`Self::fetch`]
+    /// stopped reading) that never reached this WAL; acking then would lose them for good. So the
+    /// ack is sent only when the server's count of pending messages equals the messages this
+    /// fetcher has written and not acked, i.e. every pending delivery is in the WAL. Otherwise the
+    /// ack waits: the unknown deliveries come back after `ack_wait`, are written, and a later ack
+    /// covers everything (the batches acked late are redelivered meanwhile and collapse on their
+    /// identity).
+    pub async fn ack(&mut self, batch: Batch) -> Result<AckSummary, SourceError> {
+        if self.ack_policy == AckPolicyKind::Explicit || batch.is_empty() {
+            return batch.ack().await;
+        }
+        self.written_unacked
+            .extend(batch.messages.iter().map(|m| m.stream_seq));
+        let pending = self.backlog().await?.num_ack_pending;
+        let written = self.written_unacked.len() as u64;
+        if pending > written {
+            tracing::debug!(
+                durable = %self.durable,
+                pending,
+                written,
+                "ack-all deferred: some pending deliveries are not in the WAL yet"
+            );
+            return Ok(AckSummary {
+                acks_sent: 0,
+                messages_covered: 0,
+            });
+        }
+        let summary = batch.ack().await?;
+        self.written_unacked.clear();
+        Ok(summary)
     }
 
     /// The consumer's backlog as the server sees it (the autoscaling signal).
