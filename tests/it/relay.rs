@@ -811,6 +811,14 @@ async fn sigterm_during_a_load_exits_zero_within_the_bound_and_a_restart_stores_
         "{}",
         relay.log()
     );
+    // Every message delivered before the stop was appended and acked: nothing waits for
+    // ack_wait (30 s) to be redelivered after the restart.
+    wait_until(
+        "no delivered message left unacked",
+        Duration::from_secs(2),
+        || async { consumers_sum(&bed, |i| i.num_ack_pending as u64).await == 0 },
+    )
+    .await;
 
     relay.restart();
     relay.wait_ready().await;
