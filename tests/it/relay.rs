@@ -3,11 +3,12 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prism_relay::run::RunError;
 use prism_relay::tools::DataType;
 
 use crate::harness::{
-    dir_bytes, http_get, metric_sum, relay_command, wait_for, wait_until, wait_until_sync, Bed,
-    ConsumerDef, Load, RelayProc, DATABASE, DRAIN_TIMEOUT,
+    dir_bytes, free_port, http_get, metric_sum, relay_command, wait_for, wait_until,
+    wait_until_sync, Bed, ConsumerDef, InProcRelay, Load, RelayProc, DATABASE, DRAIN_TIMEOUT,
 };
 
 /// Every column of `table` in the bed's database, in table order.
@@ -866,6 +867,15 @@ async fn a_table_missing_a_column_the_relay_writes_stops_run_with_a_message_nami
     assert!(!status.success(), "run exited 0; log:\n{log}");
     assert!(log.contains(expected), "{log}");
     assert!(!log.contains("schema checked; draining"), "{log}");
+    // The library returns the same error as a value.
+    let mut config = config.clone();
+    config.metrics_port = free_port();
+    let error = InProcRelay::spawn(&config)
+        .join(DRAIN_TIMEOUT)
+        .await
+        .expect_err("run must fail");
+    assert!(matches!(error, RunError::Schema(_)), "{error:?}");
+    assert_eq!(error.to_string(), expected);
     // The table was left as it was.
     assert_eq!(
         bed.sql(&format!(
@@ -974,4 +984,28 @@ async fn metrics_count_exactly_the_rows_stored_under_marketprism_names() {
     let (status, body) = http_get(relay.metrics_addr, "/health").await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_run_stores_everything_and_returns_ok_when_its_shutdown_future_resolves() {
+    let bed = Bed::start();
+    let relay = InProcRelay::spawn(&bed.config());
+    relay.wait_ready().await;
+    let summary = bed.publish(Load::new("inproc", 400)).await;
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (summary.published_total(), 400, 0, 0),
+        "{report}"
+    );
+    tokio::time::timeout(Duration::from_secs(15), relay.stop())
+        .await
+        .expect("run returns within its shutdown bound")
+        .expect("run returns Ok");
 }
