@@ -8,7 +8,7 @@
 #![allow(dead_code)] // Not every test module uses every helper.
 
 use std::fmt::Write as _;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -908,7 +908,7 @@ pub async fn wait_until_sync(what: &str, timeout: Duration, mut condition: impl 
     wait_until(what, timeout, || std::future::ready(condition())).await
 }
 
-/// Total size of the `*.seg`-like files (everything but the ledger) in a WAL directory.
+/// Total size of the files in a directory (a WAL's segments plus its small ledger).
 pub fn dir_bytes(dir: &Path) -> u64 {
     let Ok(entries) = fs::read_dir(dir) else {
         return 0;
@@ -949,13 +949,4 @@ fn unescape_tsv(field: &str) -> String {
         }
     }
     out
-}
-
-/// Opens (creating) a file for appending.
-pub fn append_file(path: &Path) -> File {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .expect("open file")
 }

@@ -341,7 +341,6 @@ async fn loadgen_traffic_is_stored_exactly_once() {
         "{report}"
     );
     assert_eq!(bed.count_all_tables(), 800);
-    let _ = Duration::ZERO;
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
 
@@ -714,7 +713,8 @@ async fn a_full_wal_budget_stops_fetching_until_clickhouse_returns_then_everythi
         settled.then_some(received)
     })
     .await;
-    // Held for a while: nothing more is fetched into the WAL, nothing more is acked.
+    // Held for a while: nothing more is fetched into the WAL, nothing more is acked. (A
+    // window in which nothing may happen: there is no condition to await instead.)
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let metrics = relay.metrics().await;
     let received_later = metric_sum(&metrics, "marketprism_storage_messages_received_total", &[]);
