@@ -200,13 +200,19 @@ impl Bed {
     pub async fn wait_accounted(&self, timeout: Duration) -> VerifyReport {
         let deadline = Instant::now() + timeout;
         loop {
-            let report = self.verify().await;
-            let unrouted = &report.unrouted;
-            if report.totals().lost == 0 && unrouted.dead_lettered >= unrouted.published {
-                return report;
-            }
+            // Until the relay has created its tables, verify fails: keep polling.
+            let last = match verify::run(&self.verify_options()).await {
+                Ok(report) => {
+                    let unrouted = &report.unrouted;
+                    if report.totals().lost == 0 && unrouted.dead_lettered >= unrouted.published {
+                        return report;
+                    }
+                    report.to_string()
+                }
+                Err(error) => format!("verify failed: {error}"),
+            };
             if Instant::now() >= deadline {
-                panic!("not everything stored after {timeout:?}:\n{report}");
+                panic!("not everything stored after {timeout:?}:\n{last}");
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }

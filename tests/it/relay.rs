@@ -9,6 +9,7 @@ use prism_relay::tools::DataType;
 use crate::harness::{
     dir_bytes, free_port, http_get, metric_sum, relay_command, wait_for, wait_until,
     wait_until_sync, Bed, ConsumerDef, InProcRelay, Load, RelayProc, DATABASE, DRAIN_TIMEOUT,
+    READY_TIMEOUT,
 };
 
 /// Every column of `table` in the bed's database, in table order.
@@ -1008,4 +1009,67 @@ async fn the_library_run_stores_everything_and_returns_ok_when_its_shutdown_futu
         .await
         .expect("run returns within its shutdown bound")
         .expect("run returns Ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_the_schema_check_passes_ingest_fills_the_wal_up_to_its_budget_only_then_drains_all()
+{
+    const SEGMENT: u64 = 64 * 1024;
+    const BUDGET: u64 = 1024 * 1024;
+    let bed = Bed::start();
+    let mut config = bed.config();
+    config.segment_bytes_max = SEGMENT;
+    config.budget_bytes_max = BUDGET;
+    config.retention_bytes_max = 0;
+    config.retention_segments_max = 0;
+    config.insert_timeout_ms = 1_000;
+    for consumer in &mut config.consumers {
+        consumer.fetch_batch = 50;
+    }
+    // ClickHouse is frozen before the relay starts: the schema check cannot finish.
+    bed.ch.pause().expect("SIGSTOP clickhouse");
+    let relay = RelayProc::spawn(&bed, "relay", &config);
+    let count = 3_000;
+    let js = bed.js().await;
+    // The relay creates the streams; publish once they exist.
+    wait_until("streams created", READY_TIMEOUT, || async {
+        js.get_stream("MARKET_DATA").await.is_ok()
+    })
+    .await;
+    bed.publish(Load::new("early", count).mix("trade=1,orderbook=3"))
+        .await;
+    let last = std::cell::Cell::new(-1.0);
+    let received = wait_for("ingest paused on the WAL budget", DRAIN_TIMEOUT, || async {
+        let metrics = relay.metrics().await;
+        let received = metric_sum(&metrics, "marketprism_storage_messages_received_total", &[]);
+        let settled = metric_sum(&metrics, "prism_relay_wal_bytes", &[]) >= BUDGET as f64
+            && metric_sum(&metrics, "prism_relay_acks_total", &[]) == received
+            && last.replace(received) == received;
+        settled.then_some(received)
+    })
+    .await;
+    assert!(
+        received > 0.0 && received < count as f64,
+        "received {received}"
+    );
+    let (status, _) = http_get(relay.metrics_addr, "/ready").await.unwrap();
+    assert_eq!(status, 503, "ready before the schema check");
+    assert!(dir_bytes(&config.wal_dir) <= BUDGET + 2 * SEGMENT);
+    assert!(consumers_sum(&bed, |i| i.num_pending).await > 0);
+
+    bed.ch.resume().expect("SIGCONT clickhouse");
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (count, count, 0, 0),
+        "{report}"
+    );
+    let (status, _) = http_get(relay.metrics_addr, "/ready").await.unwrap();
+    assert_eq!(status, 200);
 }
