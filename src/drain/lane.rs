@@ -137,9 +137,13 @@ impl Lane {
                     lane: self.config.name.clone(),
                     source,
                 })?;
-                // A re-cut batch ends exactly where it ended before the crash.
-                if self.recut.as_ref().is_some_and(|r| lsn > r.last) && !batch.is_empty() {
-                    self.flush(&mut batch, false).await?;
+                // A re-cut batch ends exactly where it ended before the crash; past its end,
+                // batches are cut by the limits again.
+                if self.recut.as_ref().is_some_and(|r| lsn > r.last) {
+                    if !batch.is_empty() {
+                        self.flush(&mut batch, false).await?;
+                    }
+                    self.recut = None;
                 }
                 self.read_pos = Lsn(lsn.0 + 1);
                 // The committed cursor never passes an in-flight batch's first record, so the
@@ -156,6 +160,9 @@ impl Lane {
                 };
                 if cut {
                     self.flush(&mut batch, false).await?;
+                    // The re-cut batch (if that was it) is done: the records after it must not
+                    // each become a batch of their own.
+                    self.recut = None;
                 }
             }
 
