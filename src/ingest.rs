@@ -60,11 +60,10 @@ pub async fn run(
         }
         metrics.ingest_paused.set(0);
 
-        let batch = tokio::select! {
-            batch = fetcher.fetch() => batch,
-            _ = shutdown.changed() => return Ok(()),
-        };
-        let batch = match batch {
+        // A pull in flight is finished, not abandoned at shutdown: JetStream counts its messages
+        // as delivered, and dropping them would hold them back for ack_wait after a restart. It
+        // ends within fetch_expires_ms; the loop then appends, acks, and sees the shutdown.
+        let batch = match fetcher.fetch().await {
             Ok(batch) => {
                 fetch_delay_ms = FETCH_RETRY_INITIAL_MS;
                 batch

@@ -160,6 +160,9 @@ impl Lane {
                 };
                 if cut {
                     self.flush(&mut batch, false).await?;
+                    // The re-cut batch (if that was it) is done: the records after it must not
+                    // each become a batch of their own.
+                    self.recut = None;
                 }
             }
 

@@ -8,7 +8,7 @@
 #![allow(dead_code)] // Not every test module uses every helper.
 
 use std::fmt::Write as _;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -200,13 +200,19 @@ impl Bed {
     pub async fn wait_accounted(&self, timeout: Duration) -> VerifyReport {
         let deadline = Instant::now() + timeout;
         loop {
-            let report = self.verify().await;
-            let unrouted = &report.unrouted;
-            if report.totals().lost == 0 && unrouted.dead_lettered >= unrouted.published {
-                return report;
-            }
+            // Until the relay has created its tables, verify fails: keep polling.
+            let last = match verify::run(&self.verify_options()).await {
+                Ok(report) => {
+                    let unrouted = &report.unrouted;
+                    if report.totals().lost == 0 && unrouted.dead_lettered >= unrouted.published {
+                        return report;
+                    }
+                    report.to_string()
+                }
+                Err(error) => format!("verify failed: {error}"),
+            };
             if Instant::now() >= deadline {
-                panic!("not everything stored after {timeout:?}:\n{report}");
+                panic!("not everything stored after {timeout:?}:\n{last}");
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -513,12 +519,45 @@ fn toml_string(s: &str) -> String {
     out
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the relay binds it again).
+/// A free TCP port on 127.0.0.1 (bound and released; the relay binds it again), picked at
+/// random below the kernel's ephemeral range when there is room, so neither outgoing
+/// connections nor other tests' ephemeral picks are likely to take it before the relay does.
 pub fn free_port() -> u16 {
+    const LOW: u16 = 20_000;
+    let ephemeral_start = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&start| start > LOW + 1_000);
+    if let Some(end) = ephemeral_start {
+        for _ in 0..200 {
+            let port = LOW + (random_u64() % u64::from(end - LOW)) as u16;
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port()
+}
+
+/// A fresh random number per call (std's random hash keys, a counter and the clock).
+fn random_u64() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher as _, Hasher as _};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    hasher.write_u32(std::process::id());
+    hasher.finish()
 }
 
 /// The relay binary, spawned with a config file; stdout and stderr go to a log file.
@@ -875,7 +914,7 @@ pub async fn wait_until_sync(what: &str, timeout: Duration, mut condition: impl 
     wait_until(what, timeout, || std::future::ready(condition())).await
 }
 
-/// Total size of the `*.seg`-like files (everything but the ledger) in a WAL directory.
+/// Total size of the files in a directory (a WAL's segments plus its small ledger).
 pub fn dir_bytes(dir: &Path) -> u64 {
     let Ok(entries) = fs::read_dir(dir) else {
         return 0;
@@ -916,13 +955,4 @@ fn unescape_tsv(field: &str) -> String {
         }
     }
     out
-}
-
-/// Opens (creating) a file for appending.
-pub fn append_file(path: &Path) -> File {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .expect("open file")
 }

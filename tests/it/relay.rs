@@ -3,11 +3,13 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prism_relay::run::RunError;
 use prism_relay::tools::DataType;
 
 use crate::harness::{
-    dir_bytes, http_get, metric_sum, relay_command, wait_for, wait_until, wait_until_sync, Bed,
-    ConsumerDef, Load, RelayProc, DATABASE, DRAIN_TIMEOUT,
+    dir_bytes, free_port, http_get, metric_sum, relay_command, wait_for, wait_until,
+    wait_until_sync, Bed, ConsumerDef, InProcRelay, Load, RelayConfig, RelayProc, DATABASE,
+    DRAIN_TIMEOUT, READY_TIMEOUT,
 };
 
 /// Every column of `table` in the bed's database, in table order.
@@ -340,7 +342,6 @@ async fn loadgen_traffic_is_stored_exactly_once() {
         "{report}"
     );
     assert_eq!(bed.count_all_tables(), 800);
-    let _ = Duration::ZERO;
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
 
@@ -660,6 +661,46 @@ async fn a_durable_whose_ack_wait_drifted_is_reported_by_check_and_run_and_kept_
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
 
+/// Segment size of the budget tests' WAL.
+const SEGMENT: u64 = 64 * 1024;
+/// WAL budget of the budget tests: the smallest the config allows.
+const BUDGET: u64 = 1024 * 1024;
+
+/// A config with a 1 MiB WAL budget, 64 KiB segments, no retention, short insert timeouts and
+/// batches of at most 50 messages (50 x 1.3 KB order books: the WAL may pass its budget by
+/// about one batch per consumer, appends that passed the budget check when it filled).
+fn budget_config(bed: &Bed) -> RelayConfig {
+    let mut config = bed.config();
+    config.segment_bytes_max = SEGMENT;
+    config.budget_bytes_max = BUDGET;
+    config.retention_bytes_max = 0;
+    config.retention_segments_max = 0;
+    config.insert_timeout_ms = 1_000;
+    for consumer in &mut config.consumers {
+        consumer.fetch_batch = 50;
+    }
+    config
+}
+
+/// Waits until ingest has stopped on the WAL budget: the WAL at its budget and the received
+/// and acked counts equal and still between two polls. Returns the received count.
+async fn wait_budget_full(relay: &RelayProc) -> f64 {
+    let last = std::cell::Cell::new(-1.0);
+    wait_for(
+        "ingest stopped on the WAL budget",
+        DRAIN_TIMEOUT,
+        || async {
+            let metrics = relay.metrics().await;
+            let received = metric_sum(&metrics, "marketprism_storage_messages_received_total", &[]);
+            let settled = metric_sum(&metrics, "prism_relay_wal_bytes", &[]) >= BUDGET as f64
+                && metric_sum(&metrics, "prism_relay_acks_total", &[]) == received
+                && last.replace(received) == received;
+            settled.then_some(received)
+        },
+    )
+    .await
+}
+
 /// Sum over the bed's three MarketPrism consumers of a figure of their JetStream info.
 async fn consumers_sum(
     bed: &Bed,
@@ -679,19 +720,8 @@ async fn consumers_sum(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_wal_budget_stops_fetching_until_clickhouse_returns_then_everything_is_stored_once()
 {
-    const SEGMENT: u64 = 64 * 1024;
-    const BUDGET: u64 = 1024 * 1024;
     let bed = Bed::start();
-    let mut config = bed.config();
-    config.segment_bytes_max = SEGMENT;
-    config.budget_bytes_max = BUDGET;
-    config.retention_bytes_max = 0;
-    config.retention_segments_max = 0;
-    config.insert_timeout_ms = 1_000;
-    // Batches of at most 50 x 1.3 KB: the WAL may pass its budget by one batch per consumer.
-    for consumer in &mut config.consumers {
-        consumer.fetch_batch = 50;
-    }
+    let config = budget_config(&bed);
     let mut relay = RelayProc::spawn(&bed, "relay", &config);
     relay.wait_ready().await;
 
@@ -700,20 +730,13 @@ async fn a_full_wal_budget_stops_fetching_until_clickhouse_returns_then_everythi
     let count = 3_000;
     bed.publish(Load::new("budget", count).mix("trade=1,orderbook=3"))
         .await;
-    // Appends that passed the budget check just before it filled still complete (at most a
-    // fetch batch per consumer): wait until the count stands still between two polls.
-    let last = std::cell::Cell::new(-1.0);
-    let received = wait_for("ingest paused on the WAL budget", DRAIN_TIMEOUT, || async {
-        let metrics = relay.metrics().await;
-        let received = metric_sum(&metrics, "marketprism_storage_messages_received_total", &[]);
-        let settled = metric_sum(&metrics, "prism_relay_ingest_paused", &[]) == 1.0
-            && metric_sum(&metrics, "prism_relay_wal_bytes", &[]) >= BUDGET as f64
-            && metric_sum(&metrics, "prism_relay_acks_total", &[]) == received
-            && last.replace(received) == received;
-        settled.then_some(received)
-    })
-    .await;
-    // Held for a while: nothing more is fetched into the WAL, nothing more is acked.
+    let received = wait_budget_full(&relay).await;
+    assert_eq!(
+        relay.metric_sum("prism_relay_ingest_paused", &[]).await,
+        1.0
+    );
+    // Held for a while: nothing more is fetched into the WAL, nothing more is acked. (A
+    // window in which nothing may happen: there is no condition to await instead.)
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let metrics = relay.metrics().await;
     let received_later = metric_sum(&metrics, "marketprism_storage_messages_received_total", &[]);
@@ -811,6 +834,14 @@ async fn sigterm_during_a_load_exits_zero_within_the_bound_and_a_restart_stores_
         "{}",
         relay.log()
     );
+    // Every message delivered before the stop was appended and acked: nothing waits for
+    // ack_wait (30 s) to be redelivered after the restart.
+    wait_until(
+        "no delivered message left unacked",
+        Duration::from_secs(2),
+        || async { consumers_sum(&bed, |i| i.num_ack_pending as u64).await == 0 },
+    )
+    .await;
 
     relay.restart();
     relay.wait_ready().await;
@@ -858,6 +889,15 @@ async fn a_table_missing_a_column_the_relay_writes_stops_run_with_a_message_nami
     assert!(!status.success(), "run exited 0; log:\n{log}");
     assert!(log.contains(expected), "{log}");
     assert!(!log.contains("schema checked; draining"), "{log}");
+    // The library returns the same error as a value.
+    let mut config = config.clone();
+    config.metrics_port = free_port();
+    let error = InProcRelay::spawn(&config)
+        .join(DRAIN_TIMEOUT)
+        .await
+        .expect_err("run must fail");
+    assert!(matches!(error, RunError::Schema(_)), "{error:?}");
+    assert_eq!(error.to_string(), expected);
     // The table was left as it was.
     assert_eq!(
         bed.sql(&format!(
@@ -965,5 +1005,128 @@ async fn metrics_count_exactly_the_rows_stored_under_marketprism_names() {
     }
     let (status, body) = http_get(relay.metrics_addr, "/health").await.unwrap();
     assert_eq!(status, 200, "{body}");
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_run_stores_everything_and_returns_ok_when_its_shutdown_future_resolves() {
+    let bed = Bed::start();
+    let relay = InProcRelay::spawn(&bed.config());
+    relay.wait_ready().await;
+    let summary = bed.publish(Load::new("inproc", 400)).await;
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (summary.published_total(), 400, 0, 0),
+        "{report}"
+    );
+    tokio::time::timeout(Duration::from_secs(15), relay.stop())
+        .await
+        .expect("run returns within its shutdown bound")
+        .expect("run returns Ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_the_schema_check_passes_ingest_fills_the_wal_up_to_its_budget_only_then_drains_all()
+{
+    let bed = Bed::start();
+    let config = budget_config(&bed);
+    // ClickHouse is frozen before the relay starts: the schema check cannot finish.
+    bed.ch.pause().expect("SIGSTOP clickhouse");
+    let relay = RelayProc::spawn(&bed, "relay", &config);
+    let count = 3_000;
+    let js = bed.js().await;
+    // The relay creates the streams; publish once they exist.
+    wait_until("streams created", READY_TIMEOUT, || async {
+        js.get_stream("MARKET_DATA").await.is_ok()
+    })
+    .await;
+    bed.publish(Load::new("early", count).mix("trade=1,orderbook=3"))
+        .await;
+    let received = wait_budget_full(&relay).await;
+    assert!(
+        received > 0.0 && received < count as f64,
+        "received {received}"
+    );
+    let (status, _) = http_get(relay.metrics_addr, "/ready").await.unwrap();
+    assert_eq!(status, 503, "ready before the schema check");
+    assert!(dir_bytes(&config.wal_dir) <= BUDGET + 2 * SEGMENT);
+    assert!(consumers_sum(&bed, |i| i.num_pending).await > 0);
+
+    bed.ch.resume().expect("SIGCONT clickhouse");
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (count, count, 0, 0),
+        "{report}"
+    );
+    let (status, _) = http_get(relay.metrics_addr, "/ready").await.unwrap();
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_clickhouse_frozen_and_the_wal_full_exits_zero_within_the_bound_and_loses_nothing(
+) {
+    const SHUTDOWN_BOUND: Duration = Duration::from_millis(3_000);
+    let bed = Bed::start();
+    let mut config = budget_config(&bed);
+    config.shutdown_timeout_ms = SHUTDOWN_BOUND.as_millis() as u64;
+    // A batch fetched while the WAL is full waits in the append; the stop leaves it unacked,
+    // and JetStream redelivers it after ack_wait: keep that short so the test stays short.
+    for consumer in &mut config.consumers {
+        consumer.ack_wait_ms = 2_000;
+    }
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    relay.wait_ready().await;
+    bed.ch.pause().expect("SIGSTOP clickhouse");
+    let count = 3_000;
+    bed.publish(Load::new("frozen-stop", count).mix("trade=1,orderbook=3"))
+        .await;
+    wait_budget_full(&relay).await;
+
+    let started = Instant::now();
+    let status = relay
+        .terminate_within(SHUTDOWN_BOUND + Duration::from_secs(3))
+        .await;
+    let took = started.elapsed();
+    assert!(status.success(), "exit {status}; log:\n{}", relay.log());
+    assert!(
+        took <= SHUTDOWN_BOUND + Duration::from_secs(2),
+        "shutdown took {took:?}"
+    );
+
+    bed.ch.resume().expect("SIGCONT clickhouse");
+    relay.restart();
+    relay.wait_ready().await;
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (count, count, 0, 0),
+        "{report}"
+    );
+    // Batches are cut by their limits after the re-cut of the batch left in flight, not one
+    // record each (about ten inserts here; thousands when each record was its own batch).
+    let inserts = relay
+        .metric_sum("marketprism_storage_batch_inserts_total", &[])
+        .await;
+    assert!(inserts <= 100.0, "{inserts} inserts for {count} messages");
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
