@@ -23,6 +23,9 @@ const PAUSE_POLL_MS: u64 = 100;
 const FETCH_RETRY_INITIAL_MS: u64 = 100;
 /// Longest delay between fetch attempts while NATS is unreachable.
 const FETCH_RETRY_MAX_MS: u64 = 5_000;
+/// How long a stop lets an append finish (an fsync takes milliseconds; an append that waits
+/// longer is waiting for WAL budget, which only ClickHouse can free).
+const APPEND_STOP_GRACE_MS: u64 = 2_000;
 
 /// Why an ingest task stopped.
 #[derive(Debug, thiserror::Error)]
@@ -100,19 +103,40 @@ pub async fn run(
             })
             .collect();
 
-        let range = loop {
-            match wal.append(&envelopes).await {
-                Ok(range) => break range,
+        let appended = loop {
+            // An append waits while the WAL budget is full; a stop must not wait for ClickHouse
+            // to free it, so past a grace period the batch is handed back to JetStream instead.
+            let stop_then_grace = async {
+                let _ = shutdown.wait_for(|stop| *stop).await;
+                tokio::time::sleep(Duration::from_millis(APPEND_STOP_GRACE_MS)).await;
+            };
+            let attempt = tokio::select! {
+                biased;
+                result = wal.append(&envelopes) => result,
+                _ = stop_then_grace => break None,
+            };
+            match attempt {
+                Ok(range) => break Some(range),
                 Err(WalError::DiskFull { .. }) => {
                     // Nothing was written; keep the batch (unacked) and try again once space is freed.
                     metrics.ingest_paused.set(1);
                     tracing::warn!(%consumer, "disk full: WAL append paused, messages stay unacked in JetStream");
                     if pause(&mut shutdown).await {
-                        return Ok(());
+                        break None;
                     }
                 }
                 Err(source) => return Err(IngestError::Wal { consumer, source }),
             }
+        };
+        let Some(range) = appended else {
+            // Stopping with the batch not written: a negative ack makes JetStream redeliver it at
+            // once (to the next start or another instance) instead of after ack_wait. Should the
+            // WAL have written it after all, the redelivery collapses on its identity.
+            drop(envelopes);
+            if let Err(error) = batch.nak().await {
+                tracing::warn!(%consumer, %error, "nak failed; JetStream redelivers after ack_wait");
+            }
+            return Ok(());
         };
         metrics.ingest_paused.set(0);
 

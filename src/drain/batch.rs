@@ -376,9 +376,16 @@ fn push_json_line(body: &mut Vec<u8>, starts: &mut Vec<usize>, payload: &[u8]) {
 
 /// A dead-letter row for a record of `lane`.
 pub fn dead_letter(lane: &str, envelope: &Envelope<'_>, reason: String, now_ms: i64) -> DeadLetter {
+    // A record no route claims was meant for no table: its `table` is empty, not the lane's
+    // internal name.
+    let table = if lane == super::route::UNROUTED_LANE {
+        ""
+    } else {
+        lane
+    };
     DeadLetter {
         failed_at: now_ms,
-        table: lane.to_string(),
+        table: table.to_string(),
         subject: envelope.subject.to_string(),
         nats_stream: envelope.stream.to_string(),
         nats_seq: envelope.stream_seq.0,

@@ -44,6 +44,9 @@ const ACK_SEND_TIMEOUT_MS: u64 = 5_000;
 /// Body of a positive acknowledgement.
 const ACK_BODY: &[u8] = b"+ACK";
 
+/// Body of a negative acknowledgement: redeliver now.
+const NAK_BODY: &[u8] = b"-NAK";
+
 /// Pulls batches from one durable pull consumer.
 pub struct Fetcher {
     /// Handle used to send pull requests.
@@ -389,6 +392,29 @@ impl Batch {
         }
     }
 
+    /// Hands every message of the batch back to JetStream for immediate redelivery (used when
+    /// the relay stops before the batch could be written). Bounded like [`Self::ack`].
+    pub async fn nak(self) -> Result<(), SourceError> {
+        let send = async {
+            for m in &self.messages {
+                self.send_reply(&m.message, NAK_BODY).await?;
+            }
+            self.client.flush().await.map_err(|err| SourceError::Ack {
+                stream: self.stream.to_string(),
+                durable: self.durable.to_string(),
+                source: Box::new(err),
+            })
+        };
+        match tokio::time::timeout(Duration::from_millis(ACK_SEND_TIMEOUT_MS), send).await {
+            Ok(result) => result,
+            Err(elapsed) => Err(SourceError::Ack {
+                stream: self.stream.to_string(),
+                durable: self.durable.to_string(),
+                source: Box::new(elapsed),
+            }),
+        }
+    }
+
     async fn send_acks(&self) -> Result<AckSummary, SourceError> {
         let covered = self.messages.len();
         if covered == 0 {
@@ -431,6 +457,14 @@ impl Batch {
     }
 
     async fn send_ack(&self, message: &async_nats::Message) -> Result<(), SourceError> {
+        self.send_reply(message, ACK_BODY).await
+    }
+
+    async fn send_reply(
+        &self,
+        message: &async_nats::Message,
+        body: &'static [u8],
+    ) -> Result<(), SourceError> {
         // Every message in a batch passed reply::parse, so it has a reply subject.
         let Some(reply) = message.reply.clone() else {
             return Err(SourceError::Metadata {
@@ -440,7 +474,7 @@ impl Batch {
             });
         };
         self.client
-            .publish(reply, Bytes::from_static(ACK_BODY))
+            .publish(reply, Bytes::from_static(body))
             .await
             .map_err(|err| SourceError::Ack {
                 stream: self.stream.to_string(),

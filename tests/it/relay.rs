@@ -387,8 +387,8 @@ const POISONS: [Poison; 5] = [
     Poison {
         subject: "ticker.binance.spot.BTC-USDT",
         payload: r#"{"exchange":"binance","market_type":"spot","symbol":"BTC-USDT","last":"112345.6","data_type":"ticker","ts_ms":1761714312456}"#,
-        // The drain's lane for subjects without a table.
-        table: "_unrouted",
+        // Meant for no table: no route claims the subject.
+        table: "",
         reason: &[
             "no route for subject \"ticker.binance.spot.BTC-USDT\"",
             "no typed codec and no [[drain.passthrough]] entry",
