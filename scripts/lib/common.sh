@@ -7,8 +7,8 @@
 STEP_RESULTS=()
 # Names of the steps that failed.
 STEP_FAILURES=()
-# Set by a step that passed without doing all of its work (e.g. "NOT FUZZED: ..."); run_step
-# puts it on the step's summary line, so a degraded pass never reads like a full one.
+# Set (through note_step) by a step that passed without doing all of its work, e.g.
+# "NOT FUZZED: ..."; run_step puts it on the summary line, so a degraded pass never reads like a full one.
 STEP_NOTE=""
 # "name: note" of every step that set STEP_NOTE.
 STEP_NOTES=()
@@ -49,6 +49,12 @@ run_step() {
         STEP_NOTES+=("$name: $STEP_NOTE")
     fi
     STEP_RESULTS+=("$line")
+}
+
+# note_step TEXT: called by a step that passes without doing all of its work; run_step
+# shows TEXT on the step's summary line and the summary repeats it as a warning.
+note_step() {
+    STEP_NOTE=$*
 }
 
 # Prints the outcome of every step; returns non-zero if any failed.

@@ -92,18 +92,22 @@ fuzz_one() {
         -artifact_prefix="$artifacts" \
         -print_final_stats=1 \
         >"$log" 2>&1 || status=$?
-    local done_line runs speed new_units
-    done_line=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -n 1 || true)
-    runs=$(sed -n 's/^stat::number_of_executed_runs:[[:space:]]*//p' "$log" | tail -n 1)
+    # The final statistics (-print_final_stats), one line per target; the rest stays in the log.
+    local runs speed new_units rss coverage
+    runs=$(sed -n 's/^stat::number_of_executed_units:[[:space:]]*//p' "$log" | tail -n 1)
     speed=$(sed -n 's/^stat::average_exec_per_sec:[[:space:]]*//p' "$log" | tail -n 1)
     new_units=$(sed -n 's/^stat::new_units_added:[[:space:]]*//p' "$log" | tail -n 1)
+    rss=$(sed -n 's/^stat::peak_rss_mb:[[:space:]]*//p' "$log" | tail -n 1)
+    coverage=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -n 1 | grep -oE 'cov: [0-9]+ ft: [0-9]+ corp: [^ ]+' || true)
     if ((status == 0)); then
-        info "$target: ${runs:-?} runs, ${speed:-?}/s, ${new_units:-?} new units; ${done_line:-no DONE line}"
+        info "$target: ok, ${runs:-?} runs (${speed:-?}/s), ${new_units:-?} new units, ${coverage:-no DONE line}, peak ${rss:-?} MB"
         rm -rf "$corpus"
         return 0
     fi
     info "$target: FAILED (libFuzzer exit $status) after ${runs:-?} runs; log: $log"
-    grep -E '^(==[0-9]+==ERROR|thread .* panicked|SUMMARY:)' "$log" | head -n 5 | sed 's/^/    | /' || true
+    # The panic (with its message, on the next line) or the sanitizer's report.
+    grep -E -A1 '^thread .* panicked at' "$log" | head -n 4 | sed 's/^/    | /' || true
+    grep -E '^(==[0-9]+==ERROR|SUMMARY:)' "$log" | head -n 3 | sed 's/^/    | /' || true
     local found=0 input
     for input in "$artifacts"*; do
         [[ -f $input ]] || continue
@@ -128,15 +132,15 @@ fuzz_step() {
     info "work directory (logs, scratch corpora, failing inputs): $FUZZ_WORK_DIR"
 
     if ((seconds == 0)); then
-        STEP_NOTE="NOT FUZZED (FUZZ_SECONDS=0): committed corpora replayed only"
+        note_step "NOT FUZZED (FUZZ_SECONDS=0): committed corpora replayed only"
         info "FUZZ_SECONDS=0: replaying the committed corpora through the plain tests, no fuzzing"
         replay_fuzz_corpora
         return
     fi
     if ! ensure_cargo_fuzz; then
-        STEP_NOTE="NOT FUZZED: cargo-fuzz $CARGO_FUZZ_VERSION could not be installed; committed corpora replayed only"
-        printf '    WARNING: cargo-fuzz %s is missing and could not be installed (no registry?).\n' "$CARGO_FUZZ_VERSION" >&2
-        printf '    WARNING: nothing is fuzzed; replaying the committed corpora through the plain tests instead.\n' >&2
+        note_step "NOT FUZZED: cargo-fuzz $CARGO_FUZZ_VERSION could not be installed; committed corpora replayed only"
+        info "WARNING: cargo-fuzz $CARGO_FUZZ_VERSION is missing and could not be installed (no registry?)."
+        info "WARNING: nothing is fuzzed; replaying the committed corpora through the plain tests instead."
         if [[ ${FUZZ_REQUIRED:-0} == 1 ]]; then
             info "FUZZ_REQUIRED=1: failing"
             return 1
