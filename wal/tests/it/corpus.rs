@@ -8,13 +8,17 @@ use std::path::Path;
 /// own test (`fuzz/tests/corpus.rs`) replays it.
 const REPLAYED_ELSEWHERE: &[&str] = &["codec_decode"];
 
+/// A fuzz target of this crate: its name (its corpus folder) and the check it runs on an input.
+type Target = (&'static str, fn(&[u8]));
+
+const TARGETS: [Target; 2] = [
+    ("record_decode", prism_wal::fuzzing::record_decode),
+    ("recovery", prism_wal::fuzzing::recovery),
+];
+
 #[test]
 fn every_fuzz_corpus_file_passes_its_target_without_panicking() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
-    let targets: [(&str, fn(&[u8])); 2] = [
-        ("record_decode", prism_wal::fuzzing::record_decode),
-        ("recovery", prism_wal::fuzzing::recovery),
-    ];
     let mut dirs: Vec<_> = std::fs::read_dir(&root)
         .unwrap_or_else(|e| panic!("corpus {}: {e}", root.display()))
         .map(|e| e.unwrap().path())
@@ -29,7 +33,7 @@ fn every_fuzz_corpus_file_passes_its_target_without_panicking() {
             continue;
         }
         // A corpus folder with no replay here would go unchecked by `cargo test`.
-        let Some((_, run)) = targets.iter().find(|(target, _)| *target == name) else {
+        let Some((_, run)) = TARGETS.iter().find(|(target, _)| *target == name) else {
             panic!("corpus {} belongs to no known fuzz target", dir.display());
         };
         let mut files: Vec<_> = std::fs::read_dir(&dir)
@@ -46,7 +50,7 @@ fn every_fuzz_corpus_file_passes_its_target_without_panicking() {
         }
         seen.push(name);
     }
-    for (target, _) in targets {
+    for (target, _) in TARGETS {
         assert!(
             seen.iter().any(|s| s == target),
             "no corpus for {target} under {}",
