@@ -15,6 +15,8 @@
 #   FUZZ_SECONDS               seconds of fuzzing per target (default 20; 0 replays the corpora only)
 #   FUZZ_INPUT_TIMEOUT_SECONDS one input running longer is a failure (default 10)
 #   FUZZ_TARGET_DIR            cargo target directory of the sanitizer build (default fuzz/target)
+#   FUZZ_SANITIZER             cargo fuzz's --sanitizer: address (default) or none (builds and
+#                              runs faster, catches only panics, aborts and hangs)
 #   FUZZ_REQUIRED              1: fail instead of falling back when cargo-fuzz is unavailable
 # Source it after common.sh, then run `run_step NAME fuzz_step`.
 
@@ -114,7 +116,7 @@ fuzz_one() {
         found=1
         info "failing input: $input"
         print_input_base64 "$input"
-        info "reproduce: (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run $target $input)"
+        info "reproduce: (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer $FUZZ_SANITIZER_USED $target $input)"
         info "       or: $binary $input"
     done
     ((found == 1)) || info "no failing input was written; see the log"
@@ -153,17 +155,19 @@ fuzz_step() {
     local target_dir=${FUZZ_TARGET_DIR:-$repo_root/fuzz/target}
     local triple
     triple=$(rustc -vV | sed -n 's/^host: //p')
+    local sanitizer=${FUZZ_SANITIZER:-address}
     local build_log=$FUZZ_WORK_DIR/build.log
     local started=$SECONDS
-    info "building every target (RUSTC_BOOTSTRAP=1 cargo fuzz build, address sanitizer; target dir $target_dir; log $build_log)"
-    # RUSTC_BOOTSTRAP: the sanitizer flags are nightly-only, and the machine has one stable
-    # toolchain.
-    if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build --target-dir "$target_dir") >"$build_log" 2>&1; then
+    info "building every target (RUSTC_BOOTSTRAP=1 cargo fuzz build --sanitizer $sanitizer; target dir $target_dir; log $build_log)"
+    # RUSTC_BOOTSTRAP: the sanitizer and coverage flags are nightly-only, and the machine has
+    # one stable toolchain.
+    if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz build --sanitizer "$sanitizer" --target-dir "$target_dir") >"$build_log" 2>&1; then
         info "build FAILED; last lines of $build_log:"
         tail -n 20 "$build_log" | sed 's/^/    | /'
         return 1
     fi
     info "built in $((SECONDS - started))s"
+    FUZZ_SANITIZER_USED=$sanitizer
 
     local targets
     targets=$(cd fuzz && cargo fuzz list) || return 1
