@@ -8,6 +8,10 @@
 //! with the test process, because it is spawned with a parent-death signal.
 //! Failures are [`TestbedError`]s that carry the server's log tail where it helps.
 //!
+//! Ports are picked below the kernel's ephemeral range, which outgoing connections
+//! never take, so a killed server's ports are still free when it restarts; a start
+//! that loses a port to another process anyway is retried on fresh ports.
+//!
 //! The API is synchronous (it blocks for at most the named bounds below), so it works
 //! from plain tests and from tokio tests alike; from async code that must not block a
 //! runtime thread for long, wrap `start`/`restart` in `spawn_blocking`.

@@ -17,6 +17,17 @@ use std::time::{Duration, Instant};
 
 use crate::{TestbedError, LOG_TAIL_BYTES_MAX, READY_POLL_INTERVAL_MS};
 
+/// Lowest port handed to a server: above the well-known and commonly configured
+/// service ports.
+const PORT_RANGE_START: u16 = 10_000;
+
+/// Fewest ports below the ephemeral range that make picking there worthwhile;
+/// with fewer, random picks would collide too often.
+const PORT_RANGE_PORTS_MIN: usize = 1_000;
+
+/// Random picks tried before giving up on finding one free port.
+const PORT_PICKS_MAX: u32 = 100;
+
 /// Where to look for an executable, in order.
 pub(crate) struct BinarySpec {
     /// Executable name, also used in messages.
@@ -79,15 +90,26 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Picks `N` distinct ports that were free a moment ago: all listeners are held
-/// together so the kernel hands out different ports, then dropped so the server can
-/// bind them. Another process may take one in between; callers retry on that.
+/// Picks `N` distinct ports that were free a moment ago.
+///
+/// Ports come from below the kernel's ephemeral range when it leaves room
+/// (`[PORT_RANGE_START, ephemeral start)`): the kernel never hands those out to
+/// outgoing connections or to `bind(0)`, so a port stays ours while a killed server
+/// is down and `restart` can bind it again. Otherwise they come from `bind(0)`.
+/// Each port is checked by binding it, and all are held together so they differ;
+/// another process may still take one before the server binds it, and callers retry then.
 pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N], TestbedError> {
     let mut listeners = Vec::with_capacity(N);
     let mut ports = [0u16; N];
+    let below_ephemeral = ephemeral_port_start()
+        .filter(|&start| start > PORT_RANGE_START)
+        .filter(|&start| usize::from(start - PORT_RANGE_START) >= PORT_RANGE_PORTS_MIN);
     for port in ports.iter_mut() {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .map_err(|e| TestbedError::io("binding a probe socket to find a free port", e))?;
+        let listener = match below_ephemeral {
+            Some(end) => bind_random_port_in(PORT_RANGE_START, end)?,
+            None => TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .map_err(|e| TestbedError::io("binding a probe socket to find a free port", e))?,
+        };
         *port = listener
             .local_addr()
             .map_err(|e| TestbedError::io("reading a probe socket's port", e))?
@@ -95,6 +117,48 @@ pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N], TestbedError> {
         listeners.push(listener);
     }
     Ok(ports)
+}
+
+/// Binds a random free port in `[start, end)`.
+fn bind_random_port_in(start: u16, end: u16) -> Result<TcpListener, TestbedError> {
+    let span = u64::from(end - start);
+    let mut last_error = None;
+    for _ in 0..PORT_PICKS_MAX {
+        // The modulo keeps the value below `span`, which fits in u16.
+        let port = start + (random_u64() % span) as u16;
+        match TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(TestbedError::io(
+        format!("finding a free port in [{start}, {end}) in {PORT_PICKS_MAX} picks"),
+        last_error.unwrap_or_else(|| io::Error::other("no pick was made")),
+    ))
+}
+
+/// First port of the kernel's ephemeral range, if it can be read.
+fn ephemeral_port_start() -> Option<u16> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
+}
+
+/// A random number from std's per-process random hash keys, mixed with a counter
+/// and the clock so successive calls differ; good enough to spread port picks.
+fn random_u64() -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = RandomState::new().build_hasher();
+    hasher.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    hasher.write_u32(std::process::id());
+    hasher.finish()
 }
 
 /// A name no other server started on this machine at the same time carries:
@@ -520,6 +584,147 @@ mod tests {
     fn free_ports_are_distinct() {
         let [a, b, c] = free_ports::<3>().unwrap();
         assert!(a != b && b != c && a != c);
+    }
+
+    #[test]
+    fn free_ports_avoid_the_ephemeral_range_when_there_is_room_below_it() {
+        let start = ephemeral_port_start().expect("Linux exposes the ephemeral port range");
+        let room_below =
+            usize::from(start.saturating_sub(PORT_RANGE_START)) >= PORT_RANGE_PORTS_MIN;
+        for port in free_ports::<8>().unwrap() {
+            if room_below {
+                assert!(
+                    (PORT_RANGE_START..start).contains(&port),
+                    "{port} below {start}"
+                );
+            } else {
+                assert!(port >= start, "{port} is an ephemeral port");
+            }
+        }
+    }
+
+    /// Spawns `sh -c script` with its output in a log file inside `dir`.
+    fn spawn_script(dir: &Path, script: &str) -> (ServerProcess, LogFile) {
+        let log_path = dir.join("out.log");
+        let log = LogFile::from_end(log_path.clone());
+        let out = File::create(&log_path).unwrap();
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", script])
+            .stdout(out.try_clone().unwrap())
+            .stderr(out);
+        (ServerProcess::spawn("test-server", command).unwrap(), log)
+    }
+
+    #[test]
+    fn server_exiting_during_start_up_is_reported_with_its_log_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut process, log) = spawn_script(dir.path(), "echo 'bad flag -zz'; exit 3");
+        let result = wait_ready(&mut process, &[log], Duration::from_secs(10), || {
+            Probe::NotYet
+        });
+        match result {
+            Err(StartFailure::Fatal(TestbedError::ExitedEarly {
+                status, log_tail, ..
+            })) => {
+                assert!(status.contains('3'), "{status}");
+                assert!(log_tail.contains("bad flag -zz"), "{log_tail}");
+            }
+            _ => panic!("expected ExitedEarly"),
+        }
+    }
+
+    #[test]
+    fn server_exiting_on_a_taken_port_is_a_retryable_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut process, log) = spawn_script(
+            dir.path(),
+            "echo 'listen tcp 127.0.0.1:4222: bind: address already in use'; exit 1",
+        );
+        let result = wait_ready(&mut process, &[log], Duration::from_secs(10), || {
+            Probe::NotYet
+        });
+        assert!(matches!(result, Err(StartFailure::PortTaken { .. })));
+    }
+
+    #[test]
+    fn server_that_never_gets_ready_is_killed_and_reported_with_its_log_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut process, log) = spawn_script(dir.path(), "echo 'still loading'; exec sleep 60");
+        let pid = process.pid().unwrap();
+        let result = wait_ready(&mut process, &[log], Duration::from_millis(200), || {
+            Probe::NotYet
+        });
+        match result {
+            Err(StartFailure::Fatal(TestbedError::NotReady {
+                waited_ms,
+                log_tail,
+                ..
+            })) => {
+                assert!(waited_ms >= 200, "{waited_ms}");
+                assert!(log_tail.contains("still loading"), "{log_tail}");
+            }
+            _ => panic!("expected NotReady"),
+        }
+        assert_eq!(process.pid(), None);
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "pid {pid} is reaped"
+        );
+    }
+
+    #[test]
+    fn stranger_on_the_port_kills_our_server_and_asks_for_other_ports() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut process, log) = spawn_script(dir.path(), "exec sleep 60");
+        let result = wait_ready(&mut process, &[log], Duration::from_secs(10), || {
+            Probe::Stranger
+        });
+        assert!(matches!(result, Err(StartFailure::PortTaken { .. })));
+        assert_eq!(process.pid(), None);
+    }
+
+    #[test]
+    fn taken_ports_are_retried_up_to_the_bound_then_reported() {
+        let mut attempts = 0;
+        let result = retry_on_port_taken("test-server", 3, || {
+            attempts += 1;
+            if attempts < 3 {
+                Err(StartFailure::PortTaken {
+                    log_tail: format!("attempt {attempts}"),
+                })
+            } else {
+                Ok(attempts)
+            }
+        });
+        assert_eq!(result.unwrap(), 3);
+
+        let result: Result<(), _> = retry_on_port_taken("test-server", 2, || {
+            Err(StartFailure::PortTaken {
+                log_tail: "in use".into(),
+            })
+        });
+        match result {
+            Err(TestbedError::PortsUnavailable {
+                attempts, log_tail, ..
+            }) => {
+                assert_eq!(attempts, 2);
+                assert_eq!(log_tail, "in use");
+            }
+            other => panic!("expected PortsUnavailable, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn pause_and_resume_wait_for_the_kernel_to_report_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let (process, _log) = spawn_script(dir.path(), "exec sleep 60");
+        let pid = process.pid().unwrap();
+        let stat = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        process.pause(Duration::from_secs(5)).unwrap();
+        assert!(is_stopped_state(&stat()));
+        process.resume(Duration::from_secs(5)).unwrap();
+        assert!(!is_stopped_state(&stat()));
     }
 
     #[test]

@@ -145,3 +145,18 @@ fn dropping_the_handle_kills_the_server_and_removes_its_directory() -> TestResul
     assert!(!server_dir.exists(), "{} is removed", server_dir.display());
     Ok(())
 }
+
+#[test]
+fn terminate_stops_the_server_gracefully_and_restart_brings_it_back() -> TestResult {
+    let mut nats = Nats::start()?;
+
+    let status = nats
+        .terminate()?
+        .ok_or("nats-server exits by itself on SIGTERM")?;
+
+    assert!(status.success(), "graceful exit, got {status}");
+    assert_eq!(nats.pid(), None);
+    nats.restart()?;
+    assert!(nats.pid().is_some());
+    Ok(())
+}

