@@ -81,6 +81,11 @@ impl DataType {
         DataType::from_name(first_token(subject))
     }
 
+    /// Position in [`DataType::ALL`], for per-type arrays.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     /// The table rows of this type go to.
     pub const fn table(self) -> Table {
         match self {
@@ -99,6 +104,14 @@ impl DataType {
 impl fmt::Display for DataType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DataType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DataType::from_name(s).ok_or_else(|| format!("unknown data type {s:?}"))
     }
 }
 

@@ -18,7 +18,6 @@ pub mod rate;
 pub mod verify;
 
 use std::fmt;
-use std::str::FromStr;
 
 /// Errors of the operator tools.
 #[derive(Debug, thiserror::Error)]
@@ -66,88 +65,9 @@ impl ToolError {
     }
 }
 
-/// The eight MarketPrism data types, in the order reports list them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DataType {
-    Trade,
-    Orderbook,
-    FundingRate,
-    OpenInterest,
-    Liquidation,
-    LsrTopPosition,
-    LsrAllAccount,
-    VolatilityIndex,
-}
-
-impl DataType {
-    /// Every data type, in report order.
-    pub const ALL: [DataType; 8] = [
-        DataType::Trade,
-        DataType::Orderbook,
-        DataType::FundingRate,
-        DataType::OpenInterest,
-        DataType::Liquidation,
-        DataType::LsrTopPosition,
-        DataType::LsrAllAccount,
-        DataType::VolatilityIndex,
-    ];
-
-    /// The name used as the first subject token and in the `data_type` field.
-    pub const fn name(self) -> &'static str {
-        match self {
-            DataType::Trade => "trade",
-            DataType::Orderbook => "orderbook",
-            DataType::FundingRate => "funding_rate",
-            DataType::OpenInterest => "open_interest",
-            DataType::Liquidation => "liquidation",
-            DataType::LsrTopPosition => "lsr_top_position",
-            DataType::LsrAllAccount => "lsr_all_account",
-            DataType::VolatilityIndex => "volatility_index",
-        }
-    }
-
-    /// The ClickHouse table rows of this data type land in.
-    pub const fn table(self) -> &'static str {
-        match self {
-            DataType::Trade => "trades",
-            DataType::Orderbook => "orderbooks",
-            DataType::FundingRate => "funding_rates",
-            DataType::OpenInterest => "open_interests",
-            DataType::Liquidation => "liquidations",
-            DataType::LsrTopPosition => "lsr_top_positions",
-            DataType::LsrAllAccount => "lsr_all_accounts",
-            DataType::VolatilityIndex => "volatility_indices",
-        }
-    }
-
-    /// Position in [`DataType::ALL`], for per-type arrays.
-    pub const fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The data type a subject routes to: its first token, if that is one of the eight names.
-    pub fn from_subject(subject: &str) -> Option<DataType> {
-        let first = subject.split('.').next().unwrap_or(subject);
-        first.parse().ok()
-    }
-}
-
-impl fmt::Display for DataType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for DataType {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        DataType::ALL
-            .into_iter()
-            .find(|dt| dt.name() == s)
-            .ok_or_else(|| format!("unknown data type {s:?}"))
-    }
-}
+/// The eight MarketPrism data types, shared with the relay's codec so the tools route subjects
+/// exactly as the relay does.
+pub use crate::codec::DataType;
 
 /// Connects to NATS with a name that shows up in the server's connection list.
 pub(crate) async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, ToolError> {

@@ -315,7 +315,7 @@ impl fmt::Display for VerifyReport {
             writeln!(f)
         };
         for dt in DataType::ALL {
-            row(f, dt.table(), self.table(dt))?;
+            row(f, dt.table().name(), self.table(dt))?;
         }
         let totals = self.totals();
         row(f, "total", &totals)?;
@@ -349,7 +349,7 @@ impl fmt::Display for VerifyReport {
             ] {
                 if !sample.is_empty() {
                     let ids: Vec<String> = sample.iter().map(ToString::to_string).collect();
-                    writeln!(f, "{} {what}, e.g. {}", dt.table(), ids.join(" "))?;
+                    writeln!(f, "{} {what}, e.g. {}", dt.table().name(), ids.join(" "))?;
                 }
             }
         }
@@ -699,14 +699,14 @@ async fn check_chunk(
     };
     for dt in DataType::ALL {
         let published = &by_table[dt.index()];
-        let stored = if store.tables.contains(dt.table()) {
-            store.stored(dt.table(), stream, from, to).await?
+        let stored = if store.tables.contains(dt.table().name()) {
+            store.stored(dt.table().name(), stream, from, to).await?
         } else if published.is_empty() {
             Vec::new()
         } else {
             return Err(ToolError::MissingTable {
                 database: store.database.clone(),
-                table: dt.table().to_string(),
+                table: dt.table().name().to_string(),
                 published: published.len() as u64,
             });
         };

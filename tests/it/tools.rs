@@ -214,7 +214,7 @@ async fn verify_counts_lost_duplicated_dead_lettered_and_unexpected_exactly() {
     for dt in DataType::ALL {
         exec(
             &ch,
-            &format!("CREATE TABLE {db}.{} {TABLE_DDL}", dt.table()),
+            &format!("CREATE TABLE {db}.{} {TABLE_DDL}", dt.table().name()),
         );
     }
     exec(
@@ -438,7 +438,7 @@ async fn verify_finds_marketprism_streams_by_itself_and_reports_missing_tables()
     for dt in &DataType::ALL[1..] {
         exec(
             &ch,
-            &format!("CREATE TABLE {db}.{} {TABLE_DDL}", dt.table()),
+            &format!("CREATE TABLE {db}.{} {TABLE_DDL}", dt.table().name()),
         );
     }
     let report = verify::run(&opts).await.unwrap();
