@@ -117,6 +117,17 @@ pub enum WalError {
         /// Which option.
         reason: String,
     },
+    /// Another writer holds the WAL directory's lock: another process (a second relay started
+    /// on the same volume), or another [`crate::Wal`] open on it in this process.
+    #[error(
+        "write-ahead log {dir} is locked: another process (or another open Wal in this process) \
+         holds it; stop that relay (or close that Wal) first, or give this one its own WAL \
+         directory. The lock goes away with its holder, so a left-over LOCK file is harmless"
+    )]
+    Locked {
+        /// The WAL directory.
+        dir: PathBuf,
+    },
     /// A file in the WAL directory is not what its name says.
     #[error("segment {path} is unusable: {reason}")]
     BadSegment {

@@ -6,10 +6,13 @@
 //! everything else, keeping a random prefix of each file's unsynced tail (optionally garbled, like
 //! a torn sector write); handles opened before the crash go dead.
 //!
+//! Locks ([`FileSystem::lock_exclusive`]) are modelled in memory like `flock`: a second lock on
+//! a path fails until the first guard drops, and a crash (the holder died) releases every lock.
+//!
 //! Faults are named by fault point, in the style `wal::segment::fsync` (see [`points`]); the point
 //! of an operation follows from the file it touches (`*.wal` is a segment, `ledger*` the ledger).
 
-use crate::fs::{FileMeta, FileSystem, WalFile};
+use crate::fs::{FileMeta, FileSystem, WalFile, WalLock};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -201,6 +204,10 @@ struct State {
     counts: BTreeMap<String, u64>,
     /// How long each `sync_data` takes (to let concurrent appends pile up in tests).
     sync_delay: Option<Duration>,
+    /// Held locks: path -> token of the guard holding it.
+    locks: BTreeMap<PathBuf, u64>,
+    /// Token of the next lock taken (so a guard from before a crash cannot release a newer lock).
+    next_lock_token: u64,
 }
 
 impl State {
@@ -343,6 +350,11 @@ impl FaultyFs {
         }
     }
 
+    /// Whether a lock on `path` is held now.
+    pub fn is_locked(&self, path: &Path) -> bool {
+        self.lock().locks.contains_key(path)
+    }
+
     /// Length of a file that would survive a crash now; `None` if its entry would not.
     pub fn synced_len(&self, path: &Path) -> Option<u64> {
         let s = self.lock();
@@ -394,6 +406,8 @@ impl FaultyFs {
         }
         s.durable_files = files.clone();
         s.files = files;
+        // The processes that held locks died with the machine.
+        s.locks.clear();
         s.failures.clear();
         s.tears.clear();
         s.capacity_bytes = None;
@@ -415,6 +429,22 @@ impl FaultyFs {
             writable,
             fs: self.clone(),
         })
+    }
+}
+
+/// A lock held on a [`FaultyFs`]; releases it on drop unless a crash released it already.
+struct MemLock {
+    fs: FaultyFs,
+    path: PathBuf,
+    token: u64,
+}
+
+impl Drop for MemLock {
+    fn drop(&mut self) {
+        let mut s = self.fs.lock();
+        if s.locks.get(&self.path) == Some(&self.token) {
+            s.locks.remove(&self.path);
+        }
     }
 }
 
@@ -634,6 +664,37 @@ impl FileSystem for FaultyFs {
             }
         }
         Ok(())
+    }
+
+    fn lock_exclusive(&self, path: &Path) -> io::Result<WalLock> {
+        let mut s = self.lock();
+        // Not a mutating operation for `freeze_after_ops`: it changes no data a crash could keep.
+        s.enter("wal::lock::acquire", false)?;
+        let parent_ok = path.parent().is_some_and(|p| s.dirs.contains(p));
+        if !parent_ok {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        if s.locks.contains_key(path) {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "held by another handle",
+            ));
+        }
+        // Like the real one, the lock file is created (empty, its entry not synced) if missing.
+        if !s.files.contains_key(path) {
+            let file = Arc::new(MemFile::default());
+            file.lock().modified = Some(SystemTime::now());
+            s.files.insert(path.to_path_buf(), file);
+        }
+        let token = s.next_lock_token;
+        s.next_lock_token += 1;
+        s.locks.insert(path.to_path_buf(), token);
+        drop(s);
+        Ok(WalLock::new(MemLock {
+            fs: self.clone(),
+            path: path.to_path_buf(),
+            token,
+        }))
     }
 
     fn metadata(&self, path: &Path) -> io::Result<FileMeta> {

@@ -4,8 +4,9 @@
 //! Files are addressed by offset (`read_at`/`write_at`), which keeps readers and the writer
 //! independent of each other's file position. A write may be short; callers loop.
 
-use std::fs::{File, OpenOptions};
-use std::io;
+use std::any::Any;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -35,6 +36,27 @@ pub trait WalFile: Send + Sync {
     fn len(&self) -> io::Result<u64>;
 }
 
+/// A held exclusive lock, from [`FileSystem::lock_exclusive`]; dropping it releases the lock.
+pub struct WalLock {
+    /// Whatever keeps the lock held (the locked file for [`StdFs`]); released by its drop.
+    _held: Box<dyn Any + Send + Sync>,
+}
+
+impl WalLock {
+    /// Wraps what keeps a lock held: the lock lasts until `held` is dropped.
+    pub fn new(held: impl Any + Send + Sync) -> Self {
+        WalLock {
+            _held: Box::new(held),
+        }
+    }
+}
+
+impl std::fmt::Debug for WalLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalLock").finish_non_exhaustive()
+    }
+}
+
 /// The file operations of the WAL.
 pub trait FileSystem: Send + Sync + 'static {
     /// Creates a directory and its parents.
@@ -53,6 +75,11 @@ pub trait FileSystem: Send + Sync + 'static {
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// Length and modification time of a file.
     fn metadata(&self, path: &Path) -> io::Result<FileMeta>;
+    /// Takes an exclusive advisory lock on the file at `path`, creating it if needed, without
+    /// waiting: fails with [`io::ErrorKind::WouldBlock`] while anyone else holds it (another
+    /// process, or another lock taken in this process). Held until the returned guard drops, or
+    /// the process dies.
+    fn lock_exclusive(&self, path: &Path) -> io::Result<WalLock>;
 }
 
 /// The real filesystem.
@@ -120,6 +147,30 @@ impl FileSystem for StdFs {
             len: m.len(),
             modified: m.modified()?,
         })
+    }
+    fn lock_exclusive(&self, path: &Path) -> io::Result<WalLock> {
+        // `flock(LOCK_EX | LOCK_NB)`: the lock belongs to this open file description, so a second
+        // lock from this process conflicts too, and the kernel drops it when the process dies.
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "held by another process or handle",
+                ))
+            }
+            Err(TryLockError::Error(e)) => return Err(e),
+        }
+        // Who holds it, for an operator who looks (`cat LOCK`); never read back.
+        f.set_len(0)?;
+        writeln!(f, "{}", std::process::id())?;
+        Ok(WalLock::new(f))
     }
 }
 

@@ -12,10 +12,14 @@
 //!   [`Wal::commit_ledger`] also applies [`Retention`] and frees the disk budget.
 //! - [`Recovery`]: what [`Wal::open`] found (torn tails are outcomes, not errors, unless
 //!   [`RecoveryMode::Strict`]).
+//! - One writer per directory: [`Wal::open`] takes an exclusive advisory lock on [`LOCK_FILE`]
+//!   and fails with [`WalError::Locked`] while another process (or `Wal`) holds it; the kernel
+//!   drops the lock when its process dies, so a crash never leaves a stale lock.
 //! - [`FileSystem`]: every file operation goes through it; [`StdFs`] is the real one and
 //!   [`FaultyFs`] an in-memory one that injects fsync errors, ENOSPC, short and torn writes and crashes.
 //! - [`verify()`], [`list_segments`], [`read_dir`], [`quarantine_segment`]: offline tools for
-//!   operators (`prism-relay wal verify|inspect|dump`).
+//!   operators (`prism-relay wal verify|inspect|dump`). The read-only ones take no lock and work
+//!   next to a running relay; [`quarantine_segment`] takes it.
 //!
 //! The on-disk layout is drawn in [`segment`]. Invariants this crate upholds: a record is handed
 //! out only after its CRC checks and only once an `fdatasync` covering it has returned; an
@@ -40,7 +44,7 @@ mod writer;
 pub use envelope::Envelope;
 pub use error::WalError;
 pub use fault::FaultyFs;
-pub use fs::{FileMeta, FileSystem, StdFs, WalFile};
+pub use fs::{FileMeta, FileSystem, StdFs, WalFile, WalLock};
 pub use ledger::{InflightBatch, Ledger};
 pub use reader::{Reader, RecordRef};
 pub use tools::{
@@ -49,7 +53,9 @@ pub use tools::{
     SegmentProblem, VerifyReport, QUARANTINE_DIR,
 };
 pub use types::{Lsn, LsnRange, SegmentId, StreamSeq};
-pub use wal::{Recovery, RecoveryMode, Retention, TornTail, Wal, WalOptions, WalStats};
+pub use wal::{
+    Recovery, RecoveryMode, Retention, TornTail, Wal, WalOptions, WalStats, LOCK_FILE,
+};
 
 /// Largest record body in bytes. Checked before a record is written and after it is read, so
 /// a garbled length can never make the reader allocate more than this.

@@ -1,6 +1,8 @@
 //! Offline tools for operators, behind `prism-relay wal inspect|verify|dump`: list segments,
 //! verify every record of a directory, read records read-only, quarantine a corrupt segment.
-//! They never modify a segment; run `quarantine_segment` only while the relay is stopped.
+//! They never modify a segment and take no lock, so they work next to a running relay, except
+//! `quarantine_segment`, which takes the WAL's lock and fails with [`WalError::Locked`] while
+//! the relay runs.
 
 use crate::error::WalError;
 use crate::fs::{FileSystem, StdFs};
@@ -242,7 +244,8 @@ pub fn read_dir_with_fs(
 }
 
 /// Moves a segment into `dir/quarantine/` and fsyncs both directories; returns its new path.
-/// Only while the WAL is not open: the relay would otherwise still count it.
+/// Only while the WAL is not open (the relay would otherwise still count it): holds the WAL's
+/// lock meanwhile and fails with [`WalError::Locked`] if a relay (or a [`crate::Wal`]) has it.
 pub fn quarantine_segment(dir: &Path, segment: SegmentId) -> Result<PathBuf, WalError> {
     quarantine_segment_with_fs(&StdFs, dir, segment)
 }
@@ -253,6 +256,7 @@ pub fn quarantine_segment_with_fs(
     dir: &Path,
     segment: SegmentId,
 ) -> Result<PathBuf, WalError> {
+    let _lock = crate::wal::lock_dir(fs, dir)?;
     let qdir = dir.join(QUARANTINE_DIR);
     fs.create_dir_all(&qdir)
         .map_err(|e| WalError::io("create quarantine directory", &qdir, e))?;

@@ -2,7 +2,7 @@
 //! statistics. The shared state lives in [`Inner`]; the writer thread is in `writer`.
 
 use crate::error::WalError;
-use crate::fs::{write_all_at, FileSystem, StdFs};
+use crate::fs::{write_all_at, FileSystem, StdFs, WalLock};
 use crate::ledger::{self, Ledger, LEDGER_TMP_FILE};
 use crate::reader::Reader;
 use crate::segment::{
@@ -18,6 +18,26 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{oneshot, watch, Notify};
 
 const MIB: u64 = 1024 * 1024;
+
+/// Name of the lock file in the WAL directory. An open [`Wal`] (and [`crate::quarantine_segment`])
+/// holds an exclusive advisory lock on it, so two writers never share a directory. The file
+/// itself means nothing: it stays behind after a clean close and after a crash, and the lock
+/// dies with the process that held it.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// Takes the exclusive lock of the WAL directory `dir` (which must exist), without waiting.
+pub(crate) fn lock_dir(fs: &dyn FileSystem, dir: &Path) -> Result<WalLock, WalError> {
+    let path = dir.join(LOCK_FILE);
+    fs.lock_exclusive(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            WalError::Locked {
+                dir: dir.to_path_buf(),
+            }
+        } else {
+            WalError::io("lock", path, e)
+        }
+    })
+}
 
 /// What to do with a torn tail of the last segment at recovery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -207,14 +227,24 @@ impl Inner {
     }
 }
 
-/// Stops the writer when the last [`Wal`] clone is dropped.
+/// Stops the writer when the last [`Wal`] clone is dropped, then releases the directory lock.
 struct Owner {
     /// The shared state the writer serves.
     inner: Arc<Inner>,
     /// Fires when the writer thread exits; taken by `close`.
     exited: Mutex<Option<oneshot::Receiver<()>>>,
-    /// The writer thread; joined by `close`.
+    /// The writer thread; joined by `close`, or by the drop of the last clone.
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The directory lock; released by `close` once the writer has stopped, or by the drop (the
+    /// field drops after the writer thread is joined). Held while the ledger is written, so a
+    /// ledger commit never runs after the lock is gone.
+    dir_lock: Mutex<Option<WalLock>>,
+}
+
+impl Owner {
+    fn lock_dir_lock(&self) -> MutexGuard<'_, Option<WalLock>> {
+        self.dir_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Drop for Owner {
@@ -227,6 +257,17 @@ impl Drop for Owner {
         self.inner.work.notify_all();
         self.inner.drained.notify_waiters();
         self.inner.disk_tx.send_modify(|_| {});
+        // Wait for the writer so the lock (dropped with this struct) outlives every write: once
+        // the last handle is gone the directory can be opened again at once. The writer finishes
+        // the group in flight and exits; it never waits for anything this thread holds.
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
     }
 }
 
@@ -253,6 +294,10 @@ impl Wal {
 
     /// Opens (or creates) the WAL in `dir` through `fs`. Recovery scans only the last segment,
     /// so start-up time does not grow with the size of the WAL.
+    ///
+    /// Takes the directory's lock (file [`LOCK_FILE`]) before touching anything else and holds
+    /// it until [`Wal::close`] or the drop of the last clone: fails at once with
+    /// [`WalError::Locked`] while another process or another `Wal` has the directory open.
     pub fn open_with_fs(
         dir: &Path,
         opts: WalOptions,
@@ -261,6 +306,8 @@ impl Wal {
         opts.validate()?;
         fs.create_dir_all(dir)
             .map_err(|e| WalError::io("create directory", dir, e))?;
+        // Dropped on every early return below, which releases it.
+        let dir_lock = lock_dir(&*fs, dir)?;
         let tmp = dir.join(LEDGER_TMP_FILE);
         if fs.remove(&tmp).is_ok() {
             fs.sync_dir(dir)
@@ -346,6 +393,7 @@ impl Wal {
             inner: inner.clone(),
             exited: Mutex::new(Some(exit_rx)),
             thread: Mutex::new(Some(thread)),
+            dir_lock: Mutex::new(Some(dir_lock)),
         });
         let recovery = Recovery {
             segments: found,
@@ -442,8 +490,13 @@ impl Wal {
         ledger::load(&*self.inner.fs, &self.inner.dir)
     }
 
-    /// Writes the ledger atomically, then applies retention with its release point.
+    /// Writes the ledger atomically, then applies retention with its release point. Fails with
+    /// [`WalError::Closed`] after [`Wal::close`]: the directory may belong to someone else then.
     pub fn commit_ledger(&self, ledger: &Ledger) -> Result<(), WalError> {
+        let held = self.owner.lock_dir_lock();
+        if held.is_none() {
+            return Err(WalError::Closed);
+        }
         ledger::store(&*self.inner.fs, &self.inner.dir, ledger)?;
         self.inner.lock_segs().release_point = ledger.release_point();
         self.inner.apply_retention()
@@ -452,6 +505,10 @@ impl Wal {
     /// Applies retention now (age limits expire without a ledger commit; the writer also calls
     /// this at every rollover).
     pub fn enforce_retention(&self) -> Result<(), WalError> {
+        let held = self.owner.lock_dir_lock();
+        if held.is_none() {
+            return Err(WalError::Closed);
+        }
         self.inner.apply_retention()
     }
 
@@ -475,8 +532,8 @@ impl Wal {
         &self.inner.dir
     }
 
-    /// Completes pending appends, stops the writer thread and waits for it. Other clones get
-    /// [`WalError::Closed`] afterwards.
+    /// Completes pending appends, stops the writer thread, waits for it and releases the
+    /// directory lock. Other clones get [`WalError::Closed`] afterwards.
     pub async fn close(self) -> Result<(), WalError> {
         {
             let mut p = self.inner.lock_pending();
@@ -507,6 +564,9 @@ impl Wal {
             // The thread has signalled its exit; joining does not block for long.
             let _ = t.join();
         }
+        // Nothing writes any more (the writer is gone, ledger commits wait for this mutex):
+        // another process may take the directory now.
+        drop(self.owner.lock_dir_lock().take());
         match &self.inner.lock_pending().state {
             WriterState::Poisoned(reason) => Err(WalError::Poisoned {
                 reason: reason.clone(),
