@@ -260,13 +260,12 @@ impl Drop for Owner {
         // Wait for the writer so the lock (dropped with this struct) outlives every write: once
         // the last handle is gone the directory can be opened again at once. The writer finishes
         // the group in flight and exits; it never waits for anything this thread holds.
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(t) = thread {
-            let _ = t.join();
+            // Never the writer itself (it holds no handle), but joining oneself would fail.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }

@@ -6,6 +6,7 @@ mod faults;
 mod format;
 mod group_commit;
 mod ledger;
+mod lock;
 mod model;
 mod reader;
 mod recovery;
