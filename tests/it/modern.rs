@@ -149,7 +149,7 @@ fn json_lines(answer: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
 }
 
 #[test]
-fn modern_ddl_is_accepted_idempotent_and_passes_the_column_check() {
+fn modern_ddl_is_accepted_idempotent_and_passes_the_column_check_until_a_column_is_dropped() {
     let chdb = Chdb::new();
     let hot = "marketprism_hot";
     let cold = "marketprism_cold";
@@ -263,7 +263,9 @@ fn modern_ddl_is_accepted_idempotent_and_passes_the_column_check() {
         Some("Date")
     );
 
-    // Without the dropped column each table fails the check, naming table and column.
+    // Without the dropped column each table fails the check, naming table and column; the
+    // repair `schema apply` offers (ADD COLUMN of what is missing) makes it pass again.
+    let mut repairs = Vec::new();
     for (table, column) in dropped {
         let actual = cold_after_drop
             .get(table.name())
@@ -277,6 +279,20 @@ fn modern_ddl_is_accepted_idempotent_and_passes_the_column_check() {
             }) => assert_eq!((t.as_str(), c.as_str()), (table.name(), column)),
             other => panic!("{} without {column}: {other:?}", table.name()),
         }
+        let alters = schema::add_missing_columns_ddl(Profile::Modern, cold, table, &actual);
+        assert_eq!(alters.len(), 1, "{alters:?}");
+        repairs.extend(alters);
+    }
+    repairs.push(columns_query(cold));
+    let repaired = parse_columns(chdb.run_ok(&repairs).last().expect("answers"));
+    for table in SchemaTable::ALL {
+        let actual = repaired.get(table.name()).cloned().unwrap_or_default();
+        assert_eq!(
+            check_columns(table, &actual, Profile::Modern),
+            Ok(()),
+            "{} after the repair: {actual:?}",
+            table.name()
+        );
     }
 }
 
