@@ -156,8 +156,8 @@ fn modern_ddl_is_accepted_idempotent_and_passes_the_column_check_until_a_column_
     let mut ddl = all_ddl(Profile::Modern, hot, Some(3));
     ddl.extend(all_ddl(Profile::Modern, cold, None));
     let snapshot = format!(
-        "SELECT database, name, engine_full, create_table_query FROM system.tables \
-         WHERE database IN ('{hot}', '{cold}') ORDER BY database, name FORMAT JSONEachRow"
+        "SELECT database, name, uuid, metadata_modification_time, engine_full, create_table_query \
+         FROM system.tables WHERE database IN ('{hot}', '{cold}') ORDER BY database, name FORMAT JSONEachRow"
     );
 
     // One column per table to drop afterwards: one that is neither in the key nor the
@@ -195,7 +195,8 @@ fn modern_ddl_is_accepted_idempotent_and_passes_the_column_check_until_a_column_
         parse_columns(answers.last().expect("answers")),
     );
 
-    // Both schemas exist in full, and applying them again changed nothing.
+    // Both schemas exist in full, and applying them again changed nothing: the same tables
+    // (a dropped and recreated table would have a new uuid), never altered.
     let tables = json_lines(after_first);
     assert_eq!(tables.len(), 2 * SchemaTable::ALL.len(), "{after_first}");
     assert_eq!(after_first, after_second, "a second apply must be a no-op");
