@@ -355,14 +355,14 @@ const MESSAGES: [(&str, &str, &str); 8] = [
 /// The WAL position of the first test message; batches carry realistic, non-trivial LSNs.
 const LSN_FIRST: u64 = 4_200;
 
-fn envelope<'a>(stream: &'a str, seq: u64, subject: &'a str, payload: &'a str) -> Envelope<'a> {
+fn envelope<'a>(stream: &'a str, seq: u64, subject: &'a str, payload: &'a [u8]) -> Envelope<'a> {
     Envelope {
         stream: Cow::Borrowed(stream),
         stream_seq: StreamSeq(seq),
         subject: Cow::Borrowed(subject),
         headers: Vec::new(),
         published_ns: 1_761_714_312_500_000_000,
-        payload: Cow::Borrowed(payload.as_bytes()),
+        payload: Cow::Borrowed(payload),
     }
 }
 
@@ -409,14 +409,21 @@ async fn insert_batch(sink: &Sink, table: Table, first: u64, messages: &[Envelop
     token
 }
 
+/// The columns the relay writes to `table`, comma separated, in insert order.
+fn column_list(table: SchemaTable) -> String {
+    let names: Vec<&str> = expected_columns(table).iter().map(|(n, _)| *n).collect();
+    names.join(", ")
+}
+
 /// `SELECT <the relay's columns> FROM table` from 18.16 as RowBinary bytes, written to `path`.
-async fn export_row_binary(server: &ClickHouse, table: Table, path: &Path) {
+async fn export_row_binary(server: &ClickHouse, table: SchemaTable, path: &Path) {
     let client = clickhouse::Client::default()
         .with_url(server.http_url())
         .with_validation(false);
     let sql = format!(
-        "SELECT {} FROM {DATABASE}.{table} ORDER BY nats_seq",
-        table.column_names().join(", ")
+        "SELECT {} FROM {DATABASE}.{} ORDER BY nats_seq",
+        column_list(table),
+        table.name()
     );
     let bytes = client
         .query(&sql)
@@ -425,29 +432,31 @@ async fn export_row_binary(server: &ClickHouse, table: Table, path: &Path) {
         .collect()
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    assert!(!bytes.is_empty(), "{table} exported no rows");
+    assert!(!bytes.is_empty(), "{} exported no rows", table.name());
     std::fs::write(path, &bytes).expect("write RowBinary export");
 }
 
 /// `INSERT` of a RowBinary file into `table`'s relay columns, parsed by the table's own types as
 /// the relay's RowBinary body is; `settings` as the sink sends them (may be empty).
-fn load_row_binary(table: Table, path: &Path, settings: &str) -> String {
+fn load_row_binary(table: SchemaTable, path: &Path, settings: &str) -> String {
     let settings = if settings.is_empty() {
         String::new()
     } else {
         format!(" SETTINGS {settings}")
     };
     format!(
-        "INSERT INTO {DATABASE}.{table} ({}) FROM INFILE '{}'{settings} FORMAT RowBinary",
-        table.column_names().join(", "),
+        "INSERT INTO {DATABASE}.{} ({}) FROM INFILE '{}'{settings} FORMAT RowBinary",
+        table.name(),
+        column_list(table),
         path.display()
     )
 }
 
 /// A query reading `table`'s relay columns as text the two server generations print alike:
-/// timestamps as epoch milliseconds, booleans as 0/1 (decimals are compared as numbers, since
-/// 18.16 prints their trailing zeros).
-fn comparable_select(profile: Profile, table: Table) -> String {
+/// timestamps as epoch milliseconds, booleans as 0/1, strings as the hex of their bytes (so
+/// bytes that are not UTF-8 compare exactly), decimals as text (compared as numbers, since 18.16
+/// prints their trailing zeros).
+fn comparable_select(profile: Profile, table: SchemaTable) -> String {
     let exprs: Vec<String> = expected_columns(table)
         .iter()
         .enumerate()
@@ -457,20 +466,24 @@ fn comparable_select(profile: Profile, table: Table) -> String {
                     format!("toString(toUnixTimestamp64Milli({name}))")
                 }
                 (ColumnType::Bool, _) => format!("toString(toUInt8({name}))"),
+                (ColumnType::String | ColumnType::LowCardinalityString, _) => {
+                    format!("hex({name})")
+                }
                 _ => format!("toString({name})"),
             };
             format!("{expr} AS c{i}")
         })
         .collect();
     format!(
-        "SELECT {} FROM {DATABASE}.{table} ORDER BY nats_seq FORMAT JSONEachRow",
-        exprs.join(", ")
+        "SELECT {} FROM {DATABASE}.{} ORDER BY nats_seq FORMAT JSONEachRow",
+        exprs.join(", "),
+        table.name()
     )
 }
 
 /// The rows of a [`comparable_select`] answer as (column, value) maps; decimals become their
 /// scaled integers so that `1.50000000` and `1.5` compare equal.
-fn comparable_rows(table: Table, answer: &str) -> Vec<BTreeMap<&'static str, String>> {
+fn comparable_rows(table: SchemaTable, answer: &str) -> Vec<BTreeMap<&'static str, String>> {
     json_lines(answer)
         .into_iter()
         .map(|row| {
@@ -481,7 +494,7 @@ fn comparable_rows(table: Table, answer: &str) -> Vec<BTreeMap<&'static str, Str
                     let text = row[&format!("c{i}")].as_str().expect("text").to_owned();
                     let value = match column_type {
                         ColumnType::Decimal64 => decimal::parse(&text)
-                            .unwrap_or_else(|e| panic!("{table}.{name} = {text}: {e}"))
+                            .unwrap_or_else(|e| panic!("{}.{name} = {text}: {e}", table.name()))
                             .to_string(),
                         _ => text,
                     };
@@ -492,8 +505,8 @@ fn comparable_rows(table: Table, answer: &str) -> Vec<BTreeMap<&'static str, Str
         .collect()
 }
 
-/// A decoded row as (column, value) maps in the [`comparable_rows`] form.
-fn expected_row(table: Table, row: serde_json::Value) -> BTreeMap<&'static str, String> {
+/// A row struct (as JSON, see [`row_json`]) as (column, value) maps in the [`comparable_rows`] form.
+fn expected_row(table: SchemaTable, row: serde_json::Value) -> BTreeMap<&'static str, String> {
     expected_columns(table)
         .iter()
         .map(|(name, column_type)| {
@@ -503,12 +516,25 @@ fn expected_row(table: Table, row: serde_json::Value) -> BTreeMap<&'static str, 
                 (ColumnType::Date, v) => {
                     date_text(i64::from(v.as_u64().expect("days") as u16) * 86_400_000)
                 }
-                (_, serde_json::Value::String(s)) => s.clone(),
+                (_, serde_json::Value::String(s)) => hex(s.as_bytes()),
+                // Raw bytes (the dead letter's payload) serialize as an array of numbers.
+                (_, serde_json::Value::Array(bytes)) => {
+                    let bytes: Vec<u8> = bytes
+                        .iter()
+                        .map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()).expect("byte"))
+                        .collect();
+                    hex(&bytes)
+                }
                 (_, v) => v.to_string(),
             };
             (*name, text)
         })
         .collect()
+}
+
+/// Upper-case hex of `bytes`, as ClickHouse's `hex` prints it.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02X}")).collect()
 }
 
 /// `YYYY-MM-DD` of epoch milliseconds, UTC (proleptic Gregorian).
@@ -571,22 +597,48 @@ async fn rows_written_by_the_relay_read_back_equal_in_the_modern_tables() {
     let (server, sink) = legacy_server().await;
     let chdb = Chdb::new();
 
-    let mut load = all_ddl(Profile::Modern, DATABASE, None);
-    let mut legacy_answers = Vec::new();
-    let mut decoded = Vec::new();
+    // One row of each table (in `SchemaTable::ALL` order), as the decoder made it.
+    let mut expected = Vec::new();
     for (i, (stream, subject, payload)) in MESSAGES.into_iter().enumerate() {
         let seq = 1_000 + i as u64;
         let table = Table::ALL[i];
         let row = prism_relay::codec::decode(subject, payload.as_bytes(), stream, seq)
             .unwrap_or_else(|e| panic!("{subject}: {e}"));
         assert_eq!(row.table(), table, "MESSAGES follow Table::ALL");
-        decoded.push(expected_row(table, decoded_json(row)));
-
-        let message = envelope(stream, seq, subject, payload);
+        expected.push(expected_row(table.into(), decoded_json(row)));
+        let message = envelope(stream, seq, subject, payload.as_bytes());
         insert_batch(&sink, table, LSN_FIRST + i as u64, &[message]).await;
-        let path = chdb.path(&format!("{table}.rowbinary"));
+    }
+    // And a dead letter, whose payload is not even UTF-8: `String` columns carry bytes.
+    let mut batch = Batch::new(Table::Trades.name(), RowsKind::Typed);
+    let garbage = b"\xff\xfe{\"ts_ms\": not json";
+    let message = envelope(
+        "MARKET_TRADES",
+        2_000,
+        "trade.binance.spot.BTC-USDT",
+        garbage,
+    );
+    batch.push(Lsn(LSN_FIRST + 100), &message, 1_761_714_400_123);
+    assert_eq!(batch.dead.len(), 1);
+    sink.insert_dead_letters(
+        schema::DEAD_LETTERS_TABLE,
+        &batch.dead,
+        Some(&batch.token()),
+    )
+    .await
+    .expect("dead letter inserted");
+    expected.push(expected_row(
+        SchemaTable::DeadLetters,
+        serde_json::to_value(&batch.dead[0]).expect("dead letters serialize"),
+    ));
+
+    // Export from 18.16, load into the modern tables, read both back comparably.
+    let mut statements = all_ddl(Profile::Modern, DATABASE, None);
+    let mut legacy_answers = Vec::new();
+    for table in SchemaTable::ALL {
+        let path = chdb.path(&format!("{}.rowbinary", table.name()));
         export_row_binary(&server, table, &path).await;
-        load.push(load_row_binary(table, &path, ""));
+        statements.push(load_row_binary(table, &path, ""));
         let sql = comparable_select(Profile::Legacy, table);
         legacy_answers.push(
             server
@@ -594,11 +646,9 @@ async fn rows_written_by_the_relay_read_back_equal_in_the_modern_tables() {
                 .unwrap_or_else(|e| panic!("18.16: {sql}: {e}")),
         );
     }
-
-    let mut statements = load.clone();
     let read_from = statements.len();
     statements.extend(
-        Table::ALL
+        SchemaTable::ALL
             .into_iter()
             .map(|table| comparable_select(Profile::Modern, table)),
     );
@@ -614,35 +664,45 @@ async fn rows_written_by_the_relay_read_back_equal_in_the_modern_tables() {
     statements.push(format!(
         "SELECT toString(is_maker) AS maker, toTypeName(is_maker) AS type FROM {DATABASE}.trades FORMAT JSONEachRow"
     ));
+    statements.push(format!(
+        "SELECT toString(failed_at) AS failed_at, payload = unhex('{}') AS same FROM {DATABASE}.{} FORMAT JSONEachRow",
+        hex(garbage),
+        schema::DEAD_LETTERS_TABLE
+    ));
     let answers = chdb.run_ok(&statements);
 
-    for (i, table) in Table::ALL.into_iter().enumerate() {
+    for (i, table) in SchemaTable::ALL.into_iter().enumerate() {
+        let name = table.name();
         let in_legacy = comparable_rows(table, &legacy_answers[i]);
         let in_modern = comparable_rows(table, &answers[read_from + i]);
-        assert_eq!(in_legacy.len(), 1, "{table}: {}", legacy_answers[i]);
-        assert_eq!(in_modern, in_legacy, "{table}: modern differs from 18.16");
+        assert_eq!(in_legacy.len(), 1, "{name}: {}", legacy_answers[i]);
+        assert_eq!(in_modern, in_legacy, "{name}: modern differs from 18.16");
         assert_eq!(
-            in_modern[0], decoded[i],
-            "{table}: stored differs from decoded"
+            in_modern[0], expected[i],
+            "{name}: stored differs from written"
         );
-
+    }
+    for (i, table) in Table::ALL.into_iter().enumerate() {
         let natives = json_lines(&answers[natives_from + i]);
         assert_eq!(natives.len(), 1, "{table}");
         assert_eq!(
             natives[0]["ts"],
-            datetime_text(decoded[i]["timestamp"].parse().expect("ms")).as_str(),
+            datetime_text(expected[i]["timestamp"].parse().expect("ms")).as_str(),
             "{table}"
         );
         assert_eq!(natives[0]["fresh"], "1", "{table}: created_at");
     }
-    let maker = json_lines(answers.last().expect("answers"));
+    let maker = json_lines(&answers[answers.len() - 2]);
     assert_eq!(maker[0]["maker"], "true");
     assert_eq!(maker[0]["type"], "Bool");
+    let letter = json_lines(&answers[answers.len() - 1]);
+    assert_eq!(letter[0]["failed_at"], "2025-10-29 05:06:40.123");
+    assert_eq!(letter[0]["same"], 1);
     // The spot checks that make the comparison meaningful: values that are easy to mangle.
-    assert_eq!(decoded[0]["price"], "11234567000000");
-    assert_eq!(decoded[1]["last_update_id"], u64::MAX.to_string());
-    assert_eq!(decoded[2]["funding_rate"], "-12345");
-    assert_eq!(decoded[7]["maturity_date"], "2026-12-25");
+    assert_eq!(expected[0]["price"], "11234567000000");
+    assert_eq!(expected[1]["last_update_id"], u64::MAX.to_string());
+    assert_eq!(expected[2]["funding_rate"], "-12345");
+    assert_eq!(expected[7]["maturity_date"], "2026-12-25");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -658,7 +718,14 @@ async fn a_batch_inserted_twice_with_its_token_is_stored_once_and_final_collapse
     let messages: Vec<Envelope<'_>> = payloads
         .iter()
         .enumerate()
-        .map(|(i, p)| envelope(stream, 7_001 + i as u64, "trade.binance.spot.BTC-USDT", p))
+        .map(|(i, p)| {
+            envelope(
+                stream,
+                7_001 + i as u64,
+                "trade.binance.spot.BTC-USDT",
+                p.as_bytes(),
+            )
+        })
         .collect();
     let token = insert_batch(&sink, Table::Trades, LSN_FIRST, &messages).await;
     let prefix = format!("trades:{LSN_FIRST}-{}:3:", LSN_FIRST + 2);
@@ -670,12 +737,12 @@ async fn a_batch_inserted_twice_with_its_token_is_stored_once_and_final_collapse
         "{token}"
     );
     let path = chdb.path("trades.rowbinary");
-    export_row_binary(&server, Table::Trades, &path).await;
+    export_row_binary(&server, Table::Trades.into(), &path).await;
 
     // As the sink sends them to modern servers.
     let with_token = |token: &str| {
         load_row_binary(
-            Table::Trades,
+            Table::Trades.into(),
             &path,
             &format!("insert_deduplicate = 1, insert_deduplication_token = '{token}'"),
         )
