@@ -710,11 +710,21 @@ async fn a_batch_inserted_twice_with_its_token_is_stored_once_and_final_collapse
     let (server, sink) = legacy_server().await;
     let chdb = Chdb::new();
 
-    // A lane's batch of three trades, cut and inserted as the drain does.
+    // A lane's batch of three trades, cut and inserted as the drain does. The last one was
+    // published a millisecond before the month turned, so the batch spans two partitions and
+    // the server splits the insert into two blocks, each of which must be deduplicated.
     let (stream, _, template) = MESSAGES[0];
     let payloads: Vec<String> = (0..3)
-        .map(|i| template.replace("5321098765", &format!("53210987{i:02}")))
+        .map(|i| {
+            let payload = template.replace("5321098765", &format!("53210987{i:02}"));
+            if i == 2 {
+                payload.replace("\"ts_ms\":1761714312456", "\"ts_ms\":1759276799999")
+            } else {
+                payload
+            }
+        })
         .collect();
+    assert!(payloads[2].contains("1759276799999"));
     let messages: Vec<Envelope<'_>> = payloads
         .iter()
         .enumerate()
@@ -749,6 +759,7 @@ async fn a_batch_inserted_twice_with_its_token_is_stored_once_and_final_collapse
     };
     let count = format!("SELECT count() FROM {DATABASE}.trades");
     let count_final = format!("SELECT count() FROM {DATABASE}.trades FINAL");
+    let partitions = format!("SELECT uniqExact(_partition_id) FROM {DATABASE}.trades");
     let mut statements = all_ddl(Profile::Modern, DATABASE, None);
     let checks_from = statements.len();
     statements.extend([
@@ -760,6 +771,7 @@ async fn a_batch_inserted_twice_with_its_token_is_stored_once_and_final_collapse
         with_token(&format!("trades:9200-9202:3:{fingerprint}")),
         count,
         count_final,
+        partitions,
     ]);
     let answers = chdb.run_ok(&statements);
     let counts: Vec<&str> = answers[checks_from..]
@@ -769,7 +781,7 @@ async fn a_batch_inserted_twice_with_its_token_is_stored_once_and_final_collapse
         .collect();
     assert_eq!(
         counts,
-        ["3", "3", "6", "3"],
-        "after the first insert, the retry with the same token, another token, and FINAL"
+        ["3", "3", "6", "3", "2"],
+        "after the first insert, the retry with the same token, another token; under FINAL; partitions"
     );
 }
