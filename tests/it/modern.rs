@@ -6,13 +6,19 @@
 //! exported as RowBinary, and loaded into the modern tables, where the values must read back
 //! equal: the two profiles promise the same RowBinary encoding.
 //!
+//! The relay's own modern sink runs too: `tests/it/chdb_http.py` serves a chdb session over the
+//! part of ClickHouse's HTTP interface the `clickhouse` crate uses, so start-up (version,
+//! DDL, column check), row validation against the modern types, LZ4 bodies and deduplication
+//! tokens are exercised as against a 23.8 server. The engine is real; only the HTTP layer is a
+//! stand-in, and it checks no more than a server would.
+//!
 //! A missing chdb fails the tests with the fix: `scripts/test` installs `chdb-core`.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::io::Write as _;
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use prism_relay::codec::decimal;
 use prism_relay::codec::Table;
@@ -29,7 +35,10 @@ use tempfile::TempDir;
 /// The helper script that runs statements in a chdb session.
 const SESSION_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/chdb_session.py");
 
-/// The script's exit status when chdb cannot be imported.
+/// The script that serves a chdb session over ClickHouse's HTTP interface.
+const HTTP_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/chdb_http.py");
+
+/// The scripts' exit status when chdb cannot be imported.
 const EXIT_CHDB_MISSING: i32 = 3;
 
 /// The version `scripts/lib/prereqs.sh` installs; named in the failure message.
@@ -86,11 +95,7 @@ impl Chdb {
         let output = child.wait_with_output().expect("wait for python3");
         let stderr = String::from_utf8_lossy(&output.stderr);
         if output.status.code() == Some(EXIT_CHDB_MISSING) {
-            panic!(
-                "chdb is missing: {}; run scripts/test, which installs {CHDB_PYPI} \
-                 (or `python3 -m pip install {CHDB_PYPI}`)",
-                stderr.trim()
-            );
+            chdb_missing(&stderr);
         }
         assert!(
             output.status.success(),
@@ -116,6 +121,108 @@ impl Chdb {
             .zip(statements)
             .map(|(result, sql)| result.unwrap_or_else(|e| panic!("chdb rejected {sql}: {e}")))
             .collect()
+    }
+}
+
+/// The failure for a script that could not import chdb, saying how to install it.
+fn chdb_missing(stderr: &str) -> ! {
+    panic!(
+        "chdb is missing: {}; run scripts/test, which installs {CHDB_PYPI} \
+         (or `python3 -m pip install {CHDB_PYPI}`)",
+        stderr.trim()
+    )
+}
+
+/// A chdb session served over the subset of ClickHouse's HTTP interface the sink uses
+/// (`tests/it/chdb_http.py`), so the relay's own modern sink runs against a modern engine: row
+/// validation on, deduplication tokens sent, RowBinary bodies compressed with LZ4.
+/// The server dies with this handle.
+struct ChdbServer {
+    child: Child,
+    port: u16,
+    _dir: TempDir,
+}
+
+impl ChdbServer {
+    fn start() -> ChdbServer {
+        let dir = tempfile::Builder::new()
+            .prefix("prism-chdb-http-")
+            .tempdir()
+            .expect("temporary directory");
+        let mut child = Command::new("python3")
+            .arg(HTTP_SCRIPT)
+            .arg(dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run python3 ({e}): run scripts/test, which installs {CHDB_PYPI}")
+            });
+        // The script prints its port once it listens; a blocking read is bounded by the
+        // script either listening or exiting.
+        let mut line = String::new();
+        if let Some(stdout) = child.stdout.take() {
+            BufReader::new(stdout)
+                .read_line(&mut line)
+                .expect("read the server's port");
+        }
+        let port = match line.trim().strip_prefix("port ").map(str::parse::<u16>) {
+            Some(Ok(port)) => port,
+            _ => {
+                let status = child.wait().expect("wait for python3");
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    let _ = pipe.read_to_string(&mut stderr);
+                }
+                if status.code() == Some(EXIT_CHDB_MISSING) {
+                    chdb_missing(&stderr);
+                }
+                panic!("{HTTP_SCRIPT} did not start ({status}): {line}{stderr}");
+            }
+        };
+        ChdbServer {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Sink options for `database` on this server, as the relay builds them for a modern one.
+    fn sink_options(&self, database: &str) -> SinkOptions {
+        SinkOptions {
+            url: self.url(),
+            database: database.to_owned(),
+            insert_timeout_ms: 10_000,
+            connect_timeout_ms: 2_000,
+            modern: true,
+            ..SinkOptions::default()
+        }
+    }
+
+    /// Runs a query and returns its answer in `format`.
+    async fn query(&self, sql: &str, format: &str) -> String {
+        let bytes = clickhouse::Client::default()
+            .with_url(self.url())
+            .query(sql)
+            .fetch_bytes(format)
+            .expect("query starts")
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl Drop for ChdbServer {
+    fn drop(&mut self) {
+        // The child is ours; killing an exited child only fails, which is fine here.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -761,6 +868,9 @@ async fn a_batch_inserted_twice_with_its_token_is_stored_once_and_final_collapse
     let count_final = format!("SELECT count() FROM {DATABASE}.trades FINAL");
     let partitions = format!("SELECT uniqExact(_partition_id) FROM {DATABASE}.trades");
     let mut statements = all_ddl(Profile::Modern, DATABASE, None);
+    // Without merges, only the server's deduplication can keep a copy out; a background merge
+    // would otherwise collapse copies as ReplacingMergeTree does.
+    statements.push(format!("SYSTEM STOP MERGES {DATABASE}.trades"));
     let checks_from = statements.len();
     statements.extend([
         with_token(&token),
@@ -783,5 +893,124 @@ async fn a_batch_inserted_twice_with_its_token_is_stored_once_and_final_collapse
         counts,
         ["3", "3", "6", "3", "2"],
         "after the first insert, the retry with the same token, another token; under FINAL; partitions"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_modern_sink_writes_every_table_and_a_retried_batch_is_stored_once() {
+    let server = ChdbServer::start();
+
+    // Start-up as the relay does it: the version picks the profile, the DDL goes through a
+    // client bound to `system`, the column check reads `system.columns` through the sink.
+    let probe = Sink::new(server.sink_options("system")).expect("valid sink options");
+    let version = probe.server_version().await.expect("server version");
+    assert_eq!(
+        Profile::for_server_version(&version),
+        Profile::Modern,
+        "{version}"
+    );
+    // No TTL: the test's rows are from 2025, and a 3-day TTL would drop them at the first
+    // merge (the retried insert triggers one).
+    for sql in all_ddl(Profile::Modern, DATABASE, None) {
+        probe
+            .execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    // Without merges, only the server's deduplication can keep a retried batch out (a merge
+    // would collapse the copies as ReplacingMergeTree does).
+    for table in SchemaTable::ALL {
+        let sql = format!("SYSTEM STOP MERGES {DATABASE}.{}", table.name());
+        probe
+            .execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let sink = Sink::new(server.sink_options(DATABASE)).expect("valid sink options");
+    let columns = sink.table_columns(DATABASE).await.expect("columns");
+    for table in SchemaTable::ALL {
+        let actual = columns.get(table.name()).cloned().unwrap_or_default();
+        assert_eq!(
+            check_columns(table, &actual, Profile::Modern),
+            Ok(()),
+            "{}",
+            table.name()
+        );
+    }
+
+    // Each table's batch inserted, then retried as the drain retries after a lost answer: the
+    // same rows with the same token. The RowBinary rows pass the client's validation against
+    // the modern column types, and the retry is dropped by the server.
+    let mut expected = Vec::new();
+    for (i, (stream, subject, payload)) in MESSAGES.into_iter().enumerate() {
+        let seq = 3_000 + i as u64;
+        let table = Table::ALL[i];
+        let row = prism_relay::codec::decode(subject, payload.as_bytes(), stream, seq)
+            .unwrap_or_else(|e| panic!("{subject}: {e}"));
+        expected.push(expected_row(table.into(), decoded_json(row)));
+        let message = envelope(stream, seq, subject, payload.as_bytes());
+        let lsn = LSN_FIRST + i as u64;
+        let token = insert_batch(&sink, table, lsn, std::slice::from_ref(&message)).await;
+        let retried = insert_batch(&sink, table, lsn, &[message]).await;
+        assert_eq!(retried, token, "a re-cut batch carries the same token");
+    }
+    let mut batch = Batch::new(Table::Trades.name(), RowsKind::Typed);
+    let garbage = b"\xff\xfe{\"ts_ms\": not json";
+    let message = envelope(
+        "MARKET_TRADES",
+        4_000,
+        "trade.binance.spot.BTC-USDT",
+        garbage,
+    );
+    batch.push(Lsn(LSN_FIRST + 100), &message, 1_761_714_400_123);
+    for _ in 0..2 {
+        sink.insert_dead_letters(
+            schema::DEAD_LETTERS_TABLE,
+            &batch.dead,
+            Some(&batch.token()),
+        )
+        .await
+        .expect("dead letter inserted");
+    }
+    expected.push(expected_row(
+        SchemaTable::DeadLetters,
+        serde_json::to_value(&batch.dead[0]).expect("dead letters serialize"),
+    ));
+
+    for (i, table) in SchemaTable::ALL.into_iter().enumerate() {
+        let name = table.name();
+        let answer = server
+            .query(&comparable_select(Profile::Modern, table), "JSONEachRow")
+            .await;
+        let stored = comparable_rows(table, &answer);
+        assert_eq!(
+            stored.len(),
+            1,
+            "{name}: the retry was stored again: {answer}"
+        );
+        assert_eq!(
+            stored[0], expected[i],
+            "{name}: stored differs from written"
+        );
+    }
+
+    // The control: the same message cut into a batch at other LSNs (a replay) has another
+    // token, so the server stores it again, and FINAL collapses the copies by identity.
+    let (stream, subject, payload) = MESSAGES[0];
+    let message = envelope(stream, 3_000, subject, payload.as_bytes());
+    insert_batch(&sink, Table::Trades, LSN_FIRST + 5_000, &[message]).await;
+    let counts = server
+        .query(
+            &format!(
+                "SELECT (SELECT count() FROM {DATABASE}.trades), \
+                 (SELECT count() FROM {DATABASE}.trades FINAL)"
+            ),
+            "TabSeparated",
+        )
+        .await;
+    assert_eq!(
+        counts.trim(),
+        "2\t1",
+        "plain and FINAL counts after a replay"
     );
 }
