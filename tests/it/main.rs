@@ -2,6 +2,7 @@
 
 mod chaos;
 mod harness;
+mod modern;
 mod relay;
 mod sink;
 mod source;
