@@ -25,6 +25,7 @@ mod error;
 mod http;
 mod nats;
 mod process;
+mod server;
 
 pub use clickhouse::ClickHouse;
 pub use error::TestbedError;

@@ -3,7 +3,7 @@
 //! polling a readiness probe against a deadline, and reading a log's tail.
 
 use std::ffi::OsString;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
@@ -468,6 +468,15 @@ fn is_stopped_state(stat: &str) -> bool {
 
 fn mentions_port_in_use(log: &str) -> bool {
     log.to_ascii_lowercase().contains("address already in use")
+}
+
+/// Opens `path` for appending, creating it if needed: logs are kept across restarts.
+pub(crate) fn open_append(path: &Path) -> Result<File, TestbedError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| TestbedError::io(format!("opening {}", path.display()), e))
 }
 
 /// Runs `attempt` until it succeeds, fails for a reason other than a taken port, or
