@@ -98,7 +98,9 @@ fn is_executable(path: &Path) -> bool {
 /// is down and `restart` can bind it again. Otherwise they come from `bind(0)`.
 /// Each port is checked by binding it, and all are held together so they differ;
 /// another process may still take one before the server binds it, and callers retry then.
-pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N], TestbedError> {
+/// Public so that tests can give other processes (the relay's metrics listener) ports
+/// picked the same way.
+pub fn free_ports<const N: usize>() -> Result<[u16; N], TestbedError> {
     let mut listeners = Vec::with_capacity(N);
     let mut ports = [0u16; N];
     let below_ephemeral = ephemeral_port_start()
