@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prism_relay::run::RunError;
+use prism_relay::tools::verify::VerifyReport;
 use prism_relay::tools::DataType;
 
 use crate::harness::{
@@ -25,6 +26,23 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+/// Asserts verify's totals: `published` messages in the streams and `stored` rows, none lost
+/// and none stored twice.
+#[track_caller]
+fn assert_totals(report: &VerifyReport, published: u64, stored: u64) {
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (published, stored, 0, 0),
+        "{report}"
+    );
 }
 
 /// One hand-written message and the row it must become: (column, value as ClickHouse prints it).
@@ -311,18 +329,7 @@ async fn every_marketprism_data_type_is_stored_with_every_column_exact() {
         );
     }
     assert_eq!(bed.count_dead_letters(), 0);
-    let report = bed.verify().await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (cases.len() as u64, cases.len() as u64, 0, 0),
-        "{report}"
-    );
+    assert_totals(&bed.verify().await, cases.len() as u64, cases.len() as u64);
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
 
@@ -507,18 +514,7 @@ async fn two_consumers_sharding_one_stream_by_exchange_each_take_their_share_and
         "{per_exchange:?}"
     );
 
-    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (count, count, 0, 0),
-        "{report}"
-    );
+    assert_totals(&bed.wait_accounted(DRAIN_TIMEOUT).await, count, count);
     assert_eq!(bed.count_final("trades"), count);
     for (exchange, durable, published) in per_exchange {
         assert_eq!(
@@ -616,18 +612,7 @@ async fn a_durable_whose_ack_wait_drifted_is_reported_by_check_and_run_and_kept_
     // `run` with the drifted file warns, keeps the durable and drains the backlog from it.
     let mut relay = RelayProc::spawn(&bed, "drifted", &drifted);
     relay.wait_ready().await;
-    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (350, 350, 0, 0),
-        "{report}"
-    );
+    assert_totals(&bed.wait_accounted(DRAIN_TIMEOUT).await, 350, 350);
     let log = relay.log();
     let warning = log
         .lines()
@@ -763,18 +748,7 @@ async fn a_full_wal_budget_stops_fetching_until_clickhouse_returns_then_everythi
     assert!(pending > 0, "JetStream keeps the rest");
 
     bed.ch.resume().expect("SIGCONT clickhouse");
-    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (count, count, 0, 0),
-        "{report}"
-    );
+    assert_totals(&bed.wait_accounted(DRAIN_TIMEOUT).await, count, count);
     // The drain released and deleted the segments; fetching resumed and acked everything.
     wait_until_sync("released segments deleted", DRAIN_TIMEOUT, || {
         dir_bytes(&config.wal_dir) < BUDGET / 2
@@ -845,17 +819,10 @@ async fn sigterm_during_a_load_exits_zero_within_the_bound_and_a_restart_stores_
 
     relay.restart();
     relay.wait_ready().await;
-    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (summary.published_total(), count, 0, 0),
-        "{report}"
+    assert_totals(
+        &bed.wait_accounted(DRAIN_TIMEOUT).await,
+        summary.published_total(),
+        count,
     );
     assert_eq!(bed.count_all_tables(), count);
     assert!(relay.terminate().await.success(), "{}", relay.log());
@@ -1014,17 +981,10 @@ async fn the_library_run_stores_everything_and_returns_ok_when_its_shutdown_futu
     let relay = InProcRelay::spawn(&bed.config());
     relay.wait_ready().await;
     let summary = bed.publish(Load::new("inproc", 400)).await;
-    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (summary.published_total(), 400, 0, 0),
-        "{report}"
+    assert_totals(
+        &bed.wait_accounted(DRAIN_TIMEOUT).await,
+        summary.published_total(),
+        400,
     );
     tokio::time::timeout(Duration::from_secs(15), relay.stop())
         .await
@@ -1060,18 +1020,7 @@ async fn before_the_schema_check_passes_ingest_fills_the_wal_up_to_its_budget_on
     assert!(consumers_sum(&bed, |i| i.num_pending).await > 0);
 
     bed.ch.resume().expect("SIGCONT clickhouse");
-    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (count, count, 0, 0),
-        "{report}"
-    );
+    assert_totals(&bed.wait_accounted(DRAIN_TIMEOUT).await, count, count);
     let (status, _) = http_get(relay.metrics_addr, "/ready").await.unwrap();
     assert_eq!(status, 200);
 }
@@ -1110,18 +1059,7 @@ async fn sigterm_with_clickhouse_frozen_and_the_wal_full_exits_zero_within_the_b
     bed.ch.resume().expect("SIGCONT clickhouse");
     relay.restart();
     relay.wait_ready().await;
-    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (count, count, 0, 0),
-        "{report}"
-    );
+    assert_totals(&bed.wait_accounted(DRAIN_TIMEOUT).await, count, count);
     // Batches are cut by their limits after the re-cut of the batch left in flight, not one
     // record each (about ten inserts here; thousands when each record was its own batch).
     let inserts = relay
