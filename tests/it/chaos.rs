@@ -289,8 +289,7 @@ async fn clickhouse_frozen_past_the_insert_timeout_neither_hangs_the_relay_nor_d
     let bed = Bed::start();
     let mut config = chaos_config(&bed);
     config.insert_timeout_ms = 1_000;
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     let traffic = Traffic::start(&bed, "chaosstop", 3_000, 1_000, 1);
 
     wait_rows_reach_clickhouse(&bed).await;
@@ -370,8 +369,7 @@ async fn relay_killed_three_times(scenario: &str, run_id: &str, ack_all: bool) {
             consumer.extra = "ack_policy = \"all\"".into();
         }
     }
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     let js = bed.js().await;
     let traffic = Traffic::start(&bed, run_id, 4_000, 1_000, 1);
 
@@ -496,8 +494,7 @@ async fn torn_tail_scenario(name: &str, run_id: &str, tear: Tear) {
     let started = Instant::now();
     let bed = Bed::start();
     let config = chaos_config(&bed);
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     let js = bed.js().await;
     let traffic = Traffic::start(&bed, run_id, 2_500, 1_000, 1);
 
@@ -534,8 +531,7 @@ async fn the_relay_killed_while_clickhouse_is_down_recovers_when_both_come_back(
     let started = Instant::now();
     let mut bed = Bed::start();
     let config = chaos_config(&bed);
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     let traffic = Traffic::start(&bed, "chaosboth", 3_000, 1_000, 1);
 
     wait_rows_reach_clickhouse(&bed).await;
@@ -573,8 +569,7 @@ async fn sigterm_while_clickhouse_is_frozen_exits_within_the_bound_and_the_resta
     let mut config = chaos_config(&bed);
     config.insert_timeout_ms = 1_000;
     config.shutdown_timeout_ms = 3_000;
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     let traffic = Traffic::start(&bed, "chaosterm", 3_000, 1_000, 1);
 
     wait_rows_reach_clickhouse(&bed).await;
@@ -615,8 +610,7 @@ async fn the_relay_killed_before_ready_and_during_its_backlog_drain_with_segment
     config.segment_bytes_max = 65_536;
     config.retention_bytes_max = 0;
     config.retention_segments_max = 0;
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     let traffic = Traffic::start(&bed, "chaosbacklog", 5_000, 1_000, 1);
 
     wait_rows_reach_clickhouse(&bed).await;

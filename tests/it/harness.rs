@@ -578,6 +578,13 @@ impl RelayProc {
         self.child.as_ref().map(Child::id)
     }
 
+    /// [`RelayProc::spawn`], then waits until the relay reports ready.
+    pub async fn spawn_ready(bed: &Bed, name: &str, config: &RelayConfig) -> RelayProc {
+        let mut relay = RelayProc::spawn(bed, name, config);
+        relay.wait_ready().await;
+        relay
+    }
+
     /// Polls `/ready` until it answers 200; panics with the log if the relay exits or
     /// the timeout passes.
     pub async fn wait_ready(&mut self) {

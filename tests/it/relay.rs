@@ -410,8 +410,7 @@ async fn poison_messages_are_dead_lettered_with_their_reason_while_good_ones_aro
     let mut config = bed.config();
     // A subject no table is named for, captured by the data stream.
     config.streams[2].subjects.push("ticker.>".into());
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
 
     let before = bed.publish(Load::new("poison-before", 300)).await;
     let good = cases();
@@ -486,8 +485,7 @@ async fn two_consumers_sharding_one_stream_by_exchange_each_take_their_share_and
     let mut okx = ConsumerDef::new("MARKET_TRADES", "trades-okx").filter(&["trade.okx.>"]);
     okx.fetch_batch = 200;
     config.consumers = vec![binance, okx];
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
 
     let count = 1_000;
     bed.publish(
@@ -556,8 +554,7 @@ async fn two_consumers_sharding_one_stream_by_exchange_each_take_their_share_and
 async fn a_durable_whose_ack_wait_drifted_is_reported_by_check_and_run_and_kept_with_its_backlog() {
     let bed = Bed::start();
     let config = bed.config();
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     let first = bed
         .publish(Load::new("drift-1", 200).mix("funding_rate=1,open_interest=1"))
         .await;
@@ -610,8 +607,7 @@ async fn a_durable_whose_ack_wait_drifted_is_reported_by_check_and_run_and_kept_
     assert_eq!(after_check.ack_floor.stream_sequence, 200);
 
     // `run` with the drifted file warns, keeps the durable and drains the backlog from it.
-    let mut relay = RelayProc::spawn(&bed, "drifted", &drifted);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "drifted", &drifted).await;
     assert_totals(&bed.wait_accounted(DRAIN_TIMEOUT).await, 350, 350);
     let log = relay.log();
     let warning = log
@@ -707,8 +703,7 @@ async fn a_full_wal_budget_stops_fetching_until_clickhouse_returns_then_everythi
 {
     let bed = Bed::start();
     let config = budget_config(&bed);
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
 
     // About 3 MB of order books and trades while ClickHouse is frozen.
     bed.ch.pause().expect("SIGSTOP clickhouse");
@@ -772,8 +767,7 @@ async fn sigterm_during_a_load_exits_zero_within_the_bound_and_a_restart_stores_
     let bed = Bed::start();
     let mut config = bed.config();
     config.shutdown_timeout_ms = SHUTDOWN_BOUND.as_millis() as u64;
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
 
     let count = 3_000;
     let load = {
@@ -832,8 +826,7 @@ async fn sigterm_during_a_load_exits_zero_within_the_bound_and_a_restart_stores_
 async fn a_table_missing_a_column_the_relay_writes_stops_run_with_a_message_naming_both() {
     let bed = Bed::start();
     let config = bed.config();
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     assert!(relay.terminate().await.success(), "{}", relay.log());
     bed.sql(&format!(
         "ALTER TABLE {DATABASE}.lsr_top_positions DROP COLUMN long_short_ratio"
@@ -1037,8 +1030,7 @@ async fn sigterm_with_clickhouse_frozen_and_the_wal_full_exits_zero_within_the_b
     for consumer in &mut config.consumers {
         consumer.ack_wait_ms = 2_000;
     }
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     bed.ch.pause().expect("SIGSTOP clickhouse");
     let count = 3_000;
     bed.publish(Load::new("frozen-stop", count).mix("trade=1,orderbook=3"))
