@@ -84,11 +84,7 @@ pub async fn ensure_streams(
     js: &jetstream::Context,
     streams: &[StreamConfig],
 ) -> Result<Vec<StreamOutcome>, SourceError> {
-    let mut outcomes = Vec::with_capacity(streams.len());
-    for config in streams {
-        outcomes.push(ensure_stream(js, config, true).await?);
-    }
-    Ok(outcomes)
+    setup_streams(js, streams, true).await
 }
 
 /// Like [`ensure_streams`] but changes nothing: a missing stream is reported as
@@ -97,9 +93,17 @@ pub async fn check_streams(
     js: &jetstream::Context,
     streams: &[StreamConfig],
 ) -> Result<Vec<StreamOutcome>, SourceError> {
+    setup_streams(js, streams, false).await
+}
+
+async fn setup_streams(
+    js: &jetstream::Context,
+    streams: &[StreamConfig],
+    create: bool,
+) -> Result<Vec<StreamOutcome>, SourceError> {
     let mut outcomes = Vec::with_capacity(streams.len());
     for config in streams {
-        outcomes.push(ensure_stream(js, config, false).await?);
+        outcomes.push(ensure_stream(js, config, create).await?);
     }
     Ok(outcomes)
 }
@@ -219,52 +223,44 @@ fn storage_type(kind: StorageKind) -> StorageType {
 }
 
 fn stream_drift(config: &StreamConfig, server: &stream::Config) -> Vec<Drift> {
-    let mut drift = Vec::new();
-    let mut check = |field: &'static str, configured: String, server: String| {
-        if configured != server {
-            drift.push(Drift {
-                field,
-                configured,
-                server,
-            });
-        }
-    };
-    check(
-        "subjects",
-        subject_set(&config.subjects),
-        subject_set(&server.subjects),
-    );
-    check(
-        "storage",
-        format!("{:?}", storage_type(config.storage)).to_lowercase(),
-        format!("{:?}", server.storage).to_lowercase(),
-    );
-    check(
-        "max_age_s",
-        config.max_age_s.to_string(),
-        server.max_age.as_secs().to_string(),
-    );
-    check(
-        "max_bytes",
-        config.max_bytes.to_string(),
-        server.max_bytes.to_string(),
-    );
-    check(
-        "max_msgs",
-        config.max_msgs.to_string(),
-        server.max_messages.to_string(),
-    );
-    check(
-        "duplicate_window_s",
-        config.duplicate_window_s.to_string(),
-        server.duplicate_window.as_secs().to_string(),
-    );
-    check(
-        "replicas",
-        config.replicas.to_string(),
-        server.num_replicas.to_string(),
-    );
-    drift
+    differing([
+        compare(
+            "subjects",
+            subject_set(&config.subjects),
+            subject_set(&server.subjects),
+        ),
+        compare(
+            "storage",
+            format!("{:?}", storage_type(config.storage)).to_lowercase(),
+            format!("{:?}", server.storage).to_lowercase(),
+        ),
+        compare("max_age_s", config.max_age_s, server.max_age.as_secs()),
+        compare("max_bytes", config.max_bytes, server.max_bytes),
+        compare("max_msgs", config.max_msgs, server.max_messages),
+        compare(
+            "duplicate_window_s",
+            config.duplicate_window_s,
+            server.duplicate_window.as_secs(),
+        ),
+        compare("replicas", config.replicas, server.num_replicas),
+    ])
+}
+
+/// One field's configured and server values, in the text form drift reports them in.
+fn compare(field: &'static str, configured: impl ToString, server: impl ToString) -> Drift {
+    Drift {
+        field,
+        configured: configured.to_string(),
+        server: server.to_string(),
+    }
+}
+
+/// The compared fields whose two values differ, in the order given.
+fn differing(fields: impl IntoIterator<Item = Drift>) -> Vec<Drift> {
+    fields
+        .into_iter()
+        .filter(|d| d.configured != d.server)
+        .collect()
 }
 
 /// Subjects as a sorted, deduplicated list, so that order does not count as drift.
@@ -308,14 +304,7 @@ async fn setup_consumer(
     let existing = consumer_info(&stream, config).await?;
     let info = match existing {
         Some(info) => info,
-        None if !create => {
-            return Ok(ConsumerOutcome {
-                stream: config.stream.clone(),
-                durable: config.durable.clone(),
-                action: SetupAction::Missing,
-                drift: Vec::new(),
-            })
-        }
+        None if !create => return Ok(consumer_outcome(config, SetupAction::Missing, Vec::new())),
         None => match stream
             .create_consumer_strict(new_consumer_config(config))
             .await
@@ -323,12 +312,7 @@ async fn setup_consumer(
             Ok(_) => {
                 tracing::info!(stream = %config.stream, durable = %config.durable,
                     filter_subjects = ?config.filter_subjects, "created durable pull consumer");
-                return Ok(ConsumerOutcome {
-                    stream: config.stream.clone(),
-                    durable: config.durable.clone(),
-                    action: SetupAction::Created,
-                    drift: Vec::new(),
-                });
+                return Ok(consumer_outcome(config, SetupAction::Created, Vec::new()));
             }
             // Another relay instance created it between our lookup and our create.
             Err(err) if err.kind() == ConsumerCreateStrictErrorKind::AlreadyExists => {
@@ -365,12 +349,20 @@ async fn setup_consumer(
             configured = %d.configured, server = %d.server,
             "consumer differs from its configuration; the server's value stays (durables are never recreated)");
     }
-    Ok(ConsumerOutcome {
+    Ok(consumer_outcome(config, SetupAction::Existed, drift))
+}
+
+fn consumer_outcome(
+    config: &ConsumerConfig,
+    action: SetupAction,
+    drift: Vec<Drift>,
+) -> ConsumerOutcome {
+    ConsumerOutcome {
         stream: config.stream.clone(),
         durable: config.durable.clone(),
-        action: SetupAction::Existed,
+        action,
         drift,
-    })
+    }
 }
 
 /// The consumer's info, or `None` when it does not exist.
@@ -466,51 +458,38 @@ pub(super) fn server_ack_policy(policy: AckPolicy) -> Option<AckPolicyKind> {
 }
 
 fn consumer_drift(config: &ConsumerConfig, server: &consumer::Config) -> Vec<Drift> {
-    let mut drift = Vec::new();
-    let mut check = |field: &'static str, configured: String, server: String| {
-        if configured != server {
-            drift.push(Drift {
-                field,
-                configured,
-                server,
-            });
-        }
-    };
-    check(
-        "ack_wait_ms",
-        config.ack_wait_ms.to_string(),
-        server.ack_wait.as_millis().to_string(),
-    );
-    check(
-        "deliver_policy",
-        describe_deliver_policy(&deliver_policy(config)),
-        describe_deliver_policy(&server.deliver_policy),
-    );
     let mut server_filters: Vec<&str> = server.filter_subjects.iter().map(String::as_str).collect();
     if !server.filter_subject.is_empty() {
         server_filters.push(&server.filter_subject);
     }
-    check(
-        "filter_subjects",
-        subject_set(&config.filter_subjects),
-        subject_set(&server_filters),
-    );
-    check(
-        "max_ack_pending",
-        config.max_ack_pending.to_string(),
-        server.max_ack_pending.to_string(),
-    );
-    check(
-        "max_deliver",
-        config.max_deliver.to_string(),
-        server.max_deliver.to_string(),
-    );
-    check(
-        "ack_policy",
-        describe_ack_policy(ack_policy(config.ack_policy)),
-        describe_ack_policy(server.ack_policy),
-    );
-    drift
+    differing([
+        compare(
+            "ack_wait_ms",
+            config.ack_wait_ms,
+            server.ack_wait.as_millis(),
+        ),
+        compare(
+            "deliver_policy",
+            describe_deliver_policy(&deliver_policy(config)),
+            describe_deliver_policy(&server.deliver_policy),
+        ),
+        compare(
+            "filter_subjects",
+            subject_set(&config.filter_subjects),
+            subject_set(&server_filters),
+        ),
+        compare(
+            "max_ack_pending",
+            config.max_ack_pending,
+            server.max_ack_pending,
+        ),
+        compare("max_deliver", config.max_deliver, server.max_deliver),
+        compare(
+            "ack_policy",
+            describe_ack_policy(ack_policy(config.ack_policy)),
+            describe_ack_policy(server.ack_policy),
+        ),
+    ])
 }
 
 fn describe_deliver_policy(policy: &DeliverPolicy) -> String {

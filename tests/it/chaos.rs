@@ -39,6 +39,9 @@ const ROWS_MAX: u64 = 200;
 /// Bound on any wait for traffic, rows or metrics to reach a threshold.
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Rows stored before a fault that must land mid-load is injected.
+const ROWS_BEFORE_FAULT: u64 = 300;
+
 /// Bound on the traffic generator finishing once every fault is lifted.
 const TRAFFIC_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -187,14 +190,39 @@ fn assert_batched(rows_per_insert: f64) {
     );
 }
 
-/// After the relay stopped: the WAL it leaves has no damage anywhere.
-fn assert_wal_intact(dir: &std::path::Path) {
+/// Stops the relay with SIGTERM, which it must exit cleanly on, and checks that the WAL it
+/// leaves in `dir` has no damage anywhere.
+async fn stop_with_intact_wal(relay: &mut RelayProc, dir: &std::path::Path) {
+    assert!(relay.terminate().await.success(), "{}", relay.log());
     let wal = prism_wal::verify(dir).expect("verify the WAL");
     assert!(wal.is_ok(), "{wal:?}");
     assert!(
         wal.torn_tail.is_none(),
         "a clean stop leaves no torn tail: {wal:?}"
     );
+}
+
+/// Waits until the traffic's first rows are in ClickHouse, so that a fault lands mid-load.
+async fn wait_rows_reach_clickhouse(bed: &Bed) {
+    wait_until_sync("rows reach ClickHouse", PROGRESS_TIMEOUT, || {
+        bed.count_all_tables() >= ROWS_BEFORE_FAULT
+    })
+    .await;
+}
+
+/// Ends a scenario whose traffic was all published and acked: waits for the traffic and the
+/// drain, asserts the exact accounting and prints the scenario's line.
+async fn account_clean_traffic(
+    bed: &Bed,
+    relay: &RelayProc,
+    traffic: Traffic,
+    scenario: &str,
+    started: Instant,
+) {
+    let summary = traffic.finish_clean().await;
+    let (report, drained) = drain(bed, relay).await;
+    assert_exact(&report, summary.published_total(), true);
+    report_line(scenario, &report, drained, started.elapsed());
 }
 
 /// One line per scenario for the run's record.
@@ -243,10 +271,7 @@ async fn clickhouse_killed_mid_load_and_restarted_on_its_data_loses_and_duplicat
     relay.wait_ready().await;
     let traffic = Traffic::start(&bed, "chaosch", 3_000, 1_000, 1);
 
-    wait_until_sync("rows reach ClickHouse", PROGRESS_TIMEOUT, || {
-        bed.count_all_tables() >= 300
-    })
-    .await;
+    wait_rows_reach_clickhouse(&bed).await;
     bed.ch.kill9().expect("kill -9 clickhouse-server");
     // The outage lasts until the relay has met it and the WAL has absorbed more traffic.
     let received = metric(&relay, RECEIVED).await;
@@ -254,10 +279,7 @@ async fn clickhouse_killed_mid_load_and_restarted_on_its_data_loses_and_duplicat
     wait_metric(&relay, RECEIVED, received + 500.0).await;
     tokio::task::block_in_place(|| bed.ch.restart()).expect("restart clickhouse-server");
 
-    let summary = traffic.finish_clean().await;
-    let (report, drained) = drain(&bed, &relay).await;
-    assert_exact(&report, summary.published_total(), true);
-    report_line("clickhouse kill -9", &report, drained, started.elapsed());
+    account_clean_traffic(&bed, &relay, traffic, "clickhouse kill -9", started).await;
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
 
@@ -267,14 +289,10 @@ async fn clickhouse_frozen_past_the_insert_timeout_neither_hangs_the_relay_nor_d
     let bed = Bed::start();
     let mut config = chaos_config(&bed);
     config.insert_timeout_ms = 1_000;
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     let traffic = Traffic::start(&bed, "chaosstop", 3_000, 1_000, 1);
 
-    wait_until_sync("rows reach ClickHouse", PROGRESS_TIMEOUT, || {
-        bed.count_all_tables() >= 300
-    })
-    .await;
+    wait_rows_reach_clickhouse(&bed).await;
     bed.ch.pause().expect("SIGSTOP clickhouse-server");
     // Inserts must time out and be retried, twice per lane on average (so the freeze outlasts
     // the insert timeout and no lane hangs on the frozen server), and ingest must go on into
@@ -289,10 +307,7 @@ async fn clickhouse_frozen_past_the_insert_timeout_neither_hangs_the_relay_nor_d
     assert_eq!(status, 200, "/health while ClickHouse is frozen");
     bed.ch.resume().expect("SIGCONT clickhouse-server");
 
-    let summary = traffic.finish_clean().await;
-    let (report, drained) = drain(&bed, &relay).await;
-    assert_exact(&report, summary.published_total(), true);
-    report_line("clickhouse SIGSTOP", &report, drained, started.elapsed());
+    account_clean_traffic(&bed, &relay, traffic, "clickhouse SIGSTOP", started).await;
     let raw = bed.sql("SELECT count() FROM marketprism_hot.trades");
     println!(
         "chaos: clickhouse SIGSTOP: trades rows before FINAL {} after FINAL {}",
@@ -354,8 +369,7 @@ async fn relay_killed_three_times(scenario: &str, run_id: &str, ack_all: bool) {
             consumer.extra = "ack_policy = \"all\"".into();
         }
     }
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     let js = bed.js().await;
     let traffic = Traffic::start(&bed, run_id, 4_000, 1_000, 1);
 
@@ -370,15 +384,11 @@ async fn relay_killed_three_times(scenario: &str, run_id: &str, ack_all: bool) {
         assert_eq!(recoveries, round + 2, "{}", relay.log());
     }
 
-    let summary = traffic.finish_clean().await;
-    let (report, drained) = drain(&bed, &relay).await;
-    assert_exact(&report, summary.published_total(), true);
-    report_line(scenario, &report, drained, started.elapsed());
+    account_clean_traffic(&bed, &relay, traffic, scenario, started).await;
     let rows_per_insert = metric(&relay, BATCH_ROWS).await / metric(&relay, BATCH_INSERTS).await;
     println!("chaos: {scenario}: rows per insert after the last restart {rows_per_insert:.1}");
     assert_batched(rows_per_insert);
-    assert!(relay.terminate().await.success(), "{}", relay.log());
-    assert_wal_intact(&config.wal_dir);
+    stop_with_intact_wal(&mut relay, &config.wal_dir).await;
 }
 
 /// How a test damages the end of the last WAL segment of a killed relay.
@@ -484,8 +494,7 @@ async fn torn_tail_scenario(name: &str, run_id: &str, tear: Tear) {
     let started = Instant::now();
     let bed = Bed::start();
     let config = chaos_config(&bed);
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     let js = bed.js().await;
     let traffic = Traffic::start(&bed, run_id, 2_500, 1_000, 1);
 
@@ -502,12 +511,8 @@ async fn torn_tail_scenario(name: &str, run_id: &str, tear: Tear) {
     let after = prism_wal::verify(&config.wal_dir).expect("verify the recovered WAL");
     assert!(after.problems.is_empty(), "{after:?}");
 
-    let summary = traffic.finish_clean().await;
-    let (report, drained) = drain(&bed, &relay).await;
-    assert_exact(&report, summary.published_total(), true);
-    report_line(name, &report, drained, started.elapsed());
-    assert!(relay.terminate().await.success(), "{}", relay.log());
-    assert_wal_intact(&config.wal_dir);
+    account_clean_traffic(&bed, &relay, traffic, name, started).await;
+    stop_with_intact_wal(&mut relay, &config.wal_dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -526,14 +531,10 @@ async fn the_relay_killed_while_clickhouse_is_down_recovers_when_both_come_back(
     let started = Instant::now();
     let mut bed = Bed::start();
     let config = chaos_config(&bed);
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     let traffic = Traffic::start(&bed, "chaosboth", 3_000, 1_000, 1);
 
-    wait_until_sync("rows reach ClickHouse", PROGRESS_TIMEOUT, || {
-        bed.count_all_tables() >= 300
-    })
-    .await;
+    wait_rows_reach_clickhouse(&bed).await;
     bed.ch.kill9().expect("kill -9 clickhouse-server");
     let received = metric(&relay, RECEIVED).await;
     wait_metric(&relay, INSERT_ERRORS, 1.0).await;
@@ -546,20 +547,18 @@ async fn the_relay_killed_while_clickhouse_is_down_recovers_when_both_come_back(
     tokio::task::block_in_place(|| bed.ch.restart()).expect("restart clickhouse-server");
     relay.wait_ready().await;
 
-    let summary = traffic.finish_clean().await;
-    let (report, drained) = drain(&bed, &relay).await;
-    assert_exact(&report, summary.published_total(), true);
-    report_line(
+    account_clean_traffic(
+        &bed,
+        &relay,
+        traffic,
         "relay kill -9 while clickhouse down",
-        &report,
-        drained,
-        started.elapsed(),
-    );
+        started,
+    )
+    .await;
     let rows_per_insert = metric(&relay, BATCH_ROWS).await / metric(&relay, BATCH_INSERTS).await;
     println!("chaos: combined: rows per insert after the restart {rows_per_insert:.1}");
     assert_batched(rows_per_insert);
-    assert!(relay.terminate().await.success(), "{}", relay.log());
-    assert_wal_intact(&config.wal_dir);
+    stop_with_intact_wal(&mut relay, &config.wal_dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -570,14 +569,10 @@ async fn sigterm_while_clickhouse_is_frozen_exits_within_the_bound_and_the_resta
     let mut config = chaos_config(&bed);
     config.insert_timeout_ms = 1_000;
     config.shutdown_timeout_ms = 3_000;
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     let traffic = Traffic::start(&bed, "chaosterm", 3_000, 1_000, 1);
 
-    wait_until_sync("rows reach ClickHouse", PROGRESS_TIMEOUT, || {
-        bed.count_all_tables() >= 300
-    })
-    .await;
+    wait_rows_reach_clickhouse(&bed).await;
     bed.ch.pause().expect("SIGSTOP clickhouse-server");
     let errors = metric(&relay, INSERT_ERRORS).await;
     wait_metric(&relay, INSERT_ERRORS, errors + 8.0).await;
@@ -592,18 +587,16 @@ async fn sigterm_while_clickhouse_is_frozen_exits_within_the_bound_and_the_resta
     relay.restart();
     relay.wait_ready().await;
 
-    let summary = traffic.finish_clean().await;
-    let (report, drained) = drain(&bed, &relay).await;
-    assert_exact(&report, summary.published_total(), true);
-    report_line(
+    account_clean_traffic(
+        &bed,
+        &relay,
+        traffic,
         "SIGTERM while clickhouse frozen",
-        &report,
-        drained,
-        started.elapsed(),
-    );
+        started,
+    )
+    .await;
     println!("chaos: SIGTERM while clickhouse frozen: stop took {stop_ms} ms");
-    assert!(relay.terminate().await.success(), "{}", relay.log());
-    assert_wal_intact(&config.wal_dir);
+    stop_with_intact_wal(&mut relay, &config.wal_dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -617,14 +610,10 @@ async fn the_relay_killed_before_ready_and_during_its_backlog_drain_with_segment
     config.segment_bytes_max = 65_536;
     config.retention_bytes_max = 0;
     config.retention_segments_max = 0;
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     let traffic = Traffic::start(&bed, "chaosbacklog", 5_000, 1_000, 1);
 
-    wait_until_sync("rows reach ClickHouse", PROGRESS_TIMEOUT, || {
-        bed.count_all_tables() >= 300
-    })
-    .await;
+    wait_rows_reach_clickhouse(&bed).await;
     bed.ch.kill9().expect("kill -9 clickhouse-server");
     wait_metric(&relay, RECEIVED, 1_200.0).await;
     // Twice killed before it is ready (ClickHouse is down, so the drain waits), each time
@@ -650,15 +639,13 @@ async fn the_relay_killed_before_ready_and_during_its_backlog_drain_with_segment
         relay.wait_ready().await;
     }
 
-    let summary = traffic.finish_clean().await;
-    let (report, drained) = drain(&bed, &relay).await;
-    assert_exact(&report, summary.published_total(), true);
-    report_line(
+    account_clean_traffic(
+        &bed,
+        &relay,
+        traffic,
         "relay kill -9 x5 around a backlog",
-        &report,
-        drained,
-        started.elapsed(),
-    );
-    assert!(relay.terminate().await.success(), "{}", relay.log());
-    assert_wal_intact(&config.wal_dir);
+        started,
+    )
+    .await;
+    stop_with_intact_wal(&mut relay, &config.wal_dir).await;
 }

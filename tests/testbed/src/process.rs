@@ -3,7 +3,7 @@
 //! polling a readiness probe against a deadline, and reading a log's tail.
 
 use std::ffi::OsString;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::PermissionsExt;
@@ -98,7 +98,9 @@ fn is_executable(path: &Path) -> bool {
 /// is down and `restart` can bind it again. Otherwise they come from `bind(0)`.
 /// Each port is checked by binding it, and all are held together so they differ;
 /// another process may still take one before the server binds it, and callers retry then.
-pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N], TestbedError> {
+/// Public so that tests can give other processes (the relay's metrics listener) ports
+/// picked the same way.
+pub fn free_ports<const N: usize>() -> Result<[u16; N], TestbedError> {
     let mut listeners = Vec::with_capacity(N);
     let mut ports = [0u16; N];
     let below_ephemeral = ephemeral_port_start()
@@ -468,6 +470,15 @@ fn is_stopped_state(stat: &str) -> bool {
 
 fn mentions_port_in_use(log: &str) -> bool {
     log.to_ascii_lowercase().contains("address already in use")
+}
+
+/// Opens `path` for appending, creating it if needed: logs are kept across restarts.
+pub(crate) fn open_append(path: &Path) -> Result<File, TestbedError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| TestbedError::io(format!("opening {}", path.display()), e))
 }
 
 /// Runs `attempt` until it succeeds, fails for a reason other than a taken port, or
