@@ -13,8 +13,12 @@
 //! exchanges publish funding rates with 10 to 13 fractional digits, and a column declared
 //! `Decimal64(8)` cannot hold them, so dead-lettering those messages would lose real data.
 //!
-//! The result must fit the column's declared precision of 18 digits, so its magnitude is at most
-//! [`SCALED_ABS_MAX`] (`9999999999.99999999`); anything larger is [`DecimalError::Overflow`].
+//! The result must fit the column's storage, an `Int64`, so its magnitude is at most
+//! [`SCALED_ABS_MAX`] (`92233720368.54775807`); anything larger is [`DecimalError::Overflow`].
+//! That is past the 18 digits `Decimal64(8)` declares: ClickHouse's text parsers reject such
+//! values, but RowBinary carries the `Int64` as it is, and the server stores, compares and sums
+//! it correctly (checked on ClickHouse 26.9 with an 11-digit value). The open interest of the
+//! largest markets in USD passes 10^10, and dead-lettering it would lose real data.
 
 /// Digits after the decimal point in `Decimal64(8)`.
 pub const SCALE_DIGITS: u32 = 8;
@@ -22,13 +26,14 @@ pub const SCALE_DIGITS: u32 = 8;
 /// 10^[`SCALE_DIGITS`]: one unit of the column in scaled integer form.
 pub const SCALE: i64 = 100_000_000;
 
-/// Largest magnitude of a scaled value: `Decimal64(8)` has precision 18, so 18 nines.
-pub const SCALED_ABS_MAX: u64 = 999_999_999_999_999_999;
+/// Largest magnitude of a scaled value: the `Int64` that stores a `Decimal64(8)`.
+pub const SCALED_ABS_MAX: u64 = i64::MAX as u64;
 
 /// Significant digits kept exactly while parsing, in a `u64` (10^19 - 1 < 2^64); later digits
 /// only matter for rounding. A result has at most 18 significant digits, so when all 19 kept
-/// digits sit above the eighth fractional place the value overflows anyway, and otherwise the
-/// dropped digits lie below the rounding position, where only "were they all zero" matters.
+/// digits sit above the eighth fractional place the value overflows anyway unless the first dropped
+/// digit is the rounding digit (kept apart for that case); otherwise the dropped digits lie below
+/// the rounding position, where only "were they all zero" matters.
 const SIGNIFICANT_DIGITS_MAX: u32 = 19;
 
 /// Exponents are clamped to this magnitude while being read, so huge exponents cannot overflow
@@ -45,7 +50,7 @@ pub enum DecimalError {
     #[error("not a decimal number")]
     Syntax,
     /// The value does not fit Decimal64(8).
-    #[error("out of range for Decimal64(8) (magnitude at most 9999999999.99999999)")]
+    #[error("out of range for Decimal64(8) (magnitude at most 92233720368.54775807)")]
     Overflow,
 }
 
@@ -73,6 +78,8 @@ pub fn parse(text: &str) -> Result<i64, DecimalError> {
     let mut mantissa: u64 = 0;
     let mut significant: u32 = 0;
     let mut dropped: i64 = 0;
+    // The first digit that did not fit, and whether any later one was non-zero.
+    let mut first_dropped: u8 = 0;
     let mut sticky = false;
     let mut push_digit = |digit: u8| {
         if significant < SIGNIFICANT_DIGITS_MAX {
@@ -81,8 +88,12 @@ pub fn parse(text: &str) -> Result<i64, DecimalError> {
                 significant += 1;
             }
         } else {
+            if dropped == 0 {
+                first_dropped = digit;
+            } else {
+                sticky |= digit != 0;
+            }
             dropped += 1;
-            sticky |= digit != 0;
         }
     };
 
@@ -142,8 +153,13 @@ pub fn parse(text: &str) -> Result<i64, DecimalError> {
     }
     // value * 10^8 = mantissa * 10^shift (+ the sticky remainder below mantissa's last digit).
     let shift = exponent - frac_digits + dropped + i64::from(SCALE_DIGITS);
-    let magnitude: u64 = if shift >= 0 {
-        // A non-zero mantissa times 10^19 or more is always past 18 digits.
+    let magnitude: u64 = if shift == 0 && dropped > 0 {
+        // Nineteen kept digits end exactly at the eighth fractional place: the first dropped
+        // digit rounds, half to even.
+        let round_up = first_dropped > 5 || (first_dropped == 5 && (sticky || mantissa % 2 == 1));
+        mantissa + u64::from(round_up)
+    } else if shift >= 0 {
+        // A non-zero mantissa times 10^19 or more is always past the Int64 range.
         if shift > 18 {
             return Err(DecimalError::Overflow);
         }
@@ -151,6 +167,7 @@ pub fn parse(text: &str) -> Result<i64, DecimalError> {
             .checked_mul(10u64.pow(shift as u32))
             .ok_or(DecimalError::Overflow)?
     } else {
+        let sticky = sticky || first_dropped != 0;
         let down = -shift;
         // mantissa < 10^19, so dividing by 10^20 or more leaves less than a tenth of a unit.
         if down > i64::from(SIGNIFICANT_DIGITS_MAX) {
@@ -167,7 +184,7 @@ pub fn parse(text: &str) -> Result<i64, DecimalError> {
     if magnitude > SCALED_ABS_MAX {
         return Err(DecimalError::Overflow);
     }
-    // Cannot fail: magnitude <= SCALED_ABS_MAX < i64::MAX.
+    // Cannot fail: magnitude <= SCALED_ABS_MAX == i64::MAX.
     let magnitude = magnitude as i64;
     Ok(if negative { -magnitude } else { magnitude })
 }
@@ -288,12 +305,16 @@ mod tests {
     }
 
     #[test]
-    fn values_past_eighteen_digits_overflow() {
+    fn values_past_the_int64_storage_overflow() {
         assert_eq!(parse("9999999999.99999999"), Ok(999_999_999_999_999_999));
-        assert_eq!(parse("-9999999999.99999999"), Ok(-999_999_999_999_999_999));
-        assert_eq!(parse("10000000000"), Err(DecimalError::Overflow));
-        assert_eq!(parse("9999999999.999999995"), Err(DecimalError::Overflow));
-        assert_eq!(parse("1e10"), Err(DecimalError::Overflow));
+        assert_eq!(parse("11893954563"), Ok(1_189_395_456_300_000_000));
+        assert_eq!(parse("92233720368.54775807"), Ok(i64::MAX));
+        assert_eq!(parse("-92233720368.54775807"), Ok(-i64::MAX));
+        assert_eq!(parse("92233720368.547758065"), Ok(i64::MAX - 1));
+        assert_eq!(parse("92233720368.5477580651"), Ok(i64::MAX));
+        assert_eq!(parse("92233720368.54775808"), Err(DecimalError::Overflow));
+        assert_eq!(parse("92233720368.547758075"), Err(DecimalError::Overflow));
+        assert_eq!(parse("1e11"), Err(DecimalError::Overflow));
         assert_eq!(
             parse("1e999999999999999999999"),
             Err(DecimalError::Overflow)

@@ -466,8 +466,7 @@ impl Generator {
                 o.str("funding_interval", "8h");
             }
             DataType::OpenInterest => {
-                // Up to 80,000 contracts keeps the USD value of a BTC market (about 9e9)
-                // within Decimal64(8)'s declared precision (below 1e10), as real markets are.
+                // Up to 80,000 contracts: about the open interest of the largest BTC markets.
                 let contracts_e8 = rng.range_inclusive(1_000, 80_000) * E8;
                 let mark = market.mid_e8;
                 o.float_e8("open_interest_value", contracts_e8);
