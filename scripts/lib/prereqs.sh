@@ -175,7 +175,12 @@ ensure_rust_components() {
 
 ensure_prereqs() {
     ensure_rust_components
+    ensure_servers
+    ensure_chdb
+}
+
+# The two servers the relay talks to: all scripts/demo needs (chdb only serves the tests).
+ensure_servers() {
     ensure_clickhouse
     ensure_nats
-    ensure_chdb
 }
