@@ -352,8 +352,6 @@ async fn drain(
             dead_letter_table: config.drain.dead_letter_table.clone(),
             backoff_initial: Duration::from_millis(config.drain.retry_backoff_initial_ms),
             backoff_max: Duration::from_millis(config.drain.retry_backoff_max_ms),
-            token_prefix: String::new(),
-            end: None,
         };
         let lane = Lane::new(
             lane_config,

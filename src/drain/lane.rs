@@ -29,11 +29,6 @@ pub struct LaneConfig {
     pub backoff_initial: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
-    /// Token namespace: empty for the live drain, `replay` for replays, so a replay is not
-    /// swallowed by server-side deduplication of the live inserts.
-    pub token_prefix: String,
-    /// Stop after this position (replay); `None` tails forever.
-    pub end: Option<Lsn>,
 }
 
 /// A running lane.
@@ -101,7 +96,7 @@ impl Lane {
         }
     }
 
-    /// Runs until shutdown (or the replay end), inserting every record of the lane.
+    /// Runs until shutdown, inserting every record of the lane.
     pub async fn run(mut self) -> Result<(), DrainError> {
         let mut batch = Batch::new(&self.config.name, self.kind);
         let mut durable = self.wal.watch_durable();
@@ -115,10 +110,6 @@ impl Lane {
         loop {
             let mut caught_up = false;
             for _ in 0..READ_CHUNK_RECORDS {
-                if self.config.end.is_some_and(|end| self.read_pos > end) {
-                    caught_up = true;
-                    break;
-                }
                 let record = match reader.next() {
                     Ok(Some(record)) => record,
                     Ok(None) => {
@@ -170,8 +161,7 @@ impl Lane {
             let aged = batch
                 .opened_at()
                 .is_some_and(|t| t.elapsed() >= self.config.limits.age_max);
-            let replay_done = self.config.end.is_some_and(|end| self.read_pos > end);
-            if !batch.is_empty() && (recut_done || (self.recut.is_none() && aged) || replay_done) {
+            if !batch.is_empty() && (recut_done || (self.recut.is_none() && aged)) {
                 self.flush(&mut batch, false).await?;
             }
             if batch.is_empty() {
@@ -181,13 +171,6 @@ impl Lane {
                     .await;
             }
             self.publish_progress(&batch);
-            if replay_done
-                || (caught_up
-                    && self.config.end.is_some()
-                    && self.read_pos > self.wal.durable_lsn())
-            {
-                return Ok(());
-            }
             if *self.shutdown.borrow() {
                 return self.stop(&mut batch).await;
             }
@@ -253,7 +236,7 @@ impl Lane {
             return Ok(());
         };
         let full = std::mem::replace(batch, Batch::new(&self.config.name, self.kind));
-        let token = format!("{}{}", self.config.token_prefix, full.token());
+        let token = full.token();
         let inflight = InflightBatch {
             first,
             last: full.last(),
