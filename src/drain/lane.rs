@@ -157,15 +157,22 @@ impl Lane {
                 }
             }
 
-            let recut_done = self.recut.as_ref().is_some_and(|r| self.read_pos > r.last);
-            let aged = batch
-                .opened_at()
-                .is_some_and(|t| t.elapsed() >= self.config.limits.age_max);
-            if !batch.is_empty() && (recut_done || (self.recut.is_none() && aged)) {
+            // The re-cut ends only once the reader is past its range: a read chunk can end
+            // before the range starts (records of other lanes), and clearing it then would let
+            // the limits cut that batch differently, under another token.
+            if self.recut.as_ref().is_some_and(|r| self.read_pos > r.last) {
+                if !batch.is_empty() {
+                    self.flush(&mut batch, false).await?;
+                }
+                self.recut = None;
+            } else if self.recut.is_none()
+                && batch
+                    .opened_at()
+                    .is_some_and(|t| t.elapsed() >= self.config.limits.age_max)
+            {
                 self.flush(&mut batch, false).await?;
             }
             if batch.is_empty() {
-                self.recut = None;
                 self.ledger
                     .note_cursor(&self.config.name, self.read_pos)
                     .await;
@@ -191,8 +198,10 @@ impl Lane {
     }
 
     /// On shutdown: one bounded attempt to insert what is batched, then stop.
+    /// A re-cut still short of its range is left in flight: flushing it now would cut it
+    /// differently from the batch recorded in the ledger.
     async fn stop(&mut self, batch: &mut Batch) -> Result<(), DrainError> {
-        if !batch.is_empty() {
+        if !batch.is_empty() && self.recut.is_none() {
             self.flush(batch, true).await?;
             self.ledger
                 .note_cursor(&self.config.name, self.read_pos)

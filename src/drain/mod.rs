@@ -128,7 +128,12 @@ impl LedgerKeeper {
         // The commit does an fsync, a rename and a directory fsync: keep it off the async workers.
         match tokio::task::spawn_blocking(move || wal.commit_ledger(&snapshot)).await {
             Ok(result) => result.map_err(DrainError::Ledger),
-            Err(join) => std::panic::resume_unwind(join.into_panic()),
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            // Cancelled only when the runtime shuts down; the commit is atomic, so the ledger
+            // on disk is the old one or the new one.
+            Err(_) => Err(DrainError::Interrupted {
+                lane: "ledger".to_string(),
+            }),
         }
     }
 }
