@@ -49,19 +49,41 @@ impl fmt::Display for ErrorClass {
 pub struct InsertError {
     /// What the caller should do about it.
     pub class: ErrorClass,
-    /// The server's exception text or the transport error, as received.
+    /// The server's exception text or the transport error, cut to [`ERROR_TEXT_BYTES_MAX`]:
+    /// it is logged and copied into every dead letter it isolates.
     pub message: String,
     /// The ClickHouse exception code when the server sent one.
     pub code: Option<u32>,
 }
 
+/// Longest error text kept, in bytes. ClickHouse's exception texts are a few hundred bytes; a
+/// longer one (a server quoting a whole row, or a broken peer) is cut, so a poison batch of many
+/// rows does not copy a huge text into each of its dead letters.
+pub const ERROR_TEXT_BYTES_MAX: usize = 4 * 1024;
+
+/// `text` cut to at most [`ERROR_TEXT_BYTES_MAX`] bytes (at a character boundary) with a note of
+/// how many bytes were cut.
+pub fn bounded_error_text(mut text: String) -> String {
+    if text.len() <= ERROR_TEXT_BYTES_MAX {
+        return text;
+    }
+    let total = text.len();
+    let mut end = ERROR_TEXT_BYTES_MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(&format!(" [... {} more bytes cut]", total - end));
+    text
+}
+
 impl InsertError {
-    /// Builds an error whose class is derived from its code and message.
+    /// Builds an error whose class is derived from its code and (whole) message.
     pub fn classified(code: Option<u32>, message: impl Into<String>, format: BodyFormat) -> Self {
         let message = message.into();
         InsertError {
             class: classify(code, &message, format),
-            message,
+            message: bounded_error_text(message),
             code,
         }
     }
@@ -70,7 +92,7 @@ impl InsertError {
     pub fn retryable(message: impl Into<String>) -> Self {
         InsertError {
             class: ErrorClass::Retryable,
-            message: message.into(),
+            message: bounded_error_text(message.into()),
             code: None,
         }
     }
@@ -373,6 +395,36 @@ mod tests {
                 "code {code:?}, format {format:?}, message {message:?}"
             );
         }
+    }
+
+    #[test]
+    fn long_error_texts_are_cut_at_a_character_boundary_and_short_ones_kept() {
+        let short = "Code: 27. DB::Exception: Cannot parse input".to_string();
+        assert_eq!(bounded_error_text(short.clone()), short);
+        // A multi-byte character straddles the cut.
+        let long = format!(
+            "{}é{}",
+            "a".repeat(ERROR_TEXT_BYTES_MAX - 1),
+            "b".repeat(10_000)
+        );
+        let cut = bounded_error_text(long.clone());
+        assert!(
+            cut.len() < ERROR_TEXT_BYTES_MAX + 64,
+            "{} bytes kept",
+            cut.len()
+        );
+        assert!(cut.starts_with(&"a".repeat(ERROR_TEXT_BYTES_MAX - 1)));
+        assert!(cut.ends_with(&format!(
+            "[... {} more bytes cut]",
+            long.len() - (ERROR_TEXT_BYTES_MAX - 1)
+        )));
+        let error = InsertError::classified(Some(27), long, BodyFormat::RowBinary);
+        assert_eq!(
+            error.class,
+            ErrorClass::Poison,
+            "classified on the whole text"
+        );
+        assert!(error.message.len() < ERROR_TEXT_BYTES_MAX + 64);
     }
 
     #[test]

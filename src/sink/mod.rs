@@ -31,6 +31,7 @@
 //! are checked by the server and fail as poison.
 
 mod backoff;
+pub mod bounded;
 pub mod classify;
 mod dead_letter;
 pub mod isolate;
@@ -50,6 +51,7 @@ pub use classify::{BodyFormat, ErrorClass, InsertError};
 pub use dead_letter::DeadLetter;
 pub use isolate::{IsolateOutcome, PoisonRow, ISOLATE_INSERTS_MAX_DEFAULT};
 
+use bounded::{BoundedConnector, ANSWER_BYTES_MAX};
 use classify::from_client_error;
 
 /// Idle pooled connections are closed after this long. It stays below ClickHouse's HTTP
@@ -210,7 +212,7 @@ impl Sink {
         let http =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_millis(POOL_IDLE_TIMEOUT_MS))
-                .build(connector);
+                .build(BoundedConnector::new(connector, ANSWER_BYTES_MAX));
 
         let mut client = clickhouse::Client::with_http_client(http)
             .with_url(&opts.url)

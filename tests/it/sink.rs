@@ -559,3 +559,76 @@ async fn the_version_is_readable_whatever_the_profile_and_a_wrong_profile_is_a_s
         .expect_err("18.16 lacks what a modern insert uses");
     assert_eq!(error.class, ErrorClass::Schema, "{error}");
 }
+
+/// Bytes the endless stand-in below sends at most before it gives up on its client: far past the
+/// sink's answer bound, so a client that reads without a bound reads all of it.
+const ENDLESS_ANSWER_BYTES_MAX: u64 = 256 * 1024 * 1024;
+
+/// A stand-in for a broken ClickHouse: reads a request head, answers `500` with a chunked body
+/// that never ends (1 MiB chunks of `x`) until the client hangs up or `ENDLESS_ANSWER_BYTES_MAX`
+/// is sent. Returns the address and a handle that yields the bytes of body sent.
+async fn endless_answer_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<u64>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a loopback port");
+    let addr = listener.local_addr().expect("local address");
+    let handle = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.expect("one connection");
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return 0,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        let response_head = b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if conn.write_all(response_head).await.is_err() {
+            return 0;
+        }
+        let chunk = vec![b'x'; 1024 * 1024];
+        let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+        framed.extend_from_slice(&chunk);
+        framed.extend_from_slice(b"\r\n");
+        let mut sent = 0u64;
+        while sent < ENDLESS_ANSWER_BYTES_MAX {
+            if conn.write_all(&framed).await.is_err() {
+                break;
+            }
+            sent += chunk.len() as u64;
+        }
+        sent
+    });
+    (addr, handle)
+}
+
+#[tokio::test]
+async fn an_endless_answer_fails_the_request_as_retryable_after_a_bounded_read() {
+    let (addr, server) = endless_answer_server().await;
+    let sink = Sink::new(SinkOptions {
+        url: format!("http://{addr}"),
+        database: DATABASE.to_owned(),
+        // Long enough that only the answer bound, not the timeout, can end the request.
+        insert_timeout_ms: 120_000,
+        connect_timeout_ms: 1_000,
+        modern: false,
+        ..SinkOptions::default()
+    })
+    .expect("valid options");
+    let error = sink
+        .insert("quotes", &quotes(3), None)
+        .await
+        .expect_err("an endless answer is an error");
+    assert_eq!(
+        error.class,
+        ErrorClass::Retryable,
+        "a broken answer is the server's fault, never the rows': {error}"
+    );
+    let sent = server.await.expect("stand-in finished");
+    let bound = prism_relay::sink::bounded::ANSWER_BYTES_MAX;
+    assert!(
+        sent <= bound + 32 * 1024 * 1024,
+        "the client read {sent} bytes of an endless answer; it must hang up soon after {bound}"
+    );
+}
