@@ -690,3 +690,89 @@ async fn fetch_does_not_hang_while_nats_is_frozen_and_resumes_after() -> TestRes
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_all_waits_while_deliveries_of_an_abandoned_pull_are_pending_below_it_even_after_an_earlier_ack_landed(
+) -> TestResult {
+    use futures_util::StreamExt as _;
+    use std::collections::BTreeSet;
+
+    let bed = bed().await?;
+    ensure_streams(&bed.js, &[stream("MARKET_TRADES", &["trade.>"])]).await?;
+    let config = ConsumerConfig {
+        ack_policy: AckPolicyKind::All,
+        fetch_batch: 5,
+        ..consumer_config("MARKET_TRADES", "relay", &[])
+    };
+    ensure_consumer(&bed.js, &config).await?;
+    for i in 0..15 {
+        publish(
+            &bed.js,
+            "trade.binance.spot.BTC-USDT",
+            &format!("id-{i}"),
+            "{}",
+        )
+        .await?;
+    }
+    let mut fetcher = Fetcher::new(&bed.js, &config).await?;
+    let seqs_of = |batches: &[Batch]| -> Vec<u64> {
+        batches
+            .iter()
+            .flat_map(Batch::iter)
+            .map(|m| m.stream_seq())
+            .collect()
+    };
+
+    // 1..=5 are written and acknowledged: the server's ack floor moves to 5, while the fetcher
+    // keeps them on its books until a consumer info shows that floor.
+    let first = fetch_count(&mut fetcher, 5).await?;
+    assert_eq!(seqs_of(&first), (1..=5).collect::<Vec<_>>());
+    for batch in first {
+        fetcher.ack(batch).await?;
+    }
+    await_ack_pending(&mut fetcher, 0).await?;
+
+    // A pull whose reader went away: the server delivers 6..=10 to it, and they stay pending,
+    // written nowhere.
+    let raw: consumer::PullConsumer = bed
+        .js
+        .get_stream("MARKET_TRADES")
+        .await?
+        .get_consumer("relay")
+        .await?;
+    let mut abandoned = raw.fetch().max_messages(5).messages().await?;
+    let mut lost_if_acked = Vec::new();
+    while let Some(message) = abandoned.next().await {
+        lost_if_acked.push(message?.info()?.stream_sequence);
+    }
+    drop(abandoned);
+    assert_eq!(lost_if_acked, (6..=10).collect::<Vec<_>>());
+
+    // 11..=15 are written; an ack-all of 15 would cover 6..=10, so it waits. Counting the stale
+    // 1..=5 as pending would make the count match and send it.
+    let second = fetch_count(&mut fetcher, 5).await?;
+    assert_eq!(seqs_of(&second), (11..=15).collect::<Vec<_>>());
+    for batch in second {
+        assert_eq!(
+            fetcher.ack(batch).await?.acks_sent,
+            0,
+            "ack-all sent over 6..=10"
+        );
+    }
+    assert_eq!(fetcher.backlog().await?.num_ack_pending, 10);
+
+    // After ack_wait, 6..=15 come back; written, they are acknowledged, and nothing is left.
+    let deadline = Instant::now() + Duration::from_millis(CONDITION_DEADLINE_MS);
+    let mut written = BTreeSet::new();
+    let mut acks_sent = 0;
+    while written.len() < 10 {
+        assert!(Instant::now() < deadline, "only {written:?} came back");
+        let batch = fetcher.fetch().await?;
+        written.extend(batch.iter().map(|m| m.stream_seq()));
+        acks_sent += fetcher.ack(batch).await?.acks_sent;
+    }
+    assert_eq!(written, (6..=15).collect::<BTreeSet<_>>());
+    assert!(acks_sent >= 1);
+    await_ack_pending(&mut fetcher, 0).await?;
+    Ok(())
+}
