@@ -109,6 +109,14 @@ impl Fetcher {
                     durable: config.durable.clone(),
                     source,
                 })?;
+        let max_payload = js.client().server_info().max_payload;
+        if u64::try_from(max_payload).unwrap_or(u64::MAX) > config.fetch_bytes_max {
+            tracing::warn!(stream = %config.stream, durable = %config.durable,
+                fetch_bytes_max = config.fetch_bytes_max, max_payload,
+                "consumer fetch_bytes_max is below the server's max_payload: a message larger than \
+                 fetch_bytes_max is fetched alone, one per pull; raise fetch_bytes_max above \
+                 max_payload to keep such messages in batches");
+        }
         Ok(Fetcher {
             consumer,
             client: js.client(),
@@ -139,7 +147,9 @@ impl Fetcher {
 
     /// Pulls up to `fetch_batch` messages (and `fetch_bytes_max` bytes), returning as soon as
     /// the server has delivered what it had, or after `fetch_expires_ms` with an empty batch when
-    /// the stream is idle.
+    /// the stream is idle. A next message larger than `fetch_bytes_max` comes alone, in a pull
+    /// without a byte limit (bounded by the server's `max_payload`), instead of blocking the
+    /// consumer.
     ///
     /// Errors are transient unless they say otherwise: the caller retries with backoff. A pull
     /// cut short by an error after some messages arrived returns those messages; the error shows
@@ -153,12 +163,45 @@ impl Fetcher {
             });
         }
 
-        let mut pull = self
+        let bytes_max = usize::try_from(self.fetch_bytes_max).unwrap_or(usize::MAX);
+        let messages = match self.pull(self.fetch_batch, Some(bytes_max)).await {
+            Err(SourceError::MessageTooLarge { .. }) => {
+                // JetStream holds the consumer on a message larger than the pull's byte limit,
+                // so every later message would wait behind it for good. It is fetched alone,
+                // without a byte limit: one message is bounded by the server's max_payload.
+                tracing::warn!(stream = %self.stream, durable = %self.durable,
+                    fetch_bytes_max = self.fetch_bytes_max,
+                    "the next message is larger than fetch_bytes_max; fetching it alone \
+                     (raise fetch_bytes_max above the server's max_payload to keep such messages in batches)");
+                self.pull(1, None).await?
+            }
+            other => other?,
+        };
+        Ok(Batch {
+            stream: Arc::clone(&self.stream),
+            durable: Arc::clone(&self.durable),
+            messages,
+            ack_policy: self.ack_policy,
+            client: self.client.clone(),
+        })
+    }
+
+    /// One pull of at most `max_messages` messages and `bytes_max` bytes (no byte limit when
+    /// `None`), read until the server ends it or its deadline passes.
+    async fn pull(
+        &mut self,
+        max_messages: usize,
+        bytes_max: Option<usize>,
+    ) -> Result<Vec<Delivered>, SourceError> {
+        let mut request = self
             .consumer
             .fetch()
-            .max_messages(self.fetch_batch)
-            .max_bytes(usize::try_from(self.fetch_bytes_max).unwrap_or(usize::MAX))
-            .expires(self.fetch_expires)
+            .max_messages(max_messages)
+            .expires(self.fetch_expires);
+        if let Some(bytes_max) = bytes_max {
+            request = request.max_bytes(bytes_max);
+        }
+        let mut pull = request
             .messages()
             .await
             .map_err(|err| self.fetch_error(Box::new(err) as super::NatsError))?;
@@ -168,7 +211,7 @@ impl Fetcher {
         let deadline = tokio::time::Instant::now()
             + self.fetch_expires
             + Duration::from_millis(FETCH_DEADLINE_MARGIN_MS);
-        let mut messages = Vec::with_capacity(self.fetch_batch.min(1024));
+        let mut messages = Vec::with_capacity(max_messages.min(1024));
         loop {
             let next = match tokio::time::timeout_at(deadline, pull.next()).await {
                 Ok(next) => next,
@@ -197,13 +240,7 @@ impl Fetcher {
                 }
             }
         }
-        Ok(Batch {
-            stream: Arc::clone(&self.stream),
-            durable: Arc::clone(&self.durable),
-            messages,
-            ack_policy: self.ack_policy,
-            client: self.client.clone(),
-        })
+        Ok(messages)
     }
 
     /// Acknowledges a batch whose messages are all in the WAL (the caller asserts the fsync).

@@ -540,7 +540,8 @@ async fn two_consumers_with_disjoint_filters_each_get_only_their_subjects() -> T
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_larger_than_fetch_bytes_max_is_reported_not_skipped() -> TestResult {
+async fn a_message_larger_than_fetch_bytes_max_is_fetched_alone_and_the_messages_behind_it_follow(
+) -> TestResult {
     let bed = bed().await?;
     ensure_streams(&bed.js, &[stream("MARKET_BOOKS", &["orderbook.>"])]).await?;
     let config = ConsumerConfig {
@@ -548,36 +549,30 @@ async fn a_message_larger_than_fetch_bytes_max_is_reported_not_skipped() -> Test
         ..consumer_config("MARKET_BOOKS", "relay", &[])
     };
     ensure_consumer(&bed.js, &config).await?;
-    publish(
-        &bed.js,
-        "orderbook.binance.spot.BTC-USDT",
-        "big",
-        &"x".repeat(4_096),
-    )
-    .await?;
-    let mut fetcher = Fetcher::new(&bed.js, &config).await?;
-    let err = fetcher.fetch().await.expect_err("too large");
-    assert!(
-        matches!(
-            err,
-            SourceError::MessageTooLarge {
-                fetch_bytes_max: 1_024,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    let subject = "orderbook.binance.spot.BTC-USDT";
+    publish(&bed.js, subject, "big", &"x".repeat(4_096)).await?;
+    publish(&bed.js, subject, "small-1", "{\"n\":1}").await?;
+    publish(&bed.js, subject, "small-2", "{\"n\":2}").await?;
 
-    let roomy = ConsumerConfig {
-        fetch_bytes_max: 1 << 20,
-        ..config
-    };
-    let mut fetcher = Fetcher::new(&bed.js, &roomy).await?;
-    let batches = fetch_count(&mut fetcher, 1).await?;
-    assert_eq!(
-        batches[0].iter().next().map(|m| m.payload().len()),
-        Some(4_096)
-    );
+    let mut fetcher = Fetcher::new(&bed.js, &config).await?;
+    let batches = fetch_count(&mut fetcher, 3).await?;
+    // The large message comes first and alone (no pull with the byte limit can carry it), then
+    // the ones behind it, in stream order.
+    let first: Vec<(u64, usize)> = batches[0]
+        .iter()
+        .map(|m| (m.stream_seq(), m.payload().len()))
+        .collect();
+    assert_eq!(first, vec![(1, 4_096)]);
+    let seqs: Vec<u64> = batches
+        .iter()
+        .flat_map(|b| b.iter().map(|m| m.stream_seq()))
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+    for b in batches {
+        b.ack().await?;
+    }
+    await_ack_pending(&mut fetcher, 0).await?;
+    assert!(fetcher.fetch().await?.is_empty());
     Ok(())
 }
 
