@@ -7,15 +7,32 @@
 //!
 //! Backpressure: while the WAL's byte budget is full, or the disk is, the task stops fetching; the
 //! messages stay in JetStream (unacked ones are redelivered after `ack_wait`), memory does not grow.
+//!
+//! A message the WAL cannot take (its record would exceed [`RECORD_BYTES_MAX`]) must neither stop
+//! the relay (it would come back at every restart) nor be dropped. Ingest writes a *dead-letter
+//! record* in its place, in the same append and at the same position: the same stream, sequence,
+//! subject and publish time, the payload cut to [`DEAD_LETTER_PAYLOAD_BYTES_MAX`], and the reason
+//! in the header [`DEAD_LETTER_HEADER`]. The batch is acked after the fsync as usual, so the dead
+//! letter is durable before its message is acked; the drain routes the record to the dead letters
+//! with that reason (ingest knows no ClickHouse, so it cannot insert the dead letter itself).
 
 use std::borrow::Cow;
 use std::time::Duration;
 
-use prism_wal::{Envelope, StreamSeq, Wal, WalError};
+use prism_wal::{Envelope, StreamSeq, Wal, WalError, RECORD_BYTES_MAX};
 use tokio::sync::watch;
 
+use crate::drain::route::DEAD_LETTER_HEADER;
 use crate::metrics::Metrics;
 use crate::source::{Fetcher, SourceError};
+
+/// Payload bytes a dead-letter record keeps of a message too large for the WAL: enough to see
+/// what the message was, small enough that the dead-letter record always fits in a record (the
+/// rest of it, stream, subject and reason, is bounded by NATS at a few KiB).
+pub const DEAD_LETTER_PAYLOAD_BYTES_MAX: usize = 64 * 1024;
+
+// A dead-letter record keeps its truncated payload with ample room for the other fields.
+const _: () = assert!(DEAD_LETTER_PAYLOAD_BYTES_MAX * 16 <= RECORD_BYTES_MAX);
 
 /// How often a paused task re-checks the WAL budget or a full disk.
 const PAUSE_POLL_MS: u64 = 100;
@@ -90,16 +107,18 @@ pub async fn run(
         // Borrow every field from the fetched messages: the only copy is the WAL write itself.
         let envelopes: Vec<Envelope<'_>> = batch
             .iter()
-            .map(|m| Envelope {
-                stream: Cow::Borrowed(m.stream()),
-                stream_seq: StreamSeq(m.stream_seq()),
-                subject: Cow::Borrowed(m.subject()),
-                headers: m
-                    .msg_id()
-                    .map(|id| vec![(Cow::Borrowed("Nats-Msg-Id"), Cow::Borrowed(id))])
-                    .unwrap_or_default(),
-                published_ns: m.published_ns(),
-                payload: Cow::Borrowed(m.payload()),
+            .map(|m| {
+                fit_for_wal(Envelope {
+                    stream: Cow::Borrowed(m.stream()),
+                    stream_seq: StreamSeq(m.stream_seq()),
+                    subject: Cow::Borrowed(m.subject()),
+                    headers: m
+                        .msg_id()
+                        .map(|id| vec![(Cow::Borrowed("Nats-Msg-Id"), Cow::Borrowed(id))])
+                        .unwrap_or_default(),
+                    published_ns: m.published_ns(),
+                    payload: Cow::Borrowed(m.payload()),
+                })
             })
             .collect();
 
@@ -165,6 +184,47 @@ pub async fn run(
     }
 }
 
+/// Size in bytes of `envelope` as a WAL record body (its bincode encoding, which
+/// [`RECORD_BYTES_MAX`] bounds). Sizing counts the payload's length without copying it.
+pub fn record_body_bytes(envelope: &Envelope<'_>) -> u64 {
+    // bincode's sizing fails only for a type it cannot encode (a map of unknown length, say);
+    // an envelope has none, and were it to fail, the message counts as too large for the WAL:
+    // it becomes a dead letter rather than an append error.
+    bincode::serialized_size(envelope).unwrap_or(u64::MAX)
+}
+
+/// `envelope` itself when its record fits in the WAL, otherwise the dead-letter record that takes
+/// its place: same stream, sequence, subject and publish time, the payload cut to
+/// [`DEAD_LETTER_PAYLOAD_BYTES_MAX`], and one header, [`DEAD_LETTER_HEADER`], with the reason.
+/// Other headers are dropped: they may be what makes the message too large, and a dead letter
+/// does not use them.
+pub fn fit_for_wal(envelope: Envelope<'_>) -> Envelope<'_> {
+    let body_bytes = record_body_bytes(&envelope);
+    if body_bytes <= RECORD_BYTES_MAX as u64 {
+        return envelope;
+    }
+    let payload_bytes = envelope.payload.len();
+    let kept = payload_bytes.min(DEAD_LETTER_PAYLOAD_BYTES_MAX);
+    let reason = format!(
+        "message of {body_bytes} bytes as a WAL record (payload {payload_bytes} bytes) exceeds \
+         the WAL record limit of {RECORD_BYTES_MAX} bytes; first {kept} payload bytes kept"
+    );
+    tracing::warn!(stream = %envelope.stream, stream_seq = envelope.stream_seq.0,
+        subject = %envelope.subject, %reason, "message too large for the WAL: written as a dead letter");
+    let payload = match envelope.payload {
+        Cow::Borrowed(bytes) => Cow::Borrowed(&bytes[..kept]),
+        Cow::Owned(mut bytes) => {
+            bytes.truncate(kept);
+            Cow::Owned(bytes)
+        }
+    };
+    Envelope {
+        headers: vec![(Cow::Borrowed(DEAD_LETTER_HEADER), Cow::Owned(reason))],
+        payload,
+        ..envelope
+    }
+}
+
 /// Waits a pause interval; true if shutdown was requested meanwhile.
 async fn pause(shutdown: &mut watch::Receiver<bool>) -> bool {
     tokio::select! {
@@ -175,4 +235,70 @@ async fn pause(shutdown: &mut watch::Receiver<bool>) -> bool {
 
 fn log_fetch_error(consumer: &str, error: &SourceError) {
     tracing::warn!(%consumer, %error, "fetch failed; retrying");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drain::route::dead_letter_reason;
+    use prism_wal::segment::encode_record;
+    use prism_wal::Lsn;
+
+    fn envelope(payload: Vec<u8>) -> Envelope<'static> {
+        Envelope {
+            stream: "MARKET_TRADES".into(),
+            stream_seq: StreamSeq(42),
+            subject: "trade.binance.spot.BTC-USDT".into(),
+            headers: vec![("Nats-Msg-Id".into(), "abc".into())],
+            published_ns: 1_700_000_000_000_000_000,
+            payload: Cow::Owned(payload),
+        }
+    }
+
+    /// An envelope whose record body is exactly `body_bytes` long.
+    fn envelope_of_body(body_bytes: u64) -> Envelope<'static> {
+        let overhead = record_body_bytes(&envelope(Vec::new()));
+        envelope(vec![b'x'; (body_bytes - overhead) as usize])
+    }
+
+    #[test]
+    fn the_record_size_is_exact_at_the_wal_record_limit() {
+        let limit = RECORD_BYTES_MAX as u64;
+        let at_limit = envelope_of_body(limit);
+        assert_eq!(record_body_bytes(&at_limit), limit);
+        let mut buf = Vec::new();
+        assert!(encode_record(&mut buf, Lsn(1), &at_limit).is_ok());
+        let over = envelope_of_body(limit + 1);
+        assert!(matches!(
+            encode_record(&mut Vec::new(), Lsn(1), &over),
+            Err(WalError::RecordTooLarge { bytes, .. }) if bytes as u64 == limit + 1
+        ));
+        // At the limit the message is written as it is; one byte more makes it a dead letter.
+        assert_eq!(fit_for_wal(at_limit.clone()), at_limit);
+        assert!(dead_letter_reason(&fit_for_wal(over)).is_some());
+    }
+
+    #[test]
+    fn a_message_too_large_for_the_wal_becomes_a_dead_letter_record_with_its_identity_and_reason() {
+        let payload: Vec<u8> = (0..RECORD_BYTES_MAX + 1024).map(|i| i as u8).collect();
+        let original = envelope(payload.clone());
+        let record = fit_for_wal(original.clone());
+        assert_eq!(record.stream, original.stream);
+        assert_eq!(record.stream_seq, original.stream_seq);
+        assert_eq!(record.subject, original.subject);
+        assert_eq!(record.published_ns, original.published_ns);
+        assert_eq!(
+            &record.payload[..],
+            &payload[..DEAD_LETTER_PAYLOAD_BYTES_MAX]
+        );
+        assert_eq!(record.headers.len(), 1);
+        let reason = dead_letter_reason(&record).expect("a dead-letter record");
+        assert!(
+            reason.contains(&format!("payload {} bytes", payload.len())),
+            "{reason}"
+        );
+        assert!(reason.contains(&RECORD_BYTES_MAX.to_string()), "{reason}");
+        assert!(record_body_bytes(&record) <= RECORD_BYTES_MAX as u64);
+        assert!(encode_record(&mut Vec::new(), Lsn(1), &record).is_ok());
+    }
 }

@@ -374,8 +374,13 @@ fn push_json_line(body: &mut Vec<u8>, starts: &mut Vec<usize>, payload: &[u8]) {
     body.push(b'\n');
 }
 
-/// A dead-letter row for a record of `lane`.
+/// A dead-letter row for a record of `lane`. A dead-letter record (written by ingest in place of
+/// a message the WAL could not take) keeps the reason it carries, verbatim.
 pub fn dead_letter(lane: &str, envelope: &Envelope<'_>, reason: String, now_ms: i64) -> DeadLetter {
+    let reason = match super::route::dead_letter_reason(envelope) {
+        Some(carried) => carried.to_owned(),
+        None => reason,
+    };
     // A record no route claims was meant for no table: its `table` is empty, not the lane's
     // internal name.
     let table = if lane == super::route::UNROUTED_LANE {

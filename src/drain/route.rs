@@ -1,16 +1,37 @@
-//! Routing: which drain lane owns a WAL record, decided from its subject alone.
+//! Routing: which drain lane owns a WAL record, decided from its subject, unless the record is a
+//! dead-letter record.
 //!
 //! The first subject token names the MarketPrism data type (`trade.binance.spot.BTC-USDT`).
 //! A typed codec owns the eight known types; `[[drain.passthrough]]` routes send other
 //! first tokens to a table as JSONEachRow; anything else is unrouted and goes to dead letters,
 //! so a new collector type never blocks the pipeline and is never dropped silently.
+//!
+//! A *dead-letter record* is one the ingest side wrote in place of a message the WAL cannot take
+//! (larger than its record limit): it carries the header [`DEAD_LETTER_HEADER`], whose value is
+//! the reason. Whatever its subject, it goes to the unrouted lane, which dead-letters every
+//! record, with that reason verbatim ([`Router::route_envelope`], [`dead_letter_reason`]).
 
 use std::collections::BTreeMap;
+
+use prism_wal::Envelope;
 
 use crate::codec::{DataType, Table};
 
 /// Name of the lane that collects records no route claims (its rows are dead letters).
 pub const UNROUTED_LANE: &str = "_unrouted";
+
+/// Header of a dead-letter record; its value is the reason the message became a dead letter.
+/// Ingest sets it (in place of a message the WAL cannot take); the drain routes on it.
+pub const DEAD_LETTER_HEADER: &str = "Prism-Dead-Letter";
+
+/// The reason a dead-letter record carries, or `None` for an ordinary record.
+pub fn dead_letter_reason<'e>(envelope: &'e Envelope<'_>) -> Option<&'e str> {
+    envelope
+        .headers
+        .iter()
+        .find(|(name, _)| name == DEAD_LETTER_HEADER)
+        .map(|(_, value)| value.as_ref())
+}
 
 /// Where one record goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +82,15 @@ impl Router {
         }
     }
 
+    /// The route of one WAL record: a dead-letter record is unrouted whatever its subject (the
+    /// unrouted lane dead-letters everything); any other record is routed by its subject.
+    pub fn route_envelope(&self, envelope: &Envelope<'_>) -> Route<'_> {
+        if dead_letter_reason(envelope).is_some() {
+            return Route::Unrouted;
+        }
+        self.route(&envelope.subject)
+    }
+
     /// Every lane this router can produce, typed tables first.
     pub fn lanes(&self) -> Vec<String> {
         let mut lanes: Vec<String> = Table::ALL.iter().map(|t| t.name().to_string()).collect();
@@ -89,6 +119,29 @@ mod tests {
             router.route("volatility_index.deribit.options.BTC").lane(),
             "volatility_indices"
         );
+    }
+
+    #[test]
+    fn a_dead_letter_record_is_unrouted_whatever_its_subject_and_keeps_its_reason() {
+        let router = Router::default();
+        let mut envelope = Envelope {
+            stream: "MARKET_TRADES".into(),
+            stream_seq: prism_wal::StreamSeq(7),
+            subject: "trade.binance.spot.BTC-USDT".into(),
+            headers: Vec::new(),
+            published_ns: 0,
+            payload: b"{}".as_slice().into(),
+        };
+        assert_eq!(
+            router.route_envelope(&envelope),
+            Route::Typed(Table::Trades)
+        );
+        assert_eq!(dead_letter_reason(&envelope), None);
+        envelope
+            .headers
+            .push((DEAD_LETTER_HEADER.into(), "too large".into()));
+        assert_eq!(router.route_envelope(&envelope), Route::Unrouted);
+        assert_eq!(dead_letter_reason(&envelope), Some("too large"));
     }
 
     #[test]

@@ -65,10 +65,8 @@ pub struct Fetcher {
     fetch_expires: Duration,
     /// The ack policy in force on the server (which wins over the configuration on drift).
     ack_policy: AckPolicyKind,
-    /// Ack-all only: stream sequences of messages written to the WAL and not acknowledged yet.
-    /// Bounded by the consumer's max_ack_pending (the server delivers no more than that
-    /// unacknowledged), and a redelivery of one of them does not grow it.
-    written_unacked: BTreeSet<u64>,
+    /// Ack-all only: which written deliveries may still be pending on the server.
+    ack_all_gate: AckAllGate,
 }
 
 impl Fetcher {
@@ -111,6 +109,14 @@ impl Fetcher {
                     durable: config.durable.clone(),
                     source,
                 })?;
+        let max_payload = js.client().server_info().max_payload;
+        if u64::try_from(max_payload).unwrap_or(u64::MAX) > config.fetch_bytes_max {
+            tracing::warn!(stream = %config.stream, durable = %config.durable,
+                fetch_bytes_max = config.fetch_bytes_max, max_payload,
+                "consumer fetch_bytes_max is below the server's max_payload: a message larger than \
+                 fetch_bytes_max is fetched alone, one per pull; raise fetch_bytes_max above \
+                 max_payload to keep such messages in batches");
+        }
         Ok(Fetcher {
             consumer,
             client: js.client(),
@@ -120,7 +126,7 @@ impl Fetcher {
             fetch_bytes_max: config.fetch_bytes_max,
             fetch_expires: Duration::from_millis(config.fetch_expires_ms),
             ack_policy,
-            written_unacked: BTreeSet::new(),
+            ack_all_gate: AckAllGate::default(),
         })
     }
 
@@ -141,7 +147,9 @@ impl Fetcher {
 
     /// Pulls up to `fetch_batch` messages (and `fetch_bytes_max` bytes), returning as soon as
     /// the server has delivered what it had, or after `fetch_expires_ms` with an empty batch when
-    /// the stream is idle.
+    /// the stream is idle. A next message larger than `fetch_bytes_max` comes alone, in a pull
+    /// without a byte limit (bounded by the server's `max_payload`), instead of blocking the
+    /// consumer.
     ///
     /// Errors are transient unless they say otherwise: the caller retries with backoff. A pull
     /// cut short by an error after some messages arrived returns those messages; the error shows
@@ -155,12 +163,45 @@ impl Fetcher {
             });
         }
 
-        let mut pull = self
+        let bytes_max = usize::try_from(self.fetch_bytes_max).unwrap_or(usize::MAX);
+        let messages = match self.pull(self.fetch_batch, Some(bytes_max)).await {
+            Err(SourceError::MessageTooLarge { .. }) => {
+                // JetStream holds the consumer on a message larger than the pull's byte limit,
+                // so every later message would wait behind it for good. It is fetched alone,
+                // without a byte limit: one message is bounded by the server's max_payload.
+                tracing::warn!(stream = %self.stream, durable = %self.durable,
+                    fetch_bytes_max = self.fetch_bytes_max,
+                    "the next message is larger than fetch_bytes_max; fetching it alone \
+                     (raise fetch_bytes_max above the server's max_payload to keep such messages in batches)");
+                self.pull(1, None).await?
+            }
+            other => other?,
+        };
+        Ok(Batch {
+            stream: Arc::clone(&self.stream),
+            durable: Arc::clone(&self.durable),
+            messages,
+            ack_policy: self.ack_policy,
+            client: self.client.clone(),
+        })
+    }
+
+    /// One pull of at most `max_messages` messages and `bytes_max` bytes (no byte limit when
+    /// `None`), read until the server ends it or its deadline passes.
+    async fn pull(
+        &mut self,
+        max_messages: usize,
+        bytes_max: Option<usize>,
+    ) -> Result<Vec<Delivered>, SourceError> {
+        let mut request = self
             .consumer
             .fetch()
-            .max_messages(self.fetch_batch)
-            .max_bytes(usize::try_from(self.fetch_bytes_max).unwrap_or(usize::MAX))
-            .expires(self.fetch_expires)
+            .max_messages(max_messages)
+            .expires(self.fetch_expires);
+        if let Some(bytes_max) = bytes_max {
+            request = request.max_bytes(bytes_max);
+        }
+        let mut pull = request
             .messages()
             .await
             .map_err(|err| self.fetch_error(Box::new(err) as super::NatsError))?;
@@ -170,7 +211,7 @@ impl Fetcher {
         let deadline = tokio::time::Instant::now()
             + self.fetch_expires
             + Duration::from_millis(FETCH_DEADLINE_MARGIN_MS);
-        let mut messages = Vec::with_capacity(self.fetch_batch.min(1024));
+        let mut messages = Vec::with_capacity(max_messages.min(1024));
         loop {
             let next = match tokio::time::timeout_at(deadline, pull.next()).await {
                 Ok(next) => next,
@@ -199,13 +240,7 @@ impl Fetcher {
                 }
             }
         }
-        Ok(Batch {
-            stream: Arc::clone(&self.stream),
-            durable: Arc::clone(&self.durable),
-            messages,
-            ack_policy: self.ack_policy,
-            client: self.client.clone(),
-        })
+        Ok(messages)
     }
 
     /// Acknowledges a batch whose messages are all in the WAL (the caller asserts the fsync).
@@ -215,23 +250,25 @@ impl Fetcher {
     /// to a previous, killed process (or by a pull whose reply arrived after [`Self::fetch`]
     /// stopped reading) that never reached this WAL; acking then would lose them for good. So the
     /// ack is sent only when the server's count of pending messages equals the messages this
-    /// fetcher has written and not acked, i.e. every pending delivery is in the WAL. Otherwise the
-    /// ack waits: the unknown deliveries come back after `ack_wait`, are written, and a later ack
-    /// covers everything (the batches acked late are redelivered meanwhile and collapse on their
-    /// identity).
+    /// fetcher has written above the server's ack floor, i.e. every pending delivery is in the WAL
+    /// (see [`AckAllGate`]: an earlier ack whose outcome is unknown counts only once the floor
+    /// shows it). Otherwise the ack waits: the unknown deliveries come back after `ack_wait`, are
+    /// written, and a later ack covers everything (the batches acked late are redelivered
+    /// meanwhile and collapse on their identity).
     pub async fn ack(&mut self, batch: Batch) -> Result<AckSummary, SourceError> {
         if self.ack_policy == AckPolicyKind::Explicit || batch.is_empty() {
             return batch.ack().await;
         }
-        self.written_unacked
-            .extend(batch.messages.iter().map(|m| m.stream_seq));
-        let pending = self.backlog().await?.num_ack_pending;
-        let written = self.written_unacked.len() as u64;
-        if pending > written {
+        self.ack_all_gate
+            .written(batch.messages.iter().map(|m| m.stream_seq));
+        let backlog = self.backlog().await?;
+        if !self
+            .ack_all_gate
+            .may_ack(backlog.ack_floor_stream_seq, backlog.num_ack_pending)
+        {
             tracing::debug!(
                 durable = %self.durable,
-                pending,
-                written,
+                pending = backlog.num_ack_pending,
                 "ack-all deferred: some pending deliveries are not in the WAL yet"
             );
             return Ok(AckSummary {
@@ -239,9 +276,9 @@ impl Fetcher {
                 messages_covered: 0,
             });
         }
-        let summary = batch.ack().await?;
-        self.written_unacked.clear();
-        Ok(summary)
+        // Whatever the outcome, the gate keeps the batch: the next consumer info's ack floor says
+        // whether this ack arrived.
+        batch.ack().await
     }
 
     /// The consumer's backlog as the server sees it (the autoscaling signal).
@@ -258,6 +295,7 @@ impl Fetcher {
         Ok(Backlog {
             num_pending: info.num_pending,
             num_ack_pending: info.num_ack_pending as u64,
+            ack_floor_stream_seq: info.ack_floor.stream_sequence,
             num_redelivered: info.num_redelivered as u64,
         })
     }
@@ -309,6 +347,8 @@ pub struct Backlog {
     pub num_pending: u64,
     /// Messages delivered and not acknowledged yet.
     pub num_ack_pending: u64,
+    /// Stream sequence of the consumer's ack floor: every delivery at or below it is acknowledged.
+    pub ack_floor_stream_seq: u64,
     /// Messages delivered more than once and not acknowledged yet.
     pub num_redelivered: u64,
 }
@@ -585,5 +625,91 @@ impl std::fmt::Debug for MessageRef<'_> {
             .field("msg_id", &self.msg_id())
             .field("payload_len", &self.payload().len())
             .finish()
+    }
+}
+
+/// Ack-all bookkeeping: the stream sequences written to the WAL that may still be pending on the
+/// server, and the rule deciding whether an ack-all may be sent.
+///
+/// An ack-all of stream sequence S acknowledges every pending delivery of the consumer at or
+/// below S, including deliveries this process never wrote (to a killed predecessor, or to a pull
+/// abandoned at its deadline whose messages arrived after it was dropped). It is safe only when
+/// every pending delivery is in the WAL. The server says how many deliveries are pending, not
+/// which; so the rule compares that count with the written deliveries *the server may still hold
+/// pending*, and that set is never trimmed on local belief: an ack reported as failed may still
+/// have reached the server (a flush that timed out leaves the ack in the connection's buffer),
+/// and an ack reported as sent may have been lost with the connection. Only the server's ack
+/// floor, read in the same consumer info as the pending count, removes sequences: with ack policy
+/// all, a delivery is pending exactly when it was delivered and lies above the floor.
+///
+/// With the set trimmed that way, every sequence in it is pending, so `pending <= written` means
+/// the pending deliveries are exactly the written ones. Between that consumer info and the ack,
+/// the server can only deliver messages above its delivered sequence (which the ack, of a
+/// delivered message, does not cover) or redeliver pending ones (already counted), so the
+/// snapshot still holds when the ack lands. One case is outside the rule: a pending message the
+/// server drops by itself (a finite `max_deliver`, or stream limits removing it) would leave a
+/// written sequence above the floor that is not pending; ack policy all is for a consumer one
+/// relay owns, with the default unlimited `max_deliver`.
+///
+/// Memory: the set holds written sequences above the floor; the server delivers at most
+/// `max_ack_pending` of those, and a redelivery of one does not grow it.
+#[derive(Debug, Default)]
+struct AckAllGate {
+    /// Stream sequences written to the WAL above the last ack floor seen.
+    written_unacked: BTreeSet<u64>,
+}
+
+impl AckAllGate {
+    /// Records deliveries whose WAL records an fsync has covered.
+    fn written(&mut self, stream_seqs: impl IntoIterator<Item = u64>) {
+        self.written_unacked.extend(stream_seqs);
+    }
+
+    /// True when an ack-all may be sent now, from one consumer info read after every earlier
+    /// ack attempt: its ack floor and its count of pending deliveries.
+    fn may_ack(&mut self, ack_floor_stream_seq: u64, num_ack_pending: u64) -> bool {
+        // Deliveries at or below the floor are acknowledged on the server, by whichever attempt.
+        self.written_unacked = self
+            .written_unacked
+            .split_off(&ack_floor_stream_seq.saturating_add(1));
+        num_ack_pending <= self.written_unacked.len() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ack_all_that_reported_failure_but_reached_the_server_never_lets_a_later_ack_cover_an_abandoned_delivery(
+    ) {
+        let mut gate = AckAllGate::default();
+        // Batch 1..=5 is written and is all the server has pending: the ack may go.
+        gate.written(1..=5);
+        assert!(gate.may_ack(0, 5));
+        // Its flush timed out while NATS was stalled, so the fetcher saw an error, but the ack
+        // was still in the connection's buffer and reached the server after the stall (nothing
+        // tells the gate that it did). A pull abandoned during the stall then received 6..=10,
+        // which are pending and not in the WAL; the next pull's 11..=15 are written.
+        gate.written(11..=15);
+        // The server: ack floor 5, pending 6..=15. An ack of 15 would cover 6..=10 and lose them.
+        assert!(
+            !gate.may_ack(5, 10),
+            "ack-all allowed while 5 pending deliveries are not in the WAL"
+        );
+        // After ack_wait the abandoned deliveries come back and are written: now the ack covers
+        // written deliveries only, and may go.
+        gate.written(6..=10);
+        assert!(gate.may_ack(5, 10));
+    }
+
+    #[test]
+    fn after_an_ack_all_that_arrived_the_next_batch_is_acked_at_once() {
+        let mut gate = AckAllGate::default();
+        gate.written(1..=5);
+        assert!(gate.may_ack(0, 5));
+        // The server acknowledged 1..=5 (floor 5); the next batch is all that is pending.
+        gate.written(6..=10);
+        assert!(gate.may_ack(5, 5));
     }
 }

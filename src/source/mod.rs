@@ -133,8 +133,9 @@ pub enum SourceError {
         #[source]
         source: NatsError,
     },
-    /// JetStream does not deliver a message larger than the pull's byte limit; the consumer is
-    /// stuck on it until `fetch_bytes_max` is raised.
+    /// JetStream does not deliver a message larger than the pull's byte limit. [`Fetcher::fetch`]
+    /// then fetches that message alone without a byte limit, so its callers see this only if
+    /// that pull fails too.
     #[error("the next message of consumer {durable} on stream {stream} is larger than fetch_bytes_max ({fetch_bytes_max} bytes): raise fetch_bytes_max above the largest message")]
     MessageTooLarge {
         stream: String,

@@ -1,5 +1,5 @@
 //! Chaos: the relay binary between real servers while ClickHouse, NATS or the relay itself is
-//! killed with SIGKILL, ClickHouse is frozen with SIGSTOP, or the WAL's tail is torn. Every
+//! killed with SIGKILL, ClickHouse or NATS is frozen with SIGSTOP, or the WAL's tail is torn. Every
 //! scenario publishes MarketPrism traffic while the fault happens and ends with an exact
 //! accounting by `verify` (which reads the streams themselves and the tables under FINAL):
 //! nothing lost, nothing duplicated, every published identity stored, no dead letters.
@@ -12,7 +12,8 @@
 //! The consumers use explicit acks (the default), except in one scenario for ack policy `all`:
 //! after a relay crash, a restarted relay's ack-all would also cover the messages JetStream had
 //! delivered to the killed one, which never reached the WAL; the fetcher holds such an ack back
-//! until every pending delivery is written.
+//! until every pending delivery is written. A second ack-all scenario freezes NATS while acks and
+//! pulls are in flight, so pulls are abandoned and acks end with an unknown outcome.
 
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
@@ -647,5 +648,64 @@ async fn the_relay_killed_before_ready_and_during_its_backlog_drain_with_segment
         started,
     )
     .await;
+    stop_with_intact_wal(&mut relay, &config.wal_dir).await;
+}
+
+/// How long each freeze of NATS lasts: past a pull's deadline (the chaos consumers'
+/// `fetch_expires_ms` of 250 ms plus the fetcher's 2,000 ms margin), so the relay abandons the
+/// pulls it has outstanding and the server delivers their messages after the thaw, to no one.
+/// A freeze is a duration by nature: no condition of the relay ends it.
+const NATS_FREEZE_MS: u64 = 3_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ack_policy_all_nats_frozen_around_acks_and_pulls_three_times_loses_and_duplicates_nothing(
+) {
+    let started = Instant::now();
+    let bed = Bed::start();
+    let mut config = chaos_config(&bed);
+    for consumer in &mut config.consumers {
+        consumer.extra = "ack_policy = \"all\"".into();
+        // Small pulls: many acks and pulls are in flight when a freeze lands, and an ack-all
+        // after the thaw has abandoned deliveries below it to wrongly cover.
+        consumer.fetch_batch = 20;
+    }
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
+    let count = 3_000;
+    // Publishes that meet a freeze may time out; verify reads the streams, so whatever JetStream
+    // stored is accounted for.
+    let traffic = Traffic::start(&bed, "chaosfreeze", count, 1_000, count);
+
+    for appended in [300.0, 1_000.0, 1_700.0] {
+        wait_metric(&relay, RECEIVED, appended).await;
+        bed.nats.pause().expect("SIGSTOP nats-server");
+        tokio::time::sleep(Duration::from_millis(NATS_FREEZE_MS)).await;
+        bed.nats.resume().expect("SIGCONT nats-server");
+    }
+
+    let summary = traffic.finish().await;
+    assert!(summary.aborted.is_none(), "{summary}");
+    assert!(summary.published_total() > 0, "{summary}");
+    // A delivery an ack-all covered without it being in the WAL is never redelivered: it shows
+    // as lost here, and the drain never completes.
+    let (report, drained) = drain(&bed, &relay).await;
+    assert_exact(&report, summary.published_total(), false);
+    // Every delivery, the abandoned pulls' included, ends written and acknowledged.
+    for consumer in &config.consumers {
+        wait_until(
+            &format!("consumer {} has nothing pending", consumer.durable),
+            PROGRESS_TIMEOUT,
+            || async {
+                let info = bed.consumer_info(&consumer.stream, &consumer.durable).await;
+                info.num_ack_pending == 0 && info.num_pending == 0
+            },
+        )
+        .await;
+    }
+    report_line(
+        "nats SIGSTOP x3, ack all",
+        &report,
+        drained,
+        started.elapsed(),
+    );
     stop_with_intact_wal(&mut relay, &config.wal_dir).await;
 }

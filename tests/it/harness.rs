@@ -81,6 +81,18 @@ impl Bed {
         Bed { nats, ch, dir }
     }
 
+    /// Like [`Bed::start`], with `nats_config` in the NATS server's configuration file
+    /// (e.g. `max_payload: 20971520`).
+    pub fn start_with_nats_config(nats_config: &str) -> Bed {
+        let nats = Nats::start_with_config(nats_config).expect("start nats-server");
+        let ch = ClickHouse::start().expect("start clickhouse-server");
+        let dir = tempfile::Builder::new()
+            .prefix("prism-e2e-")
+            .tempdir()
+            .expect("temporary directory");
+        Bed { nats, ch, dir }
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }

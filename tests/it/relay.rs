@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prism_relay::ingest::DEAD_LETTER_PAYLOAD_BYTES_MAX;
 use prism_relay::run::RunError;
 use prism_relay::tools::verify::VerifyReport;
 use prism_relay::tools::DataType;
@@ -1058,5 +1059,89 @@ async fn sigterm_with_clickhouse_frozen_and_the_wal_full_exits_zero_within_the_b
         .metric_sum("marketprism_storage_batch_inserts_total", &[])
         .await;
     assert!(inserts <= 100.0, "{inserts} inserts for {count} messages");
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+/// The NATS server's `max_payload` in the oversized-message test: above the WAL record limit,
+/// so the server accepts a message the WAL cannot take.
+const LARGE_MAX_PAYLOAD_BYTES: usize = 20 * 1024 * 1024;
+
+/// Payload of the oversized message: one MiB above the WAL record limit.
+const OVERSIZED_PAYLOAD_BYTES: usize = prism_wal::RECORD_BYTES_MAX + 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_larger_than_the_wal_record_limit_becomes_one_dead_letter_and_the_trades_around_it_are_stored_once(
+) {
+    let bed = Bed::start_with_nats_config(&format!("max_payload: {LARGE_MAX_PAYLOAD_BYTES}\n"));
+    // fetch_bytes_max stays at its default, the WAL record limit: the oversized message is
+    // also larger than a pull may carry.
+    let config = bed.config();
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
+
+    let before = bed
+        .publish(Load::new("oversized-before", 200).mix("trade=1"))
+        .await;
+    let subject = "trade.binance.spot.BTC-USDT";
+    let payload: Vec<u8> = (0..OVERSIZED_PAYLOAD_BYTES)
+        .map(|i| b'a' + (i % 26) as u8)
+        .collect();
+    let (stream, seq) = bed.publish_raw(subject, payload.clone()).await;
+    bed.publish(
+        Load::new("oversized-after", 200)
+            .mix("trade=1")
+            .ts_start(before.ts_last_ms + 1_000),
+    )
+    .await;
+
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    assert_totals(&report, 401, 400);
+    assert_eq!(report.totals().dead_lettered, 1, "{report}");
+    assert_eq!(report.unexpected_dead_letters, 0, "{report}");
+    assert!(
+        relay.try_wait().is_none(),
+        "the relay exited:\n{}",
+        relay.log()
+    );
+
+    let kept = DEAD_LETTER_PAYLOAD_BYTES_MAX;
+    let letters = bed.rows(&format!(
+        "SELECT nats_stream, nats_seq, subject, length(payload), error, \
+         substring(payload, 1, 64), substring(payload, {}, 64) FROM {DATABASE}.dead_letters",
+        kept - 63
+    ));
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter[0], stream, "{letter:?}");
+    assert_eq!(letter[1], seq.to_string(), "{letter:?}");
+    assert_eq!(letter[2], subject, "{letter:?}");
+    assert_eq!(
+        letter[3],
+        DEAD_LETTER_PAYLOAD_BYTES_MAX.to_string(),
+        "{letter:?}"
+    );
+    assert!(
+        letter[4].contains(&format!(
+            "WAL record limit of {} bytes",
+            prism_wal::RECORD_BYTES_MAX
+        )),
+        "{letter:?}"
+    );
+    // The kept payload is the message's first bytes, unchanged.
+    let text =
+        |range: std::ops::Range<usize>| String::from_utf8_lossy(&payload[range]).into_owned();
+    assert_eq!(letter[5], text(0..64), "{letter:?}");
+    assert_eq!(letter[6], text(kept - 64..kept), "{letter:?}");
+
+    wait_until(
+        "the trades consumer has nothing pending",
+        DRAIN_TIMEOUT,
+        || async {
+            let info = bed
+                .consumer_info("MARKET_TRADES", "prism-relay-trades")
+                .await;
+            info.num_ack_pending == 0 && info.num_pending == 0
+        },
+    )
+    .await;
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }

@@ -540,7 +540,8 @@ async fn two_consumers_with_disjoint_filters_each_get_only_their_subjects() -> T
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_larger_than_fetch_bytes_max_is_reported_not_skipped() -> TestResult {
+async fn a_message_larger_than_fetch_bytes_max_is_fetched_alone_and_the_messages_behind_it_follow(
+) -> TestResult {
     let bed = bed().await?;
     ensure_streams(&bed.js, &[stream("MARKET_BOOKS", &["orderbook.>"])]).await?;
     let config = ConsumerConfig {
@@ -548,36 +549,30 @@ async fn a_message_larger_than_fetch_bytes_max_is_reported_not_skipped() -> Test
         ..consumer_config("MARKET_BOOKS", "relay", &[])
     };
     ensure_consumer(&bed.js, &config).await?;
-    publish(
-        &bed.js,
-        "orderbook.binance.spot.BTC-USDT",
-        "big",
-        &"x".repeat(4_096),
-    )
-    .await?;
-    let mut fetcher = Fetcher::new(&bed.js, &config).await?;
-    let err = fetcher.fetch().await.expect_err("too large");
-    assert!(
-        matches!(
-            err,
-            SourceError::MessageTooLarge {
-                fetch_bytes_max: 1_024,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    let subject = "orderbook.binance.spot.BTC-USDT";
+    publish(&bed.js, subject, "big", &"x".repeat(4_096)).await?;
+    publish(&bed.js, subject, "small-1", "{\"n\":1}").await?;
+    publish(&bed.js, subject, "small-2", "{\"n\":2}").await?;
 
-    let roomy = ConsumerConfig {
-        fetch_bytes_max: 1 << 20,
-        ..config
-    };
-    let mut fetcher = Fetcher::new(&bed.js, &roomy).await?;
-    let batches = fetch_count(&mut fetcher, 1).await?;
-    assert_eq!(
-        batches[0].iter().next().map(|m| m.payload().len()),
-        Some(4_096)
-    );
+    let mut fetcher = Fetcher::new(&bed.js, &config).await?;
+    let batches = fetch_count(&mut fetcher, 3).await?;
+    // The large message comes first and alone (no pull with the byte limit can carry it), then
+    // the ones behind it, in stream order.
+    let first: Vec<(u64, usize)> = batches[0]
+        .iter()
+        .map(|m| (m.stream_seq(), m.payload().len()))
+        .collect();
+    assert_eq!(first, vec![(1, 4_096)]);
+    let seqs: Vec<u64> = batches
+        .iter()
+        .flat_map(|b| b.iter().map(|m| m.stream_seq()))
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+    for b in batches {
+        b.ack().await?;
+    }
+    await_ack_pending(&mut fetcher, 0).await?;
+    assert!(fetcher.fetch().await?.is_empty());
     Ok(())
 }
 
@@ -688,5 +683,91 @@ async fn fetch_does_not_hang_while_nats_is_frozen_and_resumes_after() -> TestRes
         batches[0].iter().next().and_then(|m| m.msg_id()),
         Some("after-pause")
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_all_waits_while_deliveries_of_an_abandoned_pull_are_pending_below_it_even_after_an_earlier_ack_landed(
+) -> TestResult {
+    use futures_util::StreamExt as _;
+    use std::collections::BTreeSet;
+
+    let bed = bed().await?;
+    ensure_streams(&bed.js, &[stream("MARKET_TRADES", &["trade.>"])]).await?;
+    let config = ConsumerConfig {
+        ack_policy: AckPolicyKind::All,
+        fetch_batch: 5,
+        ..consumer_config("MARKET_TRADES", "relay", &[])
+    };
+    ensure_consumer(&bed.js, &config).await?;
+    for i in 0..15 {
+        publish(
+            &bed.js,
+            "trade.binance.spot.BTC-USDT",
+            &format!("id-{i}"),
+            "{}",
+        )
+        .await?;
+    }
+    let mut fetcher = Fetcher::new(&bed.js, &config).await?;
+    let seqs_of = |batches: &[Batch]| -> Vec<u64> {
+        batches
+            .iter()
+            .flat_map(Batch::iter)
+            .map(|m| m.stream_seq())
+            .collect()
+    };
+
+    // 1..=5 are written and acknowledged: the server's ack floor moves to 5, while the fetcher
+    // keeps them on its books until a consumer info shows that floor.
+    let first = fetch_count(&mut fetcher, 5).await?;
+    assert_eq!(seqs_of(&first), (1..=5).collect::<Vec<_>>());
+    for batch in first {
+        fetcher.ack(batch).await?;
+    }
+    await_ack_pending(&mut fetcher, 0).await?;
+
+    // A pull whose reader went away: the server delivers 6..=10 to it, and they stay pending,
+    // written nowhere.
+    let raw: consumer::PullConsumer = bed
+        .js
+        .get_stream("MARKET_TRADES")
+        .await?
+        .get_consumer("relay")
+        .await?;
+    let mut abandoned = raw.fetch().max_messages(5).messages().await?;
+    let mut lost_if_acked = Vec::new();
+    while let Some(message) = abandoned.next().await {
+        lost_if_acked.push(message?.info()?.stream_sequence);
+    }
+    drop(abandoned);
+    assert_eq!(lost_if_acked, (6..=10).collect::<Vec<_>>());
+
+    // 11..=15 are written; an ack-all of 15 would cover 6..=10, so it waits. Counting the stale
+    // 1..=5 as pending would make the count match and send it.
+    let second = fetch_count(&mut fetcher, 5).await?;
+    assert_eq!(seqs_of(&second), (11..=15).collect::<Vec<_>>());
+    for batch in second {
+        assert_eq!(
+            fetcher.ack(batch).await?.acks_sent,
+            0,
+            "ack-all sent over 6..=10"
+        );
+    }
+    assert_eq!(fetcher.backlog().await?.num_ack_pending, 10);
+
+    // After ack_wait, 6..=15 come back; written, they are acknowledged, and nothing is left.
+    let deadline = Instant::now() + Duration::from_millis(CONDITION_DEADLINE_MS);
+    let mut written = BTreeSet::new();
+    let mut acks_sent = 0;
+    while written.len() < 10 {
+        assert!(Instant::now() < deadline, "only {written:?} came back");
+        let batch = fetcher.fetch().await?;
+        written.extend(batch.iter().map(|m| m.stream_seq()));
+        acks_sent += fetcher.ack(batch).await?.acks_sent;
+    }
+    assert_eq!(written, (6..=15).collect::<BTreeSet<_>>());
+    assert!(acks_sent >= 1);
+    await_ack_pending(&mut fetcher, 0).await?;
     Ok(())
 }

@@ -31,6 +31,9 @@ const LOG_FILE: &str = "nats-server.log";
 /// JetStream's store directory inside the server's directory.
 const STORE_DIR: &str = "jetstream";
 
+/// Name of the configuration file written for [`Nats::start_with_config`].
+const CONFIG_FILE: &str = "nats-server.conf";
+
 /// A running (or killed, awaiting restart) `nats-server -js`.
 ///
 /// Dropping it kills the server with SIGKILL and removes its directory.
@@ -38,13 +41,26 @@ const STORE_DIR: &str = "jetstream";
 pub struct Nats {
     /// Ports `[client, monitor]`.
     server: Server<2>,
+    /// Extra server configuration (nats-server's config syntax), kept for restarts.
+    config: Option<String>,
 }
 
 impl Nats {
     /// Starts a server on free ports and returns once JetStream reports healthy.
     pub fn start() -> Result<Nats, TestbedError> {
         Ok(Nats {
-            server: Server::start(&SPEC, launch)?,
+            server: Server::start(&SPEC, |run| launch(run, None))?,
+            config: None,
+        })
+    }
+
+    /// Like [`Nats::start`], with `config` (nats-server's configuration syntax, e.g.
+    /// `max_payload: 20MB`) in a configuration file; the test bed's own flags (ports, store,
+    /// name) win over it. Restarts keep it.
+    pub fn start_with_config(config: &str) -> Result<Nats, TestbedError> {
+        Ok(Nats {
+            server: Server::start(&SPEC, |run| launch(run, Some(config)))?,
+            config: Some(config.to_owned()),
         })
     }
 
@@ -93,7 +109,8 @@ impl Nats {
     /// Starts the server again on the same ports and data directory and waits until
     /// JetStream is healthy; a running server is killed with SIGKILL first.
     pub fn restart(&mut self) -> Result<(), TestbedError> {
-        self.server.restart(launch)
+        let config = self.config.as_deref();
+        self.server.restart(|run| launch(run, config))
     }
 
     /// Freezes the server with SIGSTOP; returns once the kernel reports it stopped.
@@ -108,8 +125,9 @@ impl Nats {
     }
 }
 
-/// Spawns one server and waits until it is ready and known to be ours.
-fn launch(run: &Launch<2>) -> Result<ServerProcess, StartFailure> {
+/// Spawns one server (with `config` in its configuration file, if any) and waits until it is
+/// ready and known to be ours.
+fn launch(run: &Launch<2>, config: Option<&str>) -> Result<ServerProcess, StartFailure> {
     let Launch {
         binary,
         dir,
@@ -123,6 +141,13 @@ fn launch(run: &Launch<2>) -> Result<ServerProcess, StartFailure> {
         .try_clone()
         .map_err(|e| TestbedError::io("duplicating the NATS log handle", e))?;
     let mut command = Command::new(binary);
+    if let Some(config) = config {
+        let path = dir.join(CONFIG_FILE);
+        std::fs::write(&path, config)
+            .map_err(|e| TestbedError::io("writing the NATS configuration file", e))?;
+        // Flags given after the file override it, so the ports and store stay the bed's.
+        command.arg("-c").arg(path);
+    }
     command
         .arg("-js")
         .arg("-sd")
