@@ -338,8 +338,12 @@ async fn drain(
             .map(|r| (r.data_type.clone(), r.table.clone())),
     ));
     let ledger = LedgerKeeper::load(wal.clone()).map_err(RunError::Wal)?;
-    let mut lanes = JoinSet::new();
-    for name in router.lanes() {
+    // Every lane holds back retention before the first one runs: a lane that commits a batch
+    // applies retention, which would otherwise free segments a lane not yet started still needs.
+    let lane_names = router.lanes();
+    ledger.register_lanes(&lane_names, first_lsn).await?;
+    let mut prepared = Vec::with_capacity(lane_names.len());
+    for name in lane_names {
         let kind = RowsKind::for_lane(&name);
         let table = config.drain.table_batch(&name);
         let lane_config = LaneConfig {
@@ -365,6 +369,10 @@ async fn drain(
             first_lsn,
         )
         .await;
+        prepared.push(lane);
+    }
+    let mut lanes = JoinSet::new();
+    for lane in prepared {
         lanes.spawn(lane.run());
     }
 

@@ -84,6 +84,20 @@ impl LedgerKeeper {
         ledger.cursors.entry(lane.to_string()).or_insert(cursor);
     }
 
+    /// Registers the cursor of every lane in `lanes` that has none at `first_lsn` (the oldest
+    /// record the WAL holds) and commits once, before any lane starts.
+    ///
+    /// Lanes start one by one and the first one to commit a batch also applies retention; a lane
+    /// not registered by then would not hold back the segments it has yet to read, and a first
+    /// start with a full budget would delete them under it.
+    pub async fn register_lanes(&self, lanes: &[String], first_lsn: Lsn) -> Result<(), DrainError> {
+        let mut ledger = self.ledger.lock().await;
+        for lane in lanes {
+            ledger.cursors.entry(lane.clone()).or_insert(first_lsn);
+        }
+        self.commit_locked(&ledger).await
+    }
+
     /// Moves a lane's cursor in memory; it is persisted with the next commit.
     /// Only safe for positions below which every record of the lane is already in ClickHouse.
     pub async fn note_cursor(&self, lane: &str, cursor: Lsn) {
@@ -135,5 +149,79 @@ impl LedgerKeeper {
                 lane: "ledger".to_string(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+    use std::time::Duration;
+
+    use prism_wal::{Envelope, Lsn, Retention, StreamSeq, Wal, WalOptions};
+
+    use super::LedgerKeeper;
+
+    /// Segments so small that a few records roll over, and no retention of released segments,
+    /// so a commit deletes at once whatever the ledger releases.
+    fn tiny_wal(dir: &std::path::Path) -> Wal {
+        let options = WalOptions {
+            segment_bytes_max: 1_024,
+            group_bytes_max: 64 * 1_024,
+            budget_bytes_max: 1 << 30,
+            retention: Retention {
+                bytes_max: 0,
+                segments_max: 0,
+                age_max: Duration::ZERO,
+            },
+            ..WalOptions::default()
+        };
+        Wal::open(dir, options).expect("open WAL").0
+    }
+
+    async fn append(wal: &Wal, count: u64) {
+        for seq in 1..=count {
+            let payload = vec![b'x'; 200];
+            let envelope = Envelope {
+                stream: Cow::Borrowed("S"),
+                stream_seq: StreamSeq(seq),
+                subject: Cow::Borrowed("trade.binance.spot.BTC-USDT"),
+                headers: Vec::new(),
+                published_ns: 0,
+                payload: Cow::Owned(payload),
+            };
+            wal.append(&[envelope]).await.expect("append");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lane_registered_at_start_up_keeps_its_segments_while_another_lane_commits_past_them()
+    {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let wal = tiny_wal(dir.path());
+        append(&wal, 40).await;
+        let first = wal.stats().first_lsn;
+        let end = Lsn(wal.durable_lsn().0 + 1);
+        let keeper = LedgerKeeper::load(wal.clone()).expect("load ledger");
+
+        let lanes = ["early".to_string(), "late".to_string()];
+        keeper
+            .register_lanes(&lanes, first)
+            .await
+            .expect("register lanes");
+        // The first lane to start drains everything and commits before the second one starts.
+        keeper.finish("early", end).await.expect("commit");
+
+        assert_eq!(
+            wal.stats().first_lsn,
+            first,
+            "a segment the late lane needs was deleted"
+        );
+        let mut reader = wal
+            .reader(first)
+            .expect("the late lane can still read from the start");
+        let record = reader.next().expect("read").expect("a record");
+        assert_eq!(record.lsn, first);
+        let state = keeper.lane_state("late").await;
+        assert_eq!(state.0, Some(first));
     }
 }
