@@ -341,7 +341,18 @@ async fn drain(
     // Every lane holds back retention before the first one runs: a lane that commits a batch
     // applies retention, which would otherwise free segments a lane not yet started still needs.
     let lane_names = router.lanes();
-    ledger.register_lanes(&lane_names, first_lsn).await?;
+    // Lanes of removed routes are dropped from the ledger in the same commit, so they stop
+    // pinning the WAL.
+    for stale in ledger.register_lanes(&lane_names, first_lsn).await? {
+        tracing::warn!(
+            lane = %stale.lane,
+            cursor = ?stale.cursor.map(|c| c.0),
+            abandoned_inflight = ?stale.inflight.as_ref().map(|b| (b.first.0, b.last.0, b.rows)),
+            "lane no longer configured: its cursor is dropped so retention can free the WAL; \
+             an abandoned in-flight batch may be missing from its table (its records stay in the \
+             WAL until retention frees them; `prism-relay replay` with the route restored sends them again)"
+        );
+    }
     let mut prepared = Vec::with_capacity(lane_names.len());
     for name in lane_names {
         let kind = RowsKind::for_lane(&name);

@@ -50,6 +50,17 @@ pub enum DrainError {
     },
 }
 
+/// A lane the ledger knew that the configuration no longer has, as it was dropped at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleLane {
+    /// The lane's name (its table).
+    pub lane: String,
+    /// Its cursor: records of the lane below it had reached ClickHouse.
+    pub cursor: Option<Lsn>,
+    /// Its abandoned in-flight batch, whose insert may or may not have happened.
+    pub inflight: Option<InflightBatch>,
+}
+
 /// The ledger shared by the lanes: cursors and in-flight batches, committed atomically.
 #[derive(Debug)]
 pub struct LedgerKeeper {
@@ -84,18 +95,47 @@ impl LedgerKeeper {
         ledger.cursors.entry(lane.to_string()).or_insert(cursor);
     }
 
-    /// Registers the cursor of every lane in `lanes` that has none at `first_lsn` (the oldest
-    /// record the WAL holds) and commits once, before any lane starts.
+    /// Makes the ledger's lanes exactly `lanes` and commits once, before any lane starts.
     ///
-    /// Lanes start one by one and the first one to commit a batch also applies retention; a lane
-    /// not registered by then would not hold back the segments it has yet to read, and a first
-    /// start with a full budget would delete them under it.
-    pub async fn register_lanes(&self, lanes: &[String], first_lsn: Lsn) -> Result<(), DrainError> {
+    /// Every lane in `lanes` without a cursor is registered at `first_lsn` (the oldest record the
+    /// WAL holds). Lanes start one by one and the first one to commit a batch also applies
+    /// retention; a lane not registered by then would not hold back the segments it has yet to
+    /// read, and a first start with a full budget would delete them under it.
+    ///
+    /// Cursors and in-flight batches of lanes not in `lanes` (a `[[drain.passthrough]]` route or
+    /// table that was removed) are dropped and returned for the caller to report: nothing would
+    /// ever move them again, so they would pin the WAL for good and ingest would stop once the
+    /// budget filled. Their in-flight batch is abandoned, not finished: with its route gone no
+    /// lane can re-cut it, and its records stay readable in the WAL until retention frees them.
+    pub async fn register_lanes(
+        &self,
+        lanes: &[String],
+        first_lsn: Lsn,
+    ) -> Result<Vec<StaleLane>, DrainError> {
         let mut ledger = self.ledger.lock().await;
+        let known = |lane: &String| lanes.contains(lane);
+        let mut stale: Vec<StaleLane> = ledger
+            .cursors
+            .keys()
+            .chain(ledger.inflight.keys())
+            .filter(|lane| !known(lane))
+            .map(|lane| StaleLane {
+                lane: lane.clone(),
+                cursor: ledger.cursors.get(lane).copied(),
+                inflight: ledger.inflight.get(lane).cloned(),
+            })
+            .collect();
+        stale.sort_by(|a, b| a.lane.cmp(&b.lane));
+        stale.dedup_by(|a, b| a.lane == b.lane);
+        for gone in &stale {
+            ledger.cursors.remove(&gone.lane);
+            ledger.inflight.remove(&gone.lane);
+        }
         for lane in lanes {
             ledger.cursors.entry(lane.clone()).or_insert(first_lsn);
         }
-        self.commit_locked(&ledger).await
+        self.commit_locked(&ledger).await?;
+        Ok(stale)
     }
 
     /// Moves a lane's cursor in memory; it is persisted with the next commit.
@@ -157,7 +197,7 @@ mod tests {
     use std::borrow::Cow;
     use std::time::Duration;
 
-    use prism_wal::{Envelope, Lsn, Retention, StreamSeq, Wal, WalOptions};
+    use prism_wal::{Envelope, InflightBatch, Lsn, Retention, StreamSeq, Wal, WalOptions};
 
     use super::LedgerKeeper;
 
@@ -191,6 +231,46 @@ mod tests {
             };
             wal.append(&[envelope]).await.expect("append");
         }
+    }
+
+    #[tokio::test]
+    async fn a_lane_removed_from_the_configuration_loses_its_cursor_and_in_flight_batch_so_retention_moves(
+    ) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let wal = tiny_wal(dir.path());
+        append(&wal, 40).await;
+        let first = wal.stats().first_lsn;
+        let end = Lsn(wal.durable_lsn().0 + 1);
+        {
+            // An earlier run had a passthrough lane that stopped at the start of the WAL with a
+            // batch in flight.
+            let keeper = LedgerKeeper::load(wal.clone()).expect("load ledger");
+            keeper.note_cursor("tickers", first).await;
+            let batch = InflightBatch {
+                first,
+                last: Lsn(first.0 + 2),
+                rows: 3,
+            };
+            keeper.begin("tickers", batch).await.expect("commit");
+        }
+
+        // This run's configuration no longer routes to `tickers`.
+        let keeper = LedgerKeeper::load(wal.clone()).expect("load ledger");
+        let lanes = ["trades".to_string()];
+        keeper
+            .register_lanes(&lanes, first)
+            .await
+            .expect("register lanes");
+        keeper.finish("trades", end).await.expect("commit");
+
+        let ledger = wal.load_ledger().expect("load ledger");
+        assert!(!ledger.cursors.contains_key("tickers"), "{ledger:?}");
+        assert!(!ledger.inflight.contains_key("tickers"), "{ledger:?}");
+        assert!(
+            wal.stats().first_lsn > first,
+            "retention released nothing: {:?}",
+            wal.stats()
+        );
     }
 
     #[tokio::test]
