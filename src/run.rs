@@ -130,6 +130,21 @@ pub async fn apply_schema(
     for statement in schema::all_ddl(profile, &ch.database, ch.ttl_days) {
         probe.execute(&statement).await?;
     }
+    // `CREATE TABLE IF NOT EXISTS` leaves a table created by an older relay as it was: add the
+    // columns it lacks (never dropping or retyping one).
+    let columns = probe.table_columns(&ch.database).await?;
+    for table in SchemaTable::ALL {
+        let actual = columns
+            .get(table.name())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if actual.is_empty() {
+            continue;
+        }
+        for statement in schema::add_missing_columns_ddl(profile, &ch.database, table, actual) {
+            probe.execute(&statement).await?;
+        }
+    }
     Ok(())
 }
 

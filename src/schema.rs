@@ -279,11 +279,13 @@ impl SchemaTable {
         }
     }
 
-    /// The column the table is partitioned by month of.
+    /// The column the table is partitioned by month of. Dead letters use the message's publish
+    /// time, not `failed_at`: a dead letter written again must land in the same partition to
+    /// collapse with the first copy.
     const fn time_column(self) -> &'static str {
         match self {
             SchemaTable::Data(_) => "timestamp",
-            SchemaTable::DeadLetters => "failed_at",
+            SchemaTable::DeadLetters => "published_at",
         }
     }
 }
@@ -414,6 +416,7 @@ const VOLATILITY_INDICES: &[(&str, ColumnType)] = &[
 
 const DEAD_LETTERS: &[(&str, ColumnType)] = &[
     ("failed_at", Ms),
+    ("published_at", Ms),
     ("table", Str),
     ("subject", Str),
     ("nats_stream", Str),
@@ -777,8 +780,44 @@ mod tests {
             sql.contains("ORDER BY (`nats_stream`, `nats_seq`, `table`)"),
             "{sql}"
         );
-        assert!(sql.contains("PARTITION BY toYYYYMM(failed_at)"));
+        assert!(sql.contains("PARTITION BY toYYYYMM(published_at)"), "{sql}");
         assert!(sql.contains("`payload` String"));
+    }
+
+    #[test]
+    fn a_dead_letter_table_created_before_published_at_existed_is_repaired_by_adding_it() {
+        let old: Vec<(String, String)> = [
+            "failed_at",
+            "table",
+            "subject",
+            "nats_stream",
+            "nats_seq",
+            "error",
+            "payload",
+        ]
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                if *n == "nats_seq" { "UInt64" } else { "String" }.to_string(),
+            )
+        })
+        .map(|(n, t)| {
+            if n == "failed_at" {
+                (n, "Int64".to_string())
+            } else {
+                (n, t)
+            }
+        })
+        .collect();
+        let err = check_columns(SchemaTable::DeadLetters, &old, Profile::Legacy).unwrap_err();
+        assert!(
+            matches!(err, SchemaError::MissingColumn { ref column, .. } if column == "published_at")
+        );
+        assert_eq!(
+            add_missing_columns_ddl(Profile::Legacy, "db", SchemaTable::DeadLetters, &old),
+            ["ALTER TABLE `db`.`dead_letters` ADD COLUMN `published_at` Int64"]
+        );
     }
 
     #[test]

@@ -374,6 +374,9 @@ fn push_json_line(body: &mut Vec<u8>, starts: &mut Vec<usize>, payload: &[u8]) {
     body.push(b'\n');
 }
 
+/// Nanoseconds in a millisecond, to turn a JetStream publish time into the tables' unit.
+const NANOS_PER_MILLI: i64 = 1_000_000;
+
 /// A dead-letter row for a record of `lane`.
 pub fn dead_letter(lane: &str, envelope: &Envelope<'_>, reason: String, now_ms: i64) -> DeadLetter {
     // A record no route claims was meant for no table: its `table` is empty, not the lane's
@@ -385,6 +388,7 @@ pub fn dead_letter(lane: &str, envelope: &Envelope<'_>, reason: String, now_ms: 
     };
     DeadLetter {
         failed_at: now_ms,
+        published_at: envelope.published_ns.div_euclid(NANOS_PER_MILLI),
         table: table.to_string(),
         subject: envelope.subject.to_string(),
         nats_stream: envelope.stream.to_string(),
