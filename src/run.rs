@@ -120,14 +120,39 @@ pub async fn resolve_profile(config: &Config) -> Result<(Sink, Profile), SinkErr
     Ok((probe, profile))
 }
 
-/// Applies the DDL of `profile` (database, tables, dead letters), idempotently.
+/// The passthrough tables of `[[drain.passthrough]]`, each once, in the order configured.
+fn passthrough_tables(config: &Config) -> Vec<&str> {
+    let mut tables: Vec<&str> = Vec::new();
+    for route in &config.drain.passthrough {
+        if !tables.contains(&route.table.as_str()) {
+            tables.push(&route.table);
+        }
+    }
+    tables
+}
+
+/// Every statement that creates the schema of `config`: the database, the typed tables, the dead
+/// letters and each passthrough table (what `schema print` shows and `schema apply` runs).
+pub fn schema_statements(config: &Config, profile: Profile) -> Vec<String> {
+    let ch = &config.clickhouse;
+    let mut statements = schema::all_ddl(profile, &ch.database, ch.ttl_days);
+    statements.extend(
+        passthrough_tables(config)
+            .into_iter()
+            .map(|table| schema::passthrough_ddl(profile, &ch.database, table, ch.ttl_days)),
+    );
+    statements
+}
+
+/// Applies the DDL of `profile` (database, tables, dead letters, passthrough tables),
+/// idempotently.
 pub async fn apply_schema(
     config: &Config,
     probe: &Sink,
     profile: Profile,
 ) -> Result<(), SinkError> {
     let ch = &config.clickhouse;
-    for statement in schema::all_ddl(profile, &ch.database, ch.ttl_days) {
+    for statement in schema_statements(config, profile) {
         probe.execute(&statement).await?;
     }
     // `CREATE TABLE IF NOT EXISTS` leaves a table created by an older relay as it was: add the
@@ -163,6 +188,12 @@ pub async fn check_schema(
         };
         let actual = columns.get(name).map(Vec::as_slice).unwrap_or_default();
         if let Err(problem) = schema::check_columns(table, actual, profile) {
+            problems.push(problem);
+        }
+    }
+    for table in passthrough_tables(config) {
+        let actual = columns.get(table).map(Vec::as_slice).unwrap_or_default();
+        if let Err(problem) = schema::check_passthrough_columns(table, actual, profile) {
             problems.push(problem);
         }
     }

@@ -22,7 +22,9 @@ use std::sync::Arc;
 use prism_wal::{InflightBatch, Ledger, Lsn, Wal, WalError};
 use tokio::sync::Mutex;
 
-pub use batch::{dead_letter, Batch, BatchLimits, Rows, RowsKind, TypedRows};
+pub use batch::{
+    dead_letter, Batch, BatchLimits, Rows, RowsKind, TypedRows, PASSTHROUGH_RELAY_FIELDS,
+};
 pub use lane::{Lane, LaneConfig};
 pub use route::{Route, Router, UNROUTED_LANE};
 
