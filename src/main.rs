@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use prism_relay::config::Config;
 use prism_relay::drain::Router;
 use prism_relay::run::{
-    apply_schema, check_schema, resolve_profile, schema_statements, sink_options,
+    add_missing_columns, apply_schema, check_schema, resolve_profile, schema_statements,
+    sink_options,
 };
 use prism_relay::schema::Profile;
 use prism_relay::sink::Sink;
@@ -306,6 +307,7 @@ async fn schema_command(action: SchemaAction) -> Result<ExitCode> {
                 ProfileArg::Auto => detected,
             };
             apply_schema(&config, &probe, profile).await?;
+            add_missing_columns(&config, &probe, profile).await?;
             let problems = check_schema(&config, &probe, profile).await?;
             for problem in &problems {
                 println!("schema: {problem}");

@@ -151,12 +151,22 @@ pub async fn apply_schema(
     probe: &Sink,
     profile: Profile,
 ) -> Result<(), SinkError> {
-    let ch = &config.clickhouse;
     for statement in schema_statements(config, profile) {
         probe.execute(&statement).await?;
     }
-    // `CREATE TABLE IF NOT EXISTS` leaves a table created by an older relay as it was: add the
-    // columns it lacks (never dropping or retyping one).
+    Ok(())
+}
+
+/// Adds the columns the relay writes that existing tables lack (a table created by an older
+/// relay), never dropping or retyping one: `schema apply` runs it after [`apply_schema`], whose
+/// `CREATE TABLE IF NOT EXISTS` leaves existing tables as they are. `run` does not: altering a
+/// table is the operator's decision, which the start-up check's message asks for.
+pub async fn add_missing_columns(
+    config: &Config,
+    probe: &Sink,
+    profile: Profile,
+) -> Result<(), SinkError> {
+    let ch = &config.clickhouse;
     let columns = probe.table_columns(&ch.database).await?;
     for table in SchemaTable::ALL {
         let actual = columns

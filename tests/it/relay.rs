@@ -1060,3 +1060,32 @@ async fn sigterm_with_clickhouse_frozen_and_the_wal_full_exits_zero_within_the_b
     assert!(inserts <= 100.0, "{inserts} inserts for {count} messages");
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_apply_adds_the_dead_letter_publish_time_to_a_table_an_older_relay_created() {
+    let bed = Bed::start();
+    let config = bed.config();
+    let path = config.write(&bed.path("relay.toml"));
+    let path = path.to_str().expect("UTF-8 path");
+    // The dead-letter table as the legacy profile created it before `published_at` existed.
+    bed.sql(&format!("CREATE DATABASE {DATABASE}"));
+    bed.sql(&format!(
+        "CREATE TABLE {DATABASE}.dead_letters (failed_at Int64, table String, subject String, \
+         nats_stream String, nats_seq UInt64, error String, payload String, \
+         created_at Int64 DEFAULT toInt64(toUInt32(now())) * 1000) \
+         ENGINE = ReplacingMergeTree() PARTITION BY toYYYYMM(toDateTime(intDiv(failed_at, 1000), 'UTC')) \
+         ORDER BY (nats_stream, nats_seq, table)"
+    ));
+    bed.sql(&format!(
+        "INSERT INTO {DATABASE}.dead_letters (failed_at, table, subject, nats_stream, nats_seq, error, payload) \
+         VALUES (1761714312456, 'trades', 'trade.x', 'MARKET_TRADES', 1, 'bad', '{{}}')"
+    ));
+
+    // `schema apply` checks the tables after applying and fails on any mismatch left.
+    let (status, out) = relay_command(&["schema", "apply", "--config", path]).await;
+    assert!(status.success(), "schema apply failed:\n{out}");
+    assert!(out.contains("legacy profile applied"), "{out}");
+    assert!(columns_of(&bed, "dead_letters").contains(&"published_at".to_string()));
+    // The old row is kept.
+    assert_eq!(bed.count_dead_letters(), 1);
+}
