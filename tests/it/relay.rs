@@ -1089,3 +1089,42 @@ async fn schema_apply_adds_the_dead_letter_publish_time_to_a_table_an_older_rela
     // The old row is kept.
     assert_eq!(bed.count_dead_letters(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_passthrough_route_no_longer_holds_a_cursor_in_the_ledger_after_the_next_start() {
+    let bed = Bed::start();
+    let mut config = bed.config();
+    config.streams[2].subjects.push("ticker.>".into());
+    let route = "[[drain.passthrough]]\ndata_type = \"ticker\"\ntable = \"tickers\"\n";
+    config.extra = route.into();
+    let ticker = r#"{"exchange":"okx","symbol":"BTC-USDT","last":"1.5"}"#;
+
+    let relay = InProcRelay::spawn(&config);
+    relay.wait_ready().await;
+    bed.publish_raw("ticker.okx.spot.BTC-USDT", ticker).await;
+    wait_until_sync("the ticker is stored", DRAIN_TIMEOUT, || {
+        bed.count_final("tickers") == 1
+    })
+    .await;
+    relay.stop().await.expect("clean stop");
+    let ledger = prism_wal::load_ledger(&config.wal_dir).expect("ledger");
+    assert!(ledger.cursors.contains_key("tickers"), "{ledger:?}");
+
+    // The route is removed: its records now go to the dead letters as unrouted.
+    config.extra.clear();
+    config.metrics_port = free_port();
+    let relay = InProcRelay::spawn(&config);
+    relay.wait_ready().await;
+    bed.publish_raw("ticker.okx.spot.BTC-USDT", ticker).await;
+    wait_until_sync(
+        "the unrouted ticker is dead-lettered",
+        DRAIN_TIMEOUT,
+        || bed.count_dead_letters() == 1,
+    )
+    .await;
+    relay.stop().await.expect("clean stop");
+    let ledger = prism_wal::load_ledger(&config.wal_dir).expect("ledger");
+    assert!(!ledger.cursors.contains_key("tickers"), "{ledger:?}");
+    assert!(!ledger.inflight.contains_key("tickers"), "{ledger:?}");
+    assert!(ledger.cursors.contains_key("trades"), "{ledger:?}");
+}
