@@ -8,8 +8,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use prism_relay::config::Config;
 use prism_relay::drain::Router;
-use prism_relay::run::{apply_schema, check_schema, resolve_profile, sink_options};
-use prism_relay::schema::{self, Profile};
+use prism_relay::run::{
+    add_missing_columns, apply_schema, check_schema, resolve_profile, schema_statements,
+    sink_options,
+};
+use prism_relay::schema::Profile;
 use prism_relay::sink::Sink;
 use prism_relay::source::{self, SetupAction};
 use prism_relay::tools::{loadgen, verify};
@@ -290,8 +293,7 @@ async fn schema_command(action: SchemaAction) -> Result<ExitCode> {
                 ProfileArg::Modern => Profile::Modern,
                 ProfileArg::Auto => resolve_profile(&config).await?.1,
             };
-            let ch = &config.clickhouse;
-            for statement in schema::all_ddl(profile, &ch.database, ch.ttl_days) {
+            for statement in schema_statements(&config, profile) {
                 println!("{statement};\n");
             }
             Ok(ExitCode::SUCCESS)
@@ -305,6 +307,7 @@ async fn schema_command(action: SchemaAction) -> Result<ExitCode> {
                 ProfileArg::Auto => detected,
             };
             apply_schema(&config, &probe, profile).await?;
+            add_missing_columns(&config, &probe, profile).await?;
             let problems = check_schema(&config, &probe, profile).await?;
             for problem in &problems {
                 println!("schema: {problem}");

@@ -120,15 +120,65 @@ pub async fn resolve_profile(config: &Config) -> Result<(Sink, Profile), SinkErr
     Ok((probe, profile))
 }
 
-/// Applies the DDL of `profile` (database, tables, dead letters), idempotently.
+/// The passthrough tables of `[[drain.passthrough]]`, each once, in the order configured.
+fn passthrough_tables(config: &Config) -> Vec<&str> {
+    let mut tables: Vec<&str> = Vec::new();
+    for route in &config.drain.passthrough {
+        if !tables.contains(&route.table.as_str()) {
+            tables.push(&route.table);
+        }
+    }
+    tables
+}
+
+/// Every statement that creates the schema of `config`: the database, the typed tables, the dead
+/// letters and each passthrough table (what `schema print` shows and `schema apply` runs).
+pub fn schema_statements(config: &Config, profile: Profile) -> Vec<String> {
+    let ch = &config.clickhouse;
+    let mut statements = schema::all_ddl(profile, &ch.database, ch.ttl_days);
+    statements.extend(
+        passthrough_tables(config)
+            .into_iter()
+            .map(|table| schema::passthrough_ddl(profile, &ch.database, table, ch.ttl_days)),
+    );
+    statements
+}
+
+/// Applies the DDL of `profile` (database, tables, dead letters, passthrough tables),
+/// idempotently.
 pub async fn apply_schema(
     config: &Config,
     probe: &Sink,
     profile: Profile,
 ) -> Result<(), SinkError> {
-    let ch = &config.clickhouse;
-    for statement in schema::all_ddl(profile, &ch.database, ch.ttl_days) {
+    for statement in schema_statements(config, profile) {
         probe.execute(&statement).await?;
+    }
+    Ok(())
+}
+
+/// Adds the columns the relay writes that existing tables lack (a table created by an older
+/// relay), never dropping or retyping one: `schema apply` runs it after [`apply_schema`], whose
+/// `CREATE TABLE IF NOT EXISTS` leaves existing tables as they are. `run` does not: altering a
+/// table is the operator's decision, which the start-up check's message asks for.
+pub async fn add_missing_columns(
+    config: &Config,
+    probe: &Sink,
+    profile: Profile,
+) -> Result<(), SinkError> {
+    let ch = &config.clickhouse;
+    let columns = probe.table_columns(&ch.database).await?;
+    for table in SchemaTable::ALL {
+        let actual = columns
+            .get(table.name())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if actual.is_empty() {
+            continue;
+        }
+        for statement in schema::add_missing_columns_ddl(profile, &ch.database, table, actual) {
+            probe.execute(&statement).await?;
+        }
     }
     Ok(())
 }
@@ -148,6 +198,12 @@ pub async fn check_schema(
         };
         let actual = columns.get(name).map(Vec::as_slice).unwrap_or_default();
         if let Err(problem) = schema::check_columns(table, actual, profile) {
+            problems.push(problem);
+        }
+    }
+    for table in passthrough_tables(config) {
+        let actual = columns.get(table).map(Vec::as_slice).unwrap_or_default();
+        if let Err(problem) = schema::check_passthrough_columns(table, actual, profile) {
             problems.push(problem);
         }
     }
@@ -338,8 +394,23 @@ async fn drain(
             .map(|r| (r.data_type.clone(), r.table.clone())),
     ));
     let ledger = LedgerKeeper::load(wal.clone()).map_err(RunError::Wal)?;
-    let mut lanes = JoinSet::new();
-    for name in router.lanes() {
+    // Every lane holds back retention before the first one runs: a lane that commits a batch
+    // applies retention, which would otherwise free segments a lane not yet started still needs.
+    let lane_names = router.lanes();
+    // Lanes of removed routes are dropped from the ledger in the same commit, so they stop
+    // pinning the WAL.
+    for stale in ledger.register_lanes(&lane_names, first_lsn).await? {
+        tracing::warn!(
+            lane = %stale.lane,
+            cursor = ?stale.cursor.map(|c| c.0),
+            abandoned_inflight = ?stale.inflight.as_ref().map(|b| (b.first.0, b.last.0, b.rows)),
+            "lane no longer configured: its cursor is dropped so retention can free the WAL; \
+             an abandoned in-flight batch may be missing from its table (its records stay in the \
+             WAL until retention frees them; `prism-relay replay` with the route restored sends them again)"
+        );
+    }
+    let mut prepared = Vec::with_capacity(lane_names.len());
+    for name in lane_names {
         let kind = RowsKind::for_lane(&name);
         let table = config.drain.table_batch(&name);
         let lane_config = LaneConfig {
@@ -365,6 +436,10 @@ async fn drain(
             first_lsn,
         )
         .await;
+        prepared.push(lane);
+    }
+    let mut lanes = JoinSet::new();
+    for lane in prepared {
         lanes.spawn(lane.run());
     }
 

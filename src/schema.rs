@@ -19,6 +19,10 @@
 //! message identity), `long_short_ratio` on both `lsr_*` tables, and `liquidation_id` on
 //! `liquidations` (part of its key); `codec::rows` says why for each.
 //!
+//! Passthrough tables (`[[drain.passthrough]]`) get [`passthrough_ddl`]: the identity, the publish
+//! time and the payload as a string, keyed by the identity, so their rows are as idempotent as
+//! typed ones; [`check_passthrough_columns`] requires the identity on an existing one.
+//!
 //! [`check_columns`] compares a table's columns (from `system.columns`) with what the relay
 //! inserts and accepts any type with the same RowBinary encoding, so tables created by either
 //! profile, or by MarketPrism's own scripts with compatible types, pass.
@@ -153,6 +157,8 @@ pub enum ColumnType {
     UInt32,
     /// `UInt64`.
     UInt64,
+    /// `Int64` in both profiles (milliseconds where it holds a time; see [`PASSTHROUGH_COLUMNS`]).
+    Int64,
 }
 
 impl ColumnType {
@@ -170,6 +176,7 @@ impl ColumnType {
             (ColumnType::Date, _) => "Date",
             (ColumnType::UInt32, _) => "UInt32",
             (ColumnType::UInt64, _) => "UInt64",
+            (ColumnType::Int64, _) => "Int64",
         }
     }
 
@@ -180,6 +187,7 @@ impl ColumnType {
         match self {
             ColumnType::DateTime64Ms => Some("CODEC(Delta, ZSTD)"),
             ColumnType::String | ColumnType::Decimal64 | ColumnType::UInt64 => Some("CODEC(ZSTD)"),
+            ColumnType::Int64 => Some("CODEC(Delta, ZSTD)"),
             ColumnType::LowCardinalityString
             | ColumnType::Bool
             | ColumnType::Date
@@ -209,6 +217,7 @@ impl ColumnType {
             ColumnType::Date => actual == "Date",
             ColumnType::UInt32 => actual == "UInt32",
             ColumnType::UInt64 => actual == "UInt64",
+            ColumnType::Int64 => actual == "Int64",
         }
     }
 }
@@ -279,11 +288,13 @@ impl SchemaTable {
         }
     }
 
-    /// The column the table is partitioned by month of.
+    /// The column the table is partitioned by month of. Dead letters use the message's publish
+    /// time, not `failed_at`: a dead letter written again must land in the same partition to
+    /// collapse with the first copy.
     const fn time_column(self) -> &'static str {
         match self {
             SchemaTable::Data(_) => "timestamp",
-            SchemaTable::DeadLetters => "failed_at",
+            SchemaTable::DeadLetters => "published_at",
         }
     }
 }
@@ -414,6 +425,7 @@ const VOLATILITY_INDICES: &[(&str, ColumnType)] = &[
 
 const DEAD_LETTERS: &[(&str, ColumnType)] = &[
     ("failed_at", Ms),
+    ("published_at", Ms),
     ("table", Str),
     ("subject", Str),
     ("nats_stream", Str),
@@ -421,6 +433,113 @@ const DEAD_LETTERS: &[(&str, ColumnType)] = &[
     ("error", Str),
     ("payload", Str),
 ];
+
+/// The columns of a passthrough table the relay creates, in the order of the fields it writes
+/// first on every JSON row (`drain::PASSTHROUGH_RELAY_FIELDS`); the payload's own fields follow
+/// on the row and land in columns of the same name, if the operator adds any.
+///
+/// The publish time is `Int64` milliseconds in both profiles: JSONEachRow spells a
+/// `DateTime64(3)` as text, which an `Int64` column of the legacy profile does not parse, and
+/// the relay writes one row text for both.
+pub const PASSTHROUGH_COLUMNS: &[(&str, ColumnType)] = &[
+    ("nats_stream", Lc),
+    ("nats_seq", UInt64),
+    ("published_ms", ColumnType::Int64),
+    ("payload", Str),
+];
+
+/// The identity columns every passthrough table must have, by which a redelivered or retried row
+/// collapses; the table's `ORDER BY` must be these for that to happen.
+pub const PASSTHROUGH_IDENTITY: [&str; 2] = ["nats_stream", "nats_seq"];
+
+/// `CREATE TABLE IF NOT EXISTS` for the passthrough table `table`: a ReplacingMergeTree keyed by
+/// the message identity, partitioned by the month of the publish time, with the payload kept.
+/// `ttl_days` adds a TTL on the publish time in the modern profile, as for the data tables.
+pub fn passthrough_ddl(
+    profile: Profile,
+    database: &str,
+    table: &str,
+    ttl_days: Option<u32>,
+) -> String {
+    let mut out = String::with_capacity(1024);
+    out.push_str("CREATE TABLE IF NOT EXISTS ");
+    push_identifier(&mut out, database);
+    out.push('.');
+    push_identifier(&mut out, table);
+    out.push_str("\n(\n    ");
+    let mut definitions: Vec<String> = PASSTHROUGH_COLUMNS
+        .iter()
+        .map(|&(name, column_type)| column_definition(profile, name, column_type))
+        .collect();
+    definitions.push(created_at_definition(profile).to_owned());
+    out.push_str(&definitions.join(",\n    "));
+    out.push_str("\n)\n");
+    let order_by: Vec<String> = PASSTHROUGH_IDENTITY.iter().map(|c| identifier(c)).collect();
+    let order_by = order_by.join(", ");
+    let time = "toDateTime(intDiv(published_ms, 1000), 'UTC')";
+    // Writing into a String cannot fail.
+    match profile {
+        Profile::Modern => {
+            let _ = write!(
+                out,
+                "ENGINE = ReplacingMergeTree\nPARTITION BY toYYYYMM({time})\nORDER BY ({order_by})\n"
+            );
+            if let Some(days) = ttl_days {
+                let _ = writeln!(out, "TTL {time} + INTERVAL {days} DAY");
+            }
+            let _ = write!(
+                out,
+                "SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW_BLOCKS}"
+            );
+        }
+        Profile::Legacy => {
+            let _ = write!(
+                out,
+                "ENGINE = ReplacingMergeTree()\nPARTITION BY toYYYYMM({time})\nORDER BY ({order_by})"
+            );
+        }
+    }
+    out
+}
+
+/// Checks that an existing passthrough table has the identity columns with compatible types.
+/// Other columns are the operator's: the relay's JSON rows fill the ones whose names they carry.
+pub fn check_passthrough_columns(
+    table: &str,
+    actual: &[(String, String)],
+    profile: Profile,
+) -> Result<(), SchemaError> {
+    if actual.is_empty() {
+        return Err(SchemaError::MissingTable {
+            table: table.to_owned(),
+        });
+    }
+    for &(name, column_type) in PASSTHROUGH_COLUMNS {
+        if !PASSTHROUGH_IDENTITY.contains(&name) {
+            continue;
+        }
+        let expected = column_type.sql(profile).to_owned();
+        match actual.iter().find(|(actual_name, _)| actual_name == name) {
+            None => {
+                return Err(SchemaError::PassthroughIdentity {
+                    table: table.to_owned(),
+                    column: name.to_owned(),
+                    expected,
+                })
+            }
+            Some((_, actual_type)) if !column_type.accepts(actual_type) => {
+                return Err(SchemaError::ColumnType {
+                    table: table.to_owned(),
+                    column: name.to_owned(),
+                    expected,
+                    actual: actual_type.clone(),
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
 
 /// The columns the relay writes to `table`, in the row struct's field order (insert order).
 /// `created_at` is not among them: the server fills it.
@@ -591,6 +710,14 @@ pub enum SchemaError {
     /// A column the relay writes is absent.
     #[error("table `{table}` has no column `{column}` ({expected}): run `prism-relay schema apply` to add it")]
     MissingColumn {
+        table: String,
+        column: String,
+        expected: String,
+    },
+    /// A passthrough table lacks an identity column, so redeliveries and retries of its rows
+    /// would not collapse.
+    #[error("passthrough table `{table}` has no column `{column}` ({expected}), so its rows do not collapse by message identity: add it with `ALTER TABLE {table} ADD COLUMN {column} {expected}` and key the table by (nats_stream, nats_seq), or move the data to a table created by `prism-relay schema apply` (`prism-relay schema print` shows the DDL)")]
+    PassthroughIdentity {
         table: String,
         column: String,
         expected: String,
@@ -777,8 +904,102 @@ mod tests {
             sql.contains("ORDER BY (`nats_stream`, `nats_seq`, `table`)"),
             "{sql}"
         );
-        assert!(sql.contains("PARTITION BY toYYYYMM(failed_at)"));
+        assert!(sql.contains("PARTITION BY toYYYYMM(published_at)"), "{sql}");
         assert!(sql.contains("`payload` String"));
+    }
+
+    #[test]
+    fn a_dead_letter_table_created_before_published_at_existed_is_repaired_by_adding_it() {
+        let old: Vec<(String, String)> = [
+            "failed_at",
+            "table",
+            "subject",
+            "nats_stream",
+            "nats_seq",
+            "error",
+            "payload",
+        ]
+        .iter()
+        .map(|n| {
+            (
+                n.to_string(),
+                if *n == "nats_seq" { "UInt64" } else { "String" }.to_string(),
+            )
+        })
+        .map(|(n, t)| {
+            if n == "failed_at" {
+                (n, "Int64".to_string())
+            } else {
+                (n, t)
+            }
+        })
+        .collect();
+        let err = check_columns(SchemaTable::DeadLetters, &old, Profile::Legacy).unwrap_err();
+        assert!(
+            matches!(err, SchemaError::MissingColumn { ref column, .. } if column == "published_at")
+        );
+        assert_eq!(
+            add_missing_columns_ddl(Profile::Legacy, "db", SchemaTable::DeadLetters, &old),
+            ["ALTER TABLE `db`.`dead_letters` ADD COLUMN `published_at` Int64"]
+        );
+    }
+
+    #[test]
+    fn passthrough_tables_are_keyed_by_identity_in_both_profiles_and_checked_for_it() {
+        let legacy = passthrough_ddl(Profile::Legacy, "db", "tickers", Some(3));
+        assert!(
+            legacy.starts_with("CREATE TABLE IF NOT EXISTS `db`.`tickers`"),
+            "{legacy}"
+        );
+        assert!(
+            legacy.contains("ORDER BY (`nats_stream`, `nats_seq`)"),
+            "{legacy}"
+        );
+        assert!(legacy.contains("`payload` String,"), "{legacy}");
+        assert!(
+            legacy.contains("PARTITION BY toYYYYMM(toDateTime(intDiv(published_ms, 1000), 'UTC'))")
+        );
+        for absent in ["LowCardinality", "CODEC", "TTL", "SETTINGS", "now64"] {
+            assert!(!legacy.contains(absent), "{absent} in {legacy}");
+        }
+        let modern = passthrough_ddl(Profile::Modern, "db", "tickers", Some(3));
+        assert!(
+            modern.contains("ORDER BY (`nats_stream`, `nats_seq`)\nTTL"),
+            "{modern}"
+        );
+        assert!(
+            modern.contains("SETTINGS non_replicated_deduplication_window"),
+            "{modern}"
+        );
+
+        let created: Vec<(String, String)> = PASSTHROUGH_COLUMNS
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.sql(Profile::Modern).to_string()))
+            .collect();
+        assert_eq!(
+            check_passthrough_columns("tickers", &created, Profile::Legacy),
+            Ok(())
+        );
+        let operators = vec![
+            ("symbol".to_string(), "String".to_string()),
+            ("nats_stream".to_string(), "String".to_string()),
+        ];
+        let err = check_passthrough_columns("tickers", &operators, Profile::Legacy).unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "passthrough table `tickers` has no column `nats_seq` (UInt64), so its rows do not collapse"
+            ),
+            "{err}"
+        );
+        assert!(err
+            .to_string()
+            .contains("ALTER TABLE tickers ADD COLUMN nats_seq UInt64"));
+    }
+
+    #[test]
+    fn passthrough_columns_are_the_fields_the_drain_writes() {
+        let names: Vec<&str> = PASSTHROUGH_COLUMNS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, crate::drain::PASSTHROUGH_RELAY_FIELDS);
     }
 
     #[test]

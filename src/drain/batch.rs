@@ -287,10 +287,7 @@ impl Batch {
                     format!("row of table {} does not belong to lane {}", row.table().name(), self.lane)
                 })
             }),
-            Rows::Json { body, starts } => {
-                push_json_line(body, starts, &envelope.payload);
-                Ok(())
-            }
+            Rows::Json { body, starts } => push_passthrough_line(body, starts, envelope),
             Rows::None => Err(format!(
                 "no route for subject {:?}: no typed codec and no [[drain.passthrough]] entry for its first token",
                 envelope.subject
@@ -361,18 +358,97 @@ impl Batch {
     }
 }
 
-/// Appends a passthrough payload as one line; the sink rejects lines that are not one JSON object.
-fn push_json_line(body: &mut Vec<u8>, starts: &mut Vec<usize>, payload: &[u8]) {
-    starts.push(body.len());
-    // A JSON object may span lines; keep it on one line by replacing raw newlines, which JSON
-    // allows only between tokens (inside strings they are escaped).
-    body.extend(
-        payload
-            .iter()
-            .map(|b| if *b == b'\n' || *b == b'\r' { b' ' } else { *b }),
-    );
-    body.push(b'\n');
+/// The fields the relay adds to every passthrough row, in this order: the message identity
+/// (`nats_stream`, `nats_seq`), its JetStream publish time in unix milliseconds
+/// (`published_ms`), and the payload itself as a string (`payload`).
+///
+/// The relay's fields win: a payload field of the same name is left out of the row's top level
+/// (it stays inside `payload`), so a payload can never forge or break a row's identity.
+pub const PASSTHROUGH_RELAY_FIELDS: [&str; 4] =
+    ["nats_stream", "nats_seq", "published_ms", "payload"];
+
+/// A passthrough payload's top-level fields in their order, each value as its exact JSON text
+/// (numbers are never re-printed, so decimals keep every digit).
+struct PayloadFields<'a>(Vec<(String, &'a serde_json::value::RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for PayloadFields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = PayloadFields<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("one JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(entry) =
+                    map.next_entry::<String, &'de serde_json::value::RawValue>()?
+                {
+                    fields.push(entry);
+                }
+                Ok(PayloadFields(fields))
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
 }
+
+/// Appends a passthrough record as one JSONEachRow line: the relay's fields (see
+/// [`PASSTHROUGH_RELAY_FIELDS`]) followed by the payload's own top-level fields. A payload that is
+/// not exactly one JSON object is refused with the reason, for the dead letters.
+fn push_passthrough_line(
+    body: &mut Vec<u8>,
+    starts: &mut Vec<usize>,
+    envelope: &Envelope<'_>,
+) -> Result<(), String> {
+    let text = std::str::from_utf8(&envelope.payload)
+        .map_err(|e| format!("passthrough payload is not UTF-8: {e}"))?;
+    let fields = serde_json::from_str::<PayloadFields<'_>>(text)
+        .map_err(|e| format!("passthrough payload is not one JSON object: {e}"))?;
+    let start = body.len();
+    let json_string = |body: &mut Vec<u8>, value: &str| {
+        // Serializing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *body, value);
+    };
+    body.extend_from_slice(b"{\"nats_stream\":");
+    json_string(body, &envelope.stream);
+    body.extend_from_slice(
+        format!(
+            ",\"nats_seq\":{},\"published_ms\":{},\"payload\":",
+            envelope.stream_seq.0,
+            envelope.published_ns.div_euclid(NANOS_PER_MILLI)
+        )
+        .as_bytes(),
+    );
+    json_string(body, text.trim());
+    for (name, value) in &fields.0 {
+        if PASSTHROUGH_RELAY_FIELDS.contains(&name.as_str()) {
+            continue;
+        }
+        body.push(b',');
+        json_string(body, name);
+        body.push(b':');
+        // A value may span lines (whitespace between its tokens); raw newlines cannot occur
+        // inside JSON strings, so replacing them keeps the row on one line without changing it.
+        body.extend(
+            value
+                .get()
+                .bytes()
+                .map(|b| if b == b'\n' || b == b'\r' { b' ' } else { b }),
+        );
+    }
+    body.extend_from_slice(b"}\n");
+    starts.push(start);
+    Ok(())
+}
+
+/// Nanoseconds in a millisecond, to turn a JetStream publish time into the tables' unit.
+const NANOS_PER_MILLI: i64 = 1_000_000;
 
 /// A dead-letter row for a record of `lane`. A dead-letter record (written by ingest in place of
 /// a message the WAL could not take) keeps the reason it carries, verbatim.
@@ -390,6 +466,7 @@ pub fn dead_letter(lane: &str, envelope: &Envelope<'_>, reason: String, now_ms: 
     };
     DeadLetter {
         failed_at: now_ms,
+        published_at: envelope.published_ns.div_euclid(NANOS_PER_MILLI),
         table: table.to_string(),
         subject: envelope.subject.to_string(),
         nats_stream: envelope.stream.to_string(),
@@ -406,4 +483,82 @@ fn subject_labels(subject: &str) -> (&str, &str, &str) {
     let exchange = tokens.next().unwrap_or_default();
     let market_type = tokens.next().unwrap_or_default();
     (data_type, exchange, market_type)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+
+    use prism_wal::{Envelope, Lsn, StreamSeq};
+
+    use super::{Batch, Rows, RowsKind};
+
+    fn envelope(seq: u64, payload: &[u8]) -> Envelope<'_> {
+        Envelope {
+            stream: Cow::Borrowed("MARKET_TICKERS"),
+            stream_seq: StreamSeq(seq),
+            subject: Cow::Borrowed("ticker.okx.spot.BTC-USDT"),
+            headers: Vec::new(),
+            published_ns: 1_761_714_312_456_789_000,
+            payload: Cow::Borrowed(payload),
+        }
+    }
+
+    fn body(batch: &Batch) -> String {
+        match &batch.rows {
+            Rows::Json { body, .. } => String::from_utf8(body.clone()).expect("UTF-8"),
+            other => panic!("not JSON rows: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_passthrough_row_carries_the_identity_publish_time_and_payload_and_the_relays_fields_win() {
+        let mut batch = Batch::new("tickers", RowsKind::Json);
+        let payload =
+            b"{\"last\": 0.1000000000000000055,\n \"nats_seq\": 0, \"nested\": {\n\"a\": [1]}}";
+        batch.push(Lsn(5), &envelope(42, payload), 0);
+        let line = body(&batch);
+        assert_eq!(line.matches('\n').count(), 1, "one line: {line:?}");
+        let row: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&line).expect("one JSON object");
+        assert_eq!(row["nats_stream"], "MARKET_TICKERS");
+        assert_eq!(row["nats_seq"], 42);
+        assert_eq!(row["published_ms"], 1_761_714_312_456_i64);
+        assert_eq!(
+            row["payload"].as_str().map(str::as_bytes),
+            Some(&payload[..])
+        );
+        assert!(
+            line.contains("\"last\":0.1000000000000000055"),
+            "exact number text: {line}"
+        );
+        assert_eq!(line.matches("\"nats_seq\"").count(), 1, "{line}");
+        assert_eq!(row["nested"]["a"][0], 1);
+        assert!(batch.dead.is_empty());
+    }
+
+    #[test]
+    fn a_passthrough_payload_that_is_not_one_object_is_a_dead_letter_with_the_reason() {
+        let mut batch = Batch::new("tickers", RowsKind::Json);
+        for (seq, payload) in [
+            (1, &b"[1, 2]"[..]),
+            (2, b"{\"a\":1}{\"a\":2}"),
+            (3, b"not json \xff"),
+            (4, b"{\"ok\":true}"),
+        ] {
+            batch.push(Lsn(seq), &envelope(seq, payload), 0);
+        }
+        assert_eq!(batch.row_lsns, vec![Lsn(4)]);
+        let reasons: Vec<&str> = batch.dead.iter().map(|d| d.error.as_str()).collect();
+        assert_eq!(reasons.len(), 3, "{reasons:?}");
+        assert!(
+            reasons[0].starts_with("passthrough payload is not one JSON object"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[2].starts_with("passthrough payload is not UTF-8"),
+            "{reasons:?}"
+        );
+        assert_eq!(body(&batch).lines().count(), 1);
+    }
 }

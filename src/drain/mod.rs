@@ -22,7 +22,9 @@ use std::sync::Arc;
 use prism_wal::{InflightBatch, Ledger, Lsn, Wal, WalError};
 use tokio::sync::Mutex;
 
-pub use batch::{dead_letter, Batch, BatchLimits, Rows, RowsKind, TypedRows};
+pub use batch::{
+    dead_letter, Batch, BatchLimits, Rows, RowsKind, TypedRows, PASSTHROUGH_RELAY_FIELDS,
+};
 pub use lane::{Lane, LaneConfig};
 pub use route::{Route, Router, UNROUTED_LANE};
 
@@ -48,6 +50,17 @@ pub enum DrainError {
         /// Lane that was interrupted.
         lane: String,
     },
+}
+
+/// A lane the ledger knew that the configuration no longer has, as it was dropped at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleLane {
+    /// The lane's name (its table).
+    pub lane: String,
+    /// Its cursor: records of the lane below it had reached ClickHouse.
+    pub cursor: Option<Lsn>,
+    /// Its abandoned in-flight batch, whose insert may or may not have happened.
+    pub inflight: Option<InflightBatch>,
 }
 
 /// The ledger shared by the lanes: cursors and in-flight batches, committed atomically.
@@ -82,6 +95,49 @@ impl LedgerKeeper {
     pub async fn register(&self, lane: &str, cursor: Lsn) {
         let mut ledger = self.ledger.lock().await;
         ledger.cursors.entry(lane.to_string()).or_insert(cursor);
+    }
+
+    /// Makes the ledger's lanes exactly `lanes` and commits once, before any lane starts.
+    ///
+    /// Every lane in `lanes` without a cursor is registered at `first_lsn` (the oldest record the
+    /// WAL holds). Lanes start one by one and the first one to commit a batch also applies
+    /// retention; a lane not registered by then would not hold back the segments it has yet to
+    /// read, and a first start with a full budget would delete them under it.
+    ///
+    /// Cursors and in-flight batches of lanes not in `lanes` (a `[[drain.passthrough]]` route or
+    /// table that was removed) are dropped and returned for the caller to report: nothing would
+    /// ever move them again, so they would pin the WAL for good and ingest would stop once the
+    /// budget filled. Their in-flight batch is abandoned, not finished: with its route gone no
+    /// lane can re-cut it, and its records stay readable in the WAL until retention frees them.
+    pub async fn register_lanes(
+        &self,
+        lanes: &[String],
+        first_lsn: Lsn,
+    ) -> Result<Vec<StaleLane>, DrainError> {
+        let mut ledger = self.ledger.lock().await;
+        let known = |lane: &String| lanes.contains(lane);
+        let mut stale: Vec<StaleLane> = ledger
+            .cursors
+            .keys()
+            .chain(ledger.inflight.keys())
+            .filter(|lane| !known(lane))
+            .map(|lane| StaleLane {
+                lane: lane.clone(),
+                cursor: ledger.cursors.get(lane).copied(),
+                inflight: ledger.inflight.get(lane).cloned(),
+            })
+            .collect();
+        stale.sort_by(|a, b| a.lane.cmp(&b.lane));
+        stale.dedup_by(|a, b| a.lane == b.lane);
+        for gone in &stale {
+            ledger.cursors.remove(&gone.lane);
+            ledger.inflight.remove(&gone.lane);
+        }
+        for lane in lanes {
+            ledger.cursors.entry(lane.clone()).or_insert(first_lsn);
+        }
+        self.commit_locked(&ledger).await?;
+        Ok(stale)
     }
 
     /// Moves a lane's cursor in memory; it is persisted with the next commit.
@@ -135,5 +191,119 @@ impl LedgerKeeper {
                 lane: "ledger".to_string(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+    use std::time::Duration;
+
+    use prism_wal::{Envelope, InflightBatch, Lsn, Retention, StreamSeq, Wal, WalOptions};
+
+    use super::LedgerKeeper;
+
+    /// Segments so small that a few records roll over, and no retention of released segments,
+    /// so a commit deletes at once whatever the ledger releases.
+    fn tiny_wal(dir: &std::path::Path) -> Wal {
+        let options = WalOptions {
+            segment_bytes_max: 1_024,
+            group_bytes_max: 64 * 1_024,
+            budget_bytes_max: 1 << 30,
+            retention: Retention {
+                bytes_max: 0,
+                segments_max: 0,
+                age_max: Duration::ZERO,
+            },
+            ..WalOptions::default()
+        };
+        Wal::open(dir, options).expect("open WAL").0
+    }
+
+    async fn append(wal: &Wal, count: u64) {
+        for seq in 1..=count {
+            let payload = vec![b'x'; 200];
+            let envelope = Envelope {
+                stream: Cow::Borrowed("S"),
+                stream_seq: StreamSeq(seq),
+                subject: Cow::Borrowed("trade.binance.spot.BTC-USDT"),
+                headers: Vec::new(),
+                published_ns: 0,
+                payload: Cow::Owned(payload),
+            };
+            wal.append(&[envelope]).await.expect("append");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lane_removed_from_the_configuration_loses_its_cursor_and_in_flight_batch_so_retention_moves(
+    ) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let wal = tiny_wal(dir.path());
+        append(&wal, 40).await;
+        let first = wal.stats().first_lsn;
+        let end = Lsn(wal.durable_lsn().0 + 1);
+        {
+            // An earlier run had a passthrough lane that stopped at the start of the WAL with a
+            // batch in flight.
+            let keeper = LedgerKeeper::load(wal.clone()).expect("load ledger");
+            keeper.note_cursor("tickers", first).await;
+            let batch = InflightBatch {
+                first,
+                last: Lsn(first.0 + 2),
+                rows: 3,
+            };
+            keeper.begin("tickers", batch).await.expect("commit");
+        }
+
+        // This run's configuration no longer routes to `tickers`.
+        let keeper = LedgerKeeper::load(wal.clone()).expect("load ledger");
+        let lanes = ["trades".to_string()];
+        keeper
+            .register_lanes(&lanes, first)
+            .await
+            .expect("register lanes");
+        keeper.finish("trades", end).await.expect("commit");
+
+        let ledger = wal.load_ledger().expect("load ledger");
+        assert!(!ledger.cursors.contains_key("tickers"), "{ledger:?}");
+        assert!(!ledger.inflight.contains_key("tickers"), "{ledger:?}");
+        assert!(
+            wal.stats().first_lsn > first,
+            "retention released nothing: {:?}",
+            wal.stats()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lane_registered_at_start_up_keeps_its_segments_while_another_lane_commits_past_them()
+    {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let wal = tiny_wal(dir.path());
+        append(&wal, 40).await;
+        let first = wal.stats().first_lsn;
+        let end = Lsn(wal.durable_lsn().0 + 1);
+        let keeper = LedgerKeeper::load(wal.clone()).expect("load ledger");
+
+        let lanes = ["early".to_string(), "late".to_string()];
+        keeper
+            .register_lanes(&lanes, first)
+            .await
+            .expect("register lanes");
+        // The first lane to start drains everything and commits before the second one starts.
+        keeper.finish("early", end).await.expect("commit");
+
+        assert_eq!(
+            wal.stats().first_lsn,
+            first,
+            "a segment the late lane needs was deleted"
+        );
+        let mut reader = wal
+            .reader(first)
+            .expect("the late lane can still read from the start");
+        let record = reader.next().expect("read").expect("a record");
+        assert_eq!(record.lsn, first);
+        let state = keeper.lane_state("late").await;
+        assert_eq!(state.0, Some(first));
     }
 }

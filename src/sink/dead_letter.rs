@@ -8,12 +8,20 @@
 use serde::{Deserialize, Serialize};
 
 /// One row of the `dead_letters` table. Field order is the column order of its DDL:
-/// `failed_at DateTime64(3)` (Int64 milliseconds on the legacy profile, the same RowBinary bytes),
-/// `table String, subject String, nats_stream String, nats_seq UInt64, error String, payload String`.
+/// `failed_at DateTime64(3)`, `published_at DateTime64(3)` (Int64 milliseconds on the legacy
+/// profile, the same RowBinary bytes), `table String, subject String, nats_stream String,
+/// nats_seq UInt64, error String, payload String`.
+///
+/// Everything but `failed_at` derives from the record, so a dead letter written again (a batch
+/// retried or re-cut after a crash) is the same row: the table is partitioned by `published_at`,
+/// not by `failed_at`, so both copies land in the same partition and collapse under `FINAL`, and
+/// a retried batch of them splits into the same parts.
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Serialize, Deserialize)]
 pub struct DeadLetter {
     /// When the failure was recorded, unix milliseconds UTC.
     pub failed_at: i64,
+    /// JetStream publish time of the message, unix milliseconds UTC; the partition key.
+    pub published_at: i64,
     /// The table the message was meant for (empty when it could not even be routed).
     pub table: String,
     /// The NATS subject the message arrived on.

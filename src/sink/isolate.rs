@@ -15,19 +15,21 @@
 //!   ReplacingMergeTree tables collapse anyway (invariants 6 and 7).
 //! - **Retryable and schema errors stop the bisection** and are returned as they are: they are not
 //!   the rows' fault, and the caller retries the whole batch later.
-//! - **Bounded.** The depth is at most `ceil(log2(rows))` by construction (asserted), the pending
-//!   stack at most one range per level plus one, and the number of inserts at most `inserts_max`.
-//!   A batch of `n` rows needs at most `2n - 1` inserts; if the budget runs out first, the rows not
-//!   yet isolated are reported as poison with the error of the range that contained them, so they
-//!   still reach the dead letters with a reason instead of blocking the pipeline.
+//! - **Bounded, and never at the expense of good rows.** The depth is at most `ceil(log2(rows))`
+//!   by construction (asserted), the pending stack at most one range per level plus one. A batch of
+//!   `n` rows needs at most `2n - 1` inserts to isolate every row, so the budget of one isolation is
+//!   `max(inserts_max, 2n - 1)`: a budget below that would have to report rows that were never shown
+//!   to be bad, and dead-letter good rows. Should the budget still run out (it cannot by the bound
+//!   above), the isolation stops with a retryable error: the batch is kept and retried, and no row
+//!   is reported as poison without its own failed insert.
 
 use std::future::Future;
 use std::ops::Range;
 
 use super::classify::{ErrorClass, InsertError};
 
-/// Default bound on the inserts one isolation may issue: enough to isolate every row of a
-/// 8,192-row batch, about a minute of local inserts in the worst case.
+/// Default floor of the inserts one isolation may issue: enough to isolate every row of a
+/// 8,192-row batch. Larger batches get `2n - 1` (see the module docs).
 pub const ISOLATE_INSERTS_MAX_DEFAULT: u32 = 16_384;
 
 /// A row ClickHouse rejected, by its index in the batch.
@@ -63,6 +65,12 @@ pub fn sub_batch_token(token: &str, range: &Range<usize>) -> String {
     format!("{token}/{}-{}", range.start, range.end)
 }
 
+/// The most inserts a bisection of `n` rows can issue: every range it tries is a node of a
+/// binary tree with at most `n` leaves, which has at most `2n - 1` nodes.
+pub fn inserts_needed_max(n: usize) -> u32 {
+    u32::try_from(n.saturating_mul(2).saturating_sub(1)).unwrap_or(u32::MAX)
+}
+
 /// Smallest `d` with `2^d >= n`: the deepest level halving can reach from `n` rows.
 fn depth_bound(n: usize) -> u32 {
     n.max(1).next_power_of_two().trailing_zeros()
@@ -72,7 +80,7 @@ fn depth_bound(n: usize) -> u32 {
 ///
 /// `attempt(range, token)` inserts exactly the rows in `range` with the given deduplication token
 /// and classifies any failure. The whole batch uses `token` itself; sub-ranges use
-/// [`sub_batch_token`]. `inserts_max` of 0 is treated as 1 (the whole batch is always tried).
+/// [`sub_batch_token`]. The budget is `inserts_max` raised to [`inserts_needed_max`] of `len`.
 pub async fn isolate<F, Fut>(
     len: usize,
     token: Option<&str>,
@@ -87,13 +95,12 @@ where
     if len == 0 {
         return Ok(outcome);
     }
-    let inserts_max = inserts_max.max(1);
+    let inserts_max = inserts_max.max(inserts_needed_max(len));
     let depth_max = depth_bound(len);
 
     let mut stack = vec![Pending {
         range: 0..len,
         depth: 0,
-        parent_error: None,
     }];
 
     while let Some(pending) = stack.pop() {
@@ -106,8 +113,11 @@ where
             "pending ranges exceed one per level"
         );
         if outcome.inserts >= inserts_max {
-            give_up(&mut outcome, pending, &mut stack, inserts_max);
-            break;
+            // Unreachable by the 2n - 1 bound; if it ever happens, keep the batch for a retry
+            // rather than report rows that no insert showed to be bad.
+            return Err(InsertError::retryable(format!(
+                "bisection of {len} rows ran out of its budget of {inserts_max} inserts; the batch is kept and retried"
+            )));
         }
 
         let range = pending.range;
@@ -126,18 +136,16 @@ where
                 index: range.start,
                 error,
             }),
-            Err(error) => {
+            Err(_) => {
                 let mid = range.start + range.len() / 2;
                 // Right pushed first so the left half is inserted first.
                 stack.push(Pending {
                     range: mid..range.end,
                     depth: pending.depth + 1,
-                    parent_error: Some(error.clone()),
                 });
                 stack.push(Pending {
                     range: range.start..mid,
                     depth: pending.depth + 1,
-                    parent_error: Some(error),
                 });
             }
         }
@@ -152,45 +160,10 @@ where
     Ok(outcome)
 }
 
-/// A range still to insert, with its depth and the error of the range it was split from.
+/// A range still to insert, with its depth.
 struct Pending {
     range: Range<usize>,
     depth: u32,
-    parent_error: Option<InsertError>,
-}
-
-/// Reports the rows of `pending` and of every range left on the stack as poison, because the
-/// insert budget is spent. Each carries the error of the range it was split from.
-fn give_up(
-    outcome: &mut IsolateOutcome,
-    pending: Pending,
-    stack: &mut Vec<Pending>,
-    inserts_max: u32,
-) {
-    let rest = stack.drain(..).rev();
-    for Pending {
-        range,
-        parent_error,
-        ..
-    } in std::iter::once(pending).chain(rest)
-    {
-        let cause = parent_error
-            .map(|e| e.message)
-            .unwrap_or_else(|| "no insert attempted".to_owned());
-        for index in range {
-            outcome.poison.push(PoisonRow {
-                index,
-                error: InsertError {
-                    class: ErrorClass::Poison,
-                    message: format!(
-                        "not isolated: the budget of {inserts_max} inserts ran out; \
-                         the rows around it failed with: {cause}"
-                    ),
-                    code: None,
-                },
-            });
-        }
-    }
 }
 
 #[cfg(test)]
@@ -201,7 +174,7 @@ mod tests {
 
     /// A fake table that rejects any insert containing a row from `bad`, and records each call.
     struct FakeTable {
-        bad: Vec<usize>,
+        bad: std::collections::BTreeSet<usize>,
         calls: RefCell<Vec<(Range<usize>, Option<String>)>>,
         stored: RefCell<Vec<usize>>,
         /// Fail with this (non-poison) error on the call with this number, counting from 1.
@@ -211,7 +184,7 @@ mod tests {
     impl FakeTable {
         fn new(bad: &[usize]) -> Self {
             FakeTable {
-                bad: bad.to_vec(),
+                bad: bad.iter().copied().collect(),
                 calls: RefCell::new(Vec::new()),
                 stored: RefCell::new(Vec::new()),
                 fail_on_call: None,
@@ -225,7 +198,7 @@ mod tests {
                     return Err(error.clone());
                 }
             }
-            if let Some(bad) = range.clone().find(|i| self.bad.contains(i)) {
+            if let Some(bad) = self.bad.range(range.clone()).next() {
                 return Err(InsertError {
                     class: ErrorClass::Poison,
                     message: format!("row {bad} is bad"),
@@ -360,22 +333,33 @@ mod tests {
     }
 
     #[test]
-    fn an_exhausted_budget_reports_the_unresolved_rows_with_the_enclosing_error() {
+    fn a_budget_below_what_the_batch_needs_is_raised_and_no_good_row_is_reported() {
         let table = FakeTable::new(&[0, 9]);
         let outcome = run(&table, 10, Some("t"), 3).expect("no error");
-        assert_eq!(outcome.inserts, 3);
-        // Every row is accounted for: stored or reported.
-        assert_eq!(outcome.rows_inserted + outcome.poison.len(), 10);
-        let unresolved: Vec<_> = outcome
-            .poison
-            .iter()
-            .filter(|p| p.error.message.starts_with("not isolated"))
-            .collect();
-        assert!(!unresolved.is_empty());
-        assert!(unresolved
-            .iter()
-            .all(|p| p.error.message.contains("is bad")));
-        assert!(outcome.poison.windows(2).all(|w| w[0].index < w[1].index));
+        assert!(outcome.inserts > 3, "{}", outcome.inserts);
+        assert!(outcome.inserts <= inserts_needed_max(10));
+        assert_eq!(poison_indices(&outcome), vec![0, 9]);
+        assert_eq!(outcome.rows_inserted, 8);
+    }
+
+    #[test]
+    fn a_batch_larger_than_the_default_budget_dead_letters_only_its_poison_rows() {
+        // 40,000 rows with every tenth one bad need far more than the default budget's inserts.
+        let len = 40_000;
+        let bad: Vec<usize> = (0..len).step_by(10).collect();
+        let table = FakeTable::new(&bad);
+        let outcome = run(&table, len, Some("t"), ISOLATE_INSERTS_MAX_DEFAULT).expect("no error");
+        assert!(
+            outcome.inserts > ISOLATE_INSERTS_MAX_DEFAULT,
+            "{}",
+            outcome.inserts
+        );
+        assert_eq!(poison_indices(&outcome), bad);
+        assert_eq!(outcome.rows_inserted, len - bad.len());
+        let mut stored = table.stored.borrow().clone();
+        stored.sort_unstable();
+        let good: Vec<usize> = (0..len).filter(|i| i % 10 != 0).collect();
+        assert_eq!(stored, good, "every good row is inserted");
     }
 
     #[test]

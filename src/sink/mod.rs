@@ -86,7 +86,8 @@ pub struct SinkOptions {
     pub connect_timeout_ms: u64,
     /// True for ClickHouse 23.8 and newer: row validation and deduplication tokens are used.
     pub modern: bool,
-    /// Bound on the inserts one isolating insert may issue while bisecting a poison batch.
+    /// Floor of the inserts one isolating insert may issue while bisecting a poison batch; a
+    /// batch of `n` rows always gets at least `2n - 1`, so no good row is dead-lettered.
     pub isolate_inserts_max: u32,
 }
 

@@ -709,3 +709,102 @@ async fn with_ack_policy_all_nats_frozen_around_acks_and_pulls_three_times_loses
     );
     stop_with_intact_wal(&mut relay, &config.wal_dir).await;
 }
+
+/// Passthrough messages of the kill scenario.
+const PASSTHROUGH_MESSAGES: u64 = 3_000;
+
+/// Passthrough messages published between two pauses of the publisher, which spread the
+/// publishing over a second or two so that the relay is killed while messages still arrive.
+const PASSTHROUGH_BURST: u64 = 100;
+
+/// Pause between two bursts of the passthrough publisher.
+const PASSTHROUGH_PACE_MS: u64 = 50;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passthrough_route_killed_mid_stream_stores_every_message_once_by_its_identity() {
+    let bed = Bed::start();
+    let mut config = chaos_config(&bed);
+    config.streams.push(crate::harness::StreamDef {
+        name: "MARKET_TICKERS".into(),
+        subjects: vec!["ticker.>".into()],
+    });
+    let mut consumer = crate::harness::ConsumerDef::new("MARKET_TICKERS", "prism-relay-tickers");
+    consumer.ack_wait_ms = ACK_WAIT_MS;
+    config.consumers.push(consumer);
+    config.extra = format!(
+        "[[drain.passthrough]]\ndata_type = \"ticker\"\ntable = \"tickers\"\n\n\
+         [drain.tables.tickers]\nrows_max = {ROWS_MAX}\nflush_interval_ms = 100\n"
+    );
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
+
+    // Every payload also carries a `nats_seq` of its own: the relay's identity must win.
+    let js = bed.js().await;
+    let publisher = tokio::spawn(async move {
+        let mut pace = tokio::time::interval(Duration::from_millis(PASSTHROUGH_PACE_MS));
+        let mut sequences = Vec::new();
+        for n in 1..=PASSTHROUGH_MESSAGES {
+            if n % PASSTHROUGH_BURST == 1 {
+                pace.tick().await;
+            }
+            let payload = format!(
+                r#"{{"exchange":"okx","market_type":"spot","symbol":"BTC-USDT","last":"112345.6","n":{n},"nats_seq":0}}"#
+            );
+            let (stream, seq) =
+                crate::harness::publish_raw(&js, "ticker.okx.spot.BTC-USDT", payload).await;
+            assert_eq!(stream, "MARKET_TICKERS");
+            sequences.push(seq);
+        }
+        sequences
+    });
+
+    let count_final = |bed: &Bed| bed.count_final("tickers");
+    wait_until_sync(
+        "passthrough rows reach ClickHouse",
+        PROGRESS_TIMEOUT,
+        || count_final(&bed) >= ROWS_BEFORE_FAULT,
+    )
+    .await;
+    relay.kill9();
+    relay.restart();
+    relay.wait_ready().await;
+
+    let sequences = tokio::time::timeout(TRAFFIC_TIMEOUT, publisher)
+        .await
+        .expect("the publisher finishes")
+        .expect("the publisher does not panic");
+    assert_eq!(sequences, (1..=PASSTHROUGH_MESSAGES).collect::<Vec<_>>());
+    wait_until_sync(
+        "every passthrough message in ClickHouse",
+        DRAIN_TIMEOUT + Duration::from_millis(ACK_WAIT_MS),
+        || count_final(&bed) >= PASSTHROUGH_MESSAGES,
+    )
+    .await;
+
+    // Under FINAL every identity is there exactly once, each row with its own payload.
+    let rows = bed.rows(
+        "SELECT count(), uniqExact(nats_stream, nats_seq), min(nats_seq), max(nats_seq), \
+         countIf(nats_stream = 'MARKET_TICKERS'), \
+         countIf(visitParamExtractUInt(payload, 'n') = nats_seq) \
+         FROM marketprism_hot.tickers FINAL",
+    );
+    let n = PASSTHROUGH_MESSAGES.to_string();
+    assert_eq!(
+        rows,
+        vec![vec![
+            n.clone(),
+            n.clone(),
+            "1".into(),
+            n.clone(),
+            n.clone(),
+            n
+        ]],
+        "{}",
+        relay.log()
+    );
+    assert_eq!(bed.count_dead_letters(), 0, "{}", relay.log());
+    println!(
+        "chaos: passthrough relay kill -9: {PASSTHROUGH_MESSAGES} messages, stored rows before FINAL {}",
+        bed.sql("SELECT count() FROM marketprism_hot.tickers").trim()
+    );
+    stop_with_intact_wal(&mut relay, &config.wal_dir).await;
+}

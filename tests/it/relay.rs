@@ -1145,3 +1145,71 @@ async fn a_message_larger_than_the_wal_record_limit_becomes_one_dead_letter_and_
     .await;
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_apply_adds_the_dead_letter_publish_time_to_a_table_an_older_relay_created() {
+    let bed = Bed::start();
+    let config = bed.config();
+    let path = config.write(&bed.path("relay.toml"));
+    let path = path.to_str().expect("UTF-8 path");
+    // The dead-letter table as the legacy profile created it before `published_at` existed.
+    bed.sql(&format!("CREATE DATABASE {DATABASE}"));
+    bed.sql(&format!(
+        "CREATE TABLE {DATABASE}.dead_letters (failed_at Int64, table String, subject String, \
+         nats_stream String, nats_seq UInt64, error String, payload String, \
+         created_at Int64 DEFAULT toInt64(toUInt32(now())) * 1000) \
+         ENGINE = ReplacingMergeTree() PARTITION BY toYYYYMM(toDateTime(intDiv(failed_at, 1000), 'UTC')) \
+         ORDER BY (nats_stream, nats_seq, table)"
+    ));
+    bed.sql(&format!(
+        "INSERT INTO {DATABASE}.dead_letters (failed_at, table, subject, nats_stream, nats_seq, error, payload) \
+         VALUES (1761714312456, 'trades', 'trade.x', 'MARKET_TRADES', 1, 'bad', '{{}}')"
+    ));
+
+    // `schema apply` checks the tables after applying and fails on any mismatch left.
+    let (status, out) = relay_command(&["schema", "apply", "--config", path]).await;
+    assert!(status.success(), "schema apply failed:\n{out}");
+    assert!(out.contains("legacy profile applied"), "{out}");
+    assert!(columns_of(&bed, "dead_letters").contains(&"published_at".to_string()));
+    // The old row is kept.
+    assert_eq!(bed.count_dead_letters(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_passthrough_route_no_longer_holds_a_cursor_in_the_ledger_after_the_next_start() {
+    let bed = Bed::start();
+    let mut config = bed.config();
+    config.streams[2].subjects.push("ticker.>".into());
+    let route = "[[drain.passthrough]]\ndata_type = \"ticker\"\ntable = \"tickers\"\n";
+    config.extra = route.into();
+    let ticker = r#"{"exchange":"okx","symbol":"BTC-USDT","last":"1.5"}"#;
+
+    let relay = InProcRelay::spawn(&config);
+    relay.wait_ready().await;
+    bed.publish_raw("ticker.okx.spot.BTC-USDT", ticker).await;
+    wait_until_sync("the ticker is stored", DRAIN_TIMEOUT, || {
+        bed.count_final("tickers") == 1
+    })
+    .await;
+    relay.stop().await.expect("clean stop");
+    let ledger = prism_wal::load_ledger(&config.wal_dir).expect("ledger");
+    assert!(ledger.cursors.contains_key("tickers"), "{ledger:?}");
+
+    // The route is removed: its records now go to the dead letters as unrouted.
+    config.extra.clear();
+    config.metrics_port = free_port();
+    let relay = InProcRelay::spawn(&config);
+    relay.wait_ready().await;
+    bed.publish_raw("ticker.okx.spot.BTC-USDT", ticker).await;
+    wait_until_sync(
+        "the unrouted ticker is dead-lettered",
+        DRAIN_TIMEOUT,
+        || bed.count_dead_letters() == 1,
+    )
+    .await;
+    relay.stop().await.expect("clean stop");
+    let ledger = prism_wal::load_ledger(&config.wal_dir).expect("ledger");
+    assert!(!ledger.cursors.contains_key("tickers"), "{ledger:?}");
+    assert!(!ledger.inflight.contains_key("tickers"), "{ledger:?}");
+    assert!(ledger.cursors.contains_key("trades"), "{ledger:?}");
+}

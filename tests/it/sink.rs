@@ -430,14 +430,15 @@ async fn dead_letters_are_inserted_and_read_back() {
     // The legacy profile's dead-letter table: DateTime64(3) becomes Int64 milliseconds.
     server
         .query(&format!(
-            "CREATE TABLE {DATABASE}.dead_letters (failed_at Int64, table String, subject String, \
-             nats_stream String, nats_seq UInt64, error String, payload String) \
+            "CREATE TABLE {DATABASE}.dead_letters (failed_at Int64, published_at Int64, table String, \
+             subject String, nats_stream String, nats_seq UInt64, error String, payload String) \
              ENGINE = MergeTree ORDER BY (nats_stream, nats_seq)"
         ))
         .expect("table created");
     let letters = [
         DeadLetter {
             failed_at: 1_761_714_312_456,
+            published_at: 1_761_714_312_000,
             table: "trades".into(),
             subject: "trade.binance.spot.BTC-USDT".into(),
             nats_stream: "MARKET_DATA".into(),
@@ -447,6 +448,7 @@ async fn dead_letters_are_inserted_and_read_back() {
         },
         DeadLetter {
             failed_at: 1_761_714_312_999,
+            published_at: 1_761_714_311_000,
             table: String::new(),
             subject: "weird.subject".into(),
             nats_stream: "MARKET_DATA".into(),
@@ -558,6 +560,48 @@ async fn the_version_is_readable_whatever_the_profile_and_a_wrong_profile_is_a_s
         .await
         .expect_err("18.16 lacks what a modern insert uses");
     assert_eq!(error.class, ErrorClass::Schema, "{error}");
+}
+
+#[tokio::test]
+async fn a_dead_letter_written_again_in_another_month_lands_in_the_same_partition_and_merges_with_the_first(
+) {
+    use prism_relay::schema::{self, Profile, SchemaTable};
+    use prism_wal::{Envelope, StreamSeq};
+    use std::borrow::Cow;
+
+    let (server, sink) = setup();
+    query(
+        &server,
+        &schema::ddl(Profile::Legacy, DATABASE, SchemaTable::DeadLetters, None),
+    );
+    let envelope = Envelope {
+        stream: Cow::Borrowed("MARKET_DATA"),
+        stream_seq: StreamSeq(7),
+        subject: Cow::Borrowed("trade.binance.spot.BTC-USDT"),
+        headers: Vec::new(),
+        published_ns: 1_761_714_312_456_000_000,
+        payload: Cow::Borrowed(br#"{"price":"x"}"#),
+    };
+    // The batch failed on the last day of a month and was re-cut after a restart the next day.
+    let jan_31_ms = 1_769_860_800_000;
+    let feb_1_ms = 1_769_947_200_000;
+    for now_ms in [jan_31_ms, feb_1_ms] {
+        let letter =
+            prism_relay::drain::dead_letter("trades", &envelope, "bad price".into(), now_ms);
+        sink.insert_dead_letters("dead_letters", &[letter], None)
+            .await
+            .expect("insert");
+    }
+    // Both copies must land in one partition: ClickHouse merges (and so collapses) rows only
+    // within a partition, and a retried insert splits into parts by partition.
+    query(&server, "OPTIMIZE TABLE sink_it.dead_letters FINAL");
+    assert_eq!(
+        query(
+            &server,
+            "SELECT count(), uniqExact(_partition_id) FROM sink_it.dead_letters WHERE nats_seq = 7 FORMAT TSV"
+        ),
+        "1\t1"
+    );
 }
 
 /// Bytes the endless stand-in below sends at most before it gives up on its client: far past the
