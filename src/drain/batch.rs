@@ -291,10 +291,13 @@ impl Batch {
                 push_json_line(body, starts, &envelope.payload);
                 Ok(())
             }
-            Rows::None => Err(format!(
-                "no route for subject {:?}: no typed codec and no [[drain.passthrough]] entry for its first token",
-                envelope.subject
-            )),
+            Rows::None => Err(match super::route::dead_letter_reason(envelope) {
+                Some(reason) => reason.to_owned(),
+                None => format!(
+                    "no route for subject {:?}: no typed codec and no [[drain.passthrough]] entry for its first token",
+                    envelope.subject
+                ),
+            }),
         };
         match outcome {
             Ok(()) => {

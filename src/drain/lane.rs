@@ -139,7 +139,7 @@ impl Lane {
                 self.read_pos = Lsn(lsn.0 + 1);
                 // The committed cursor never passes an in-flight batch's first record, so the
                 // cursor alone says which records of this lane are already in ClickHouse.
-                let mine = self.router.route(&envelope.subject).lane() == self.config.name;
+                let mine = self.router.route_record(&envelope).lane() == self.config.name;
                 if !mine || lsn < self.resume_cursor {
                     continue;
                 }

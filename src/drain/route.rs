@@ -7,7 +7,10 @@
 
 use std::collections::BTreeMap;
 
+use prism_wal::Envelope;
+
 use crate::codec::{DataType, Table};
+use crate::source::DEAD_LETTER_HEADER;
 
 /// Name of the lane that collects records no route claims (its rows are dead letters).
 pub const UNROUTED_LANE: &str = "_unrouted";
@@ -61,6 +64,15 @@ impl Router {
         }
     }
 
+    /// The route of one WAL record: a record the source marked as a dead letter goes to dead
+    /// letters whatever its subject; any other by its subject.
+    pub fn route_record(&self, envelope: &Envelope<'_>) -> Route<'_> {
+        if dead_letter_reason(envelope).is_some() {
+            return Route::Unrouted;
+        }
+        self.route(&envelope.subject)
+    }
+
     /// Every lane this router can produce, typed tables first.
     pub fn lanes(&self) -> Vec<String> {
         let mut lanes: Vec<String> = Table::ALL.iter().map(|t| t.name().to_string()).collect();
@@ -72,6 +84,15 @@ impl Router {
         lanes.push(UNROUTED_LANE.to_string());
         lanes
     }
+}
+
+/// The reason the source gave for a record it marked as a dead letter.
+pub fn dead_letter_reason<'e>(envelope: &'e Envelope<'_>) -> Option<&'e str> {
+    envelope
+        .headers
+        .iter()
+        .find(|(name, _)| name == DEAD_LETTER_HEADER)
+        .map(|(_, reason)| reason.as_ref())
 }
 
 #[cfg(test)]
@@ -88,6 +109,31 @@ mod tests {
         assert_eq!(
             router.route("volatility_index.deribit.options.BTC").lane(),
             "volatility_indices"
+        );
+    }
+
+    #[test]
+    fn a_record_marked_as_dead_letter_goes_to_dead_letters_whatever_its_subject() {
+        use std::borrow::Cow;
+        let mut envelope = Envelope {
+            stream: Cow::Borrowed("MARKET_TRADES"),
+            stream_seq: prism_wal::StreamSeq(7),
+            subject: Cow::Borrowed("trade.binance.spot.BTC-USDT"),
+            headers: Vec::new(),
+            published_ns: 0,
+            payload: Cow::Borrowed(b"{}"),
+        };
+        let router = Router::default();
+        assert_eq!(router.route_record(&envelope), Route::Typed(Table::Trades));
+        assert_eq!(dead_letter_reason(&envelope), None);
+        envelope.headers.push((
+            Cow::Borrowed(DEAD_LETTER_HEADER),
+            Cow::Borrowed("headers are not valid UTF-8"),
+        ));
+        assert_eq!(router.route_record(&envelope), Route::Unrouted);
+        assert_eq!(
+            dead_letter_reason(&envelope),
+            Some("headers are not valid UTF-8")
         );
     }
 
