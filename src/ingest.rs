@@ -113,9 +113,9 @@ pub async fn run(
                     stream_seq: StreamSeq(m.stream_seq()),
                     subject: Cow::Borrowed(m.subject()),
                     headers: m
-                        .msg_id()
-                        .map(|id| vec![(Cow::Borrowed("Nats-Msg-Id"), Cow::Borrowed(id))])
-                        .unwrap_or_default(),
+                        .record_headers()
+                        .map(|(name, value)| (Cow::Borrowed(name), Cow::Borrowed(value)))
+                        .collect(),
                     published_ns: m.published_ns(),
                     payload: Cow::Borrowed(m.payload()),
                 })

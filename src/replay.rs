@@ -96,7 +96,7 @@ pub async fn replay(
         let envelope = record.envelope()?;
         summary.records += 1;
         summary.last = Some(record.lsn);
-        let lane = router.route(&envelope.subject).lane().to_string();
+        let lane = router.route_envelope(&envelope).lane().to_string();
         if !options.tables.is_empty() && !options.tables.contains(&lane) {
             continue;
         }

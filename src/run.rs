@@ -248,7 +248,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     for consumer in &config.consumer {
         let outcome = source::ensure_consumer(&js, consumer).await?;
         tracing::info!(stream = %outcome.stream, durable = %outcome.durable, action = ?outcome.action, drift = outcome.drift.len(), "consumer");
-        fetchers.push(Fetcher::new(&js, consumer).await?);
+        fetchers.push(Fetcher::new(&js, consumer).await?.with_rescue(&config.nats));
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);

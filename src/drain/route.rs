@@ -7,7 +7,8 @@
 //! so a new collector type never blocks the pipeline and is never dropped silently.
 //!
 //! A *dead-letter record* is one the ingest side wrote in place of a message the WAL cannot take
-//! (larger than its record limit): it carries the header [`DEAD_LETTER_HEADER`], whose value is
+//! (larger than its record limit) or of a delivery the NATS client cannot read (a subject or
+//! headers that are not UTF-8, captured by `source::rescue`): it carries the header [`DEAD_LETTER_HEADER`], whose value is
 //! the reason. Whatever its subject, it goes to the unrouted lane, which dead-letters every
 //! record, with that reason verbatim ([`Router::route_envelope`], [`dead_letter_reason`]).
 
@@ -21,7 +22,8 @@ use crate::codec::{DataType, Table};
 pub const UNROUTED_LANE: &str = "_unrouted";
 
 /// Header of a dead-letter record; its value is the reason the message became a dead letter.
-/// Ingest sets it (in place of a message the WAL cannot take); the drain routes on it.
+/// Ingest and the source's rescue pulls set it; the drain routes on it. Defined here, by the
+/// side that interprets it, so the source and the drain share one name.
 pub const DEAD_LETTER_HEADER: &str = "Prism-Dead-Letter";
 
 /// The reason a dead-letter record carries, or `None` for an ordinary record.

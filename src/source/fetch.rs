@@ -13,6 +13,7 @@
 //! fetch order: one ack covers every earlier message of the consumer.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,8 +23,9 @@ use async_nats::jetstream::{self};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
+use super::rescue::{self, DeadLetterMark, Rescue};
 use super::{reply, setup, SourceError};
-use crate::config::{AckPolicyKind, ConsumerConfig};
+use crate::config::{AckPolicyKind, ConsumerConfig, NatsConfig};
 
 /// Headers copied into WAL records; every other header is dropped.
 pub const SELECTED_HEADERS: [&str; 1] = ["Nats-Msg-Id"];
@@ -47,6 +49,9 @@ const ACK_BODY: &[u8] = b"+ACK";
 /// Body of a negative acknowledgement: redeliver now.
 const NAK_BODY: &[u8] = b"-NAK";
 
+/// Body of a termination: the message was dead-lettered, never redeliver it.
+const TERM_BODY: &[u8] = b"+TERM";
+
 /// Pulls batches from one durable pull consumer.
 pub struct Fetcher {
     /// Handle used to send pull requests.
@@ -67,6 +72,8 @@ pub struct Fetcher {
     ack_policy: AckPolicyKind,
     /// Ack-all only: which written deliveries may still be pending on the server.
     ack_all_gate: AckAllGate,
+    /// Pulls through a raw connection after the client lost its connection (`rescue`).
+    rescue: Rescue,
 }
 
 impl Fetcher {
@@ -127,7 +134,16 @@ impl Fetcher {
             fetch_expires: Duration::from_millis(config.fetch_expires_ms),
             ack_policy,
             ack_all_gate: AckAllGate::default(),
+            rescue: Rescue::disabled(),
         })
+    }
+
+    /// Lets the fetcher rescue deliveries the client cannot read through a raw connection made
+    /// with `nats` (see the `rescue` module); without it a poisoned delivery is redelivered
+    /// forever.
+    pub fn with_rescue(mut self, nats: &NatsConfig) -> Fetcher {
+        self.rescue.enable(nats);
+        self
     }
 
     /// Stream name.
@@ -155,12 +171,18 @@ impl Fetcher {
     /// cut short by an error after some messages arrived returns those messages; the error shows
     /// again on the next pull if it persists.
     pub async fn fetch(&mut self) -> Result<Batch, SourceError> {
+        let connects = self.client.statistics().connects.load(Ordering::Relaxed);
+        self.rescue.observe_connects(connects);
         let state = self.client.connection_state();
         if state != State::Connected {
+            self.rescue.arm();
             return Err(SourceError::Disconnected {
                 durable: self.durable.to_string(),
                 state: state.to_string(),
             });
+        }
+        if let Some(batch) = self.fetch_rescue().await? {
+            return Ok(batch);
         }
 
         let bytes_max = usize::try_from(self.fetch_bytes_max).unwrap_or(usize::MAX);
@@ -300,6 +322,94 @@ impl Fetcher {
         })
     }
 
+    /// The consumer counters a rescue decides on.
+    async fn rescue_info(&mut self) -> Result<rescue::ConsumerPosition, SourceError> {
+        let info = self
+            .consumer
+            .info()
+            .await
+            .map_err(|err| SourceError::ConsumerRequest {
+                stream: self.stream.to_string(),
+                durable: self.durable.to_string(),
+                source: Box::new(err),
+            })?;
+        Ok(rescue::ConsumerPosition {
+            delivered: info.delivered.stream_sequence,
+            ack_floor: info.ack_floor.stream_sequence,
+            ack_pending: info.num_ack_pending as u64,
+            ack_wait: info.config.ack_wait,
+        })
+    }
+
+    /// A rescue pull, when one is due (the client reconnected and some delivery in flight then is
+    /// not acknowledged yet); `None` when the client should pull.
+    async fn fetch_rescue(&mut self) -> Result<Option<Batch>, SourceError> {
+        let target = match self.rescue.step() {
+            rescue::Step::Client => return Ok(None),
+            rescue::Step::Arm => {
+                let info = self.rescue_info().await?;
+                self.rescue
+                    .activate(info.delivered, info.ack_pending, info.ack_wait);
+                match self.rescue.step() {
+                    rescue::Step::Raw { target } => target,
+                    _ => return Ok(None),
+                }
+            }
+            rescue::Step::Raw { target } => target,
+        };
+        let info = self.rescue_info().await?;
+        if !self.rescue.check_floor(info.ack_floor) {
+            return Ok(None);
+        }
+        let request = rescue::PullRequest {
+            stream: &self.stream,
+            durable: &self.durable,
+            batch: self.fetch_batch,
+            max_bytes: self.fetch_bytes_max,
+            expires: self.fetch_expires,
+        };
+        let raw = match self.rescue.pull(&request).await {
+            Ok(raw) => raw,
+            Err(rescue::RescueError::TooLarge) => {
+                return Err(SourceError::MessageTooLarge {
+                    stream: self.stream.to_string(),
+                    durable: self.durable.to_string(),
+                    fetch_bytes_max: self.fetch_bytes_max,
+                })
+            }
+            Err(error @ rescue::RescueError::Unsupported { .. }) => {
+                tracing::error!(stream = %self.stream, durable = %self.durable, %error, target,
+                    "a delivery the NATS client cannot read would be redelivered forever; pulling through the client");
+                self.rescue.abandon();
+                return Ok(None);
+            }
+            Err(error) => {
+                return Err(SourceError::Fetch {
+                    stream: self.stream.to_string(),
+                    durable: self.durable.to_string(),
+                    source: Box::new(error),
+                })
+            }
+        };
+        let mut messages = Vec::with_capacity(raw.len());
+        for delivery in raw {
+            let mut delivered = self.delivered(delivery.message)?;
+            if let Some(mark) = delivery.dead_letter {
+                tracing::warn!(stream = %self.stream, durable = %self.durable, seq = delivered.stream_seq,
+                    reason = %mark.reason, "delivery the NATS client cannot read: dead-lettered");
+                delivered.dead_letter = Some(Box::new(mark));
+            }
+            messages.push(delivered);
+        }
+        Ok(Some(Batch {
+            stream: Arc::clone(&self.stream),
+            durable: Arc::clone(&self.durable),
+            messages,
+            ack_policy: self.ack_policy,
+            client: self.client.clone(),
+        }))
+    }
+
     fn delivered(&self, message: async_nats::Message) -> Result<Delivered, SourceError> {
         let meta = message
             .reply
@@ -320,6 +430,7 @@ impl Fetcher {
             delivered: meta.delivered,
             published_ns: meta.published_ns,
             message,
+            dead_letter: None,
         })
     }
 
@@ -360,6 +471,8 @@ struct Delivered {
     delivered: u64,
     published_ns: i64,
     message: async_nats::Message,
+    /// Set by a rescue pull for a delivery the client could not have read.
+    dead_letter: Option<Box<DeadLetterMark>>,
 }
 
 /// The messages of one pull, in delivery order.
@@ -467,7 +580,14 @@ impl Batch {
         match self.ack_policy {
             AckPolicyKind::Explicit => {
                 for m in &self.messages {
-                    self.send_ack(&m.message).await?;
+                    // A dead letter is terminated: JetStream stops redelivering it and emits a
+                    // termination advisory.
+                    let body = if m.dead_letter.is_some() {
+                        TERM_BODY
+                    } else {
+                        ACK_BODY
+                    };
+                    self.send_reply(&m.message, body).await?;
                     acks_sent += 1;
                 }
             }
@@ -594,6 +714,20 @@ impl<'a> MessageRef<'a> {
     /// Time the stream stored the message, unix nanoseconds.
     pub fn published_ns(&self) -> i64 {
         self.delivered.published_ns
+    }
+
+    /// The headers its WAL record carries: the [`SELECTED_HEADERS`] present, and for a delivery
+    /// the client could not read, [`rescue::DEAD_LETTER_HEADER`] (the reason) and
+    /// [`rescue::RAW_SUBJECT_HEADER`] (the raw subject in hex), which route it to dead letters.
+    pub fn record_headers(&self) -> impl Iterator<Item = (&'static str, &'a str)> + 'a {
+        let mark = self.delivered.dead_letter.as_deref();
+        let marks = mark.into_iter().flat_map(|m| {
+            [
+                (rescue::DEAD_LETTER_HEADER, m.reason.as_str()),
+                (rescue::RAW_SUBJECT_HEADER, m.raw_subject_hex.as_str()),
+            ]
+        });
+        self.headers().chain(marks)
     }
 
     /// The payload bytes.

@@ -29,12 +29,19 @@
 //! the background. A pull in flight when the connection drops ends at its deadline
 //! (`fetch_expires_ms` plus a margin). Acks sent while disconnected may be lost; their messages
 //! come back after `ack_wait_ms`, see above.
+//!
+//! The client also drops its connection when a delivery has a subject or headers it cannot parse
+//! (not UTF-8). After any reconnect, the fetcher pulls through a raw protocol connection until the
+//! deliveries in flight then are acknowledged, and such a delivery becomes a dead-letter record
+//! (`rescue`); only then is it terminated.
 
 mod fetch;
 mod reply;
+mod rescue;
 mod setup;
 
 pub use fetch::{AckSummary, Backlog, Batch, Fetcher, MessageRef, SELECTED_HEADERS};
+pub use rescue::{RescueError, DEAD_LETTER_HEADER, RAW_SUBJECT_HEADER, RESCUE_ACK_WAITS_MAX};
 pub use setup::{
     check_consumer, check_streams, ensure_consumer, ensure_streams, ConsumerOutcome, Drift,
     SetupAction, StreamOutcome,
