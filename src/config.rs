@@ -31,6 +31,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::drain::UNROUTED_LANE;
+
 /// Prefix of every environment override.
 pub const ENV_PREFIX: &str = "PRISM_RELAY_";
 
@@ -1258,6 +1260,16 @@ impl Config {
             "ms (at least retry_backoff_initial_ms)",
         );
         v.identifier("drain.dead_letter_table", &d.dead_letter_table);
+        if TYPED_TABLES.contains(&d.dead_letter_table.as_str())
+            || d.dead_letter_table == UNROUTED_LANE
+        {
+            v.push(
+                "drain.dead_letter_table",
+                &d.dead_letter_table,
+                "a table of its own (not a data table, not the internal lane _unrouted)",
+                "use a name such as dead_letters".to_owned(),
+            );
+        }
 
         let mut data_types = BTreeSet::new();
         for (i, route) in d.passthrough.iter().enumerate() {
@@ -1291,11 +1303,16 @@ impl Config {
                 );
             }
             v.identifier(&p("table"), &route.table);
-            if TYPED_TABLES.contains(&route.table.as_str()) || route.table == d.dead_letter_table {
+            // `_unrouted` names the drain's internal lane (and its ledger cursor): a passthrough
+            // table of that name would share the lane with unroutable records.
+            if TYPED_TABLES.contains(&route.table.as_str())
+                || route.table == d.dead_letter_table
+                || route.table == UNROUTED_LANE
+            {
                 v.push(
                     &p("table"),
                     &route.table,
-                    "a table the relay does not write typed rows to",
+                    "a table of its own (not a data table, the dead-letter table or the internal lane _unrouted)",
                     "route to a table of its own".to_owned(),
                 );
             }
@@ -2074,6 +2091,26 @@ mod tests {
             !shown.contains("tok\"") && !shown.contains("\"pw\""),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn a_table_name_that_collides_with_the_unrouted_lane_or_a_data_table_is_rejected_by_name() {
+        let mut config = Config::default();
+        config.drain.passthrough.push(route("ticker", "_unrouted"));
+        assert!(
+            invalid_fields(&config).contains(&"drain.passthrough[0].table".to_owned()),
+            "{:?}",
+            invalid_fields(&config)
+        );
+        for table in ["_unrouted", "trades"] {
+            let mut config = Config::default();
+            config.drain.dead_letter_table = table.into();
+            assert!(
+                invalid_fields(&config).contains(&"drain.dead_letter_table".to_owned()),
+                "{table}: {:?}",
+                invalid_fields(&config)
+            );
+        }
     }
 
     fn stream(name: &str, subject: &str) -> StreamConfig {

@@ -291,7 +291,10 @@ async fn schema_command(action: SchemaAction) -> Result<ExitCode> {
                 ProfileArg::Auto => resolve_profile(&config).await?.1,
             };
             let ch = &config.clickhouse;
-            for statement in schema::all_ddl(profile, &ch.database, ch.ttl_days) {
+            let dead_letters = &config.drain.dead_letter_table;
+            for statement in
+                schema::all_ddl_with_dead_letters(profile, &ch.database, ch.ttl_days, dead_letters)
+            {
                 println!("{statement};\n");
             }
             Ok(ExitCode::SUCCESS)
@@ -411,7 +414,11 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
 async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
     let mut config = args.config.load()?;
     if let Some(database) = args.database {
+        // The name is written into SQL like the configured one: validate it the same way.
         config.clickhouse.database = database;
+        config
+            .validate()
+            .context("invalid --database (it replaces clickhouse.database)")?;
     }
     let (_, profile) = resolve_profile(&config).await?;
     let sink = Sink::new(sink_options(&config, profile))?;

@@ -127,7 +127,10 @@ pub async fn apply_schema(
     profile: Profile,
 ) -> Result<(), SinkError> {
     let ch = &config.clickhouse;
-    for statement in schema::all_ddl(profile, &ch.database, ch.ttl_days) {
+    let dead_letters = &config.drain.dead_letter_table;
+    for statement in
+        schema::all_ddl_with_dead_letters(profile, &ch.database, ch.ttl_days, dead_letters)
+    {
         probe.execute(&statement).await?;
     }
     Ok(())

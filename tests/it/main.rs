@@ -2,6 +2,7 @@
 
 mod chaos;
 mod harness;
+mod hostile;
 mod modern;
 mod relay;
 mod sink;
