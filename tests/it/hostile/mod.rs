@@ -4,6 +4,7 @@
 //! (`secrets`), and configuration mistakes that must fail by name (`config`).
 
 mod config;
+mod metrics;
 
 use std::fs;
 use std::process::{Command, ExitStatus, Stdio};
