@@ -183,6 +183,21 @@ pub const DRAIN_TABLE_BYTES_MAX_MIN: u64 = 64 * KIB;
 /// Bounds drain memory per table.
 pub const DRAIN_TABLE_BYTES_MAX_MAX: u64 = GIB;
 
+// ---- [metrics] bounds ----
+/// One connection at least, for the scraper.
+pub const METRICS_CONNECTIONS_MAX_MIN: u32 = 1;
+/// Each connection holds a file descriptor the WAL and ClickHouse need too; a relay often runs
+/// with a limit of 1024.
+pub const METRICS_CONNECTIONS_MAX_MAX: u32 = 1_024;
+/// Request headers of a scraper on a LAN arrive within milliseconds.
+pub const METRICS_HEADER_READ_TIMEOUT_MS_MIN: u64 = 100;
+/// Beyond a minute an idle connection holds its slot too long.
+pub const METRICS_HEADER_READ_TIMEOUT_MS_MAX: u64 = 60_000;
+/// Rendering and sending the page takes milliseconds; a second leaves room for a slow link.
+pub const METRICS_REQUEST_TIMEOUT_MS_MIN: u64 = 1_000;
+/// Prometheus gives up on a scrape after its scrape_timeout (10 s by default) anyway.
+pub const METRICS_REQUEST_TIMEOUT_MS_MAX: u64 = 300_000;
+
 // ---- [shutdown] bounds ----
 /// Stopping fetches, an fsync and a flush need at least this long.
 pub const SHUTDOWN_TIMEOUT_MS_MIN: u64 = 1_000;
@@ -203,6 +218,8 @@ const _: () = {
     // A pull's byte limit can hold the largest NATS payload the server allows by default (1 MiB).
     assert!(CONSUMER_FETCH_BYTES_MAX_MIN >= MIB);
     assert!(DRAIN_RETRY_BACKOFF_MS_MIN <= DRAIN_RETRY_BACKOFF_MS_MAX);
+    // Some allowed request timeout is at least every allowed header-read timeout.
+    assert!(METRICS_HEADER_READ_TIMEOUT_MS_MAX <= METRICS_REQUEST_TIMEOUT_MS_MAX);
 };
 
 /// The whole relay configuration. `Default` gives the documented defaults.
@@ -645,6 +662,14 @@ impl DrainConfig {
 pub struct MetricsConfig {
     /// Listen address; MarketPrism's Prometheus scrapes port 9094.
     pub listen: SocketAddr,
+    /// Connections open at once, at most; later ones wait in the listen queue. Default 64.
+    pub connections_max: u32,
+    /// A connection whose request headers have not arrived this long after accept is closed,
+    /// in milliseconds. Default 5,000.
+    pub header_read_timeout_ms: u64,
+    /// Every connection is closed this long after accept (one request each), in milliseconds.
+    /// Default 10,000.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for MetricsConfig {
@@ -652,6 +677,9 @@ impl Default for MetricsConfig {
         MetricsConfig {
             // A literal that always parses.
             listen: SocketAddr::from(([0, 0, 0, 0], 9094)),
+            connections_max: 64,
+            header_read_timeout_ms: 5_000,
+            request_timeout_ms: 10_000,
         }
     }
 }
@@ -845,6 +873,11 @@ impl Config {
             ("drain", "retry_backoff_max_ms") => self.drain.retry_backoff_max_ms = v.parse()?,
             ("drain", "dead_letter_table") => self.drain.dead_letter_table = value.to_owned(),
             ("metrics", "listen") => self.metrics.listen = v.parse()?,
+            ("metrics", "connections_max") => self.metrics.connections_max = v.parse()?,
+            ("metrics", "header_read_timeout_ms") => {
+                self.metrics.header_read_timeout_ms = v.parse()?
+            }
+            ("metrics", "request_timeout_ms") => self.metrics.request_timeout_ms = v.parse()?,
             ("shutdown", "timeout_ms") => self.shutdown.timeout_ms = v.parse()?,
             _ => {
                 let known: Vec<String> = ENV_OVERRIDES
@@ -872,6 +905,7 @@ impl Config {
         self.validate_wal(&mut v);
         self.validate_clickhouse(&mut v);
         self.validate_drain(&mut v);
+        self.validate_metrics(&mut v);
         v.range(
             "shutdown.timeout_ms",
             self.shutdown.timeout_ms,
@@ -1236,6 +1270,31 @@ impl Config {
         }
     }
 
+    fn validate_metrics(&self, v: &mut Validator) {
+        let m = &self.metrics;
+        v.range(
+            "metrics.connections_max",
+            m.connections_max,
+            METRICS_CONNECTIONS_MAX_MIN,
+            METRICS_CONNECTIONS_MAX_MAX,
+            "connections",
+        );
+        v.range(
+            "metrics.header_read_timeout_ms",
+            m.header_read_timeout_ms,
+            METRICS_HEADER_READ_TIMEOUT_MS_MIN,
+            METRICS_HEADER_READ_TIMEOUT_MS_MAX,
+            "ms",
+        );
+        v.range(
+            "metrics.request_timeout_ms",
+            m.request_timeout_ms,
+            METRICS_REQUEST_TIMEOUT_MS_MIN.max(m.header_read_timeout_ms),
+            METRICS_REQUEST_TIMEOUT_MS_MAX,
+            "ms (at least header_read_timeout_ms)",
+        );
+    }
+
     fn validate_drain(&self, v: &mut Validator) {
         let d = &self.drain;
         v.range(
@@ -1375,7 +1434,7 @@ impl Config {
 pub const ENV_SECTIONS: [&str; 6] = ["nats", "wal", "clickhouse", "drain", "metrics", "shutdown"];
 
 /// Every (section, field) an environment variable may override.
-pub const ENV_OVERRIDES: [(&str, &str); 31] = [
+pub const ENV_OVERRIDES: [(&str, &str); 34] = [
     ("nats", "url"),
     ("nats", "name"),
     ("nats", "connect_timeout_ms"),
@@ -1406,6 +1465,9 @@ pub const ENV_OVERRIDES: [(&str, &str); 31] = [
     ("drain", "retry_backoff_max_ms"),
     ("drain", "dead_letter_table"),
     ("metrics", "listen"),
+    ("metrics", "connections_max"),
+    ("metrics", "header_read_timeout_ms"),
+    ("metrics", "request_timeout_ms"),
     ("shutdown", "timeout_ms"),
 ];
 
@@ -2020,6 +2082,14 @@ mod tests {
                 c.drain.passthrough.push(route("ticker", "trades"))
             }),
             ("shutdown.timeout_ms", |c| c.shutdown.timeout_ms = 1),
+            ("metrics.connections_max", |c| c.metrics.connections_max = 0),
+            ("metrics.header_read_timeout_ms", |c| {
+                c.metrics.header_read_timeout_ms = 0
+            }),
+            ("metrics.request_timeout_ms", |c| {
+                c.metrics.header_read_timeout_ms = 20_000;
+                c.metrics.request_timeout_ms = 10_000;
+            }),
         ];
         for (field, mutate) in cases {
             let mut config = Config::default();

@@ -210,6 +210,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let http_task = tokio::spawn(http::serve(
         listener,
+        http::HttpLimits::from_config(&config.metrics),
         registry,
         metrics.clone(),
         wal.clone(),

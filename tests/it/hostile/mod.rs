@@ -4,6 +4,7 @@
 //! (`secrets`), and configuration mistakes that must fail by name (`config`).
 
 mod config;
+mod http;
 mod metrics;
 
 use std::fs;
