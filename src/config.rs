@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::drain::UNROUTED_LANE;
+use crate::redact::{redact, REDACTED};
 
 /// Prefix of every environment override.
 pub const ENV_PREFIX: &str = "PRISM_RELAY_";
@@ -261,7 +262,7 @@ impl Default for Config {
 }
 
 /// `[nats]`: connection to the NATS server (or cluster).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     /// Server URL, or several separated by commas (`nats://a:4222,nats://b:4222`).
@@ -274,12 +275,35 @@ pub struct NatsConfig {
     pub request_timeout_ms: u64,
     /// User name, with `password`.
     pub user: Option<String>,
-    /// Password, with `user`.
+    /// Password, with `user`. Prefer `password_file` or `PRISM_RELAY_NATS_PASSWORD`.
     pub password: Option<String>,
-    /// Token authentication (exclusive with user/password and creds_file).
+    /// File holding the password (its content, without a trailing newline), with `user`.
+    pub password_file: Option<PathBuf>,
+    /// Token authentication (exclusive with user/password and creds_file). Prefer `token_file`
+    /// or `PRISM_RELAY_NATS_TOKEN`.
     pub token: Option<String>,
+    /// File holding the token (exclusive with `token`).
+    pub token_file: Option<PathBuf>,
     /// Path of a `.creds` file (JWT + NKey seed; exclusive with the other methods).
     pub creds_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Secrets stay out of logs and error messages: see crate::redact.
+        f.debug_struct("NatsConfig")
+            .field("url", &redact(&self.url))
+            .field("name", &self.name)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| REDACTED))
+            .field("password_file", &self.password_file)
+            .field("token", &self.token.as_ref().map(|_| REDACTED))
+            .field("token_file", &self.token_file)
+            .field("creds_file", &self.creds_file)
+            .finish()
+    }
 }
 
 impl Default for NatsConfig {
@@ -291,7 +315,9 @@ impl Default for NatsConfig {
             request_timeout_ms: 10_000,
             user: None,
             password: None,
+            password_file: None,
             token: None,
+            token_file: None,
             creds_file: None,
         }
     }
@@ -483,15 +509,18 @@ pub enum ClickHouseProfile {
 }
 
 /// `[clickhouse]`: the destination.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClickHouseConfig {
     /// HTTP(S) endpoint.
     pub url: String,
     /// User name.
     pub user: String,
-    /// Password (empty for none).
+    /// Password (empty for none). Prefer `password_file` or `PRISM_RELAY_CLICKHOUSE_PASSWORD`.
     pub password: String,
+    /// File holding the password (its content, without a trailing newline; exclusive with
+    /// `password`).
+    pub password_file: Option<PathBuf>,
     /// Database of the tables.
     pub database: String,
     /// modern, legacy or auto (default).
@@ -512,6 +541,7 @@ impl Default for ClickHouseConfig {
             url: "http://127.0.0.1:8123".to_owned(),
             user: "default".to_owned(),
             password: String::new(),
+            password_file: None,
             database: "marketprism_hot".to_owned(),
             profile: ClickHouseProfile::Auto,
             insert_timeout_ms: 30_000,
@@ -519,6 +549,29 @@ impl Default for ClickHouseConfig {
             create_schema: false,
             ttl_days: None,
         }
+    }
+}
+
+impl fmt::Debug for ClickHouseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Secrets stay out of logs and error messages: see crate::redact.
+        let password = if self.password.is_empty() {
+            ""
+        } else {
+            REDACTED
+        };
+        f.debug_struct("ClickHouseConfig")
+            .field("url", &redact(&self.url))
+            .field("user", &self.user)
+            .field("password", &password)
+            .field("password_file", &self.password_file)
+            .field("database", &self.database)
+            .field("profile", &self.profile)
+            .field("insert_timeout_ms", &self.insert_timeout_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("create_schema", &self.create_schema)
+            .field("ttl_days", &self.ttl_days)
+            .finish()
     }
 }
 
@@ -731,13 +784,10 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// The file is not valid TOML for this configuration (syntax, type, unknown field).
-    #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: Box<toml::de::Error>,
-    },
+    /// The file is not valid TOML for this configuration (syntax, type, unknown field). The
+    /// message is redacted: the parser quotes the offending line, which may hold a password.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
     /// An environment override names a field that does not exist.
     #[error("unknown environment override {var}: {section} has no scalar field {field}; overridable: {known}")]
     UnknownEnv {
@@ -752,6 +802,14 @@ pub enum ConfigError {
         var: String,
         value: String,
         expected: &'static str,
+    },
+    /// A `password_file` or `token_file` could not be read.
+    #[error("cannot read {field} {path}: {source}")]
+    SecretFile {
+        field: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     /// Values out of their bounds; every one is listed.
     #[error("invalid configuration:\n  {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
@@ -789,13 +847,37 @@ impl Config {
                 })?;
                 Self::parse_toml(&text).map_err(|source| ConfigError::Parse {
                     path: path.to_owned(),
-                    source: Box::new(source),
+                    message: redact(&source.to_string()).into_owned(),
                 })?
             }
         };
         config.apply_env(env)?;
         config.validate()?;
+        config.read_secret_files()?;
         Ok(config)
+    }
+
+    /// Reads `password_file` and `token_file` into the fields they stand for (validation made
+    /// sure each is the only source of its secret). A trailing newline is not part of a secret.
+    pub fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        fn read(field: &'static str, path: &Path) -> Result<String, ConfigError> {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+                field,
+                path: path.to_owned(),
+                source,
+            })?;
+            Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+        }
+        if let Some(path) = &self.nats.password_file {
+            self.nats.password = Some(read("nats.password_file", path)?);
+        }
+        if let Some(path) = &self.nats.token_file {
+            self.nats.token = Some(read("nats.token_file", path)?);
+        }
+        if let Some(path) = &self.clickhouse.password_file {
+            self.clickhouse.password = read("clickhouse.password_file", path)?;
+        }
+        Ok(())
     }
 
     /// Parses TOML text without environment overrides or validation.
@@ -845,7 +927,11 @@ impl Config {
             ("nats", "request_timeout_ms") => self.nats.request_timeout_ms = v.parse()?,
             ("nats", "user") => self.nats.user = v.optional_string(),
             ("nats", "password") => self.nats.password = v.optional_string(),
+            ("nats", "password_file") => {
+                self.nats.password_file = v.optional_string().map(PathBuf::from)
+            }
             ("nats", "token") => self.nats.token = v.optional_string(),
+            ("nats", "token_file") => self.nats.token_file = v.optional_string().map(PathBuf::from),
             ("nats", "creds_file") => self.nats.creds_file = v.optional_string().map(PathBuf::from),
             ("wal", "dir") => self.wal.dir = PathBuf::from(value),
             ("wal", "segment_bytes_max") => self.wal.segment_bytes_max = v.parse()?,
@@ -858,6 +944,9 @@ impl Config {
             ("clickhouse", "url") => self.clickhouse.url = value.to_owned(),
             ("clickhouse", "user") => self.clickhouse.user = value.to_owned(),
             ("clickhouse", "password") => self.clickhouse.password = value.to_owned(),
+            ("clickhouse", "password_file") => {
+                self.clickhouse.password_file = v.optional_string().map(PathBuf::from)
+            }
             ("clickhouse", "database") => self.clickhouse.database = value.to_owned(),
             ("clickhouse", "profile") => self.clickhouse.profile = v.parse_enum()?,
             ("clickhouse", "insert_timeout_ms") => self.clickhouse.insert_timeout_ms = v.parse()?,
@@ -946,9 +1035,10 @@ impl Config {
             NATS_REQUEST_TIMEOUT_MS_MAX,
             "ms",
         );
+        let has_password = n.password.is_some() || n.password_file.is_some();
         let methods = [
-            n.user.is_some() || n.password.is_some(),
-            n.token.is_some(),
+            n.user.is_some() || has_password,
+            n.token.is_some() || n.token_file.is_some(),
             n.creds_file.is_some(),
         ];
         if methods.iter().filter(|m| **m).count() > 1 {
@@ -959,7 +1049,23 @@ impl Config {
                 "keep exactly one of user+password, token or creds_file".to_owned(),
             );
         }
-        if n.user.is_some() != n.password.is_some() {
+        if n.password.is_some() && n.password_file.is_some() {
+            v.push(
+                "nats.password_file",
+                "set together with nats.password",
+                "one source of the password",
+                "keep nats.password_file and remove nats.password".to_owned(),
+            );
+        }
+        if n.token.is_some() && n.token_file.is_some() {
+            v.push(
+                "nats.token_file",
+                "set together with nats.token",
+                "one source of the token",
+                "keep nats.token_file and remove nats.token".to_owned(),
+            );
+        }
+        if n.user.is_some() != has_password {
             v.push(
                 if n.user.is_some() {
                     "nats.password"
@@ -968,7 +1074,8 @@ impl Config {
                 },
                 "<unset>",
                 "user and password together",
-                "set both nats.user and nats.password, or neither".to_owned(),
+                "set both nats.user and nats.password (or nats.password_file), or neither"
+                    .to_owned(),
             );
         }
     }
@@ -1236,6 +1343,14 @@ impl Config {
                 "use the HTTP interface, e.g. \"http://127.0.0.1:8123\" (not the native TCP port 9000)".to_owned(),
             );
         }
+        if !c.password.is_empty() && c.password_file.is_some() {
+            v.push(
+                "clickhouse.password_file",
+                "set together with clickhouse.password",
+                "one source of the password",
+                "keep clickhouse.password_file and remove clickhouse.password".to_owned(),
+            );
+        }
         v.identifier("clickhouse.database", &c.database);
         v.range(
             "clickhouse.insert_timeout_ms",
@@ -1415,8 +1530,10 @@ impl Config {
 
     /// A copy with passwords and tokens replaced, for printing.
     pub fn redacted(&self) -> Config {
-        const HIDDEN: &str = "<redacted>";
+        const HIDDEN: &str = REDACTED;
         let mut c = self.clone();
+        c.nats.url = redact(&c.nats.url).into_owned();
+        c.clickhouse.url = redact(&c.clickhouse.url).into_owned();
         if c.nats.password.is_some() {
             c.nats.password = Some(HIDDEN.to_owned());
         }
@@ -1434,14 +1551,16 @@ impl Config {
 pub const ENV_SECTIONS: [&str; 6] = ["nats", "wal", "clickhouse", "drain", "metrics", "shutdown"];
 
 /// Every (section, field) an environment variable may override.
-pub const ENV_OVERRIDES: [(&str, &str); 34] = [
+pub const ENV_OVERRIDES: [(&str, &str); 37] = [
     ("nats", "url"),
     ("nats", "name"),
     ("nats", "connect_timeout_ms"),
     ("nats", "request_timeout_ms"),
     ("nats", "user"),
     ("nats", "password"),
+    ("nats", "password_file"),
     ("nats", "token"),
+    ("nats", "token_file"),
     ("nats", "creds_file"),
     ("wal", "dir"),
     ("wal", "segment_bytes_max"),
@@ -1454,6 +1573,7 @@ pub const ENV_OVERRIDES: [(&str, &str); 34] = [
     ("clickhouse", "url"),
     ("clickhouse", "user"),
     ("clickhouse", "password"),
+    ("clickhouse", "password_file"),
     ("clickhouse", "database"),
     ("clickhouse", "profile"),
     ("clickhouse", "insert_timeout_ms"),
@@ -1493,7 +1613,7 @@ impl EnvValue<'_> {
             .parse()
             .map_err(|_| ConfigError::EnvValue {
                 var: self.var.to_owned(),
-                value: self.value.to_owned(),
+                value: redact(self.value).into_owned(),
                 expected: std::any::type_name::<T>(),
             })
     }
@@ -1517,7 +1637,7 @@ impl EnvValue<'_> {
         )
         .map_err(|_| ConfigError::EnvValue {
             var: self.var.to_owned(),
-            value: self.value.to_owned(),
+            value: redact(self.value).into_owned(),
             expected: "one of the values listed in relay.example.toml",
         })
     }
@@ -1555,7 +1675,8 @@ impl Validator {
     fn push(&mut self, field: &str, value: &str, allowed: &str, fix: String) {
         self.errors.push(InvalidValue {
             field: field.to_owned(),
-            value: value.to_owned(),
+            // A URL value may carry a password in its user info.
+            value: redact(value).into_owned(),
             allowed: allowed.to_owned(),
             fix,
         });
@@ -1766,7 +1887,9 @@ mod tests {
         for key in [
             "user",
             "password",
+            "password_file",
             "token",
+            "token_file",
             "creds_file",
             "start_sequence",
             "ttl_days",
@@ -2160,6 +2283,43 @@ mod tests {
         assert!(
             !shown.contains("tok\"") && !shown.contains("\"pw\""),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn debug_output_of_the_configuration_hides_passwords_tokens_and_url_credentials() {
+        const SECRET: &str = "Zq7MarkerSecretXy";
+        let mut config = Config::default();
+        config.nats.url = format!("nats://alice:{SECRET}@127.0.0.1:4222");
+        config.nats.user = Some("alice".into());
+        config.nats.password = Some(SECRET.into());
+        config.clickhouse.url = format!("http://default:{SECRET}@127.0.0.1:8123");
+        config.clickhouse.password = SECRET.into();
+        let shown = format!("{config:?} {:?} {:?}", config.nats, config.clickhouse);
+        assert!(!shown.contains(SECRET), "{shown}");
+        config.nats.user = None;
+        config.nats.password = None;
+        config.nats.token = Some(SECRET.into());
+        let shown = format!("{config:#?}");
+        assert!(!shown.contains(SECRET), "{shown}");
+        assert!(
+            shown.contains("127.0.0.1:4222"),
+            "the rest stays visible: {shown}"
+        );
+    }
+
+    #[test]
+    fn validation_errors_about_urls_holding_a_password_do_not_show_the_password() {
+        const SECRET: &str = "Zq7MarkerSecretXy";
+        let mut config = Config::default();
+        config.nats.url = format!("http://alice:{SECRET}@127.0.0.1:4222");
+        config.clickhouse.url = format!("tcp://default:{SECRET}@127.0.0.1:9000");
+        let err = config.validate().expect_err("both URLs are invalid");
+        let text = err.to_string();
+        assert!(!text.contains(SECRET), "{text}");
+        assert!(
+            text.contains("nats.url") && text.contains("clickhouse.url"),
+            "{text}"
         );
     }
 

@@ -6,6 +6,7 @@
 mod config;
 mod http;
 mod metrics;
+mod secrets;
 
 use std::fs;
 use std::process::{Command, ExitStatus, Stdio};
