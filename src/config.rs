@@ -31,6 +31,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::drain::UNROUTED_LANE;
+use crate::redact::{redact, REDACTED};
+
 /// Prefix of every environment override.
 pub const ENV_PREFIX: &str = "PRISM_RELAY_";
 
@@ -181,6 +184,21 @@ pub const DRAIN_TABLE_BYTES_MAX_MIN: u64 = 64 * KIB;
 /// Bounds drain memory per table.
 pub const DRAIN_TABLE_BYTES_MAX_MAX: u64 = GIB;
 
+// ---- [metrics] bounds ----
+/// One connection at least, for the scraper.
+pub const METRICS_CONNECTIONS_MAX_MIN: u32 = 1;
+/// Each connection holds a file descriptor the WAL and ClickHouse need too; a relay often runs
+/// with a limit of 1024.
+pub const METRICS_CONNECTIONS_MAX_MAX: u32 = 1_024;
+/// Request headers of a scraper on a LAN arrive within milliseconds.
+pub const METRICS_HEADER_READ_TIMEOUT_MS_MIN: u64 = 100;
+/// Beyond a minute an idle connection holds its slot too long.
+pub const METRICS_HEADER_READ_TIMEOUT_MS_MAX: u64 = 60_000;
+/// Rendering and sending the page takes milliseconds; a second leaves room for a slow link.
+pub const METRICS_REQUEST_TIMEOUT_MS_MIN: u64 = 1_000;
+/// Prometheus gives up on a scrape after its scrape_timeout (10 s by default) anyway.
+pub const METRICS_REQUEST_TIMEOUT_MS_MAX: u64 = 300_000;
+
 // ---- [shutdown] bounds ----
 /// Stopping fetches, an fsync and a flush need at least this long.
 pub const SHUTDOWN_TIMEOUT_MS_MIN: u64 = 1_000;
@@ -201,6 +219,8 @@ const _: () = {
     // A pull's byte limit can hold the largest NATS payload the server allows by default (1 MiB).
     assert!(CONSUMER_FETCH_BYTES_MAX_MIN >= MIB);
     assert!(DRAIN_RETRY_BACKOFF_MS_MIN <= DRAIN_RETRY_BACKOFF_MS_MAX);
+    // Some allowed request timeout is at least every allowed header-read timeout.
+    assert!(METRICS_HEADER_READ_TIMEOUT_MS_MAX <= METRICS_REQUEST_TIMEOUT_MS_MAX);
 };
 
 /// The whole relay configuration. `Default` gives the documented defaults.
@@ -242,7 +262,7 @@ impl Default for Config {
 }
 
 /// `[nats]`: connection to the NATS server (or cluster).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     /// Server URL, or several separated by commas (`nats://a:4222,nats://b:4222`).
@@ -255,12 +275,35 @@ pub struct NatsConfig {
     pub request_timeout_ms: u64,
     /// User name, with `password`.
     pub user: Option<String>,
-    /// Password, with `user`.
+    /// Password, with `user`. Prefer `password_file` or `PRISM_RELAY_NATS_PASSWORD`.
     pub password: Option<String>,
-    /// Token authentication (exclusive with user/password and creds_file).
+    /// File holding the password (its content, without a trailing newline), with `user`.
+    pub password_file: Option<PathBuf>,
+    /// Token authentication (exclusive with user/password and creds_file). Prefer `token_file`
+    /// or `PRISM_RELAY_NATS_TOKEN`.
     pub token: Option<String>,
+    /// File holding the token (exclusive with `token`).
+    pub token_file: Option<PathBuf>,
     /// Path of a `.creds` file (JWT + NKey seed; exclusive with the other methods).
     pub creds_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Secrets stay out of logs and error messages: see crate::redact.
+        f.debug_struct("NatsConfig")
+            .field("url", &redact(&self.url))
+            .field("name", &self.name)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| REDACTED))
+            .field("password_file", &self.password_file)
+            .field("token", &self.token.as_ref().map(|_| REDACTED))
+            .field("token_file", &self.token_file)
+            .field("creds_file", &self.creds_file)
+            .finish()
+    }
 }
 
 impl Default for NatsConfig {
@@ -272,7 +315,9 @@ impl Default for NatsConfig {
             request_timeout_ms: 10_000,
             user: None,
             password: None,
+            password_file: None,
             token: None,
+            token_file: None,
             creds_file: None,
         }
     }
@@ -378,7 +423,7 @@ pub struct ConsumerConfig {
     pub max_deliver: i64,
     /// Messages per pull, at most. Default 1,000.
     pub fetch_batch: u32,
-    /// Bytes per pull, at most; must exceed the largest message. Default 16 MiB.
+    /// Bytes per pull, at most (a message larger than this is fetched alone). Default 16 MiB.
     pub fetch_bytes_max: u64,
     /// How long one pull waits for messages, in milliseconds; an idle stream returns an empty
     /// batch after this. Default 1,000.
@@ -464,15 +509,18 @@ pub enum ClickHouseProfile {
 }
 
 /// `[clickhouse]`: the destination.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClickHouseConfig {
     /// HTTP(S) endpoint.
     pub url: String,
     /// User name.
     pub user: String,
-    /// Password (empty for none).
+    /// Password (empty for none). Prefer `password_file` or `PRISM_RELAY_CLICKHOUSE_PASSWORD`.
     pub password: String,
+    /// File holding the password (its content, without a trailing newline; exclusive with
+    /// `password`).
+    pub password_file: Option<PathBuf>,
     /// Database of the tables.
     pub database: String,
     /// modern, legacy or auto (default).
@@ -493,6 +541,7 @@ impl Default for ClickHouseConfig {
             url: "http://127.0.0.1:8123".to_owned(),
             user: "default".to_owned(),
             password: String::new(),
+            password_file: None,
             database: "marketprism_hot".to_owned(),
             profile: ClickHouseProfile::Auto,
             insert_timeout_ms: 30_000,
@@ -500,6 +549,29 @@ impl Default for ClickHouseConfig {
             create_schema: false,
             ttl_days: None,
         }
+    }
+}
+
+impl fmt::Debug for ClickHouseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Secrets stay out of logs and error messages: see crate::redact.
+        let password = if self.password.is_empty() {
+            ""
+        } else {
+            REDACTED
+        };
+        f.debug_struct("ClickHouseConfig")
+            .field("url", &redact(&self.url))
+            .field("user", &self.user)
+            .field("password", &password)
+            .field("password_file", &self.password_file)
+            .field("database", &self.database)
+            .field("profile", &self.profile)
+            .field("insert_timeout_ms", &self.insert_timeout_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("create_schema", &self.create_schema)
+            .field("ttl_days", &self.ttl_days)
+            .finish()
     }
 }
 
@@ -591,7 +663,8 @@ fn default_tables() -> BTreeMap<String, TableBatch> {
 pub struct PassthroughRoute {
     /// First subject token, e.g. `ticker` for `ticker.binance.spot.BTC-USDT`.
     pub data_type: String,
-    /// Destination table (must exist; its columns must match the JSON keys).
+    /// Destination table: created by `schema apply` when missing, keyed by (nats_stream, nats_seq);
+    /// an existing one must have those two columns.
     pub table: String,
 }
 
@@ -643,6 +716,14 @@ impl DrainConfig {
 pub struct MetricsConfig {
     /// Listen address; MarketPrism's Prometheus scrapes port 9094.
     pub listen: SocketAddr,
+    /// Connections open at once, at most; later ones wait in the listen queue. Default 64.
+    pub connections_max: u32,
+    /// A connection whose request headers have not arrived this long after accept is closed,
+    /// in milliseconds. Default 5,000.
+    pub header_read_timeout_ms: u64,
+    /// Every connection is closed this long after accept (one request each), in milliseconds.
+    /// Default 10,000.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for MetricsConfig {
@@ -650,6 +731,9 @@ impl Default for MetricsConfig {
         MetricsConfig {
             // A literal that always parses.
             listen: SocketAddr::from(([0, 0, 0, 0], 9094)),
+            connections_max: 64,
+            header_read_timeout_ms: 5_000,
+            request_timeout_ms: 10_000,
         }
     }
 }
@@ -701,13 +785,10 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// The file is not valid TOML for this configuration (syntax, type, unknown field).
-    #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: Box<toml::de::Error>,
-    },
+    /// The file is not valid TOML for this configuration (syntax, type, unknown field). The
+    /// message is redacted: the parser quotes the offending line, which may hold a password.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
     /// An environment override names a field that does not exist.
     #[error("unknown environment override {var}: {section} has no scalar field {field}; overridable: {known}")]
     UnknownEnv {
@@ -722,6 +803,14 @@ pub enum ConfigError {
         var: String,
         value: String,
         expected: &'static str,
+    },
+    /// A `password_file` or `token_file` could not be read.
+    #[error("cannot read {field} {path}: {source}")]
+    SecretFile {
+        field: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     /// Values out of their bounds; every one is listed.
     #[error("invalid configuration:\n  {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
@@ -759,13 +848,37 @@ impl Config {
                 })?;
                 Self::parse_toml(&text).map_err(|source| ConfigError::Parse {
                     path: path.to_owned(),
-                    source: Box::new(source),
+                    message: redact(&source.to_string()).into_owned(),
                 })?
             }
         };
         config.apply_env(env)?;
         config.validate()?;
+        config.read_secret_files()?;
         Ok(config)
+    }
+
+    /// Reads `password_file` and `token_file` into the fields they stand for (validation made
+    /// sure each is the only source of its secret). A trailing newline is not part of a secret.
+    pub fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        fn read(field: &'static str, path: &Path) -> Result<String, ConfigError> {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+                field,
+                path: path.to_owned(),
+                source,
+            })?;
+            Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+        }
+        if let Some(path) = &self.nats.password_file {
+            self.nats.password = Some(read("nats.password_file", path)?);
+        }
+        if let Some(path) = &self.nats.token_file {
+            self.nats.token = Some(read("nats.token_file", path)?);
+        }
+        if let Some(path) = &self.clickhouse.password_file {
+            self.clickhouse.password = read("clickhouse.password_file", path)?;
+        }
+        Ok(())
     }
 
     /// Parses TOML text without environment overrides or validation.
@@ -815,7 +928,11 @@ impl Config {
             ("nats", "request_timeout_ms") => self.nats.request_timeout_ms = v.parse()?,
             ("nats", "user") => self.nats.user = v.optional_string(),
             ("nats", "password") => self.nats.password = v.optional_string(),
+            ("nats", "password_file") => {
+                self.nats.password_file = v.optional_string().map(PathBuf::from)
+            }
             ("nats", "token") => self.nats.token = v.optional_string(),
+            ("nats", "token_file") => self.nats.token_file = v.optional_string().map(PathBuf::from),
             ("nats", "creds_file") => self.nats.creds_file = v.optional_string().map(PathBuf::from),
             ("wal", "dir") => self.wal.dir = PathBuf::from(value),
             ("wal", "segment_bytes_max") => self.wal.segment_bytes_max = v.parse()?,
@@ -828,6 +945,9 @@ impl Config {
             ("clickhouse", "url") => self.clickhouse.url = value.to_owned(),
             ("clickhouse", "user") => self.clickhouse.user = value.to_owned(),
             ("clickhouse", "password") => self.clickhouse.password = value.to_owned(),
+            ("clickhouse", "password_file") => {
+                self.clickhouse.password_file = v.optional_string().map(PathBuf::from)
+            }
             ("clickhouse", "database") => self.clickhouse.database = value.to_owned(),
             ("clickhouse", "profile") => self.clickhouse.profile = v.parse_enum()?,
             ("clickhouse", "insert_timeout_ms") => self.clickhouse.insert_timeout_ms = v.parse()?,
@@ -843,6 +963,11 @@ impl Config {
             ("drain", "retry_backoff_max_ms") => self.drain.retry_backoff_max_ms = v.parse()?,
             ("drain", "dead_letter_table") => self.drain.dead_letter_table = value.to_owned(),
             ("metrics", "listen") => self.metrics.listen = v.parse()?,
+            ("metrics", "connections_max") => self.metrics.connections_max = v.parse()?,
+            ("metrics", "header_read_timeout_ms") => {
+                self.metrics.header_read_timeout_ms = v.parse()?
+            }
+            ("metrics", "request_timeout_ms") => self.metrics.request_timeout_ms = v.parse()?,
             ("shutdown", "timeout_ms") => self.shutdown.timeout_ms = v.parse()?,
             _ => {
                 let known: Vec<String> = ENV_OVERRIDES
@@ -870,6 +995,7 @@ impl Config {
         self.validate_wal(&mut v);
         self.validate_clickhouse(&mut v);
         self.validate_drain(&mut v);
+        self.validate_metrics(&mut v);
         v.range(
             "shutdown.timeout_ms",
             self.shutdown.timeout_ms,
@@ -910,9 +1036,10 @@ impl Config {
             NATS_REQUEST_TIMEOUT_MS_MAX,
             "ms",
         );
+        let has_password = n.password.is_some() || n.password_file.is_some();
         let methods = [
-            n.user.is_some() || n.password.is_some(),
-            n.token.is_some(),
+            n.user.is_some() || has_password,
+            n.token.is_some() || n.token_file.is_some(),
             n.creds_file.is_some(),
         ];
         if methods.iter().filter(|m| **m).count() > 1 {
@@ -923,7 +1050,23 @@ impl Config {
                 "keep exactly one of user+password, token or creds_file".to_owned(),
             );
         }
-        if n.user.is_some() != n.password.is_some() {
+        if n.password.is_some() && n.password_file.is_some() {
+            v.push(
+                "nats.password_file",
+                "set together with nats.password",
+                "one source of the password",
+                "keep nats.password_file and remove nats.password".to_owned(),
+            );
+        }
+        if n.token.is_some() && n.token_file.is_some() {
+            v.push(
+                "nats.token_file",
+                "set together with nats.token",
+                "one source of the token",
+                "keep nats.token_file and remove nats.token".to_owned(),
+            );
+        }
+        if n.user.is_some() != has_password {
             v.push(
                 if n.user.is_some() {
                     "nats.password"
@@ -932,7 +1075,8 @@ impl Config {
                 },
                 "<unset>",
                 "user and password together",
-                "set both nats.user and nats.password, or neither".to_owned(),
+                "set both nats.user and nats.password (or nats.password_file), or neither"
+                    .to_owned(),
             );
         }
     }
@@ -1200,6 +1344,14 @@ impl Config {
                 "use the HTTP interface, e.g. \"http://127.0.0.1:8123\" (not the native TCP port 9000)".to_owned(),
             );
         }
+        if !c.password.is_empty() && c.password_file.is_some() {
+            v.push(
+                "clickhouse.password_file",
+                "set together with clickhouse.password",
+                "one source of the password",
+                "keep clickhouse.password_file and remove clickhouse.password".to_owned(),
+            );
+        }
         v.identifier("clickhouse.database", &c.database);
         v.range(
             "clickhouse.insert_timeout_ms",
@@ -1234,6 +1386,31 @@ impl Config {
         }
     }
 
+    fn validate_metrics(&self, v: &mut Validator) {
+        let m = &self.metrics;
+        v.range(
+            "metrics.connections_max",
+            m.connections_max,
+            METRICS_CONNECTIONS_MAX_MIN,
+            METRICS_CONNECTIONS_MAX_MAX,
+            "connections",
+        );
+        v.range(
+            "metrics.header_read_timeout_ms",
+            m.header_read_timeout_ms,
+            METRICS_HEADER_READ_TIMEOUT_MS_MIN,
+            METRICS_HEADER_READ_TIMEOUT_MS_MAX,
+            "ms",
+        );
+        v.range(
+            "metrics.request_timeout_ms",
+            m.request_timeout_ms,
+            METRICS_REQUEST_TIMEOUT_MS_MIN.max(m.header_read_timeout_ms),
+            METRICS_REQUEST_TIMEOUT_MS_MAX,
+            "ms (at least header_read_timeout_ms)",
+        );
+    }
+
     fn validate_drain(&self, v: &mut Validator) {
         let d = &self.drain;
         v.range(
@@ -1258,6 +1435,16 @@ impl Config {
             "ms (at least retry_backoff_initial_ms)",
         );
         v.identifier("drain.dead_letter_table", &d.dead_letter_table);
+        if TYPED_TABLES.contains(&d.dead_letter_table.as_str())
+            || d.dead_letter_table == UNROUTED_LANE
+        {
+            v.push(
+                "drain.dead_letter_table",
+                &d.dead_letter_table,
+                "a table of its own (not a data table, not the internal lane _unrouted)",
+                "use a name such as dead_letters".to_owned(),
+            );
+        }
 
         let mut data_types = BTreeSet::new();
         for (i, route) in d.passthrough.iter().enumerate() {
@@ -1291,11 +1478,16 @@ impl Config {
                 );
             }
             v.identifier(&p("table"), &route.table);
-            if TYPED_TABLES.contains(&route.table.as_str()) || route.table == d.dead_letter_table {
+            // `_unrouted` names the drain's internal lane (and its ledger cursor): a passthrough
+            // table of that name would share the lane with unroutable records.
+            if TYPED_TABLES.contains(&route.table.as_str())
+                || route.table == d.dead_letter_table
+                || route.table == UNROUTED_LANE
+            {
                 v.push(
                     &p("table"),
                     &route.table,
-                    "a table the relay does not write typed rows to",
+                    "a table of its own (not a data table, the dead-letter table or the internal lane _unrouted)",
                     "route to a table of its own".to_owned(),
                 );
             }
@@ -1339,8 +1531,10 @@ impl Config {
 
     /// A copy with passwords and tokens replaced, for printing.
     pub fn redacted(&self) -> Config {
-        const HIDDEN: &str = "<redacted>";
+        const HIDDEN: &str = REDACTED;
         let mut c = self.clone();
+        c.nats.url = redact(&c.nats.url).into_owned();
+        c.clickhouse.url = redact(&c.clickhouse.url).into_owned();
         if c.nats.password.is_some() {
             c.nats.password = Some(HIDDEN.to_owned());
         }
@@ -1358,14 +1552,16 @@ impl Config {
 pub const ENV_SECTIONS: [&str; 6] = ["nats", "wal", "clickhouse", "drain", "metrics", "shutdown"];
 
 /// Every (section, field) an environment variable may override.
-pub const ENV_OVERRIDES: [(&str, &str); 31] = [
+pub const ENV_OVERRIDES: [(&str, &str); 37] = [
     ("nats", "url"),
     ("nats", "name"),
     ("nats", "connect_timeout_ms"),
     ("nats", "request_timeout_ms"),
     ("nats", "user"),
     ("nats", "password"),
+    ("nats", "password_file"),
     ("nats", "token"),
+    ("nats", "token_file"),
     ("nats", "creds_file"),
     ("wal", "dir"),
     ("wal", "segment_bytes_max"),
@@ -1378,6 +1574,7 @@ pub const ENV_OVERRIDES: [(&str, &str); 31] = [
     ("clickhouse", "url"),
     ("clickhouse", "user"),
     ("clickhouse", "password"),
+    ("clickhouse", "password_file"),
     ("clickhouse", "database"),
     ("clickhouse", "profile"),
     ("clickhouse", "insert_timeout_ms"),
@@ -1389,6 +1586,9 @@ pub const ENV_OVERRIDES: [(&str, &str); 31] = [
     ("drain", "retry_backoff_max_ms"),
     ("drain", "dead_letter_table"),
     ("metrics", "listen"),
+    ("metrics", "connections_max"),
+    ("metrics", "header_read_timeout_ms"),
+    ("metrics", "request_timeout_ms"),
     ("shutdown", "timeout_ms"),
 ];
 
@@ -1414,7 +1614,7 @@ impl EnvValue<'_> {
             .parse()
             .map_err(|_| ConfigError::EnvValue {
                 var: self.var.to_owned(),
-                value: self.value.to_owned(),
+                value: redact(self.value).into_owned(),
                 expected: std::any::type_name::<T>(),
             })
     }
@@ -1438,7 +1638,7 @@ impl EnvValue<'_> {
         )
         .map_err(|_| ConfigError::EnvValue {
             var: self.var.to_owned(),
-            value: self.value.to_owned(),
+            value: redact(self.value).into_owned(),
             expected: "one of the values listed in relay.example.toml",
         })
     }
@@ -1476,7 +1676,8 @@ impl Validator {
     fn push(&mut self, field: &str, value: &str, allowed: &str, fix: String) {
         self.errors.push(InvalidValue {
             field: field.to_owned(),
-            value: value.to_owned(),
+            // A URL value may carry a password in its user info.
+            value: redact(value).into_owned(),
             allowed: allowed.to_owned(),
             fix,
         });
@@ -1687,7 +1888,9 @@ mod tests {
         for key in [
             "user",
             "password",
+            "password_file",
             "token",
+            "token_file",
             "creds_file",
             "start_sequence",
             "ttl_days",
@@ -2003,6 +2206,14 @@ mod tests {
                 c.drain.passthrough.push(route("ticker", "trades"))
             }),
             ("shutdown.timeout_ms", |c| c.shutdown.timeout_ms = 1),
+            ("metrics.connections_max", |c| c.metrics.connections_max = 0),
+            ("metrics.header_read_timeout_ms", |c| {
+                c.metrics.header_read_timeout_ms = 0
+            }),
+            ("metrics.request_timeout_ms", |c| {
+                c.metrics.header_read_timeout_ms = 20_000;
+                c.metrics.request_timeout_ms = 10_000;
+            }),
         ];
         for (field, mutate) in cases {
             let mut config = Config::default();
@@ -2074,6 +2285,63 @@ mod tests {
             !shown.contains("tok\"") && !shown.contains("\"pw\""),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn debug_output_of_the_configuration_hides_passwords_tokens_and_url_credentials() {
+        const SECRET: &str = "Zq7MarkerSecretXy";
+        let mut config = Config::default();
+        config.nats.url = format!("nats://alice:{SECRET}@127.0.0.1:4222");
+        config.nats.user = Some("alice".into());
+        config.nats.password = Some(SECRET.into());
+        config.clickhouse.url = format!("http://default:{SECRET}@127.0.0.1:8123");
+        config.clickhouse.password = SECRET.into();
+        let shown = format!("{config:?} {:?} {:?}", config.nats, config.clickhouse);
+        assert!(!shown.contains(SECRET), "{shown}");
+        config.nats.user = None;
+        config.nats.password = None;
+        config.nats.token = Some(SECRET.into());
+        let shown = format!("{config:#?}");
+        assert!(!shown.contains(SECRET), "{shown}");
+        assert!(
+            shown.contains("127.0.0.1:4222"),
+            "the rest stays visible: {shown}"
+        );
+    }
+
+    #[test]
+    fn validation_errors_about_urls_holding_a_password_do_not_show_the_password() {
+        const SECRET: &str = "Zq7MarkerSecretXy";
+        let mut config = Config::default();
+        config.nats.url = format!("http://alice:{SECRET}@127.0.0.1:4222");
+        config.clickhouse.url = format!("tcp://default:{SECRET}@127.0.0.1:9000");
+        let err = config.validate().expect_err("both URLs are invalid");
+        let text = err.to_string();
+        assert!(!text.contains(SECRET), "{text}");
+        assert!(
+            text.contains("nats.url") && text.contains("clickhouse.url"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_table_name_that_collides_with_the_unrouted_lane_or_a_data_table_is_rejected_by_name() {
+        let mut config = Config::default();
+        config.drain.passthrough.push(route("ticker", "_unrouted"));
+        assert!(
+            invalid_fields(&config).contains(&"drain.passthrough[0].table".to_owned()),
+            "{:?}",
+            invalid_fields(&config)
+        );
+        for table in ["_unrouted", "trades"] {
+            let mut config = Config::default();
+            config.drain.dead_letter_table = table.into();
+            assert!(
+                invalid_fields(&config).contains(&"drain.dead_letter_table".to_owned()),
+                "{table}: {:?}",
+                invalid_fields(&config)
+            );
+        }
     }
 
     fn stream(name: &str, subject: &str) -> StreamConfig {

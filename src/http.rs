@@ -3,21 +3,60 @@
 //! `/health` answers 200 while the process and its WAL writer live, so a supervisor restarts a relay
 //! whose WAL failed; `/ready` answers 200 only while ClickHouse accepts inserts and the schema matched,
 //! so a load balancer or an alert sees a relay that is only buffering.
+//!
+//! The port is reachable by whoever can reach the node, so it must not be able to take the relay
+//! down: each connection holds a file descriptor the WAL and the ClickHouse connections need too.
+//! [`serve`] therefore accepts a connection only while fewer than `connections_max` are open
+//! (later ones wait in the kernel's listen queue, holding no descriptor of the relay), closes a
+//! connection whose request headers do not arrive within `header_read_timeout_ms` (idle and slow
+//! clients), and closes every connection `request_timeout_ms` after it was accepted (a client that
+//! does not read its answer). Connections serve one request each (no keep-alive), so the last
+//! bound is the whole request's.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use prism_wal::Wal;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
+use crate::config::MetricsConfig;
 use crate::metrics::{self, Metrics};
+
+/// Pause after a failed `accept` (for example EMFILE while descriptors are short), so the loop
+/// does not spin while the condition lasts; short enough that scrapes resume promptly.
+const ACCEPT_ERROR_PAUSE_MS: u64 = 100;
+
+/// The bounds of the endpoint, from `[metrics]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Connections open at once, at most.
+    pub connections_max: usize,
+    /// Time from accept to the end of the request headers.
+    pub header_read_timeout: Duration,
+    /// Time from accept to the end of the answer.
+    pub request_timeout: Duration,
+}
+
+impl HttpLimits {
+    /// The limits `[metrics]` configures.
+    pub fn from_config(config: &MetricsConfig) -> HttpLimits {
+        HttpLimits {
+            connections_max: config.connections_max as usize,
+            header_read_timeout: Duration::from_millis(config.header_read_timeout_ms),
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
+        }
+    }
+}
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -35,9 +74,10 @@ pub async fn bind(listen: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(listen).await
 }
 
-/// Serves until shutdown.
+/// Serves until shutdown, within `limits` (see the module documentation).
 pub async fn serve(
     listener: TcpListener,
+    limits: HttpLimits,
     registry: Arc<Registry>,
     metrics: Metrics,
     wal: Wal,
@@ -53,11 +93,53 @@ pub async fn serve(
         .route("/health", get(health))
         .route("/ready", get(ready))
         .with_state(shared);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .await
+    let permits = Arc::new(Semaphore::new(limits.connections_max.max(1)));
+    loop {
+        // Take a slot before accepting: past the cap, connections wait in the listen queue.
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                // The semaphore is never closed; stop serving if it ever is.
+                Err(_) => return Ok(()),
+            },
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Not fatal: descriptors may be short for a moment, or the peer left already.
+                tracing::warn!(%error, "accepting a connection on the metrics port failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_PAUSE_MS)) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+                }
+                continue;
+            }
+        };
+        let service = TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .keep_alive(false);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(limits.request_timeout, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "metrics connection closed early");
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "metrics connection closed at request_timeout_ms");
+                }
+            }
+        });
+    }
 }
 
 async fn render_metrics(State(shared): State<Shared>) -> impl IntoResponse {

@@ -10,7 +10,7 @@
 //!
 //! Around it: [`config`] (TOML with environment overrides), [`run`] (start-up and graceful
 //! shutdown), [`metrics`] and [`http`] (Prometheus, health, readiness), [`replay`] (WAL backfill),
-//! and [`tools`] (`loadgen` and `verify`).
+//! [`tools`] (`loadgen` and `verify`), and [`redact`] (secrets kept out of errors and logs).
 
 pub mod codec;
 pub mod config;
@@ -18,6 +18,7 @@ pub mod drain;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod redact;
 pub mod replay;
 pub mod run;
 pub mod schema;

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use prism_relay::config::Config;
 use prism_relay::drain::Router;
+use prism_relay::redact::{redact, RedactingWriter};
 use prism_relay::run::{
     add_missing_columns, apply_schema, check_schema, resolve_profile, schema_statements,
     sink_options,
@@ -62,9 +63,52 @@ enum Command {
     /// Re-insert a WAL range into ClickHouse (backfill).
     Replay(ReplayArgs),
     /// Publish realistic MarketPrism traffic into JetStream.
-    Loadgen(loadgen::LoadgenOptions),
+    Loadgen(LoadgenArgs),
     /// Account for every published identity of a stream range in ClickHouse.
-    Verify(verify::VerifyOptions),
+    Verify(VerifyArgs),
+}
+
+/// `loadgen` flags; with `--config`, NATS comes from its `[nats]` section (URL and
+/// authentication) instead of `--nats-url`.
+#[derive(clap::Args)]
+struct LoadgenArgs {
+    #[command(flatten)]
+    config: ToolConfigArg,
+    #[command(flatten)]
+    options: loadgen::LoadgenOptions,
+}
+
+/// `verify` flags; with `--config`, NATS (URL and authentication) and ClickHouse (URL, user,
+/// password, database, dead-letter table) come from the configuration instead of the flags, so no
+/// secret goes on a command line.
+#[derive(clap::Args)]
+struct VerifyArgs {
+    #[command(flatten)]
+    config: ToolConfigArg,
+    #[command(flatten)]
+    options: verify::VerifyOptions,
+}
+
+/// The configuration flag of the tools: optional, and read only when given on the command line
+/// (not from PRISM_RELAY_CONFIG, so an exported relay configuration never silently replaces the
+/// flags of a tool run).
+#[derive(clap::Args, Clone)]
+struct ToolConfigArg {
+    /// The relay's TOML configuration: connection settings and secrets come from it (and from
+    /// PRISM_RELAY_<SECTION>_<FIELD> variables), replacing the connection flags.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl ToolConfigArg {
+    fn load(&self) -> Result<Option<Config>> {
+        match &self.config {
+            None => Ok(None),
+            Some(path) => Config::load(Some(path))
+                .map(Some)
+                .context("invalid configuration"),
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -163,7 +207,8 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        // Every log line passes through the redaction of secrets, whatever module logged it.
+        .with_writer(|| RedactingWriter::new(std::io::stderr()))
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -179,7 +224,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("prism-relay: {error:#}");
+            eprintln!("prism-relay: {}", redact(&format!("{error:#}")));
             ExitCode::FAILURE
         }
     }
@@ -196,7 +241,14 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Schema { action } => schema_command(action).await,
         Command::Wal { action } => wal_command(action),
         Command::Replay(args) => replay_command(args).await,
-        Command::Loadgen(options) => {
+        Command::Loadgen(LoadgenArgs {
+            config,
+            mut options,
+        }) => {
+            if let Some(config) = config.load()? {
+                options.nats_url = config.nats.url.clone();
+                options.nats = Some(config.nats);
+            }
             let summary = loadgen::run(&options).await?;
             println!("{summary}");
             Ok(if summary.ok() {
@@ -205,7 +257,19 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Verify(options) => {
+        Command::Verify(VerifyArgs {
+            config,
+            mut options,
+        }) => {
+            if let Some(config) = config.load()? {
+                options.nats_url = config.nats.url.clone();
+                options.nats = Some(config.nats);
+                options.clickhouse_url = config.clickhouse.url;
+                options.clickhouse_user = config.clickhouse.user;
+                options.clickhouse_password = config.clickhouse.password;
+                options.database = config.clickhouse.database;
+                options.dead_letter_table = config.drain.dead_letter_table;
+            }
             let report = verify::run(&options).await?;
             println!("{report}");
             Ok(if report.ok() {
@@ -249,7 +313,7 @@ async fn check(config: &Config) -> Result<ExitCode> {
     }
     match resolve_profile(config).await {
         Err(error) => {
-            println!("clickhouse: unreachable: {error}");
+            println!("clickhouse: unreachable: {}", redact(&error.to_string()));
             ok = false;
         }
         Ok((probe, profile)) => {
@@ -414,7 +478,11 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
 async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
     let mut config = args.config.load()?;
     if let Some(database) = args.database {
+        // The name is written into SQL like the configured one: validate it the same way.
         config.clickhouse.database = database;
+        config
+            .validate()
+            .context("invalid --database (it replaces clickhouse.database)")?;
     }
     let (_, profile) = resolve_profile(&config).await?;
     let sink = Sink::new(sink_options(&config, profile))?;

@@ -4,15 +4,32 @@
 //! `marketprism_storage_*`; the relay keeps those names with honest meanings: `processed` counts rows
 //! ClickHouse acknowledged, never messages merely queued. Counters are registered without the `_total`
 //! suffix because the OpenMetrics encoder appends it.
+//!
+//! Label values of `messages_processed` come from subject tokens, which publishers choose: a
+//! publisher sending valid trades on ever new `trade.x{i}.y{i}.BTC` subjects would otherwise grow
+//! the label sets, the `/metrics` page and the relay's memory without bound. The first
+//! [`PROCESSED_LABEL_SETS_MAX`] label sets are kept as they are; rows of any later set are counted
+//! under `exchange="other", market_type="other"` (and `data_type="other"` when their data type is
+//! not among the kept sets), so every row stays counted under MarketPrism's label names, and
+//! `prism_relay_metrics_label_overflow` counts the rows that went to such a bucket.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, AtomicU64};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+/// Label sets of `messages_processed` kept as they are. MarketPrism runs a handful of exchanges,
+/// three market types and eight data types (about 120 sets); 500 leaves room for new markets
+/// while bounding the series to about 100 KiB of `/metrics` and a few hundred KiB of memory.
+pub const PROCESSED_LABEL_SETS_MAX: usize = 500;
+
+/// The label value of rows whose label set is past [`PROCESSED_LABEL_SETS_MAX`].
+pub const OVERFLOW_LABEL: &str = "other";
 
 /// Labels of processed rows, as MarketPrism's dashboards group them.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,8 +98,22 @@ pub struct Metrics {
     pub ready: Gauge,
     /// 1 once the WAL failed for good (an fsync error): the process must restart and recover.
     pub wal_failed: Gauge,
+    /// Rows counted under an `other` label set because the label-set cap was reached.
+    pub metrics_label_overflow: Counter,
     /// Internal: processed total, for the error rate.
     processed_sum: Arc<AtomicI64>,
+    /// Internal: the label sets of `messages_processed` kept as they are (at most
+    /// [`PROCESSED_LABEL_SETS_MAX`]).
+    processed_label_sets: Arc<Mutex<KeptLabelSets>>,
+}
+
+/// The label sets of `messages_processed` kept as they are, and their data types.
+#[derive(Debug, Default)]
+struct KeptLabelSets {
+    /// At most [`PROCESSED_LABEL_SETS_MAX`].
+    sets: HashSet<RowLabels>,
+    /// The data types of `sets`.
+    data_types: HashSet<String>,
 }
 
 impl Metrics {
@@ -108,7 +139,9 @@ impl Metrics {
             drain_watermark_seconds: Family::default(),
             ready: Gauge::default(),
             wal_failed: Gauge::default(),
+            metrics_label_overflow: Counter::default(),
             processed_sum: Arc::new(AtomicI64::new(0)),
+            processed_label_sets: Arc::new(Mutex::new(KeptLabelSets::default())),
         };
         let m = &metrics;
         let storage = "marketprism_storage_";
@@ -199,6 +232,11 @@ impl Metrics {
             m.ready.clone(),
         );
         registry.register(
+            "prism_relay_metrics_label_overflow",
+            "Rows counted under an other label set because the label-set cap was reached",
+            m.metrics_label_overflow.clone(),
+        );
+        registry.register(
             "prism_relay_wal_failed",
             "1 once the WAL failed for good (restart to recover)",
             m.wal_failed.clone(),
@@ -208,7 +246,17 @@ impl Metrics {
 
     /// Records rows ClickHouse acknowledged.
     pub fn processed(&self, labels: &RowLabels, rows: u64) {
-        self.messages_processed.get_or_create(labels).inc_by(rows);
+        match self.bounded_labels(labels) {
+            None => {
+                self.messages_processed.get_or_create(labels).inc_by(rows);
+            }
+            Some(overflow) => {
+                self.messages_processed
+                    .get_or_create(&overflow)
+                    .inc_by(rows);
+                self.metrics_label_overflow.inc_by(rows);
+            }
+        }
         self.processed_sum
             .fetch_add(rows as i64, std::sync::atomic::Ordering::Relaxed);
         self.update_error_rate();
@@ -218,6 +266,35 @@ impl Metrics {
     pub fn failed(&self, records: u64) {
         self.messages_failed.inc_by(records);
         self.update_error_rate();
+    }
+
+    /// `None` when `labels` may be used as they are, else the overflow label set to count under.
+    fn bounded_labels(&self, labels: &RowLabels) -> Option<RowLabels> {
+        // A panic while the lock was held cannot leave the set inconsistent (insert is the only
+        // change), so a poisoned lock is used as it is.
+        let mut kept = self
+            .processed_label_sets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if kept.sets.contains(labels) {
+            return None;
+        }
+        if kept.sets.len() < PROCESSED_LABEL_SETS_MAX {
+            kept.sets.insert(labels.clone());
+            kept.data_types.insert(labels.data_type.clone());
+            return None;
+        }
+        // Keep the data type only when a kept set has it, so the overflow sets stay bounded too.
+        let known = kept.data_types.contains(&labels.data_type);
+        Some(RowLabels {
+            data_type: if known {
+                labels.data_type.clone()
+            } else {
+                OVERFLOW_LABEL.to_owned()
+            },
+            exchange: OVERFLOW_LABEL.to_owned(),
+            market_type: OVERFLOW_LABEL.to_owned(),
+        })
     }
 
     fn update_error_rate(&self) {
@@ -271,5 +348,49 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn tens_of_thousands_of_distinct_markets_render_a_bounded_page_and_keep_every_row_counted() {
+        const MARKETS: u64 = 20_000;
+        /// Far above the bounded label sets' page, far below one line per market.
+        const PAGE_BYTES_MAX: usize = 128 * 1024;
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        for i in 0..MARKETS {
+            metrics.processed(
+                &RowLabels {
+                    data_type: "trade".into(),
+                    exchange: format!("x{i}"),
+                    market_type: format!("m{i}"),
+                },
+                1,
+            );
+        }
+        // A subject's first token outside the known data types is bucketed too.
+        metrics.processed(
+            &RowLabels {
+                data_type: "not_a_type".into(),
+                exchange: "binance".into(),
+                market_type: "spot".into(),
+            },
+            1,
+        );
+        let text = render(&registry);
+        assert!(
+            text.len() <= PAGE_BYTES_MAX,
+            "page is {} bytes for {MARKETS} markets",
+            text.len()
+        );
+        let total: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("marketprism_storage_messages_processed_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        assert_eq!(total, MARKETS + 1, "every row stays counted");
+        assert!(
+            !text.contains("not_a_type"),
+            "unknown data type kept as a label"
+        );
     }
 }

@@ -135,7 +135,12 @@ fn passthrough_tables(config: &Config) -> Vec<&str> {
 /// letters and each passthrough table (what `schema print` shows and `schema apply` runs).
 pub fn schema_statements(config: &Config, profile: Profile) -> Vec<String> {
     let ch = &config.clickhouse;
-    let mut statements = schema::all_ddl(profile, &ch.database, ch.ttl_days);
+    let mut statements = schema::all_ddl_with_dead_letters(
+        profile,
+        &ch.database,
+        ch.ttl_days,
+        &config.drain.dead_letter_table,
+    );
     statements.extend(
         passthrough_tables(config)
             .into_iter()
@@ -169,18 +174,26 @@ pub async fn add_missing_columns(
     let ch = &config.clickhouse;
     let columns = probe.table_columns(&ch.database).await?;
     for table in SchemaTable::ALL {
-        let actual = columns
-            .get(table.name())
-            .map(Vec::as_slice)
-            .unwrap_or_default();
+        let name = table_name(config, table);
+        let actual = columns.get(name).map(Vec::as_slice).unwrap_or_default();
         if actual.is_empty() {
             continue;
         }
-        for statement in schema::add_missing_columns_ddl(profile, &ch.database, table, actual) {
+        for statement in
+            schema::add_missing_columns_ddl_named(profile, &ch.database, table, name, actual)
+        {
             probe.execute(&statement).await?;
         }
     }
     Ok(())
+}
+
+/// The name `table` has in ClickHouse: the dead-letter table's is configured.
+fn table_name(config: &Config, table: SchemaTable) -> &str {
+    match table {
+        SchemaTable::DeadLetters => config.drain.dead_letter_table.as_str(),
+        SchemaTable::Data(t) => t.name(),
+    }
 }
 
 /// Problems found by the schema check, if any, each naming the table, the column and the fix.
@@ -192,10 +205,7 @@ pub async fn check_schema(
     let columns = probe.table_columns(&config.clickhouse.database).await?;
     let mut problems = Vec::new();
     for table in SchemaTable::ALL {
-        let name = match table {
-            SchemaTable::DeadLetters => config.drain.dead_letter_table.as_str(),
-            SchemaTable::Data(t) => t.name(),
-        };
+        let name = table_name(config, table);
         let actual = columns.get(name).map(Vec::as_slice).unwrap_or_default();
         if let Err(problem) = schema::check_columns(table, actual, profile) {
             problems.push(problem);
@@ -263,6 +273,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let http_task = tokio::spawn(http::serve(
         listener,
+        http::HttpLimits::from_config(&config.metrics),
         registry,
         metrics.clone(),
         wal.clone(),

@@ -618,11 +618,23 @@ pub fn ddl(
     ttl_days: Option<u32>,
 ) -> String {
     let table = table.into();
+    ddl_named(profile, database, table, table.name(), ttl_days)
+}
+
+/// [`ddl`] of `table` created under the name `name` (the dead-letter table's name is configured
+/// by `[drain] dead_letter_table`).
+pub fn ddl_named(
+    profile: Profile,
+    database: &str,
+    table: SchemaTable,
+    name: &str,
+    ttl_days: Option<u32>,
+) -> String {
     let mut out = String::with_capacity(2048);
     out.push_str("CREATE TABLE IF NOT EXISTS ");
     push_identifier(&mut out, database);
     out.push('.');
-    push_identifier(&mut out, table.name());
+    push_identifier(&mut out, name);
     out.push_str("\n(\n");
     let mut definitions: Vec<String> = Vec::new();
     for &(name, column_type) in expected_columns(table) {
@@ -668,12 +680,24 @@ pub fn ddl(
 
 /// Every statement that creates the schema: the database, the eight tables, the dead letters.
 pub fn all_ddl(profile: Profile, database: &str, ttl_days: Option<u32>) -> Vec<String> {
+    all_ddl_with_dead_letters(profile, database, ttl_days, DEAD_LETTERS_TABLE)
+}
+
+/// [`all_ddl`] with the dead-letter table created as `dead_letter_table`.
+pub fn all_ddl_with_dead_letters(
+    profile: Profile,
+    database: &str,
+    ttl_days: Option<u32>,
+    dead_letter_table: &str,
+) -> Vec<String> {
     let mut statements = vec![database_ddl(database)];
-    statements.extend(
-        SchemaTable::ALL
-            .into_iter()
-            .map(|table| ddl(profile, database, table, ttl_days)),
-    );
+    statements.extend(SchemaTable::ALL.into_iter().map(|table| {
+        let name = match table {
+            SchemaTable::DeadLetters => dead_letter_table,
+            SchemaTable::Data(t) => t.name(),
+        };
+        ddl_named(profile, database, table, name, ttl_days)
+    }));
     statements
 }
 
@@ -687,6 +711,18 @@ pub fn add_missing_columns_ddl(
     actual: &[(String, String)],
 ) -> Vec<String> {
     let table = table.into();
+    add_missing_columns_ddl_named(profile, database, table, table.name(), actual)
+}
+
+/// [`add_missing_columns_ddl`] for a table stored under `name` (the dead-letter table's name is
+/// configurable).
+pub fn add_missing_columns_ddl_named(
+    profile: Profile,
+    database: &str,
+    table: SchemaTable,
+    table_name: &str,
+    actual: &[(String, String)],
+) -> Vec<String> {
     expected_columns(table)
         .iter()
         .filter(|(name, _)| !actual.iter().any(|(actual_name, _)| actual_name == name))
@@ -694,7 +730,7 @@ pub fn add_missing_columns_ddl(
             format!(
                 "ALTER TABLE {}.{} ADD COLUMN {}",
                 identifier(database),
-                identifier(table.name()),
+                identifier(table_name),
                 column_definition(profile, name, column_type)
             )
         })

@@ -54,6 +54,8 @@ pub use isolate::{IsolateOutcome, PoisonRow, ISOLATE_INSERTS_MAX_DEFAULT};
 use bounded::{BoundedConnector, ANSWER_BYTES_MAX};
 use classify::from_client_error;
 
+use crate::redact::redact;
+
 /// Idle pooled connections are closed after this long. It stays below ClickHouse's HTTP
 /// keep-alive timeout (3 s in the packaged configs), so the client never reuses a connection the
 /// server is closing, which would fail an insert for no reason.
@@ -110,7 +112,7 @@ impl fmt::Debug for SinkOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The password stays out of logs.
         f.debug_struct("SinkOptions")
-            .field("url", &self.url)
+            .field("url", &redact(&self.url))
             .field("user", &self.user)
             .field(
                 "password",
@@ -488,7 +490,11 @@ impl Sink {
         request: impl Future<Output = Result<(), InsertError>>,
     ) -> Result<(), InsertError> {
         match tokio::time::timeout(self.inner.request_timeout, request).await {
-            Ok(result) => result,
+            // A client error may quote the URL, whose user info may hold a password.
+            Ok(result) => result.map_err(|mut error| {
+                error.message = redact(&error.message).into_owned();
+                error
+            }),
             // Dropping the request aborts it; the server may still finish it, which the
             // deduplication token (modern) or the ReplacingMergeTree (legacy) absorbs on retry.
             Err(_) => Err(InsertError::retryable(format!(
@@ -504,9 +510,13 @@ impl Sink {
         statement: &str,
         query: impl Future<Output = clickhouse::error::Result<V>>,
     ) -> Result<V, SinkError> {
-        let failed = |source| SinkError::Query {
-            statement: statement.to_owned(),
-            source,
+        let failed = |mut source: InsertError| {
+            // A client error may quote the URL, whose user info may hold a password.
+            source.message = redact(&source.message).into_owned();
+            SinkError::Query {
+                statement: statement.to_owned(),
+                source,
+            }
         };
         match tokio::time::timeout(self.inner.request_timeout, query).await {
             Ok(Ok(value)) => Ok(value),

@@ -54,6 +54,7 @@ use std::time::Duration;
 use async_nats::{ConnectOptions, Event, ServerAddr};
 
 use crate::config::NatsConfig;
+use crate::redact::redact;
 
 /// A boxed error from the NATS client; its own error types differ per call.
 pub type NatsError = Box<dyn std::error::Error + Send + Sync>;
@@ -174,7 +175,7 @@ pub async fn connect(config: &NatsConfig) -> Result<async_nats::Client, SourceEr
     let mut servers = Vec::new();
     for url in config.url.split(',').map(str::trim) {
         let addr = ServerAddr::from_str(url).map_err(|source| SourceError::Address {
-            url: url.to_owned(),
+            url: redact(url).into_owned(),
             source,
         })?;
         servers.push(addr);
@@ -222,7 +223,7 @@ pub async fn connect(config: &NatsConfig) -> Result<async_nats::Client, SourceEr
         .connect(servers)
         .await
         .map_err(|source| SourceError::Connect {
-            url: config.url.clone(),
+            url: redact(&config.url).into_owned(),
             source,
         })
 }

@@ -127,6 +127,9 @@ pub struct LoadgenOptions {
     /// NATS server URL.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
     pub nats_url: String,
+    /// NATS authentication (the relay's `[nats]` section), from `--config`; none by default.
+    #[arg(skip)]
+    pub nats: Option<crate::config::NatsConfig>,
     /// Stream layout, `NAME=SUBJECT[,SUBJECT...]`, repeatable; used by --create-streams.
     #[arg(long = "stream", value_name = "NAME=SUBJECTS",
           default_values_t = StreamSpec::defaults())]
@@ -183,6 +186,7 @@ impl Default for LoadgenOptions {
     fn default() -> Self {
         LoadgenOptions {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats: None,
             streams: StreamSpec::defaults(),
             single_stream: None,
             create_streams: false,
@@ -472,7 +476,7 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
         tracing::warn!(data_type = %dt, "no configured market carries this data type; not generated");
     }
 
-    let client = connect_nats(&opts.nats_url, "prism-relay loadgen").await?;
+    let client = connect_nats(&opts.nats_url, opts.nats.as_ref(), "prism-relay loadgen").await?;
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(opts.inflight_max)
         .backpressure_on_inflight(true)

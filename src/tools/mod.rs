@@ -18,6 +18,12 @@ pub mod rate;
 pub mod verify;
 
 use std::fmt;
+use std::str::FromStr;
+
+use async_nats::{ConnectOptions, ServerAddr};
+
+use crate::config::NatsConfig;
+use crate::redact::redact;
 
 /// Errors of the operator tools.
 #[derive(Debug, thiserror::Error)]
@@ -69,14 +75,51 @@ impl ToolError {
 /// exactly as the relay does.
 pub use crate::codec::DataType;
 
-/// Connects to NATS with a name that shows up in the server's connection list.
-pub(crate) async fn connect_nats(url: &str, name: &str) -> Result<async_nats::Client, ToolError> {
-    async_nats::ConnectOptions::new()
+/// Connects to NATS (`url` may list several servers, comma separated) with a name that shows up
+/// in the server's connection list, authenticating as `auth` says when given (the relay's
+/// `[nats]` section: user and password, token or credentials file; never a flag, which would
+/// show the secret in `ps`). Errors show the URL redacted.
+pub(crate) async fn connect_nats(
+    url: &str,
+    auth: Option<&NatsConfig>,
+    name: &str,
+) -> Result<async_nats::Client, ToolError> {
+    let shown = || redact(url).into_owned();
+    let mut servers = Vec::new();
+    for server in url.split(',').map(str::trim) {
+        let addr = ServerAddr::from_str(server).map_err(|error| {
+            ToolError::Options(format!(
+                "invalid NATS server address {}: {error}",
+                redact(server)
+            ))
+        })?;
+        servers.push(addr);
+    }
+    let mut options = match auth.and_then(|a| a.creds_file.as_ref()) {
+        Some(path) => ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|error| {
+                ToolError::Options(format!(
+                    "cannot read NATS credentials file {}: {error}",
+                    path.display()
+                ))
+            })?,
+        None => ConnectOptions::new(),
+    };
+    if let Some(auth) = auth {
+        if let (Some(user), Some(password)) = (&auth.user, &auth.password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &auth.token {
+            options = options.token(token.clone());
+        }
+    }
+    options
         .name(name)
-        .connect(url)
+        .connect(servers)
         .await
         .map_err(|source| ToolError::Connect {
-            url: url.to_string(),
+            url: shown(),
             source,
         })
 }

@@ -29,6 +29,7 @@ use futures_util::StreamExt as _;
 use serde::Deserialize;
 
 use super::{connect_nats, DataType, ToolError};
+use crate::config::NatsConfig;
 
 /// Lost and duplicated identities kept per table for the report, as examples to look up.
 pub const SAMPLE_MAX: usize = 10;
@@ -59,14 +60,13 @@ pub struct VerifyOptions {
     /// ClickHouse user.
     #[arg(long, default_value = "default")]
     pub clickhouse_user: String,
-    /// ClickHouse password (empty: none).
-    #[arg(
-        long,
-        env = "CLICKHOUSE_PASSWORD",
-        hide_env_values = true,
-        default_value = ""
-    )]
+    /// ClickHouse password (empty: none). Not a flag, which would show it in `ps`: the binary
+    /// takes it from the relay's configuration (`--config`).
+    #[arg(skip)]
     pub clickhouse_password: String,
+    /// NATS authentication (the relay's `[nats]` section), from `--config`; none by default.
+    #[arg(skip)]
+    pub nats: Option<NatsConfig>,
     /// Database holding the MarketPrism tables.
     #[arg(long, default_value = "marketprism_hot")]
     pub database: String,
@@ -95,6 +95,7 @@ impl Default for VerifyOptions {
             clickhouse_url: "http://127.0.0.1:8123".into(),
             clickhouse_user: "default".into(),
             clickhouse_password: String::new(),
+            nats: None,
             database: "marketprism_hot".into(),
             dead_letter_table: "dead_letters".into(),
             clickhouse_validation: false,
@@ -579,7 +580,7 @@ pub struct RangeSpec {
 
 /// Runs the check on the streams and range of the options; see the module documentation.
 pub async fn run(opts: &VerifyOptions) -> Result<VerifyReport, ToolError> {
-    let client = connect_nats(&opts.nats_url, "prism-relay verify").await?;
+    let client = connect_nats(&opts.nats_url, opts.nats.as_ref(), "prism-relay verify").await?;
     let js = jetstream::new(client);
     let names = if opts.streams.is_empty() {
         marketprism_streams(&js).await?
@@ -604,7 +605,7 @@ pub async fn run_ranges(
     opts: &VerifyOptions,
     ranges: &[RangeSpec],
 ) -> Result<VerifyReport, ToolError> {
-    let client = connect_nats(&opts.nats_url, "prism-relay verify").await?;
+    let client = connect_nats(&opts.nats_url, opts.nats.as_ref(), "prism-relay verify").await?;
     check_ranges(&jetstream::new(client), opts, ranges).await
 }
 
@@ -858,10 +859,10 @@ mod tests {
 
     #[test]
     fn command_line_defaults_equal_the_library_defaults() {
-        // The password may come from the environment; compare the rest.
-        let mut parsed = Cli::try_parse_from(["verify"]).unwrap().opts;
-        parsed.clickhouse_password.clear();
+        let parsed = Cli::try_parse_from(["verify"]).unwrap().opts;
         assert_eq!(parsed, VerifyOptions::default());
+        // No flag takes a password: it would show in `ps`.
+        assert!(Cli::try_parse_from(["verify", "--clickhouse-password", "x"]).is_err());
         let o = Cli::try_parse_from([
             "verify",
             "--stream",

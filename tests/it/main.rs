@@ -2,6 +2,7 @@
 
 mod chaos;
 mod harness;
+mod hostile;
 mod hostile_subjects;
 mod modern;
 mod relay;

@@ -1,0 +1,213 @@
+//! Redaction of secrets in text meant for people: error messages, log lines, printed
+//! configuration.
+//!
+//! [`redact`] is the one function every such path goes through: the binary's error output and its
+//! log writer, the configuration's `Debug` and validation errors, and the NATS, ClickHouse and tool
+//! errors that quote a URL. It hides
+//!
+//! - the password of a URL's user info (`nats://alice:secret@host` becomes
+//!   `nats://alice:<redacted>@host`), and the whole user info of a URL with a scheme but no
+//!   password, which NATS reads as a token (`nats://token@host`);
+//! - the value of a `password = ...` or `token = ...` assignment, as a TOML parse error quotes the
+//!   offending line of the configuration file.
+//!
+//! Secrets held in configuration fields never reach text in the first place: `Debug` of the
+//! configuration prints [`REDACTED`] for them.
+
+use std::borrow::Cow;
+
+/// What a secret is replaced with.
+pub const REDACTED: &str = "<redacted>";
+
+/// Keys whose assigned value is a secret, as the configuration file spells them.
+const SECRET_KEYS: [&str; 2] = ["password", "token"];
+
+/// `text` with every secret it shows replaced by [`REDACTED`] (see the module documentation).
+pub fn redact(text: &str) -> Cow<'_, str> {
+    if !text.contains('@') && !SECRET_KEYS.iter().any(|k| text.contains(k)) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        redact_line(line, &mut out);
+    }
+    if out == text {
+        Cow::Borrowed(text)
+    } else {
+        Cow::Owned(out)
+    }
+}
+
+/// Appends `line` to `out` with the secrets of its words and assignments hidden.
+fn redact_line(line: &str, out: &mut String) {
+    let line = redact_assignment(line);
+    let mut rest = line.as_ref();
+    while !rest.is_empty() {
+        let end = rest.find(is_separator).unwrap_or(rest.len());
+        let (word, tail) = rest.split_at(end);
+        redact_word(word, out);
+        let mut chars = tail.chars();
+        if let Some(separator) = chars.next() {
+            out.push(separator);
+        }
+        rest = chars.as_str();
+    }
+}
+
+/// Characters around a URL in messages, lists and quoted values.
+fn is_separator(c: char) -> bool {
+    c.is_whitespace()
+        || matches!(
+            c,
+            ',' | '"' | '\'' | '`' | '(' | ')' | '[' | ']' | '<' | '>'
+        )
+}
+
+/// Appends `word` to `out`, hiding the secret part of a URL's user info.
+fn redact_word(word: &str, out: &mut String) {
+    let (scheme, rest) = match word.find("://") {
+        Some(at) => word.split_at(at + "://".len()),
+        None => ("", word),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        out.push_str(word);
+        return;
+    };
+    let userinfo = &authority[..at];
+    match userinfo.split_once(':') {
+        Some((user, _password)) => {
+            out.push_str(scheme);
+            out.push_str(user);
+            out.push(':');
+            out.push_str(REDACTED);
+        }
+        // A bare `name@host` without a scheme is an address, not a credential.
+        None if scheme.is_empty() => {
+            out.push_str(word);
+            return;
+        }
+        None => {
+            out.push_str(scheme);
+            out.push_str(REDACTED);
+        }
+    }
+    out.push_str(&rest[at..]);
+}
+
+/// `line` with the value of a `password = ...` or `token = ...` assignment hidden. Only a key that
+/// starts a word counts (`nats.password` in a message names a field, it assigns nothing).
+fn redact_assignment(line: &str) -> Cow<'_, str> {
+    for key in SECRET_KEYS {
+        let mut from = 0;
+        while let Some(found) = line[from..].find(key) {
+            let start = from + found;
+            let after_key = start + key.len();
+            from = after_key;
+            let starts_word = line[..start]
+                .chars()
+                .next_back()
+                .is_none_or(|c| c.is_whitespace() || c == '|');
+            let rest = line[after_key..].trim_start();
+            let Some(value) = rest.strip_prefix('=') else {
+                continue;
+            };
+            if !starts_word {
+                continue;
+            }
+            let value_start = line.len() - value.trim_start().len();
+            let mut redacted = String::with_capacity(line.len());
+            redacted.push_str(&line[..value_start]);
+            redacted.push_str(REDACTED);
+            return Cow::Owned(redacted);
+        }
+    }
+    Cow::Borrowed(line)
+}
+
+/// A writer that passes everything through [`redact`]: the binary's log output goes through it, so
+/// no log line shows a secret whatever module logged it.
+#[derive(Debug)]
+pub struct RedactingWriter<W> {
+    inner: W,
+}
+
+impl<W> RedactingWriter<W> {
+    /// Wraps `inner`.
+    pub fn new(inner: W) -> RedactingWriter<W> {
+        RedactingWriter { inner }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for RedactingWriter<W> {
+    /// Log formatters hand over one whole line per call, so a URL is never split across calls.
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match std::str::from_utf8(buf) {
+            Ok(text) => self.inner.write_all(redact(text).as_bytes())?,
+            Err(_) => self.inner.write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_urls_are_hidden_and_the_rest_is_kept() {
+        let cases = [
+            (
+                "cannot connect to NATS at nats://alice:s3cret@10.0.0.1:4222: refused",
+                "cannot connect to NATS at nats://alice:<redacted>@10.0.0.1:4222: refused",
+            ),
+            (
+                "nats://a:x@h1:4222,tls://b:y@h2:4222",
+                "nats://a:<redacted>@h1:4222,tls://b:<redacted>@h2:4222",
+            ),
+            (
+                "url = \"http://default:p@ss@ch:8123/?db=x\"",
+                "url = \"http://default:<redacted>@ch:8123/?db=x\"",
+            ),
+            ("nats://tok3n@host:4222", "nats://<redacted>@host:4222"),
+            ("alice:pw@host:4222", "alice:<redacted>@host:4222"),
+            ("mail ops@example.com", "mail ops@example.com"),
+            ("http://127.0.0.1:8123", "http://127.0.0.1:8123"),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(redact(text), expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn secret_assignments_quoted_by_parse_errors_are_hidden() {
+        let text = "TOML parse error at line 3\n  |\n3 | password = s3cret oops\n  |\nnats.password = <unset>: set both";
+        let shown = redact(text);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("3 | password = <redacted>"), "{shown}");
+        assert!(
+            shown.contains("nats.password = <unset>: set both"),
+            "{shown}"
+        );
+        assert_eq!(redact("token=abc"), "token=<redacted>");
+    }
+
+    #[test]
+    fn the_log_writer_redacts_what_passes_through() {
+        use std::io::Write as _;
+        let mut writer = RedactingWriter::new(Vec::new());
+        writer
+            .write_all(b"WARN error=nats://u:hidden@h:1 refused\n")
+            .expect("writes to memory");
+        let text = String::from_utf8(writer.inner).expect("utf-8");
+        assert_eq!(text, "WARN error=nats://u:<redacted>@h:1 refused\n");
+    }
+}
