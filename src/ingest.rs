@@ -54,8 +54,16 @@ pub async fn run(
         if *shutdown.borrow() {
             return Ok(());
         }
-        if wal.budget_full() {
+        // Without its reserve the WAL's free room belongs to the ledger (it was given up so
+        // cursors could move on a full disk): fetch again only once the reserve is back.
+        if wal.budget_full() || !wal.reserve_held() {
             metrics.ingest_paused.set(1);
+            if !wal.reserve_held() {
+                make_room(&wal).await.map_err(|source| IngestError::Wal {
+                    consumer: consumer.clone(),
+                    source,
+                })?;
+            }
             if pause(&mut shutdown).await {
                 return Ok(());
             }
@@ -118,10 +126,23 @@ pub async fn run(
             match attempt {
                 Ok(range) => break Some(range),
                 Err(WalError::DiskFull { .. }) => {
-                    // Nothing was written; keep the batch (unacked) and try again once space is freed.
+                    // Nothing was written; keep the batch (unacked) and try again once space is
+                    // freed: released segments go first, and the append waits for the reserve.
                     metrics.ingest_paused.set(1);
                     tracing::warn!(%consumer, "disk full: WAL append paused, messages stay unacked in JetStream");
-                    if pause(&mut shutdown).await {
+                    let stopped = loop {
+                        if pause(&mut shutdown).await {
+                            break true;
+                        }
+                        let held = make_room(&wal).await.map_err(|source| IngestError::Wal {
+                            consumer: consumer.clone(),
+                            source,
+                        })?;
+                        if held {
+                            break false;
+                        }
+                    };
+                    if stopped {
                         break None;
                     }
                 }
@@ -170,6 +191,18 @@ async fn pause(shutdown: &mut watch::Receiver<bool>) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(Duration::from_millis(PAUSE_POLL_MS)) => *shutdown.borrow(),
         _ = shutdown.changed() => true,
+    }
+}
+
+/// Frees room on a full disk (released segments, then the WAL's reserve) off the async workers;
+/// true when the reserve is in place and appends may go on.
+async fn make_room(wal: &Wal) -> Result<bool, WalError> {
+    let wal = wal.clone();
+    match tokio::task::spawn_blocking(move || wal.make_room()).await {
+        Ok(result) => result,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        // Cancelled only when the runtime shuts down.
+        Err(_) => Err(WalError::Closed),
     }
 }
 

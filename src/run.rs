@@ -29,6 +29,8 @@ use crate::source::{self, Fetcher, SourceError};
 use crate::{http, ingest};
 
 /// How often the ledger is committed when no batch commits it, so idle lanes release segments.
+/// A tick with nothing new writes nothing (a full disk has no block for it); it only applies
+/// retention, which deletes files.
 const LEDGER_COMMIT_INTERVAL_MS: u64 = 1_000;
 
 /// Why the relay stopped with an error.
@@ -172,6 +174,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "WAL recovered"
     );
     let first_lsn = recovery.first_lsn;
+    // The reserve keeps room for the ledger on a full disk; without it ingest waits (and
+    // retries creating it) until there is space, so a disk full at start-up is not fatal.
+    match wal.ensure_reserve() {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            dir = %config.wal.dir.display(),
+            "disk full at start-up: ingest waits for space"
+        ),
+        Err(source) => return Err(RunError::Wal(source)),
+    }
 
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
@@ -369,16 +381,26 @@ async fn drain(
     }
 
     // Idle lanes move their cursors in memory; commit them now and then so segments get released.
+    // A commit that finds the disk full is retried at the next tick (the lanes wait for space
+    // on their own); any other ledger failure stops every lane, like a lane failure does.
     let mut tick = tokio::time::interval(Duration::from_millis(LEDGER_COMMIT_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut result = Ok(());
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                if let Err(error) = ledger.commit().await {
+            _ = tick.tick() => match ledger.commit().await {
+                Ok(()) => {}
+                Err(DrainError::LedgerDiskFull(error)) => {
+                    tracing::warn!(%error, "disk full: the ledger cannot be written; retrying");
+                }
+                Err(error) => {
                     result = Err(RunError::Drain(error));
+                    // Stop the lanes: the relay exits and the next start resumes from the
+                    // ledger on disk.
+                    lanes.abort_all();
                     break;
                 }
-            }
+            },
             joined = lanes.join_next() => match joined {
                 None => break,
                 Some(joined) => {

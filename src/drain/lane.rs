@@ -251,7 +251,8 @@ impl Lane {
             last: full.last(),
             rows: u32::try_from(full.len()).unwrap_or(u32::MAX),
         };
-        self.ledger.begin(&self.config.name, inflight).await?;
+        self.ledger_step(LedgerStep::Begin(inflight), stopping)
+            .await?;
 
         let (rows, table, token_ref) = (&full.rows, self.config.name.clone(), token.as_str());
         let outcome = self
@@ -285,8 +286,37 @@ impl Lane {
                 self.metrics.processed(labels, rows);
             }
         }
-        self.ledger.finish(&self.config.name, self.read_pos).await?;
+        self.ledger_step(LedgerStep::Finish(self.read_pos), stopping)
+            .await?;
         Ok(())
+    }
+
+    /// Commits a ledger step, waiting out a disk too full to write the ledger: the step is
+    /// retried as is (the batch stays the same batch) until it is written, or until shutdown,
+    /// which leaves the batch to the next start. Any other ledger failure stops the lane.
+    async fn ledger_step(&mut self, step: LedgerStep, stopping: bool) -> Result<(), DrainError> {
+        loop {
+            let result = match step {
+                LedgerStep::Begin(inflight) => self.ledger.begin(&self.config.name, inflight).await,
+                LedgerStep::Finish(cursor) => self.ledger.finish(&self.config.name, cursor).await,
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(DrainError::LedgerDiskFull(error)) => {
+                    tracing::warn!(lane = %self.config.name, %error, "disk full: the ledger cannot be written; waiting for space");
+                    if stopping || *self.shutdown.borrow() {
+                        return Err(DrainError::Interrupted {
+                            lane: self.config.name.clone(),
+                        });
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(LEDGER_RETRY) => {}
+                        _ = self.shutdown.changed() => {}
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     fn reread_dead_letter(&self, lsn: Lsn, reason: String) -> Result<DeadLetter, DrainError> {
@@ -345,6 +375,19 @@ impl Lane {
             }
         }
     }
+}
+
+/// How long a lane waits before retrying a ledger commit that found the disk full: space comes
+/// back when an operator or retention frees it, so a short poll resumes promptly at little cost.
+const LEDGER_RETRY: Duration = Duration::from_millis(200);
+
+/// A ledger commit of a batch's life, retried as is while the disk is full.
+#[derive(Debug, Clone, Copy)]
+enum LedgerStep {
+    /// Record the batch as in flight before inserting it.
+    Begin(InflightBatch),
+    /// Move the cursor past the batch (to this position) after the insert.
+    Finish(Lsn),
 }
 
 /// How long an idle lane sleeps before re-checking (a durable-LSN change wakes it sooner).
