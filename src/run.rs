@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{ClickHouseProfile, Config, RecoveryModeKind, WalConfig};
 use crate::drain::{BatchLimits, DrainError, Lane, LaneConfig, LedgerKeeper, Router, RowsKind};
+use crate::logcond::Condition;
 use crate::metrics::Metrics;
 use crate::schema::{self, Profile, SchemaError, SchemaTable};
 use crate::sink::{Backoff, Sink, SinkError, SinkOptions};
@@ -309,6 +310,7 @@ async fn drain(
         config.drain.retry_backoff_initial_ms,
         config.drain.retry_backoff_max_ms,
     );
+    let mut not_ready = Condition::default();
     let (probe, profile) = loop {
         let attempt = async {
             let (probe, profile) = resolve_profile(&config).await?;
@@ -326,7 +328,9 @@ async fn drain(
                 break (probe, profile);
             }
             Err(error) => {
-                tracing::warn!(%error, "ClickHouse not ready; ingesting into the WAL meanwhile");
+                if let Some(o) = not_ready.occurred() {
+                    tracing::warn!(%error, attempts = o.count(), lasted_s = o.lasted_s(), "ClickHouse not ready; ingesting into the WAL meanwhile");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => {}
                     _ = stop.changed() => return Ok(()),
@@ -335,8 +339,11 @@ async fn drain(
         }
     };
     drop(probe);
+    let waited = not_ready.cleared();
     tracing::info!(
         profile = profile.name(),
+        failed_attempts = waited.map_or(0, |w| w.count),
+        waited_ms = waited.map_or(0, |w| w.lasted.as_millis() as u64),
         "ClickHouse schema checked; draining"
     );
     metrics.ready.set(1);
@@ -386,12 +393,19 @@ async fn drain(
     let mut tick = tokio::time::interval(Duration::from_millis(LEDGER_COMMIT_INTERVAL_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut result = Ok(());
+    let mut disk_full = Condition::default();
     loop {
         tokio::select! {
             _ = tick.tick() => match ledger.commit().await {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(ended) = disk_full.cleared() {
+                        tracing::info!(failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "ledger written again");
+                    }
+                }
                 Err(DrainError::LedgerDiskFull(error)) => {
-                    tracing::warn!(%error, "disk full: the ledger cannot be written; retrying");
+                    if let Some(o) = disk_full.occurred() {
+                        tracing::warn!(%error, failures = o.count(), lasted_s = o.lasted_s(), "disk full: the ledger cannot be written; retrying");
+                    }
                 }
                 Err(error) => {
                     result = Err(RunError::Drain(error));

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prism_wal::{Envelope, InflightBatch, Lsn, Wal};
 use tokio::sync::watch;
 
+use crate::logcond::Condition;
 use crate::metrics::{DataTypeLabels, LaneLabels, Metrics};
 use crate::sink::{Backoff, DeadLetter, ErrorClass, InsertError, Sink};
 
@@ -295,15 +296,23 @@ impl Lane {
     /// retried as is (the batch stays the same batch) until it is written, or until shutdown,
     /// which leaves the batch to the next start. Any other ledger failure stops the lane.
     async fn ledger_step(&mut self, step: LedgerStep, stopping: bool) -> Result<(), DrainError> {
+        let mut disk_full = Condition::default();
         loop {
             let result = match step {
                 LedgerStep::Begin(inflight) => self.ledger.begin(&self.config.name, inflight).await,
                 LedgerStep::Finish(cursor) => self.ledger.finish(&self.config.name, cursor).await,
             };
             match result {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if let Some(ended) = disk_full.cleared() {
+                        tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "ledger written again");
+                    }
+                    return Ok(());
+                }
                 Err(DrainError::LedgerDiskFull(error)) => {
-                    tracing::warn!(lane = %self.config.name, %error, "disk full: the ledger cannot be written; waiting for space");
+                    if let Some(o) = disk_full.occurred() {
+                        tracing::warn!(lane = %self.config.name, %error, failures = o.count(), lasted_s = o.lasted_s(), "disk full: the ledger cannot be written; waiting for space");
+                    }
                     if stopping || *self.shutdown.borrow() {
                         return Err(DrainError::Interrupted {
                             lane: self.config.name.clone(),
@@ -349,10 +358,14 @@ impl Lane {
             self.config.backoff_initial.as_millis() as u64,
             self.config.backoff_max.as_millis() as u64,
         );
+        let mut failing = Condition::default();
         loop {
             match attempt(self.sink.clone()).await {
                 Ok(value) => {
                     self.metrics.ready.set(1);
+                    if let Some(ended) = failing.cleared() {
+                        tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "insert succeeded after retries");
+                    }
                     return Ok(value);
                 }
                 Err(error) => {
@@ -360,7 +373,9 @@ impl Lane {
                     if error.class == ErrorClass::Schema {
                         self.metrics.ready.set(0);
                     }
-                    tracing::warn!(lane = %self.config.name, class = ?error.class, %error, "insert failed; retrying");
+                    if let Some(o) = failing.occurred() {
+                        tracing::warn!(lane = %self.config.name, class = ?error.class, %error, failures = o.count(), lasted_s = o.lasted_s(), "insert failed; retrying");
+                    }
                     if stopping || *self.shutdown.borrow() {
                         return Err(DrainError::Interrupted {
                             lane: self.config.name.clone(),

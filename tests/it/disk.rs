@@ -22,6 +22,11 @@ const SEGMENT_BYTES: u64 = 512 * 1024;
 /// How long a full-disk scenario may take to settle on a loaded 2-core machine.
 const DISK_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Most WARN and ERROR lines the relay may log over a whole full-disk scenario: a start line
+/// per condition and per task (three consumers, nine lanes, the keeper), and a few reminders,
+/// never one line per retry (a retry loop polls every 100 ms).
+const FULL_DISK_LOG_LINES_MAX: usize = 40;
+
 /// A tmpfs mounted on a directory for the life of the value (lazily unmounted on drop, so a
 /// process still holding files in it does not keep it mounted).
 struct Tmpfs {
@@ -174,6 +179,24 @@ async fn wait_stored(bed: &Bed, relay: &RelayProc, wal_dir: &Path) -> VerifyRepo
     }
 }
 
+/// WARN and ERROR lines in the relay's log.
+fn warn_lines(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .count()
+}
+
+/// Panics with the log if the relay logged more WARN and ERROR lines than a rate-limited
+/// condition log allows.
+fn assert_log_bounded(relay: &RelayProc) {
+    let log = relay.log();
+    let lines = warn_lines(&log);
+    assert!(
+        lines <= FULL_DISK_LOG_LINES_MAX,
+        "{lines} WARN/ERROR lines (at most {FULL_DISK_LOG_LINES_MAX}); log:\n{log}"
+    );
+}
+
 /// The relay's `ingest_paused` gauge and received count; panics if the relay is not alive.
 async fn paused_and_received(relay: &mut RelayProc) -> (f64, f64) {
     assert_alive(relay).await;
@@ -251,6 +274,7 @@ async fn a_disk_filled_to_the_last_byte_by_another_file_pauses_ingest_without_ex
     filler.delete();
     assert_totals(&wait_stored(&bed, &relay, &config.wal_dir).await, count);
     wait_paused(&mut relay, 0.0, None).await;
+    assert_log_bounded(&relay);
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
 
@@ -287,5 +311,6 @@ async fn a_disk_filled_by_the_wal_itself_while_clickhouse_is_down_drains_frees_s
         "the first segment {} is still on disk",
         first.display()
     );
+    assert_log_bounded(&relay);
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
