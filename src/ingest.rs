@@ -23,6 +23,7 @@ use prism_wal::{Envelope, StreamSeq, Wal, WalError, RECORD_BYTES_MAX};
 use tokio::sync::watch;
 
 use crate::drain::route::DEAD_LETTER_HEADER;
+use crate::logcond::{Condition, Occurrence};
 use crate::metrics::Metrics;
 use crate::source::{Fetcher, SourceError};
 
@@ -67,16 +68,39 @@ pub async fn run(
 ) -> Result<(), IngestError> {
     let consumer = fetcher.durable().to_string();
     let mut fetch_delay_ms = FETCH_RETRY_INITIAL_MS;
+    // Conditions retried every few milliseconds, logged when they start, every reminder
+    // interval while they last, and when they end (the metrics carry the rest).
+    let mut disk_full = Condition::default();
+    let mut budget_full = Condition::default();
+    let mut fetch_failing = Condition::default();
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
-        if wal.budget_full() {
+        // Without its reserve the WAL's free room belongs to the ledger (it was given up so
+        // cursors could move on a full disk): fetch again only once the reserve is back.
+        if wal.budget_full() || !wal.reserve_held() {
             metrics.ingest_paused.set(1);
+            if wal.budget_full() {
+                if let Some(o) = budget_full.occurred() {
+                    tracing::warn!(%consumer, occurrences = o.count(), lasted_s = o.lasted_s(), "WAL budget full: fetching paused until the drain frees segments");
+                }
+            } else {
+                log_disk_full(&consumer, &mut disk_full);
+            }
+            if !wal.reserve_held() {
+                make_room(&wal).await.map_err(|source| IngestError::Wal {
+                    consumer: consumer.clone(),
+                    source,
+                })?;
+            }
             if pause(&mut shutdown).await {
                 return Ok(());
             }
             continue;
+        }
+        if let Some(ended) = budget_full.cleared() {
+            tracing::info!(%consumer, occurrences = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "WAL budget has room again: fetching resumed");
         }
         metrics.ingest_paused.set(0);
 
@@ -86,10 +110,13 @@ pub async fn run(
         let batch = match fetcher.fetch().await {
             Ok(batch) => {
                 fetch_delay_ms = FETCH_RETRY_INITIAL_MS;
+                if let Some(ended) = fetch_failing.cleared() {
+                    tracing::info!(%consumer, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "fetching works again");
+                }
                 batch
             }
             Err(error) => {
-                log_fetch_error(&consumer, &error);
+                log_fetch_error(&consumer, &error, &mut fetch_failing);
                 let delay = Duration::from_millis(fetch_delay_ms);
                 fetch_delay_ms = (fetch_delay_ms * 2).min(FETCH_RETRY_MAX_MS);
                 tokio::select! {
@@ -137,10 +164,23 @@ pub async fn run(
             match attempt {
                 Ok(range) => break Some(range),
                 Err(WalError::DiskFull { .. }) => {
-                    // Nothing was written; keep the batch (unacked) and try again once space is freed.
+                    // Nothing was written; keep the batch (unacked) and try again once space is
+                    // freed: released segments go first, and the append waits for the reserve.
                     metrics.ingest_paused.set(1);
-                    tracing::warn!(%consumer, "disk full: WAL append paused, messages stay unacked in JetStream");
-                    if pause(&mut shutdown).await {
+                    log_disk_full(&consumer, &mut disk_full);
+                    let stopped = loop {
+                        if pause(&mut shutdown).await {
+                            break true;
+                        }
+                        let held = make_room(&wal).await.map_err(|source| IngestError::Wal {
+                            consumer: consumer.clone(),
+                            source,
+                        })?;
+                        if held {
+                            break false;
+                        }
+                    };
+                    if stopped {
                         break None;
                     }
                 }
@@ -158,6 +198,9 @@ pub async fn run(
             return Ok(());
         };
         metrics.ingest_paused.set(0);
+        if let Some(ended) = disk_full.cleared() {
+            tracing::info!(%consumer, occurrences = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "disk space is back: WAL appends resumed");
+        }
 
         // Invariant 1: the ack covers only records an fdatasync has covered.
         assert!(
@@ -233,8 +276,34 @@ async fn pause(shutdown: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
-fn log_fetch_error(consumer: &str, error: &SourceError) {
-    tracing::warn!(%consumer, %error, "fetch failed; retrying");
+/// Frees room on a full disk (released segments, then the WAL's reserve) off the async workers;
+/// true when the reserve is in place and appends may go on.
+async fn make_room(wal: &Wal) -> Result<bool, WalError> {
+    let wal = wal.clone();
+    match tokio::task::spawn_blocking(move || wal.make_room()).await {
+        Ok(result) => result,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        // Cancelled only when the runtime shuts down.
+        Err(_) => Err(WalError::Closed),
+    }
+}
+
+fn log_fetch_error(consumer: &str, error: &SourceError, failing: &mut Condition) {
+    if let Some(o) = failing.occurred() {
+        tracing::warn!(%consumer, %error, failures = o.count(), lasted_s = o.lasted_s(), "fetch failed; retrying");
+    }
+}
+
+fn log_disk_full(consumer: &str, disk_full: &mut Condition) {
+    match disk_full.occurred() {
+        Some(Occurrence::Started) => {
+            tracing::warn!(%consumer, "disk full: WAL append paused, messages stay unacked in JetStream")
+        }
+        Some(o) => {
+            tracing::warn!(%consumer, occurrences = o.count(), lasted_s = o.lasted_s(), "disk still full: WAL append paused")
+        }
+        None => {}
+    }
 }
 
 #[cfg(test)]

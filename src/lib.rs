@@ -10,13 +10,16 @@
 //!
 //! Around it: [`config`] (TOML with environment overrides), [`run`] (start-up and graceful
 //! shutdown), [`metrics`] and [`http`] (Prometheus, health, readiness), [`replay`] (WAL backfill),
-//! [`tools`] (`loadgen` and `verify`), and [`redact`] (secrets kept out of errors and logs).
+//! [`tools`] (`loadgen` and `verify`), [`redact`] (secrets kept out of errors and logs), and
+//! [`logcond`] (conditions that persist, logged when they start, now and then while they last,
+//! and when they end).
 
 pub mod codec;
 pub mod config;
 pub mod drain;
 pub mod http;
 pub mod ingest;
+pub mod logcond;
 pub mod metrics;
 pub mod redact;
 pub mod replay;

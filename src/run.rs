@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{ClickHouseProfile, Config, RecoveryModeKind, WalConfig};
 use crate::drain::{BatchLimits, DrainError, Lane, LaneConfig, LedgerKeeper, Router, RowsKind};
+use crate::logcond::Condition;
 use crate::metrics::Metrics;
 use crate::schema::{self, Profile, SchemaError, SchemaTable};
 use crate::sink::{Backoff, Sink, SinkError, SinkOptions};
@@ -29,7 +30,12 @@ use crate::source::{self, Fetcher, SourceError};
 use crate::{http, ingest};
 
 /// How often the ledger is committed when no batch commits it, so idle lanes release segments.
+/// A tick with nothing new writes nothing (a full disk has no block for it); it only applies
+/// retention, which deletes files.
 const LEDGER_COMMIT_INTERVAL_MS: u64 = 1_000;
+
+/// How often the lanes' registration at start-up retries its ledger write on a full disk.
+const REGISTER_RETRY_MS: u64 = 200;
 
 /// Why the relay stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -238,6 +244,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "WAL recovered"
     );
     let first_lsn = recovery.first_lsn;
+    // The reserve keeps room for the ledger on a full disk; without it ingest waits (and
+    // retries creating it) until there is space, so a disk full at start-up is not fatal.
+    match wal.ensure_reserve() {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            dir = %config.wal.dir.display(),
+            "disk full at start-up: ingest waits for space"
+        ),
+        Err(source) => return Err(RunError::Wal(source)),
+    }
 
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
@@ -364,6 +380,7 @@ async fn drain(
         config.drain.retry_backoff_initial_ms,
         config.drain.retry_backoff_max_ms,
     );
+    let mut not_ready = Condition::default();
     let (probe, profile) = loop {
         let attempt = async {
             let (probe, profile) = resolve_profile(&config).await?;
@@ -381,7 +398,9 @@ async fn drain(
                 break (probe, profile);
             }
             Err(error) => {
-                tracing::warn!(%error, "ClickHouse not ready; ingesting into the WAL meanwhile");
+                if let Some(o) = not_ready.occurred() {
+                    tracing::warn!(%error, attempts = o.count(), lasted_s = o.lasted_s(), "ClickHouse not ready; ingesting into the WAL meanwhile");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => {}
                     _ = stop.changed() => return Ok(()),
@@ -390,8 +409,11 @@ async fn drain(
         }
     };
     drop(probe);
+    let waited = not_ready.cleared();
     tracing::info!(
         profile = profile.name(),
+        failed_attempts = waited.map_or(0, |w| w.count),
+        waited_ms = waited.map_or(0, |w| w.lasted.as_millis() as u64),
         "ClickHouse schema checked; draining"
     );
     metrics.ready.set(1);
@@ -410,7 +432,25 @@ async fn drain(
     let lane_names = router.lanes();
     // Lanes of removed routes are dropped from the ledger in the same commit, so they stop
     // pinning the WAL.
-    for stale in ledger.register_lanes(&lane_names, first_lsn).await? {
+    // A full disk at start-up waits here like a lane's ledger write does: exiting would make the
+    // supervisor restart the relay into the same full disk.
+    let mut register_disk_full = Condition::default();
+    let stale_lanes = loop {
+        match ledger.register_lanes(&lane_names, first_lsn).await {
+            Ok(stale) => break stale,
+            Err(DrainError::LedgerDiskFull(error)) => {
+                if let Some(o) = register_disk_full.occurred() {
+                    tracing::warn!(%error, failures = o.count(), lasted_s = o.lasted_s(), "disk full: the ledger cannot be written at start-up; waiting for space");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(REGISTER_RETRY_MS)) => {}
+                    _ = stop.changed() => return Ok(()),
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
+    for stale in stale_lanes {
         tracing::warn!(
             lane = %stale.lane,
             cursor = ?stale.cursor.map(|c| c.0),
@@ -455,16 +495,33 @@ async fn drain(
     }
 
     // Idle lanes move their cursors in memory; commit them now and then so segments get released.
+    // A commit that finds the disk full is retried at the next tick (the lanes wait for space
+    // on their own); any other ledger failure stops every lane, like a lane failure does.
     let mut tick = tokio::time::interval(Duration::from_millis(LEDGER_COMMIT_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut result = Ok(());
+    let mut disk_full = Condition::default();
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                if let Err(error) = ledger.commit().await {
+            _ = tick.tick() => match ledger.commit().await {
+                Ok(()) => {
+                    if let Some(ended) = disk_full.cleared() {
+                        tracing::info!(failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "ledger written again");
+                    }
+                }
+                Err(DrainError::LedgerDiskFull(error)) => {
+                    if let Some(o) = disk_full.occurred() {
+                        tracing::warn!(%error, failures = o.count(), lasted_s = o.lasted_s(), "disk full: the ledger cannot be written; retrying");
+                    }
+                }
+                Err(error) => {
                     result = Err(RunError::Drain(error));
+                    // Stop the lanes: the relay exits and the next start resumes from the
+                    // ledger on disk.
+                    lanes.abort_all();
                     break;
                 }
-            }
+            },
             joined = lanes.join_next() => match joined {
                 None => break,
                 Some(joined) => {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prism_wal::{Envelope, InflightBatch, Lsn, Wal};
 use tokio::sync::watch;
 
+use crate::logcond::Condition;
 use crate::metrics::{DataTypeLabels, LaneLabels, Metrics};
 use crate::sink::{Backoff, DeadLetter, ErrorClass, InsertError, Sink};
 
@@ -251,7 +252,8 @@ impl Lane {
             last: full.last(),
             rows: u32::try_from(full.len()).unwrap_or(u32::MAX),
         };
-        self.ledger.begin(&self.config.name, inflight).await?;
+        self.ledger_step(LedgerStep::Begin(inflight), stopping)
+            .await?;
 
         let (rows, table, token_ref) = (&full.rows, self.config.name.clone(), token.as_str());
         let outcome = self
@@ -285,8 +287,45 @@ impl Lane {
                 self.metrics.processed(labels, rows);
             }
         }
-        self.ledger.finish(&self.config.name, self.read_pos).await?;
+        self.ledger_step(LedgerStep::Finish(self.read_pos), stopping)
+            .await?;
         Ok(())
+    }
+
+    /// Commits a ledger step, waiting out a disk too full to write the ledger: the step is
+    /// retried as is (the batch stays the same batch) until it is written, or until shutdown,
+    /// which leaves the batch to the next start. Any other ledger failure stops the lane.
+    async fn ledger_step(&mut self, step: LedgerStep, stopping: bool) -> Result<(), DrainError> {
+        let mut disk_full = Condition::default();
+        loop {
+            let result = match step {
+                LedgerStep::Begin(inflight) => self.ledger.begin(&self.config.name, inflight).await,
+                LedgerStep::Finish(cursor) => self.ledger.finish(&self.config.name, cursor).await,
+            };
+            match result {
+                Ok(()) => {
+                    if let Some(ended) = disk_full.cleared() {
+                        tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "ledger written again");
+                    }
+                    return Ok(());
+                }
+                Err(DrainError::LedgerDiskFull(error)) => {
+                    if let Some(o) = disk_full.occurred() {
+                        tracing::warn!(lane = %self.config.name, %error, failures = o.count(), lasted_s = o.lasted_s(), "disk full: the ledger cannot be written; waiting for space");
+                    }
+                    if stopping || *self.shutdown.borrow() {
+                        return Err(DrainError::Interrupted {
+                            lane: self.config.name.clone(),
+                        });
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(LEDGER_RETRY) => {}
+                        _ = self.shutdown.changed() => {}
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     fn reread_dead_letter(&self, lsn: Lsn, reason: String) -> Result<DeadLetter, DrainError> {
@@ -319,10 +358,14 @@ impl Lane {
             self.config.backoff_initial.as_millis() as u64,
             self.config.backoff_max.as_millis() as u64,
         );
+        let mut failing = Condition::default();
         loop {
             match attempt(self.sink.clone()).await {
                 Ok(value) => {
                     self.metrics.ready.set(1);
+                    if let Some(ended) = failing.cleared() {
+                        tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "insert succeeded after retries");
+                    }
                     return Ok(value);
                 }
                 Err(error) => {
@@ -330,7 +373,9 @@ impl Lane {
                     if error.class == ErrorClass::Schema {
                         self.metrics.ready.set(0);
                     }
-                    tracing::warn!(lane = %self.config.name, class = ?error.class, %error, "insert failed; retrying");
+                    if let Some(o) = failing.occurred() {
+                        tracing::warn!(lane = %self.config.name, class = ?error.class, %error, failures = o.count(), lasted_s = o.lasted_s(), "insert failed; retrying");
+                    }
                     if stopping || *self.shutdown.borrow() {
                         return Err(DrainError::Interrupted {
                             lane: self.config.name.clone(),
@@ -345,6 +390,19 @@ impl Lane {
             }
         }
     }
+}
+
+/// How long a lane waits before retrying a ledger commit that found the disk full: space comes
+/// back when an operator or retention frees it, so a short poll resumes promptly at little cost.
+const LEDGER_RETRY: Duration = Duration::from_millis(200);
+
+/// A ledger commit of a batch's life, retried as is while the disk is full.
+#[derive(Debug, Clone, Copy)]
+enum LedgerStep {
+    /// Record the batch as in flight before inserting it.
+    Begin(InflightBatch),
+    /// Move the cursor past the batch (to this position) after the insert.
+    Finish(Lsn),
 }
 
 /// How long an idle lane sleeps before re-checking (a durable-LSN change wakes it sooner).

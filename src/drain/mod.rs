@@ -40,9 +40,13 @@ pub enum DrainError {
         #[source]
         source: WalError,
     },
-    /// Writing the ledger failed.
+    /// Writing the ledger failed for good (an fsync error, corruption): the relay must stop.
     #[error("ledger commit failed: {0}")]
     Ledger(#[source] WalError),
+    /// The disk is too full to write the ledger, even with the WAL's reserve given up. Transient:
+    /// nothing changed on disk, and the same commit is retried once space returns.
+    #[error("ledger commit waits for disk space: {0}")]
+    LedgerDiskFull(#[source] WalError),
     /// Shutdown interrupted a batch that could not be inserted in time; it stays in flight in the
     /// ledger and is re-cut at the next start.
     #[error("lane {lane} stopped with a batch in flight (it is retried at the next start)")]
@@ -68,8 +72,19 @@ pub struct StaleLane {
 pub struct LedgerKeeper {
     /// The WAL that stores the ledger and applies retention after each commit.
     wal: Wal,
-    /// The ledger as last committed plus in-memory cursor moves of idle lanes.
-    ledger: Mutex<Ledger>,
+    /// The ledger as last committed plus in-memory cursor moves of idle lanes, and what was
+    /// last written.
+    state: Mutex<KeeperState>,
+}
+
+/// The keeper's ledger in memory and on disk.
+#[derive(Debug)]
+struct KeeperState {
+    /// The current ledger: committed state plus in-memory changes.
+    ledger: Ledger,
+    /// The ledger as last written to disk, so a periodic commit with nothing new writes nothing
+    /// (every write needs a free block, which a full disk does not have).
+    committed: Ledger,
 }
 
 impl LedgerKeeper {
@@ -78,13 +93,17 @@ impl LedgerKeeper {
         let ledger = wal.load_ledger()?;
         Ok(Arc::new(LedgerKeeper {
             wal,
-            ledger: Mutex::new(ledger),
+            state: Mutex::new(KeeperState {
+                committed: ledger.clone(),
+                ledger,
+            }),
         }))
     }
 
     /// The committed state of one lane: its cursor (if any) and in-flight batch (if any).
     pub async fn lane_state(&self, lane: &str) -> (Option<Lsn>, Option<InflightBatch>) {
-        let ledger = self.ledger.lock().await;
+        let state = self.state.lock().await;
+        let ledger = &state.ledger;
         (
             ledger.cursors.get(lane).copied(),
             ledger.inflight.get(lane).cloned(),
@@ -93,8 +112,12 @@ impl LedgerKeeper {
 
     /// Registers a lane's cursor if it has none, so retention waits for a lane that has not run yet.
     pub async fn register(&self, lane: &str, cursor: Lsn) {
-        let mut ledger = self.ledger.lock().await;
-        ledger.cursors.entry(lane.to_string()).or_insert(cursor);
+        let mut state = self.state.lock().await;
+        state
+            .ledger
+            .cursors
+            .entry(lane.to_string())
+            .or_insert(cursor);
     }
 
     /// Makes the ledger's lanes exactly `lanes` and commits once, before any lane starts.
@@ -114,7 +137,8 @@ impl LedgerKeeper {
         lanes: &[String],
         first_lsn: Lsn,
     ) -> Result<Vec<StaleLane>, DrainError> {
-        let mut ledger = self.ledger.lock().await;
+        let mut state = self.state.lock().await;
+        let ledger = &mut state.ledger;
         let known = |lane: &String| lanes.contains(lane);
         let mut stale: Vec<StaleLane> = ledger
             .cursors
@@ -136,61 +160,93 @@ impl LedgerKeeper {
         for lane in lanes {
             ledger.cursors.entry(lane.clone()).or_insert(first_lsn);
         }
-        self.commit_locked(&ledger).await?;
+        self.commit_locked(&mut state).await?;
         Ok(stale)
     }
 
     /// Moves a lane's cursor in memory; it is persisted with the next commit.
     /// Only safe for positions below which every record of the lane is already in ClickHouse.
     pub async fn note_cursor(&self, lane: &str, cursor: Lsn) {
-        let mut ledger = self.ledger.lock().await;
-        let entry = ledger.cursors.entry(lane.to_string()).or_insert(cursor);
+        let mut state = self.state.lock().await;
+        let entry = state
+            .ledger
+            .cursors
+            .entry(lane.to_string())
+            .or_insert(cursor);
         debug_assert!(*entry <= cursor, "a lane cursor never moves back");
         *entry = cursor;
     }
 
     /// Records a batch as in flight and commits, before it is inserted.
+    ///
+    /// On [`DrainError::LedgerDiskFull`] the batch stays recorded in memory (a later commit may
+    /// write it, which is harmless: the batch is re-cut identically) and the caller retries the
+    /// same call once space returns, before inserting.
     pub async fn begin(&self, lane: &str, batch: InflightBatch) -> Result<(), DrainError> {
-        let mut ledger = self.ledger.lock().await;
-        ledger.inflight.insert(lane.to_string(), batch);
-        self.commit_locked(&ledger).await
+        let mut state = self.state.lock().await;
+        state.ledger.inflight.insert(lane.to_string(), batch);
+        self.commit_locked(&mut state).await
     }
 
     /// Clears a lane's in-flight batch, moves its cursor and commits, after the insert succeeded.
+    /// On [`DrainError::LedgerDiskFull`] the caller retries the same call.
     pub async fn finish(&self, lane: &str, cursor: Lsn) -> Result<(), DrainError> {
-        let mut ledger = self.ledger.lock().await;
-        ledger.inflight.remove(lane);
-        ledger.cursors.insert(lane.to_string(), cursor);
-        self.commit_locked(&ledger).await
+        let mut state = self.state.lock().await;
+        state.ledger.inflight.remove(lane);
+        state.ledger.cursors.insert(lane.to_string(), cursor);
+        self.commit_locked(&mut state).await
     }
 
-    /// Commits the in-memory state (used periodically so idle lanes release segments).
+    /// Commits the in-memory state if it changed since the last write (used periodically so
+    /// idle lanes release segments). With nothing new it only applies retention, which deletes
+    /// files and so needs no free block.
     pub async fn commit(&self) -> Result<(), DrainError> {
-        let ledger = self.ledger.lock().await;
-        self.commit_locked(&ledger).await
+        let mut state = self.state.lock().await;
+        if state.ledger == state.committed {
+            drop(state);
+            let wal = self.wal.clone();
+            return blocking(move || wal.enforce_retention())
+                .await
+                .map_err(DrainError::Ledger);
+        }
+        self.commit_locked(&mut state).await
     }
 
     /// The lowest position any lane still needs.
     pub async fn low_watermark(&self) -> Option<Lsn> {
-        let ledger = self.ledger.lock().await;
+        let state = self.state.lock().await;
+        let ledger = &state.ledger;
         let cursors = ledger.cursors.values().copied();
         let inflight = ledger.inflight.values().map(|b| b.first);
         cursors.chain(inflight).min()
     }
 
-    async fn commit_locked(&self, ledger: &Ledger) -> Result<(), DrainError> {
+    async fn commit_locked(&self, state: &mut KeeperState) -> Result<(), DrainError> {
         let wal = self.wal.clone();
-        let snapshot = ledger.clone();
+        let snapshot = state.ledger.clone();
+        let written = snapshot.clone();
         // The commit does an fsync, a rename and a directory fsync: keep it off the async workers.
-        match tokio::task::spawn_blocking(move || wal.commit_ledger(&snapshot)).await {
-            Ok(result) => result.map_err(DrainError::Ledger),
-            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-            // Cancelled only when the runtime shuts down; the commit is atomic, so the ledger
-            // on disk is the old one or the new one.
-            Err(_) => Err(DrainError::Interrupted {
-                lane: "ledger".to_string(),
-            }),
+        match blocking(move || wal.commit_ledger(&snapshot)).await {
+            Ok(()) => {
+                state.committed = written;
+                Ok(())
+            }
+            Err(error @ WalError::DiskFull { .. }) => Err(DrainError::LedgerDiskFull(error)),
+            Err(error) => Err(DrainError::Ledger(error)),
         }
+    }
+}
+
+/// Runs a blocking WAL call on the blocking pool.
+async fn blocking(
+    call: impl FnOnce() -> Result<(), WalError> + Send + 'static,
+) -> Result<(), WalError> {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(result) => result,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        // Cancelled only when the runtime shuts down; a ledger commit is atomic, so the ledger
+        // on disk is the old one or the new one.
+        Err(_) => Err(WalError::Closed),
     }
 }
 

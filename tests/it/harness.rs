@@ -901,13 +901,15 @@ pub async fn wait_until_sync(what: &str, timeout: Duration, mut condition: impl 
     wait_until(what, timeout, || std::future::ready(condition())).await
 }
 
-/// Total size of the files in a directory (a WAL's segments plus its small ledger).
+/// Total size of the files in a directory (a WAL's segments plus its small ledger), leaving
+/// out the WAL's fixed-size reserve file, which holds room for the ledger, not data.
 pub fn dir_bytes(dir: &Path) -> u64 {
     let Ok(entries) = fs::read_dir(dir) else {
         return 0;
     };
     entries
         .filter_map(Result::ok)
+        .filter(|e| e.file_name() != prism_wal::RESERVE_FILE)
         .filter_map(|e| e.metadata().ok())
         .filter(|m| m.is_file())
         .map(|m| m.len())

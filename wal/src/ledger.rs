@@ -7,7 +7,7 @@
 //! ledger: an empty ledger would let retention delete records nobody has consumed.
 
 use crate::error::WalError;
-use crate::fs::{read_full_at, write_all_at, FileSystem};
+use crate::fs::{is_disk_full, read_full_at, write_all_at, FileSystem};
 use crate::types::Lsn;
 use crate::LEDGER_BYTES_MAX;
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,7 @@ pub const LEDGER_FILE: &str = "ledger";
 pub const LEDGER_TMP_FILE: &str = "ledger.tmp";
 const LEDGER_MAGIC: [u8; 8] = *b"PRSMLDG\0";
 const LEDGER_VERSION: u32 = 1;
-const LEDGER_HEADER_BYTES: usize = 20;
+pub(crate) const LEDGER_HEADER_BYTES: usize = 20;
 /// Most cursors plus in-flight batches a ledger holds (one per table; a few dozen in practice).
 pub const LEDGER_ENTRIES_MAX: usize = 4096;
 
@@ -143,7 +143,8 @@ pub(crate) fn load(fs: &dyn FileSystem, dir: &Path) -> Result<Ledger, WalError> 
     Ledger::decode(&buf, &path)
 }
 
-/// Writes the ledger atomically: tmp file, fdatasync, rename, directory fsync.
+/// Writes the ledger atomically: tmp file, fdatasync, rename, directory fsync. A full disk is
+/// [`WalError::DiskFull`] (nothing changed on disk); any other failure is an I/O error.
 pub(crate) fn store(fs: &dyn FileSystem, dir: &Path, ledger: &Ledger) -> Result<(), WalError> {
     let bytes = ledger.encode()?;
     let tmp: PathBuf = dir.join(LEDGER_TMP_FILE);
@@ -153,10 +154,26 @@ pub(crate) fn store(fs: &dyn FileSystem, dir: &Path, ledger: &Ledger) -> Result<
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(WalError::io("remove stale ledger.tmp", tmp, e)),
     }
-    let file = fs
-        .create(&tmp)
-        .map_err(|e| WalError::io("create ledger.tmp", &tmp, e))?;
-    write_all_at(&*file, &bytes, 0).map_err(|e| WalError::io("write ledger.tmp", &tmp, e))?;
+    // A full disk fails the create or the write (never the fdatasync, whose errors stay fatal):
+    // that is a transient condition the caller waits out, so the partial file is removed and
+    // the old ledger stays in force.
+    let file = fs.create(&tmp).map_err(|e| {
+        if is_disk_full(&e) {
+            WalError::DiskFull { path: tmp.clone() }
+        } else {
+            WalError::io("create ledger.tmp", &tmp, e)
+        }
+    })?;
+    if let Err(e) = write_all_at(&*file, &bytes, 0) {
+        drop(file);
+        // Best effort: a stale ledger.tmp is removed by the next store and at open.
+        let _ = fs.remove(&tmp);
+        return Err(if is_disk_full(&e) {
+            WalError::DiskFull { path: tmp }
+        } else {
+            WalError::io("write ledger.tmp", &tmp, e)
+        });
+    }
     file.sync_data()
         .map_err(|e| WalError::io("fdatasync ledger.tmp", &tmp, e))?;
     drop(file);
@@ -191,6 +208,79 @@ mod tests {
             assert!(Ledger::decode(&b, Path::new("x")).is_err(), "byte {i}");
         }
         assert!(Ledger::decode(&bytes[..bytes.len() - 1], Path::new("x")).is_err());
+    }
+
+    fn full_disk_wal() -> (crate::FaultyFs, crate::Wal, tempfile::TempDir) {
+        let fs = crate::FaultyFs::new();
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = crate::Wal::open_with_fs(
+            dir.path(),
+            crate::WalOptions::default(),
+            std::sync::Arc::new(fs.clone()),
+        )
+        .unwrap();
+        (fs, wal, dir)
+    }
+
+    fn ledger_with_cursor(lsn: u64) -> Ledger {
+        let mut l = Ledger::default();
+        l.cursors.insert("trades".into(), Lsn(lsn));
+        l
+    }
+
+    #[test]
+    fn a_ledger_commit_on_a_full_disk_is_disk_full_and_leaves_the_old_ledger_in_force() {
+        let (fs, wal, _dir) = full_disk_wal();
+        wal.commit_ledger(&ledger_with_cursor(1)).unwrap();
+        fs.enospc_after(0);
+        let error = wal.commit_ledger(&ledger_with_cursor(2)).unwrap_err();
+        assert!(matches!(error, WalError::DiskFull { .. }), "{error}");
+        assert_eq!(wal.load_ledger().unwrap(), ledger_with_cursor(1));
+    }
+
+    #[test]
+    fn the_reserve_is_given_up_to_write_the_ledger_on_a_full_disk_and_taken_back_when_room_returns()
+    {
+        let (fs, wal, _dir) = full_disk_wal();
+        assert!(wal.ensure_reserve().unwrap());
+        assert!(wal.reserve_held());
+        fs.enospc_after(0);
+        wal.commit_ledger(&ledger_with_cursor(2)).unwrap();
+        assert_eq!(wal.load_ledger().unwrap(), ledger_with_cursor(2));
+        assert!(!wal.reserve_held(), "the reserve's room went to the ledger");
+        // No room for a new reserve yet: nothing partial is left behind.
+        let used = fs.used_bytes();
+        assert!(!wal.make_room().unwrap());
+        assert_eq!(fs.used_bytes(), used);
+        fs.set_capacity_bytes(None);
+        assert!(wal.make_room().unwrap());
+        assert!(wal.reserve_held());
+    }
+
+    #[tokio::test]
+    async fn appends_fail_as_on_a_full_disk_while_the_reserve_is_given_up_so_they_cannot_take_its_room(
+    ) {
+        let (fs, wal, _dir) = full_disk_wal();
+        let envelope = crate::Envelope {
+            stream: "S".into(),
+            stream_seq: crate::StreamSeq(1),
+            subject: "trade.x".into(),
+            headers: Vec::new(),
+            published_ns: 0,
+            payload: b"{}".as_slice().into(),
+        };
+        assert!(wal.ensure_reserve().unwrap());
+        wal.append(std::slice::from_ref(&envelope)).await.unwrap();
+        fs.enospc_after(0);
+        wal.commit_ledger(&ledger_with_cursor(2)).unwrap();
+        fs.set_capacity_bytes(None);
+        let error = wal
+            .append(std::slice::from_ref(&envelope))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, WalError::DiskFull { .. }), "{error}");
+        assert!(wal.make_room().unwrap());
+        wal.append(std::slice::from_ref(&envelope)).await.unwrap();
     }
 
     #[test]

@@ -53,7 +53,10 @@ pub use tools::{
     SegmentProblem, VerifyReport, QUARANTINE_DIR,
 };
 pub use types::{Lsn, LsnRange, SegmentId, StreamSeq};
-pub use wal::{Recovery, RecoveryMode, Retention, TornTail, Wal, WalOptions, WalStats, LOCK_FILE};
+pub use wal::{
+    Recovery, RecoveryMode, Retention, TornTail, Wal, WalOptions, WalStats, LEDGER_RESERVE_BYTES,
+    LOCK_FILE, RESERVE_FILE,
+};
 
 /// Largest record body in bytes. Checked before a record is written and after it is read, so
 /// a garbled length can never make the reader allocate more than this.

@@ -13,6 +13,7 @@ use crate::writer::{Pending, WriterState};
 use crate::Envelope;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use tokio::sync::{oneshot, watch, Notify};
@@ -24,6 +25,21 @@ const MIB: u64 = 1024 * 1024;
 /// itself means nothing: it stays behind after a clean close and after a crash, and the lock
 /// dies with the process that held it.
 pub const LOCK_FILE: &str = "LOCK";
+
+/// Name of the reserve file in the WAL directory: headroom held back so the ledger can still be
+/// written when the disk is full (see [`Wal::ensure_reserve`]).
+pub const RESERVE_FILE: &str = "reserve";
+
+/// Size of the reserve file: room for the largest ledger plus its `ledger.tmp` (the old ledger
+/// and the new one coexist until the rename), each rounded up by a filesystem block.
+pub const LEDGER_RESERVE_BYTES: u64 =
+    2 * (crate::LEDGER_BYTES_MAX + ledger::LEDGER_HEADER_BYTES + RESERVE_BLOCK_BYTES) as u64;
+
+/// Filesystem block size assumed when sizing the reserve (the largest common one, 4 KiB).
+const RESERVE_BLOCK_BYTES: usize = 4096;
+
+/// Bytes written per call while filling the reserve file, so filling it needs no 2 MiB buffer.
+const RESERVE_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Takes the exclusive lock of the WAL directory `dir` (which must exist), without waiting.
 pub(crate) fn lock_dir(fs: &dyn FileSystem, dir: &Path) -> Result<WalLock, WalError> {
@@ -239,6 +255,13 @@ struct Owner {
     /// field drops after the writer thread is joined). Held while the ledger is written, so a
     /// ledger commit never runs after the lock is gone.
     dir_lock: Mutex<Option<WalLock>>,
+    /// Whether the reserve file is known to be in place (read without the lock by ingest).
+    reserve_held: AtomicBool,
+    /// Whether the owner keeps a reserve at all (set by the first [`Wal::ensure_reserve`]); only
+    /// then do appends wait for it.
+    reserve_kept: AtomicBool,
+    /// Serializes creating, releasing and checking the reserve file.
+    reserve_lock: Mutex<()>,
 }
 
 impl Owner {
@@ -393,6 +416,9 @@ impl Wal {
             exited: Mutex::new(Some(exit_rx)),
             thread: Mutex::new(Some(thread)),
             dir_lock: Mutex::new(Some(dir_lock)),
+            reserve_held: AtomicBool::new(false),
+            reserve_kept: AtomicBool::new(false),
+            reserve_lock: Mutex::new(()),
         });
         let recovery = Recovery {
             segments: found,
@@ -409,7 +435,8 @@ impl Wal {
 
     /// Appends the records; returns once one fdatasync covering all of them has returned.
     /// Concurrent callers share the write and the fdatasync (group commit). Waits while the
-    /// disk budget is full.
+    /// disk budget is full. Fails with [`WalError::DiskFull`] while the reserve file is given
+    /// up (once [`Wal::ensure_reserve`] was called), as on a full disk.
     pub async fn append(&self, records: &[Envelope<'_>]) -> Result<LsnRange, WalError> {
         if records.is_empty() {
             return Err(WalError::EmptyAppend);
@@ -418,6 +445,13 @@ impl Wal {
             return Err(WalError::TooManyRecords {
                 records: records.len(),
                 records_max: crate::APPEND_RECORDS_MAX,
+            });
+        }
+        // The room a released reserve leaves belongs to the ledger: an append taking it would
+        // leave the ledger unwritable and the disk full for good.
+        if self.owner.reserve_kept.load(Ordering::Acquire) && !self.reserve_held() {
+            return Err(WalError::DiskFull {
+                path: self.inner.dir.join(RESERVE_FILE),
             });
         }
         self.wait_for_budget().await?;
@@ -491,12 +525,26 @@ impl Wal {
 
     /// Writes the ledger atomically, then applies retention with its release point. Fails with
     /// [`WalError::Closed`] after [`Wal::close`]: the directory may belong to someone else then.
+    ///
+    /// On a full disk the reserve file (if any) is given up to let this ledger be written, so
+    /// cursors move and released segments can be freed; [`Wal::ensure_reserve`] takes the room
+    /// back later. Fails with [`WalError::DiskFull`] when even that is not enough (nothing
+    /// changed on disk then; retry once space returns).
     pub fn commit_ledger(&self, ledger: &Ledger) -> Result<(), WalError> {
         let held = self.owner.lock_dir_lock();
         if held.is_none() {
             return Err(WalError::Closed);
         }
-        ledger::store(&*self.inner.fs, &self.inner.dir, ledger)?;
+        match ledger::store(&*self.inner.fs, &self.inner.dir, ledger) {
+            Err(WalError::DiskFull { .. }) if self.release_reserve()? => {
+                tracing::info!(
+                    dir = %self.inner.dir.display(),
+                    "disk full: released the WAL's reserve file to write the ledger"
+                );
+                ledger::store(&*self.inner.fs, &self.inner.dir, ledger)?;
+            }
+            result => result?,
+        }
         self.inner.lock_segs().release_point = ledger.release_point();
         self.inner.apply_retention()
     }
@@ -572,6 +620,147 @@ impl Wal {
             }),
             _ => Ok(()),
         }
+    }
+}
+
+/// The reserve file and freeing space on a full disk.
+///
+/// Every ledger commit needs a free block, and on a full disk only a ledger commit moves the
+/// cursors that let segments go. So a reserve file of [`LEDGER_RESERVE_BYTES`] is kept in the
+/// WAL directory: [`Wal::commit_ledger`] deletes it when the disk is full, and the ledger fits in
+/// the room it leaves. While the reserve is missing, appends should wait (the room is the
+/// ledger's): [`Wal::reserve_held`] says so, and [`Wal::make_room`] frees released segments and
+/// re-creates the reserve once there is space. Deleting files needs no free block.
+impl Wal {
+    /// Whether the reserve file is in place. False before [`Wal::ensure_reserve`] succeeded and
+    /// after a ledger commit on a full disk used the reserve's room.
+    pub fn reserve_held(&self) -> bool {
+        self.owner.reserve_held.load(Ordering::Acquire)
+    }
+
+    /// Creates the reserve file if it is missing. `Ok(false)` if the disk has no room for it
+    /// (nothing is left behind then); an I/O error other than a full disk is an error.
+    ///
+    /// The file's bytes mean nothing and are never synced: after a crash a short or missing
+    /// reserve is simply created again.
+    pub fn ensure_reserve(&self) -> Result<bool, WalError> {
+        let _serial = self
+            .owner
+            .reserve_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.owner.reserve_kept.store(true, Ordering::Release);
+        let fs = &*self.inner.fs;
+        let path = self.inner.dir.join(RESERVE_FILE);
+        match fs.metadata(&path) {
+            Ok(meta) if meta.len == LEDGER_RESERVE_BYTES => {
+                self.owner.reserve_held.store(true, Ordering::Release);
+                return Ok(true);
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(WalError::io("stat reserve", path, e)),
+        }
+        let filled = (|| {
+            let file = fs.create(&path)?;
+            let chunk = [0u8; RESERVE_CHUNK_BYTES];
+            let mut offset = 0u64;
+            while offset < LEDGER_RESERVE_BYTES {
+                let n = (LEDGER_RESERVE_BYTES - offset).min(RESERVE_CHUNK_BYTES as u64);
+                // Cannot truncate: n is at most RESERVE_CHUNK_BYTES.
+                write_all_at(&*file, &chunk[..n as usize], offset)?;
+                offset += n;
+            }
+            Ok::<_, std::io::Error>(())
+        })();
+        match filled {
+            Ok(()) => {
+                self.owner.reserve_held.store(true, Ordering::Release);
+                Ok(true)
+            }
+            Err(e) => {
+                // A partial reserve would hold room without being counted as held.
+                match fs.remove(&path) {
+                    Ok(()) => {}
+                    Err(re) if re.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(re) => return Err(WalError::io("remove partial reserve", path, re)),
+                }
+                if crate::fs::is_disk_full(&e) {
+                    Ok(false)
+                } else {
+                    Err(WalError::io("create reserve", path, e))
+                }
+            }
+        }
+    }
+
+    /// Deletes the reserve file; true if there was one.
+    fn release_reserve(&self) -> Result<bool, WalError> {
+        let _serial = self
+            .owner
+            .reserve_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.owner.reserve_held.store(false, Ordering::Release);
+        let path = self.inner.dir.join(RESERVE_FILE);
+        // The deletion frees its blocks at once; it need not be durable (after a crash the
+        // reserve is back, which is what it is for).
+        match self.inner.fs.remove(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(WalError::io("remove reserve", path, e)),
+        }
+    }
+
+    /// Frees room on a full disk: deletes the oldest released segment even if retention for
+    /// replay would keep it (a full disk outranks replay, as a full budget does), then tries to
+    /// re-create the reserve. Returns whether the reserve is in place afterwards, that is
+    /// whether appends may go on. Deletes at most one segment per call, so replay keeps what
+    /// the disk can spare when the caller retries only while the disk is full.
+    pub fn make_room(&self) -> Result<bool, WalError> {
+        {
+            let held = self.owner.lock_dir_lock();
+            if held.is_none() {
+                return Err(WalError::Closed);
+            }
+            self.delete_oldest_released()?;
+        }
+        self.ensure_reserve()
+    }
+
+    fn delete_oldest_released(&self) -> Result<(), WalError> {
+        let inner = &self.inner;
+        let mut s = inner.lock_segs();
+        let Some(release) = s.release_point else {
+            return Ok(());
+        };
+        let mut ids = s.list.keys().copied();
+        let (Some(oldest), Some(next)) = (ids.next(), ids.next()) else {
+            return Ok(());
+        };
+        // Released only when the next segment starts at or before the release point, so the
+        // active segment (which has no next) is never deleted.
+        if next.0 > release.0 {
+            return Ok(());
+        }
+        let path = inner.segment_path(oldest);
+        match inner.fs.remove(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(WalError::io("remove segment", path, e)),
+        }
+        let len = s.list.remove(&oldest).map_or(0, |m| m.len);
+        s.bytes_on_disk -= len;
+        s.released_through = s.released_through.max(Lsn(next.0 - 1));
+        let bytes = s.bytes_on_disk;
+        drop(s);
+        tracing::debug!(segment = %oldest, bytes = len, "deleted released segment to free a full disk");
+        inner
+            .fs
+            .sync_dir(&inner.dir)
+            .map_err(|e| WalError::io("fsync directory", &inner.dir, e))?;
+        inner.disk_tx.send_replace(bytes);
+        Ok(())
     }
 }
 

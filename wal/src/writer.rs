@@ -175,7 +175,13 @@ impl Writer {
                     }
                 }
                 Err(GroupError::Failed(err)) => {
-                    tracing::warn!(error = %err, "write-ahead log group failed; nothing of it was kept");
+                    // A full disk fails every retry until space returns: the caller logs that
+                    // condition once (rate-limited), so here it is only a debug line.
+                    if matches!(err, WalError::DiskFull { .. }) {
+                        tracing::debug!(error = %err, "write-ahead log group failed; nothing of it was kept");
+                    } else {
+                        tracing::warn!(error = %err, "write-ahead log group failed; nothing of it was kept");
+                    }
                     self.inner.lock_pending().fail_all(range.first, &err);
                     for w in waiters {
                         let _ = w.answer.send(Err(err.clone()));
