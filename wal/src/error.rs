@@ -25,6 +25,14 @@ pub enum WalError {
         /// The segment being written.
         path: PathBuf,
     },
+    /// The process (EMFILE) or the system (ENFILE) is out of file descriptors while a segment
+    /// was being created or opened: nothing of the failed append was written and its LSNs were not
+    /// consumed; appends succeed again once descriptors are free.
+    #[error("out of file descriptors while creating or opening {path}")]
+    FilesExhausted {
+        /// The segment (or the directory) being opened.
+        path: PathBuf,
+    },
     /// An fsync failed earlier: the writer stopped for good. Restart to recover from disk.
     #[error("write-ahead log poisoned: {reason}")]
     Poisoned {
@@ -150,5 +158,14 @@ impl WalError {
     /// Whether the writer is dead for good (an fsync failed).
     pub fn is_fatal(&self) -> bool {
         matches!(self, WalError::Poisoned { .. })
+    }
+
+    /// Whether the failure is expected to pass on its own (disk space or file descriptors run
+    /// out): nothing was written, the WAL lives on, and the same append may be retried later.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            WalError::DiskFull { .. } | WalError::FilesExhausted { .. }
+        )
     }
 }

@@ -189,8 +189,9 @@ struct State {
     durable_files: BTreeMap<PathBuf, Arc<MemFile>>,
     /// Bumped by a crash; handles of an older generation fail.
     generation: u64,
-    /// Fault point -> remaining failures (`u32::MAX` = forever).
-    failures: BTreeMap<String, u32>,
+    /// Fault point -> remaining failures (`u32::MAX` = forever) and the errno they carry
+    /// (`None`: a plain I/O error without one).
+    failures: BTreeMap<String, (u32, Option<i32>)>,
     /// Fault point -> remaining writes to tear (write half, then fail).
     tears: BTreeMap<String, u32>,
     /// Total file bytes allowed; writes past it get ENOSPC.
@@ -231,12 +232,15 @@ impl State {
                 *left -= 1;
             }
         }
-        if let Some(left) = self.failures.get_mut(point) {
+        if let Some((left, errno)) = self.failures.get_mut(point) {
             if *left > 0 {
                 if *left != u32::MAX {
                     *left -= 1;
                 }
-                return Err(io::Error::other(format!("{point}: injected failure")));
+                return Err(match errno {
+                    Some(code) => io::Error::from_raw_os_error(*code),
+                    None => io::Error::other(format!("{point}: injected failure")),
+                });
             }
         }
         Ok(())
@@ -281,7 +285,17 @@ impl FaultyFs {
 
     /// Makes the next `times` operations at `point` fail with an I/O error (`u32::MAX`: forever).
     pub fn fail(&self, point: &str, times: u32) {
-        self.lock().failures.insert(point.to_string(), times);
+        self.lock()
+            .failures
+            .insert(point.to_string(), (times, None));
+    }
+
+    /// Like [`FaultyFs::fail`], with the OS error `errno` (e.g. 24 for EMFILE, 122 for EDQUOT),
+    /// so tests can check how each kind of failure is classified.
+    pub fn fail_with_errno(&self, point: &str, times: u32, errno: i32) {
+        self.lock()
+            .failures
+            .insert(point.to_string(), (times, Some(errno)));
     }
 
     /// Disarms every failure, tear, capacity, short-write and freeze setting.

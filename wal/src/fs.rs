@@ -208,7 +208,26 @@ pub(crate) fn write_all_at(file: &dyn WalFile, buf: &[u8], offset: u64) -> io::R
     Ok(())
 }
 
-/// Whether an I/O error means "no space left on the device".
+/// errno of "no space left on device" (Linux).
+const ENOSPC: i32 = 28;
+/// errno of "disk quota exceeded" (Linux): for the WAL the same as a full disk, since space
+/// comes back the same way (retention frees it, or an operator does).
+const EDQUOT: i32 = 122;
+/// errno of "too many open files" in this process (Linux).
+const EMFILE: i32 = 24;
+/// errno of "too many open files in system" (Linux).
+const ENFILE: i32 = 23;
+
+/// Whether an I/O error means "no space left": the device is full or the quota is used up.
 pub(crate) fn is_disk_full(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    ) || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
+}
+
+/// Whether an I/O error means "out of file descriptors" (EMFILE or ENFILE): nothing was opened,
+/// and an open succeeds again once descriptors are freed.
+pub(crate) fn is_files_exhausted(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(EMFILE | ENFILE))
 }

@@ -582,9 +582,15 @@ pub(crate) fn create_segment(
     id: SegmentId,
 ) -> Result<Arc<dyn crate::fs::WalFile>, WalError> {
     let path = dir.join(segment_file_name(id));
-    let file = fs
-        .create(&path)
-        .map_err(|e| WalError::io("create segment", &path, e))?;
+    let file = fs.create(&path).map_err(|e| {
+        if crate::fs::is_files_exhausted(&e) {
+            WalError::FilesExhausted { path: path.clone() }
+        } else if crate::fs::is_disk_full(&e) {
+            WalError::DiskFull { path: path.clone() }
+        } else {
+            WalError::io("create segment", &path, e)
+        }
+    })?;
     if let Err(e) = write_all_at(&*file, &segment::encode_header(id.first_lsn()), 0) {
         drop(file);
         // Best effort: an orphan header-less file is also handled by recovery.
@@ -599,9 +605,22 @@ pub(crate) fn create_segment(
     file.sync_data().map_err(|e| WalError::Poisoned {
         reason: format!("fdatasync of new segment {}: {e}", path.display()),
     })?;
-    fs.sync_dir(dir).map_err(|e| WalError::Poisoned {
-        reason: format!("fsync of directory {}: {e}", dir.display()),
-    })?;
+    if let Err(e) = fs.sync_dir(dir) {
+        // The directory could not even be opened for its fsync (an fsync itself never fails
+        // with these): nothing was synced, so nothing is lost. Take the new file away again,
+        // which needs no descriptor, and let the append be retried; a header-only segment left
+        // behind by a crash right here is an empty active segment to recovery.
+        if crate::fs::is_files_exhausted(&e) {
+            drop(file);
+            let _ = fs.remove(&path);
+            return Err(WalError::FilesExhausted {
+                path: dir.to_path_buf(),
+            });
+        }
+        return Err(WalError::Poisoned {
+            reason: format!("fsync of directory {}: {e}", dir.display()),
+        });
+    }
     Ok(file)
 }
 

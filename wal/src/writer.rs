@@ -8,7 +8,7 @@
 //!
 //! Failure policy: a failed fdatasync (or directory fsync) poisons the WAL for good; it is never
 //! retried, because the kernel may have dropped the dirty pages it failed to write. A failed
-//! write (ENOSPC above all) is undone by truncating the segment to its durable length; the group
+//! write (ENOSPC or EDQUOT above all) or a rollover that finds no free file descriptor is undone by truncating the segment to its durable length; the group
 //! and everything queued behind it fail, their LSNs are given out again, and the writer lives on.
 
 use crate::error::WalError;
