@@ -136,6 +136,18 @@ pub enum WalError {
         /// The WAL directory.
         dir: PathBuf,
     },
+    /// The directory's lock file is not a plain file of its own (a symbolic link, a FIFO, a
+    /// directory...): someone else may have planted it, so the WAL neither follows nor writes it.
+    #[error(
+        "lock file {path} is unsafe to use ({reason}): remove it (the WAL creates a fresh one) \
+         and check who can write to the WAL directory"
+    )]
+    UnsafeLockFile {
+        /// The lock file.
+        path: PathBuf,
+        /// What it is instead of a plain file.
+        reason: String,
+    },
     /// A file in the WAL directory is not what its name says.
     #[error("segment {path} is unusable: {reason}")]
     BadSegment {

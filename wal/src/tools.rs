@@ -16,6 +16,11 @@ use std::sync::Arc;
 /// Name of the folder corrupt segments are moved into.
 pub const QUARANTINE_DIR: &str = "quarantine";
 
+/// Most quarantined files of one segment name (`<name>`, `<name>.1`, ...): the same segment name
+/// is quarantined again only after a WAL reset, so a handful is plenty; the bound keeps the
+/// search for a free name finite.
+const QUARANTINE_NAMES_MAX: u32 = 1000;
+
 /// One segment as listed by [`list_segments`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentInfo {
@@ -244,6 +249,8 @@ pub fn read_dir_with_fs(
 }
 
 /// Moves a segment into `dir/quarantine/` and fsyncs both directories; returns its new path.
+/// Never replaces a file already there: the segment gets the first free name of
+/// `<segment>.wal`, `<segment>.wal.1`, `<segment>.wal.2`, ...
 /// Only while the WAL is not open (the relay would otherwise still count it): holds the WAL's
 /// lock meanwhile and fails with [`WalError::Locked`] if a relay (or a [`crate::Wal`]) has it.
 pub fn quarantine_segment(dir: &Path, segment: SegmentId) -> Result<PathBuf, WalError> {
@@ -261,9 +268,35 @@ pub fn quarantine_segment_with_fs(
     fs.create_dir_all(&qdir)
         .map_err(|e| WalError::io("create quarantine directory", &qdir, e))?;
     let from = dir.join(segment_file_name(segment));
-    let to = qdir.join(segment_file_name(segment));
-    fs.rename(&from, &to)
-        .map_err(|e| WalError::io("move segment to quarantine", &from, e))?;
+    let name = segment_file_name(segment);
+    let mut moved = None;
+    for n in 0..QUARANTINE_NAMES_MAX {
+        // An earlier quarantined file of the same name (from before the WAL was reset, or a
+        // segment quarantined, restored and quarantined again) is evidence too: keep it.
+        let to = if n == 0 {
+            qdir.join(&name)
+        } else {
+            qdir.join(format!("{name}.{n}"))
+        };
+        match fs.rename_noreplace(&from, &to) {
+            Ok(()) => {
+                moved = Some(to);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(WalError::io("move segment to quarantine", &from, e)),
+        }
+    }
+    let Some(to) = moved else {
+        return Err(WalError::io(
+            "move segment to quarantine",
+            &from,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{QUARANTINE_NAMES_MAX} quarantined files of this name exist already"),
+            ),
+        ));
+    };
     fs.sync_dir(&qdir)
         .map_err(|e| WalError::io("fsync directory", &qdir, e))?;
     fs.sync_dir(dir)

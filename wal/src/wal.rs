@@ -21,8 +21,8 @@ const MIB: u64 = 1024 * 1024;
 
 /// Name of the lock file in the WAL directory. An open [`Wal`] (and [`crate::quarantine_segment`])
 /// holds an exclusive advisory lock on it, so two writers never share a directory. The file
-/// itself means nothing: it stays behind after a clean close and after a crash, and the lock
-/// dies with the process that held it.
+/// itself means nothing and is never written (nor followed if it is a symbolic link): it stays
+/// behind after a clean close and after a crash, and the lock dies with the process that held it.
 pub const LOCK_FILE: &str = "LOCK";
 
 /// Takes the exclusive lock of the WAL directory `dir` (which must exist), without waiting.
@@ -32,6 +32,16 @@ pub(crate) fn lock_dir(fs: &dyn FileSystem, dir: &Path) -> Result<WalLock, WalEr
         if e.kind() == std::io::ErrorKind::WouldBlock {
             WalError::Locked {
                 dir: dir.to_path_buf(),
+            }
+        } else if e.raw_os_error() == Some(libc::ELOOP) {
+            WalError::UnsafeLockFile {
+                path,
+                reason: "it is a symbolic link".to_string(),
+            }
+        } else if e.kind() == std::io::ErrorKind::InvalidData {
+            WalError::UnsafeLockFile {
+                path,
+                reason: e.to_string(),
             }
         } else {
             WalError::io("lock", path, e)
