@@ -338,7 +338,7 @@ impl Wal {
                     (id, file, SEGMENT_HEADER_BYTES as u64, Lsn(1), 0, None)
                 }
                 Some(id) => {
-                    let r = recover_last(&*fs, dir, id, opts.recovery_mode)?;
+                    let r = recover_last(&*fs, dir, id, &opts, ledger.end())?;
                     // The last segment's directory entry may never have been fsynced (a crash
                     // or a failed rollover right after creating it): make it durable first.
                     fs.sync_dir(dir)
@@ -634,6 +634,25 @@ pub(crate) fn create_segment(
     Ok(file)
 }
 
+/// The most bytes a crash can leave unsynced after the bad record at `offset`: one chunk of
+/// `group_bytes_max` bytes, or the record itself when its (plausible) length says it is larger,
+/// since a record is never split across chunks.
+fn unsynced_bytes_max(
+    file: &dyn crate::fs::WalFile,
+    offset: u64,
+    group_bytes_max: usize,
+) -> std::io::Result<u64> {
+    let mut len = [0u8; 4];
+    let n = crate::fs::read_full_at(file, &mut len, offset)?;
+    let declared = u32::from_le_bytes(len) as usize;
+    let record = if n == len.len() && declared <= crate::RECORD_BYTES_MAX {
+        segment::RECORD_HEADER_BYTES + declared
+    } else {
+        0
+    };
+    Ok(group_bytes_max.max(record) as u64)
+}
+
 struct Recovered {
     file: Arc<dyn crate::fs::WalFile>,
     len: u64,
@@ -643,12 +662,20 @@ struct Recovered {
 }
 
 /// Scans the last segment to its end and truncates a torn tail.
+///
+/// A torn tail is what a crash leaves of the one write that was not yet covered by an
+/// fdatasync: the writer syncs at most `group_bytes_max` bytes at a time (a larger group is
+/// synced in chunks, see `writer`), except a single record larger than that. So a bad record
+/// is corruption, never truncated, when more bytes follow it than one such chunk can hold, or
+/// when its LSN is below `ledger_end` (a lane consumed it, so it was durable).
 fn recover_last(
     fs: &dyn FileSystem,
     dir: &Path,
     id: SegmentId,
-    mode: RecoveryMode,
+    opts: &WalOptions,
+    ledger_end: Lsn,
 ) -> Result<Recovered, WalError> {
+    let mode = opts.recovery_mode;
     let path = dir.join(segment_file_name(id));
     let file = fs
         .open(&path, true)
@@ -715,10 +742,38 @@ fn recover_last(
             Step::Record { .. } => records += 1,
             Step::End => break None,
             Step::Invalid { offset, reason } => {
+                let after = len - offset;
+                let tail_bytes_max = unsynced_bytes_max(&*file, offset, opts.group_bytes_max)
+                    .map_err(|e| WalError::io("read segment", &path, e))?;
+                let why_durable = if scan.expected < ledger_end {
+                    Some(format!(
+                        "the ledger has consumed records up to lsn {}, so lsn {} was durable",
+                        ledger_end.0 - 1,
+                        scan.expected
+                    ))
+                } else if after > tail_bytes_max {
+                    Some(format!(
+                        "{after} bytes follow it, more than the {tail_bytes_max} bytes one \
+                         unsynced write can leave"
+                    ))
+                } else {
+                    None
+                };
+                if let Some(why) = why_durable {
+                    return Err(WalError::Corrupt {
+                        segment: id,
+                        offset,
+                        reason: format!(
+                            "{reason}; not a torn tail: {why}. Nothing was truncated: run \
+                             `prism-relay wal verify`, then move the segment aside with \
+                             `prism-relay wal quarantine` (its later records go with it)"
+                        ),
+                    });
+                }
                 break Some(TornTail {
                     segment: id,
                     offset,
-                    bytes_dropped: len - offset,
+                    bytes_dropped: after,
                     reason,
                 });
             }
