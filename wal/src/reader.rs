@@ -117,10 +117,20 @@ impl Reader {
             return Ok(r);
         };
         if from < first.first_lsn() {
-            return Err(WalError::Truncated {
-                requested: from,
-                first_available: first.first_lsn(),
-            });
+            // Records before the first segment are gone. That is expected only when an operator
+            // quarantined the segment that held `from` (or the ledger noted a gap there): then
+            // the reader goes on with the first record kept, and says what it skipped.
+            let (fs, dir) = r.paths();
+            let explained = crate::tools::quarantined_lsns(fs, &dir)?
+                .iter()
+                .any(|q| *q <= from);
+            if !explained {
+                return Err(WalError::Truncated {
+                    requested: from,
+                    first_available: first.first_lsn(),
+                });
+            }
+            tracing::warn!(from = %from, first = %first.first_lsn(), "lsn {from}..={} are quarantined: reading on from {}", first.0 - 1, first.first_lsn());
         }
         // The segment holding `from`: the last one starting at or before it.
         let id = ids
@@ -282,6 +292,16 @@ impl Reader {
                                 requested: expected,
                                 first_available: next.first_lsn(),
                             });
+                        }
+                        let (fs, dir) = self.paths();
+                        if next.first_lsn() > expected
+                            && crate::tools::quarantined_lsns(fs, &dir)?.contains(&expected)
+                        {
+                            // An operator quarantined the segment(s) of the gap, or the ledger
+                            // was ahead of the log at open: skip it, and say so.
+                            tracing::warn!(first = %expected, last = next.0 - 1, "lsn {expected}..={} are quarantined: the reader skips them", next.0 - 1);
+                            self.open_segment(next)?;
+                            continue;
                         }
                         return Err(WalError::Corrupt {
                             segment: id,

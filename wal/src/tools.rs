@@ -74,6 +74,70 @@ impl VerifyReport {
     }
 }
 
+/// The LSNs that files in `dir/quarantine/` are named by: quarantined segments
+/// (`<lsn>.wal`, `<lsn>.wal.N`) and gap notes (`<lsn>.gap`, written at open when the ledger was
+/// ahead of the log). Each explains a gap that starts at its LSN; none without the folder.
+pub(crate) fn quarantined_lsns(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<Lsn>, WalError> {
+    let qdir = dir.join(QUARANTINE_DIR);
+    let names = match fs.list(&qdir) {
+        Ok(names) => names,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(WalError::io("list directory", qdir, e)),
+    };
+    let mut lsns: Vec<Lsn> = names
+        .iter()
+        .filter_map(|n| {
+            let (digits, rest) = n.split_at_checked(SEGMENT_NAME_DIGITS)?;
+            let ours = rest.starts_with(crate::segment::SEGMENT_SUFFIX) || rest == GAP_NOTE_SUFFIX;
+            let all_digits = digits.bytes().all(|b| b.is_ascii_digit());
+            (ours && all_digits).then(|| digits.parse().ok().map(Lsn))?
+        })
+        .collect();
+    lsns.sort();
+    Ok(lsns)
+}
+
+/// Suffix of a gap note in the quarantine folder.
+pub(crate) const GAP_NOTE_SUFFIX: &str = ".gap";
+
+/// Digits of the zero-padded LSN that starts the names of segments and gap notes.
+const SEGMENT_NAME_DIGITS: usize = 20;
+
+/// Records, durably, that the LSNs of `gap` are missing from the log on purpose (consumed by the
+/// ledger, then lost or quarantined), so readers may cross the gap: `quarantine/<first>.gap`.
+pub(crate) fn write_gap_note(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    gap: crate::LsnRange,
+) -> Result<(), WalError> {
+    let qdir = dir.join(QUARANTINE_DIR);
+    fs.create_dir_all(&qdir)
+        .map_err(|e| WalError::io("create quarantine directory", &qdir, e))?;
+    let path = qdir.join(format!("{:020}{GAP_NOTE_SUFFIX}", gap.first.0));
+    let file = match fs.create(&path) {
+        Ok(f) => f,
+        // A note for the same start exists already (an earlier open crashed after writing it).
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(WalError::io("create gap note", &path, e)),
+    };
+    let text = format!(
+        "lsn {}..={} were consumed by the ledger but missing from the log at open (segment \
+         quarantined or lost); numbering continued at {}\n",
+        gap.first,
+        gap.last,
+        gap.last.next()
+    );
+    crate::fs::write_all_at(&*file, text.as_bytes(), 0)
+        .map_err(|e| WalError::io("write gap note", &path, e))?;
+    file.sync_data()
+        .map_err(|e| WalError::io("fdatasync gap note", &path, e))?;
+    fs.sync_dir(&qdir)
+        .map_err(|e| WalError::io("fsync directory", &qdir, e))?;
+    fs.sync_dir(dir)
+        .map_err(|e| WalError::io("fsync directory", dir, e))?;
+    Ok(())
+}
+
 fn segment_ids(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<SegmentId>, WalError> {
     let names = fs
         .list(dir)
@@ -196,7 +260,9 @@ pub fn verify_with_fs(fs: &dyn FileSystem, dir: &Path) -> Result<VerifyReport, W
                 }
                 Step::End => {
                     if let Some(next) = ids.get(i + 1) {
-                        if next.first_lsn() != scan.expected {
+                        let explained = next.first_lsn() > scan.expected
+                            && quarantined_lsns(fs, dir)?.contains(&scan.expected);
+                        if next.first_lsn() != scan.expected && !explained {
                             report.problems.push(SegmentProblem {
                                 segment: id,
                                 offset: scan.pos,

@@ -155,6 +155,9 @@ pub struct Recovery {
     pub tail_records: u64,
     /// The torn tail, if any.
     pub torn_tail: Option<TornTail>,
+    /// LSNs the ledger had consumed but the log no longer held (its last segment quarantined or
+    /// lost): numbering continued past them and readers cross the gap. `None` normally.
+    pub lsn_gap: Option<LsnRange>,
 }
 
 /// Counters for metrics and `wal inspect`.
@@ -330,12 +333,25 @@ impl Wal {
         ids.sort();
         let found = ids.len();
 
+        // Every position the ledger names was durable once; the log must never hand out an LSN
+        // below it again, or a lane whose cursor lies ahead would skip the new records.
+        let ledger_end = ledger.end();
+        let mut lsn_gap = None;
         let (active_id, file, active_len, next_lsn, tail_records, torn_tail) =
             match ids.last().copied() {
                 None => {
-                    let id = SegmentId(1);
+                    let first = Lsn(ledger_end.0.max(1));
+                    if first > Lsn(1) {
+                        let gap = LsnRange {
+                            first: Lsn(1),
+                            last: Lsn(first.0 - 1),
+                        };
+                        crate::tools::write_gap_note(&*fs, dir, gap)?;
+                        lsn_gap = Some(gap);
+                    }
+                    let id = SegmentId(first.0);
                     let file = create_segment(&*fs, dir, id)?;
-                    (id, file, SEGMENT_HEADER_BYTES as u64, Lsn(1), 0, None)
+                    (id, file, SEGMENT_HEADER_BYTES as u64, first, 0, None)
                 }
                 Some(id) => {
                     let r = recover_last(&*fs, dir, id, &opts, ledger.end())?;
@@ -343,7 +359,31 @@ impl Wal {
                     // or a failed rollover right after creating it): make it durable first.
                     fs.sync_dir(dir)
                         .map_err(|e| WalError::io("fsync directory", dir, e))?;
-                    (id, r.file, r.len, r.next_lsn, r.records, r.torn_tail)
+                    if r.next_lsn < ledger_end {
+                        // The ledger is ahead of the log (its last segment was quarantined or
+                        // lost): start a new segment past every ledger position, after noting
+                        // the gap durably so readers may cross it.
+                        let gap = LsnRange {
+                            first: r.next_lsn,
+                            last: Lsn(ledger_end.0 - 1),
+                        };
+                        crate::tools::write_gap_note(&*fs, dir, gap)?;
+                        drop(r.file);
+                        let id = SegmentId(ledger_end.0);
+                        let file = create_segment(&*fs, dir, id)?;
+                        ids.push(id);
+                        lsn_gap = Some(gap);
+                        (
+                            id,
+                            file,
+                            SEGMENT_HEADER_BYTES as u64,
+                            ledger_end,
+                            0,
+                            r.torn_tail,
+                        )
+                    } else {
+                        (id, r.file, r.len, r.next_lsn, r.records, r.torn_tail)
+                    }
                 }
             };
         if ids.is_empty() {
@@ -410,7 +450,11 @@ impl Wal {
             next_lsn,
             tail_records,
             torn_tail,
+            lsn_gap,
         };
+        if let Some(g) = &recovery.lsn_gap {
+            tracing::warn!(first = %g.first, last = %g.last, next_lsn = %next_lsn, "the ledger is ahead of the write-ahead log: lsn {}..={} are missing (segment quarantined or lost); numbering continues at {next_lsn}, and readers skip the gap", g.first, g.last);
+        }
         if let Some(t) = &recovery.torn_tail {
             tracing::warn!(segment = %t.segment, offset = t.offset, bytes = t.bytes_dropped, reason = %t.reason, "truncated torn tail of the write-ahead log");
         }
