@@ -8,9 +8,12 @@
 //! other buffer, so the next group is ready when the fdatasync returns.
 //!
 //! Failure policy: a failed fdatasync (or directory fsync) poisons the WAL for good; it is never
-//! retried, because the kernel may have dropped the dirty pages it failed to write. A failed
-//! write (ENOSPC or EDQUOT above all) or a rollover that finds no free file descriptor is undone by truncating the segment to its durable length; the group
-//! and everything queued behind it fail, their LSNs are given out again, and the writer lives on.
+//! retried, because the kernel may have dropped the dirty pages it failed to write. The unsynced
+//! group is truncated away first, so a restart in the same boot (which reads the page cache)
+//! does not take it for durable records. A failed write (ENOSPC or EDQUOT above all) or a
+//! rollover that finds no free file descriptor is undone by truncating the segment to its
+//! durable length; the group and everything queued behind it fail, their LSNs are given out
+//! again, and the writer lives on.
 
 use crate::error::WalError;
 use crate::fs::{is_disk_full, write_all_at, WalFile};
@@ -247,8 +250,15 @@ impl Writer {
                 }));
             }
             if let Err(e) = self.file.sync_data() {
+                // The group's bytes may still sit in the page cache, where a restart in the same
+                // boot would read them as durable records although they may never reach the
+                // disk: cut them off before poisoning (best effort; the poison stands anyway).
+                let undo = match self.file.set_len(self.len) {
+                    Ok(()) => String::new(),
+                    Err(te) => format!("; truncating the unsynced group away failed too: {te}"),
+                };
                 return Err(GroupError::Fatal(format!(
-                    "fdatasync of {} failed: {e}",
+                    "fdatasync of {} failed: {e}{undo}",
                     path.display()
                 )));
             }

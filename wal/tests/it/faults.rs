@@ -205,3 +205,23 @@ async fn running_out_of_file_descriptors_at_rollover_is_transient_and_loses_noth
     let (_wal, rec) = open_mem(&fs, small_opts()).unwrap();
     assert_eq!(rec.next_lsn, Lsn(lsns.len() as u64 + 1));
 }
+
+#[tokio::test]
+async fn after_a_failed_fdatasync_a_restart_in_the_same_boot_does_not_take_the_unsynced_group_as_durable(
+) {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, WalOptions::default()).unwrap();
+    wal.append(&[env(1, 50)]).await.unwrap();
+    fs.fail(SEGMENT_FSYNC, 1);
+    assert!(wal.append(&[env(2, 50)]).await.unwrap_err().is_fatal());
+    drop(wal);
+    // No crash: the page cache (what FaultyFs reads) still holds whatever the writer left.
+    let (wal, rec) = open_mem(&fs, WalOptions::default()).unwrap();
+    assert_eq!(rec.next_lsn, Lsn(2), "the unsynced group came back");
+    assert_eq!(
+        read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap(),
+        vec![(Lsn(1), 1)]
+    );
+    let r = wal.append(&[env(3, 50)]).await.unwrap();
+    assert_eq!(r.first, Lsn(2));
+}
