@@ -16,7 +16,7 @@ use crate::fs::{FileMeta, FileSystem, WalFile, WalLock};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 /// Names of the fault points.
@@ -247,10 +247,20 @@ impl State {
     }
 }
 
+/// Holds segment fdatasyncs while closed (see [`FaultyFs::hold_segment_syncs`]).
+#[derive(Default)]
+struct SyncGate {
+    /// Whether segment fdatasyncs wait; and how many wait now.
+    state: Mutex<(bool, u64)>,
+    /// Wakes the waiting fdatasyncs when the gate opens.
+    opened: Condvar,
+}
+
 /// An in-memory, fault-injecting [`FileSystem`]. Cloning shares the same disk.
 #[derive(Clone, Default)]
 pub struct FaultyFs {
     state: Arc<Mutex<State>>,
+    gate: Arc<SyncGate>,
 }
 
 impl std::fmt::Debug for FaultyFs {
@@ -341,6 +351,21 @@ impl FaultyFs {
         self.lock().sync_delay = delay;
     }
 
+    /// While `held`, every segment `fdatasync` waits (its data written, not yet durable) until
+    /// the hold is lifted: lets a test look at the log while a group's fdatasync has not
+    /// returned, without timing.
+    pub fn hold_segment_syncs(&self, held: bool) {
+        let mut g = self.gate.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 = held;
+        drop(g);
+        self.gate.opened.notify_all();
+    }
+
+    /// How many segment `fdatasync`s wait at the hold now.
+    pub fn segment_syncs_held(&self) -> u64 {
+        self.gate.state.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
     /// A new disk holding what would survive a crash right now (synced data and synced
     /// directory entries only); this disk is left as it is.
     pub fn durable_snapshot(&self) -> FaultyFs {
@@ -361,6 +386,7 @@ impl FaultyFs {
         };
         FaultyFs {
             state: Arc::new(Mutex::new(state)),
+            gate: Arc::default(),
         }
     }
 
@@ -549,6 +575,17 @@ impl WalFile for Handle {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        if point_of(&self.path, "fsync") == points::SEGMENT_FSYNC {
+            let gate = &self.fs.gate;
+            let mut g = gate.state.lock().unwrap_or_else(|p| p.into_inner());
+            if g.0 {
+                g.1 += 1;
+                while g.0 {
+                    g = gate.opened.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+                g.1 -= 1;
+            }
+        }
         let delay = {
             let mut s = self.fs.lock();
             self.check(&s)?;

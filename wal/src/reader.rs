@@ -3,7 +3,7 @@
 //! A live reader (from [`crate::Wal::reader`]) stops at the durable LSN and returns `None` when
 //! caught up; a later call continues (await [`crate::Wal::watch_durable`] to know when). An
 //! offline reader ([`crate::read_dir`]) reads a directory as it is on disk, treating a torn tail
-//! of the last segment as its end. Either way, a record that fails its checks anywhere else is
+//! of the last segment as its end, and stops at the durable mark of a live writer. Either way, a record that fails its checks anywhere else is
 //! returned as [`WalError::Corrupt`] again and again: never skipped.
 
 use crate::error::WalError;
@@ -47,6 +47,8 @@ enum Source {
         dir: PathBuf,
         /// Its segments, listed once.
         ids: Vec<SegmentId>,
+        /// Records after it are not handed out: the durable mark of a live writer.
+        durable: Lsn,
     },
 }
 
@@ -93,12 +95,14 @@ impl Reader {
         dir: PathBuf,
         ids: Vec<SegmentId>,
         from: Lsn,
+        durable: Lsn,
     ) -> Result<Reader, WalError> {
         Self::start(
             Source::Offline {
                 fs,
                 dir,
                 ids: ids.clone(),
+                durable,
             },
             ids,
             from,
@@ -226,11 +230,11 @@ impl Reader {
                     first,
                 })
             }
-            Source::Offline { ids, .. } => {
+            Source::Offline { ids, durable, .. } => {
                 let next = ids.iter().copied().find(|n| n.0 > id.0);
                 Ok(View {
                     limit: self.sealed_len.unwrap_or(0),
-                    durable: Lsn(u64::MAX),
+                    durable: *durable,
                     next,
                     first: ids.first().copied(),
                 })

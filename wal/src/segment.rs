@@ -9,7 +9,9 @@
 //!   00000000000000000001.wal   sealed segment, LSNs 1..=4711
 //!   00000000000000004712.wal   active segment (the writer appends here)
 //!   ledger                     cursors and in-flight batches (see the ledger module)
-//!   quarantine/                corrupt segments moved aside by an operator
+//!   durable                    the live writer's durable LSN, for offline readers (never synced)
+//!   LOCK                       flock'ed by the writer; never written
+//!   quarantine/                corrupt segments moved aside by an operator, and gap notes
 //! ```
 //!
 //! Layout of one segment (all integers little-endian, fixed width):

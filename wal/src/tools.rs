@@ -1,8 +1,9 @@
 //! Offline tools for operators, behind `prism-relay wal inspect|verify|dump`: list segments,
 //! verify every record of a directory, read records read-only, quarantine a corrupt segment.
-//! They never modify a segment and take no lock, so they work next to a running relay, except
-//! `quarantine_segment`, which takes the WAL's lock and fails with [`WalError::Locked`] while
-//! the relay runs.
+//! They never modify a segment and work next to a running relay: [`read_dir`] only probes the
+//! WAL's lock (for an instant, when it is free) to learn whether a live writer's durable mark
+//! bounds what it may hand out. `quarantine_segment` takes the lock and fails with
+//! [`WalError::Locked`] while the relay runs.
 
 use crate::error::WalError;
 use crate::fs::{FileSystem, StdFs};
@@ -311,7 +312,32 @@ pub fn read_dir_with_fs(
     from: Lsn,
 ) -> Result<Reader, WalError> {
     let ids = segment_ids(&*fs, dir)?;
-    Reader::offline(fs, dir.to_path_buf(), ids, from)
+    let durable = live_writer_durable(&*fs, dir)?;
+    Reader::offline(fs, dir.to_path_buf(), ids, from, durable)
+}
+
+/// How far an offline reader may read: the durable mark while a live writer holds the
+/// directory's lock (records past it are written but their fdatasync has not returned), and
+/// everything (`Lsn(u64::MAX)`, as recovery would see the directory) when nobody holds it.
+///
+/// Probing takes the lock for an instant when it is free; a relay opening the directory in
+/// that instant fails with [`WalError::Locked`] and is restarted by its supervisor.
+fn live_writer_durable(fs: &dyn FileSystem, dir: &Path) -> Result<Lsn, WalError> {
+    match crate::wal::lock_dir(fs, dir) {
+        Ok(lock) => {
+            drop(lock);
+            Ok(Lsn(u64::MAX))
+        }
+        Err(WalError::Locked { .. }) => Ok(crate::mark::read(fs, dir).unwrap_or_else(|| {
+            // A writer without a valid mark (one from before marks existed): nothing tells
+            // how far its records are durable; read what is there, as before marks existed.
+            tracing::warn!(dir = %dir.display(), "a writer holds the WAL but its durable mark is unreadable; reading to the end of the files");
+            Lsn(u64::MAX)
+        })),
+        // A directory this user cannot lock (read-only access): believe a mark if there is one,
+        // which errs on the side of stopping early.
+        Err(_) => Ok(crate::mark::read(fs, dir).unwrap_or(Lsn(u64::MAX))),
+    }
 }
 
 /// Moves a segment into `dir/quarantine/` and fsyncs both directories; returns its new path.

@@ -17,6 +17,7 @@
 
 use crate::error::WalError;
 use crate::fs::{is_disk_full, write_all_at, WalFile};
+use crate::mark::DurableMark;
 use crate::types::{Lsn, LsnRange, SegmentId};
 use crate::wal::{create_segment, Inner, SegMeta};
 use crate::Envelope;
@@ -123,6 +124,8 @@ pub(crate) struct Writer {
     len: u64,
     /// The buffer being written; swapped with the pending one.
     spare: Vec<u8>,
+    /// Where the durable LSN is published for offline readers.
+    mark: DurableMark,
 }
 
 enum GroupError {
@@ -133,13 +136,20 @@ enum GroupError {
 }
 
 impl Writer {
-    pub(crate) fn new(inner: Arc<Inner>, id: SegmentId, file: Arc<dyn WalFile>, len: u64) -> Self {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        id: SegmentId,
+        file: Arc<dyn WalFile>,
+        len: u64,
+        mark: DurableMark,
+    ) -> Self {
         Writer {
             inner,
             id,
             file,
             len,
             spare: Vec::new(),
+            mark,
         }
     }
 
@@ -275,6 +285,8 @@ impl Writer {
             s.bytes_on_disk += self.spare.len() as u64;
             s.bytes_on_disk
         };
+        // One small pwrite, no fsync: other processes read it from the shared page cache.
+        self.mark.publish(range.last);
         self.inner.durable_tx.send_replace(range.last);
         self.inner.disk_tx.send_replace(bytes_on_disk);
         Ok(())
