@@ -52,8 +52,8 @@ pub use mark::DURABLE_MARK_FILE;
 pub use reader::{Reader, RecordRef};
 pub use tools::{
     list_segments, list_segments_with_fs, load_ledger, quarantine_segment,
-    quarantine_segment_with_fs, read_dir, read_dir_with_fs, verify, verify_with_fs, SegmentInfo,
-    SegmentProblem, VerifyReport, QUARANTINE_DIR,
+    quarantine_segment_with_fs, read_dir, read_dir_with_fs, verify, verify_with_fs,
+    verify_with_options, SegmentInfo, SegmentProblem, VerifyReport, QUARANTINE_DIR,
 };
 pub use types::{Lsn, LsnRange, SegmentId, StreamSeq};
 pub use wal::{Recovery, RecoveryMode, Retention, TornTail, Wal, WalOptions, WalStats, LOCK_FILE};

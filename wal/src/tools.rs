@@ -205,7 +205,20 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, WalError> {
 
 /// [`verify`] through `fs`.
 pub fn verify_with_fs(fs: &dyn FileSystem, dir: &Path) -> Result<VerifyReport, WalError> {
+    verify_with_options(fs, dir, &crate::WalOptions::default())
+}
+
+/// [`verify`] through `fs`, telling a torn tail of the last segment from corruption as
+/// [`crate::Wal::open`] with `opts` would (its `group_bytes_max` bounds a torn tail; a bad record
+/// the ledger has consumed is corruption).
+pub fn verify_with_options(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    opts: &crate::WalOptions,
+) -> Result<VerifyReport, WalError> {
     let ids = segment_ids(fs, dir)?;
+    // A ledger that does not load is no evidence either way; `wal inspect` reports it.
+    let ledger_end = crate::ledger::load(fs, dir).map_or(Lsn::ZERO, |l| l.end());
     let mut report = VerifyReport {
         segments: ids.len(),
         first_lsn: ids.first().map(|i| i.first_lsn()),
@@ -220,7 +233,7 @@ pub fn verify_with_fs(fs: &dyn FileSystem, dir: &Path) -> Result<VerifyReport, W
             .map_err(|e| WalError::io("open segment", &path, e))?;
         let len = file.len().map_err(io_err)?;
         report.bytes += len;
-        let mut scan = match SegmentScan::open(id, file).map_err(io_err)? {
+        let mut scan = match SegmentScan::open(id, file.clone()).map_err(io_err)? {
             Ok(s) => s,
             Err(reason) => {
                 if is_last && len < crate::segment::SEGMENT_HEADER_BYTES as u64 {
@@ -277,7 +290,20 @@ pub fn verify_with_fs(fs: &dyn FileSystem, dir: &Path) -> Result<VerifyReport, W
                     break;
                 }
                 Step::Invalid { offset, reason } => {
-                    if is_last {
+                    let corrupt = if is_last {
+                        crate::wal::not_a_torn_tail(
+                            &*file,
+                            offset,
+                            len,
+                            scan.expected,
+                            ledger_end,
+                            opts.group_bytes_max,
+                        )
+                        .map_err(io_err)?
+                    } else {
+                        None
+                    };
+                    if is_last && corrupt.is_none() {
                         report.torn_tail = Some(TornTail {
                             segment: id,
                             offset,
@@ -285,6 +311,10 @@ pub fn verify_with_fs(fs: &dyn FileSystem, dir: &Path) -> Result<VerifyReport, W
                             reason,
                         });
                     } else {
+                        let reason = match corrupt {
+                            Some(why) => format!("{reason}; not a torn tail: {why}"),
+                            None => reason,
+                        };
                         report.problems.push(SegmentProblem {
                             segment: id,
                             offset,

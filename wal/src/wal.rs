@@ -679,6 +679,33 @@ pub(crate) fn create_segment(
     Ok(file)
 }
 
+/// Why the bad record at `offset` of the last segment (file length `len`), where lsn
+/// `expected` should be, cannot be a torn tail; `None` if it can. See [`recover_last`].
+pub(crate) fn not_a_torn_tail(
+    file: &dyn crate::fs::WalFile,
+    offset: u64,
+    len: u64,
+    expected: Lsn,
+    ledger_end: Lsn,
+    group_bytes_max: usize,
+) -> std::io::Result<Option<String>> {
+    let after = len.saturating_sub(offset);
+    let tail_bytes_max = unsynced_bytes_max(file, offset, group_bytes_max)?;
+    Ok(if expected < ledger_end {
+        Some(format!(
+            "the ledger has consumed records up to lsn {}, so lsn {expected} was durable",
+            ledger_end.0 - 1
+        ))
+    } else if after > tail_bytes_max {
+        Some(format!(
+            "{after} bytes follow it, more than the {tail_bytes_max} bytes one unsynced write \
+             can leave"
+        ))
+    } else {
+        None
+    })
+}
+
 /// The most bytes a crash can leave unsynced after the bad record at `offset`: one chunk of
 /// `group_bytes_max` bytes, or the record itself when its (plausible) length says it is larger,
 /// since a record is never split across chunks.
@@ -788,22 +815,15 @@ fn recover_last(
             Step::End => break None,
             Step::Invalid { offset, reason } => {
                 let after = len - offset;
-                let tail_bytes_max = unsynced_bytes_max(&*file, offset, opts.group_bytes_max)
-                    .map_err(|e| WalError::io("read segment", &path, e))?;
-                let why_durable = if scan.expected < ledger_end {
-                    Some(format!(
-                        "the ledger has consumed records up to lsn {}, so lsn {} was durable",
-                        ledger_end.0 - 1,
-                        scan.expected
-                    ))
-                } else if after > tail_bytes_max {
-                    Some(format!(
-                        "{after} bytes follow it, more than the {tail_bytes_max} bytes one \
-                         unsynced write can leave"
-                    ))
-                } else {
-                    None
-                };
+                let why_durable = not_a_torn_tail(
+                    &*file,
+                    offset,
+                    len,
+                    scan.expected,
+                    ledger_end,
+                    opts.group_bytes_max,
+                )
+                .map_err(|e| WalError::io("read segment", &path, e))?;
                 if let Some(why) = why_durable {
                     return Err(WalError::Corrupt {
                         segment: id,

@@ -326,6 +326,17 @@ async fn a_flipped_byte_early_in_the_last_segment_is_corruption_in_both_modes_an
         assert!(message.contains("wal verify"), "{message}");
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "{mode:?} truncated");
     }
+    // `wal verify` with the same options names the same place as corruption.
+    let report = prism_wal::verify_with_options(&prism_wal::StdFs, dir.path(), &opts).unwrap();
+    assert_eq!(report.torn_tail, None, "{report:?}");
+    assert_eq!(
+        report
+            .problems
+            .iter()
+            .map(|p| (p.segment, p.offset))
+            .collect::<Vec<_>>(),
+        vec![(SegmentId(1), bad as u64)]
+    );
 }
 
 #[tokio::test]
@@ -348,6 +359,8 @@ async fn a_bad_record_the_ledger_has_consumed_is_corruption_even_at_the_very_end
         "{err:?}"
     );
     assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    let report = verify(dir.path()).unwrap();
+    assert!(!report.is_ok() && report.torn_tail.is_none(), "{report:?}");
 }
 
 #[tokio::test]
