@@ -3,8 +3,10 @@
 //! A live reader (from [`crate::Wal::reader`]) stops at the durable LSN and returns `None` when
 //! caught up; a later call continues (await [`crate::Wal::watch_durable`] to know when). An
 //! offline reader ([`crate::read_dir`]) reads a directory as it is on disk, treating a torn tail
-//! of the last segment as its end, and stops at the durable mark of a live writer. Either way, a record that fails its checks anywhere else is
-//! returned as [`WalError::Corrupt`] again and again: never skipped.
+//! of the last segment as its end, and stops at the durable mark of a live writer. Either way,
+//! a record that fails its checks anywhere else is returned as [`WalError::Corrupt`] again and
+//! again: never skipped. An LSN gap between segments is crossed, with a warning naming it, only
+//! where `quarantine/` explains it (a quarantined segment or a gap note starting there).
 
 use crate::error::WalError;
 use crate::fs::FileSystem;

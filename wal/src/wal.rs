@@ -310,6 +310,12 @@ impl Wal {
     /// Takes the directory's lock (file [`LOCK_FILE`]) before touching anything else and holds
     /// it until [`Wal::close`] or the drop of the last clone: fails at once with
     /// [`WalError::Locked`] while another process or another `Wal` has the directory open.
+    ///
+    /// A bad record in the last segment is truncated as a torn tail only when it can be one (at
+    /// most one unsynced chunk of `group_bytes_max` bytes follows it and no ledger position lies
+    /// past it); otherwise open fails with [`WalError::Corrupt`] in every [`RecoveryMode`]. When
+    /// the ledger names positions past the recovered log, numbering continues past all of them
+    /// in a new segment, and [`Recovery::lsn_gap`] names the skipped LSNs.
     pub fn open_with_fs(
         dir: &Path,
         opts: WalOptions,
@@ -354,7 +360,7 @@ impl Wal {
                     (id, file, SEGMENT_HEADER_BYTES as u64, first, 0, None)
                 }
                 Some(id) => {
-                    let r = recover_last(&*fs, dir, id, &opts, ledger.end())?;
+                    let r = recover_last(&*fs, dir, id, &opts, ledger_end)?;
                     // The last segment's directory entry may never have been fsynced (a crash
                     // or a failed rollover right after creating it): make it durable first.
                     fs.sync_dir(dir)
