@@ -25,6 +25,14 @@ pub enum WalError {
         /// The segment being written.
         path: PathBuf,
     },
+    /// The process (EMFILE) or the system (ENFILE) is out of file descriptors while a segment
+    /// was being created or opened: nothing of the failed append was written and its LSNs were not
+    /// consumed; appends succeed again once descriptors are free.
+    #[error("out of file descriptors while creating or opening {path}")]
+    FilesExhausted {
+        /// The segment (or the directory) being opened.
+        path: PathBuf,
+    },
     /// An fsync failed earlier: the writer stopped for good. Restart to recover from disk.
     #[error("write-ahead log poisoned: {reason}")]
     Poisoned {
@@ -128,6 +136,18 @@ pub enum WalError {
         /// The WAL directory.
         dir: PathBuf,
     },
+    /// The directory's lock file is not a plain file of its own (a symbolic link, a FIFO, a
+    /// directory...): someone else may have planted it, so the WAL neither follows nor writes it.
+    #[error(
+        "lock file {path} is unsafe to use ({reason}): remove it (the WAL creates a fresh one) \
+         and check who can write to the WAL directory"
+    )]
+    UnsafeLockFile {
+        /// The lock file.
+        path: PathBuf,
+        /// What it is instead of a plain file.
+        reason: String,
+    },
     /// A file in the WAL directory is not what its name says.
     #[error("segment {path} is unusable: {reason}")]
     BadSegment {
@@ -150,5 +170,14 @@ impl WalError {
     /// Whether the writer is dead for good (an fsync failed).
     pub fn is_fatal(&self) -> bool {
         matches!(self, WalError::Poisoned { .. })
+    }
+
+    /// Whether the failure is expected to pass on its own (disk space or file descriptors run
+    /// out): nothing was written, the WAL lives on, and the same append may be retried later.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            WalError::DiskFull { .. } | WalError::FilesExhausted { .. }
+        )
     }
 }

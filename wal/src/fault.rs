@@ -16,7 +16,7 @@ use crate::fs::{FileMeta, FileSystem, WalFile, WalLock};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 /// Names of the fault points.
@@ -189,8 +189,9 @@ struct State {
     durable_files: BTreeMap<PathBuf, Arc<MemFile>>,
     /// Bumped by a crash; handles of an older generation fail.
     generation: u64,
-    /// Fault point -> remaining failures (`u32::MAX` = forever).
-    failures: BTreeMap<String, u32>,
+    /// Fault point -> remaining failures (`u32::MAX` = forever) and the errno they carry
+    /// (`None`: a plain I/O error without one).
+    failures: BTreeMap<String, (u32, Option<i32>)>,
     /// Fault point -> remaining writes to tear (write half, then fail).
     tears: BTreeMap<String, u32>,
     /// Total file bytes allowed; writes past it get ENOSPC.
@@ -231,22 +232,35 @@ impl State {
                 *left -= 1;
             }
         }
-        if let Some(left) = self.failures.get_mut(point) {
+        if let Some((left, errno)) = self.failures.get_mut(point) {
             if *left > 0 {
                 if *left != u32::MAX {
                     *left -= 1;
                 }
-                return Err(io::Error::other(format!("{point}: injected failure")));
+                return Err(match errno {
+                    Some(code) => io::Error::from_raw_os_error(*code),
+                    None => io::Error::other(format!("{point}: injected failure")),
+                });
             }
         }
         Ok(())
     }
 }
 
+/// Holds segment fdatasyncs while closed (see [`FaultyFs::hold_segment_syncs`]).
+#[derive(Default)]
+struct SyncGate {
+    /// Whether segment fdatasyncs wait; and how many wait now.
+    state: Mutex<(bool, u64)>,
+    /// Wakes the waiting fdatasyncs when the gate opens.
+    opened: Condvar,
+}
+
 /// An in-memory, fault-injecting [`FileSystem`]. Cloning shares the same disk.
 #[derive(Clone, Default)]
 pub struct FaultyFs {
     state: Arc<Mutex<State>>,
+    gate: Arc<SyncGate>,
 }
 
 impl std::fmt::Debug for FaultyFs {
@@ -281,7 +295,17 @@ impl FaultyFs {
 
     /// Makes the next `times` operations at `point` fail with an I/O error (`u32::MAX`: forever).
     pub fn fail(&self, point: &str, times: u32) {
-        self.lock().failures.insert(point.to_string(), times);
+        self.lock()
+            .failures
+            .insert(point.to_string(), (times, None));
+    }
+
+    /// Like [`FaultyFs::fail`], with the OS error `errno` (e.g. 24 for EMFILE, 122 for EDQUOT),
+    /// so tests can check how each kind of failure is classified.
+    pub fn fail_with_errno(&self, point: &str, times: u32, errno: i32) {
+        self.lock()
+            .failures
+            .insert(point.to_string(), (times, Some(errno)));
     }
 
     /// Disarms every failure, tear, capacity, short-write and freeze setting.
@@ -327,6 +351,21 @@ impl FaultyFs {
         self.lock().sync_delay = delay;
     }
 
+    /// While `held`, every segment `fdatasync` waits (its data written, not yet durable) until
+    /// the hold is lifted: lets a test look at the log while a group's fdatasync has not
+    /// returned, without timing.
+    pub fn hold_segment_syncs(&self, held: bool) {
+        let mut g = self.gate.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 = held;
+        drop(g);
+        self.gate.opened.notify_all();
+    }
+
+    /// How many segment `fdatasync`s wait at the hold now.
+    pub fn segment_syncs_held(&self) -> u64 {
+        self.gate.state.lock().unwrap_or_else(|p| p.into_inner()).1
+    }
+
     /// A new disk holding what would survive a crash right now (synced data and synced
     /// directory entries only); this disk is left as it is.
     pub fn durable_snapshot(&self) -> FaultyFs {
@@ -347,6 +386,7 @@ impl FaultyFs {
         };
         FaultyFs {
             state: Arc::new(Mutex::new(state)),
+            gate: Arc::default(),
         }
     }
 
@@ -535,6 +575,17 @@ impl WalFile for Handle {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        if point_of(&self.path, "fsync") == points::SEGMENT_FSYNC {
+            let gate = &self.fs.gate;
+            let mut g = gate.state.lock().unwrap_or_else(|p| p.into_inner());
+            if g.0 {
+                g.1 += 1;
+                while g.0 {
+                    g = gate.opened.wait(g).unwrap_or_else(|p| p.into_inner());
+                }
+                g.1 -= 1;
+            }
+        }
         let delay = {
             let mut s = self.fs.lock();
             self.check(&s)?;
@@ -638,6 +689,17 @@ impl FileSystem for FaultyFs {
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         s.files.insert(to.to_path_buf(), file);
         Ok(())
+    }
+
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        {
+            let s = self.lock();
+            if s.files.contains_key(to) || s.dirs.contains(to) {
+                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+            }
+        }
+        // Nothing else runs between the check and the rename in the tests that use it.
+        self.rename(from, to)
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {

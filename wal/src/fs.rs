@@ -6,8 +6,8 @@
 
 use std::any::Any;
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -69,6 +69,17 @@ pub trait FileSystem: Send + Sync + 'static {
     fn open(&self, path: &Path, writable: bool) -> io::Result<Arc<dyn WalFile>>;
     /// Renames a file, replacing the target.
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Renames a file unless the target exists, in which case it fails with
+    /// [`io::ErrorKind::AlreadyExists`] and changes nothing. The default checks first, which is
+    /// only safe where nobody else creates files in the target's directory; [`StdFs`] and
+    /// [`crate::FaultyFs`] do it atomically.
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        match self.metadata(to) {
+            Ok(_) => Err(io::Error::from(io::ErrorKind::AlreadyExists)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.rename(from, to),
+            Err(e) => Err(e),
+        }
+    }
     /// Removes a file.
     fn remove(&self, path: &Path) -> io::Result<()>;
     /// fsyncs a directory so created, renamed and removed entries are durable.
@@ -81,6 +92,9 @@ pub trait FileSystem: Send + Sync + 'static {
     /// the process dies.
     fn lock_exclusive(&self, path: &Path) -> io::Result<WalLock>;
 }
+
+/// Permissions of a lock file the WAL creates: only its owner needs it.
+const LOCK_FILE_MODE: u32 = 0o600;
 
 /// The real filesystem.
 #[derive(Debug, Clone, Copy, Default)]
@@ -135,6 +149,23 @@ impl FileSystem for StdFs {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         std::fs::rename(from, to)
     }
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        // A hard link fails atomically with EEXIST when the target exists (renameat2 with
+        // RENAME_NOREPLACE would need unsafe code, which this crate forbids). A crash between the
+        // link and the unlink leaves the file under both names, which loses nothing.
+        match std::fs::hard_link(from, to) {
+            Ok(()) => std::fs::remove_file(from),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(e),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(e),
+            // A filesystem without hard links: check, then rename (the caller holds the WAL's
+            // lock, so no other writer of this directory races it).
+            Err(_) => match std::fs::symlink_metadata(to) {
+                Ok(_) => Err(io::Error::from(io::ErrorKind::AlreadyExists)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::rename(from, to),
+                Err(e) => Err(e),
+            },
+        }
+    }
     fn remove(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
     }
@@ -149,14 +180,26 @@ impl FileSystem for StdFs {
         })
     }
     fn lock_exclusive(&self, path: &Path) -> io::Result<WalLock> {
-        // `flock(LOCK_EX | LOCK_NB)`: the lock belongs to this open file description, so a second
-        // lock from this process conflicts too, and the kernel drops it when the process dies.
-        let mut f = OpenOptions::new()
+        // The file is never followed through a symbolic link (O_NOFOLLOW: a link planted by
+        // another user would otherwise make a root relay create or lock its target), never
+        // truncated and never written: its content means nothing. O_NONBLOCK keeps the open of
+        // a planted FIFO from hanging; it changes nothing for a regular file.
+        let f = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(LOCK_FILE_MODE)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)?;
+        if !f.metadata()?.file_type().is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a regular file",
+            ));
+        }
+        // `flock(LOCK_EX | LOCK_NB)`: the lock belongs to this open file description, so a second
+        // lock from this process conflicts too, and the kernel drops it when the process dies.
         match f.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
@@ -167,9 +210,6 @@ impl FileSystem for StdFs {
             }
             Err(TryLockError::Error(e)) => return Err(e),
         }
-        // Who holds it, for an operator who looks (`cat LOCK`); never read back.
-        f.set_len(0)?;
-        writeln!(f, "{}", std::process::id())?;
         Ok(WalLock::new(f))
     }
 }
@@ -208,7 +248,26 @@ pub(crate) fn write_all_at(file: &dyn WalFile, buf: &[u8], offset: u64) -> io::R
     Ok(())
 }
 
-/// Whether an I/O error means "no space left on the device".
+/// errno of "no space left on device" (Linux).
+const ENOSPC: i32 = 28;
+/// errno of "disk quota exceeded" (Linux): for the WAL the same as a full disk, since space
+/// comes back the same way (retention frees it, or an operator does).
+const EDQUOT: i32 = 122;
+/// errno of "too many open files" in this process (Linux).
+const EMFILE: i32 = 24;
+/// errno of "too many open files in system" (Linux).
+const ENFILE: i32 = 23;
+
+/// Whether an I/O error means "no space left": the device is full or the quota is used up.
 pub(crate) fn is_disk_full(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    ) || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
+}
+
+/// Whether an I/O error means "out of file descriptors" (EMFILE or ENFILE): nothing was opened,
+/// and an open succeeds again once descriptors are freed.
+pub(crate) fn is_files_exhausted(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(EMFILE | ENFILE))
 }

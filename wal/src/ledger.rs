@@ -53,6 +53,21 @@ impl Ledger {
         Some(inflight.map_or(cursors, |i| i.min(cursors)))
     }
 
+    /// The LSN right after every position the ledger names: past every cursor and past the end
+    /// of every in-flight batch. Every record below it was durable once (lanes read only
+    /// durable records), and the WAL must never give out an LSN below it again. `Lsn::ZERO` for
+    /// an empty ledger.
+    pub(crate) fn end(&self) -> Lsn {
+        let cursors = self.cursors.values().copied().max().unwrap_or(Lsn::ZERO);
+        let inflight = self
+            .inflight
+            .values()
+            .map(|b| b.last.next())
+            .max()
+            .unwrap_or(Lsn::ZERO);
+        cursors.max(inflight)
+    }
+
     pub(crate) fn encode(&self) -> Result<Vec<u8>, WalError> {
         let entries = self.cursors.len() + self.inflight.len();
         if entries > LEDGER_ENTRIES_MAX {

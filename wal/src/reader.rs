@@ -3,8 +3,10 @@
 //! A live reader (from [`crate::Wal::reader`]) stops at the durable LSN and returns `None` when
 //! caught up; a later call continues (await [`crate::Wal::watch_durable`] to know when). An
 //! offline reader ([`crate::read_dir`]) reads a directory as it is on disk, treating a torn tail
-//! of the last segment as its end. Either way, a record that fails its checks anywhere else is
-//! returned as [`WalError::Corrupt`] again and again: never skipped.
+//! of the last segment as its end, and stops at the durable mark of a live writer. Either way,
+//! a record that fails its checks anywhere else is returned as [`WalError::Corrupt`] again and
+//! again: never skipped. An LSN gap between segments is crossed, with a warning naming it, only
+//! where `quarantine/` explains it (a quarantined segment or a gap note starting there).
 
 use crate::error::WalError;
 use crate::fs::FileSystem;
@@ -47,6 +49,8 @@ enum Source {
         dir: PathBuf,
         /// Its segments, listed once.
         ids: Vec<SegmentId>,
+        /// Records after it are not handed out: the durable mark of a live writer.
+        durable: Lsn,
     },
 }
 
@@ -93,12 +97,14 @@ impl Reader {
         dir: PathBuf,
         ids: Vec<SegmentId>,
         from: Lsn,
+        durable: Lsn,
     ) -> Result<Reader, WalError> {
         Self::start(
             Source::Offline {
                 fs,
                 dir,
                 ids: ids.clone(),
+                durable,
             },
             ids,
             from,
@@ -117,10 +123,20 @@ impl Reader {
             return Ok(r);
         };
         if from < first.first_lsn() {
-            return Err(WalError::Truncated {
-                requested: from,
-                first_available: first.first_lsn(),
-            });
+            // Records before the first segment are gone. That is expected only when an operator
+            // quarantined the segment that held `from` (or the ledger noted a gap there): then
+            // the reader goes on with the first record kept, and says what it skipped.
+            let (fs, dir) = r.paths();
+            let explained = crate::tools::quarantined_lsns(fs, &dir)?
+                .iter()
+                .any(|q| *q <= from);
+            if !explained {
+                return Err(WalError::Truncated {
+                    requested: from,
+                    first_available: first.first_lsn(),
+                });
+            }
+            tracing::warn!(from = %from, first = %first.first_lsn(), "lsn {from}..={} are quarantined: reading on from {}", first.0 - 1, first.first_lsn());
         }
         // The segment holding `from`: the last one starting at or before it.
         let id = ids
@@ -216,11 +232,11 @@ impl Reader {
                     first,
                 })
             }
-            Source::Offline { ids, .. } => {
+            Source::Offline { ids, durable, .. } => {
                 let next = ids.iter().copied().find(|n| n.0 > id.0);
                 Ok(View {
                     limit: self.sealed_len.unwrap_or(0),
-                    durable: Lsn(u64::MAX),
+                    durable: *durable,
                     next,
                     first: ids.first().copied(),
                 })
@@ -282,6 +298,16 @@ impl Reader {
                                 requested: expected,
                                 first_available: next.first_lsn(),
                             });
+                        }
+                        let (fs, dir) = self.paths();
+                        if next.first_lsn() > expected
+                            && crate::tools::quarantined_lsns(fs, &dir)?.contains(&expected)
+                        {
+                            // An operator quarantined the segment(s) of the gap, or the ledger
+                            // was ahead of the log at open: skip it, and say so.
+                            tracing::warn!(first = %expected, last = next.0 - 1, "lsn {expected}..={} are quarantined: the reader skips them", next.0 - 1);
+                            self.open_segment(next)?;
+                            continue;
                         }
                         return Err(WalError::Corrupt {
                             segment: id,

@@ -9,7 +9,9 @@
 //!   00000000000000000001.wal   sealed segment, LSNs 1..=4711
 //!   00000000000000004712.wal   active segment (the writer appends here)
 //!   ledger                     cursors and in-flight batches (see the ledger module)
-//!   quarantine/                corrupt segments moved aside by an operator
+//!   durable                    the live writer's durable LSN, for offline readers (never synced)
+//!   LOCK                       flock'ed by the writer; never written
+//!   quarantine/                corrupt segments moved aside by an operator, and gap notes
 //! ```
 //!
 //! Layout of one segment (all integers little-endian, fixed width):
@@ -31,11 +33,13 @@
 //! LSNs inside a segment are consecutive from `first_lsn`. The log ends at the first record that
 //! is short, has length zero, fails its CRC or carries an unexpected LSN. In the last segment
 //! that end is a torn tail (a write the crash interrupted, never acknowledged) and recovery
-//! truncates it; anywhere before the durable end it is corruption.
+//! truncates it, within the bound below; anywhere before the durable end it is corruption.
 //!
 //! A segment grows past `segment_bytes_max` by at most one group commit: the writer rolls to a
-//! new segment before a group once the active one has reached the limit, so a group is always
-//! one write and one `fdatasync` on one file.
+//! new segment before a group once the active one has reached the limit, so a group always
+//! goes to one file. A group is written and synced in chunks of at most `group_bytes_max` bytes
+//! (or one larger record), so a torn tail is never longer than that; a bad record followed by
+//! more, or one the ledger has consumed, is corruption, reported and never truncated.
 
 use crate::fs::{read_full_at, WalFile};
 use crate::types::{Lsn, SegmentId};

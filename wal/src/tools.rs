@@ -1,8 +1,9 @@
 //! Offline tools for operators, behind `prism-relay wal inspect|verify|dump`: list segments,
 //! verify every record of a directory, read records read-only, quarantine a corrupt segment.
-//! They never modify a segment and take no lock, so they work next to a running relay, except
-//! `quarantine_segment`, which takes the WAL's lock and fails with [`WalError::Locked`] while
-//! the relay runs.
+//! They never modify a segment and work next to a running relay: [`read_dir`] only probes the
+//! WAL's lock (for an instant, when it is free) to learn whether a live writer's durable mark
+//! bounds what it may hand out. `quarantine_segment` takes the lock and fails with
+//! [`WalError::Locked`] while the relay runs.
 
 use crate::error::WalError;
 use crate::fs::{FileSystem, StdFs};
@@ -15,6 +16,11 @@ use std::sync::Arc;
 
 /// Name of the folder corrupt segments are moved into.
 pub const QUARANTINE_DIR: &str = "quarantine";
+
+/// Most quarantined files of one segment name (`<name>`, `<name>.1`, ...): the same segment name
+/// is quarantined again only after a WAL reset, so a handful is plenty; the bound keeps the
+/// search for a free name finite.
+const QUARANTINE_NAMES_MAX: u32 = 1000;
 
 /// One segment as listed by [`list_segments`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +73,70 @@ impl VerifyReport {
     pub fn is_ok(&self) -> bool {
         self.problems.is_empty()
     }
+}
+
+/// The LSNs that files in `dir/quarantine/` are named by: quarantined segments
+/// (`<lsn>.wal`, `<lsn>.wal.N`) and gap notes (`<lsn>.gap`, written at open when the ledger was
+/// ahead of the log). Each explains a gap that starts at its LSN; none without the folder.
+pub(crate) fn quarantined_lsns(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<Lsn>, WalError> {
+    let qdir = dir.join(QUARANTINE_DIR);
+    let names = match fs.list(&qdir) {
+        Ok(names) => names,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(WalError::io("list directory", qdir, e)),
+    };
+    let mut lsns: Vec<Lsn> = names
+        .iter()
+        .filter_map(|n| {
+            let (digits, rest) = n.split_at_checked(SEGMENT_NAME_DIGITS)?;
+            let ours = rest.starts_with(crate::segment::SEGMENT_SUFFIX) || rest == GAP_NOTE_SUFFIX;
+            let all_digits = digits.bytes().all(|b| b.is_ascii_digit());
+            (ours && all_digits).then(|| digits.parse().ok().map(Lsn))?
+        })
+        .collect();
+    lsns.sort();
+    Ok(lsns)
+}
+
+/// Suffix of a gap note in the quarantine folder.
+pub(crate) const GAP_NOTE_SUFFIX: &str = ".gap";
+
+/// Digits of the zero-padded LSN that starts the names of segments and gap notes.
+const SEGMENT_NAME_DIGITS: usize = 20;
+
+/// Records, durably, that the LSNs of `gap` are missing from the log on purpose (consumed by the
+/// ledger, then lost or quarantined), so readers may cross the gap: `quarantine/<first>.gap`.
+pub(crate) fn write_gap_note(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    gap: crate::LsnRange,
+) -> Result<(), WalError> {
+    let qdir = dir.join(QUARANTINE_DIR);
+    fs.create_dir_all(&qdir)
+        .map_err(|e| WalError::io("create quarantine directory", &qdir, e))?;
+    let path = qdir.join(format!("{:020}{GAP_NOTE_SUFFIX}", gap.first.0));
+    let file = match fs.create(&path) {
+        Ok(f) => f,
+        // A note for the same start exists already (an earlier open crashed after writing it).
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(WalError::io("create gap note", &path, e)),
+    };
+    let text = format!(
+        "lsn {}..={} were consumed by the ledger but missing from the log at open (segment \
+         quarantined or lost); numbering continued at {}\n",
+        gap.first,
+        gap.last,
+        gap.last.next()
+    );
+    crate::fs::write_all_at(&*file, text.as_bytes(), 0)
+        .map_err(|e| WalError::io("write gap note", &path, e))?;
+    file.sync_data()
+        .map_err(|e| WalError::io("fdatasync gap note", &path, e))?;
+    fs.sync_dir(&qdir)
+        .map_err(|e| WalError::io("fsync directory", &qdir, e))?;
+    fs.sync_dir(dir)
+        .map_err(|e| WalError::io("fsync directory", dir, e))?;
+    Ok(())
 }
 
 fn segment_ids(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<SegmentId>, WalError> {
@@ -135,7 +205,20 @@ pub fn verify(dir: &Path) -> Result<VerifyReport, WalError> {
 
 /// [`verify`] through `fs`.
 pub fn verify_with_fs(fs: &dyn FileSystem, dir: &Path) -> Result<VerifyReport, WalError> {
+    verify_with_options(fs, dir, &crate::WalOptions::default())
+}
+
+/// [`verify`] through `fs`, telling a torn tail of the last segment from corruption as
+/// [`crate::Wal::open`] with `opts` would (its `group_bytes_max` bounds a torn tail; a bad record
+/// the ledger has consumed is corruption).
+pub fn verify_with_options(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    opts: &crate::WalOptions,
+) -> Result<VerifyReport, WalError> {
     let ids = segment_ids(fs, dir)?;
+    // A ledger that does not load is no evidence either way; `wal inspect` reports it.
+    let ledger_end = crate::ledger::load(fs, dir).map_or(Lsn::ZERO, |l| l.end());
     let mut report = VerifyReport {
         segments: ids.len(),
         first_lsn: ids.first().map(|i| i.first_lsn()),
@@ -150,7 +233,7 @@ pub fn verify_with_fs(fs: &dyn FileSystem, dir: &Path) -> Result<VerifyReport, W
             .map_err(|e| WalError::io("open segment", &path, e))?;
         let len = file.len().map_err(io_err)?;
         report.bytes += len;
-        let mut scan = match SegmentScan::open(id, file).map_err(io_err)? {
+        let mut scan = match SegmentScan::open(id, file.clone()).map_err(io_err)? {
             Ok(s) => s,
             Err(reason) => {
                 if is_last && len < crate::segment::SEGMENT_HEADER_BYTES as u64 {
@@ -191,7 +274,9 @@ pub fn verify_with_fs(fs: &dyn FileSystem, dir: &Path) -> Result<VerifyReport, W
                 }
                 Step::End => {
                     if let Some(next) = ids.get(i + 1) {
-                        if next.first_lsn() != scan.expected {
+                        let explained = next.first_lsn() > scan.expected
+                            && quarantined_lsns(fs, dir)?.contains(&scan.expected);
+                        if next.first_lsn() != scan.expected && !explained {
                             report.problems.push(SegmentProblem {
                                 segment: id,
                                 offset: scan.pos,
@@ -205,7 +290,20 @@ pub fn verify_with_fs(fs: &dyn FileSystem, dir: &Path) -> Result<VerifyReport, W
                     break;
                 }
                 Step::Invalid { offset, reason } => {
-                    if is_last {
+                    let corrupt = if is_last {
+                        crate::wal::not_a_torn_tail(
+                            &*file,
+                            offset,
+                            len,
+                            scan.expected,
+                            ledger_end,
+                            opts.group_bytes_max,
+                        )
+                        .map_err(io_err)?
+                    } else {
+                        None
+                    };
+                    if is_last && corrupt.is_none() {
                         report.torn_tail = Some(TornTail {
                             segment: id,
                             offset,
@@ -213,6 +311,10 @@ pub fn verify_with_fs(fs: &dyn FileSystem, dir: &Path) -> Result<VerifyReport, W
                             reason,
                         });
                     } else {
+                        let reason = match corrupt {
+                            Some(why) => format!("{reason}; not a torn tail: {why}"),
+                            None => reason,
+                        };
                         report.problems.push(SegmentProblem {
                             segment: id,
                             offset,
@@ -240,10 +342,37 @@ pub fn read_dir_with_fs(
     from: Lsn,
 ) -> Result<Reader, WalError> {
     let ids = segment_ids(&*fs, dir)?;
-    Reader::offline(fs, dir.to_path_buf(), ids, from)
+    let durable = live_writer_durable(&*fs, dir)?;
+    Reader::offline(fs, dir.to_path_buf(), ids, from, durable)
+}
+
+/// How far an offline reader may read: the durable mark while a live writer holds the
+/// directory's lock (records past it are written but their fdatasync has not returned), and
+/// everything (`Lsn(u64::MAX)`, as recovery would see the directory) when nobody holds it.
+///
+/// Probing takes the lock for an instant when it is free; a relay opening the directory in
+/// that instant fails with [`WalError::Locked`] and is restarted by its supervisor.
+fn live_writer_durable(fs: &dyn FileSystem, dir: &Path) -> Result<Lsn, WalError> {
+    match crate::wal::lock_dir(fs, dir) {
+        Ok(lock) => {
+            drop(lock);
+            Ok(Lsn(u64::MAX))
+        }
+        Err(WalError::Locked { .. }) => Ok(crate::mark::read(fs, dir).unwrap_or_else(|| {
+            // A writer without a valid mark (one from before marks existed): nothing tells
+            // how far its records are durable; read what is there, as before marks existed.
+            tracing::warn!(dir = %dir.display(), "a writer holds the WAL but its durable mark is unreadable; reading to the end of the files");
+            Lsn(u64::MAX)
+        })),
+        // A directory this user cannot lock (read-only access): believe a mark if there is one,
+        // which errs on the side of stopping early.
+        Err(_) => Ok(crate::mark::read(fs, dir).unwrap_or(Lsn(u64::MAX))),
+    }
 }
 
 /// Moves a segment into `dir/quarantine/` and fsyncs both directories; returns its new path.
+/// Never replaces a file already there: the segment gets the first free name of
+/// `<segment>.wal`, `<segment>.wal.1`, `<segment>.wal.2`, ...
 /// Only while the WAL is not open (the relay would otherwise still count it): holds the WAL's
 /// lock meanwhile and fails with [`WalError::Locked`] if a relay (or a [`crate::Wal`]) has it.
 pub fn quarantine_segment(dir: &Path, segment: SegmentId) -> Result<PathBuf, WalError> {
@@ -261,9 +390,35 @@ pub fn quarantine_segment_with_fs(
     fs.create_dir_all(&qdir)
         .map_err(|e| WalError::io("create quarantine directory", &qdir, e))?;
     let from = dir.join(segment_file_name(segment));
-    let to = qdir.join(segment_file_name(segment));
-    fs.rename(&from, &to)
-        .map_err(|e| WalError::io("move segment to quarantine", &from, e))?;
+    let name = segment_file_name(segment);
+    let mut moved = None;
+    for n in 0..QUARANTINE_NAMES_MAX {
+        // An earlier quarantined file of the same name (from before the WAL was reset, or a
+        // segment quarantined, restored and quarantined again) is evidence too: keep it.
+        let to = if n == 0 {
+            qdir.join(&name)
+        } else {
+            qdir.join(format!("{name}.{n}"))
+        };
+        match fs.rename_noreplace(&from, &to) {
+            Ok(()) => {
+                moved = Some(to);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(WalError::io("move segment to quarantine", &from, e)),
+        }
+    }
+    let Some(to) = moved else {
+        return Err(WalError::io(
+            "move segment to quarantine",
+            &from,
+            std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{QUARANTINE_NAMES_MAX} quarantined files of this name exist already"),
+            ),
+        ));
+    };
     fs.sync_dir(&qdir)
         .map_err(|e| WalError::io("fsync directory", &qdir, e))?;
     fs.sync_dir(dir)

@@ -22,8 +22,8 @@ const MIB: u64 = 1024 * 1024;
 
 /// Name of the lock file in the WAL directory. An open [`Wal`] (and [`crate::quarantine_segment`])
 /// holds an exclusive advisory lock on it, so two writers never share a directory. The file
-/// itself means nothing: it stays behind after a clean close and after a crash, and the lock
-/// dies with the process that held it.
+/// itself means nothing and is never written (nor followed if it is a symbolic link): it stays
+/// behind after a clean close and after a crash, and the lock dies with the process that held it.
 pub const LOCK_FILE: &str = "LOCK";
 
 /// Name of the reserve file in the WAL directory: headroom held back so the ledger can still be
@@ -48,6 +48,16 @@ pub(crate) fn lock_dir(fs: &dyn FileSystem, dir: &Path) -> Result<WalLock, WalEr
         if e.kind() == std::io::ErrorKind::WouldBlock {
             WalError::Locked {
                 dir: dir.to_path_buf(),
+            }
+        } else if e.raw_os_error() == Some(libc::ELOOP) {
+            WalError::UnsafeLockFile {
+                path,
+                reason: "it is a symbolic link".to_string(),
+            }
+        } else if e.kind() == std::io::ErrorKind::InvalidData {
+            WalError::UnsafeLockFile {
+                path,
+                reason: e.to_string(),
             }
         } else {
             WalError::io("lock", path, e)
@@ -161,6 +171,9 @@ pub struct Recovery {
     pub tail_records: u64,
     /// The torn tail, if any.
     pub torn_tail: Option<TornTail>,
+    /// LSNs the ledger had consumed but the log no longer held (its last segment quarantined or
+    /// lost): numbering continued past them and readers cross the gap. `None` normally.
+    pub lsn_gap: Option<LsnRange>,
 }
 
 /// Counters for metrics and `wal inspect`.
@@ -320,6 +333,12 @@ impl Wal {
     /// Takes the directory's lock (file [`LOCK_FILE`]) before touching anything else and holds
     /// it until [`Wal::close`] or the drop of the last clone: fails at once with
     /// [`WalError::Locked`] while another process or another `Wal` has the directory open.
+    ///
+    /// A bad record in the last segment is truncated as a torn tail only when it can be one (at
+    /// most one unsynced chunk of `group_bytes_max` bytes follows it and no ledger position lies
+    /// past it); otherwise open fails with [`WalError::Corrupt`] in every [`RecoveryMode`]. When
+    /// the ledger names positions past the recovered log, numbering continues past all of them
+    /// in a new segment, and [`Recovery::lsn_gap`] names the skipped LSNs.
     pub fn open_with_fs(
         dir: &Path,
         opts: WalOptions,
@@ -343,20 +362,57 @@ impl Wal {
         ids.sort();
         let found = ids.len();
 
+        // Every position the ledger names was durable once; the log must never hand out an LSN
+        // below it again, or a lane whose cursor lies ahead would skip the new records.
+        let ledger_end = ledger.end();
+        let mut lsn_gap = None;
         let (active_id, file, active_len, next_lsn, tail_records, torn_tail) =
             match ids.last().copied() {
                 None => {
-                    let id = SegmentId(1);
+                    let first = Lsn(ledger_end.0.max(1));
+                    if first > Lsn(1) {
+                        let gap = LsnRange {
+                            first: Lsn(1),
+                            last: Lsn(first.0 - 1),
+                        };
+                        crate::tools::write_gap_note(&*fs, dir, gap)?;
+                        lsn_gap = Some(gap);
+                    }
+                    let id = SegmentId(first.0);
                     let file = create_segment(&*fs, dir, id)?;
-                    (id, file, SEGMENT_HEADER_BYTES as u64, Lsn(1), 0, None)
+                    (id, file, SEGMENT_HEADER_BYTES as u64, first, 0, None)
                 }
                 Some(id) => {
-                    let r = recover_last(&*fs, dir, id, opts.recovery_mode)?;
+                    let r = recover_last(&*fs, dir, id, &opts, ledger_end)?;
                     // The last segment's directory entry may never have been fsynced (a crash
                     // or a failed rollover right after creating it): make it durable first.
                     fs.sync_dir(dir)
                         .map_err(|e| WalError::io("fsync directory", dir, e))?;
-                    (id, r.file, r.len, r.next_lsn, r.records, r.torn_tail)
+                    if r.next_lsn < ledger_end {
+                        // The ledger is ahead of the log (its last segment was quarantined or
+                        // lost): start a new segment past every ledger position, after noting
+                        // the gap durably so readers may cross it.
+                        let gap = LsnRange {
+                            first: r.next_lsn,
+                            last: Lsn(ledger_end.0 - 1),
+                        };
+                        crate::tools::write_gap_note(&*fs, dir, gap)?;
+                        drop(r.file);
+                        let id = SegmentId(ledger_end.0);
+                        let file = create_segment(&*fs, dir, id)?;
+                        ids.push(id);
+                        lsn_gap = Some(gap);
+                        (
+                            id,
+                            file,
+                            SEGMENT_HEADER_BYTES as u64,
+                            ledger_end,
+                            0,
+                            r.torn_tail,
+                        )
+                    } else {
+                        (id, r.file, r.len, r.next_lsn, r.records, r.torn_tail)
+                    }
                 }
             };
         if ids.is_empty() {
@@ -405,8 +461,9 @@ impl Wal {
             disk_tx: watch::Sender::new(bytes_on_disk),
         });
         inner.apply_retention()?;
+        let mark = crate::mark::DurableMark::create(&*inner.fs, dir, durable)?;
         let (exit_tx, exit_rx) = oneshot::channel();
-        let writer = crate::writer::Writer::new(inner.clone(), active_id, file, active_len);
+        let writer = crate::writer::Writer::new(inner.clone(), active_id, file, active_len, mark);
         let thread = std::thread::Builder::new()
             .name("prism-wal-writer".into())
             .spawn(move || writer.run(exit_tx))
@@ -426,7 +483,11 @@ impl Wal {
             next_lsn,
             tail_records,
             torn_tail,
+            lsn_gap,
         };
+        if let Some(g) = &recovery.lsn_gap {
+            tracing::warn!(first = %g.first, last = %g.last, next_lsn = %next_lsn, "the ledger is ahead of the write-ahead log: lsn {}..={} are missing (segment quarantined or lost); numbering continues at {next_lsn}, and readers skip the gap", g.first, g.last);
+        }
         if let Some(t) = &recovery.torn_tail {
             tracing::warn!(segment = %t.segment, offset = t.offset, bytes = t.bytes_dropped, reason = %t.reason, "truncated torn tail of the write-ahead log");
         }
@@ -771,9 +832,15 @@ pub(crate) fn create_segment(
     id: SegmentId,
 ) -> Result<Arc<dyn crate::fs::WalFile>, WalError> {
     let path = dir.join(segment_file_name(id));
-    let file = fs
-        .create(&path)
-        .map_err(|e| WalError::io("create segment", &path, e))?;
+    let file = fs.create(&path).map_err(|e| {
+        if crate::fs::is_files_exhausted(&e) {
+            WalError::FilesExhausted { path: path.clone() }
+        } else if crate::fs::is_disk_full(&e) {
+            WalError::DiskFull { path: path.clone() }
+        } else {
+            WalError::io("create segment", &path, e)
+        }
+    })?;
     if let Err(e) = write_all_at(&*file, &segment::encode_header(id.first_lsn()), 0) {
         drop(file);
         // Best effort: an orphan header-less file is also handled by recovery.
@@ -788,10 +855,69 @@ pub(crate) fn create_segment(
     file.sync_data().map_err(|e| WalError::Poisoned {
         reason: format!("fdatasync of new segment {}: {e}", path.display()),
     })?;
-    fs.sync_dir(dir).map_err(|e| WalError::Poisoned {
-        reason: format!("fsync of directory {}: {e}", dir.display()),
-    })?;
+    if let Err(e) = fs.sync_dir(dir) {
+        // The directory could not even be opened for its fsync (an fsync itself never fails
+        // with these): nothing was synced, so nothing is lost. Take the new file away again,
+        // which needs no descriptor, and let the append be retried; a header-only segment left
+        // behind by a crash right here is an empty active segment to recovery.
+        if crate::fs::is_files_exhausted(&e) {
+            drop(file);
+            let _ = fs.remove(&path);
+            return Err(WalError::FilesExhausted {
+                path: dir.to_path_buf(),
+            });
+        }
+        return Err(WalError::Poisoned {
+            reason: format!("fsync of directory {}: {e}", dir.display()),
+        });
+    }
     Ok(file)
+}
+
+/// Why the bad record at `offset` of the last segment (file length `len`), where lsn
+/// `expected` should be, cannot be a torn tail; `None` if it can. See [`recover_last`].
+pub(crate) fn not_a_torn_tail(
+    file: &dyn crate::fs::WalFile,
+    offset: u64,
+    len: u64,
+    expected: Lsn,
+    ledger_end: Lsn,
+    group_bytes_max: usize,
+) -> std::io::Result<Option<String>> {
+    let after = len.saturating_sub(offset);
+    let tail_bytes_max = unsynced_bytes_max(file, offset, group_bytes_max)?;
+    Ok(if expected < ledger_end {
+        Some(format!(
+            "the ledger has consumed records up to lsn {}, so lsn {expected} was durable",
+            ledger_end.0 - 1
+        ))
+    } else if after > tail_bytes_max {
+        Some(format!(
+            "{after} bytes follow it, more than the {tail_bytes_max} bytes one unsynced write \
+             can leave"
+        ))
+    } else {
+        None
+    })
+}
+
+/// The most bytes a crash can leave unsynced after the bad record at `offset`: one chunk of
+/// `group_bytes_max` bytes, or the record itself when its (plausible) length says it is larger,
+/// since a record is never split across chunks.
+fn unsynced_bytes_max(
+    file: &dyn crate::fs::WalFile,
+    offset: u64,
+    group_bytes_max: usize,
+) -> std::io::Result<u64> {
+    let mut len = [0u8; 4];
+    let n = crate::fs::read_full_at(file, &mut len, offset)?;
+    let declared = u32::from_le_bytes(len) as usize;
+    let record = if n == len.len() && declared <= crate::RECORD_BYTES_MAX {
+        segment::RECORD_HEADER_BYTES + declared
+    } else {
+        0
+    };
+    Ok(group_bytes_max.max(record) as u64)
 }
 
 struct Recovered {
@@ -803,12 +929,20 @@ struct Recovered {
 }
 
 /// Scans the last segment to its end and truncates a torn tail.
+///
+/// A torn tail is what a crash leaves of the one write that was not yet covered by an
+/// fdatasync: the writer syncs at most `group_bytes_max` bytes at a time (a larger group is
+/// synced in chunks, see `writer`), except a single record larger than that. So a bad record
+/// is corruption, never truncated, when more bytes follow it than one such chunk can hold, or
+/// when its LSN is below `ledger_end` (a lane consumed it, so it was durable).
 fn recover_last(
     fs: &dyn FileSystem,
     dir: &Path,
     id: SegmentId,
-    mode: RecoveryMode,
+    opts: &WalOptions,
+    ledger_end: Lsn,
 ) -> Result<Recovered, WalError> {
+    let mode = opts.recovery_mode;
     let path = dir.join(segment_file_name(id));
     let file = fs
         .open(&path, true)
@@ -875,10 +1009,31 @@ fn recover_last(
             Step::Record { .. } => records += 1,
             Step::End => break None,
             Step::Invalid { offset, reason } => {
+                let after = len - offset;
+                let why_durable = not_a_torn_tail(
+                    &*file,
+                    offset,
+                    len,
+                    scan.expected,
+                    ledger_end,
+                    opts.group_bytes_max,
+                )
+                .map_err(|e| WalError::io("read segment", &path, e))?;
+                if let Some(why) = why_durable {
+                    return Err(WalError::Corrupt {
+                        segment: id,
+                        offset,
+                        reason: format!(
+                            "{reason}; not a torn tail: {why}. Nothing was truncated: run \
+                             `prism-relay wal verify`, then move the segment aside with \
+                             `prism-relay wal quarantine` (its later records go with it)"
+                        ),
+                    });
+                }
                 break Some(TornTail {
                     segment: id,
                     offset,
-                    bytes_dropped: len - offset,
+                    bytes_dropped: after,
                     reason,
                 });
             }

@@ -2,17 +2,22 @@
 //!
 //! Appenders encode their records straight into one shared pending buffer (framing, LSN and
 //! CRC included; LSNs are assigned in buffer order, which is write order) and wait on a oneshot.
-//! The writer swaps the buffer out, does one write and one fdatasync for everything in it,
+//! The writer swaps the buffer out, does one write and one fdatasync for everything in it (a
+//! group larger than `group_bytes_max` gets one per chunk of at most that many bytes),
 //! advances the durable LSN and answers every waiter. While it writes, new appends fill the
 //! other buffer, so the next group is ready when the fdatasync returns.
 //!
 //! Failure policy: a failed fdatasync (or directory fsync) poisons the WAL for good; it is never
-//! retried, because the kernel may have dropped the dirty pages it failed to write. A failed
-//! write (ENOSPC above all) is undone by truncating the segment to its durable length; the group
-//! and everything queued behind it fail, their LSNs are given out again, and the writer lives on.
+//! retried, because the kernel may have dropped the dirty pages it failed to write. The unsynced
+//! group is truncated away first, so a restart in the same boot (which reads the page cache)
+//! does not take it for durable records. A failed write (ENOSPC or EDQUOT above all) or a
+//! rollover that finds no free file descriptor is undone by truncating the segment to its
+//! durable length; the group and everything queued behind it fail, their LSNs are given out
+//! again, and the writer lives on.
 
 use crate::error::WalError;
 use crate::fs::{is_disk_full, write_all_at, WalFile};
+use crate::mark::DurableMark;
 use crate::types::{Lsn, LsnRange, SegmentId};
 use crate::wal::{create_segment, Inner, SegMeta};
 use crate::Envelope;
@@ -119,6 +124,8 @@ pub(crate) struct Writer {
     len: u64,
     /// The buffer being written; swapped with the pending one.
     spare: Vec<u8>,
+    /// Where the durable LSN is published for offline readers.
+    mark: DurableMark,
 }
 
 enum GroupError {
@@ -129,13 +136,20 @@ enum GroupError {
 }
 
 impl Writer {
-    pub(crate) fn new(inner: Arc<Inner>, id: SegmentId, file: Arc<dyn WalFile>, len: u64) -> Self {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        id: SegmentId,
+        file: Arc<dyn WalFile>,
+        len: u64,
+        mark: DurableMark,
+    ) -> Self {
         Writer {
             inner,
             id,
             file,
             len,
             spare: Vec::new(),
+            mark,
         }
     }
 
@@ -220,34 +234,51 @@ impl Writer {
             group_is_well_formed(&self.spare, range),
             "group {range:?} is malformed"
         );
-        if let Err(e) = write_all_at(&*self.file, &self.spare, self.len) {
-            // Undo whatever part of the group reached the file, so the next group starts at the
-            // durable end and the failed LSNs can be given out again.
-            if let Err(te) = self.file.set_len(self.len) {
+        // A group larger than `group_bytes_max` (one large append) is written and synced in
+        // chunks of at most that many bytes, cut at record boundaries: a crash then leaves at most
+        // one chunk unsynced, which is what lets recovery tell a torn tail from corruption.
+        let mut written = 0;
+        while written < self.spare.len() {
+            let end = chunk_end(&self.spare, written, self.inner.opts.group_bytes_max);
+            let at = self.len + written as u64;
+            if let Err(e) = write_all_at(&*self.file, &self.spare[written..end], at) {
+                // Undo whatever part of the group reached the file (synced chunks included: none
+                // of it was acknowledged), so the next group starts at the durable end and the
+                // failed LSNs can be given out again.
+                if let Err(te) = self.file.set_len(self.len) {
+                    return Err(GroupError::Fatal(format!(
+                        "write to {} failed ({e}) and truncating it back failed too: {te}",
+                        path.display()
+                    )));
+                }
+                // Make the truncation durable right away instead of relying on the next group's
+                // fdatasync, so the file never holds more than its durable records for long.
+                if let Err(se) = self.file.sync_data() {
+                    return Err(GroupError::Fatal(format!(
+                        "fdatasync of {} after undoing a failed write failed: {se}",
+                        path.display()
+                    )));
+                }
+                return Err(GroupError::Failed(if is_disk_full(&e) {
+                    WalError::DiskFull { path }
+                } else {
+                    WalError::io("write segment", path, e)
+                }));
+            }
+            if let Err(e) = self.file.sync_data() {
+                // The group's bytes may still sit in the page cache, where a restart in the same
+                // boot would read them as durable records although they may never reach the
+                // disk: cut them off before poisoning (best effort; the poison stands anyway).
+                let undo = match self.file.set_len(self.len) {
+                    Ok(()) => String::new(),
+                    Err(te) => format!("; truncating the unsynced group away failed too: {te}"),
+                };
                 return Err(GroupError::Fatal(format!(
-                    "write to {} failed ({e}) and truncating it back failed too: {te}",
+                    "fdatasync of {} failed: {e}{undo}",
                     path.display()
                 )));
             }
-            // Make the truncation durable right away instead of relying on the next group's
-            // fdatasync, so the file never holds more than its durable records for long.
-            if let Err(se) = self.file.sync_data() {
-                return Err(GroupError::Fatal(format!(
-                    "fdatasync of {} after undoing a failed write failed: {se}",
-                    path.display()
-                )));
-            }
-            return Err(GroupError::Failed(if is_disk_full(&e) {
-                WalError::DiskFull { path }
-            } else {
-                WalError::io("write segment", path, e)
-            }));
-        }
-        if let Err(e) = self.file.sync_data() {
-            return Err(GroupError::Fatal(format!(
-                "fdatasync of {} failed: {e}",
-                path.display()
-            )));
+            written = end;
         }
         self.len += self.spare.len() as u64;
         let bytes_on_disk = {
@@ -260,6 +291,8 @@ impl Writer {
             s.bytes_on_disk += self.spare.len() as u64;
             s.bytes_on_disk
         };
+        // One small pwrite, no fsync: other processes read it from the shared page cache.
+        self.mark.publish(range.last);
         self.inner.durable_tx.send_replace(range.last);
         self.inner.disk_tx.send_replace(bytes_on_disk);
         Ok(())
@@ -313,6 +346,27 @@ impl Writer {
     }
 }
 
+/// End (exclusive) of the chunk of `buf` that starts at the record boundary `start`: as many
+/// whole records as fit in `bytes_max`, and at least one.
+fn chunk_end(buf: &[u8], start: usize, bytes_max: usize) -> usize {
+    let mut at = start;
+    while at < buf.len() {
+        // The buffer holds records framed by `encode_record`; a header cut short cannot happen,
+        // and would only end the chunk at the buffer's end.
+        let Some(len) = buf.get(at..at + 4) else {
+            return buf.len();
+        };
+        let mut word = [0u8; 4];
+        word.copy_from_slice(len);
+        let next = at + crate::segment::RECORD_HEADER_BYTES + u32::from_le_bytes(word) as usize;
+        if at > start && next - start > bytes_max {
+            break;
+        }
+        at = next.min(buf.len());
+    }
+    at
+}
+
 /// Checks, right before writing, that the group is exactly the records of `range`, in order,
 /// each with a valid CRC (debug builds only: it costs a second CRC pass).
 fn group_is_well_formed(mut buf: &[u8], range: LsnRange) -> bool {
@@ -327,4 +381,40 @@ fn group_is_well_formed(mut buf: &[u8], range: LsnRange) -> bool {
         }
     }
     expected == range.last.next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_end;
+    use crate::segment::RECORD_HEADER_BYTES;
+
+    /// Frames records of the given body lengths (their content does not matter here).
+    fn framed(bodies: &[usize]) -> Vec<u8> {
+        let mut buf = Vec::new();
+        for &len in bodies {
+            buf.extend_from_slice(&(len as u32).to_le_bytes());
+            buf.resize(buf.len() + RECORD_HEADER_BYTES - 4 + len, 0);
+        }
+        buf
+    }
+
+    #[test]
+    fn chunks_hold_whole_records_up_to_the_limit_and_at_least_one_record() {
+        let r = RECORD_HEADER_BYTES;
+        let buf = framed(&[10, 10, 10, 100, 10]);
+        // Two records of 10 fit in 2 * (r + 10) bytes, the third does not.
+        assert_eq!(chunk_end(&buf, 0, 2 * (r + 10)), 2 * (r + 10));
+        // A record larger than the limit forms a chunk of its own.
+        let big = 3 * (r + 10);
+        assert_eq!(chunk_end(&buf, big, 2 * (r + 10)), big + r + 100);
+        // Everything fits: the chunk is the whole rest.
+        assert_eq!(chunk_end(&buf, 0, 1 << 20), buf.len());
+        let mut at = 0;
+        let mut chunks = 0;
+        while at < buf.len() {
+            at = chunk_end(&buf, at, r + 10);
+            chunks += 1;
+        }
+        assert_eq!((at, chunks), (buf.len(), 5));
+    }
 }

@@ -1,7 +1,7 @@
 //! Injected faults: fsync errors, ENOSPC, short and torn writes.
 
 use crate::common::*;
-use prism_wal::fault::points::{SEGMENT_CREATE, SEGMENT_FSYNC, SEGMENT_WRITE};
+use prism_wal::fault::points::{DIR_FSYNC, SEGMENT_CREATE, SEGMENT_FSYNC, SEGMENT_WRITE};
 use prism_wal::{FaultyFs, FileSystem, Ledger, Lsn, WalError, WalOptions};
 
 #[tokio::test]
@@ -126,4 +126,102 @@ async fn a_torn_write_fails_its_group_and_is_truncated_away() {
     assert_eq!(r.first, Lsn(2));
     let got = read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap();
     assert_eq!(got, vec![(Lsn(1), 1), (Lsn(2), 4)]);
+}
+
+/// errno of "disk quota exceeded".
+const EDQUOT: i32 = 122;
+/// errno of "too many open files" (this process).
+const EMFILE: i32 = 24;
+/// errno of "too many open files in system".
+const ENFILE: i32 = 23;
+
+#[tokio::test]
+async fn a_quota_exceeded_write_is_disk_full_and_transient_and_appends_resume_after_it() {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, WalOptions::default()).unwrap();
+    wal.append(&[env(1, 50)]).await.unwrap();
+    fs.fail_with_errno(SEGMENT_WRITE, 1, EDQUOT);
+    let err = wal.append(&[env(2, 50)]).await.unwrap_err();
+    assert!(matches!(err, WalError::DiskFull { .. }), "{err:?}");
+    assert!(err.is_transient() && !err.is_fatal(), "{err:?}");
+    let r = wal.append(&[env(3, 50)]).await.unwrap();
+    assert_eq!(r.first, Lsn(2), "the failed append consumed no LSN");
+    let got = read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap();
+    assert_eq!(got, vec![(Lsn(1), 1), (Lsn(2), 3)]);
+}
+
+/// Fills the active segment of a `small_opts` WAL so that the next group rolls over; returns
+/// the next stream sequence to use.
+async fn fill_active_segment(fs: &FaultyFs, wal: &prism_wal::Wal, mut seq: u64) -> u64 {
+    let segments = wal.stats().segments;
+    loop {
+        let last = prism_wal::list_segments_with_fs(fs, &mem_dir()).unwrap();
+        if last.last().unwrap().bytes >= small_opts().segment_bytes_max {
+            return seq;
+        }
+        wal.append(&[env(seq, 80)]).await.unwrap();
+        seq += 1;
+        assert_eq!(wal.stats().segments, segments, "rolled over while filling");
+    }
+}
+
+#[tokio::test]
+async fn running_out_of_file_descriptors_at_rollover_is_transient_and_loses_nothing() {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, small_opts()).unwrap();
+    let mut seq = fill_active_segment(&fs, &wal, 1).await;
+    let segments = wal.stats().segments;
+    // Out of descriptors when the next segment file is created, then when the directory is
+    // opened to fsync the new entry.
+    for (point, errno) in [(SEGMENT_CREATE, EMFILE), (DIR_FSYNC, ENFILE)] {
+        fs.fail_with_errno(point, 2, errno);
+        for _ in 0..2 {
+            let err = wal.append(&[env(1000, 80)]).await.unwrap_err();
+            assert!(
+                matches!(err, WalError::FilesExhausted { .. }),
+                "{point}: {err:?}"
+            );
+            assert!(err.is_transient() && !err.is_fatal(), "{err:?}");
+            assert_eq!(
+                wal.stats().segments,
+                segments,
+                "{point}: a segment was left"
+            );
+        }
+    }
+    fs.clear_faults();
+    let durable = wal.durable_lsn();
+    let r = wal.append(&[env(seq, 80)]).await.unwrap();
+    assert_eq!(r.first, durable.next(), "LSNs stay contiguous");
+    seq += 1;
+    append_each(&wal, seq..seq + 20, 80).await;
+    assert!(wal.stats().segments > segments);
+    let got = read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap();
+    let lsns: Vec<u64> = got.iter().map(|g| g.0 .0).collect();
+    assert_eq!(lsns, (1..=lsns.len() as u64).collect::<Vec<_>>());
+    assert!(got.iter().all(|g| g.1 != 1000), "a failed append was kept");
+    assert!(got.iter().any(|g| g.1 == seq + 19));
+    drop(wal);
+    let (_wal, rec) = open_mem(&fs, small_opts()).unwrap();
+    assert_eq!(rec.next_lsn, Lsn(lsns.len() as u64 + 1));
+}
+
+#[tokio::test]
+async fn after_a_failed_fdatasync_a_restart_in_the_same_boot_does_not_take_the_unsynced_group_as_durable(
+) {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, WalOptions::default()).unwrap();
+    wal.append(&[env(1, 50)]).await.unwrap();
+    fs.fail(SEGMENT_FSYNC, 1);
+    assert!(wal.append(&[env(2, 50)]).await.unwrap_err().is_fatal());
+    drop(wal);
+    // No crash: the page cache (what FaultyFs reads) still holds whatever the writer left.
+    let (wal, rec) = open_mem(&fs, WalOptions::default()).unwrap();
+    assert_eq!(rec.next_lsn, Lsn(2), "the unsynced group came back");
+    assert_eq!(
+        read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap(),
+        vec![(Lsn(1), 1)]
+    );
+    let r = wal.append(&[env(3, 50)]).await.unwrap();
+    assert_eq!(r.first, Lsn(2));
 }

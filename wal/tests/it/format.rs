@@ -24,6 +24,14 @@ async fn golden_bytes_of_a_segment_header_and_one_record_never_change() {
     assert_eq!((r.first, r.last), (Lsn(1), Lsn(1)));
     wal.close().await.unwrap();
     let bytes = std::fs::read(dir.path().join("00000000000000000001.wal")).unwrap();
+    // New with the durable mark, which is not part of the segment format (no version bump):
+    // the file `durable` holds magic, the durable LSN and a CRC32 of the LSN.
+    let mark = std::fs::read(dir.path().join(prism_wal::DURABLE_MARK_FILE)).unwrap();
+    let crc = crc32fast::hash(&1u64.to_le_bytes()).to_le_bytes();
+    assert_eq!(
+        hex(&mark),
+        format!("5052534d44555200{}{}", "0100000000000000", hex(&crc))
+    );
 
     // Header: magic, version 1, header CRC, first LSN 1.
     assert_eq!(&bytes[0..8], &SEGMENT_MAGIC);

@@ -338,3 +338,60 @@ async fn the_lock_file_is_not_a_segment() {
     );
     wal.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_lock_file_that_is_a_symlink_is_refused_and_its_target_is_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let target = elsewhere.path().join("precious");
+    std::fs::write(&target, b"do not truncate me\n").unwrap();
+    std::os::unix::fs::symlink(&target, dir.path().join(LOCK_FILE)).unwrap();
+    let err = Wal::open(dir.path(), WalOptions::default()).unwrap_err();
+    assert!(
+        matches!(&err, WalError::UnsafeLockFile { path, .. } if path == &dir.path().join(LOCK_FILE)),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(message.contains("remove it"), "{message}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"do not truncate me\n");
+    assert!(segment_files(dir.path()).is_empty(), "opened anyway");
+    // Quarantine takes the same lock and refuses the same way.
+    let err = quarantine_segment(dir.path(), SegmentId(1)).unwrap_err();
+    assert!(matches!(err, WalError::UnsafeLockFile { .. }), "{err:?}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"do not truncate me\n");
+}
+
+#[tokio::test]
+async fn a_lock_file_with_content_is_neither_truncated_nor_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join(LOCK_FILE);
+    std::fs::write(&lock, b"someone else's bytes\n").unwrap();
+    let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    append_each(&wal, 1..3, 20).await;
+    assert_eq!(std::fs::read(&lock).unwrap(), b"someone else's bytes\n");
+    wal.close().await.unwrap();
+    assert_eq!(std::fs::read(&lock).unwrap(), b"someone else's bytes\n");
+}
+
+#[tokio::test]
+async fn quarantining_a_segment_whose_quarantine_name_is_taken_keeps_both_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), small_opts()).unwrap();
+    append_each(&wal, 1..10, 100).await;
+    wal.close().await.unwrap();
+    let seg1 = dir.path().join("00000000000000000001.wal");
+    let original = std::fs::read(&seg1).unwrap();
+    // An earlier quarantine of a segment of the same name (a WAL that was reset since).
+    let qdir = dir.path().join(prism_wal::QUARANTINE_DIR);
+    std::fs::create_dir_all(&qdir).unwrap();
+    let earlier = qdir.join("00000000000000000001.wal");
+    std::fs::write(&earlier, b"earlier quarantined segment").unwrap();
+    let moved = quarantine_segment(dir.path(), SegmentId(1)).unwrap();
+    assert_ne!(moved, earlier);
+    assert_eq!(
+        std::fs::read(&earlier).unwrap(),
+        b"earlier quarantined segment"
+    );
+    assert_eq!(std::fs::read(&moved).unwrap(), original);
+    assert!(!seg1.exists());
+}

@@ -4,6 +4,7 @@ mod common;
 mod corpus;
 mod faults;
 mod format;
+mod gaps;
 mod group_commit;
 mod ledger;
 mod lock;

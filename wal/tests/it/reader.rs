@@ -129,3 +129,44 @@ async fn a_reader_whose_segment_is_deleted_before_its_first_read_still_reads_it_
     assert_eq!(lsns, (1..=lsns.len() as u64).collect::<Vec<_>>());
     assert!(!lsns.is_empty());
 }
+
+#[tokio::test]
+async fn an_offline_reader_next_to_a_live_writer_stops_at_the_durable_end() {
+    use prism_wal::{read_dir_with_fs, FaultyFs, WalOptions};
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, WalOptions::default()).unwrap();
+    append_each(&wal, 1..3, 50).await;
+    fs.hold_segment_syncs(true);
+    // Lifts the hold even when an assertion fails, so the writer (joined on drop) can finish.
+    struct Release(FaultyFs);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.hold_segment_syncs(false);
+        }
+    }
+    let _release = Release(fs.clone());
+    let appender = wal.clone();
+    let task = tokio::spawn(async move { appender.append(&[env(3, 50)]).await });
+    wait_until("the group written and its fdatasync waiting", || {
+        fs.segment_syncs_held() == 1
+    })
+    .await;
+    let dump = |fs: &FaultyFs| {
+        let mut r = read_dir_with_fs(std::sync::Arc::new(fs.clone()), &mem_dir(), Lsn(1)).unwrap();
+        read_all(&mut r).unwrap()
+    };
+    // Record 3 is in the segment file, but its fdatasync has not returned.
+    assert_eq!(dump(&fs), vec![(Lsn(1), 1), (Lsn(2), 2)]);
+    fs.hold_segment_syncs(false);
+    assert_eq!(task.await.unwrap().unwrap().first, Lsn(3));
+    assert_eq!(dump(&fs), vec![(Lsn(1), 1), (Lsn(2), 2), (Lsn(3), 3)]);
+    wal.close().await.unwrap();
+    // Without a writer the directory reads as recovery would see it, whatever a (stale) mark
+    // says: a crash may have left any old value there.
+    let mark = mem_dir().join(prism_wal::DURABLE_MARK_FILE);
+    let mut stale = b"PRSMDUR\0".to_vec();
+    stale.extend_from_slice(&1u64.to_le_bytes());
+    stale.extend_from_slice(&crc32fast::hash(&1u64.to_le_bytes()).to_le_bytes());
+    fs.corrupt(&mark, 0, &stale).unwrap();
+    assert_eq!(dump(&fs).len(), 3);
+}
