@@ -71,6 +71,7 @@ pub async fn run(
     // Conditions retried every few milliseconds, logged when they start, every reminder
     // interval while they last, and when they end (the metrics carry the rest).
     let mut disk_full = Condition::default();
+    let mut files_exhausted = Condition::default();
     let mut budget_full = Condition::default();
     let mut fetch_failing = Condition::default();
     loop {
@@ -184,9 +185,24 @@ pub async fn run(
                         break None;
                     }
                 }
+                Err(error) if error.is_transient() => {
+                    // Out of file descriptors at a rollover (FilesExhausted): nothing was written
+                    // and the WAL lives on; keep the batch unacked and retry after a pause, as for
+                    // a full disk, instead of exiting into a crash loop.
+                    metrics.ingest_paused.set(1);
+                    if let Some(o) = files_exhausted.occurred() {
+                        tracing::warn!(%consumer, %error, occurrences = o.count(), lasted_s = o.lasted_s(), "WAL append paused: out of file descriptors; messages stay unacked in JetStream");
+                    }
+                    if pause(&mut shutdown).await {
+                        break None;
+                    }
+                }
                 Err(source) => return Err(IngestError::Wal { consumer, source }),
             }
         };
+        if let Some(ended) = files_exhausted.cleared() {
+            tracing::info!(%consumer, occurrences = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "WAL append resumed: file descriptors available again");
+        }
         let Some(range) = appended else {
             // Stopping with the batch not written: a negative ack makes JetStream redeliver it at
             // once (to the next start or another instance) instead of after ack_wait. Should the

@@ -771,3 +771,129 @@ async fn ack_all_waits_while_deliveries_of_an_abandoned_pull_are_pending_below_i
     await_ack_pending(&mut fetcher, 0).await?;
     Ok(())
 }
+
+/// Messages of the descriptor-exhaustion test: enough to roll over the tiny segments below
+/// several times.
+const FD_TEST_MESSAGES: u64 = 50;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_at_a_wal_rollover_pauses_ingest_and_loses_nothing(
+) -> TestResult {
+    use prism_relay::metrics::Metrics;
+    use prism_wal::fault::points::SEGMENT_CREATE;
+    use prism_wal::{FaultyFs, Lsn, Retention, Wal, WalOptions};
+
+    /// EMFILE on Linux: the process is out of file descriptors.
+    const EMFILE: i32 = 24;
+
+    let bed = bed().await?;
+    ensure_streams(&bed.js, &[stream("FD_TRADES", &["fdtrade.>"])]).await?;
+    let mut config = consumer_config("FD_TRADES", "fd-relay", &[]);
+    // One message per pull and append: the segment fills and must roll over between appends.
+    config.fetch_batch = 1;
+    ensure_consumer(&bed.js, &config).await?;
+    let fetcher = Fetcher::new(&bed.js, &config).await?;
+
+    // A WAL whose segments hold a few records each, on a filesystem that runs out of descriptors
+    // whenever a segment is created.
+    let fs = FaultyFs::new();
+    let options = WalOptions {
+        segment_bytes_max: 1_024,
+        group_bytes_max: 64 * 1_024,
+        retention: Retention {
+            bytes_max: 0,
+            segments_max: 0,
+            age_max: Duration::from_secs(3_600),
+        },
+        ..WalOptions::default()
+    };
+    let (wal, _) = Wal::open_with_fs(
+        std::path::Path::new("/fd-test-wal"),
+        options,
+        std::sync::Arc::new(fs.clone()),
+    )?;
+    fs.fail_with_errno(SEGMENT_CREATE, u32::MAX, EMFILE);
+
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ingest = tokio::spawn(prism_relay::ingest::run(
+        fetcher,
+        wal.clone(),
+        metrics.clone(),
+        stop_rx,
+    ));
+    for seq in 1..=FD_TEST_MESSAGES {
+        publish(
+            &bed.js,
+            &format!("fdtrade.binance.spot.S{seq}"),
+            &format!("fd-{seq}"),
+            &"x".repeat(100),
+        )
+        .await?;
+    }
+
+    // Several rollovers fail; ingest must stay up, paused, with the messages unacked.
+    let deadline = Instant::now() + Duration::from_millis(CONDITION_DEADLINE_MS);
+    while fs.count(SEGMENT_CREATE) < 5 {
+        assert!(
+            !ingest.is_finished(),
+            "ingest stopped on a transient WAL error: {:?}",
+            ingest.await
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no rollover was attempted: durable {}, segment creations {}, paused {}",
+            wal.durable_lsn(),
+            fs.count(SEGMENT_CREATE),
+            metrics.ingest_paused.get()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!ingest.is_finished(), "ingest stopped: {:?}", ingest.await);
+    assert_eq!(metrics.ingest_paused.get(), 1, "ingest is not paused");
+    let durable_while_exhausted = wal.durable_lsn();
+    assert!(
+        durable_while_exhausted.0 < FD_TEST_MESSAGES,
+        "every message fit without a rollover: the test proves nothing"
+    );
+
+    // Descriptors come back: everything is written once, in order, and acknowledged.
+    fs.clear_faults();
+    let deadline = Instant::now() + Duration::from_millis(CONDITION_DEADLINE_MS);
+    loop {
+        let info = bed
+            .js
+            .get_stream("FD_TRADES")
+            .await?
+            .consumer_info("fd-relay")
+            .await?;
+        if wal.durable_lsn().0 >= FD_TEST_MESSAGES
+            && info.num_ack_pending == 0
+            && info.num_pending == 0
+        {
+            break;
+        }
+        assert!(!ingest.is_finished(), "ingest stopped: {:?}", ingest.await);
+        assert!(
+            Instant::now() < deadline,
+            "not resumed: durable {} of {FD_TEST_MESSAGES}, ack pending {}, pending {}",
+            wal.durable_lsn(),
+            info.num_ack_pending,
+            info.num_pending
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut reader = wal.reader(Lsn(1))?;
+    let mut seqs = Vec::new();
+    while let Some(record) = reader.next()? {
+        seqs.push(record.envelope()?.stream_seq.0);
+    }
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs, (1..=FD_TEST_MESSAGES).collect::<Vec<_>>());
+
+    let _ = stop_tx.send(true);
+    ingest.await??;
+    Ok(())
+}
