@@ -139,18 +139,32 @@ enum WalAction {
 struct ReplayArgs {
     #[command(flatten)]
     config: ConfigArg,
-    /// First LSN (default: the oldest on disk).
-    #[arg(long, default_value_t = 1)]
-    from_lsn: u64,
-    /// Last LSN, inclusive (default: the newest on disk).
+    /// WAL directory; default `[wal] dir` of the configuration.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// First LSN [default: the oldest on disk].
+    #[arg(long)]
+    from_lsn: Option<u64>,
+    /// Last LSN, inclusive [default: the newest on disk when the replay starts].
     #[arg(long)]
     to_lsn: Option<u64>,
+    /// Only records published at or after this time: RFC 3339 (2026-11-30T12:00:00Z,
+    /// 2026-11-30T13:00:00.250+01:00) or unix epoch milliseconds [default: no bound].
+    #[arg(long, value_parser = replay::parse_time_ms)]
+    from_time: Option<i64>,
+    /// Only records published at or before this time, like --from-time [default: no bound].
+    #[arg(long, value_parser = replay::parse_time_ms)]
+    to_time: Option<i64>,
     /// Insert into this database instead of `[clickhouse] database` (e.g. marketprism_cold).
     #[arg(long)]
     database: Option<String>,
-    /// Only these tables (repeatable).
+    /// Only this table (repeatable) [default: every table].
     #[arg(long = "table")]
     tables: Vec<String>,
+    /// Go on past a corrupt segment or an undecodable record instead of stopping; every skipped
+    /// LSN range is reported, and the exit status is 1.
+    #[arg(long)]
+    skip_corrupt: bool,
 }
 
 fn main() -> ExitCode {
@@ -408,13 +422,14 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
     }
 }
 
+/// Seconds between two plain progress lines when stderr is not a terminal (logs, CI).
+const REPLAY_PROGRESS_LINE_INTERVAL_S: u64 = 10;
+
 async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
     let mut config = args.config.load()?;
     if let Some(database) = args.database {
         config.clickhouse.database = database;
     }
-    let (_, profile) = resolve_profile(&config).await?;
-    let sink = Sink::new(sink_options(&config, profile))?;
     let router = Router::new(
         config
             .drain
@@ -422,37 +437,105 @@ async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
             .iter()
             .map(|r| (r.data_type.clone(), r.table.clone())),
     );
-    let started_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
+    replay::check_tables(&router, &args.tables)?;
     let options = replay::ReplayOptions {
-        dir: config.wal.dir.clone(),
-        from: Lsn(args.from_lsn),
+        dir: args.dir.unwrap_or_else(|| config.wal.dir.clone()),
+        from: args.from_lsn.map(Lsn),
         to: args.to_lsn.map(Lsn),
+        from_time_ms: args.from_time,
+        to_time_ms: args.to_time,
         tables: args.tables,
         rows_max: 10_000,
         dead_letter_table: config.drain.dead_letter_table.clone(),
         backoff_initial_ms: config.drain.retry_backoff_initial_ms,
         backoff_max_ms: config.drain.retry_backoff_max_ms,
-        token_prefix: format!("replay:{started_ms}:"),
+        skip_corrupt: args.skip_corrupt,
     };
-    let bar = indicatif::ProgressBar::new_spinner();
-    if !std::io::stderr().is_terminal() {
+    let range = replay::resolve_range(&options)?;
+    let (probe, profile) = resolve_profile(&config).await?;
+    // A backfill into a new database (or cluster) creates its tables as `run` would.
+    if config.clickhouse.create_schema {
+        apply_schema(&config, &probe, profile).await?;
+    }
+    let problems = check_schema(&config, &probe, profile).await?;
+    if let Some(problem) = problems.first() {
+        bail!(
+            "schema of database {}: {problem}",
+            config.clickhouse.database
+        );
+    }
+    let sink = Sink::new(sink_options(&config, profile))?;
+    match range.last {
+        Some(last) => eprintln!(
+            "replay: lsn {}..={} of {} into database {}",
+            range.first.0,
+            last.0,
+            options.dir.display(),
+            config.clickhouse.database
+        ),
+        None => eprintln!("replay: no record on disk in {}", options.dir.display()),
+    }
+    let terminal = std::io::stderr().is_terminal();
+    let bar = indicatif::ProgressBar::new(range.len());
+    if terminal {
+        // The template is a constant known to parse; a failure would only lose the layout.
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} records  {msg}  ETA {eta}",
+        ) {
+            bar.set_style(style);
+        }
+    } else {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let summary = replay::replay(&options, &router, &sink, |lsn| {
-        bar.set_message(format!("replayed through LSN {}", lsn.0));
-        bar.tick();
+    let started = std::time::Instant::now();
+    let mut last_line = started;
+    let summary = replay::replay(&options, &router, &sink, |p| {
+        let elapsed_s = started.elapsed().as_secs_f64().max(1e-3);
+        let rows_per_s = p.rows as f64 / elapsed_s;
+        let done = (p.lsn.0 + 1).saturating_sub(range.first.0);
+        if terminal {
+            bar.set_position(done.min(range.len()));
+            bar.set_message(format!("{} rows, {rows_per_s:.0} rows/s", p.rows));
+        } else if last_line.elapsed().as_secs() >= REPLAY_PROGRESS_LINE_INTERVAL_S {
+            last_line = std::time::Instant::now();
+            let left = range.len().saturating_sub(done);
+            let eta_s = left as f64 * elapsed_s / done.max(1) as f64;
+            eprintln!(
+                "replay: lsn {} ({done}/{} records), {} rows, {rows_per_s:.0} rows/s, ETA {eta_s:.0} s",
+                p.lsn.0,
+                range.len(),
+                p.rows
+            );
+        }
     })
     .await?;
     bar.finish_and_clear();
     println!(
-        "replay: {} records read, {} dead letters",
-        summary.records, summary.dead_letters
+        "replay: {} records read (lsn {}..={}), {} rows inserted, {} dead letters, {:.1} s",
+        summary.records,
+        summary.first.map_or(0, |l| l.0),
+        summary.last.map_or(0, |l| l.0),
+        summary.rows(),
+        summary.dead_letters,
+        started.elapsed().as_secs_f64()
     );
-    for (table, rows) in &summary.rows {
-        println!("  {table:<22} {rows:>10} rows");
+    println!(
+        "  {:<22} {:>10} {:>10} {:>12}",
+        "table", "records", "rows", "dead_letters"
+    );
+    for (table, t) in &summary.tables {
+        println!(
+            "  {table:<22} {:>10} {:>10} {:>12}",
+            t.records, t.rows, t.dead_letters
+        );
     }
-    Ok(ExitCode::SUCCESS)
+    for skipped in &summary.skipped {
+        println!("skipped: {skipped}");
+    }
+    Ok(if summary.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        println!("replay: corrupt records skipped; see `prism-relay wal verify`");
+        ExitCode::FAILURE
+    })
 }

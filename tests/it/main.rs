@@ -4,6 +4,7 @@ mod chaos;
 mod harness;
 mod modern;
 mod relay;
+mod replay;
 mod sink;
 mod source;
 mod tools;

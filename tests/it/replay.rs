@@ -1,0 +1,407 @@
+//! `prism-relay replay` against a WAL the relay wrote and a real ClickHouse: replay reproduces
+//! the relay's rows, honours LSN, time and table ranges, runs next to a live relay, is
+//! idempotent, starts at the oldest segment retention kept, and stops at (or, when asked,
+//! reports and skips) a corrupt segment.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use prism_wal::Lsn;
+
+use crate::harness::{
+    relay_command, Bed, InProcRelay, Load, RelayConfig, DATABASE, DRAIN_TIMEOUT, TABLES,
+};
+use crate::TestResult;
+
+/// The database replays write into in these tests.
+const REPLAYED: &str = "replayed";
+
+/// One WAL record's identity and publish time, read back with the WAL's own reader.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Record {
+    lsn: u64,
+    stream: String,
+    seq: u64,
+    published_ns: i64,
+}
+
+/// Every record on disk in `dir`, from the oldest segment.
+fn wal_records(dir: &Path) -> Vec<Record> {
+    let segments = prism_wal::list_segments(dir).expect("list segments");
+    let Some(first) = segments.first() else {
+        return Vec::new();
+    };
+    let mut reader = prism_wal::read_dir(dir, first.first_lsn).expect("read WAL");
+    let mut out = Vec::new();
+    while let Some(record) = reader.next().expect("WAL reads") {
+        let envelope = record.envelope().expect("envelope decodes");
+        out.push(Record {
+            lsn: record.lsn.0,
+            stream: envelope.stream.to_string(),
+            seq: envelope.stream_seq.0,
+            published_ns: envelope.published_ns,
+        });
+    }
+    out
+}
+
+/// A relay configuration with small segments, so a few thousand messages span many of them.
+fn small_segments(bed: &Bed) -> RelayConfig {
+    let mut config = bed.config();
+    config.segment_bytes_max = 65_536;
+    config
+}
+
+/// Runs the relay in-process until `count` messages are stored, then stops it.
+async fn relay_writes(bed: &Bed, config: &RelayConfig, run_id: &str, count: u64) {
+    let relay = InProcRelay::spawn(config);
+    relay.wait_ready().await;
+    bed.publish(Load::new(run_id, count)).await;
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    assert_eq!(report.totals().duplicated, 0, "{report}");
+    relay.stop().await.expect("relay stops cleanly");
+}
+
+/// Creates `db` with empty copies of the relay's tables, so a replay finds its schema.
+fn empty_copy_of_the_relay_tables(bed: &Bed, db: &str) {
+    bed.sql(&format!("CREATE DATABASE IF NOT EXISTS {db}"));
+    for table in TABLES.iter().chain(["dead_letters"].iter()) {
+        bed.sql(&format!(
+            "CREATE TABLE IF NOT EXISTS {db}.{table} AS {DATABASE}.{table}"
+        ));
+    }
+}
+
+/// The (stream, seq) identities stored in every typed table of `db`, under FINAL.
+fn identities(bed: &Bed, db: &str) -> BTreeSet<(String, u64)> {
+    let mut out = BTreeSet::new();
+    for table in TABLES {
+        for row in bed.rows(&format!(
+            "SELECT nats_stream, nats_seq FROM {db}.{table} FINAL"
+        )) {
+            out.insert((
+                row[0].clone(),
+                row[1].parse().expect("nats_seq is a number"),
+            ));
+        }
+    }
+    out
+}
+
+/// Every column the relay writes (all but the server-filled `created_at`) of every row of
+/// `table` in `db` under FINAL, restricted to the identities the replayed copy holds, in
+/// identity order.
+fn rows_of(bed: &Bed, db: &str, table: &str) -> String {
+    let columns: Vec<String> = bed
+        .rows(&format!(
+            "SELECT name FROM system.columns WHERE database = '{DATABASE}' AND table = '{table}' \
+             AND name != 'created_at'"
+        ))
+        .into_iter()
+        .map(|row| format!("`{}`", row[0]))
+        .collect();
+    assert!(columns.len() > 2, "columns of {table}: {columns:?}");
+    bed.sql(&format!(
+        "SELECT {} FROM {db}.{table} FINAL WHERE (nats_stream, nats_seq) IN \
+         (SELECT nats_stream, nats_seq FROM {REPLAYED}.{table}) ORDER BY nats_stream, nats_seq",
+        columns.join(", ")
+    ))
+}
+
+/// Asserts two TSV results are equal, naming the first line that differs (not the whole text).
+fn assert_same_rows(left: &str, right: &str, what: &str) {
+    let (l, r): (Vec<&str>, Vec<&str>) = (left.lines().collect(), right.lines().collect());
+    if let Some(i) = (0..l.len().max(r.len())).find(|i| l.get(*i) != r.get(*i)) {
+        panic!(
+            "{what}: {} vs {} lines; line {i} differs:\n  {:?}\n  {:?}",
+            l.len(),
+            r.len(),
+            l.get(i),
+            r.get(i)
+        );
+    }
+}
+
+fn identities_of<'r>(records: impl IntoIterator<Item = &'r Record>) -> BTreeSet<(String, u64)> {
+    records
+        .into_iter()
+        .map(|r| (r.stream.clone(), r.seq))
+        .collect()
+}
+
+async fn replay(config_path: &Path, extra: &[&str]) -> (bool, String) {
+    let config = config_path.display().to_string();
+    let mut args = vec![
+        "replay",
+        "--config",
+        config.as_str(),
+        "--database",
+        REPLAYED,
+    ];
+    args.extend_from_slice(extra);
+    let (status, output) = relay_command(&args).await;
+    (status.success(), output)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_without_a_range_starts_at_the_oldest_segment_retention_kept_and_reproduces_every_column(
+) -> TestResult {
+    let bed = Bed::start();
+    let mut config = small_segments(&bed);
+    // Keep two released segments: retention deletes the older ones, LSN 1 among them.
+    config.retention_segments_max = 2;
+    relay_writes(&bed, &config, "oldest", 3_000).await;
+    let wal = config.wal_dir.clone();
+    let segments = prism_wal::list_segments(&wal)?;
+    assert!(
+        segments.first().is_some_and(|s| s.first_lsn > Lsn(1)),
+        "retention deleted the first segments: {segments:?}"
+    );
+    let on_disk = wal_records(&wal);
+    assert!(!on_disk.is_empty());
+    empty_copy_of_the_relay_tables(&bed, REPLAYED);
+    let path = config.write(&bed.path("relay.toml"));
+
+    let (ok, output) = replay(&path, &[]).await;
+
+    assert!(ok, "replay failed:\n{output}");
+    assert_eq!(
+        identities(&bed, REPLAYED),
+        identities_of(&on_disk),
+        "{output}"
+    );
+    for table in TABLES {
+        assert_same_rows(
+            &rows_of(&bed, REPLAYED, table),
+            &rows_of(&bed, DATABASE, table),
+            &format!("every column of {table} as the relay wrote it"),
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_of_an_lsn_range_or_a_publish_time_range_inserts_exactly_the_records_inside_it(
+) -> TestResult {
+    let bed = Bed::start();
+    let config = small_segments(&bed);
+    relay_writes(&bed, &config, "ranges", 2_000).await;
+    let records = wal_records(&config.wal_dir);
+    let path = config.write(&bed.path("relay.toml"));
+    empty_copy_of_the_relay_tables(&bed, REPLAYED);
+
+    // An LSN range inside the WAL, crossing segments.
+    let (from, to) = (records[300].lsn, records[1_400].lsn);
+    let (ok, output) = replay(
+        &path,
+        &["--from-lsn", &from.to_string(), "--to-lsn", &to.to_string()],
+    )
+    .await;
+    assert!(ok, "{output}");
+    let expected = identities_of(records.iter().filter(|r| (from..=to).contains(&r.lsn)));
+    assert_eq!(identities(&bed, REPLAYED), expected, "{output}");
+
+    // A publish-time range, one bound in RFC 3339 and one in epoch milliseconds.
+    for table in TABLES {
+        bed.sql(&format!("TRUNCATE TABLE {REPLAYED}.{table}"));
+    }
+    let mut times: Vec<i64> = records.iter().map(|r| r.published_ns / 1_000_000).collect();
+    times.sort();
+    let (from_ms, to_ms) = (times[times.len() / 4], times[times.len() * 3 / 4]);
+    let from_rfc3339 = rfc3339(from_ms);
+    let (ok, output) = replay(
+        &path,
+        &[
+            "--from-time",
+            &from_rfc3339,
+            "--to-time",
+            &to_ms.to_string(),
+        ],
+    )
+    .await;
+    assert!(ok, "{output}");
+    let expected =
+        identities_of(records.iter().filter(|r| {
+            r.published_ns >= from_ms * 1_000_000 && r.published_ns <= to_ms * 1_000_000
+        }));
+    assert!(!expected.is_empty() && expected.len() < records.len());
+    assert_eq!(identities(&bed, REPLAYED), expected, "{output}");
+    Ok(())
+}
+
+/// `ms` as RFC 3339 with a +01:00 offset, computed independently of the parser under test.
+fn rfc3339(ms: i64) -> String {
+    let out = std::process::Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("@{}", (ms + 3_600_000) / 1000),
+            "+%Y-%m-%dT%H:%M:%S",
+        ])
+        .output()
+        .expect("date runs");
+    let text = String::from_utf8(out.stdout).expect("date prints UTF-8");
+    format!("{}.{:03}+01:00", text.trim(), ms.rem_euclid(1000))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_twice_changes_nothing_under_final_and_a_table_filter_touches_only_its_tables(
+) -> TestResult {
+    let bed = Bed::start();
+    let config = small_segments(&bed);
+    relay_writes(&bed, &config, "twice", 1_600).await;
+    let path = config.write(&bed.path("relay.toml"));
+    empty_copy_of_the_relay_tables(&bed, REPLAYED);
+
+    let (ok, output) = replay(&path, &["--table", "trades", "--table", "funding_rates"]).await;
+    assert!(ok, "{output}");
+    for table in TABLES {
+        let count: u64 = bed
+            .sql(&format!("SELECT count() FROM {REPLAYED}.{table}"))
+            .trim()
+            .parse()?;
+        let selected = table == "trades" || table == "funding_rates";
+        assert_eq!(count > 0, selected, "{table} after a replay of two tables");
+    }
+
+    let (ok, output) = replay(&path, &[]).await;
+    assert!(ok, "{output}");
+    let first: Vec<String> = TABLES.iter().map(|t| rows_of(&bed, REPLAYED, t)).collect();
+    let (ok, output) = replay(&path, &[]).await;
+    assert!(ok, "{output}");
+    let second: Vec<String> = TABLES.iter().map(|t| rows_of(&bed, REPLAYED, t)).collect();
+    for (table, (first, second)) in TABLES.iter().zip(first.iter().zip(&second)) {
+        assert_same_rows(
+            first,
+            second,
+            &format!("{table} under FINAL after a second replay"),
+        );
+    }
+    assert_eq!(
+        identities(&bed, REPLAYED),
+        identities(&bed, DATABASE),
+        "the replays reproduce the relay's identities"
+    );
+
+    let (ok, output) = replay(&path, &["--table", "trade"]).await;
+    assert!(!ok, "an unknown table is an error");
+    assert!(
+        output.contains("unknown table \"trade\"") && output.contains("trades, orderbooks"),
+        "{output}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_next_to_a_running_relay_reads_its_wal_and_leaves_its_cursors_and_segments_alone(
+) -> TestResult {
+    let bed = Bed::start();
+    let mut config = small_segments(&bed);
+    // Retention keeps every released segment, so the test can show the replay deleted none.
+    config.retention_segments_max = 100_000;
+    config.retention_bytes_max = u64::MAX;
+    let relay = InProcRelay::spawn(&config);
+    relay.wait_ready().await;
+    bed.publish(Load::new("live-1", 1_500)).await;
+    bed.wait_accounted(DRAIN_TIMEOUT).await;
+    let wal = config.wal_dir.clone();
+    let ledger_before = prism_wal::load_ledger(&wal)?;
+    let segments_before = prism_wal::list_segments(&wal)?;
+    empty_copy_of_the_relay_tables(&bed, REPLAYED);
+    let path = config.write(&bed.path("relay.toml"));
+
+    // The relay holds the WAL's lock and keeps ingesting while the replay reads.
+    let publishing = {
+        let nats = bed.nats.url();
+        tokio::spawn(async move {
+            let opts = prism_relay::tools::loadgen::LoadgenOptions {
+                nats_url: nats,
+                create_streams: false,
+                count: Some(1_000),
+                rate_per_s: 2_000,
+                run_id: Some("live-2".into()),
+                progress: false,
+                ..Default::default()
+            };
+            prism_relay::tools::loadgen::run(&opts).await
+        })
+    };
+    let last_before = segments_before
+        .last()
+        .and_then(|s| s.last_lsn)
+        .expect("records before the replay");
+    let (ok, output) = replay(&path, &["--to-lsn", &last_before.0.to_string()]).await;
+    assert!(ok, "replay next to a running relay:\n{output}");
+    let summary = publishing.await??;
+    assert!(summary.ok(), "{summary}");
+    bed.wait_accounted(DRAIN_TIMEOUT).await;
+    // The replay wrote no ledger and removed no segment: what the relay does with them since
+    // is its own progress, which only moves forward.
+    let ledger_after = prism_wal::load_ledger(&wal)?;
+    for (lane, cursor) in &ledger_before.cursors {
+        assert!(ledger_after.cursors.get(lane).is_some_and(|c| c >= cursor));
+    }
+    relay.stop().await?;
+    let on_disk = wal_records(&wal);
+    let expected = identities_of(on_disk.iter().filter(|r| r.lsn <= last_before.0));
+    assert_eq!(identities(&bed, REPLAYED), expected, "{output}");
+    assert_eq!(
+        segments_before.first().map(|s| s.id),
+        prism_wal::list_segments(&wal)?.first().map(|s| s.id),
+        "no segment deleted"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_segment_stops_replay_naming_segment_and_offset_unless_skipping_is_asked_for(
+) -> TestResult {
+    let bed = Bed::start();
+    let config = small_segments(&bed);
+    relay_writes(&bed, &config, "corrupt", 2_000).await;
+    let wal = config.wal_dir.clone();
+    let records = wal_records(&wal);
+    let segments = prism_wal::list_segments(&wal)?;
+    assert!(segments.len() >= 3, "{segments:?}");
+    let bad = &segments[1];
+    let next = &segments[2];
+    // Flip a byte inside the first record's body: its CRC fails at the segment's first record.
+    let offset = prism_wal::segment::SEGMENT_HEADER_BYTES as u64;
+    let mut bytes = std::fs::read(&bad.path)?;
+    let at = prism_wal::segment::SEGMENT_HEADER_BYTES + prism_wal::segment::RECORD_HEADER_BYTES + 8;
+    bytes[at] ^= 0xff;
+    std::fs::write(&bad.path, bytes)?;
+    empty_copy_of_the_relay_tables(&bed, REPLAYED);
+    let path = config.write(&bed.path("relay.toml"));
+
+    let (ok, output) = replay(&path, &[]).await;
+    assert!(!ok, "a corrupt segment stops the replay");
+    assert!(
+        output.contains(&format!(
+            "corrupt record in segment {} at offset {offset}",
+            bad.id
+        )),
+        "{output}"
+    );
+
+    for table in TABLES {
+        bed.sql(&format!("TRUNCATE TABLE {REPLAYED}.{table}"));
+    }
+    let (ok, output) = replay(&path, &["--skip-corrupt"]).await;
+    assert!(!ok, "skipping still exits non-zero");
+    let skipped_last = next.first_lsn.0 - 1;
+    assert!(
+        output.contains(&format!(
+            "skipped: lsn {}..={skipped_last} (segment {} at offset {offset})",
+            bad.first_lsn, bad.id
+        )),
+        "{output}"
+    );
+    let expected = identities_of(
+        records
+            .iter()
+            .filter(|r| !(bad.first_lsn.0..=skipped_last).contains(&r.lsn)),
+    );
+    assert_eq!(identities(&bed, REPLAYED), expected, "{output}");
+    Ok(())
+}
