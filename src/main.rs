@@ -1,6 +1,6 @@
 //! The `prism-relay` binary: parses flags, sets up tracing, and calls the library.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -114,13 +114,17 @@ enum WalAction {
     Inspect(WalDir),
     /// Check every record's checksum; exits 1 on corruption.
     Verify(WalDir),
-    /// Print records as JSON lines.
+    /// Print records as JSON lines: `payload` when it is valid UTF-8, otherwise `payload_base64`
+    /// (standard alphabet, padded), so every payload comes out byte-exact.
     Dump {
         #[command(flatten)]
         dir: WalDir,
-        /// First LSN.
-        #[arg(long, default_value_t = 1)]
-        from: u64,
+        /// First LSN [default: the oldest on disk].
+        #[arg(long, alias = "from")]
+        from_lsn: Option<u64>,
+        /// Last LSN, inclusive [default: the newest on disk].
+        #[arg(long)]
+        to_lsn: Option<u64>,
         /// Records at most.
         #[arg(long, default_value_t = 100)]
         limit: u64,
@@ -338,8 +342,8 @@ async fn schema_command(action: SchemaAction) -> Result<ExitCode> {
 
 fn wal_command(action: WalAction) -> Result<ExitCode> {
     match action {
-        WalAction::Inspect(dir) => {
-            let dir = dir.resolve()?;
+        WalAction::Inspect(dir_arg) => {
+            let dir = dir_arg.resolve()?;
             let segments = prism_wal::list_segments(&dir)
                 .with_context(|| format!("listing {}", dir.display()))?;
             println!(
@@ -369,6 +373,7 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
                 }
                 Err(error) => println!("ledger: {error}"),
             }
+            explain_retention(&dir_arg, &dir)?;
             Ok(ExitCode::SUCCESS)
         }
         WalAction::Verify(dir) => {
@@ -392,23 +397,48 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        WalAction::Dump { dir, from, limit } => {
+        WalAction::Dump {
+            dir,
+            from_lsn,
+            to_lsn,
+            limit,
+        } => {
             let dir = dir.resolve()?;
-            let mut reader = prism_wal::read_dir(&dir, Lsn(from))?;
+            let from = match from_lsn {
+                Some(from) => Lsn(from),
+                // The oldest on disk: retention may have deleted the first segments.
+                None => prism_wal::list_segments(&dir)
+                    .with_context(|| format!("listing {}", dir.display()))?
+                    .first()
+                    .map_or(Lsn(1), |s| s.first_lsn),
+            };
+            let mut reader = prism_wal::read_dir(&dir, from)?;
             let mut printed = 0;
+            let mut out = std::io::stdout().lock();
             while printed < limit {
                 let Some(record) = reader.next()? else { break };
+                if to_lsn.is_some_and(|to| record.lsn.0 > to) {
+                    break;
+                }
                 let envelope = record.envelope()?;
-                let line = serde_json::json!({
+                let mut line = serde_json::json!({
                     "lsn": record.lsn.0,
                     "stream": envelope.stream,
                     "stream_seq": envelope.stream_seq.0,
                     "subject": envelope.subject,
                     "published_ns": envelope.published_ns,
                     "headers": envelope.headers,
-                    "payload": String::from_utf8_lossy(&envelope.payload),
                 });
-                println!("{line}");
+                // Valid UTF-8 round-trips exactly through a JSON string; anything else goes
+                // as base64 so no byte is replaced.
+                match std::str::from_utf8(&envelope.payload) {
+                    Ok(text) => line["payload"] = serde_json::Value::from(text),
+                    Err(_) => {
+                        line["payload_base64"] =
+                            serde_json::Value::from(base64_encode(&envelope.payload))
+                    }
+                }
+                writeln!(out, "{line}").context("writing to stdout")?;
                 printed += 1;
             }
             Ok(ExitCode::SUCCESS)
@@ -420,6 +450,60 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Prints which segments retention deletes next and why, with the limits of the configuration
+/// (its defaults without one).
+fn explain_retention(dir_arg: &WalDir, dir: &std::path::Path) -> Result<()> {
+    let config = dir_arg.config.load()?;
+    let options = run::wal_options(&config.wal);
+    let plan = prism_wal::retention_plan(
+        dir,
+        options.retention,
+        options.budget_bytes_max,
+        std::time::SystemTime::now(),
+    )?;
+    match plan.release_point {
+        Some(point) => println!("retention: records below lsn {} are released", point.0),
+        None => println!("retention: nothing released (no cursor in the ledger)"),
+    }
+    for (segment, fate) in &plan.segments {
+        match fate {
+            prism_wal::SegmentFate::DeletedNext { reason } => {
+                println!("retention {segment}: deleted next: {reason}")
+            }
+            prism_wal::SegmentFate::Kept {
+                expires_in_s,
+                reason,
+            } => println!("retention {segment}: kept (age expires in {expires_in_s} s): {reason}"),
+            prism_wal::SegmentFate::Held { reason } => {
+                println!("retention {segment}: held: {reason}")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Standard base64 with padding (RFC 4648), for `wal dump` payloads that are not UTF-8.
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Seconds between two plain progress lines when stderr is not a terminal (logs, CI).
@@ -538,4 +622,25 @@ async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
         println!("replay: corrupt records skipped; see `prism-relay wal verify`");
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base64_encode;
+
+    #[test]
+    fn base64_matches_the_rfc_4648_test_vectors() {
+        for (input, expected) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64_encode(input.as_bytes()), expected);
+        }
+        assert_eq!(base64_encode(&[0xff, 0xfe, 0x00]), "//4A");
+    }
 }

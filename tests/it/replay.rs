@@ -1,12 +1,14 @@
 //! `prism-relay replay` against a WAL the relay wrote and a real ClickHouse: replay reproduces
 //! the relay's rows, honours LSN, time and table ranges, runs next to a live relay, is
 //! idempotent, starts at the oldest segment retention kept, and stops at (or, when asked,
-//! reports and skips) a corrupt segment.
+//! reports and skips) a corrupt segment. Also `wal dump` (byte-exact payloads) and `wal
+//! inspect` (what retention deletes next), on WALs the tests write themselves.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use prism_wal::Lsn;
+use prism_wal::{Envelope, Ledger, Lsn, StreamSeq, Wal, WalOptions};
 
 use crate::harness::{
     relay_command, Bed, InProcRelay, Load, RelayConfig, DATABASE, DRAIN_TIMEOUT, TABLES,
@@ -403,5 +405,147 @@ async fn a_corrupt_segment_stops_replay_naming_segment_and_offset_unless_skippin
             .filter(|r| !(bad.first_lsn.0..=skipped_last).contains(&r.lsn)),
     );
     assert_eq!(identities(&bed, REPLAYED), expected, "{output}");
+    Ok(())
+}
+
+fn envelope(seq: u64, payload: &[u8]) -> Envelope<'static> {
+    Envelope {
+        stream: Cow::Borrowed("MARKET_TRADES"),
+        stream_seq: StreamSeq(seq),
+        subject: Cow::Borrowed("trade.binance.spot.BTC-USDT"),
+        headers: Vec::new(),
+        published_ns: 1_700_000_000_000_000_000 + seq as i64,
+        payload: Cow::Owned(payload.to_vec()),
+    }
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let mut out = Vec::new();
+    for chunk in text.as_bytes().chunks(4) {
+        let digits: Vec<u8> = chunk
+            .iter()
+            .filter(|c| **c != b'=')
+            .map(|c| value(*c))
+            .collect();
+        let n = digits
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, d)| n | (u32::from(*d) << (18 - 6 * i)));
+        out.extend_from_slice(&n.to_be_bytes()[1..digits.len()]);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_dump_writes_every_payload_byte_exact_and_takes_the_flags_of_replay() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (wal, _) = Wal::open(dir.path(), WalOptions::default())?;
+    let binary: Vec<u8> = vec![0xff, 0xfe, b'{', 0x00, 0x80, b'}', 0xc3];
+    let text = "{\"price\":\"1.5\",\"note\":\"é\"}".as_bytes().to_vec();
+    wal.append(&[envelope(1, &text), envelope(2, &binary), envelope(3, b"x")])
+        .await?;
+    wal.close().await?;
+    let dir_arg = dir.path().display().to_string();
+
+    let (status, output) = relay_command(&[
+        "wal",
+        "dump",
+        "--dir",
+        &dir_arg,
+        "--from-lsn",
+        "1",
+        "--to-lsn",
+        "2",
+        "--limit",
+        "10",
+    ])
+    .await;
+
+    assert!(status.success(), "{output}");
+    let lines: Vec<serde_json::Value> = output
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{output}");
+    assert_eq!(
+        lines[0]["payload"].as_str().map(str::as_bytes),
+        Some(&text[..])
+    );
+    let encoded = lines[1]["payload_base64"].as_str().expect("payload_base64");
+    assert_eq!(base64_decode(encoded), binary);
+    assert!(lines[1].get("payload").is_none());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_inspect_names_the_segments_retention_deletes_next_and_what_holds_the_others(
+) -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let options = WalOptions {
+        segment_bytes_max: 4096,
+        ..WalOptions::default()
+    };
+    let (wal, _) = Wal::open(dir.path(), options)?;
+    let payload = vec![b'p'; 1000];
+    for seq in 1..=24 {
+        wal.append(&[envelope(seq, &payload)]).await?;
+    }
+    let segments = prism_wal::list_segments(dir.path())?;
+    assert!(segments.len() >= 5, "{segments:?}");
+    // The cursor stands in the fourth segment: the first three are released.
+    let cursor = segments[3].first_lsn;
+    let mut ledger = Ledger::default();
+    ledger.cursors.insert("trades".into(), cursor);
+    wal.commit_ledger(&ledger)?;
+    wal.close().await?;
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, "[wal]\nretention_segments_max = 1\n")?;
+
+    let (status, output) = relay_command(&[
+        "wal",
+        "inspect",
+        "--dir",
+        &dir.path().display().to_string(),
+        "--config",
+        &config.display().to_string(),
+    ])
+    .await;
+
+    assert!(status.success(), "{output}");
+    let line = |id: &prism_wal::SegmentId| {
+        output
+            .lines()
+            .find(|l| l.starts_with(&format!("retention {id}:")))
+            .unwrap_or_else(|| panic!("no retention line for {id}:\n{output}"))
+            .to_string()
+    };
+    for s in &segments[..2] {
+        let l = line(&s.id);
+        assert!(
+            l.contains("deleted next") && l.contains("retention_segments_max 1"),
+            "{l}"
+        );
+    }
+    assert!(line(&segments[2].id).contains("kept"), "{output}");
+    assert!(
+        line(&segments[3].id).contains(&format!(
+            "held: needed by the cursor of trades at lsn {}",
+            cursor.0
+        )),
+        "{output}"
+    );
+    assert!(
+        line(&segments[segments.len() - 1].id).contains("active segment"),
+        "{output}"
+    );
     Ok(())
 }

@@ -17,9 +17,9 @@
 //!   drops the lock when its process dies, so a crash never leaves a stale lock.
 //! - [`FileSystem`]: every file operation goes through it; [`StdFs`] is the real one and
 //!   [`FaultyFs`] an in-memory one that injects fsync errors, ENOSPC, short and torn writes and crashes.
-//! - [`verify()`], [`list_segments`], [`read_dir`], [`quarantine_segment`]: offline tools for
-//!   operators (`prism-relay wal verify|inspect|dump`). The read-only ones take no lock and work
-//!   next to a running relay; [`quarantine_segment`] takes it.
+//! - [`verify()`], [`list_segments`], [`read_dir`], [`retention_plan`], [`quarantine_segment`]:
+//!   offline tools for operators (`prism-relay wal verify|inspect|dump`). The read-only ones take
+//!   no lock and work next to a running relay; [`quarantine_segment`] takes it.
 //!
 //! The on-disk layout is drawn in [`segment`]. Invariants this crate upholds: a record is handed
 //! out only after its CRC checks and only once an `fdatasync` covering it has returned; an
@@ -49,8 +49,8 @@ pub use ledger::{InflightBatch, Ledger};
 pub use reader::{Reader, RecordRef};
 pub use tools::{
     list_segments, list_segments_with_fs, load_ledger, quarantine_segment,
-    quarantine_segment_with_fs, read_dir, read_dir_with_fs, verify, verify_with_fs, SegmentInfo,
-    SegmentProblem, VerifyReport, QUARANTINE_DIR,
+    quarantine_segment_with_fs, read_dir, read_dir_with_fs, retention_plan, verify, verify_with_fs,
+    RetentionPlan, SegmentFate, SegmentInfo, SegmentProblem, VerifyReport, QUARANTINE_DIR,
 };
 pub use types::{Lsn, LsnRange, SegmentId, StreamSeq};
 pub use wal::{Recovery, RecoveryMode, Retention, TornTail, Wal, WalOptions, WalStats, LOCK_FILE};
