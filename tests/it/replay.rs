@@ -1,7 +1,8 @@
 //! `prism-relay replay` against a WAL the relay wrote and a real ClickHouse: replay reproduces
 //! the relay's rows, honours LSN, time and table ranges, runs next to a live relay, is
 //! idempotent, starts at the oldest segment retention kept, and stops at (or, when asked,
-//! reports and skips) a corrupt segment. Also `wal dump` (byte-exact payloads) and `wal
+//! reports and skips) a corrupt segment; on a modern engine (`modern::ChdbServer`) a second
+//! replay inserts nothing at all. Also `wal dump` (byte-exact payloads) and `wal
 //! inspect` (what retention deletes next), on WALs the tests write themselves.
 
 use std::borrow::Cow;
@@ -546,6 +547,74 @@ async fn wal_inspect_names_the_segments_retention_deletes_next_and_what_holds_th
     assert!(
         line(&segments[segments.len() - 1].id).contains("active segment"),
         "{output}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_replay_of_the_same_range_inserts_nothing_at_all_on_a_modern_server() -> TestResult
+{
+    let server = crate::modern::ChdbServer::start();
+    let dir = tempfile::tempdir()?;
+    let (wal, _) = Wal::open(dir.path(), WalOptions::default())?;
+    let messages: Vec<Envelope<'static>> = (0..40u64)
+        .map(|i| {
+            let (stream, subject, payload) = crate::modern::MESSAGES[(i % 8) as usize];
+            Envelope {
+                stream: Cow::Owned(stream.to_string()),
+                stream_seq: StreamSeq(7_000 + i),
+                subject: Cow::Owned(subject.to_string()),
+                headers: Vec::new(),
+                published_ns: 1_761_714_400_000_000_000 + i as i64,
+                payload: Cow::Owned(payload.as_bytes().to_vec()),
+            }
+        })
+        .collect();
+    wal.append(&messages).await?;
+    wal.close().await?;
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[wal]\ndir = {:?}\n\n[clickhouse]\nurl = {:?}\ndatabase = {REPLAYED:?}\n\
+             profile = \"modern\"\ncreate_schema = true\n",
+            dir.path().display().to_string(),
+            server.url()
+        ),
+    )?;
+    let config = config.display().to_string();
+    let count = TABLES
+        .iter()
+        .map(|t| format!("(SELECT count() FROM {REPLAYED}.{t})"))
+        .collect::<Vec<_>>()
+        .join(" + ");
+    let count = format!("SELECT {count}");
+
+    let (status, output) = relay_command(&["replay", "--config", &config]).await;
+    assert!(status.success(), "{output}");
+    // Without merges only the server's deduplication can keep a second copy out.
+    let probe = prism_relay::sink::Sink::new(server.sink_options("system"))?;
+    for table in TABLES {
+        probe
+            .execute(&format!("SYSTEM STOP MERGES {REPLAYED}.{table}"))
+            .await?;
+    }
+    let first = server.query(&count, "TabSeparated").await;
+    // Five copies of one message per table, collapsed on their identity within each insert
+    // (the server's `optimize_on_insert`): one row per table.
+    assert_eq!(
+        first.trim(),
+        "8",
+        "one row in each of eight tables: {output}"
+    );
+    let (status, output) = relay_command(&["replay", "--config", &config]).await;
+    assert!(status.success(), "{output}");
+
+    let second = server.query(&count, "TabSeparated").await;
+    assert_eq!(
+        second.trim(),
+        first.trim(),
+        "rows after a second replay: {output}"
     );
     Ok(())
 }
