@@ -618,3 +618,61 @@ async fn a_second_replay_of_the_same_range_inserts_nothing_at_all_on_a_modern_se
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_record_replays_into_dead_letters_with_its_reason_whatever_its_subject(
+) -> TestResult {
+    let bed = Bed::start();
+    let dir = tempfile::tempdir()?;
+    let (wal, _) = Wal::open(dir.path(), WalOptions::default())?;
+    // What ingest writes in place of a message too large for the WAL: the identity, the payload
+    // cut (here still a valid trade), and the reason in the dead-letter header.
+    let (stream, subject, payload) = crate::modern::MESSAGES[0];
+    let reason = "message of 20000000 bytes exceeds the WAL record limit of 16777216 bytes";
+    let record = Envelope {
+        stream: Cow::Borrowed(stream),
+        stream_seq: StreamSeq(42),
+        subject: Cow::Borrowed(subject),
+        headers: vec![(
+            Cow::Borrowed(prism_relay::drain::route::DEAD_LETTER_HEADER),
+            Cow::Borrowed(reason),
+        )],
+        published_ns: 1_761_714_400_000_000_000,
+        payload: Cow::Borrowed(payload.as_bytes()),
+    };
+    wal.append(&[record]).await?;
+    wal.close().await?;
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[wal]\ndir = {:?}\n\n[clickhouse]\nurl = {:?}\ndatabase = {REPLAYED:?}\n\
+             create_schema = true\n",
+            dir.path().display().to_string(),
+            bed.ch.http_url()
+        ),
+    )?;
+
+    let (status, output) =
+        relay_command(&["replay", "--config", &config.display().to_string()]).await;
+
+    assert!(status.success(), "{output}");
+    assert_eq!(
+        bed.sql(&format!("SELECT count() FROM {REPLAYED}.trades"))
+            .trim(),
+        "0",
+        "{output}"
+    );
+    assert_eq!(
+        bed.rows(&format!(
+            "SELECT nats_stream, nats_seq, error FROM {REPLAYED}.dead_letters"
+        )),
+        vec![vec![
+            stream.to_string(),
+            "42".to_string(),
+            reason.to_string()
+        ]],
+        "{output}"
+    );
+    Ok(())
+}
