@@ -529,7 +529,7 @@ async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
         from_time_ms: args.from_time,
         to_time_ms: args.to_time,
         tables: args.tables,
-        rows_max: 10_000,
+        rows_max: replay::REPLAY_BATCH_ROWS_MAX,
         dead_letter_table: config.drain.dead_letter_table.clone(),
         backoff_initial_ms: config.drain.retry_backoff_initial_ms,
         backoff_max_ms: config.drain.retry_backoff_max_ms,

@@ -40,13 +40,17 @@ const REPLAY_ATTEMPTS_MAX: u32 = 10;
 /// table with a small share of the traffic still gets batches of thousands of rows.
 pub const REPLAY_WINDOW_LSNS: u64 = 262_144;
 
+/// Rows per replay insert at most: the drain's default for the busiest tables, large enough
+/// that inserts stay few (ClickHouse prefers large parts) and small enough to bound memory.
+pub const REPLAY_BATCH_ROWS_MAX: usize = 10_000;
+
 /// Payload bytes per replay batch at most: bounds memory per table whatever the row size
 /// (the drain's default byte limit is of the same order).
 pub const REPLAY_BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Records between two progress reports (besides one after each insert), so a range that is
 /// mostly filtered out still shows it is moving.
-const PROGRESS_RECORDS_EVERY: u64 = 8_192;
+const PROGRESS_EVERY_RECORDS: u64 = 8_192;
 
 /// Attempts to open the oldest segment when the range starts at the oldest on disk: a relay
 /// running on the directory may delete it between listing and opening (each attempt lists
@@ -421,7 +425,7 @@ pub async fn replay(
                 records: summary.records,
                 rows: rows_total,
             });
-        } else if summary.records % PROGRESS_RECORDS_EVERY == 0 {
+        } else if summary.records % PROGRESS_EVERY_RECORDS == 0 {
             progress(ReplayProgress {
                 lsn,
                 records: summary.records,
