@@ -1,6 +1,6 @@
 //! The `prism-relay` binary: parses flags, sets up tracing, and calls the library.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -161,13 +161,17 @@ enum WalAction {
     Inspect(WalDir),
     /// Check every record's checksum; exits 1 on corruption.
     Verify(WalDir),
-    /// Print records as JSON lines.
+    /// Print records as JSON lines: `payload` when it is valid UTF-8, otherwise `payload_base64`
+    /// (standard alphabet, padded), so every payload comes out byte-exact.
     Dump {
         #[command(flatten)]
         dir: WalDir,
-        /// First LSN.
-        #[arg(long, default_value_t = 1)]
-        from: u64,
+        /// First LSN [default: the oldest on disk].
+        #[arg(long, alias = "from")]
+        from_lsn: Option<u64>,
+        /// Last LSN, inclusive [default: the newest on disk].
+        #[arg(long)]
+        to_lsn: Option<u64>,
         /// Records at most.
         #[arg(long, default_value_t = 100)]
         limit: u64,
@@ -186,18 +190,32 @@ enum WalAction {
 struct ReplayArgs {
     #[command(flatten)]
     config: ConfigArg,
-    /// First LSN (default: the oldest on disk).
-    #[arg(long, default_value_t = 1)]
-    from_lsn: u64,
-    /// Last LSN, inclusive (default: the newest on disk).
+    /// WAL directory; default `[wal] dir` of the configuration.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// First LSN [default: the oldest on disk].
+    #[arg(long)]
+    from_lsn: Option<u64>,
+    /// Last LSN, inclusive [default: the newest on disk when the replay starts].
     #[arg(long)]
     to_lsn: Option<u64>,
+    /// Only records published at or after this time: RFC 3339 (2026-11-30T12:00:00Z,
+    /// 2026-11-30T13:00:00.250+01:00) or unix epoch milliseconds [default: no bound].
+    #[arg(long, value_parser = replay::parse_time_ms)]
+    from_time: Option<i64>,
+    /// Only records published at or before this time, like --from-time [default: no bound].
+    #[arg(long, value_parser = replay::parse_time_ms)]
+    to_time: Option<i64>,
     /// Insert into this database instead of `[clickhouse] database` (e.g. marketprism_cold).
     #[arg(long)]
     database: Option<String>,
-    /// Only these tables (repeatable).
+    /// Only this table (repeatable) [default: every table].
     #[arg(long = "table")]
     tables: Vec<String>,
+    /// Go on past a corrupt segment or an undecodable record instead of stopping; every skipped
+    /// LSN range is reported, and the exit status is 1.
+    #[arg(long)]
+    skip_corrupt: bool,
 }
 
 fn main() -> ExitCode {
@@ -391,8 +409,8 @@ async fn schema_command(action: SchemaAction) -> Result<ExitCode> {
 
 fn wal_command(action: WalAction) -> Result<ExitCode> {
     match action {
-        WalAction::Inspect(dir) => {
-            let dir = dir.resolve()?;
+        WalAction::Inspect(dir_arg) => {
+            let dir = dir_arg.resolve()?;
             let segments = prism_wal::list_segments(&dir)
                 .with_context(|| format!("listing {}", dir.display()))?;
             println!(
@@ -422,6 +440,7 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
                 }
                 Err(error) => println!("ledger: {error}"),
             }
+            explain_retention(&dir_arg, &dir)?;
             Ok(ExitCode::SUCCESS)
         }
         WalAction::Verify(dir) => {
@@ -445,23 +464,48 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        WalAction::Dump { dir, from, limit } => {
+        WalAction::Dump {
+            dir,
+            from_lsn,
+            to_lsn,
+            limit,
+        } => {
             let dir = dir.resolve()?;
-            let mut reader = prism_wal::read_dir(&dir, Lsn(from))?;
+            let from = match from_lsn {
+                Some(from) => Lsn(from),
+                // The oldest on disk: retention may have deleted the first segments.
+                None => prism_wal::list_segments(&dir)
+                    .with_context(|| format!("listing {}", dir.display()))?
+                    .first()
+                    .map_or(Lsn(1), |s| s.first_lsn),
+            };
+            let mut reader = prism_wal::read_dir(&dir, from)?;
             let mut printed = 0;
+            let mut out = std::io::stdout().lock();
             while printed < limit {
                 let Some(record) = reader.next()? else { break };
+                if to_lsn.is_some_and(|to| record.lsn.0 > to) {
+                    break;
+                }
                 let envelope = record.envelope()?;
-                let line = serde_json::json!({
+                let mut line = serde_json::json!({
                     "lsn": record.lsn.0,
                     "stream": envelope.stream,
                     "stream_seq": envelope.stream_seq.0,
                     "subject": envelope.subject,
                     "published_ns": envelope.published_ns,
                     "headers": envelope.headers,
-                    "payload": String::from_utf8_lossy(&envelope.payload),
                 });
-                println!("{line}");
+                // Valid UTF-8 round-trips exactly through a JSON string; anything else goes
+                // as base64 so no byte is replaced.
+                match std::str::from_utf8(&envelope.payload) {
+                    Ok(text) => line["payload"] = serde_json::Value::from(text),
+                    Err(_) => {
+                        line["payload_base64"] =
+                            serde_json::Value::from(base64_encode(&envelope.payload))
+                    }
+                }
+                writeln!(out, "{line}").context("writing to stdout")?;
                 printed += 1;
             }
             Ok(ExitCode::SUCCESS)
@@ -475,6 +519,63 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
     }
 }
 
+/// Prints which segments retention deletes next and why, with the limits of the configuration
+/// (its defaults without one).
+fn explain_retention(dir_arg: &WalDir, dir: &std::path::Path) -> Result<()> {
+    let config = dir_arg.config.load()?;
+    let options = run::wal_options(&config.wal);
+    let plan = prism_wal::retention_plan(
+        dir,
+        options.retention,
+        options.budget_bytes_max,
+        std::time::SystemTime::now(),
+    )?;
+    match plan.release_point {
+        Some(point) => println!("retention: records below lsn {} are released", point.0),
+        None => println!("retention: nothing released (no cursor in the ledger)"),
+    }
+    for (segment, fate) in &plan.segments {
+        match fate {
+            prism_wal::SegmentFate::DeletedNext { reason } => {
+                println!("retention {segment}: deleted next: {reason}")
+            }
+            prism_wal::SegmentFate::Kept {
+                expires_in_s,
+                reason,
+            } => println!("retention {segment}: kept (age expires in {expires_in_s} s): {reason}"),
+            prism_wal::SegmentFate::Held { reason } => {
+                println!("retention {segment}: held: {reason}")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Standard base64 with padding (RFC 4648), for `wal dump` payloads that are not UTF-8.
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Seconds between two plain progress lines when stderr is not a terminal (logs, CI).
+const REPLAY_PROGRESS_LINE_INTERVAL_S: u64 = 10;
+
 async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
     let mut config = args.config.load()?;
     if let Some(database) = args.database {
@@ -484,8 +585,6 @@ async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
             .validate()
             .context("invalid --database (it replaces clickhouse.database)")?;
     }
-    let (_, profile) = resolve_profile(&config).await?;
-    let sink = Sink::new(sink_options(&config, profile))?;
     let router = Router::new(
         config
             .drain
@@ -493,37 +592,126 @@ async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
             .iter()
             .map(|r| (r.data_type.clone(), r.table.clone())),
     );
-    let started_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
+    replay::check_tables(&router, &args.tables)?;
     let options = replay::ReplayOptions {
-        dir: config.wal.dir.clone(),
-        from: Lsn(args.from_lsn),
+        dir: args.dir.unwrap_or_else(|| config.wal.dir.clone()),
+        from: args.from_lsn.map(Lsn),
         to: args.to_lsn.map(Lsn),
+        from_time_ms: args.from_time,
+        to_time_ms: args.to_time,
         tables: args.tables,
-        rows_max: 10_000,
+        rows_max: replay::REPLAY_BATCH_ROWS_MAX,
         dead_letter_table: config.drain.dead_letter_table.clone(),
         backoff_initial_ms: config.drain.retry_backoff_initial_ms,
         backoff_max_ms: config.drain.retry_backoff_max_ms,
-        token_prefix: format!("replay:{started_ms}:"),
+        skip_corrupt: args.skip_corrupt,
     };
-    let bar = indicatif::ProgressBar::new_spinner();
-    if !std::io::stderr().is_terminal() {
+    let range = replay::resolve_range(&options)?;
+    let (probe, profile) = resolve_profile(&config).await?;
+    // A backfill into a new database (or cluster) creates its tables as `run` would.
+    if config.clickhouse.create_schema {
+        apply_schema(&config, &probe, profile).await?;
+    }
+    let problems = check_schema(&config, &probe, profile).await?;
+    if let Some(problem) = problems.first() {
+        bail!(
+            "schema of database {}: {problem}",
+            config.clickhouse.database
+        );
+    }
+    let sink = Sink::new(sink_options(&config, profile))?;
+    match range.last {
+        Some(last) => eprintln!(
+            "replay: lsn {}..={} of {} into database {}",
+            range.first.0,
+            last.0,
+            options.dir.display(),
+            config.clickhouse.database
+        ),
+        None => eprintln!("replay: no record on disk in {}", options.dir.display()),
+    }
+    let terminal = std::io::stderr().is_terminal();
+    let bar = indicatif::ProgressBar::new(range.len());
+    if terminal {
+        // The template is a constant known to parse; a failure would only lose the layout.
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} records  {msg}  ETA {eta}",
+        ) {
+            bar.set_style(style);
+        }
+    } else {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let summary = replay::replay(&options, &router, &sink, |lsn| {
-        bar.set_message(format!("replayed through LSN {}", lsn.0));
-        bar.tick();
+    let started = std::time::Instant::now();
+    let mut last_line = started;
+    let summary = replay::replay(&options, &router, &sink, |p| {
+        let elapsed_s = started.elapsed().as_secs_f64().max(1e-3);
+        let rows_per_s = p.rows as f64 / elapsed_s;
+        let done = (p.lsn.0 + 1).saturating_sub(range.first.0);
+        if terminal {
+            bar.set_position(done.min(range.len()));
+            bar.set_message(format!("{} rows, {rows_per_s:.0} rows/s", p.rows));
+        } else if last_line.elapsed().as_secs() >= REPLAY_PROGRESS_LINE_INTERVAL_S {
+            last_line = std::time::Instant::now();
+            let left = range.len().saturating_sub(done);
+            let eta_s = left as f64 * elapsed_s / done.max(1) as f64;
+            eprintln!(
+                "replay: lsn {} ({done}/{} records), {} rows, {rows_per_s:.0} rows/s, ETA {eta_s:.0} s",
+                p.lsn.0,
+                range.len(),
+                p.rows
+            );
+        }
     })
     .await?;
     bar.finish_and_clear();
     println!(
-        "replay: {} records read, {} dead letters",
-        summary.records, summary.dead_letters
+        "replay: {} records read (lsn {}..={}), {} rows inserted, {} dead letters, {:.1} s",
+        summary.records,
+        summary.first.map_or(0, |l| l.0),
+        summary.last.map_or(0, |l| l.0),
+        summary.rows(),
+        summary.dead_letters,
+        started.elapsed().as_secs_f64()
     );
-    for (table, rows) in &summary.rows {
-        println!("  {table:<22} {rows:>10} rows");
+    println!(
+        "  {:<22} {:>10} {:>10} {:>12}",
+        "table", "records", "rows", "dead_letters"
+    );
+    for (table, t) in &summary.tables {
+        println!(
+            "  {table:<22} {:>10} {:>10} {:>12}",
+            t.records, t.rows, t.dead_letters
+        );
     }
-    Ok(ExitCode::SUCCESS)
+    for skipped in &summary.skipped {
+        println!("skipped: {skipped}");
+    }
+    Ok(if summary.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        println!("replay: corrupt records skipped; see `prism-relay wal verify`");
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::base64_encode;
+
+    #[test]
+    fn base64_matches_the_rfc_4648_test_vectors() {
+        for (input, expected) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64_encode(input.as_bytes()), expected);
+        }
+        assert_eq!(base64_encode(&[0xff, 0xfe, 0x00]), "//4A");
+    }
 }

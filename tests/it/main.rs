@@ -7,6 +7,7 @@ mod hostile;
 mod hostile_subjects;
 mod modern;
 mod relay;
+mod replay;
 mod sink;
 mod source;
 mod tools;

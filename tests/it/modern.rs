@@ -137,14 +137,14 @@ fn chdb_missing(stderr: &str) -> ! {
 /// (`tests/it/chdb_http.py`), so the relay's own modern sink runs against a modern engine: row
 /// validation on, deduplication tokens sent, RowBinary bodies compressed with LZ4.
 /// The server dies with this handle.
-struct ChdbServer {
+pub(crate) struct ChdbServer {
     child: Child,
     port: u16,
     _dir: TempDir,
 }
 
 impl ChdbServer {
-    fn start() -> ChdbServer {
+    pub(crate) fn start() -> ChdbServer {
         let dir = tempfile::Builder::new()
             .prefix("prism-chdb-http-")
             .tempdir()
@@ -188,12 +188,12 @@ impl ChdbServer {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
     /// Sink options for `database` on this server, as the relay builds them for a modern one.
-    fn sink_options(&self, database: &str) -> SinkOptions {
+    pub(crate) fn sink_options(&self, database: &str) -> SinkOptions {
         SinkOptions {
             url: self.url(),
             database: database.to_owned(),
@@ -205,7 +205,7 @@ impl ChdbServer {
     }
 
     /// Runs a query and returns its answer in `format`.
-    async fn query(&self, sql: &str, format: &str) -> String {
+    pub(crate) async fn query(&self, sql: &str, format: &str) -> String {
         let bytes = clickhouse::Client::default()
             .with_url(self.url())
             .query(sql)
@@ -416,7 +416,7 @@ fn the_auto_profile_picks_modern_for_the_chdb_engine_version() {
 
 /// One message of each data type, with values that exercise every column type: a maker trade,
 /// a negative funding rate, a maturity date, a data source other than the default.
-const MESSAGES: [(&str, &str, &str); 8] = [
+pub(crate) const MESSAGES: [(&str, &str, &str); 8] = [
     (
         "MARKET_TRADES",
         "trade.binance.spot.BTC-USDT",

@@ -17,10 +17,10 @@
 //!   drops the lock when its process dies, so a crash never leaves a stale lock.
 //! - [`FileSystem`]: every file operation goes through it; [`StdFs`] is the real one and
 //!   [`FaultyFs`] an in-memory one that injects fsync errors, ENOSPC, short and torn writes and crashes.
-//! - [`verify()`], [`list_segments`], [`read_dir`], [`quarantine_segment`]: offline tools for
-//!   operators (`prism-relay wal verify|inspect|dump`). The read-only ones work next to a
-//!   running relay ([`read_dir`] stops at the durable mark the writer publishes after every
-//!   fdatasync); [`quarantine_segment`] takes the lock.
+//! - [`verify()`], [`list_segments`], [`read_dir`], [`retention_plan`], [`quarantine_segment`]:
+//!   offline tools for operators (`prism-relay wal verify|inspect|dump`). The read-only ones work
+//!   next to a running relay ([`read_dir`] stops at the durable mark the writer publishes after
+//!   every fdatasync); [`quarantine_segment`] takes the lock.
 //!
 //! The on-disk layout is drawn in [`segment`]. Invariants this crate upholds: a record is handed
 //! out only after its CRC checks and only once an `fdatasync` covering it has returned; an
@@ -52,8 +52,9 @@ pub use mark::DURABLE_MARK_FILE;
 pub use reader::{Reader, RecordRef};
 pub use tools::{
     list_segments, list_segments_with_fs, load_ledger, quarantine_segment,
-    quarantine_segment_with_fs, read_dir, read_dir_with_fs, verify, verify_with_fs,
-    verify_with_options, SegmentInfo, SegmentProblem, VerifyReport, QUARANTINE_DIR,
+    quarantine_segment_with_fs, read_dir, read_dir_with_fs, retention_plan, verify, verify_with_fs,
+    verify_with_options, RetentionPlan, SegmentFate, SegmentInfo, SegmentProblem, VerifyReport,
+    QUARANTINE_DIR,
 };
 pub use types::{Lsn, LsnRange, SegmentId, StreamSeq};
 pub use wal::{

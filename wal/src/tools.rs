@@ -1,5 +1,6 @@
 //! Offline tools for operators, behind `prism-relay wal inspect|verify|dump`: list segments,
-//! verify every record of a directory, read records read-only, quarantine a corrupt segment.
+//! verify every record of a directory, read records read-only, explain what retention deletes
+//! next ([`retention_plan`]), quarantine a corrupt segment.
 //! They never modify a segment and work next to a running relay: [`read_dir`] only probes the
 //! WAL's lock (for an instant, when it is free) to learn whether a live writer's durable mark
 //! bounds what it may hand out. `quarantine_segment` takes the lock and fails with
@@ -430,4 +431,156 @@ pub fn quarantine_segment_with_fs(
 /// none was written yet.
 pub fn load_ledger(dir: &Path) -> Result<crate::Ledger, WalError> {
     crate::ledger::load(&StdFs, dir)
+}
+
+/// What retention will do with one segment, as [`retention_plan`] explains it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SegmentFate {
+    /// Not released: some cursor or in-flight batch still needs it, or it is the active segment.
+    Held {
+        /// Why, in words.
+        reason: String,
+    },
+    /// Released and over a retention limit: the next ledger commit (or retention check) of the
+    /// relay deletes it.
+    DeletedNext {
+        /// The limit it is over, in words.
+        reason: String,
+    },
+    /// Released but within every limit: kept for replay.
+    Kept {
+        /// When age alone will make it go, in seconds from now (0: it is already that old).
+        expires_in_s: u64,
+        /// What else would make it go sooner, in words.
+        reason: String,
+    },
+}
+
+/// Which segments retention deletes next and why, from the directory and its ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionPlan {
+    /// Records below this LSN are released (no cursor needs them); `None` without cursors.
+    pub release_point: Option<Lsn>,
+    /// Every segment, oldest first, with its fate.
+    pub segments: Vec<(SegmentId, SegmentFate)>,
+}
+
+/// Explains what retention will do with the segments of `dir` under `retention` and a disk
+/// budget of `budget_bytes_max`, as the writer's retention pass would decide it now: released
+/// segments (wholly below the ledger's release point) are deleted oldest first while one of the
+/// limits is exceeded. Segment ages count from the files' modification times, which is what a
+/// relay opening the directory uses. Reads only; takes no lock.
+pub fn retention_plan(
+    dir: &Path,
+    retention: crate::Retention,
+    budget_bytes_max: u64,
+    now: std::time::SystemTime,
+) -> Result<RetentionPlan, WalError> {
+    let fs = StdFs;
+    let ledger = crate::ledger::load(&fs, dir)?;
+    let release = ledger.release_point();
+    let ids = segment_ids(&fs, dir)?;
+    let mut metas = Vec::with_capacity(ids.len());
+    for id in &ids {
+        let path = dir.join(segment_file_name(*id));
+        metas.push(
+            fs.metadata(&path)
+                .map_err(|e| WalError::io("stat segment", &path, e))?,
+        );
+    }
+    let released = match release {
+        Some(point) => ids.windows(2).take_while(|w| w[1].0 <= point.0).count(),
+        None => 0,
+    };
+    let mut bytes_on_disk: u64 = metas.iter().map(|m| m.len).sum();
+    let mut released_bytes: u64 = metas[..released].iter().map(|m| m.len).sum();
+    let mut released_left = released;
+    let mut deleting = true;
+    let mut segments = Vec::with_capacity(ids.len());
+    for (i, (id, meta)) in ids.iter().zip(&metas).enumerate() {
+        if i >= released {
+            let reason = if i + 1 == ids.len() {
+                "the active segment (the relay appends to it)".to_string()
+            } else {
+                match release {
+                    None => "no cursor in the ledger yet: nothing is released before the \
+                             relay has drained"
+                        .to_string(),
+                    Some(point) => holder(&ledger, point),
+                }
+            };
+            segments.push((*id, SegmentFate::Held { reason }));
+            continue;
+        }
+        let age = now.duration_since(meta.modified).unwrap_or_default();
+        let expires_in_s = retention.age_max.saturating_sub(age).as_secs();
+        let over = if released_left > retention.segments_max as usize {
+            Some(format!(
+                "{released_left} released segments, more than retention_segments_max {}",
+                retention.segments_max
+            ))
+        } else if released_bytes > retention.bytes_max {
+            Some(format!(
+                "released segments hold {released_bytes} bytes, more than retention_bytes_max {}",
+                retention.bytes_max
+            ))
+        } else if age > retention.age_max {
+            Some(format!(
+                "sealed {} s ago, older than retention_age_s {}",
+                age.as_secs(),
+                retention.age_max.as_secs()
+            ))
+        } else if bytes_on_disk >= budget_bytes_max {
+            Some(format!(
+                "the WAL holds {bytes_on_disk} bytes, at or over budget_bytes_max {budget_bytes_max}"
+            ))
+        } else {
+            None
+        };
+        match over {
+            Some(reason) if deleting => {
+                bytes_on_disk -= meta.len;
+                released_bytes -= meta.len;
+                released_left -= 1;
+                segments.push((*id, SegmentFate::DeletedNext { reason }));
+            }
+            _ => {
+                // Retention stops at the first segment within every limit, oldest first.
+                deleting = false;
+                segments.push((
+                    *id,
+                    SegmentFate::Kept {
+                        expires_in_s,
+                        reason: format!(
+                            "released, kept for replay until it is older than retention_age_s {} \
+                             or more than retention_segments_max {} segments or \
+                             retention_bytes_max {} bytes are released after it, or the budget \
+                             is full",
+                            retention.age_max.as_secs(),
+                            retention.segments_max,
+                            retention.bytes_max
+                        ),
+                    },
+                ));
+            }
+        }
+    }
+    Ok(RetentionPlan {
+        release_point: release,
+        segments,
+    })
+}
+
+/// Names the cursor or in-flight batch that holds the release point.
+fn holder(ledger: &crate::Ledger, point: Lsn) -> String {
+    if let Some((lane, batch)) = ledger.inflight.iter().find(|(_, b)| b.first == point) {
+        return format!(
+            "needed by the in-flight batch of {lane} ({}..={})",
+            batch.first.0, batch.last.0
+        );
+    }
+    match ledger.cursors.iter().find(|(_, c)| **c == point) {
+        Some((lane, _)) => format!("needed by the cursor of {lane} at lsn {}", point.0),
+        None => format!("holds records at or after the release point {}", point.0),
+    }
 }
