@@ -443,9 +443,12 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
             explain_retention(&dir_arg, &dir)?;
             Ok(ExitCode::SUCCESS)
         }
-        WalAction::Verify(dir) => {
-            let dir = dir.resolve()?;
-            let report = prism_wal::verify(&dir)?;
+        WalAction::Verify(args) => {
+            let dir = args.resolve()?;
+            // The group size tells a torn tail from corruption, as at recovery: take the
+            // configured one (defaults without a configuration).
+            let options = prism_relay::run::wal_options(&args.config.load()?.wal);
+            let report = prism_wal::verify_with_options(&prism_wal::StdFs, &dir, &options)?;
             println!(
                 "{} segments, {} records, {} bytes",
                 report.segments, report.records, report.bytes
