@@ -175,6 +175,15 @@ pub const DRAIN_FLUSH_INTERVAL_MS_MAX: u64 = 600_000;
 pub const DRAIN_RETRY_BACKOFF_MS_MIN: u64 = 10;
 /// A ClickHouse that comes back is noticed within this bound.
 pub const DRAIN_RETRY_BACKOFF_MS_MAX: u64 = 3_600_000;
+/// Latest `drain.timestamp_min_ms`: 2100-01-01T00:00:00Z in epoch milliseconds (a later minimum
+/// would refuse every row of this century).
+pub const DRAIN_TIMESTAMP_MIN_MS_MAX: u64 = 4_102_444_800_000;
+/// Shortest `drain.timestamp_future_max_ms`: one minute, so collectors' clock drift of seconds
+/// never dead-letters good rows.
+pub const DRAIN_TIMESTAMP_FUTURE_MAX_MS_MIN: u64 = 60_000;
+/// Longest `drain.timestamp_future_max_ms`: 366 days; rows further ahead than that cannot be
+/// market data, and a year bounds the partitions one batch can touch.
+pub const DRAIN_TIMESTAMP_FUTURE_MAX_MS_MAX: u64 = 366 * 86_400_000;
 /// One row per insert at least.
 pub const DRAIN_TABLE_ROWS_MAX_MIN: u32 = 1;
 /// ClickHouse's own default max_insert_block_size is about a million rows.
@@ -219,6 +228,10 @@ const _: () = {
     // A pull's byte limit can hold the largest NATS payload the server allows by default (1 MiB).
     assert!(CONSUMER_FETCH_BYTES_MAX_MIN >= MIB);
     assert!(DRAIN_RETRY_BACKOFF_MS_MIN <= DRAIN_RETRY_BACKOFF_MS_MAX);
+    assert!(DRAIN_TIMESTAMP_FUTURE_MAX_MS_MIN <= DRAIN_TIMESTAMP_FUTURE_MAX_MS_MAX);
+    assert!(crate::codec::TIMESTAMP_MIN_MS_DEFAULT as u64 <= DRAIN_TIMESTAMP_MIN_MS_MAX);
+    assert!(DRAIN_TIMESTAMP_MIN_MS_MAX <= i64::MAX as u64);
+    assert!(DRAIN_TIMESTAMP_FUTURE_MAX_MS_MAX <= i64::MAX as u64);
     // Some allowed request timeout is at least every allowed header-read timeout.
     assert!(METRICS_HEADER_READ_TIMEOUT_MS_MAX <= METRICS_REQUEST_TIMEOUT_MS_MAX);
 };
@@ -680,6 +693,12 @@ pub struct DrainConfig {
     pub retry_backoff_max_ms: u64,
     /// Table of rows that cannot be decoded or that ClickHouse rejects.
     pub dead_letter_table: String,
+    /// Earliest accepted row `timestamp`, in epoch milliseconds; older rows are dead letters.
+    /// Default 1,230,768,000,000 (2009-01-01T00:00:00Z).
+    pub timestamp_min_ms: u64,
+    /// How far past its JetStream publish time a row's `timestamp` may lie, in milliseconds;
+    /// later rows are dead letters. Default 86,400,000 (one day).
+    pub timestamp_future_max_ms: u64,
     /// Batch limits per table; tables not listed use [`TableBatch::default_for`].
     #[serde(deserialize_with = "deserialize_tables")]
     pub tables: BTreeMap<String, TableBatch>,
@@ -694,6 +713,8 @@ impl Default for DrainConfig {
             retry_backoff_initial_ms: 100,
             retry_backoff_max_ms: 30_000,
             dead_letter_table: "dead_letters".to_owned(),
+            timestamp_min_ms: crate::codec::TIMESTAMP_MIN_MS_DEFAULT as u64,
+            timestamp_future_max_ms: crate::codec::TIMESTAMP_FUTURE_MAX_MS_DEFAULT as u64,
             tables: default_tables(),
             passthrough: Vec::new(),
         }
@@ -701,6 +722,14 @@ impl Default for DrainConfig {
 }
 
 impl DrainConfig {
+    /// The window of plausible row times (validated to fit `i64`).
+    pub fn time_window(&self) -> crate::codec::TimeWindow {
+        crate::codec::TimeWindow {
+            min_ms: i64::try_from(self.timestamp_min_ms).unwrap_or(i64::MAX),
+            future_max_ms: i64::try_from(self.timestamp_future_max_ms).unwrap_or(i64::MAX),
+        }
+    }
+
     /// The batch limits of `table`, defaults included.
     pub fn table_batch(&self, table: &str) -> TableBatch {
         self.tables
@@ -961,6 +990,10 @@ impl Config {
                 self.drain.retry_backoff_initial_ms = v.parse()?
             }
             ("drain", "retry_backoff_max_ms") => self.drain.retry_backoff_max_ms = v.parse()?,
+            ("drain", "timestamp_min_ms") => self.drain.timestamp_min_ms = v.parse()?,
+            ("drain", "timestamp_future_max_ms") => {
+                self.drain.timestamp_future_max_ms = v.parse()?
+            }
             ("drain", "dead_letter_table") => self.drain.dead_letter_table = value.to_owned(),
             ("metrics", "listen") => self.metrics.listen = v.parse()?,
             ("metrics", "connections_max") => self.metrics.connections_max = v.parse()?,
@@ -1434,6 +1467,20 @@ impl Config {
             DRAIN_RETRY_BACKOFF_MS_MAX,
             "ms (at least retry_backoff_initial_ms)",
         );
+        v.range(
+            "drain.timestamp_min_ms",
+            d.timestamp_min_ms,
+            0,
+            DRAIN_TIMESTAMP_MIN_MS_MAX,
+            "ms since the epoch (0 accepts any time; at most 2100-01-01)",
+        );
+        v.range(
+            "drain.timestamp_future_max_ms",
+            d.timestamp_future_max_ms,
+            DRAIN_TIMESTAMP_FUTURE_MAX_MS_MIN,
+            DRAIN_TIMESTAMP_FUTURE_MAX_MS_MAX,
+            "ms",
+        );
         v.identifier("drain.dead_letter_table", &d.dead_letter_table);
         if TYPED_TABLES.contains(&d.dead_letter_table.as_str())
             || d.dead_letter_table == UNROUTED_LANE
@@ -1552,7 +1599,7 @@ impl Config {
 pub const ENV_SECTIONS: [&str; 6] = ["nats", "wal", "clickhouse", "drain", "metrics", "shutdown"];
 
 /// Every (section, field) an environment variable may override.
-pub const ENV_OVERRIDES: [(&str, &str); 37] = [
+pub const ENV_OVERRIDES: [(&str, &str); 39] = [
     ("nats", "url"),
     ("nats", "name"),
     ("nats", "connect_timeout_ms"),
@@ -1585,6 +1632,8 @@ pub const ENV_OVERRIDES: [(&str, &str); 37] = [
     ("drain", "retry_backoff_initial_ms"),
     ("drain", "retry_backoff_max_ms"),
     ("drain", "dead_letter_table"),
+    ("drain", "timestamp_min_ms"),
+    ("drain", "timestamp_future_max_ms"),
     ("metrics", "listen"),
     ("metrics", "connections_max"),
     ("metrics", "header_read_timeout_ms"),

@@ -608,6 +608,7 @@ async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
         backoff_initial_ms: config.drain.retry_backoff_initial_ms,
         backoff_max_ms: config.drain.retry_backoff_max_ms,
         skip_corrupt: args.skip_corrupt,
+        time_window: config.drain.time_window(),
     };
     let range = replay::resolve_range(&options)?;
     let (probe, profile) = resolve_profile(&config).await?;

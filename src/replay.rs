@@ -82,6 +82,9 @@ pub struct ReplayOptions {
     pub backoff_max_ms: u64,
     /// Go on past a corrupt segment (or an undecodable record), reporting what was skipped.
     pub skip_corrupt: bool,
+    /// Plausible row times (`[drain] timestamp_*`), the same as the drain's so a replay decides
+    /// every row as the drain did.
+    pub time_window: crate::codec::TimeWindow,
 }
 
 /// The LSN range a replay covers, resolved against the directory.
@@ -392,9 +395,9 @@ pub async fn replay(
         let mut full = None;
         if wanted {
             summary.tables.entry(lane.clone()).or_default().records += 1;
-            let batch = batches
-                .entry(lane.clone())
-                .or_insert_with(|| Batch::new(&lane, RowsKind::for_lane(&lane)));
+            let batch = batches.entry(lane.clone()).or_insert_with(|| {
+                Batch::new(&lane, RowsKind::for_lane(&lane), options.time_window)
+            });
             // A batch never spans two windows, so its boundaries do not depend on where the
             // replay started.
             if batch
@@ -403,7 +406,7 @@ pub async fn replay(
             {
                 full = Some(std::mem::replace(
                     batch,
-                    Batch::new(&lane, RowsKind::for_lane(&lane)),
+                    Batch::new(&lane, RowsKind::for_lane(&lane), options.time_window),
                 ));
             }
             batch.push(lsn, &envelope, now_ms());
@@ -418,7 +421,10 @@ pub async fn replay(
             });
         }
         if let Some(batch) = batches.get_mut(&lane).filter(|b| b.is_full(&limits)) {
-            let full = std::mem::replace(batch, Batch::new(&lane, RowsKind::for_lane(&lane)));
+            let full = std::mem::replace(
+                batch,
+                Batch::new(&lane, RowsKind::for_lane(&lane), options.time_window),
+            );
             rows_total += flush(options, sink, &lane, full, &mut summary).await?;
             progress(ReplayProgress {
                 lsn,

@@ -474,6 +474,7 @@ async fn drain(
             dead_letter_table: config.drain.dead_letter_table.clone(),
             backoff_initial: Duration::from_millis(config.drain.retry_backoff_initial_ms),
             backoff_max: Duration::from_millis(config.drain.retry_backoff_max_ms),
+            time_window: config.drain.time_window(),
         };
         let lane = Lane::new(
             lane_config,

@@ -241,6 +241,64 @@ pub enum DecodeError {
         value: String,
         reason: &'static str,
     },
+    /// The row's time lies outside the [`TimeWindow`] of plausible times.
+    #[error("field `ts_ms`: {timestamp_ms} is outside the accepted window [{min_ms}, {max_ms}] (not before [drain] timestamp_min_ms, not later than the message's publish time plus [drain] timestamp_future_max_ms)")]
+    TimestampOutOfWindow {
+        /// The row's `timestamp` in epoch milliseconds.
+        timestamp_ms: i64,
+        /// Earliest accepted time.
+        min_ms: i64,
+        /// Latest accepted time for this message.
+        max_ms: i64,
+    },
+}
+
+/// 2009-01-01T00:00:00Z in epoch milliseconds: no market data the relay carries is older.
+pub const TIMESTAMP_MIN_MS_DEFAULT: i64 = 1_230_768_000_000;
+
+/// One day, in milliseconds: how far past its JetStream publish time a row's time may lie by
+/// default (collectors' clocks drift by seconds, not days).
+pub const TIMESTAMP_FUTURE_MAX_MS_DEFAULT: i64 = 86_400_000;
+
+/// The window of plausible row times. A row outside it is a dead letter at decode: its
+/// `timestamp` is the tables' partition key, so rows spread over years would make one insert
+/// touch a partition per month (which ClickHouse refuses as too many partitions), and a row
+/// dated 1970 would expire at once under a TTL.
+///
+/// The upper bound is relative to the message's JetStream publish time, not to the clock: the
+/// decision must be the same when a batch is re-cut after a crash or replayed a month later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeWindow {
+    /// Earliest accepted `timestamp`, epoch milliseconds.
+    pub min_ms: i64,
+    /// How far past the publish time a `timestamp` may lie, milliseconds.
+    pub future_max_ms: i64,
+}
+
+impl Default for TimeWindow {
+    fn default() -> Self {
+        TimeWindow {
+            min_ms: TIMESTAMP_MIN_MS_DEFAULT,
+            future_max_ms: TIMESTAMP_FUTURE_MAX_MS_DEFAULT,
+        }
+    }
+}
+
+impl TimeWindow {
+    /// Accepts `row` if its `timestamp` lies in the window for a message published at
+    /// `published_ns` (JetStream's publish time, epoch nanoseconds).
+    pub fn check(&self, row: &Row, published_ns: i64) -> Result<(), DecodeError> {
+        let timestamp_ms = row.timestamp_ms();
+        let max_ms = (published_ns / 1_000_000).saturating_add(self.future_max_ms);
+        if timestamp_ms < self.min_ms || timestamp_ms > max_ms {
+            return Err(DecodeError::TimestampOutOfWindow {
+                timestamp_ms,
+                min_ms: self.min_ms,
+                max_ms,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// A decoded row of one of the eight tables.
@@ -387,6 +445,44 @@ impl Row {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn trade_at(timestamp_ms: i64) -> Row {
+        let payload = format!(
+            r#"{{"trade_id":"1","price":"1.5","quantity":"2","side":"buy","ts_ms":{timestamp_ms}}}"#
+        );
+        decode("trade.binance.spot.BTC-USDT", payload.as_bytes(), "S", 1).expect("a valid trade")
+    }
+
+    #[test]
+    fn rows_outside_the_time_window_are_refused_relative_to_their_publish_time() {
+        let window = TimeWindow::default();
+        let published_ms = 1_761_714_312_456_i64;
+        let published_ns = published_ms * 1_000_000;
+        let ok = |ts: i64| window.check(&trade_at(ts), published_ns);
+        assert_eq!(ok(published_ms), Ok(()));
+        assert_eq!(ok(TIMESTAMP_MIN_MS_DEFAULT), Ok(()));
+        assert_eq!(ok(published_ms + TIMESTAMP_FUTURE_MAX_MS_DEFAULT), Ok(()));
+        for bad in [
+            0,
+            1_000,
+            TIMESTAMP_MIN_MS_DEFAULT - 1,
+            published_ms + TIMESTAMP_FUTURE_MAX_MS_DEFAULT + 1,
+            i64::MAX,
+        ] {
+            let error = ok(bad).expect_err("outside the window");
+            assert!(
+                error.to_string().contains(&bad.to_string()),
+                "the reason names the value: {error}"
+            );
+        }
+        // The same row is judged the same whatever the wall clock says: only the publish time counts.
+        let far_future = TIMESTAMP_MIN_MS_DEFAULT * 3;
+        assert!(ok(far_future).is_err());
+        assert_eq!(
+            window.check(&trade_at(far_future), far_future * 1_000_000),
+            Ok(())
+        );
+    }
 
     #[test]
     fn every_data_type_names_its_table_and_back() {

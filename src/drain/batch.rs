@@ -13,7 +13,7 @@ use crate::codec::rows::{
     FundingRateRow, LiquidationRow, LsrAllAccountRow, LsrTopPositionRow, OpenInterestRow,
     OrderbookRow, TradeRow, VolatilityIndexRow,
 };
-use crate::codec::{self, Row, Table};
+use crate::codec::{self, Row, Table, TimeWindow};
 use crate::sink::{DeadLetter, InsertError, IsolateOutcome, Sink};
 
 use super::route::Route;
@@ -190,6 +190,8 @@ pub struct Batch {
     opened_at: Option<Instant>,
     /// FNV-1a over the identities pushed, for the token.
     fingerprint: u64,
+    /// Plausible row times: a typed row outside it is a dead letter.
+    window: TimeWindow,
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -205,7 +207,7 @@ fn fnv(mut hash: u64, bytes: &[u8]) -> u64 {
 
 impl Batch {
     /// An empty batch for a lane whose rows are of the given kind.
-    pub fn new(lane: &str, kind: RowsKind) -> Batch {
+    pub fn new(lane: &str, kind: RowsKind, window: TimeWindow) -> Batch {
         let rows = match kind {
             RowsKind::Typed => Rows::Typed(TypedRows::Empty),
             RowsKind::Json => Rows::Json {
@@ -226,6 +228,7 @@ impl Batch {
             bytes: 0,
             opened_at: None,
             fingerprint: FNV_OFFSET,
+            window,
         }
     }
 
@@ -281,6 +284,10 @@ impl Batch {
                 &envelope.stream,
                 envelope.stream_seq.0,
             )
+            .and_then(|row| {
+                self.window.check(&row, envelope.published_ns)?;
+                Ok(row)
+            })
             .map_err(|error| error.to_string())
             .and_then(|row| {
                 rows.push(row).map_err(|row| {
@@ -491,7 +498,7 @@ mod tests {
 
     use prism_wal::{Envelope, Lsn, StreamSeq};
 
-    use super::{Batch, Rows, RowsKind};
+    use super::{Batch, Rows, RowsKind, TimeWindow};
 
     fn envelope(seq: u64, payload: &[u8]) -> Envelope<'_> {
         Envelope {
@@ -513,7 +520,7 @@ mod tests {
 
     #[test]
     fn a_passthrough_row_carries_the_identity_publish_time_and_payload_and_the_relays_fields_win() {
-        let mut batch = Batch::new("tickers", RowsKind::Json);
+        let mut batch = Batch::new("tickers", RowsKind::Json, TimeWindow::default());
         let payload =
             b"{\"last\": 0.1000000000000000055,\n \"nats_seq\": 0, \"nested\": {\n\"a\": [1]}}";
         batch.push(Lsn(5), &envelope(42, payload), 0);
@@ -539,7 +546,7 @@ mod tests {
 
     #[test]
     fn a_passthrough_payload_that_is_not_one_object_is_a_dead_letter_with_the_reason() {
-        let mut batch = Batch::new("tickers", RowsKind::Json);
+        let mut batch = Batch::new("tickers", RowsKind::Json, TimeWindow::default());
         for (seq, payload) in [
             (1, &b"[1, 2]"[..]),
             (2, b"{\"a\":1}{\"a\":2}"),

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use prism_wal::{Envelope, InflightBatch, Lsn, Wal};
 use tokio::sync::watch;
 
+use crate::codec::TimeWindow;
 use crate::logcond::Condition;
 use crate::metrics::{DataTypeLabels, LaneLabels, Metrics};
 use crate::sink::{Backoff, DeadLetter, ErrorClass, InsertError, Sink};
@@ -30,6 +31,8 @@ pub struct LaneConfig {
     pub backoff_initial: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
+    /// Plausible row times; typed rows outside are dead letters.
+    pub time_window: TimeWindow,
 }
 
 /// A running lane.
@@ -99,7 +102,7 @@ impl Lane {
 
     /// Runs until shutdown, inserting every record of the lane.
     pub async fn run(mut self) -> Result<(), DrainError> {
-        let mut batch = Batch::new(&self.config.name, self.kind);
+        let mut batch = Batch::new(&self.config.name, self.kind, self.config.time_window);
         let mut durable = self.wal.watch_durable();
         let mut reader = self
             .wal
@@ -245,7 +248,10 @@ impl Lane {
         let Some(first) = batch.first() else {
             return Ok(());
         };
-        let full = std::mem::replace(batch, Batch::new(&self.config.name, self.kind));
+        let full = std::mem::replace(
+            batch,
+            Batch::new(&self.config.name, self.kind, self.config.time_window),
+        );
         let token = full.token();
         let inflight = InflightBatch {
             first,

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use prism_relay::codec::decimal;
-use prism_relay::codec::Table;
+use prism_relay::codec::{Table, TimeWindow};
 use prism_relay::drain::{Batch, RowsKind};
 use prism_relay::schema::{
     self, all_ddl, check_columns, expected_columns, ColumnType, Profile, ProfileChoice,
@@ -500,7 +500,7 @@ async fn legacy_server() -> (ClickHouse, Sink) {
 /// Cuts one batch of `messages` (all of one table) at consecutive LSNs, as a lane does, and
 /// inserts it through the sink the way the drain does. Returns the batch's token.
 async fn insert_batch(sink: &Sink, table: Table, first: u64, messages: &[Envelope<'_>]) -> String {
-    let mut batch = Batch::new(table.name(), RowsKind::Typed);
+    let mut batch = Batch::new(table.name(), RowsKind::Typed, TimeWindow::default());
     for (i, message) in messages.iter().enumerate() {
         batch.push(Lsn(first + i as u64), message, 1_761_714_400_000);
     }
@@ -717,7 +717,7 @@ async fn rows_written_by_the_relay_read_back_equal_in_the_modern_tables() {
         insert_batch(&sink, table, LSN_FIRST + i as u64, &[message]).await;
     }
     // And a dead letter, whose payload is not even UTF-8: `String` columns carry bytes.
-    let mut batch = Batch::new(Table::Trades.name(), RowsKind::Typed);
+    let mut batch = Batch::new(Table::Trades.name(), RowsKind::Typed, TimeWindow::default());
     let garbage = b"\xff\xfe{\"ts_ms\": not json";
     let message = envelope(
         "MARKET_TRADES",
@@ -954,7 +954,7 @@ async fn the_modern_sink_writes_every_table_and_a_retried_batch_is_stored_once()
         let retried = insert_batch(&sink, table, lsn, &[message]).await;
         assert_eq!(retried, token, "a re-cut batch carries the same token");
     }
-    let mut batch = Batch::new(Table::Trades.name(), RowsKind::Typed);
+    let mut batch = Batch::new(Table::Trades.name(), RowsKind::Typed, TimeWindow::default());
     let garbage = b"\xff\xfe{\"ts_ms\": not json";
     let message = envelope(
         "MARKET_TRADES",

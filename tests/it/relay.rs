@@ -1213,3 +1213,77 @@ async fn a_removed_passthrough_route_no_longer_holds_a_cursor_in_the_ledger_afte
     assert!(!ledger.inflight.contains_key("tickers"), "{ledger:?}");
     assert!(ledger.cursors.contains_key("trades"), "{ledger:?}");
 }
+
+/// Trades of the time-window test dated before the window, each in a month of its own from
+/// January 1970 on: more partitions than one insert may touch on ClickHouse (100 by default).
+const ANCIENT_TRADES: i64 = 120;
+
+/// Good trades of the time-window test.
+const CURRENT_TRADES: i64 = 50;
+
+fn trade_payload(trade_id: &str, ts_ms: i64) -> String {
+    format!(
+        r#"{{"symbol":"BTC-USDT","price":"100.5","quantity":"1","side":"buy","trade_id":"{trade_id}","exchange":"binance","market_type":"spot","data_type":"trade","ts_ms":{ts_ms},"trade_ts_ms":{ts_ms},"publisher":"unified-collector","collected_ts_ms":{ts_ms}}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trades_dated_outside_the_plausible_window_are_dead_lettered_and_never_stored() {
+    let bed = Bed::start();
+    let config = bed.config();
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
+
+    // 31 days apart: every one of them falls in another month of the 1970s.
+    const MONTH_STEP_MS: i64 = 31 * 86_400_000;
+    for i in 0..ANCIENT_TRADES {
+        bed.publish_raw(
+            "trade.binance.spot.BTC-USDT",
+            trade_payload(&format!("ancient-{i}"), i * MONTH_STEP_MS),
+        )
+        .await;
+    }
+    // Ten days ahead of its publish time.
+    bed.publish_raw(
+        "trade.binance.spot.BTC-USDT",
+        trade_payload("future", now_ms() + 10 * 86_400_000),
+    )
+    .await;
+    let now = now_ms();
+    for i in 0..CURRENT_TRADES {
+        bed.publish_raw(
+            "trade.binance.spot.BTC-USDT",
+            trade_payload(&format!("current-{i}"), now + i),
+        )
+        .await;
+    }
+
+    let expected_dead = ANCIENT_TRADES as u64 + 1;
+    wait_until(
+        "every trade stored or dead-lettered",
+        DRAIN_TIMEOUT,
+        || async {
+            bed.count_final("trades") + bed.count_dead_letters()
+                >= CURRENT_TRADES as u64 + expected_dead
+        },
+    )
+    .await;
+    assert_eq!(bed.count_final("trades"), CURRENT_TRADES as u64);
+    assert_eq!(
+        bed.count_where("trades", "timestamp < 1230768000000"),
+        0,
+        "a row dated before 2009 reached the table (it would expire at once under a TTL)"
+    );
+    assert_eq!(bed.count_where("trades", "trade_id = 'future'"), 0);
+    let letters = bed.rows(&format!(
+        "SELECT error FROM {DATABASE}.dead_letters FINAL WHERE table = 'trades'"
+    ));
+    assert_eq!(letters.len() as u64, expected_dead, "{letters:?}");
+    for letter in &letters {
+        assert!(
+            letter[0].contains("outside the accepted window"),
+            "reason {:?}",
+            letter[0]
+        );
+    }
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
