@@ -226,6 +226,26 @@ pub async fn check_schema(
     Ok(problems)
 }
 
+/// A warning when the WAL directory is writable by its group or by others: whoever can write
+/// there can plant segments, a ledger or links that the relay would read or follow. Not an error:
+/// a shared volume may be set up that way on purpose, and the relay must not refuse to start on a
+/// layout that worked before.
+pub fn wal_dir_exposure(dir: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir).ok()?.permissions().mode() & 0o777;
+    (mode & 0o022 != 0).then(|| {
+        format!(
+            "the WAL directory is writable by {} (mode {mode:o}): anyone who can write there can plant \
+             files the relay reads; give it to the relay's user alone (chmod 700)",
+            match (mode & 0o020 != 0, mode & 0o002 != 0) {
+                (true, true) => "its group and by others",
+                (true, false) => "its group",
+                _ => "others",
+            }
+        )
+    })
+}
+
 /// Runs the relay until `shutdown` resolves or a fatal error occurs.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let (wal, recovery) =
@@ -244,6 +264,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "WAL recovered"
     );
     let first_lsn = recovery.first_lsn;
+    if let Some(exposure) = wal_dir_exposure(&config.wal.dir) {
+        tracing::warn!(dir = %config.wal.dir.display(), "{exposure}");
+    }
     // The reserve keeps room for the ledger on a full disk; without it ingest waits (and
     // retries creating it) until there is space, so a disk full at start-up is not fatal.
     match wal.ensure_reserve() {
@@ -547,4 +570,34 @@ async fn drain(
         tracing::warn!(%error, "final ledger commit");
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::wal_dir_exposure;
+
+    #[test]
+    fn a_wal_directory_writable_by_group_or_others_is_reported_and_a_private_one_is_not() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let set = |mode: u32| {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode))
+                .expect("chmod")
+        };
+        set(0o700);
+        assert_eq!(wal_dir_exposure(dir.path()), None);
+        set(0o755);
+        assert_eq!(wal_dir_exposure(dir.path()), None);
+        set(0o775);
+        let group = wal_dir_exposure(dir.path()).expect("group-writable is reported");
+        assert!(
+            group.contains("its group") && group.contains("775") && group.contains("chmod 700"),
+            "{group}"
+        );
+        set(0o777);
+        let all = wal_dir_exposure(dir.path()).expect("world-writable is reported");
+        assert!(all.contains("its group and by others"), "{all}");
+        set(0o700);
+    }
 }
