@@ -301,6 +301,25 @@ impl TimeWindow {
     }
 }
 
+/// The partition of a row dated `timestamp_ms` (epoch milliseconds) in every typed table: its
+/// UTC month as `YYYYMM`, what `toYYYYMM` of the `timestamp` column gives in both profiles (see
+/// `schema`). The sink splits a batch by it when ClickHouse refuses one insert spanning too many
+/// partitions.
+pub fn month_utc(timestamp_ms: i64) -> u32 {
+    const DAY_MS: i64 = 86_400_000;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm, proleptic Gregorian).
+    let z = timestamp_ms.div_euclid(DAY_MS) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    // Years of the window of plausible times fit; a year outside `u32` clamps, still one key.
+    u32::try_from(year * 100 + month).unwrap_or(0)
+}
+
 /// A decoded row of one of the eight tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Row {
@@ -445,6 +464,17 @@ impl Row {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn month_utc_is_the_utc_month_of_the_row_time() {
+        // 2025-10-29T05:05:12.456Z, the first and last milliseconds of a month, a leap day.
+        assert_eq!(month_utc(1_761_714_312_456), 202_510);
+        assert_eq!(month_utc(1_230_768_000_000), 200_901);
+        assert_eq!(month_utc(1_230_768_000_000 - 1), 200_812);
+        assert_eq!(month_utc(1_709_251_199_999), 202_402);
+        assert_eq!(month_utc(1_709_251_200_000), 202_403);
+        assert_eq!(month_utc(0), 197_001);
+    }
 
     fn trade_at(timestamp_ms: i64) -> Row {
         let payload = format!(

@@ -52,13 +52,18 @@ macro_rules! typed_rows {
                 }
             }
 
-            /// Inserts the rows, isolating the ones ClickHouse rejects for their content.
+            /// Inserts the rows, isolating the ones ClickHouse rejects for their content; a batch
+            /// spanning too many months for one insert goes in one month at a time.
             pub async fn insert(&self, sink: &Sink, token: &str) -> Result<IsolateOutcome, InsertError> {
                 match self {
                     TypedRows::Empty => Ok(IsolateOutcome::default()),
                     $(
                         TypedRows::$variant(rows) => {
-                            sink.insert_isolating(Table::$table.name(), rows, Some(token)).await
+                            // Every typed table is partitioned by the UTC month of `timestamp`.
+                            sink.insert_partitioned(Table::$table.name(), rows, Some(token), |row| {
+                                codec::month_utc(row.timestamp)
+                            })
+                            .await
                         }
                     )*
                 }

@@ -7,7 +7,9 @@
 //!   The same batch is retried later with backoff; the WAL keeps the backlog.
 //! - [`ErrorClass::Poison`]: the rows' content is rejected (parse and type errors, enum values outside
 //!   the set, values an expression refuses). The batch is bisected and the offending rows go to the
-//!   dead-letter table.
+//!   dead-letter table. One poison case is about the batch, not a row: "Too many partitions for
+//!   single INSERT block" (rows spread over more months than one insert may hold); the isolation
+//!   splits such a batch by partition instead of bisecting it.
 //! - [`ErrorClass::Schema`]: the target does not match what the relay writes (missing table, database
 //!   or column, a setting the server does not know). It is not the rows' fault: the drain retries
 //!   slowly and reports not-ready until an operator fixes the target, and never dead-letters.
@@ -88,6 +90,12 @@ impl InsertError {
         }
     }
 
+    /// True for "Too many partitions for single INSERT block": a poison failure that splitting
+    /// the rows by partition resolves without bisecting (see [`super::isolate`]).
+    pub fn is_too_many_partitions(&self) -> bool {
+        self.code == Some(code::TOO_MANY_PARTS) && self.message.contains(TOO_MANY_PARTITIONS_MARKER)
+    }
+
     /// A transient failure that carries no server exception (connection, timeout).
     pub fn retryable(message: impl Into<String>) -> Self {
         InsertError {
@@ -166,7 +174,9 @@ mod code {
 const ENUM_VALUE_MARKERS: &[&str] = &["Unknown element", "Unexpected value"];
 
 /// TOO_MANY_PARTS (252) is also raised when one INSERT block spans too many partitions; that is a
-/// property of the batch's rows which splitting resolves, not a server that needs time.
+/// property of the batch's rows which splitting resolves, not a server that needs time. It is
+/// classified poison so it is never retried as is, and the isolation splits such a batch by
+/// partition rather than in halves ([`InsertError::is_too_many_partitions`]).
 const TOO_MANY_PARTITIONS_MARKER: &str = "Too many partitions for single INSERT block";
 
 /// The client's own validation (modern servers) rejects an enum value the table does not define.

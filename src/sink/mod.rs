@@ -5,7 +5,9 @@
 //! RowBinary (or JSONEachRow) body compressed with LZ4, using the official `clickhouse` crate, and
 //! turns every failure into a classified [`InsertError`] (see [`classify`]): retryable, poison or
 //! schema. For poison batches, [`Sink::insert_isolating`] bisects down to the rejected rows (see
-//! [`isolate`]) so the rest is stored and only the bad rows go to the dead letters.
+//! [`isolate`]) so the rest is stored and only the bad rows go to the dead letters;
+//! [`Sink::insert_partitioned`] first splits a batch that spans too many partitions by
+//! partition. Isolation inserts are paced per sink (a token bucket shared by the lanes).
 //!
 //! Main types:
 //! - [`Sink`]: a cheap-to-clone handle (one HTTP connection pool) built from [`SinkOptions`].
@@ -49,10 +51,13 @@ use serde::Deserialize;
 pub use backoff::Backoff;
 pub use classify::{BodyFormat, ErrorClass, InsertError};
 pub use dead_letter::DeadLetter;
-pub use isolate::{IsolateOutcome, PoisonRow, ISOLATE_INSERTS_MAX_DEFAULT};
+pub use isolate::{
+    IsolateOutcome, PoisonRow, ISOLATE_INSERTS_MAX_DEFAULT, ISOLATE_INSERTS_PER_MINUTE_DEFAULT,
+};
 
 use bounded::{BoundedConnector, ANSWER_BYTES_MAX};
 use classify::from_client_error;
+use isolate::Pace;
 
 use crate::redact::redact;
 
@@ -91,6 +96,9 @@ pub struct SinkOptions {
     /// Floor of the inserts one isolating insert may issue while bisecting a poison batch; a
     /// batch of `n` rows always gets at least `2n - 1`, so no good row is dead-lettered.
     pub isolate_inserts_max: u32,
+    /// Isolation inserts (every insert of an isolating call after its first) this sink issues
+    /// per minute, over all lanes; a batch that finds them spent waits and is retried.
+    pub isolate_inserts_per_minute: u32,
 }
 
 impl Default for SinkOptions {
@@ -104,6 +112,7 @@ impl Default for SinkOptions {
             connect_timeout_ms: 5_000,
             modern: true,
             isolate_inserts_max: ISOLATE_INSERTS_MAX_DEFAULT,
+            isolate_inserts_per_minute: ISOLATE_INSERTS_PER_MINUTE_DEFAULT,
         }
     }
 }
@@ -127,6 +136,10 @@ impl fmt::Debug for SinkOptions {
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("modern", &self.modern)
             .field("isolate_inserts_max", &self.isolate_inserts_max)
+            .field(
+                "isolate_inserts_per_minute",
+                &self.isolate_inserts_per_minute,
+            )
             .finish()
     }
 }
@@ -166,6 +179,8 @@ struct Inner {
     client: clickhouse::Client,
     opts: SinkOptions,
     request_timeout: Duration,
+    /// The rate of isolation inserts, shared by every clone (every lane) of this sink.
+    pace: Pace,
 }
 
 impl fmt::Debug for Sink {
@@ -207,6 +222,9 @@ impl Sink {
         if opts.isolate_inserts_max == 0 {
             return Err(invalid("isolate_inserts_max must be positive"));
         }
+        if opts.isolate_inserts_per_minute == 0 {
+            return Err(invalid("isolate_inserts_per_minute must be positive"));
+        }
 
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(opts.connect_timeout_ms)));
@@ -233,6 +251,7 @@ impl Sink {
         Ok(Sink {
             inner: Arc::new(Inner {
                 client,
+                pace: Pace::new(opts.isolate_inserts_per_minute, std::time::Instant::now()),
                 opts,
                 request_timeout,
             }),
@@ -304,6 +323,19 @@ impl Sink {
         if rows.is_empty() {
             return Ok(());
         }
+        self.insert_rows(table, rows.iter(), dedup_token).await
+    }
+
+    /// [`Sink::insert`] of the rows `rows` yields, in that order; the caller ensures there is one.
+    async fn insert_rows<'r, T>(
+        &self,
+        table: &str,
+        rows: impl Iterator<Item = &'r T> + Send,
+        dedup_token: Option<&str>,
+    ) -> Result<(), InsertError>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowWrite + Sync + 'r,
+    {
         let client = &self.inner.client;
         let classify = |e: clickhouse::error::Error| from_client_error(&e, BodyFormat::RowBinary);
         let request = async {
@@ -332,6 +364,7 @@ impl Sink {
     /// Inserts `rows` like [`Sink::insert`]; if ClickHouse rejects them as poison, bisects until
     /// the rejected rows are isolated, storing the others (see [`isolate`] for the guarantees).
     /// A retryable or schema error on any sub-insert is returned and the caller retries the batch.
+    /// The rows are taken to lie in one partition; [`Sink::insert_partitioned`] knows better.
     pub async fn insert_isolating<T>(
         &self,
         table: &str,
@@ -341,11 +374,34 @@ impl Sink {
     where
         T: clickhouse::RowOwned + clickhouse::RowWrite + Sync,
     {
+        self.insert_partitioned(table, rows, dedup_token, |_| ())
+            .await
+    }
+
+    /// [`Sink::insert_isolating`] for rows whose partition in `table` is `partition_of(row)`: a
+    /// batch refused for spanning too many partitions is split by partition, one insert per
+    /// partition, before any bisection (see [`isolate`]).
+    pub async fn insert_partitioned<T, K>(
+        &self,
+        table: &str,
+        rows: &[T],
+        dedup_token: Option<&str>,
+        partition_of: impl Fn(&T) -> K,
+    ) -> Result<IsolateOutcome, InsertError>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowWrite + Sync,
+        K: Eq + std::hash::Hash,
+    {
         let outcome = isolate::isolate(
             rows.len(),
             dedup_token,
             self.inner.opts.isolate_inserts_max,
-            |range, token| async move { self.insert(table, &rows[range], token.as_deref()).await },
+            &self.inner.pace,
+            |i| partition_of(&rows[i]),
+            |selection, token| async move {
+                let picked = selection.indices().map(|i| &rows[i]);
+                self.insert_rows(table, picked, token.as_deref()).await
+            },
         )
         .await?;
         log_isolation(table, rows.len(), &outcome);
@@ -428,12 +484,15 @@ impl Sink {
             }
         }
         let valid = &valid;
+        // Passthrough rows are not parsed here, so their partition is unknown: one key for all.
         let mut outcome = isolate::isolate(
             valid.len(),
             dedup_token,
             self.inner.opts.isolate_inserts_max,
-            |range, token| async move {
-                let lines: Vec<&[u8]> = valid[range].iter().map(|(_, row)| *row).collect();
+            &self.inner.pace,
+            |_| (),
+            |selection, token| async move {
+                let lines: Vec<&[u8]> = selection.indices().map(|i| valid[i].1).collect();
                 let body = json::json_each_row_body(&lines);
                 self.insert_json_each_row(table, &body, token.as_deref())
                     .await
@@ -529,14 +588,24 @@ impl Sink {
     }
 }
 
-/// Logs the result of an isolation that found poison rows.
+/// Logs the result of an isolation that found poison rows or split a batch by partition.
 fn log_isolation(table: &str, rows: usize, outcome: &IsolateOutcome) {
+    if outcome.poison.is_empty() && outcome.partition_groups > 0 {
+        tracing::info!(
+            table,
+            rows,
+            inserts = outcome.inserts,
+            partition_groups = outcome.partition_groups,
+            "a batch spanning too many partitions was inserted one partition at a time"
+        );
+    }
     if !outcome.poison.is_empty() {
         tracing::warn!(
             table,
             rows,
             poison_rows = outcome.poison.len(),
             inserts = outcome.inserts,
+            partition_groups = outcome.partition_groups,
             first_error = %outcome.poison[0].error.message,
             "rows rejected by ClickHouse were isolated"
         );
@@ -633,6 +702,7 @@ mod tests {
         // The futures are only built, never polled: no server is contacted.
         assert_send(&sink.insert("t", &rows, Some("x")));
         assert_send(&sink.insert_isolating("t", &rows, Some("x")));
+        assert_send(&sink.insert_partitioned("t", &rows, Some("x"), |r| r.id % 12));
         assert_send(&sink.insert_json_each_row("t", b"{}", None));
         assert_send(&sink.insert_json_isolating("t", &lines, None));
         assert_send(&sink.insert_dead_letters::<DeadLetter>("dead_letters", &[], None));

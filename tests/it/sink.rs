@@ -676,3 +676,157 @@ async fn an_endless_answer_fails_the_request_as_retryable_after_a_bounded_read()
         "the client read {sent} bytes of an endless answer; it must hang up soon after {bound}"
     );
 }
+
+/// Epoch milliseconds of noon UTC on the 15th of the month `months` after January 2010.
+fn mid_month_ms(months: i64) -> i64 {
+    let (year, month) = (2010 + months / 12, months % 12 + 1);
+    // Days from 1970-01-01 to the 15th of that month (proleptic Gregorian calendar).
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + 14;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days * 86_400_000 + 12 * 3_600_000
+}
+
+/// Months a batch spreads its rows over: more than the 100 partitions ClickHouse accepts in one
+/// INSERT block by default (`max_partitions_per_insert_block`).
+const SPREAD_MONTHS: i64 = 150;
+
+/// Trades of one market, `per_month` in each of [`SPREAD_MONTHS`] months from January 2010,
+/// interleaved (month `i % SPREAD_MONTHS` for row `i`) as a replay of old data arrives. The row
+/// whose index is `poison` carries a trade id the test table's CHECK constraint rejects.
+fn spread_trades(per_month: i64, poison: Option<usize>) -> Vec<(String, Vec<u8>)> {
+    (0..SPREAD_MONTHS * per_month)
+        .map(|i| {
+            let ts_ms = mid_month_ms(i % SPREAD_MONTHS) + i;
+            let trade_id = if poison == Some(i as usize) {
+                "not-a-number".to_owned()
+            } else {
+                i.to_string()
+            };
+            let payload = format!(
+                r#"{{"symbol":"BTC-USDT","price":"100.5","quantity":"0.25","side":"buy","is_maker":true,"trade_id":"{trade_id}","exchange":"binance","market_type":"spot","data_source":"marketprism","data_type":"trade","ts_ms":{ts_ms},"trade_ts_ms":{ts_ms},"publisher":"unified-collector","collected_ts_ms":{ts_ms}}}"#
+            );
+            ("trade.binance.spot.BTC-USDT".to_owned(), payload.into_bytes())
+        })
+        .collect()
+}
+
+/// A modern engine (ClickHouse 18.16 has no limit on the partitions of one INSERT block; modern
+/// servers refuse more than `max_partitions_per_insert_block`, 100 by default) with the relay's
+/// modern `trades` table in [`DATABASE`], and a modern sink into it. A CHECK constraint rejects
+/// the trade id `not-a-number`, so a row can be made poison.
+async fn trades_server() -> (crate::modern::ChdbServer, Sink) {
+    use prism_relay::codec::Table;
+    use prism_relay::schema::{ddl, Profile};
+    let server = crate::modern::ChdbServer::start();
+    let probe = Sink::new(server.sink_options("system")).expect("valid sink options");
+    for sql in [
+        format!("CREATE DATABASE IF NOT EXISTS {DATABASE}"),
+        ddl(Profile::Modern, DATABASE, Table::Trades, None),
+        format!("ALTER TABLE {DATABASE}.trades ADD CONSTRAINT numeric_trade_id CHECK trade_id != 'not-a-number'"),
+    ] {
+        probe
+            .execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    let sink = Sink::new(server.sink_options(DATABASE)).expect("valid sink options");
+    (server, sink)
+}
+
+/// Cuts one batch of `messages` the way a lane does and inserts it through the sink.
+async fn insert_trades_batch(
+    sink: &Sink,
+    messages: &[(String, Vec<u8>)],
+) -> prism_relay::sink::IsolateOutcome {
+    use prism_relay::codec::{Table, TimeWindow};
+    use prism_relay::drain::{Batch, RowsKind};
+    use prism_wal::{Envelope, Lsn, StreamSeq};
+    use std::borrow::Cow;
+    let mut batch = Batch::new(Table::Trades.name(), RowsKind::Typed, TimeWindow::default());
+    // Published now: every row time lies inside the window of plausible times.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64;
+    for (i, (subject, payload)) in messages.iter().enumerate() {
+        let envelope = Envelope {
+            stream: Cow::Borrowed("MARKET_DATA"),
+            stream_seq: StreamSeq(i as u64 + 1),
+            subject: Cow::Borrowed(subject),
+            headers: Vec::new(),
+            published_ns: now_ms * 1_000_000,
+            payload: Cow::Borrowed(payload),
+        };
+        batch.push(Lsn(i as u64 + 1), &envelope, now_ms);
+    }
+    assert!(batch.dead.is_empty(), "{:?}", batch.dead);
+    let token = batch.token();
+    batch
+        .rows
+        .insert(sink, Table::Trades.name(), &token)
+        .await
+        .expect("the batch is stored")
+}
+
+/// Rows spread over more months than one INSERT block may hold are split by month, one insert
+/// per month after the first attempt, instead of being bisected into many small inserts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_spread_over_more_months_than_one_insert_may_hold_is_stored_with_one_insert_per_month(
+) {
+    let (server, sink) = trades_server().await;
+    let messages = spread_trades(4, None);
+    let outcome = insert_trades_batch(&sink, &messages).await;
+    assert!(outcome.poison.is_empty(), "{:?}", outcome.poison);
+    assert_eq!(outcome.rows_inserted, messages.len());
+    assert_eq!(
+        outcome.inserts,
+        1 + SPREAD_MONTHS as u32,
+        "the whole batch once, then each month once"
+    );
+    assert_eq!(
+        server
+            .query(
+                "SELECT count(), uniqExact(toYYYYMM(timestamp)) FROM sink_it.trades",
+                "TabSeparated"
+            )
+            .await
+            .trim(),
+        format!("{}\t{SPREAD_MONTHS}", messages.len())
+    );
+}
+
+/// A poison row in a batch spread over many months is isolated alone: every other row, of every
+/// month, is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_row_in_a_batch_spread_over_many_months_is_the_only_row_rejected() {
+    let (server, sink) = trades_server().await;
+    let poison = 333;
+    let messages = spread_trades(4, Some(poison));
+    let outcome = insert_trades_batch(&sink, &messages).await;
+    let indices: Vec<usize> = outcome.poison.iter().map(|p| p.index).collect();
+    assert_eq!(indices, [poison]);
+    assert!(
+        outcome.poison[0].error.message.contains("not-a-number"),
+        "{}",
+        outcome.poison[0].error
+    );
+    assert_eq!(outcome.rows_inserted, messages.len() - 1);
+    assert_eq!(
+        server
+            .query(
+                "SELECT count(), countIf(trade_id = 'not-a-number') FROM sink_it.trades",
+                "TabSeparated"
+            )
+            .await
+            .trim(),
+        format!("{}\t0", messages.len() - 1)
+    );
+}
