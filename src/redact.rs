@@ -24,6 +24,40 @@ const SECRET_KEYS: [&str; 2] = ["password", "token"];
 
 /// `text` with every secret it shows replaced by [`REDACTED`] (see the module documentation).
 pub fn redact(text: &str) -> Cow<'_, str> {
+    redact_patterns(text)
+}
+
+/// The secrets of the user info of every URL in `text` (one URL or a comma-separated list): the
+/// password of `scheme://user:password@host`, and the whole user info of `scheme://name@host` when
+/// `bare_user_is_secret` (NATS reads it as a token; for HTTP it is only a user name).
+pub fn url_secrets(text: &str, bare_user_is_secret: bool) -> Vec<&str> {
+    let mut secrets = Vec::new();
+    for word in text.split(|c: char| c == ',' || is_separator(c)) {
+        let (scheme, rest) = match word.find("://") {
+            Some(at) => word.split_at(at + "://".len()),
+            None => ("", word),
+        };
+        // A password may hold an unencoded '/' or '@', so the user info ends at the last '@'
+        // before the query or fragment.
+        let before_query = &rest[..rest.find(['?', '#']).unwrap_or(rest.len())];
+        let Some(at) = before_query.rfind('@') else {
+            continue;
+        };
+        let userinfo = &rest[..at];
+        match userinfo.split_once(':') {
+            Some((_user, password)) if !password.is_empty() => secrets.push(password),
+            Some(_) => {}
+            None if bare_user_is_secret && !scheme.is_empty() && !userinfo.is_empty() => {
+                secrets.push(userinfo)
+            }
+            None => {}
+        }
+    }
+    secrets
+}
+
+/// `text` with the secrets of URLs and assignments hidden.
+fn redact_patterns(text: &str) -> Cow<'_, str> {
     if !text.contains('@') && !SECRET_KEYS.iter().any(|k| text.contains(k)) {
         return Cow::Borrowed(text);
     }
@@ -198,6 +232,30 @@ mod tests {
             "{shown}"
         );
         assert_eq!(redact("token=abc"), "token=<redacted>");
+    }
+
+    #[test]
+    fn url_secrets_finds_passwords_and_nats_tokens_but_not_user_names() {
+        assert_eq!(
+            url_secrets("nats://a:p/w@h1:4222,tls://tok@h2:4222,h3:4222", true),
+            vec!["p/w", "tok"]
+        );
+        assert_eq!(
+            url_secrets("http://default@ch:8123", false),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            url_secrets("http://default:p@ss@ch:8123/?db=x", false),
+            vec!["p@ss"]
+        );
+        assert_eq!(
+            url_secrets("http://127.0.0.1:8123", false),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            url_secrets("http://ch:8123/?q=a@b", false),
+            Vec::<&str>::new()
+        );
     }
 
     #[test]
