@@ -901,6 +901,7 @@ impl Config {
         config.apply_env(env)?;
         config.validate()?;
         config.read_secret_files()?;
+        config.register_secrets();
         Ok(config)
     }
 
@@ -952,6 +953,25 @@ impl Config {
             );
         }
         found
+    }
+
+    /// Registers every secret this configuration holds (passwords, tokens, passwords and tokens
+    /// of URLs) with [`redact::register_secret`], so text that echoes one anywhere is redacted.
+    pub fn register_secrets(&self) {
+        let secrets = [
+            self.nats.password.as_deref(),
+            self.nats.token.as_deref(),
+            Some(self.clickhouse.password.as_str()),
+        ];
+        for secret in secrets.into_iter().flatten() {
+            redact::register_secret(secret);
+        }
+        for secret in redact::url_secrets(&self.nats.url, true)
+            .into_iter()
+            .chain(redact::url_secrets(&self.clickhouse.url, false))
+        {
+            redact::register_secret(secret);
+        }
     }
 
     /// Reads `password_file` and `token_file` into the fields they stand for (validation made
@@ -2157,6 +2177,37 @@ mod tests {
         .expect("loads");
         assert_eq!(config.clickhouse.password, "from-a-file");
         assert_eq!(config.nats.url, "nats://alice:from-env@127.0.0.1:4222");
+    }
+
+    #[test]
+    fn loading_registers_every_secret_so_redaction_hides_it_outside_urls_and_assignments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "Tok/File@Zq7\n").expect("write");
+        let token_var = token.display().to_string();
+        let text = |secrets: &[&str]| format!("server said: bad credentials {}", secrets.join(" "));
+        let secrets = ["Tok/File@Zq7", "Ch/Env@Zq7", "Url/Pw@Zq7"];
+        let shown = redact(&text(&secrets)).into_owned();
+        assert!(
+            shown.contains("Tok/File@Zq7"),
+            "not hidden before loading: {shown}"
+        );
+        Config::load_with_env(
+            None,
+            env(&[
+                ("PRISM_RELAY_NATS_TOKEN_FILE", token_var.as_str()),
+                ("PRISM_RELAY_CLICKHOUSE_PASSWORD", "Ch/Env@Zq7"),
+                (
+                    "PRISM_RELAY_CLICKHOUSE_URL",
+                    "http://default:Url/Pw@Zq7@127.0.0.1:8123",
+                ),
+            ]),
+        )
+        .expect("loads");
+        let shown = redact(&text(&secrets)).into_owned();
+        for secret in secrets {
+            assert!(!shown.contains(secret), "{secret}: {shown}");
+        }
     }
 
     #[test]

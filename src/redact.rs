@@ -11,10 +11,16 @@
 //! - the value of a `password = ...` or `token = ...` assignment, as a TOML parse error quotes the
 //!   offending line of the configuration file.
 //!
+//! - every exact value registered with [`register_secret`]: the binary registers the secrets it
+//!   loaded (passwords, tokens, passwords of URLs, from files or the environment), so a secret a
+//!   server or library echoes outside a URL or an assignment, or one whose characters (`/`, `@`,
+//!   `:`) defeat the patterns above, is hidden too.
+//!
 //! Secrets held in configuration fields never reach text in the first place: `Debug` of the
 //! configuration prints [`REDACTED`] for them.
 
 use std::borrow::Cow;
+use std::sync::RwLock;
 
 /// What a secret is replaced with.
 pub const REDACTED: &str = "<redacted>";
@@ -22,9 +28,49 @@ pub const REDACTED: &str = "<redacted>";
 /// Keys whose assigned value is a secret, as the configuration file spells them.
 const SECRET_KEYS: [&str; 2] = ["password", "token"];
 
+/// Registered secrets a process may hold at most: a relay loads three (NATS password or token,
+/// ClickHouse password, a URL's password each), so this only stops a caller registering in a loop
+/// from growing the list without bound.
+const REGISTERED_SECRETS_MAX: usize = 64;
+
+/// Exact secret values hidden wherever they appear, longest first (so a secret that contains
+/// another is replaced whole). A lock, not a channel: registration happens at start-up, reads on
+/// every log line, and neither holds it for longer than a string search.
+static REGISTERED: RwLock<Vec<String>> = RwLock::new(Vec::new());
+
+/// Registers `secret` so that [`redact`] hides it wherever it appears. Empty values are ignored
+/// (they would match everywhere); past [`REGISTERED_SECRETS_MAX`] further values are ignored.
+pub fn register_secret(secret: &str) {
+    if secret.is_empty() {
+        return;
+    }
+    // A poisoned lock only means a panic elsewhere while holding it; the list itself is valid.
+    let mut registered = REGISTERED.write().unwrap_or_else(|e| e.into_inner());
+    if registered.len() >= REGISTERED_SECRETS_MAX || registered.iter().any(|s| s == secret) {
+        return;
+    }
+    registered.push(secret.to_owned());
+    registered.sort_by_key(|s| std::cmp::Reverse(s.len()));
+}
+
+/// `text` with every registered secret replaced by [`REDACTED`].
+fn redact_registered(text: &str) -> Cow<'_, str> {
+    let registered = REGISTERED.read().unwrap_or_else(|e| e.into_inner());
+    let mut out = Cow::Borrowed(text);
+    for secret in registered.iter() {
+        if out.contains(secret.as_str()) {
+            out = Cow::Owned(out.replace(secret.as_str(), REDACTED));
+        }
+    }
+    out
+}
+
 /// `text` with every secret it shows replaced by [`REDACTED`] (see the module documentation).
 pub fn redact(text: &str) -> Cow<'_, str> {
-    redact_patterns(text)
+    match redact_registered(text) {
+        Cow::Borrowed(text) => redact_patterns(text),
+        Cow::Owned(text) => Cow::Owned(redact_patterns(&text).into_owned()),
+    }
 }
 
 /// The secrets of the user info of every URL in `text` (one URL or a comma-separated list): the
@@ -232,6 +278,30 @@ mod tests {
             "{shown}"
         );
         assert_eq!(redact("token=abc"), "token=<redacted>");
+    }
+
+    #[test]
+    fn registered_secrets_are_hidden_wherever_they_appear() {
+        // Characters that end a URL's authority or a word, so the URL pattern cannot find them.
+        const SECRET: &str = "Zq7/Re:gi@st(er)ed";
+        let text = format!("auth failed for password {SECRET} at nats://alice:{SECRET}@h:4222");
+        let before = redact(&text).into_owned();
+        assert!(
+            before.contains("Zq7/Re"),
+            "the patterns alone miss it: {before}"
+        );
+        register_secret(SECRET);
+        register_secret("");
+        let shown = redact(&text);
+        assert!(
+            !shown.contains("Zq7/Re") && !shown.contains("st(er)ed"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("auth failed for password <redacted>"),
+            "{shown}"
+        );
+        assert_eq!(redact("nothing secret here"), "nothing secret here");
     }
 
     #[test]
