@@ -263,6 +263,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             config,
             mut options,
         }) => {
+            options.refuse_secrets_in_flags()?;
             if let Some(config) = config.load()? {
                 options.nats_url = config.nats.url.clone();
                 options.nats = Some(config.nats);
@@ -279,6 +280,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             config,
             mut options,
         }) => {
+            options.refuse_secrets_in_flags()?;
             if let Some(config) = config.load()? {
                 options.nats_url = config.nats.url.clone();
                 options.nats = Some(config.nats);

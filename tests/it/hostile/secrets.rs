@@ -1,7 +1,7 @@
 //! Secrets never leak: every command, run with a marker secret in every place a secret can go
 //! (password and token files, the environment, URLs given in the environment), keeps it out of
 //! its output and logs; a configuration file holding a secret is refused without showing it; and
-//! no flag takes a password.
+//! no flag takes a password, nor a URL flag credentials.
 
 use std::fs;
 
@@ -180,6 +180,25 @@ async fn no_command_prints_a_secret_held_in_any_place_of_the_configuration() {
     )
     .await;
     assert_eq!(status.code(), Some(2), "the flag was accepted:\n{output}");
+    // Nor a URL flag carrying credentials: refused by name before anything connects.
+    let flag_nats = format!("nats://alice:{MARKER}@127.0.0.1:{closed}");
+    let flag_ch = format!("http://default:{MARKER}@127.0.0.1:{closed}");
+    for (args, flag) in [
+        (vec!["verify", "--nats-url", &flag_nats], "--nats-url"),
+        (
+            vec!["verify", "--clickhouse-url", &flag_ch],
+            "--clickhouse-url",
+        ),
+        (
+            vec!["loadgen", "--nats-url", &flag_nats, "--count", "1"],
+            "--nats-url",
+        ),
+    ] {
+        let (status, output) = command_with_env(&args, &[]).await;
+        assert!(!status.success(), "{flag} was accepted:\n{output}");
+        assert_hidden(&format!("{args:?}"), &output, flag);
+        assert_hidden(&format!("{args:?}"), &output, "--config");
+    }
 
     // 6. A secret in the configuration file, in any place one could be written: every command
     // refuses the file, naming the field and the fix, and never shows the secret.
