@@ -38,6 +38,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::MetricsConfig;
+use crate::logcond::{Condition, Occurrence};
 use crate::metrics::{self, Metrics};
 
 /// Pause after a failed `accept` (for example EMFILE while descriptors are short), so the loop
@@ -128,6 +129,9 @@ pub async fn serve(
         request_timeout: Duration::from_millis(PROBE_REQUEST_TIMEOUT_MS)
             .min(limits.request_timeout),
     };
+    // Accept errors repeat every ACCEPT_ERROR_PAUSE_MS while they last (and a client can provoke
+    // them), so they are logged as a condition: when they start, periodically, and when they end.
+    let mut accept_failing = Condition::default();
     loop {
         // Take a slot before accepting: past the cap and the probe reserve, connections wait in
         // the listen queue. A regular slot is preferred whenever one is free.
@@ -149,10 +153,13 @@ pub async fn serve(
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
         };
         let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                log_accept_ok(&mut accept_failing);
+                accepted
+            }
             Err(error) => {
                 // Not fatal: descriptors may be short for a moment, or the peer left already.
-                tracing::warn!(%error, "accepting a connection on the metrics port failed");
+                log_accept_error(&mut accept_failing, &error);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_PAUSE_MS)) => {}
                     _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
@@ -179,6 +186,29 @@ pub async fn serve(
                 }
             }
         });
+    }
+}
+
+/// Logs a failed accept through `failing` (see [`crate::logcond`]).
+fn log_accept_error(failing: &mut Condition, error: &std::io::Error) {
+    match failing.occurred() {
+        Some(Occurrence::Started) => {
+            tracing::warn!(%error, "accepting a connection on the metrics port failed")
+        }
+        Some(o) => tracing::warn!(%error, failures = o.count(), lasted_s = o.lasted_s(),
+            "accepting connections on the metrics port still fails"),
+        None => {}
+    }
+}
+
+/// Logs the end of failing accepts, if they were failing.
+fn log_accept_ok(failing: &mut Condition) {
+    if let Some(ended) = failing.cleared() {
+        tracing::info!(
+            failures = ended.count,
+            lasted_ms = ended.lasted.as_millis() as u64,
+            "accepting connections on the metrics port works again"
+        );
     }
 }
 
@@ -220,5 +250,29 @@ async fn ready(State(shared): State<Shared>) -> impl IntoResponse {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_repeating_every_pause_log_a_start_and_an_end_not_one_line_each() {
+        const FAILURES: usize = 200;
+        // A reminder interval longer than any test run: only the start and the end are due.
+        let mut failing = Condition::new(Duration::from_secs(3_600));
+        let error = std::io::Error::from_raw_os_error(24);
+        let logs = crate::logcond::captured_logs(|| {
+            for _ in 0..FAILURES {
+                log_accept_error(&mut failing, &error);
+            }
+            log_accept_ok(&mut failing);
+            log_accept_ok(&mut failing);
+        });
+        let failed = logs.lines().filter(|l| l.contains("WARN")).count();
+        let again = logs.lines().filter(|l| l.contains("works again")).count();
+        assert_eq!((failed, again), (1, 1), "{logs}");
+        assert!(logs.contains(&format!("failures={FAILURES}")), "{logs}");
     }
 }

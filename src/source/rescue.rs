@@ -70,6 +70,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::NatsConfig;
+use crate::logcond::{Condition, Occurrence};
 
 /// WAL record header whose presence routes the record to dead letters; its value is the reason.
 pub use crate::drain::route::DEAD_LETTER_HEADER;
@@ -161,6 +162,9 @@ pub(crate) struct Rescue {
     /// The client's connect count when the last pull began.
     last_connects: Option<u64>,
     phase: Phase,
+    /// Dead letters made of deliveries the client cannot read: events a publisher controls, so
+    /// they are logged the first time and then summarised once per reminder interval.
+    dead_letters: Condition,
 }
 
 enum Phase {
@@ -192,6 +196,22 @@ impl Rescue {
             nats: None,
             last_connects: None,
             phase: Phase::Idle,
+            dead_letters: Condition::default(),
+        }
+    }
+
+    /// Logs a delivery the client cannot read that became a dead letter: the first one at once,
+    /// then one line per reminder interval with the count so far, so a publisher of poisoned
+    /// subjects cannot flood the log.
+    pub(crate) fn log_dead_letter(&mut self, stream: &str, durable: &str, seq: u64, reason: &str) {
+        match self.dead_letters.occurred() {
+            Some(Occurrence::Started) => tracing::warn!(%stream, %durable, seq, %reason,
+                "delivery the NATS client cannot read: dead-lettered (further ones are summarised periodically)"),
+            Some(o) => {
+                tracing::warn!(%stream, %durable, seq, %reason, dead_letters_so_far = o.count(),
+                "deliveries the NATS client cannot read keep arriving: dead-lettered")
+            }
+            None => {}
         }
     }
 
@@ -859,5 +879,20 @@ mod tests {
             }
             _ => panic!("expected a status"),
         }
+    }
+
+    #[test]
+    fn a_flood_of_unreadable_deliveries_logs_one_line_not_one_per_dead_letter() {
+        const FLOOD: u64 = 200;
+        let mut rescue = Rescue::disabled();
+        // A reminder interval longer than any test run: only the first line is due.
+        rescue.dead_letters = Condition::new(Duration::from_secs(3_600));
+        let logs = crate::logcond::captured_logs(|| {
+            for seq in 1..=FLOOD {
+                rescue.log_dead_letter("S", "d", seq, "subject is not UTF-8");
+            }
+        });
+        let lines = logs.lines().filter(|l| l.contains("dead-lettered")).count();
+        assert_eq!(lines, 1, "{logs}");
     }
 }
