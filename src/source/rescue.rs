@@ -190,6 +190,37 @@ pub(crate) enum Step {
     Raw { target: u64 },
 }
 
+/// Why rescue pulls cannot work with the connection `nats` configures, as a sentence for the
+/// start-up log and `check` that also says what the operator does about it; `None` when they can
+/// (as far as the configuration shows: a server that requires TLS behind a `nats://` URL is only
+/// found out at a rescue's connect, and logged then).
+pub fn rescue_unavailable(nats: &NatsConfig) -> Option<String> {
+    let reason = if nats.creds_file.is_some() {
+        "the connection authenticates with a .creds file (nats.creds_file), whose NKey signature \
+         the rescue's raw connection does not implement"
+            .to_owned()
+    } else {
+        let url = nats.url.split(',').map(str::trim).find(|url| {
+            let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+            matches!(scheme, "tls" | "ws" | "wss")
+        })?;
+        format!(
+            "the connection uses {}, which the rescue's raw connection (plain NATS over TCP) does \
+             not speak",
+            crate::redact::redact(url)
+        )
+    };
+    Some(format!(
+        "deliveries with a subject that is not UTF-8 (or a malformed header) cannot be rescued: \
+         {reason}. Such a delivery drops the NATS client's connection at every redelivery and \
+         stays pending (it is not lost while the stream keeps it). If the relay keeps \
+         reconnecting to NATS with messages pending, find the first unacknowledged stream \
+         sequence past the ack floor (nats consumer info <stream> <durable>) and remove it \
+         (nats stream rmm <stream> <seq>), or connect the relay over nats:// with user/password \
+         or token authentication on a trusted network"
+    ))
+}
+
 impl Rescue {
     pub(crate) fn disabled() -> Rescue {
         Rescue {
@@ -216,6 +247,9 @@ impl Rescue {
     }
 
     pub(crate) fn enable(&mut self, nats: &NatsConfig) {
+        if let Some(limitation) = rescue_unavailable(nats) {
+            tracing::warn!("{limitation}");
+        }
         self.nats = Some(nats.clone());
     }
 
@@ -894,5 +928,50 @@ mod tests {
         });
         let lines = logs.lines().filter(|l| l.contains("dead-lettered")).count();
         assert_eq!(lines, 1, "{logs}");
+    }
+
+    #[test]
+    fn tls_websocket_and_creds_connections_are_named_as_unable_to_rescue_with_what_to_do() {
+        let nats = |url: &str, creds: Option<&str>| NatsConfig {
+            url: url.to_owned(),
+            creds_file: creds.map(Into::into),
+            ..NatsConfig::default()
+        };
+        for (config, names) in [
+            (
+                nats("tls://alice:pw@h:4222", None),
+                "tls://alice:<redacted>@h:4222",
+            ),
+            (nats("nats://a:4222, wss://b:443", None), "wss://b:443"),
+            (nats("nats://h:4222", Some("/etc/relay.creds")), ".creds"),
+        ] {
+            let text = rescue_unavailable(&config).expect("the rescue cannot work");
+            assert!(text.contains(names), "{text}");
+            assert!(!text.contains(":pw@"), "{text}");
+            assert!(
+                text.contains("not UTF-8") && text.contains("nats stream rmm"),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            rescue_unavailable(&nats("nats://a:4222,127.0.0.1:4223", None)),
+            None
+        );
+    }
+
+    #[test]
+    fn enabling_the_rescue_on_a_tls_connection_logs_one_warning() {
+        let config = NatsConfig {
+            url: "tls://127.0.0.1:4222".to_owned(),
+            ..NatsConfig::default()
+        };
+        let mut rescue = Rescue::disabled();
+        let logs = crate::logcond::captured_logs(|| rescue.enable(&config));
+        let warns: Vec<&str> = logs.lines().filter(|l| l.contains("WARN")).collect();
+        assert_eq!(warns.len(), 1, "{logs}");
+        assert!(warns[0].contains("cannot be rescued"), "{logs}");
+        let plain = NatsConfig::default();
+        let logs = crate::logcond::captured_logs(|| Rescue::disabled().enable(&plain));
+        assert!(!logs.contains("WARN"), "{logs}");
     }
 }
