@@ -899,6 +899,9 @@ impl Config {
             }
         };
         config.apply_env(env)?;
+        // Registered before validation, whose errors quote URLs, and again once the secret files
+        // are read.
+        config.register_secrets();
         config.validate()?;
         config.read_secret_files()?;
         config.register_secrets();
@@ -2208,6 +2211,22 @@ mod tests {
         for secret in secrets {
             assert!(!shown.contains(secret), "{secret}: {shown}");
         }
+    }
+
+    #[test]
+    fn a_validation_error_quoting_a_url_hides_a_password_the_url_pattern_cannot_find() {
+        const SECRET: &str = "Zq7Odd/Pass@word";
+        let err = Config::load_with_env(
+            None,
+            env(&[(
+                "PRISM_RELAY_CLICKHOUSE_URL",
+                "tcp://default:Zq7Odd/Pass@word@127.0.0.1:9000",
+            )]),
+        )
+        .expect_err("not an HTTP URL");
+        let text = err.to_string();
+        assert!(text.contains("clickhouse.url"), "{text}");
+        assert!(!text.contains("Zq7Odd") && !text.contains(SECRET), "{text}");
     }
 
     #[test]

@@ -141,6 +141,50 @@ async fn no_command_prints_a_secret_held_in_any_place_of_the_configuration() {
     // The password file is read: ClickHouse refuses it like the wrong password it is.
     assert!(output.contains("unreachable"), "{output}");
 
+    // Every other command, with the secrets in each place outside the file: the environment
+    // (passwords, a token), password and token files, and a URL from the environment whose
+    // password holds characters ('/', '@') that end a URL pattern early.
+    let odd_url = format!("http://default:{MARKER}/x@y@127.0.0.1:{closed}");
+    let odd_nats = format!("nats://alice:{MARKER}/x@127.0.0.1:{closed}");
+    let odd_invalid = format!("tcp://default:{MARKER}/x@y@127.0.0.1:9000");
+    let placements: [Vec<(&str, &str)>; 6] = [
+        env_secrets.to_vec(),
+        vec![
+            ("PRISM_RELAY_NATS_TOKEN", MARKER),
+            ("PRISM_RELAY_CLICKHOUSE_PASSWORD_FILE", token_file.as_str()),
+        ],
+        vec![
+            ("PRISM_RELAY_NATS_USER", "alice"),
+            ("PRISM_RELAY_NATS_PASSWORD_FILE", token_file.as_str()),
+        ],
+        vec![("PRISM_RELAY_CLICKHOUSE_URL", odd_url.as_str())],
+        vec![("PRISM_RELAY_NATS_URL", odd_nats.as_str())],
+        vec![("PRISM_RELAY_CLICKHOUSE_URL", odd_invalid.as_str())],
+    ];
+    for env in &placements {
+        for args in [
+            vec!["check", "--config", &path],
+            vec!["replay", "--config", &path],
+            vec!["schema", "print", "--config", &path],
+            vec!["schema", "apply", "--config", &path],
+            vec!["wal", "inspect", "--config", &path],
+            vec!["verify", "--config", &path, "--idle-timeout-ms", "1000"],
+            vec![
+                "loadgen",
+                "--config",
+                &path,
+                "--count",
+                "1",
+                "--progress",
+                "false",
+            ],
+        ] {
+            let (_, output) = command_with_env(&args, env).await;
+            assert!(!output.is_empty(), "{args:?} {env:?} said nothing");
+            assert_hidden(&format!("{args:?} with {env:?}"), &output, "");
+        }
+    }
+
     // The running relay, with every secret in the environment: a ClickHouse it cannot reach is
     // retried and logged.
     let log_path = bed.path("secret-run.log");
