@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::drain::UNROUTED_LANE;
-use crate::redact::{redact, REDACTED};
+use crate::redact::{self, redact, REDACTED};
 
 /// Prefix of every environment override.
 pub const ENV_PREFIX: &str = "PRISM_RELAY_";
@@ -841,6 +841,15 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// The configuration file holds a secret (a password, a token, or credentials inside a URL).
+    /// A configuration file is copied, versioned and read by many, so secrets come from
+    /// `password_file`/`token_file` or the environment; every such field is listed, none shows its
+    /// value.
+    #[error("config file {path} holds secrets, which belong in a file or the environment:\n  {}", .values.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    SecretInFile {
+        path: PathBuf,
+        values: Vec<InvalidValue>,
+    },
     /// Values out of their bounds; every one is listed.
     #[error("invalid configuration:\n  {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
     Invalid(Vec<InvalidValue>),
@@ -850,7 +859,7 @@ impl ConfigError {
     /// The invalid values, if this is a validation error.
     pub fn invalid_values(&self) -> &[InvalidValue] {
         match self {
-            ConfigError::Invalid(values) => values,
+            ConfigError::Invalid(values) | ConfigError::SecretInFile { values, .. } => values,
             _ => &[],
         }
     }
@@ -875,16 +884,97 @@ impl Config {
                     path: path.to_owned(),
                     source,
                 })?;
-                Self::parse_toml(&text).map_err(|source| ConfigError::Parse {
+                let config = Self::parse_toml(&text).map_err(|source| ConfigError::Parse {
                     path: path.to_owned(),
                     message: redact(&source.to_string()).into_owned(),
-                })?
+                })?;
+                let secrets = config.secrets_in_file();
+                if !secrets.is_empty() {
+                    return Err(ConfigError::SecretInFile {
+                        path: path.to_owned(),
+                        values: secrets,
+                    });
+                }
+                config
             }
         };
         config.apply_env(env)?;
+        // Registered before validation, whose errors quote URLs, and again once the secret files
+        // are read.
+        config.register_secrets();
         config.validate()?;
         config.read_secret_files()?;
+        config.register_secrets();
         Ok(config)
+    }
+
+    /// The secrets a configuration parsed from a file holds, as invalid values naming the field
+    /// and the fix; their values show as [`REDACTED`]. Secrets from the environment are applied
+    /// after this check and stay allowed.
+    pub fn secrets_in_file(&self) -> Vec<InvalidValue> {
+        const ALLOWED: &str = "no secret in the configuration file";
+        let mut found = Vec::new();
+        let mut push = |field: &str, fix: &str| {
+            found.push(InvalidValue {
+                field: field.to_owned(),
+                value: REDACTED.to_owned(),
+                allowed: ALLOWED.to_owned(),
+                fix: fix.to_owned(),
+            })
+        };
+        if self.nats.password.as_ref().is_some_and(|p| !p.is_empty()) {
+            push(
+                "nats.password",
+                "remove it; set nats.password_file to a file holding it, or PRISM_RELAY_NATS_PASSWORD",
+            );
+        }
+        if self.nats.token.as_ref().is_some_and(|t| !t.is_empty()) {
+            push(
+                "nats.token",
+                "remove it; set nats.token_file to a file holding it, or PRISM_RELAY_NATS_TOKEN",
+            );
+        }
+        if !redact::url_secrets(&self.nats.url, true).is_empty() {
+            push(
+                "nats.url",
+                "remove the credentials from the URL; set nats.user with nats.password_file (or \
+                 nats.token_file), or give the whole URL in PRISM_RELAY_NATS_URL",
+            );
+        }
+        if !self.clickhouse.password.is_empty() {
+            push(
+                "clickhouse.password",
+                "remove it; set clickhouse.password_file to a file holding it, or \
+                 PRISM_RELAY_CLICKHOUSE_PASSWORD",
+            );
+        }
+        if !redact::url_secrets(&self.clickhouse.url, false).is_empty() {
+            push(
+                "clickhouse.url",
+                "remove the password from the URL; set clickhouse.password_file, or give the \
+                 whole URL in PRISM_RELAY_CLICKHOUSE_URL",
+            );
+        }
+        found
+    }
+
+    /// Registers every secret this configuration holds (passwords, tokens, passwords and tokens
+    /// of URLs) with [`redact::register_secret`], so text that echoes one anywhere is redacted.
+    pub fn register_secrets(&self) {
+        let secrets = [
+            self.nats.password.as_deref(),
+            self.nats.token.as_deref(),
+            Some(self.clickhouse.password.as_str()),
+        ];
+        for secret in secrets.into_iter().flatten() {
+            redact::register_secret(secret);
+        }
+        for secret in redact::url_secrets(&self.nats.url, true)
+            .into_iter()
+            .chain(redact::url_secrets(&self.clickhouse.url, false))
+        {
+            redact::register_secret(secret);
+        }
     }
 
     /// Reads `password_file` and `token_file` into the fields they stand for (validation made
@@ -2003,6 +2093,140 @@ mod tests {
         .expect("loads");
         assert_eq!(config.clickhouse.ttl_days, None);
         assert_eq!(config.clickhouse.url, "http://env:8123");
+    }
+
+    #[test]
+    fn secrets_in_the_file_are_refused_naming_each_field_and_its_fix_without_showing_them() {
+        const SECRET: &str = "Zq7MarkerSecretXy";
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relay.toml");
+        let files = [
+            (
+                format!("[nats]\nuser = \"alice\"\npassword = \"{SECRET}\"\n"),
+                "nats.password",
+                "PRISM_RELAY_NATS_PASSWORD",
+            ),
+            (
+                format!("[nats]\ntoken = \"{SECRET}\"\n"),
+                "nats.token",
+                "nats.token_file",
+            ),
+            (
+                format!("[nats]\nurl = \"nats://alice:{SECRET}@127.0.0.1:4222\"\n"),
+                "nats.url",
+                "PRISM_RELAY_NATS_URL",
+            ),
+            (
+                format!("[nats]\nurl = \"nats://a:4222,tls://{SECRET}@b:4222\"\n"),
+                "nats.url",
+                "PRISM_RELAY_NATS_URL",
+            ),
+            (
+                format!("[clickhouse]\npassword = \"{SECRET}\"\n"),
+                "clickhouse.password",
+                "clickhouse.password_file",
+            ),
+            (
+                format!("[clickhouse]\nurl = \"http://default:{SECRET}@127.0.0.1:8123\"\n"),
+                "clickhouse.url",
+                "PRISM_RELAY_CLICKHOUSE_URL",
+            ),
+        ];
+        for (text, field, fix) in files {
+            std::fs::write(&path, &text).expect("write");
+            let err = Config::load_with_env(Some(&path), Vec::new()).expect_err(field);
+            let shown = format!("{err} {err:?}");
+            assert!(!shown.contains(SECRET), "{shown}");
+            assert!(
+                matches!(err, ConfigError::SecretInFile { .. }),
+                "{field}: {shown}"
+            );
+            assert_eq!(err.invalid_values()[0].field, field, "{shown}");
+            assert!(shown.contains(fix), "{field}: {shown}");
+        }
+        // A user name in a ClickHouse URL and an empty password are no secrets.
+        std::fs::write(
+            &path,
+            "[clickhouse]\nurl = \"http://default@127.0.0.1:8123\"\npassword = \"\"\n",
+        )
+        .expect("write");
+        Config::load_with_env(Some(&path), Vec::new()).expect("no secret in the file");
+    }
+
+    #[test]
+    fn secrets_from_the_environment_and_from_files_are_allowed_next_to_a_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("relay.toml");
+        let password = dir.path().join("password");
+        std::fs::write(&password, "from-a-file\n").expect("write");
+        std::fs::write(
+            &path,
+            format!(
+                "[clickhouse]\npassword_file = {:?}\n",
+                password.display().to_string()
+            ),
+        )
+        .expect("write");
+        let config = Config::load_with_env(
+            Some(&path),
+            env(&[
+                (
+                    "PRISM_RELAY_NATS_URL",
+                    "nats://alice:from-env@127.0.0.1:4222",
+                ),
+                ("PRISM_RELAY_NATS_USER", ""),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(config.clickhouse.password, "from-a-file");
+        assert_eq!(config.nats.url, "nats://alice:from-env@127.0.0.1:4222");
+    }
+
+    #[test]
+    fn loading_registers_every_secret_so_redaction_hides_it_outside_urls_and_assignments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "Tok/File@Zq7\n").expect("write");
+        let token_var = token.display().to_string();
+        let text = |secrets: &[&str]| format!("server said: bad credentials {}", secrets.join(" "));
+        let secrets = ["Tok/File@Zq7", "Ch/Env@Zq7", "Url/Pw@Zq7"];
+        let shown = redact(&text(&secrets)).into_owned();
+        assert!(
+            shown.contains("Tok/File@Zq7"),
+            "not hidden before loading: {shown}"
+        );
+        Config::load_with_env(
+            None,
+            env(&[
+                ("PRISM_RELAY_NATS_TOKEN_FILE", token_var.as_str()),
+                ("PRISM_RELAY_CLICKHOUSE_PASSWORD", "Ch/Env@Zq7"),
+                (
+                    "PRISM_RELAY_CLICKHOUSE_URL",
+                    "http://default:Url/Pw@Zq7@127.0.0.1:8123",
+                ),
+            ]),
+        )
+        .expect("loads");
+        let shown = redact(&text(&secrets)).into_owned();
+        for secret in secrets {
+            assert!(!shown.contains(secret), "{secret}: {shown}");
+        }
+    }
+
+    #[test]
+    fn a_validation_error_quoting_a_url_hides_a_password_the_url_pattern_cannot_find() {
+        const SECRET: &str = "Zq7Odd/Pass@word";
+        let err = Config::load_with_env(
+            None,
+            env(&[(
+                "PRISM_RELAY_CLICKHOUSE_URL",
+                "tcp://default:Zq7Odd/Pass@word@127.0.0.1:9000",
+            )]),
+        )
+        .expect_err("not an HTTP URL");
+        let text = err.to_string();
+        assert!(text.contains("clickhouse.url"), "{text}");
+        assert!(!text.contains("Zq7Odd") && !text.contains(SECRET), "{text}");
     }
 
     #[test]

@@ -12,6 +12,14 @@
 //! clients), and closes every connection `request_timeout_ms` after it was accepted (a client that
 //! does not read its answer). Connections serve one request each (no keep-alive), so the last
 //! bound is the whole request's.
+//!
+//! Slow clients holding all `connections_max` connections must not fail the liveness probe: an
+//! orchestrator would restart a healthy relay. So while every regular connection is taken, up to
+//! [`PROBE_CONNECTIONS_MAX`] more are accepted into a reserve that answers only `/health` and
+//! `/ready` (`/metrics` gets 503 and the scraper retries) and closes a connection whose headers do
+//! not arrive within [`PROBE_HEADER_READ_TIMEOUT_MS`]: a probe sends its request at once, while an
+//! idle client parked in the reserve loses its slot within that time. The descriptor bound is
+//! `connections_max + PROBE_CONNECTIONS_MAX`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,11 +38,25 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::MetricsConfig;
+use crate::logcond::{Condition, Occurrence};
 use crate::metrics::{self, Metrics};
 
 /// Pause after a failed `accept` (for example EMFILE while descriptors are short), so the loop
 /// does not spin while the condition lasts; short enough that scrapes resume promptly.
 const ACCEPT_ERROR_PAUSE_MS: u64 = 100;
+
+/// Connections accepted beyond `connections_max` for `/health` and `/ready` only, while the
+/// regular ones are all taken: two, so one probe and one readiness check pass at once; a handful
+/// of extra descriptors at most.
+pub const PROBE_CONNECTIONS_MAX: usize = 2;
+
+/// Time a reserved probe connection has to send its request headers (ms): a probe sends them at
+/// once, so a second is generous, and an idle client holds a reserved slot no longer than that.
+pub const PROBE_HEADER_READ_TIMEOUT_MS: u64 = 1_000;
+
+/// Time a reserved probe connection is kept at most, from accept (ms): answering `/health` takes
+/// microseconds, so this only bounds a client that does not read its answer.
+pub const PROBE_REQUEST_TIMEOUT_MS: u64 = 2_000;
 
 /// The bounds of the endpoint, from `[metrics]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,27 +114,52 @@ pub async fn serve(
         .route("/metrics", get(render_metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .with_state(shared.clone());
+    let probe_app = Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .fallback(busy)
         .with_state(shared);
     let permits = Arc::new(Semaphore::new(limits.connections_max.max(1)));
+    let probe_permits = Arc::new(Semaphore::new(PROBE_CONNECTIONS_MAX));
+    let probe_limits = HttpLimits {
+        connections_max: PROBE_CONNECTIONS_MAX,
+        header_read_timeout: Duration::from_millis(PROBE_HEADER_READ_TIMEOUT_MS)
+            .min(limits.header_read_timeout),
+        request_timeout: Duration::from_millis(PROBE_REQUEST_TIMEOUT_MS)
+            .min(limits.request_timeout),
+    };
+    // Accept errors repeat every ACCEPT_ERROR_PAUSE_MS while they last (and a client can provoke
+    // them), so they are logged as a condition: when they start, periodically, and when they end.
+    let mut accept_failing = Condition::default();
     loop {
-        // Take a slot before accepting: past the cap, connections wait in the listen queue.
-        let permit = tokio::select! {
+        // Take a slot before accepting: past the cap and the probe reserve, connections wait in
+        // the listen queue. A regular slot is preferred whenever one is free.
+        let (permit, app, limits) = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
             permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
+                Ok(permit) => (permit, &app, limits),
                 // The semaphore is never closed; stop serving if it ever is.
                 Err(_) => return Ok(()),
             },
-            _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
+            permit = probe_permits.clone().acquire_owned() => match permit {
+                Ok(permit) => (permit, &probe_app, probe_limits),
+                Err(_) => return Ok(()),
+            },
         };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
         };
         let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
+            Ok(accepted) => {
+                log_accept_ok(&mut accept_failing);
+                accepted
+            }
             Err(error) => {
                 // Not fatal: descriptors may be short for a moment, or the peer left already.
-                tracing::warn!(%error, "accepting a connection on the metrics port failed");
+                log_accept_error(&mut accept_failing, &error);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_PAUSE_MS)) => {}
                     _ = shutdown.wait_for(|stop| *stop) => return Ok(()),
@@ -140,6 +187,37 @@ pub async fn serve(
             }
         });
     }
+}
+
+/// Logs a failed accept through `failing` (see [`crate::logcond`]).
+fn log_accept_error(failing: &mut Condition, error: &std::io::Error) {
+    match failing.occurred() {
+        Some(Occurrence::Started) => {
+            tracing::warn!(%error, "accepting a connection on the metrics port failed")
+        }
+        Some(o) => tracing::warn!(%error, failures = o.count(), lasted_s = o.lasted_s(),
+            "accepting connections on the metrics port still fails"),
+        None => {}
+    }
+}
+
+/// Logs the end of failing accepts, if they were failing.
+fn log_accept_ok(failing: &mut Condition) {
+    if let Some(ended) = failing.cleared() {
+        tracing::info!(
+            failures = ended.count,
+            lasted_ms = ended.lasted.as_millis() as u64,
+            "accepting connections on the metrics port works again"
+        );
+    }
+}
+
+/// What a reserved probe connection answers for anything but `/health` and `/ready`.
+async fn busy() -> impl IntoResponse {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "metrics port busy: every connection is taken; retry\n",
+    )
 }
 
 async fn render_metrics(State(shared): State<Shared>) -> impl IntoResponse {
@@ -172,5 +250,29 @@ async fn ready(State(shared): State<Shared>) -> impl IntoResponse {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_repeating_every_pause_log_a_start_and_an_end_not_one_line_each() {
+        const FAILURES: usize = 200;
+        // A reminder interval longer than any test run: only the start and the end are due.
+        let mut failing = Condition::new(Duration::from_secs(3_600));
+        let error = std::io::Error::from_raw_os_error(24);
+        let logs = crate::logcond::captured_logs(|| {
+            for _ in 0..FAILURES {
+                log_accept_error(&mut failing, &error);
+            }
+            log_accept_ok(&mut failing);
+            log_accept_ok(&mut failing);
+        });
+        let failed = logs.lines().filter(|l| l.contains("WARN")).count();
+        let again = logs.lines().filter(|l| l.contains("works again")).count();
+        assert_eq!((failed, again), (1, 1), "{logs}");
+        assert!(logs.contains(&format!("failures={FAILURES}")), "{logs}");
     }
 }

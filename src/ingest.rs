@@ -74,6 +74,8 @@ pub async fn run(
     let mut files_exhausted = Condition::default();
     let mut budget_full = Condition::default();
     let mut fetch_failing = Condition::default();
+    // Messages too large for the WAL: events a publisher controls, summarised the same way.
+    let mut oversized = Condition::default();
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -136,17 +138,20 @@ pub async fn run(
         let envelopes: Vec<Envelope<'_>> = batch
             .iter()
             .map(|m| {
-                fit_for_wal(Envelope {
-                    stream: Cow::Borrowed(m.stream()),
-                    stream_seq: StreamSeq(m.stream_seq()),
-                    subject: Cow::Borrowed(m.subject()),
-                    headers: m
-                        .record_headers()
-                        .map(|(name, value)| (Cow::Borrowed(name), Cow::Borrowed(value)))
-                        .collect(),
-                    published_ns: m.published_ns(),
-                    payload: Cow::Borrowed(m.payload()),
-                })
+                fit_for_wal(
+                    Envelope {
+                        stream: Cow::Borrowed(m.stream()),
+                        stream_seq: StreamSeq(m.stream_seq()),
+                        subject: Cow::Borrowed(m.subject()),
+                        headers: m
+                            .record_headers()
+                            .map(|(name, value)| (Cow::Borrowed(name), Cow::Borrowed(value)))
+                            .collect(),
+                        published_ns: m.published_ns(),
+                        payload: Cow::Borrowed(m.payload()),
+                    },
+                    &mut oversized,
+                )
             })
             .collect();
 
@@ -257,7 +262,10 @@ pub fn record_body_bytes(envelope: &Envelope<'_>) -> u64 {
 /// [`DEAD_LETTER_PAYLOAD_BYTES_MAX`], and one header, [`DEAD_LETTER_HEADER`], with the reason.
 /// Other headers are dropped: they may be what makes the message too large, and a dead letter
 /// does not use them.
-pub fn fit_for_wal(envelope: Envelope<'_>) -> Envelope<'_> {
+///
+/// Each such message is an event a publisher controls, so it is logged through `oversized`: the
+/// first at once, then one line per reminder interval with the count so far, never one per message.
+pub fn fit_for_wal<'a>(envelope: Envelope<'a>, oversized: &mut Condition) -> Envelope<'a> {
     let body_bytes = record_body_bytes(&envelope);
     if body_bytes <= RECORD_BYTES_MAX as u64 {
         return envelope;
@@ -268,8 +276,15 @@ pub fn fit_for_wal(envelope: Envelope<'_>) -> Envelope<'_> {
         "message of {body_bytes} bytes as a WAL record (payload {payload_bytes} bytes) exceeds \
          the WAL record limit of {RECORD_BYTES_MAX} bytes; first {kept} payload bytes kept"
     );
-    tracing::warn!(stream = %envelope.stream, stream_seq = envelope.stream_seq.0,
-        subject = %envelope.subject, %reason, "message too large for the WAL: written as a dead letter");
+    match oversized.occurred() {
+        Some(Occurrence::Started) => tracing::warn!(stream = %envelope.stream,
+            stream_seq = envelope.stream_seq.0, subject = %envelope.subject, %reason,
+            "message too large for the WAL: written as a dead letter (further ones are summarised periodically)"),
+        Some(o) => tracing::warn!(stream = %envelope.stream, stream_seq = envelope.stream_seq.0,
+            subject = %envelope.subject, %reason, oversized_so_far = o.count(),
+            "messages too large for the WAL keep arriving: written as dead letters"),
+        None => {}
+    }
     let payload = match envelope.payload {
         Cow::Borrowed(bytes) => Cow::Borrowed(&bytes[..kept]),
         Cow::Owned(mut bytes) => {
@@ -359,15 +374,16 @@ mod tests {
             Err(WalError::RecordTooLarge { bytes, .. }) if bytes as u64 == limit + 1
         ));
         // At the limit the message is written as it is; one byte more makes it a dead letter.
-        assert_eq!(fit_for_wal(at_limit.clone()), at_limit);
-        assert!(dead_letter_reason(&fit_for_wal(over)).is_some());
+        let mut oversized = Condition::default();
+        assert_eq!(fit_for_wal(at_limit.clone(), &mut oversized), at_limit);
+        assert!(dead_letter_reason(&fit_for_wal(over, &mut oversized)).is_some());
     }
 
     #[test]
     fn a_message_too_large_for_the_wal_becomes_a_dead_letter_record_with_its_identity_and_reason() {
         let payload: Vec<u8> = (0..RECORD_BYTES_MAX + 1024).map(|i| i as u8).collect();
         let original = envelope(payload.clone());
-        let record = fit_for_wal(original.clone());
+        let record = fit_for_wal(original.clone(), &mut Condition::default());
         assert_eq!(record.stream, original.stream);
         assert_eq!(record.stream_seq, original.stream_seq);
         assert_eq!(record.subject, original.subject);
@@ -385,5 +401,27 @@ mod tests {
         assert!(reason.contains(&RECORD_BYTES_MAX.to_string()), "{reason}");
         assert!(record_body_bytes(&record) <= RECORD_BYTES_MAX as u64);
         assert!(encode_record(&mut Vec::new(), Lsn(1), &record).is_ok());
+    }
+
+    #[test]
+    fn a_flood_of_oversized_messages_logs_one_line_not_one_per_message() {
+        const FLOOD: usize = 200;
+        // A reminder interval longer than any test run: only the first line is due.
+        const REMINDER: Duration = Duration::from_secs(3_600);
+        let over = envelope_of_body(RECORD_BYTES_MAX as u64 + 1);
+        let mut oversized = Condition::new(REMINDER);
+        let logs = crate::logcond::captured_logs(|| {
+            for _ in 0..FLOOD {
+                let record = fit_for_wal(over.clone(), &mut oversized);
+                assert!(dead_letter_reason(&record).is_some());
+            }
+        });
+        let lines = logs.lines().filter(|l| l.contains("too large")).count();
+        assert_eq!(
+            lines,
+            1,
+            "{} log lines for {FLOOD} messages",
+            logs.lines().count()
+        );
     }
 }

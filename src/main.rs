@@ -263,6 +263,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             config,
             mut options,
         }) => {
+            options.refuse_secrets_in_flags()?;
             if let Some(config) = config.load()? {
                 options.nats_url = config.nats.url.clone();
                 options.nats = Some(config.nats);
@@ -279,6 +280,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             config,
             mut options,
         }) => {
+            options.refuse_secrets_in_flags()?;
             if let Some(config) = config.load()? {
                 options.nats_url = config.nats.url.clone();
                 options.nats = Some(config.nats);
@@ -319,6 +321,10 @@ async fn shutdown_signal() {
 async fn check(config: &Config) -> Result<ExitCode> {
     let mut ok = true;
     println!("config: ok");
+    // A finding, not a failure: the relay runs, only a poisoned delivery needs the operator.
+    if let Some(limitation) = source::rescue_unavailable(&config.nats) {
+        println!("nats: warning: {limitation}");
+    }
     let client = source::connect(&config.nats).await?;
     let js = source::jetstream(client, &config.nats);
     for outcome in source::check_streams(&js, &config.stream).await? {

@@ -11,10 +11,16 @@
 //! - the value of a `password = ...` or `token = ...` assignment, as a TOML parse error quotes the
 //!   offending line of the configuration file.
 //!
+//! - every exact value registered with [`register_secret`]: the binary registers the secrets it
+//!   loaded (passwords, tokens, passwords of URLs, from files or the environment), so a secret a
+//!   server or library echoes outside a URL or an assignment, or one whose characters (`/`, `@`,
+//!   `:`) defeat the patterns above, is hidden too.
+//!
 //! Secrets held in configuration fields never reach text in the first place: `Debug` of the
 //! configuration prints [`REDACTED`] for them.
 
 use std::borrow::Cow;
+use std::sync::RwLock;
 
 /// What a secret is replaced with.
 pub const REDACTED: &str = "<redacted>";
@@ -22,8 +28,82 @@ pub const REDACTED: &str = "<redacted>";
 /// Keys whose assigned value is a secret, as the configuration file spells them.
 const SECRET_KEYS: [&str; 2] = ["password", "token"];
 
+/// Registered secrets a process may hold at most: a relay loads three (NATS password or token,
+/// ClickHouse password, a URL's password each), so this only stops a caller registering in a loop
+/// from growing the list without bound.
+const REGISTERED_SECRETS_MAX: usize = 64;
+
+/// Exact secret values hidden wherever they appear, longest first (so a secret that contains
+/// another is replaced whole). A lock, not a channel: registration happens at start-up, reads on
+/// every log line, and neither holds it for longer than a string search.
+static REGISTERED: RwLock<Vec<String>> = RwLock::new(Vec::new());
+
+/// Registers `secret` so that [`redact`] hides it wherever it appears. Empty values are ignored
+/// (they would match everywhere); past [`REGISTERED_SECRETS_MAX`] further values are ignored.
+pub fn register_secret(secret: &str) {
+    if secret.is_empty() {
+        return;
+    }
+    // A poisoned lock only means a panic elsewhere while holding it; the list itself is valid.
+    let mut registered = REGISTERED.write().unwrap_or_else(|e| e.into_inner());
+    if registered.len() >= REGISTERED_SECRETS_MAX || registered.iter().any(|s| s == secret) {
+        return;
+    }
+    registered.push(secret.to_owned());
+    registered.sort_by_key(|s| std::cmp::Reverse(s.len()));
+}
+
+/// `text` with every registered secret replaced by [`REDACTED`].
+fn redact_registered(text: &str) -> Cow<'_, str> {
+    let registered = REGISTERED.read().unwrap_or_else(|e| e.into_inner());
+    let mut out = Cow::Borrowed(text);
+    for secret in registered.iter() {
+        if out.contains(secret.as_str()) {
+            out = Cow::Owned(out.replace(secret.as_str(), REDACTED));
+        }
+    }
+    out
+}
+
 /// `text` with every secret it shows replaced by [`REDACTED`] (see the module documentation).
 pub fn redact(text: &str) -> Cow<'_, str> {
+    match redact_registered(text) {
+        Cow::Borrowed(text) => redact_patterns(text),
+        Cow::Owned(text) => Cow::Owned(redact_patterns(&text).into_owned()),
+    }
+}
+
+/// The secrets of the user info of every URL in `text` (one URL or a comma-separated list): the
+/// password of `scheme://user:password@host`, and the whole user info of `scheme://name@host` when
+/// `bare_user_is_secret` (NATS reads it as a token; for HTTP it is only a user name).
+pub fn url_secrets(text: &str, bare_user_is_secret: bool) -> Vec<&str> {
+    let mut secrets = Vec::new();
+    for word in text.split(|c: char| c == ',' || is_separator(c)) {
+        let (scheme, rest) = match word.find("://") {
+            Some(at) => word.split_at(at + "://".len()),
+            None => ("", word),
+        };
+        // A password may hold an unencoded '/' or '@', so the user info ends at the last '@'
+        // before the query or fragment.
+        let before_query = &rest[..rest.find(['?', '#']).unwrap_or(rest.len())];
+        let Some(at) = before_query.rfind('@') else {
+            continue;
+        };
+        let userinfo = &rest[..at];
+        match userinfo.split_once(':') {
+            Some((_user, password)) if !password.is_empty() => secrets.push(password),
+            Some(_) => {}
+            None if bare_user_is_secret && !scheme.is_empty() && !userinfo.is_empty() => {
+                secrets.push(userinfo)
+            }
+            None => {}
+        }
+    }
+    secrets
+}
+
+/// `text` with the secrets of URLs and assignments hidden.
+fn redact_patterns(text: &str) -> Cow<'_, str> {
     if !text.contains('@') && !SECRET_KEYS.iter().any(|k| text.contains(k)) {
         return Cow::Borrowed(text);
     }
@@ -198,6 +278,54 @@ mod tests {
             "{shown}"
         );
         assert_eq!(redact("token=abc"), "token=<redacted>");
+    }
+
+    #[test]
+    fn registered_secrets_are_hidden_wherever_they_appear() {
+        // Characters that end a URL's authority or a word, so the URL pattern cannot find them.
+        const SECRET: &str = "Zq7/Re:gi@st(er)ed";
+        let text = format!("auth failed for password {SECRET} at nats://alice:{SECRET}@h:4222");
+        let before = redact(&text).into_owned();
+        assert!(
+            before.contains("Zq7/Re"),
+            "the patterns alone miss it: {before}"
+        );
+        register_secret(SECRET);
+        register_secret("");
+        let shown = redact(&text);
+        assert!(
+            !shown.contains("Zq7/Re") && !shown.contains("st(er)ed"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("auth failed for password <redacted>"),
+            "{shown}"
+        );
+        assert_eq!(redact("nothing secret here"), "nothing secret here");
+    }
+
+    #[test]
+    fn url_secrets_finds_passwords_and_nats_tokens_but_not_user_names() {
+        assert_eq!(
+            url_secrets("nats://a:p/w@h1:4222,tls://tok@h2:4222,h3:4222", true),
+            vec!["p/w", "tok"]
+        );
+        assert_eq!(
+            url_secrets("http://default@ch:8123", false),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            url_secrets("http://default:p@ss@ch:8123/?db=x", false),
+            vec!["p@ss"]
+        );
+        assert_eq!(
+            url_secrets("http://127.0.0.1:8123", false),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            url_secrets("http://ch:8123/?q=a@b", false),
+            Vec::<&str>::new()
+        );
     }
 
     #[test]

@@ -395,8 +395,12 @@ impl Fetcher {
         for delivery in raw {
             let mut delivered = self.delivered(delivery.message)?;
             if let Some(mark) = delivery.dead_letter {
-                tracing::warn!(stream = %self.stream, durable = %self.durable, seq = delivered.stream_seq,
-                    reason = %mark.reason, "delivery the NATS client cannot read: dead-lettered");
+                self.rescue.log_dead_letter(
+                    &self.stream,
+                    &self.durable,
+                    delivered.stream_seq,
+                    &mark.reason,
+                );
                 delivered.dead_letter = Some(Box::new(mark));
             }
             messages.push(delivered);

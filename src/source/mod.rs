@@ -41,7 +41,9 @@ mod rescue;
 mod setup;
 
 pub use fetch::{AckSummary, Backlog, Batch, Fetcher, MessageRef, SELECTED_HEADERS};
-pub use rescue::{RescueError, DEAD_LETTER_HEADER, RAW_SUBJECT_HEADER, RESCUE_ACK_WAITS_MAX};
+pub use rescue::{
+    rescue_unavailable, RescueError, DEAD_LETTER_HEADER, RAW_SUBJECT_HEADER, RESCUE_ACK_WAITS_MAX,
+};
 pub use setup::{
     check_consumer, check_streams, ensure_consumer, ensure_streams, ConsumerOutcome, Drift,
     SetupAction, StreamOutcome,

@@ -70,6 +70,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::config::NatsConfig;
+use crate::logcond::{Condition, Occurrence};
 
 /// WAL record header whose presence routes the record to dead letters; its value is the reason.
 pub use crate::drain::route::DEAD_LETTER_HEADER;
@@ -161,6 +162,9 @@ pub(crate) struct Rescue {
     /// The client's connect count when the last pull began.
     last_connects: Option<u64>,
     phase: Phase,
+    /// Dead letters made of deliveries the client cannot read: events a publisher controls, so
+    /// they are logged the first time and then summarised once per reminder interval.
+    dead_letters: Condition,
 }
 
 enum Phase {
@@ -186,16 +190,66 @@ pub(crate) enum Step {
     Raw { target: u64 },
 }
 
+/// Why rescue pulls cannot work with the connection `nats` configures, as a sentence for the
+/// start-up log and `check` that also says what the operator does about it; `None` when they can
+/// (as far as the configuration shows: a server that requires TLS behind a `nats://` URL is only
+/// found out at a rescue's connect, and logged then).
+pub fn rescue_unavailable(nats: &NatsConfig) -> Option<String> {
+    let reason = if nats.creds_file.is_some() {
+        "the connection authenticates with a .creds file (nats.creds_file), whose NKey signature \
+         the rescue's raw connection does not implement"
+            .to_owned()
+    } else {
+        let url = nats.url.split(',').map(str::trim).find(|url| {
+            let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+            matches!(scheme, "tls" | "ws" | "wss")
+        })?;
+        format!(
+            "the connection uses {}, which the rescue's raw connection (plain NATS over TCP) does \
+             not speak",
+            crate::redact::redact(url)
+        )
+    };
+    Some(format!(
+        "deliveries with a subject that is not UTF-8 (or a malformed header) cannot be rescued: \
+         {reason}. Such a delivery drops the NATS client's connection at every redelivery and \
+         stays pending (it is not lost while the stream keeps it). If the relay keeps \
+         reconnecting to NATS with messages pending, find the first unacknowledged stream \
+         sequence past the ack floor (nats consumer info <stream> <durable>) and remove it \
+         (nats stream rmm <stream> <seq>), or connect the relay over nats:// with user/password \
+         or token authentication on a trusted network"
+    ))
+}
+
 impl Rescue {
     pub(crate) fn disabled() -> Rescue {
         Rescue {
             nats: None,
             last_connects: None,
             phase: Phase::Idle,
+            dead_letters: Condition::default(),
+        }
+    }
+
+    /// Logs a delivery the client cannot read that became a dead letter: the first one at once,
+    /// then one line per reminder interval with the count so far, so a publisher of poisoned
+    /// subjects cannot flood the log.
+    pub(crate) fn log_dead_letter(&mut self, stream: &str, durable: &str, seq: u64, reason: &str) {
+        match self.dead_letters.occurred() {
+            Some(Occurrence::Started) => tracing::warn!(%stream, %durable, seq, %reason,
+                "delivery the NATS client cannot read: dead-lettered (further ones are summarised periodically)"),
+            Some(o) => {
+                tracing::warn!(%stream, %durable, seq, %reason, dead_letters_so_far = o.count(),
+                "deliveries the NATS client cannot read keep arriving: dead-lettered")
+            }
+            None => {}
         }
     }
 
     pub(crate) fn enable(&mut self, nats: &NatsConfig) {
+        if let Some(limitation) = rescue_unavailable(nats) {
+            tracing::warn!("{limitation}");
+        }
         self.nats = Some(nats.clone());
     }
 
@@ -859,5 +913,65 @@ mod tests {
             }
             _ => panic!("expected a status"),
         }
+    }
+
+    #[test]
+    fn a_flood_of_unreadable_deliveries_logs_one_line_not_one_per_dead_letter() {
+        const FLOOD: u64 = 200;
+        let mut rescue = Rescue::disabled();
+        // A reminder interval longer than any test run: only the first line is due.
+        rescue.dead_letters = Condition::new(Duration::from_secs(3_600));
+        let logs = crate::logcond::captured_logs(|| {
+            for seq in 1..=FLOOD {
+                rescue.log_dead_letter("S", "d", seq, "subject is not UTF-8");
+            }
+        });
+        let lines = logs.lines().filter(|l| l.contains("dead-lettered")).count();
+        assert_eq!(lines, 1, "{logs}");
+    }
+
+    #[test]
+    fn tls_websocket_and_creds_connections_are_named_as_unable_to_rescue_with_what_to_do() {
+        let nats = |url: &str, creds: Option<&str>| NatsConfig {
+            url: url.to_owned(),
+            creds_file: creds.map(Into::into),
+            ..NatsConfig::default()
+        };
+        for (config, names) in [
+            (
+                nats("tls://alice:pw@h:4222", None),
+                "tls://alice:<redacted>@h:4222",
+            ),
+            (nats("nats://a:4222, wss://b:443", None), "wss://b:443"),
+            (nats("nats://h:4222", Some("/etc/relay.creds")), ".creds"),
+        ] {
+            let text = rescue_unavailable(&config).expect("the rescue cannot work");
+            assert!(text.contains(names), "{text}");
+            assert!(!text.contains(":pw@"), "{text}");
+            assert!(
+                text.contains("not UTF-8") && text.contains("nats stream rmm"),
+                "{text}"
+            );
+        }
+        assert_eq!(
+            rescue_unavailable(&nats("nats://a:4222,127.0.0.1:4223", None)),
+            None
+        );
+    }
+
+    #[test]
+    fn enabling_the_rescue_on_a_tls_connection_logs_one_warning() {
+        let config = NatsConfig {
+            url: "tls://127.0.0.1:4222".to_owned(),
+            ..NatsConfig::default()
+        };
+        let mut rescue = Rescue::disabled();
+        let logs = crate::logcond::captured_logs(|| rescue.enable(&config));
+        let warns: Vec<&str> = logs.lines().filter(|l| l.contains("WARN")).collect();
+        assert_eq!(warns.len(), 1, "{logs}");
+        assert!(warns[0].contains("cannot be rescued"), "{logs}");
+        let plain = NatsConfig::default();
+        let logs = crate::logcond::captured_logs(|| Rescue::disabled().enable(&plain));
+        assert!(!logs.contains("WARN"), "{logs}");
     }
 }

@@ -216,6 +216,12 @@ impl LoadgenOptions {
         }
     }
 
+    /// Refuses a `--nats-url` that carries credentials (see
+    /// [`super::refuse_secret_in_flag`]); run before the configuration replaces the flag.
+    pub fn refuse_secrets_in_flags(&self) -> Result<(), ToolError> {
+        super::refuse_secret_in_flag("--nats-url", "NATS", &self.nats_url)
+    }
+
     fn validate(&self) -> Result<(), ToolError> {
         if self.count.is_none() && self.duration_s.is_none() {
             return Err(ToolError::Options(
@@ -630,6 +636,20 @@ mod tests {
         assert_eq!(o.orderbook_depth, 100);
         assert_eq!(o.run_id.as_deref(), Some("r7"));
         assert!(!o.progress);
+    }
+
+    #[test]
+    fn a_nats_url_flag_with_credentials_is_refused() {
+        let cli = Cli::try_parse_from(["loadgen", "--nats-url", "nats://a:pw@h:1"]).unwrap();
+        assert!(matches!(
+            cli.opts.refuse_secrets_in_flags(),
+            Err(ToolError::SecretInFlag {
+                flag: "--nats-url",
+                ..
+            })
+        ));
+        let cli = Cli::try_parse_from(["loadgen", "--nats-url", "nats://h:1"]).unwrap();
+        cli.opts.refuse_secrets_in_flags().expect("no secret");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::str::FromStr;
 use async_nats::{ConnectOptions, ServerAddr};
 
 use crate::config::NatsConfig;
-use crate::redact::redact;
+use crate::redact::{self, redact};
 
 /// Errors of the operator tools.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +60,12 @@ pub enum ToolError {
     /// The stream named in the options does not exist.
     #[error("stream {0} does not exist")]
     StreamNotFound(String),
+    /// A URL flag carries credentials, which any user of the host sees in `ps`.
+    #[error("{flag} holds credentials, which show in `ps`: remove them from the URL and pass --config relay.toml, whose secrets come from password_file/token_file or PRISM_RELAY_{section}_PASSWORD, _TOKEN or _URL")]
+    SecretInFlag {
+        flag: &'static str,
+        section: &'static str,
+    },
 }
 
 impl ToolError {
@@ -74,6 +80,23 @@ impl ToolError {
 /// The eight MarketPrism data types, shared with the relay's codec so the tools route subjects
 /// exactly as the relay does.
 pub use crate::codec::DataType;
+
+/// Refuses the URL of command-line flag `flag` when it carries credentials (a password, or for
+/// NATS a token as the whole user info): a command line is visible to every user of the host.
+/// `section` is the configuration section whose variables take the secret instead (`NATS`,
+/// `CLICKHOUSE`).
+pub fn refuse_secret_in_flag(
+    flag: &'static str,
+    section: &'static str,
+    url: &str,
+) -> Result<(), ToolError> {
+    let bare_user_is_secret = section == "NATS";
+    if redact::url_secrets(url, bare_user_is_secret).is_empty() {
+        Ok(())
+    } else {
+        Err(ToolError::SecretInFlag { flag, section })
+    }
+}
 
 /// Connects to NATS (`url` may list several servers, comma separated) with a name that shows up
 /// in the server's connection list, authenticating as `auth` says when given (the relay's
@@ -127,6 +150,40 @@ pub(crate) async fn connect_nats(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_flag_with_credentials_is_refused_naming_the_flag_and_the_fix_but_not_the_secret() {
+        const SECRET: &str = "Zq7MarkerSecretXy";
+        for (flag, section, url) in [
+            (
+                "--nats-url",
+                "NATS",
+                format!("nats://alice:{SECRET}@h:4222"),
+            ),
+            (
+                "--nats-url",
+                "NATS",
+                format!("nats://h1:4222,nats://{SECRET}@h2:4222"),
+            ),
+            (
+                "--clickhouse-url",
+                "CLICKHOUSE",
+                format!("http://default:{SECRET}@ch:8123"),
+            ),
+        ] {
+            let err = refuse_secret_in_flag(flag, section, &url).expect_err(flag);
+            let text = err.to_string();
+            assert!(!text.contains(SECRET), "{text}");
+            assert!(text.contains(flag) && text.contains("--config"), "{text}");
+            assert!(
+                text.contains(&format!("PRISM_RELAY_{section}_PASSWORD")),
+                "{text}"
+            );
+        }
+        refuse_secret_in_flag("--nats-url", "NATS", "nats://127.0.0.1:4222").expect("no secret");
+        refuse_secret_in_flag("--clickhouse-url", "CLICKHOUSE", "http://default@ch:8123")
+            .expect("a user name is no secret");
+    }
 
     #[test]
     fn data_type_names_round_trip_and_route_subjects_by_first_token() {

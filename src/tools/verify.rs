@@ -28,8 +28,9 @@ use clickhouse::sql::Identifier;
 use futures_util::StreamExt as _;
 use serde::Deserialize;
 
-use super::{connect_nats, DataType, ToolError};
+use super::{connect_nats, refuse_secret_in_flag, DataType, ToolError};
 use crate::config::NatsConfig;
+use crate::redact::{redact, REDACTED};
 
 /// Lost and duplicated identities kept per table for the report, as examples to look up.
 pub const SAMPLE_MAX: usize = 10;
@@ -38,8 +39,9 @@ pub const SAMPLE_MAX: usize = 10;
 /// the number of ClickHouse round trips small.
 pub const CHUNK_SEQS_DEFAULT: u64 = 1_000_000;
 
-/// Options of `verify`; also its command-line flags.
-#[derive(Debug, Clone, PartialEq, clap::Args)]
+/// Options of `verify`; also its command-line flags. `Debug` is written out so that it never
+/// shows the password or a URL's credentials.
+#[derive(Clone, PartialEq, clap::Args)]
 pub struct VerifyOptions {
     /// NATS server URL.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
@@ -83,6 +85,40 @@ pub struct VerifyOptions {
     /// Fail when the stream sends nothing for this long while messages are still expected.
     #[arg(long, default_value_t = 5_000)]
     pub idle_timeout_ms: u64,
+}
+
+impl fmt::Debug for VerifyOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let password = if self.clickhouse_password.is_empty() {
+            ""
+        } else {
+            REDACTED
+        };
+        f.debug_struct("VerifyOptions")
+            .field("nats_url", &redact(&self.nats_url))
+            .field("streams", &self.streams)
+            .field("from_seq", &self.from_seq)
+            .field("to_seq", &self.to_seq)
+            .field("clickhouse_url", &redact(&self.clickhouse_url))
+            .field("clickhouse_user", &self.clickhouse_user)
+            .field("clickhouse_password", &password)
+            .field("nats", &self.nats)
+            .field("database", &self.database)
+            .field("dead_letter_table", &self.dead_letter_table)
+            .field("clickhouse_validation", &self.clickhouse_validation)
+            .field("chunk_seqs", &self.chunk_seqs)
+            .field("idle_timeout_ms", &self.idle_timeout_ms)
+            .finish()
+    }
+}
+
+impl VerifyOptions {
+    /// Refuses URL flags that carry credentials (see [`refuse_secret_in_flag`]); run before the
+    /// configuration replaces the flags.
+    pub fn refuse_secrets_in_flags(&self) -> Result<(), ToolError> {
+        refuse_secret_in_flag("--nats-url", "NATS", &self.nats_url)?;
+        refuse_secret_in_flag("--clickhouse-url", "CLICKHOUSE", &self.clickhouse_url)
+    }
 }
 
 impl Default for VerifyOptions {
@@ -855,6 +891,51 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         opts: VerifyOptions,
+    }
+
+    #[test]
+    fn debug_output_of_the_options_hides_the_password_and_url_credentials() {
+        const SECRET: &str = "Zq7MarkerSecretXy";
+        let opts = VerifyOptions {
+            nats_url: format!("nats://alice:{SECRET}@127.0.0.1:4222"),
+            clickhouse_url: format!("http://default:{SECRET}@127.0.0.1:8123"),
+            clickhouse_password: SECRET.into(),
+            ..VerifyOptions::default()
+        };
+        let shown = format!("{opts:?} {opts:#?}");
+        assert!(!shown.contains(SECRET), "{shown}");
+        assert!(
+            shown.contains("127.0.0.1:8123") && shown.contains("marketprism_hot"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn url_flags_with_credentials_are_refused() {
+        let parsed = Cli::try_parse_from(["verify", "--clickhouse-url", "http://u:pw@ch:8123"])
+            .unwrap()
+            .opts;
+        assert!(matches!(
+            parsed.refuse_secrets_in_flags(),
+            Err(ToolError::SecretInFlag {
+                flag: "--clickhouse-url",
+                ..
+            })
+        ));
+        let parsed = Cli::try_parse_from(["verify", "--nats-url", "nats://tok@h:4222"])
+            .unwrap()
+            .opts;
+        assert!(matches!(
+            parsed.refuse_secrets_in_flags(),
+            Err(ToolError::SecretInFlag {
+                flag: "--nats-url",
+                ..
+            })
+        ));
+        let parsed = Cli::try_parse_from(["verify"]).unwrap().opts;
+        parsed
+            .refuse_secrets_in_flags()
+            .expect("the defaults hold no secret");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Configuration mistakes are caught at start-up, by name: a custom dead-letter table works end
-//! to end, and `replay --database` validates the name like the configured one.
+//! to end, `replay --database` validates the name like the configured one, and `check` warns that
+//! a TLS or `.creds` connection cannot rescue deliveries with non-UTF-8 subjects.
 
 use std::fs;
 use std::time::{Duration, Instant};
@@ -65,4 +66,34 @@ async fn replay_into_a_database_that_is_not_an_identifier_is_refused_by_name() {
             "replay into {database:?} did not name the flag:\n{output}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_warns_that_a_tls_or_creds_connection_cannot_rescue_non_utf8_subjects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let closed = crate::harness::free_port();
+    let tls = format!("tls://127.0.0.1:{closed}");
+    let creds = dir.path().join("relay.creds").display().to_string();
+    for (env, names) in [
+        (vec![("PRISM_RELAY_NATS_URL", tls.as_str())], "tls://"),
+        (
+            vec![("PRISM_RELAY_NATS_CREDS_FILE", creds.as_str())],
+            ".creds",
+        ),
+    ] {
+        let (_, output) = command_with_env(&["check"], &env).await;
+        let line = output
+            .lines()
+            .find(|l| l.starts_with("nats: warning:"))
+            .unwrap_or_else(|| panic!("no warning line for {names}:\n{output}"));
+        assert!(
+            line.contains(names) && line.contains("not UTF-8") && line.contains("nats stream rmm"),
+            "{line}"
+        );
+    }
+    let plain = format!("nats://127.0.0.1:{closed}");
+    let (_, output) =
+        command_with_env(&["check"], &[("PRISM_RELAY_NATS_URL", plain.as_str())]).await;
+    assert!(output.contains("config: ok"), "{output}");
+    assert!(!output.contains("nats: warning:"), "{output}");
 }

@@ -1,11 +1,12 @@
 //! The metrics port cannot take the relay down: idle connections under a low file-descriptor
-//! limit neither stop ingest nor `/metrics`, and the relay closes them.
+//! limit neither stop ingest nor `/metrics`, and the relay closes them; and while slow clients
+//! hold every connection, `/health` and `/ready` still answer.
 
 use std::fs::{self, OpenOptions};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::harness::{http_get, relay_bin, wait_for, Bed, Load, RelayConfig, READY_TIMEOUT};
 
@@ -16,7 +17,7 @@ struct LimitedRelay {
 }
 
 impl LimitedRelay {
-    fn spawn(bed: &Bed, config: &RelayConfig, nofile: u32) -> LimitedRelay {
+    fn spawn(bed: &Bed, config: &RelayConfig, nofile: u32, env: &[(&str, &str)]) -> LimitedRelay {
         let config_path = config.write(&bed.path("limited.toml"));
         let log_path = bed.path("limited.log");
         let log = OpenOptions::new()
@@ -25,7 +26,8 @@ impl LimitedRelay {
             .open(&log_path)
             .expect("open relay log");
         let err = log.try_clone().expect("clone log handle");
-        let child = Command::new("prlimit")
+        let mut command = Command::new("prlimit");
+        command
             .arg(format!("--nofile={nofile}:{nofile}"))
             .arg(relay_bin())
             .arg("run")
@@ -35,10 +37,32 @@ impl LimitedRelay {
             .env_remove("PRISM_RELAY_CONFIG")
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(err)
-            .spawn()
-            .expect("spawn prlimit prism-relay");
+            .stderr(err);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("spawn prlimit prism-relay");
         LimitedRelay { child, log_path }
+    }
+
+    /// Polls `/ready` until it answers 200; panics with the log if the relay exits or the
+    /// deadline passes.
+    async fn wait_ready(&mut self, addr: std::net::SocketAddr) {
+        let ready_deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("relay exited with {status}; log:\n{}", self.log());
+            }
+            if let Ok((200, _)) = http_get(addr, "/ready").await {
+                break;
+            }
+            assert!(
+                Instant::now() < ready_deadline,
+                "relay not ready; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     fn log(&self) -> String {
@@ -65,22 +89,8 @@ async fn hundreds_of_idle_metrics_connections_under_a_low_fd_limit_neither_stop_
     let bed = Bed::start();
     let config = bed.config();
     let addr = config.metrics_addr();
-    let mut relay = LimitedRelay::spawn(&bed, &config, NOFILE);
-    let ready_deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Some(status) = relay.child.try_wait().expect("try_wait") {
-            panic!("relay exited with {status}; log:\n{}", relay.log());
-        }
-        if let Ok((200, _)) = http_get(addr, "/ready").await {
-            break;
-        }
-        assert!(
-            Instant::now() < ready_deadline,
-            "relay not ready; log:\n{}",
-            relay.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut relay = LimitedRelay::spawn(&bed, &config, NOFILE, &[]);
+    relay.wait_ready(addr).await;
 
     let mut idle = Vec::with_capacity(IDLE_CONNECTIONS);
     for _ in 0..IDLE_CONNECTIONS {
@@ -114,6 +124,67 @@ async fn hundreds_of_idle_metrics_connections_under_a_low_fd_limit_neither_stop_
         match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
             Ok(Ok(_)) | Ok(Err(_)) => {}
             Err(_) => panic!("idle connection {i} still open; log:\n{}", relay.log()),
+        }
+    }
+    assert!(
+        relay.child.try_wait().expect("try_wait").is_none(),
+        "relay exited; log:\n{}",
+        relay.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_ready_still_answer_while_slow_clients_hold_every_metrics_connection() {
+    /// Regular connections of the metrics port, all of which the test holds.
+    const CONNECTIONS_MAX: usize = 4;
+    let bed = Bed::start();
+    let config = bed.config();
+    let addr = config.metrics_addr();
+    // The longest header timeout: without a reserve, a probe would wait that long (past the
+    // client's own timeout) for a slow client's slot.
+    let mut relay = LimitedRelay::spawn(
+        &bed,
+        &config,
+        1024,
+        &[
+            ("PRISM_RELAY_METRICS_CONNECTIONS_MAX", "4"),
+            ("PRISM_RELAY_METRICS_HEADER_READ_TIMEOUT_MS", "60000"),
+            ("PRISM_RELAY_METRICS_REQUEST_TIMEOUT_MS", "120000"),
+        ],
+    );
+    relay.wait_ready(addr).await;
+
+    // Slow clients: each sends half a request line and stalls, holding a regular connection.
+    let mut slow = Vec::with_capacity(CONNECTIONS_MAX);
+    for _ in 0..CONNECTIONS_MAX {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("open a slow connection");
+        stream
+            .write_all(b"GET /met")
+            .await
+            .expect("send a partial request");
+        slow.push(stream);
+    }
+
+    for path in ["/health", "/ready"] {
+        let answer = http_get(addr, path).await;
+        assert!(
+            matches!(answer, Ok((200, _))),
+            "{path} while every connection is held: {answer:?}; log:\n{}",
+            relay.log()
+        );
+    }
+    let (status, body) = http_get(addr, "/metrics").await.expect("GET /metrics");
+    assert_eq!(status, 503, "/metrics on a reserved connection: {body}");
+    assert!(body.contains("busy"), "{body}");
+
+    // The slow clients were still holding their connections all along: none was closed.
+    for (i, stream) in slow.iter().enumerate() {
+        let mut buf = [0u8; 64];
+        match stream.try_read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("slow connection {i} was answered or closed: {other:?}"),
         }
     }
     assert!(

@@ -1,11 +1,12 @@
-//! Secrets never leak: every command, run on configurations holding a marker secret in every
-//! place a secret can go (URLs, password and token fields, files, the environment), keeps it out
-//! of its output and logs, and no flag takes a password.
+//! Secrets never leak: every command, run with a marker secret in every place a secret can go
+//! (password and token files, the environment, URLs given in the environment), keeps it out of
+//! its output and logs; a configuration file holding a secret is refused without showing it; and
+//! no flag takes a password, nor a URL flag credentials.
 
 use std::fs;
 
 use super::command_with_env;
-use crate::harness::{free_port, wait_until, Bed, RelayConfig, RelayProc, READY_TIMEOUT, STREAMS};
+use crate::harness::{free_port, relay_bin, wait_until, Bed, RelayConfig, READY_TIMEOUT, STREAMS};
 
 /// A secret no output may ever show.
 const MARKER: &str = "Zq7MarkerSecretXy";
@@ -44,10 +45,11 @@ async fn no_command_prints_a_secret_held_in_any_place_of_the_configuration() {
     let secret_file = dir.join("secret");
     fs::write(&secret_file, format!("{MARKER}\n")).expect("write secret file");
 
-    // 1. A password in an unreachable NATS URL: check, run, verify and loadgen fail to connect.
-    let mut unreachable = bed.config();
-    unreachable.nats_url = format!("nats://alice:{MARKER}@127.0.0.1:{closed}");
-    let path = write("nats-url.toml", &unreachable);
+    // 1. A password in an unreachable NATS URL from the environment: check, run, verify and
+    // loadgen fail to connect.
+    let path = write("plain.toml", &bed.config());
+    let nats_url = format!("nats://alice:{MARKER}@127.0.0.1:{closed}");
+    let nats_env = [("PRISM_RELAY_NATS_URL", nats_url.as_str())];
     for args in [
         vec!["check", "--config", &path],
         vec!["run", "--config", &path],
@@ -62,39 +64,38 @@ async fn no_command_prints_a_secret_held_in_any_place_of_the_configuration() {
             "false",
         ],
     ] {
-        let (status, output) = command_with_env(&args, &[]).await;
+        let (status, output) = command_with_env(&args, &nats_env).await;
         assert!(!status.success(), "{args:?} succeeded:\n{output}");
         assert_hidden(&format!("{args:?}"), &output, "NATS");
     }
 
-    // 2. Invalid URLs holding a password: validation names the field, not the secret.
-    let mut bad_nats = bed.config();
-    bad_nats.nats_url = format!("http://alice:{MARKER}@127.0.0.1:4222");
-    let mut bad_ch = bed.config();
-    bad_ch.clickhouse_url = format!("tcp://default:{MARKER}@127.0.0.1:9000");
-    for (name, config, field) in [
-        ("bad-nats.toml", &bad_nats, "nats.url"),
-        ("bad-ch.toml", &bad_ch, "clickhouse.url"),
+    // 2. Invalid URLs holding a password, from the environment: validation names the field, not
+    // the secret.
+    let bad_nats = format!("http://alice:{MARKER}@127.0.0.1:4222");
+    let bad_ch = format!("tcp://default:{MARKER}@127.0.0.1:9000");
+    for (var, url, field) in [
+        ("PRISM_RELAY_NATS_URL", &bad_nats, "nats.url"),
+        ("PRISM_RELAY_CLICKHOUSE_URL", &bad_ch, "clickhouse.url"),
     ] {
-        let path = write(name, config);
         for command in ["check", "run", "replay"] {
-            let (status, output) = command_with_env(&[command, "--config", &path], &[]).await;
-            assert!(!status.success(), "{command} {name} succeeded:\n{output}");
-            assert_hidden(&format!("{command} {name}"), &output, field);
+            let (status, output) =
+                command_with_env(&[command, "--config", &path], &[(var, url.as_str())]).await;
+            assert!(!status.success(), "{command} {var} succeeded:\n{output}");
+            assert_hidden(&format!("{command} {var}"), &output, field);
         }
     }
 
-    // 3. A password in an unreachable ClickHouse URL: check, schema apply, replay and verify.
-    let mut ch_url = bed.config();
-    ch_url.clickhouse_url = format!("http://default:{MARKER}@127.0.0.1:{closed}");
-    let path = write("ch-url.toml", &ch_url);
+    // 3. A password in an unreachable ClickHouse URL from the environment: check, schema apply,
+    // replay and verify.
+    let ch_url = format!("http://default:{MARKER}@127.0.0.1:{closed}");
+    let ch_env = [("PRISM_RELAY_CLICKHOUSE_URL", ch_url.as_str())];
     for (args, expected) in [
         (vec!["check", "--config", &path], "clickhouse"),
         (vec!["schema", "apply", "--config", &path], "ClickHouse"),
         (vec!["replay", "--config", &path], "ClickHouse"),
         (vec!["verify", "--config", &path], "ClickHouse"),
     ] {
-        let (status, output) = command_with_env(&args, &[]).await;
+        let (status, output) = command_with_env(&args, &ch_env).await;
         assert!(!status.success(), "{args:?} succeeded:\n{output}");
         assert_hidden(&format!("{args:?}"), &output, expected);
     }
@@ -107,7 +108,7 @@ async fn no_command_prints_a_secret_held_in_any_place_of_the_configuration() {
         ),
         (vec!["wal", "inspect", "--config", &path], "segments"),
     ] {
-        let (status, output) = command_with_env(&args, &[]).await;
+        let (status, output) = command_with_env(&args, &ch_env).await;
         assert!(status.success(), "{args:?} failed:\n{output}");
         assert_hidden(&format!("{args:?}"), &output, expected);
     }
@@ -140,18 +141,74 @@ async fn no_command_prints_a_secret_held_in_any_place_of_the_configuration() {
     // The password file is read: ClickHouse refuses it like the wrong password it is.
     assert!(output.contains("unreachable"), "{output}");
 
-    // The running relay: a ClickHouse that refuses the password is retried and logged.
-    let mut running = bed.config();
-    running.clickhouse_url = format!("http://default:{MARKER}@127.0.0.1:{closed}");
-    let relay = RelayProc::spawn(&bed, "secret-run", &running);
+    // Every other command, with the secrets in each place outside the file: the environment
+    // (passwords, a token), password and token files, and a URL from the environment whose
+    // password holds characters ('/', '@') that end a URL pattern early.
+    let odd_url = format!("http://default:{MARKER}/x@y@127.0.0.1:{closed}");
+    let odd_nats = format!("nats://alice:{MARKER}/x@127.0.0.1:{closed}");
+    let odd_invalid = format!("tcp://default:{MARKER}/x@y@127.0.0.1:9000");
+    let placements: [Vec<(&str, &str)>; 6] = [
+        env_secrets.to_vec(),
+        vec![
+            ("PRISM_RELAY_NATS_TOKEN", MARKER),
+            ("PRISM_RELAY_CLICKHOUSE_PASSWORD_FILE", token_file.as_str()),
+        ],
+        vec![
+            ("PRISM_RELAY_NATS_USER", "alice"),
+            ("PRISM_RELAY_NATS_PASSWORD_FILE", token_file.as_str()),
+        ],
+        vec![("PRISM_RELAY_CLICKHOUSE_URL", odd_url.as_str())],
+        vec![("PRISM_RELAY_NATS_URL", odd_nats.as_str())],
+        vec![("PRISM_RELAY_CLICKHOUSE_URL", odd_invalid.as_str())],
+    ];
+    for env in &placements {
+        for args in [
+            vec!["check", "--config", &path],
+            vec!["replay", "--config", &path],
+            vec!["schema", "print", "--config", &path],
+            vec!["schema", "apply", "--config", &path],
+            vec!["wal", "inspect", "--config", &path],
+            vec!["verify", "--config", &path, "--idle-timeout-ms", "1000"],
+            vec![
+                "loadgen",
+                "--config",
+                &path,
+                "--count",
+                "1",
+                "--progress",
+                "false",
+            ],
+        ] {
+            let (_, output) = command_with_env(&args, env).await;
+            assert!(!output.is_empty(), "{args:?} {env:?} said nothing");
+            assert_hidden(&format!("{args:?} with {env:?}"), &output, "");
+        }
+    }
+
+    // The running relay, with every secret in the environment: a ClickHouse it cannot reach is
+    // retried and logged.
+    let log_path = bed.path("secret-run.log");
+    let relay = EnvRelay::spawn(
+        &path,
+        &log_path,
+        &[
+            ("PRISM_RELAY_CLICKHOUSE_URL", ch_url.as_str()),
+            ("PRISM_RELAY_NATS_USER", "alice"),
+            ("PRISM_RELAY_NATS_PASSWORD", MARKER),
+        ],
+    );
     wait_until(
         "the relay logs that ClickHouse is not ready",
         READY_TIMEOUT,
-        || async { relay.log().contains("ClickHouse not ready") },
+        || async {
+            fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .contains("ClickHouse not ready")
+        },
     )
     .await;
     drop(relay);
-    let log = fs::read_to_string(bed.path("secret-run.log")).unwrap_or_default();
+    let log = fs::read_to_string(&log_path).unwrap_or_default();
     assert_hidden("run", &log, "ClickHouse not ready");
 
     // 5. No flag takes a password: it would show in `ps`.
@@ -167,4 +224,102 @@ async fn no_command_prints_a_secret_held_in_any_place_of_the_configuration() {
     )
     .await;
     assert_eq!(status.code(), Some(2), "the flag was accepted:\n{output}");
+    // Nor a URL flag carrying credentials: refused by name before anything connects.
+    let flag_nats = format!("nats://alice:{MARKER}@127.0.0.1:{closed}");
+    let flag_ch = format!("http://default:{MARKER}@127.0.0.1:{closed}");
+    for (args, flag) in [
+        (vec!["verify", "--nats-url", &flag_nats], "--nats-url"),
+        (
+            vec!["verify", "--clickhouse-url", &flag_ch],
+            "--clickhouse-url",
+        ),
+        (
+            vec!["loadgen", "--nats-url", &flag_nats, "--count", "1"],
+            "--nats-url",
+        ),
+    ] {
+        let (status, output) = command_with_env(&args, &[]).await;
+        assert!(!status.success(), "{flag} was accepted:\n{output}");
+        assert_hidden(&format!("{args:?}"), &output, flag);
+        assert_hidden(&format!("{args:?}"), &output, "--config");
+    }
+
+    // 6. A secret in the configuration file, in any place one could be written: every command
+    // refuses the file, naming the field and the fix, and never shows the secret.
+    let secret_files = [
+        (
+            "nats.password",
+            format!("[nats]\nuser = \"alice\"\npassword = \"{MARKER}\"\n"),
+        ),
+        ("nats.token", format!("[nats]\ntoken = \"{MARKER}\"\n")),
+        (
+            "nats.url",
+            format!("[nats]\nurl = \"nats://alice:{MARKER}@127.0.0.1:{closed}\"\n"),
+        ),
+        (
+            "nats.url",
+            format!("[nats]\nurl = \"nats://{MARKER}@127.0.0.1:{closed}\"\n"),
+        ),
+        (
+            "clickhouse.password",
+            format!("[clickhouse]\npassword = \"{MARKER}\"\n"),
+        ),
+        (
+            "clickhouse.url",
+            format!("[clickhouse]\nurl = \"http://default:{MARKER}@127.0.0.1:{closed}\"\n"),
+        ),
+    ];
+    for (i, (field, text)) in secret_files.iter().enumerate() {
+        let path = dir.join(format!("secret-in-file-{i}.toml"));
+        fs::write(&path, text).expect("write config");
+        let path = path.display().to_string();
+        for args in [
+            vec!["check", "--config", &path],
+            vec!["run", "--config", &path],
+            vec!["replay", "--config", &path],
+            vec!["schema", "print", "--config", &path],
+            vec!["schema", "apply", "--config", &path],
+            vec!["wal", "inspect", "--config", &path],
+            vec!["verify", "--config", &path],
+            vec!["loadgen", "--config", &path, "--count", "1"],
+        ] {
+            let (status, output) = command_with_env(&args, &[]).await;
+            assert!(!status.success(), "{args:?} accepted {field}:\n{output}");
+            assert_hidden(&format!("{args:?} {field}"), &output, field);
+            assert_hidden(&format!("{args:?} {field}"), &output, "_file");
+        }
+    }
+}
+
+/// `prism-relay run` with extra environment, logging to a file; killed on drop.
+struct EnvRelay {
+    child: std::process::Child,
+}
+
+impl EnvRelay {
+    fn spawn(config: &str, log_path: &std::path::Path, env: &[(&str, &str)]) -> EnvRelay {
+        let log = fs::File::create(log_path).expect("create relay log");
+        let err = log.try_clone().expect("clone log handle");
+        let mut command = std::process::Command::new(relay_bin());
+        command
+            .args(["run", "--config", config])
+            .env("RUST_LOG", "info")
+            .env_remove("PRISM_RELAY_CONFIG")
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        EnvRelay {
+            child: command.spawn().expect("spawn prism-relay"),
+        }
+    }
+}
+
+impl Drop for EnvRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
