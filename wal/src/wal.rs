@@ -718,7 +718,15 @@ impl Wal {
                 self.owner.reserve_held.store(true, Ordering::Release);
                 return Ok(true);
             }
-            Ok(_) => {}
+            Ok(_) => {
+                // Left short (or long) by a crash while it was being filled: the file is created
+                // exclusively below, so the wrong one must go first.
+                match fs.remove(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(WalError::io("remove partial reserve", path, e)),
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(WalError::io("stat reserve", path, e)),
         }
