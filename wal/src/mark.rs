@@ -5,8 +5,16 @@
 //! [`MARK_BYTES`] bytes at offset 0) after every group's fdatasync has returned, and never
 //! synced itself: the page cache is shared by every process of the machine, so a reader there
 //! sees the value at once, and the cost per group is one small write without an fsync. A
-//! crash may leave a stale or missing mark; it is only believed while a live writer holds the
-//! directory's lock (see `tools::read_dir`), and the writer rewrites it at open.
+//! crash may leave a stale or missing mark; offline readers only believe it while a live writer
+//! holds the directory's lock (see `tools::read_dir`), and the writer rewrites it at open.
+//!
+//! Recovery reads the mark a crashed writer left as evidence: a bad record at or below it was
+//! acknowledged, so it is corruption, not a torn tail (see `wal::Evidence`). That needs every
+//! value the mark ever held to stay at or below the log's durable end. Within one writer it does
+//! (the log only grows past it); at open, records may have gone (a torn tail, a quarantined
+//! segment) and their LSNs are given out again, so the old mark file is removed and the removal
+//! made durable (a directory fsync) before the new one is created: an older file can then never
+//! come back after a machine crash with a value from before the LSNs were reused.
 //!
 //! Layout (little-endian): magic `PRSMDUR\0` (8) | lsn u64 | crc u32 of the lsn bytes.
 
@@ -60,11 +68,15 @@ pub(crate) struct DurableMark {
 
 impl DurableMark {
     /// Creates the mark afresh with `lsn` (a left-over file is removed first, so a planted
-    /// symbolic link is never written through: the new file is created exclusively).
+    /// symbolic link is never written through: the new file is created exclusively). The
+    /// removal is made durable first (see the module doc).
     pub(crate) fn create(fs: &dyn FileSystem, dir: &Path, lsn: Lsn) -> Result<Self, WalError> {
         let path = dir.join(DURABLE_MARK_FILE);
         match fs.remove(&path) {
-            Ok(()) => {}
+            Ok(()) => {
+                fs.sync_dir(dir)
+                    .map_err(|e| WalError::io("fsync directory", dir, e))?;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(WalError::io("remove durable mark", path, e)),
         }

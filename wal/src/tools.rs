@@ -211,7 +211,7 @@ pub fn verify_with_fs(fs: &dyn FileSystem, dir: &Path) -> Result<VerifyReport, W
 
 /// [`verify`] through `fs`, telling a torn tail of the last segment from corruption as
 /// [`crate::Wal::open`] with `opts` would (its `group_bytes_max` bounds a torn tail; a bad record
-/// the ledger has consumed is corruption).
+/// the ledger has consumed, or one the durable mark covers, is corruption).
 pub fn verify_with_options(
     fs: &dyn FileSystem,
     dir: &Path,
@@ -220,6 +220,11 @@ pub fn verify_with_options(
     let ids = segment_ids(fs, dir)?;
     // A ledger that does not load is no evidence either way; `wal inspect` reports it.
     let ledger_end = crate::ledger::load(fs, dir).map_or(Lsn::ZERO, |l| l.end());
+    // The mark recovery would read: the live writer's, or the one a crashed writer left.
+    let evidence = crate::wal::Evidence {
+        ledger_end,
+        mark: crate::mark::read(fs, dir),
+    };
     let mut report = VerifyReport {
         segments: ids.len(),
         first_lsn: ids.first().map(|i| i.first_lsn()),
@@ -297,7 +302,7 @@ pub fn verify_with_options(
                             offset,
                             len,
                             scan.expected,
-                            ledger_end,
+                            evidence,
                             opts.group_bytes_max,
                         )
                         .map_err(io_err)?
