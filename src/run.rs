@@ -252,6 +252,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             dir = %config.wal.dir.display(),
             "disk full at start-up: ingest waits for space"
         ),
+        // Out of file descriptors: ingest waits and retries creating it, as on a full disk.
+        Err(error) if error.is_transient() => tracing::warn!(
+            dir = %config.wal.dir.display(),
+            %error,
+            "cannot create the WAL's reserve file at start-up: ingest waits and retries"
+        ),
         Err(source) => return Err(RunError::Wal(source)),
     }
 

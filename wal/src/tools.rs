@@ -84,7 +84,7 @@ pub(crate) fn quarantined_lsns(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<Ls
     let names = match fs.list(&qdir) {
         Ok(names) => names,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(WalError::io("list directory", qdir, e)),
+        Err(e) => return Err(WalError::io_opening("list directory", qdir, e)),
     };
     let mut lsns: Vec<Lsn> = names
         .iter()

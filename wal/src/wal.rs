@@ -704,7 +704,8 @@ impl Wal {
     }
 
     /// Creates the reserve file if it is missing. `Ok(false)` if the disk has no room for it
-    /// (nothing is left behind then); an I/O error other than a full disk is an error.
+    /// (nothing is left behind then); [`WalError::FilesExhausted`] (transient) when no file
+    /// descriptor is free to create it; any other I/O error is an error.
     ///
     /// The file's bytes mean nothing and are never synced: after a crash a short or missing
     /// reserve is simply created again.
@@ -761,7 +762,7 @@ impl Wal {
                 if crate::fs::is_disk_full(&e) {
                     Ok(false)
                 } else {
-                    Err(WalError::io("create reserve", path, e))
+                    Err(WalError::io_opening("create reserve", path, e))
                 }
             }
         }
@@ -828,10 +829,12 @@ impl Wal {
         let bytes = s.bytes_on_disk;
         drop(s);
         tracing::debug!(segment = %oldest, bytes = len, "deleted released segment to free a full disk");
+        // Out of descriptors for the directory fsync: the deletion stands (it need not be
+        // durable to free the room), and the caller retries.
         inner
             .fs
             .sync_dir(&inner.dir)
-            .map_err(|e| WalError::io("fsync directory", &inner.dir, e))?;
+            .map_err(|e| WalError::io_opening("fsync directory", &inner.dir, e))?;
         inner.disk_tx.send_replace(bytes);
         Ok(())
     }

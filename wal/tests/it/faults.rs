@@ -225,3 +225,76 @@ async fn after_a_failed_fdatasync_a_restart_in_the_same_boot_does_not_take_the_u
     let r = wal.append(&[env(3, 50)]).await.unwrap();
     assert_eq!(r.first, Lsn(2));
 }
+
+#[tokio::test]
+async fn running_out_of_file_descriptors_for_the_ledger_is_transient_and_a_retry_writes_it() {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, WalOptions::default()).unwrap();
+    append_each(&wal, 1..4, 50).await;
+    let mut old = Ledger::default();
+    old.cursors.insert("trades".into(), Lsn(2));
+    wal.commit_ledger(&old).unwrap();
+    let mut new = Ledger::default();
+    new.cursors.insert("trades".into(), Lsn(4));
+    // Creating `ledger.tmp`, then opening the directory for its fsync after the rename.
+    for (point, errno) in [("wal::ledger::create", EMFILE), (DIR_FSYNC, ENFILE)] {
+        fs.fail_with_errno(point, 1, errno);
+        let err = wal.commit_ledger(&new).unwrap_err();
+        assert!(
+            matches!(err, WalError::FilesExhausted { .. }),
+            "{point}: {err:?}"
+        );
+        assert!(err.is_transient() && !err.is_fatal(), "{point}: {err:?}");
+        wal.commit_ledger(&new).unwrap();
+        assert_eq!(wal.load_ledger().unwrap(), new, "{point}");
+        wal.commit_ledger(&old).unwrap();
+    }
+    // The ledger the retry wrote survives a power loss.
+    wal.commit_ledger(&new).unwrap();
+    drop(wal);
+    fs.crash(3, true);
+    let (wal, _) = open_mem(&fs, WalOptions::default()).unwrap();
+    assert_eq!(wal.load_ledger().unwrap(), new);
+}
+
+#[tokio::test]
+async fn a_reader_out_of_file_descriptors_at_the_next_segment_is_transient_and_resumes_where_it_was(
+) {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, small_opts()).unwrap();
+    append_each(&wal, 1..30, 80).await;
+    assert!(wal.stats().segments > 2);
+    // Opening the first segment when the reader is created.
+    fs.fail_with_errno("wal::segment::open", 1, EMFILE);
+    let err = wal.reader(Lsn(1)).unwrap_err();
+    assert!(matches!(err, WalError::FilesExhausted { .. }), "{err:?}");
+    let mut reader = wal.reader(Lsn(1)).unwrap();
+    // Then at every later segment, once each.
+    let mut got = Vec::new();
+    let mut refusals = 0;
+    let mut armed = true;
+    loop {
+        if armed {
+            fs.fail_with_errno("wal::segment::open", 1, ENFILE);
+        }
+        let step = reader.next();
+        fs.clear_faults();
+        match step {
+            Ok(Some(r)) => got.push((r.lsn, r.envelope().unwrap().stream_seq.0)),
+            Ok(None) => break,
+            Err(err) => {
+                assert!(
+                    matches!(err, WalError::FilesExhausted { .. }) && err.is_transient(),
+                    "{err:?}"
+                );
+                refusals += 1;
+                // The same call again, with a descriptor free this time.
+                armed = false;
+                continue;
+            }
+        }
+        armed = true;
+    }
+    assert_eq!(refusals, wal.stats().segments - 1);
+    assert_eq!(got, (1..30).map(|i| (Lsn(i), i)).collect::<Vec<_>>());
+}
