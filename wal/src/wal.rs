@@ -465,7 +465,7 @@ impl Wal {
             disk_tx: watch::Sender::new(bytes_on_disk),
         });
         inner.apply_retention()?;
-        let mark = crate::mark::DurableMark::create(&*inner.fs, dir, durable)?;
+        let mark = crate::mark::DurableMark::create(inner.fs.clone(), dir, durable)?;
         let (exit_tx, exit_rx) = oneshot::channel();
         let writer = crate::writer::Writer::new(inner.clone(), active_id, file, active_len, mark);
         let thread = std::thread::Builder::new()

@@ -3,6 +3,7 @@
 use crate::common::*;
 use prism_wal::fault::points::{DIR_FSYNC, SEGMENT_CREATE, SEGMENT_FSYNC, SEGMENT_WRITE};
 use prism_wal::{FaultyFs, FileSystem, Ledger, Lsn, WalError, WalOptions};
+use std::sync::Arc;
 
 #[tokio::test]
 async fn an_fsync_error_poisons_the_wal_for_good_and_is_never_retried() {
@@ -297,4 +298,39 @@ async fn a_reader_out_of_file_descriptors_at_the_next_segment_is_transient_and_r
     }
     assert_eq!(refusals, wal.stats().segments - 1);
     assert_eq!(got, (1..30).map(|i| (Lsn(i), i)).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_restart_on_a_disk_without_a_free_byte_opens_and_writes_the_durable_mark_once_space_returns(
+) {
+    use prism_wal::DURABLE_MARK_FILE;
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, WalOptions::default()).unwrap();
+    append_each(&wal, 1..6, 50).await;
+    drop(wal);
+    // Not a byte left, even once the old mark (20 bytes) is removed: the mark of the new writer
+    // cannot be written.
+    fs.set_capacity_bytes(Some(fs.used_bytes() - 20));
+    let (wal, rec) = open_mem(&fs, WalOptions::default())
+        .unwrap_or_else(|e| panic!("open on a full disk failed: {e}"));
+    assert_eq!(rec.next_lsn, Lsn(6));
+    let mark = mem_dir().join(DURABLE_MARK_FILE);
+    assert!(
+        fs.metadata(&mark).map_or(true, |m| m.len == 0),
+        "a mark was written on a full disk"
+    );
+    let err = wal.append(&[env(6, 50)]).await.unwrap_err();
+    assert!(matches!(err, WalError::DiskFull { .. }), "{err:?}");
+    fs.set_capacity_bytes(None);
+    let r = wal.append(&[env(6, 50)]).await.unwrap();
+    assert_eq!(r.first, Lsn(6));
+    // The next group's publish created the mark, and an offline reader next to the writer
+    // stops at it.
+    assert_eq!(fs.metadata(&mark).unwrap().len, 20);
+    let mut offline =
+        prism_wal::read_dir_with_fs(Arc::new(fs.clone()), &mem_dir(), Lsn(1)).unwrap();
+    let got = read_all(&mut offline).unwrap();
+    assert_eq!(got.last(), Some(&(Lsn(6), 6)));
+    let got = read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap();
+    assert_eq!(got, (1..7).map(|i| (Lsn(i), i)).collect::<Vec<_>>());
 }
