@@ -388,3 +388,45 @@ async fn a_relay_killed_while_the_disk_is_full_restarts_with_no_byte_free_stays_
     wait_paused(&mut relay, 0.0, None).await;
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_on_a_full_disk_without_a_wal_yet_waits_for_space_instead_of_exiting_and_then_runs(
+) {
+    let bed = Bed::start();
+    let disk = Tmpfs::mount(&bed.path("disk"), DISK_BYTES);
+    let config = disk_config(&bed, &disk);
+    fs::create_dir_all(&config.wal_dir).expect("create the WAL directory");
+    let mut filler = Filler::create(&disk.dir.join("filler"));
+    filler.top_off();
+    assert_eq!(disk.available_bytes(), 0, "the filler took every byte");
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    // Its first segment cannot be created: the relay says so and keeps trying.
+    let deadline = std::time::Instant::now() + DISK_TIMEOUT;
+    while !relay.log().contains("cannot open the WAL yet") {
+        if let Some(status) = relay.try_wait() {
+            panic!(
+                "the relay exited on a full disk with {status}; log:\n{}",
+                relay.log()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no retry logged within {DISK_TIMEOUT:?}; log:\n{}",
+            relay.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Still there after more retries than a crash loop would allow. (A window in which nothing
+    // may change: there is no condition to await instead.)
+    for _ in 0..10 {
+        filler.top_off();
+        assert!(relay.try_wait().is_none(), "exited; log:\n{}", relay.log());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    filler.delete();
+    relay.wait_ready().await;
+    let count = 2_000;
+    bed.publish(Load::new("afterfull", count)).await;
+    assert_totals(&wait_stored(&bed, &relay, &config.wal_dir).await, count);
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}

@@ -120,7 +120,9 @@ pub(crate) fn write_gap_note(
         Ok(f) => f,
         // A note for the same start exists already (an earlier open crashed after writing it).
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(WalError::io("create gap note", &path, e)),
+        // No room for even an empty file: transient, nothing was created.
+        Err(e) if crate::fs::is_disk_full(&e) => return Err(WalError::DiskFull { path }),
+        Err(e) => return Err(WalError::io_opening("create gap note", &path, e)),
     };
     let text = format!(
         "lsn {}..={} were consumed by the ledger but missing from the log at open (segment \
@@ -129,8 +131,15 @@ pub(crate) fn write_gap_note(
         gap.last,
         gap.last.next()
     );
-    crate::fs::write_all_at(&*file, text.as_bytes(), 0)
-        .map_err(|e| WalError::io("write gap note", &path, e))?;
+    // The note's name is what readers go by; its text only explains it to an operator, so a
+    // disk too full for the text leaves an empty (or partial) note that still counts.
+    match crate::fs::write_all_at(&*file, text.as_bytes(), 0) {
+        Ok(()) => {}
+        Err(e) if crate::fs::is_disk_full(&e) => {
+            tracing::warn!(path = %path.display(), "disk full: the gap note is written without its text");
+        }
+        Err(e) => return Err(WalError::io("write gap note", &path, e)),
+    }
     file.sync_data()
         .map_err(|e| WalError::io("fdatasync gap note", &path, e))?;
     fs.sync_dir(&qdir)

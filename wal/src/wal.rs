@@ -1020,8 +1020,14 @@ fn recover_last(
         }
         file.set_len(0)
             .map_err(|e| WalError::io("truncate segment", &path, e))?;
-        write_all_at(&*file, &segment::encode_header(id.first_lsn()), 0)
-            .map_err(|e| WalError::io("write segment header", &path, e))?;
+        // A full disk is transient here: the empty file is the same case at the next open.
+        write_all_at(&*file, &segment::encode_header(id.first_lsn()), 0).map_err(|e| {
+            if crate::fs::is_disk_full(&e) {
+                WalError::DiskFull { path: path.clone() }
+            } else {
+                WalError::io("write segment header", &path, e)
+            }
+        })?;
         file.sync_data()
             .map_err(|e| WalError::io("fdatasync segment", &path, e))?;
         return Ok(Recovered {

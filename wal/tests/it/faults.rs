@@ -334,3 +334,32 @@ async fn a_restart_on_a_disk_without_a_free_byte_opens_and_writes_the_durable_ma
     let got = read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap();
     assert_eq!(got, (1..7).map(|i| (Lsn(i), i)).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn a_segment_header_that_cannot_be_rewritten_on_a_full_disk_fails_open_transiently_and_a_later_open_completes_it(
+) {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, small_opts()).unwrap();
+    append_each(&wal, 1..4, 40).await;
+    drop(wal);
+    // A crash right after creating the next segment file, before its header was written.
+    let seg = mem_dir().join("00000000000000000004.wal");
+    fs.create(&seg).unwrap();
+    fs.corrupt(&seg, 0, b"PR").unwrap();
+    // Not a byte left once the two bytes are cut off.
+    fs.set_capacity_bytes(Some(fs.used_bytes() - 2));
+    for _ in 0..2 {
+        let err = open_mem(&fs, small_opts()).unwrap_err();
+        assert!(matches!(err, WalError::DiskFull { .. }), "{err:?}");
+        assert!(err.is_transient(), "{err:?}");
+    }
+    fs.set_capacity_bytes(None);
+    let (wal, rec) = open_mem(&fs, small_opts()).unwrap();
+    assert_eq!(rec.torn_tail.map(|t| (t.segment.0, t.offset)), Some((4, 0)));
+    append_each(&wal, 4..6, 40).await;
+    let got = read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap();
+    assert_eq!(
+        got.iter().map(|g| g.0 .0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+}
