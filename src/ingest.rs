@@ -312,6 +312,12 @@ async fn pause(shutdown: &mut watch::Receiver<bool>) -> bool {
 async fn make_room(wal: &Wal) -> Result<bool, WalError> {
     let wal = wal.clone();
     match tokio::task::spawn_blocking(move || wal.make_room()).await {
+        // Out of file descriptors (for the reserve or a directory fsync): the reserve is not
+        // back yet, so ingest stays paused and tries again, instead of exiting.
+        Ok(Err(error)) if error.is_transient() => {
+            tracing::debug!(%error, "cannot make room in the WAL yet; retrying");
+            Ok(false)
+        }
         Ok(result) => result,
         Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
         // Cancelled only when the runtime shuts down.

@@ -36,6 +36,9 @@ const LEDGER_COMMIT_INTERVAL_MS: u64 = 1_000;
 
 /// How often the lanes' registration at start-up retries its ledger write on a full disk.
 const REGISTER_RETRY_MS: u64 = 200;
+/// Pause before opening the WAL again after a full disk (or no free file descriptor) failed
+/// the open: space comes back when an operator frees it, so a short poll starts promptly.
+const OPEN_RETRY_MS: u64 = 500;
 
 /// Why the relay stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -248,13 +251,31 @@ pub fn wal_dir_exposure(dir: &std::path::Path) -> Option<String> {
 
 /// Runs the relay until `shutdown` resolves or a fatal error occurs.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    let (wal, recovery) =
-        Wal::open(&config.wal.dir, wal_options(&config.wal)).map_err(|source| {
-            RunError::WalOpen {
-                dir: config.wal.dir.display().to_string(),
-                source,
+    tokio::pin!(shutdown);
+    // A disk that stays full (or no free file descriptor) fails what open writes (a new
+    // segment, a segment header, a gap note); nothing of it is lost, so wait and open again
+    // instead of exiting into a crash loop.
+    let mut open_blocked = Condition::default();
+    let (wal, recovery) = loop {
+        match Wal::open(&config.wal.dir, wal_options(&config.wal)) {
+            Ok(opened) => break opened,
+            Err(error) if error.is_transient() => {
+                if let Some(o) = open_blocked.occurred() {
+                    tracing::warn!(dir = %config.wal.dir.display(), %error, failures = o.count(), lasted_s = o.lasted_s(), "cannot open the WAL yet; retrying");
+                }
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(OPEN_RETRY_MS)) => {}
+                }
             }
-        })?;
+            Err(source) => {
+                return Err(RunError::WalOpen {
+                    dir: config.wal.dir.display().to_string(),
+                    source,
+                })
+            }
+        }
+    };
     tracing::info!(
         dir = %config.wal.dir.display(),
         segments = recovery.segments,
@@ -274,6 +295,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Ok(false) => tracing::warn!(
             dir = %config.wal.dir.display(),
             "disk full at start-up: ingest waits for space"
+        ),
+        // Out of file descriptors: ingest waits and retries creating it, as on a full disk.
+        Err(error) if error.is_transient() => tracing::warn!(
+            dir = %config.wal.dir.display(),
+            %error,
+            "cannot create the WAL's reserve file at start-up: ingest waits and retries"
         ),
         Err(source) => return Err(RunError::Wal(source)),
     }
@@ -327,7 +354,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     ));
 
     // Wait for a stop request or the first fatal error.
-    tokio::pin!(shutdown);
     let mut drain_task = drain_task;
     let mut failure: Option<RunError> = None;
     let mut drain_done = None;

@@ -104,20 +104,45 @@ impl Lane {
     pub async fn run(mut self) -> Result<(), DrainError> {
         let mut batch = Batch::new(&self.config.name, self.kind, self.config.time_window);
         let mut durable = self.wal.watch_durable();
-        let mut reader = self
-            .wal
-            .reader(self.read_pos)
-            .map_err(|source| DrainError::Wal {
-                lane: self.config.name.clone(),
-                source,
-            })?;
+        let mut files_exhausted = Condition::default();
+        // Out of file descriptors (FilesExhausted) passes on its own: wait and try again.
+        let mut reader = loop {
+            match self.wal.reader(self.read_pos) {
+                Ok(reader) => break reader,
+                Err(source) if source.is_transient() && !*self.shutdown.borrow() => {
+                    if let Some(o) = files_exhausted.occurred() {
+                        tracing::warn!(lane = %self.config.name, error = %source, failures = o.count(), lasted_s = o.lasted_s(), "cannot open the WAL to read; retrying");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(READ_RETRY) => {}
+                        _ = self.shutdown.changed() => {}
+                    }
+                }
+                Err(source) => {
+                    return Err(DrainError::Wal {
+                        lane: self.config.name.clone(),
+                        source,
+                    })
+                }
+            }
+        };
         loop {
             let mut caught_up = false;
+            let mut read_blocked = false;
             for _ in 0..READ_CHUNK_RECORDS {
                 let record = match reader.next() {
                     Ok(Some(record)) => record,
                     Ok(None) => {
                         caught_up = true;
+                        break;
+                    }
+                    // The reader stays where it was (its next segment could not be opened):
+                    // the same call is tried again after a pause.
+                    Err(source) if source.is_transient() => {
+                        if let Some(o) = files_exhausted.occurred() {
+                            tracing::warn!(lane = %self.config.name, error = %source, failures = o.count(), lasted_s = o.lasted_s(), "cannot read the WAL; retrying");
+                        }
+                        read_blocked = true;
                         break;
                     }
                     Err(source) => {
@@ -127,6 +152,9 @@ impl Lane {
                         })
                     }
                 };
+                if let Some(ended) = files_exhausted.cleared() {
+                    tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "reading the WAL again");
+                }
                 let lsn = record.lsn;
                 let envelope = record.envelope().map_err(|source| DrainError::Wal {
                     lane: self.config.name.clone(),
@@ -185,7 +213,12 @@ impl Lane {
             if *self.shutdown.borrow() {
                 return self.stop(&mut batch).await;
             }
-            if caught_up {
+            if read_blocked {
+                tokio::select! {
+                    _ = tokio::time::sleep(READ_RETRY) => {}
+                    _ = self.shutdown.changed() => {}
+                }
+            } else if caught_up {
                 let deadline = batch
                     .opened_at()
                     .map(|t| t + self.config.limits.age_max)
@@ -401,6 +434,10 @@ impl Lane {
 /// How long a lane waits before retrying a ledger commit that found the disk full: space comes
 /// back when an operator or retention frees it, so a short poll resumes promptly at little cost.
 const LEDGER_RETRY: Duration = Duration::from_millis(200);
+
+/// How long a lane waits before reading again after the WAL ran out of file descriptors: they
+/// come back as soon as other files are closed, so a short poll resumes promptly.
+const READ_RETRY: Duration = Duration::from_millis(200);
 
 /// A ledger commit of a batch's life, retried as is while the disk is full.
 #[derive(Debug, Clone, Copy)]

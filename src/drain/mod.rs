@@ -43,8 +43,9 @@ pub enum DrainError {
     /// Writing the ledger failed for good (an fsync error, corruption): the relay must stop.
     #[error("ledger commit failed: {0}")]
     Ledger(#[source] WalError),
-    /// The disk is too full to write the ledger, even with the WAL's reserve given up. Transient:
-    /// nothing changed on disk, and the same commit is retried once space returns.
+    /// The disk is too full to write the ledger, even with the WAL's reserve given up, or no file
+    /// descriptor is free to write it. Transient: nothing changed on disk, and the same commit is
+    /// retried once space (or a descriptor) returns.
     #[error("ledger commit waits for disk space: {0}")]
     LedgerDiskFull(#[source] WalError),
     /// Shutdown interrupted a batch that could not be inserted in time; it stays in flight in the
@@ -231,7 +232,9 @@ impl LedgerKeeper {
                 state.committed = written;
                 Ok(())
             }
-            Err(error @ WalError::DiskFull { .. }) => Err(DrainError::LedgerDiskFull(error)),
+            // A full disk and a lack of file descriptors pass on their own; nothing changed on
+            // disk, so the same commit is retried.
+            Err(error) if error.is_transient() => Err(DrainError::LedgerDiskFull(error)),
             Err(error) => Err(DrainError::Ledger(error)),
         }
     }
@@ -253,6 +256,7 @@ async fn blocking(
 #[cfg(test)]
 mod tests {
     use std::borrow::Cow;
+    use std::sync::Arc;
     use std::time::Duration;
 
     use prism_wal::{Envelope, InflightBatch, Lsn, Retention, StreamSeq, Wal, WalOptions};
@@ -329,6 +333,31 @@ mod tests {
             "retention released nothing: {:?}",
             wal.stats()
         );
+    }
+
+    #[tokio::test]
+    async fn a_ledger_commit_out_of_file_descriptors_is_transient_for_the_lane_and_the_retry_writes_it(
+    ) {
+        /// errno of "too many open files" in this process (Linux).
+        const EMFILE: i32 = 24;
+        let fs = prism_wal::FaultyFs::new();
+        let dir = std::path::Path::new("/wal");
+        let (wal, _) =
+            Wal::open_with_fs(dir, WalOptions::default(), Arc::new(fs.clone())).expect("open WAL");
+        append(&wal, 3).await;
+        let keeper = LedgerKeeper::load(wal.clone()).expect("load ledger");
+        fs.fail_with_errno("wal::ledger::create", 1, EMFILE);
+        let error = keeper
+            .finish("trades", Lsn(4))
+            .await
+            .expect_err("no descriptor for ledger.tmp");
+        assert!(
+            matches!(error, super::DrainError::LedgerDiskFull(_)),
+            "{error:?}"
+        );
+        keeper.finish("trades", Lsn(4)).await.expect("retry");
+        let ledger = wal.load_ledger().expect("load ledger");
+        assert_eq!(ledger.cursors.get("trades"), Some(&Lsn(4)));
     }
 
     #[tokio::test]

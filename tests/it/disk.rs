@@ -314,3 +314,131 @@ async fn a_disk_filled_by_the_wal_itself_while_clickhouse_is_down_drains_frees_s
     assert_log_bounded(&relay);
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_while_the_disk_is_full_restarts_with_no_byte_free_stays_up_paused_and_resumes_with_exact_accounting(
+) {
+    let bed = Bed::start();
+    let disk = Tmpfs::mount(&bed.path("disk"), DISK_BYTES);
+    let config = disk_config(&bed, &disk);
+    let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
+
+    let count = 20_000;
+    let load = Load::new("restartfull", count).rate(2_000);
+    let mut filler = None;
+    let fill = async {
+        wait_until("some messages received", DISK_TIMEOUT, || async {
+            relay
+                .metric_sum("marketprism_storage_messages_received_total", &[])
+                .await
+                > 500.0
+        })
+        .await;
+        let mut f = Filler::create(&disk.dir.join("filler"));
+        f.top_off();
+        filler = Some(f);
+    };
+    tokio::join!(bed.publish(load), fill);
+    let mut filler = filler.expect("the filler ran");
+    wait_paused(&mut relay, 1.0, Some(&mut filler)).await;
+
+    // Killed on the full disk, and started again with not a byte free. The durable mark is
+    // never synced, so a power loss can take it away too; then the removal of the old mark at
+    // open frees no page that the new one could take.
+    relay.kill9();
+    let mark = config.wal_dir.join(prism_wal::DURABLE_MARK_FILE);
+    fs::remove_file(&mark).expect("remove the durable mark");
+    filler.top_off();
+    assert_eq!(disk.available_bytes(), 0, "the filler took every byte");
+    relay.restart();
+    let deadline = std::time::Instant::now() + DISK_TIMEOUT;
+    loop {
+        filler.top_off();
+        if let Some(status) = relay.try_wait() {
+            panic!(
+                "the relay exited on a full disk with {status}; log:\n{}",
+                relay.log()
+            );
+        }
+        if let Ok((200, _)) = http_get(relay.metrics_addr, "/health").await {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted relay did not answer /health within {DISK_TIMEOUT:?}; log:\n{}",
+            relay.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let received = wait_paused(&mut relay, 1.0, Some(&mut filler)).await;
+    assert!(received < count as f64, "received {received} of {count}");
+    // Held while full: alive and paused after more retries than a retry loop could survive if
+    // the full disk were fatal at this start. (A window in which nothing may change: there is
+    // no condition to await instead.)
+    for _ in 0..20 {
+        filler.top_off();
+        let (paused, _) = paused_and_received(&mut relay).await;
+        assert_eq!(paused, 1.0, "ingest resumed on a full disk");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The relay frees what it can (released segments) while paused; the filler takes it back,
+    // so the disk is held full (polled: a deletion may land between a top-off and `df`).
+    let deadline = std::time::Instant::now() + DISK_TIMEOUT;
+    loop {
+        filler.top_off();
+        if disk.available_bytes() == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the disk could not be kept full"
+        );
+    }
+
+    filler.delete();
+    assert_totals(&wait_stored(&bed, &relay, &config.wal_dir).await, count);
+    wait_paused(&mut relay, 0.0, None).await;
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_on_a_full_disk_without_a_wal_yet_waits_for_space_instead_of_exiting_and_then_runs(
+) {
+    let bed = Bed::start();
+    let disk = Tmpfs::mount(&bed.path("disk"), DISK_BYTES);
+    let config = disk_config(&bed, &disk);
+    fs::create_dir_all(&config.wal_dir).expect("create the WAL directory");
+    let mut filler = Filler::create(&disk.dir.join("filler"));
+    filler.top_off();
+    assert_eq!(disk.available_bytes(), 0, "the filler took every byte");
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    // Its first segment cannot be created: the relay says so and keeps trying.
+    let deadline = std::time::Instant::now() + DISK_TIMEOUT;
+    while !relay.log().contains("cannot open the WAL yet") {
+        if let Some(status) = relay.try_wait() {
+            panic!(
+                "the relay exited on a full disk with {status}; log:\n{}",
+                relay.log()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no retry logged within {DISK_TIMEOUT:?}; log:\n{}",
+            relay.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Still there after more retries than a crash loop would allow. (A window in which nothing
+    // may change: there is no condition to await instead.)
+    for _ in 0..10 {
+        filler.top_off();
+        assert!(relay.try_wait().is_none(), "exited; log:\n{}", relay.log());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    filler.delete();
+    relay.wait_ready().await;
+    let count = 2_000;
+    bed.publish(Load::new("afterfull", count)).await;
+    assert_totals(&wait_stored(&bed, &relay, &config.wal_dir).await, count);
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}

@@ -25,12 +25,14 @@ pub enum WalError {
         /// The segment being written.
         path: PathBuf,
     },
-    /// The process (EMFILE) or the system (ENFILE) is out of file descriptors while a segment
-    /// was being created or opened: nothing of the failed append was written and its LSNs were not
-    /// consumed; appends succeed again once descriptors are free.
+    /// The process (EMFILE) or the system (ENFILE) is out of file descriptors while a file (a
+    /// segment, `ledger.tmp`, the reserve) or the directory was being created or opened: nothing
+    /// of the failed call took effect (an append's LSNs were not consumed, the ledger in force
+    /// is the old one, a reader stays where it was), and the same call succeeds again once
+    /// descriptors are free.
     #[error("out of file descriptors while creating or opening {path}")]
     FilesExhausted {
-        /// The segment (or the directory) being opened.
+        /// The file (or the directory) being opened.
         path: PathBuf,
     },
     /// An fsync failed earlier: the writer stopped for good. Restart to recover from disk.
@@ -164,6 +166,20 @@ impl WalError {
             op,
             path: path.into(),
             source: Arc::new(source),
+        }
+    }
+
+    /// Like [`WalError::io`] for an operation that opens a file or a directory: running out of
+    /// file descriptors there is [`WalError::FilesExhausted`], which callers retry.
+    pub(crate) fn io_opening(
+        op: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        if crate::fs::is_files_exhausted(&source) {
+            WalError::FilesExhausted { path: path.into() }
+        } else {
+            WalError::io(op, path, source)
         }
     }
 

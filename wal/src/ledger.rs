@@ -176,7 +176,8 @@ pub(crate) fn store(fs: &dyn FileSystem, dir: &Path, ledger: &Ledger) -> Result<
         if is_disk_full(&e) {
             WalError::DiskFull { path: tmp.clone() }
         } else {
-            WalError::io("create ledger.tmp", &tmp, e)
+            // Out of descriptors is transient too: nothing was created, the old ledger stands.
+            WalError::io_opening("create ledger.tmp", &tmp, e)
         }
     })?;
     if let Err(e) = write_all_at(&*file, &bytes, 0) {
@@ -194,8 +195,11 @@ pub(crate) fn store(fs: &dyn FileSystem, dir: &Path, ledger: &Ledger) -> Result<
     drop(file);
     fs.rename(&tmp, &path)
         .map_err(|e| WalError::io("rename ledger", &path, e))?;
+    // Opening the directory for its fsync can run out of descriptors (the fsync itself never
+    // fails with that): the new ledger is in place but maybe not durable yet, and the caller's
+    // retry of the same store makes it so.
     fs.sync_dir(dir)
-        .map_err(|e| WalError::io("fsync directory", dir, e))?;
+        .map_err(|e| WalError::io_opening("fsync directory", dir, e))?;
     Ok(())
 }
 

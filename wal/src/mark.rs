@@ -5,15 +5,23 @@
 //! [`MARK_BYTES`] bytes at offset 0) after every group's fdatasync has returned, and never
 //! synced itself: the page cache is shared by every process of the machine, so a reader there
 //! sees the value at once, and the cost per group is one small write without an fsync. A
-//! crash may leave a stale or missing mark; it is only believed while a live writer holds the
-//! directory's lock (see `tools::read_dir`), and the writer rewrites it at open.
+//! crash may leave a stale or missing mark; offline readers only believe it while a live writer
+//! holds the directory's lock (see `tools::read_dir`), and the writer rewrites it at open.
+//!
+//! Recovery reads the mark a crashed writer left as evidence: a bad record at or below it was
+//! acknowledged, so it is corruption, not a torn tail (see `wal::Evidence`). That needs every
+//! value the mark ever held to stay at or below the log's durable end. Within one writer it does
+//! (the log only grows past it); at open, records may have gone (a torn tail, a quarantined
+//! segment) and their LSNs are given out again, so the old mark file is removed and the removal
+//! made durable (a directory fsync) before the new one is created: an older file can then never
+//! come back after a machine crash with a value from before the LSNs were reused.
 //!
 //! Layout (little-endian): magic `PRSMDUR\0` (8) | lsn u64 | crc u32 of the lsn bytes.
 
 use crate::error::WalError;
 use crate::fs::{read_full_at, write_all_at, FileSystem, WalFile};
 use crate::types::Lsn;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// File name of the durable mark in the WAL directory.
@@ -52,40 +60,77 @@ fn decode(b: &[u8]) -> Option<Lsn> {
 
 /// The writer's handle on the mark.
 pub(crate) struct DurableMark {
-    /// The mark file.
-    file: Arc<dyn WalFile>,
+    /// The file system and the mark's path, to create the mark once it could not be.
+    fs: Arc<dyn FileSystem>,
+    path: PathBuf,
+    /// The mark file; `None` while it could not be created (a full disk at open).
+    file: Option<Arc<dyn WalFile>>,
     /// Whether a failed update was logged already (it is logged once, not per group).
     failure_logged: bool,
 }
 
 impl DurableMark {
     /// Creates the mark afresh with `lsn` (a left-over file is removed first, so a planted
-    /// symbolic link is never written through: the new file is created exclusively).
-    pub(crate) fn create(fs: &dyn FileSystem, dir: &Path, lsn: Lsn) -> Result<Self, WalError> {
+    /// symbolic link is never written through: the new file is created exclusively). The
+    /// removal is made durable first (see the module doc).
+    ///
+    /// Creating and writing the new mark is best effort: on a full disk (or without a free file
+    /// descriptor) the writer starts without one and creates it at a later publish, so a restart
+    /// on a disk that stays full does not fail. Only a failure to take the old mark away is an
+    /// error, since that needs no space.
+    pub(crate) fn create(fs: Arc<dyn FileSystem>, dir: &Path, lsn: Lsn) -> Result<Self, WalError> {
         let path = dir.join(DURABLE_MARK_FILE);
         match fs.remove(&path) {
-            Ok(()) => {}
+            Ok(()) => {
+                fs.sync_dir(dir)
+                    .map_err(|e| WalError::io("fsync directory", dir, e))?;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(WalError::io("remove durable mark", path, e)),
         }
-        let file = fs
-            .create(&path)
-            .map_err(|e| WalError::io("create durable mark", &path, e))?;
-        write_all_at(&*file, &encode(lsn), 0)
-            .map_err(|e| WalError::io("write durable mark", &path, e))?;
-        Ok(DurableMark {
-            file,
+        let mut mark = DurableMark {
+            fs,
+            path,
+            file: None,
             failure_logged: false,
-        })
+        };
+        mark.publish(lsn);
+        Ok(mark)
     }
 
-    /// Publishes `lsn` as durable. A failure only makes offline readers stop earlier, so it is
-    /// logged, not fatal.
+    /// Creates the mark file holding `lsn`; on failure nothing is left behind.
+    fn create_file(&self, lsn: Lsn) -> std::io::Result<Arc<dyn WalFile>> {
+        let file = self.fs.create(&self.path)?;
+        if let Err(e) = write_all_at(&*file, &encode(lsn), 0) {
+            drop(file);
+            // A file without a valid mark reads as no mark; removing it only keeps the next
+            // attempt's exclusive create from failing.
+            let _ = self.fs.remove(&self.path);
+            return Err(e);
+        }
+        Ok(file)
+    }
+
+    /// Publishes `lsn` as durable (creating the mark if it could not be created before). A
+    /// failure only makes offline readers stop earlier, so it is logged, not fatal.
     pub(crate) fn publish(&mut self, lsn: Lsn) {
-        if let Err(e) = write_all_at(&*self.file, &encode(lsn), 0) {
-            if !self.failure_logged {
-                self.failure_logged = true;
-                tracing::warn!(error = %e, "cannot update the durable mark; offline readers stop at its last value");
+        let result = match &self.file {
+            Some(file) => write_all_at(&**file, &encode(lsn), 0),
+            None => self.create_file(lsn).map(|file| {
+                self.file = Some(file);
+            }),
+        };
+        match result {
+            Ok(()) => {
+                if std::mem::take(&mut self.failure_logged) {
+                    tracing::info!(path = %self.path.display(), "the durable mark is written again");
+                }
+            }
+            Err(e) => {
+                if !self.failure_logged {
+                    self.failure_logged = true;
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot write the durable mark; offline readers next to this relay do not see how far the log is durable");
+                }
             }
         }
     }

@@ -170,7 +170,9 @@ impl Reader {
                     first_available: first,
                 });
             }
-            Err(e) => return Err(WalError::io("open segment", path, e)),
+            // Out of descriptors: the reader stays at the end of the segment it has, so the
+            // next call tries again (FilesExhausted is transient).
+            Err(e) => return Err(WalError::io_opening("open segment", path, e)),
         };
         let sealed_len = match &self.source {
             Source::Offline { .. } => Some(

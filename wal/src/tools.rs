@@ -84,7 +84,7 @@ pub(crate) fn quarantined_lsns(fs: &dyn FileSystem, dir: &Path) -> Result<Vec<Ls
     let names = match fs.list(&qdir) {
         Ok(names) => names,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(WalError::io("list directory", qdir, e)),
+        Err(e) => return Err(WalError::io_opening("list directory", qdir, e)),
     };
     let mut lsns: Vec<Lsn> = names
         .iter()
@@ -120,7 +120,9 @@ pub(crate) fn write_gap_note(
         Ok(f) => f,
         // A note for the same start exists already (an earlier open crashed after writing it).
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(WalError::io("create gap note", &path, e)),
+        // No room for even an empty file: transient, nothing was created.
+        Err(e) if crate::fs::is_disk_full(&e) => return Err(WalError::DiskFull { path }),
+        Err(e) => return Err(WalError::io_opening("create gap note", &path, e)),
     };
     let text = format!(
         "lsn {}..={} were consumed by the ledger but missing from the log at open (segment \
@@ -129,8 +131,15 @@ pub(crate) fn write_gap_note(
         gap.last,
         gap.last.next()
     );
-    crate::fs::write_all_at(&*file, text.as_bytes(), 0)
-        .map_err(|e| WalError::io("write gap note", &path, e))?;
+    // The note's name is what readers go by; its text only explains it to an operator, so a
+    // disk too full for the text leaves an empty (or partial) note that still counts.
+    match crate::fs::write_all_at(&*file, text.as_bytes(), 0) {
+        Ok(()) => {}
+        Err(e) if crate::fs::is_disk_full(&e) => {
+            tracing::warn!(path = %path.display(), "disk full: the gap note is written without its text");
+        }
+        Err(e) => return Err(WalError::io("write gap note", &path, e)),
+    }
     file.sync_data()
         .map_err(|e| WalError::io("fdatasync gap note", &path, e))?;
     fs.sync_dir(&qdir)
@@ -211,7 +220,7 @@ pub fn verify_with_fs(fs: &dyn FileSystem, dir: &Path) -> Result<VerifyReport, W
 
 /// [`verify`] through `fs`, telling a torn tail of the last segment from corruption as
 /// [`crate::Wal::open`] with `opts` would (its `group_bytes_max` bounds a torn tail; a bad record
-/// the ledger has consumed is corruption).
+/// the ledger has consumed, or one the durable mark covers, is corruption).
 pub fn verify_with_options(
     fs: &dyn FileSystem,
     dir: &Path,
@@ -220,6 +229,11 @@ pub fn verify_with_options(
     let ids = segment_ids(fs, dir)?;
     // A ledger that does not load is no evidence either way; `wal inspect` reports it.
     let ledger_end = crate::ledger::load(fs, dir).map_or(Lsn::ZERO, |l| l.end());
+    // The mark recovery would read: the live writer's, or the one a crashed writer left.
+    let evidence = crate::wal::Evidence {
+        ledger_end,
+        mark: crate::mark::read(fs, dir),
+    };
     let mut report = VerifyReport {
         segments: ids.len(),
         first_lsn: ids.first().map(|i| i.first_lsn()),
@@ -297,7 +311,7 @@ pub fn verify_with_options(
                             offset,
                             len,
                             scan.expected,
-                            ledger_end,
+                            evidence,
                             opts.group_bytes_max,
                         )
                         .map_err(io_err)?

@@ -335,8 +335,9 @@ impl Wal {
     /// [`WalError::Locked`] while another process or another `Wal` has the directory open.
     ///
     /// A bad record in the last segment is truncated as a torn tail only when it can be one (at
-    /// most one unsynced chunk of `group_bytes_max` bytes follows it and no ledger position lies
-    /// past it); otherwise open fails with [`WalError::Corrupt`] in every [`RecoveryMode`]. When
+    /// most one unsynced chunk of `group_bytes_max` bytes follows it, no ledger position lies
+    /// past it and the durable mark left by the previous writer does not cover it); otherwise
+    /// open fails with [`WalError::Corrupt`] in every [`RecoveryMode`]. When
     /// the ledger names positions past the recovered log, numbering continues past all of them
     /// in a new segment, and [`Recovery::lsn_gap`] names the skipped LSNs.
     pub fn open_with_fs(
@@ -349,6 +350,8 @@ impl Wal {
             .map_err(|e| WalError::io("create directory", dir, e))?;
         // Dropped on every early return below, which releases it.
         let dir_lock = lock_dir(&*fs, dir)?;
+        // Read before anything rewrites it: the last LSN the previous writer saw fsynced.
+        let mark = crate::mark::read(&*fs, dir);
         let tmp = dir.join(LEDGER_TMP_FILE);
         if fs.remove(&tmp).is_ok() {
             fs.sync_dir(dir)
@@ -383,7 +386,8 @@ impl Wal {
                     (id, file, SEGMENT_HEADER_BYTES as u64, first, 0, None)
                 }
                 Some(id) => {
-                    let r = recover_last(&*fs, dir, id, &opts, ledger_end)?;
+                    let evidence = Evidence { ledger_end, mark };
+                    let r = recover_last(&*fs, dir, id, &opts, evidence)?;
                     // The last segment's directory entry may never have been fsynced (a crash
                     // or a failed rollover right after creating it): make it durable first.
                     fs.sync_dir(dir)
@@ -461,7 +465,7 @@ impl Wal {
             disk_tx: watch::Sender::new(bytes_on_disk),
         });
         inner.apply_retention()?;
-        let mark = crate::mark::DurableMark::create(&*inner.fs, dir, durable)?;
+        let mark = crate::mark::DurableMark::create(inner.fs.clone(), dir, durable)?;
         let (exit_tx, exit_rx) = oneshot::channel();
         let writer = crate::writer::Writer::new(inner.clone(), active_id, file, active_len, mark);
         let thread = std::thread::Builder::new()
@@ -700,7 +704,8 @@ impl Wal {
     }
 
     /// Creates the reserve file if it is missing. `Ok(false)` if the disk has no room for it
-    /// (nothing is left behind then); an I/O error other than a full disk is an error.
+    /// (nothing is left behind then); [`WalError::FilesExhausted`] (transient) when no file
+    /// descriptor is free to create it; any other I/O error is an error.
     ///
     /// The file's bytes mean nothing and are never synced: after a crash a short or missing
     /// reserve is simply created again.
@@ -718,7 +723,15 @@ impl Wal {
                 self.owner.reserve_held.store(true, Ordering::Release);
                 return Ok(true);
             }
-            Ok(_) => {}
+            Ok(_) => {
+                // Left short (or long) by a crash while it was being filled: the file is created
+                // exclusively below, so the wrong one must go first.
+                match fs.remove(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(WalError::io("remove partial reserve", path, e)),
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(WalError::io("stat reserve", path, e)),
         }
@@ -749,7 +762,7 @@ impl Wal {
                 if crate::fs::is_disk_full(&e) {
                     Ok(false)
                 } else {
-                    Err(WalError::io("create reserve", path, e))
+                    Err(WalError::io_opening("create reserve", path, e))
                 }
             }
         }
@@ -816,10 +829,12 @@ impl Wal {
         let bytes = s.bytes_on_disk;
         drop(s);
         tracing::debug!(segment = %oldest, bytes = len, "deleted released segment to free a full disk");
+        // Out of descriptors for the directory fsync: the deletion stands (it need not be
+        // durable to free the room), and the caller retries.
         inner
             .fs
             .sync_dir(&inner.dir)
-            .map_err(|e| WalError::io("fsync directory", &inner.dir, e))?;
+            .map_err(|e| WalError::io_opening("fsync directory", &inner.dir, e))?;
         inner.disk_tx.send_replace(bytes);
         Ok(())
     }
@@ -874,22 +889,50 @@ pub(crate) fn create_segment(
     Ok(file)
 }
 
+/// What the directory says about how far the log was durable, besides the log itself: evidence
+/// that a bad record of the last segment was acknowledged, so it is corruption, not a torn tail.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Evidence {
+    /// One past the highest position the ledger names (a lane consumed everything below).
+    pub(crate) ledger_end: Lsn,
+    /// The durable mark the previous writer left, if it is readable.
+    ///
+    /// It is written only after an fdatasync covering it returned, so every LSN up to it was
+    /// durable and acknowledged. After a process crash the page cache still holds it; after a
+    /// machine crash the disk holds an older value or none (it is never synced), which is less
+    /// evidence, never false evidence, as long as no LSN at or below a value it ever held is given
+    /// out again. Recovery never truncates at or below it (that is corruption), and whenever
+    /// records went away otherwise (a quarantined segment), open replaces the mark and makes the
+    /// removal of the old one durable before the writer can reuse an LSN (see `mark`).
+    pub(crate) mark: Option<Lsn>,
+}
+
 /// Why the bad record at `offset` of the last segment (file length `len`), where lsn
 /// `expected` should be, cannot be a torn tail; `None` if it can. See [`recover_last`].
+///
+/// A CRC-valid frame with a later LSN after the bad record is no evidence: the pages of one
+/// unsynced write can reach the disk in any order in a machine crash, so a later page of the
+/// torn group may be there while an earlier one is not.
 pub(crate) fn not_a_torn_tail(
     file: &dyn crate::fs::WalFile,
     offset: u64,
     len: u64,
     expected: Lsn,
-    ledger_end: Lsn,
+    evidence: Evidence,
     group_bytes_max: usize,
 ) -> std::io::Result<Option<String>> {
     let after = len.saturating_sub(offset);
     let tail_bytes_max = unsynced_bytes_max(file, offset, group_bytes_max)?;
+    let ledger_end = evidence.ledger_end;
     Ok(if expected < ledger_end {
         Some(format!(
             "the ledger has consumed records up to lsn {}, so lsn {expected} was durable",
             ledger_end.0 - 1
+        ))
+    } else if let Some(mark) = evidence.mark.filter(|m| expected <= *m) {
+        Some(format!(
+            "the durable mark says an fdatasync covering lsn {mark} returned, so lsn {expected} \
+             was durable and acknowledged"
         ))
     } else if after > tail_bytes_max {
         Some(format!(
@@ -933,14 +976,15 @@ struct Recovered {
 /// A torn tail is what a crash leaves of the one write that was not yet covered by an
 /// fdatasync: the writer syncs at most `group_bytes_max` bytes at a time (a larger group is
 /// synced in chunks, see `writer`), except a single record larger than that. So a bad record
-/// is corruption, never truncated, when more bytes follow it than one such chunk can hold, or
-/// when its LSN is below `ledger_end` (a lane consumed it, so it was durable).
+/// is corruption, never truncated, when more bytes follow it than one such chunk can hold, when
+/// its LSN is below the ledger's end (a lane consumed it, so it was durable), or when the
+/// durable mark covers it (an fdatasync covering it returned, see [`Evidence`]).
 fn recover_last(
     fs: &dyn FileSystem,
     dir: &Path,
     id: SegmentId,
     opts: &WalOptions,
-    ledger_end: Lsn,
+    evidence: Evidence,
 ) -> Result<Recovered, WalError> {
     let mode = opts.recovery_mode;
     let path = dir.join(segment_file_name(id));
@@ -976,8 +1020,14 @@ fn recover_last(
         }
         file.set_len(0)
             .map_err(|e| WalError::io("truncate segment", &path, e))?;
-        write_all_at(&*file, &segment::encode_header(id.first_lsn()), 0)
-            .map_err(|e| WalError::io("write segment header", &path, e))?;
+        // A full disk is transient here: the empty file is the same case at the next open.
+        write_all_at(&*file, &segment::encode_header(id.first_lsn()), 0).map_err(|e| {
+            if crate::fs::is_disk_full(&e) {
+                WalError::DiskFull { path: path.clone() }
+            } else {
+                WalError::io("write segment header", &path, e)
+            }
+        })?;
         file.sync_data()
             .map_err(|e| WalError::io("fdatasync segment", &path, e))?;
         return Ok(Recovered {
@@ -1015,7 +1065,7 @@ fn recover_last(
                     offset,
                     len,
                     scan.expected,
-                    ledger_end,
+                    evidence,
                     opts.group_bytes_max,
                 )
                 .map_err(|e| WalError::io("read segment", &path, e))?;

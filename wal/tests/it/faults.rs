@@ -3,6 +3,7 @@
 use crate::common::*;
 use prism_wal::fault::points::{DIR_FSYNC, SEGMENT_CREATE, SEGMENT_FSYNC, SEGMENT_WRITE};
 use prism_wal::{FaultyFs, FileSystem, Ledger, Lsn, WalError, WalOptions};
+use std::sync::Arc;
 
 #[tokio::test]
 async fn an_fsync_error_poisons_the_wal_for_good_and_is_never_retried() {
@@ -224,4 +225,141 @@ async fn after_a_failed_fdatasync_a_restart_in_the_same_boot_does_not_take_the_u
     );
     let r = wal.append(&[env(3, 50)]).await.unwrap();
     assert_eq!(r.first, Lsn(2));
+}
+
+#[tokio::test]
+async fn running_out_of_file_descriptors_for_the_ledger_is_transient_and_a_retry_writes_it() {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, WalOptions::default()).unwrap();
+    append_each(&wal, 1..4, 50).await;
+    let mut old = Ledger::default();
+    old.cursors.insert("trades".into(), Lsn(2));
+    wal.commit_ledger(&old).unwrap();
+    let mut new = Ledger::default();
+    new.cursors.insert("trades".into(), Lsn(4));
+    // Creating `ledger.tmp`, then opening the directory for its fsync after the rename.
+    for (point, errno) in [("wal::ledger::create", EMFILE), (DIR_FSYNC, ENFILE)] {
+        fs.fail_with_errno(point, 1, errno);
+        let err = wal.commit_ledger(&new).unwrap_err();
+        assert!(
+            matches!(err, WalError::FilesExhausted { .. }),
+            "{point}: {err:?}"
+        );
+        assert!(err.is_transient() && !err.is_fatal(), "{point}: {err:?}");
+        wal.commit_ledger(&new).unwrap();
+        assert_eq!(wal.load_ledger().unwrap(), new, "{point}");
+        wal.commit_ledger(&old).unwrap();
+    }
+    // The ledger the retry wrote survives a power loss.
+    wal.commit_ledger(&new).unwrap();
+    drop(wal);
+    fs.crash(3, true);
+    let (wal, _) = open_mem(&fs, WalOptions::default()).unwrap();
+    assert_eq!(wal.load_ledger().unwrap(), new);
+}
+
+#[tokio::test]
+async fn a_reader_out_of_file_descriptors_at_the_next_segment_is_transient_and_resumes_where_it_was(
+) {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, small_opts()).unwrap();
+    append_each(&wal, 1..30, 80).await;
+    assert!(wal.stats().segments > 2);
+    // Opening the first segment when the reader is created.
+    fs.fail_with_errno("wal::segment::open", 1, EMFILE);
+    let err = wal.reader(Lsn(1)).unwrap_err();
+    assert!(matches!(err, WalError::FilesExhausted { .. }), "{err:?}");
+    let mut reader = wal.reader(Lsn(1)).unwrap();
+    // Then at every later segment, once each.
+    let mut got = Vec::new();
+    let mut refusals = 0;
+    let mut armed = true;
+    loop {
+        if armed {
+            fs.fail_with_errno("wal::segment::open", 1, ENFILE);
+        }
+        let step = reader.next();
+        fs.clear_faults();
+        match step {
+            Ok(Some(r)) => got.push((r.lsn, r.envelope().unwrap().stream_seq.0)),
+            Ok(None) => break,
+            Err(err) => {
+                assert!(
+                    matches!(err, WalError::FilesExhausted { .. }) && err.is_transient(),
+                    "{err:?}"
+                );
+                refusals += 1;
+                // The same call again, with a descriptor free this time.
+                armed = false;
+                continue;
+            }
+        }
+        armed = true;
+    }
+    assert_eq!(refusals, wal.stats().segments - 1);
+    assert_eq!(got, (1..30).map(|i| (Lsn(i), i)).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_restart_on_a_disk_without_a_free_byte_opens_and_writes_the_durable_mark_once_space_returns(
+) {
+    use prism_wal::DURABLE_MARK_FILE;
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, WalOptions::default()).unwrap();
+    append_each(&wal, 1..6, 50).await;
+    drop(wal);
+    // Not a byte left, even once the old mark (20 bytes) is removed: the mark of the new writer
+    // cannot be written.
+    fs.set_capacity_bytes(Some(fs.used_bytes() - 20));
+    let (wal, rec) = open_mem(&fs, WalOptions::default())
+        .unwrap_or_else(|e| panic!("open on a full disk failed: {e}"));
+    assert_eq!(rec.next_lsn, Lsn(6));
+    let mark = mem_dir().join(DURABLE_MARK_FILE);
+    assert!(
+        fs.metadata(&mark).map_or(true, |m| m.len == 0),
+        "a mark was written on a full disk"
+    );
+    let err = wal.append(&[env(6, 50)]).await.unwrap_err();
+    assert!(matches!(err, WalError::DiskFull { .. }), "{err:?}");
+    fs.set_capacity_bytes(None);
+    let r = wal.append(&[env(6, 50)]).await.unwrap();
+    assert_eq!(r.first, Lsn(6));
+    // The next group's publish created the mark, and an offline reader next to the writer
+    // stops at it.
+    assert_eq!(fs.metadata(&mark).unwrap().len, 20);
+    let mut offline =
+        prism_wal::read_dir_with_fs(Arc::new(fs.clone()), &mem_dir(), Lsn(1)).unwrap();
+    let got = read_all(&mut offline).unwrap();
+    assert_eq!(got.last(), Some(&(Lsn(6), 6)));
+    let got = read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap();
+    assert_eq!(got, (1..7).map(|i| (Lsn(i), i)).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_segment_header_that_cannot_be_rewritten_on_a_full_disk_fails_open_transiently_and_a_later_open_completes_it(
+) {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, small_opts()).unwrap();
+    append_each(&wal, 1..4, 40).await;
+    drop(wal);
+    // A crash right after creating the next segment file, before its header was written.
+    let seg = mem_dir().join("00000000000000000004.wal");
+    fs.create(&seg).unwrap();
+    fs.corrupt(&seg, 0, b"PR").unwrap();
+    // Not a byte left once the two bytes are cut off.
+    fs.set_capacity_bytes(Some(fs.used_bytes() - 2));
+    for _ in 0..2 {
+        let err = open_mem(&fs, small_opts()).unwrap_err();
+        assert!(matches!(err, WalError::DiskFull { .. }), "{err:?}");
+        assert!(err.is_transient(), "{err:?}");
+    }
+    fs.set_capacity_bytes(None);
+    let (wal, rec) = open_mem(&fs, small_opts()).unwrap();
+    assert_eq!(rec.torn_tail.map(|t| (t.segment.0, t.offset)), Some((4, 0)));
+    append_each(&wal, 4..6, 40).await;
+    let got = read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap();
+    assert_eq!(
+        got.iter().map(|g| g.0 .0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
 }

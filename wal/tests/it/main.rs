@@ -11,4 +11,5 @@ mod lock;
 mod model;
 mod reader;
 mod recovery;
+mod reserve;
 mod retention;

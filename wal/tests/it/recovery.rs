@@ -383,3 +383,149 @@ async fn a_torn_append_larger_than_a_group_is_still_a_torn_tail_after_any_crash(
         assert_eq!(&got[..3], &[(Lsn(1), 1), (Lsn(2), 2), (Lsn(3), 3)]);
     }
 }
+
+#[tokio::test]
+async fn a_flipped_byte_in_an_acknowledged_record_of_the_last_group_is_corruption_when_the_durable_mark_covers_it(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = small_group_opts(RecoveryMode::TruncateTornTail);
+    let (wal, _) = Wal::open(dir.path(), opts).unwrap();
+    append_each(&wal, 1..6, 100).await;
+    assert_eq!(wal.durable_lsn(), Lsn(5));
+    // Like a killed process: the durable mark (lsn 5) stays behind in the page cache.
+    wal.close().await.unwrap();
+    let path = dir.path().join(SEG1);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // The last record: fewer bytes than one group follow it, no ledger position covers it.
+    let bad = record_offset(&bytes, 5);
+    assert!(bytes.len() - bad < opts.group_bytes_max);
+    bytes[bad + 30] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    for mode in [RecoveryMode::TruncateTornTail, RecoveryMode::Strict] {
+        let err = Wal::open(dir.path(), small_group_opts(mode)).unwrap_err();
+        assert!(
+            matches!(err, WalError::Corrupt { segment: SegmentId(1), offset, .. } if offset == bad as u64),
+            "{mode:?}: {err:?}"
+        );
+        assert!(err.to_string().contains("durable mark"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "{mode:?} truncated");
+    }
+    let report = prism_wal::verify_with_options(&prism_wal::StdFs, dir.path(), &opts).unwrap();
+    assert_eq!(report.torn_tail, None, "{report:?}");
+    assert_eq!(
+        report
+            .problems
+            .iter()
+            .map(|p| (p.segment, p.offset))
+            .collect::<Vec<_>>(),
+        vec![(SegmentId(1), bad as u64)]
+    );
+}
+
+#[tokio::test]
+async fn a_bad_record_past_the_durable_mark_is_still_a_torn_tail_and_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = small_group_opts(RecoveryMode::TruncateTornTail);
+    let (wal, _) = Wal::open(dir.path(), opts).unwrap();
+    append_each(&wal, 1..4, 100).await;
+    wal.close().await.unwrap();
+    let path = dir.path().join(SEG1);
+    let good_len = std::fs::metadata(&path).unwrap().len();
+    // An unsynced group of records 4 and 5 whose first page did not reach the disk intact; the
+    // mark says 3, as the writer published nothing for the group.
+    let mut framed = Vec::new();
+    prism_wal::segment::encode_record(&mut framed, Lsn(4), &env(4, 100)).unwrap();
+    prism_wal::segment::encode_record(&mut framed, Lsn(5), &env(5, 100)).unwrap();
+    framed[30] ^= 0x10;
+    append_raw(&path, &framed);
+    let (wal, rec) = Wal::open(dir.path(), opts).unwrap();
+    let torn = rec.torn_tail.expect("torn tail reported");
+    assert_eq!((torn.segment, torn.offset), (SegmentId(1), good_len));
+    assert_eq!(rec.next_lsn, Lsn(4));
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), good_len);
+    let got = read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap();
+    assert_eq!(got, (1..4).map(|i| (Lsn(i), i)).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_group_whose_fdatasync_never_returned_is_a_torn_tail_after_any_machine_crash() {
+    for seed in 0..20 {
+        let fs = prism_wal::FaultyFs::new();
+        let opts = small_group_opts(RecoveryMode::TruncateTornTail);
+        let (wal, _) = open_mem(&fs, opts).unwrap();
+        append_each(&wal, 1..6, 100).await;
+        // The next group is written but its fdatasync waits; then power is lost. The mark on
+        // disk is 5 at most (older or none: it is never synced).
+        fs.hold_segment_syncs(true);
+        let pending = {
+            let wal = wal.clone();
+            tokio::spawn(async move {
+                let group: Vec<_> = (6..9).map(|i| env(i, 100)).collect();
+                wal.append(&group).await
+            })
+        };
+        wait_until("the group's fdatasync to wait", || {
+            fs.segment_syncs_held() == 1
+        })
+        .await;
+        fs.crash(seed, true);
+        fs.hold_segment_syncs(false);
+        assert!(pending.await.unwrap().is_err(), "seed {seed}");
+        drop(wal);
+        let (wal, rec) = open_mem(&fs, opts)
+            .unwrap_or_else(|e| panic!("seed {seed}: a torn tail taken for corruption: {e}"));
+        assert!(rec.next_lsn >= Lsn(6), "seed {seed}");
+        let got = read_all(&mut wal.reader(Lsn(1)).unwrap()).unwrap();
+        assert_eq!(
+            &got[..5],
+            &(1..6).map(|i| (Lsn(i), i)).collect::<Vec<_>>()[..]
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_durable_mark_from_before_a_quarantine_never_comes_back_to_call_a_later_torn_tail_corruption(
+) {
+    use prism_wal::{FileSystem, DURABLE_MARK_FILE};
+    let mark_path = mem_dir().join(DURABLE_MARK_FILE);
+    for seed in 0..20 {
+        let fs = prism_wal::FaultyFs::new();
+        let (wal, _) = open_mem(&fs, small_opts()).unwrap();
+        append_each(&wal, 1..12, 100).await;
+        wal.close().await.unwrap();
+        // The mark (lsn 11) reached the disk, as the kernel may write it back at any time.
+        let mut mark = [0u8; 20];
+        let file = fs.open(&mark_path, false).unwrap();
+        assert_eq!(file.read_at(&mut mark, 0).unwrap(), mark.len());
+        fs.corrupt(&mark_path, 0, &mark).unwrap();
+        // The last segment goes to quarantine: its LSNs, covered by the mark, are given out again.
+        let segments = prism_wal::list_segments_with_fs(&fs, &mem_dir()).unwrap();
+        let last = segments.last().unwrap().id;
+        prism_wal::quarantine_segment_with_fs(&fs, &mem_dir(), last).unwrap();
+        // Segments large enough now that no rollover (whose directory fsync would make the new
+        // mark durable too) comes between the reuse and the crash.
+        let opts = WalOptions {
+            segment_bytes_max: 1 << 20,
+            ..small_opts()
+        };
+        let (wal, rec) = open_mem(&fs, opts).unwrap();
+        assert_eq!(rec.next_lsn, last.first_lsn(), "seed {seed}");
+        // A group reusing them is written, its fdatasync never returns, and power is lost.
+        fs.hold_segment_syncs(true);
+        let pending = {
+            let wal = wal.clone();
+            tokio::spawn(async move { wal.append(&[env(100, 100), env(101, 100)]).await })
+        };
+        wait_until("the group's fdatasync to wait", || {
+            fs.segment_syncs_held() == 1
+        })
+        .await;
+        fs.crash(seed, true);
+        fs.hold_segment_syncs(false);
+        assert!(pending.await.unwrap().is_err(), "seed {seed}");
+        drop(wal);
+        let (_wal, rec) = open_mem(&fs, opts)
+            .unwrap_or_else(|e| panic!("seed {seed}: a torn tail taken for corruption: {e}"));
+        assert!(rec.next_lsn >= last.first_lsn(), "seed {seed}");
+    }
+}
