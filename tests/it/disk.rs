@@ -100,6 +100,24 @@ impl Filler {
         }
     }
 
+    /// Tops the file off until the disk has no byte free. The relay frees what it can while it
+    /// is paused (the reserve, released segments), and such a deletion may land between a
+    /// top-off and the look at the free space, so this polls with a deadline.
+    fn fill_to_zero(&mut self, disk: &Tmpfs) {
+        let deadline = std::time::Instant::now() + DISK_TIMEOUT;
+        loop {
+            self.top_off();
+            if disk.available_bytes() == 0 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the disk could not be kept full: {} bytes free",
+                disk.available_bytes()
+            );
+        }
+    }
+
     fn delete(self) {
         drop(self.file);
         fs::remove_file(&self.path).expect("delete the filler file");
@@ -249,8 +267,7 @@ async fn a_disk_filled_to_the_last_byte_by_another_file_pauses_ingest_without_ex
         })
         .await;
         let mut f = Filler::create(&disk.dir.join("filler"));
-        f.top_off();
-        assert_eq!(disk.available_bytes(), 0, "the filler took every byte");
+        f.fill_to_zero(&disk);
         filler = Some(f);
     };
     tokio::join!(bed.publish(load), fill);
@@ -269,7 +286,7 @@ async fn a_disk_filled_to_the_last_byte_by_another_file_pauses_ingest_without_ex
         assert_eq!(paused, 1.0, "ingest resumed on a full disk");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert_eq!(disk.available_bytes(), 0, "the disk stayed full");
+    filler.fill_to_zero(&disk);
 
     filler.delete();
     assert_totals(&wait_stored(&bed, &relay, &config.wal_dir).await, count);
@@ -381,19 +398,8 @@ async fn a_relay_killed_while_the_disk_is_full_restarts_with_no_byte_free_stays_
         assert_eq!(paused, 1.0, "ingest resumed on a full disk");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    // The relay frees what it can (released segments) while paused; the filler takes it back,
-    // so the disk is held full (polled: a deletion may land between a top-off and `df`).
-    let deadline = std::time::Instant::now() + DISK_TIMEOUT;
-    loop {
-        filler.top_off();
-        if disk.available_bytes() == 0 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the disk could not be kept full"
-        );
-    }
+    // The relay frees what it can (released segments) while paused; the filler takes it back.
+    filler.fill_to_zero(&disk);
 
     filler.delete();
     assert_totals(&wait_stored(&bed, &relay, &config.wal_dir).await, count);
