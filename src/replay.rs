@@ -685,7 +685,7 @@ pub fn parse_time_ms(input: &str) -> Result<i64, TimeParseError> {
             ))
         }
     };
-    let days = days_from_civil(year, month, day);
+    let days = crate::codec::days_from_civil(year, month, day);
     let local_ms = days * DAY_MS + ((hour * 60 + minute) * 60 + second) * 1000 + millis;
     Ok(local_ms - offset_min * 60_000)
 }
@@ -701,17 +701,6 @@ fn days_in_month(year: i64, month: i64) -> i64 {
         4 | 6 | 9 | 11 => 30,
         _ => 31,
     }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]

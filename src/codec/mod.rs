@@ -26,6 +26,7 @@ pub mod rows;
 use std::fmt;
 
 pub use decode::decode;
+pub(crate) use field::days_from_civil;
 pub use rows::{
     FundingRateRow, LiquidationRow, LsrAllAccountRow, LsrTopPositionRow, OpenInterestRow,
     OrderbookRow, TradeRow, VolatilityIndexRow,

@@ -305,15 +305,7 @@ impl Fetcher {
 
     /// The consumer's backlog as the server sees it (the autoscaling signal).
     pub async fn backlog(&mut self) -> Result<Backlog, SourceError> {
-        let info = self
-            .consumer
-            .info()
-            .await
-            .map_err(|err| SourceError::ConsumerRequest {
-                stream: self.stream.to_string(),
-                durable: self.durable.to_string(),
-                source: Box::new(err),
-            })?;
+        let info = self.consumer_info().await?;
         Ok(Backlog {
             num_pending: info.num_pending,
             num_ack_pending: info.num_ack_pending as u64,
@@ -322,17 +314,24 @@ impl Fetcher {
         })
     }
 
-    /// The consumer counters a rescue decides on.
-    async fn rescue_info(&mut self) -> Result<rescue::ConsumerPosition, SourceError> {
-        let info = self
-            .consumer
+    /// The consumer's info, fresh from the server.
+    async fn consumer_info(
+        &mut self,
+    ) -> Result<async_nats::jetstream::consumer::Info, SourceError> {
+        self.consumer
             .info()
             .await
+            .cloned()
             .map_err(|err| SourceError::ConsumerRequest {
                 stream: self.stream.to_string(),
                 durable: self.durable.to_string(),
                 source: Box::new(err),
-            })?;
+            })
+    }
+
+    /// The consumer counters a rescue decides on.
+    async fn rescue_info(&mut self) -> Result<rescue::ConsumerPosition, SourceError> {
+        let info = self.consumer_info().await?;
         Ok(rescue::ConsumerPosition {
             delivered: info.delivered.stream_sequence,
             ack_floor: info.ack_floor.stream_sequence,
