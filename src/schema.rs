@@ -477,28 +477,13 @@ pub fn passthrough_ddl(
     let order_by: Vec<String> = PASSTHROUGH_IDENTITY.iter().map(|c| identifier(c)).collect();
     let order_by = order_by.join(", ");
     let time = "toDateTime(intDiv(published_ms, 1000), 'UTC')";
-    // Writing into a String cannot fail.
-    match profile {
-        Profile::Modern => {
-            let _ = write!(
-                out,
-                "ENGINE = ReplacingMergeTree\nPARTITION BY toYYYYMM({time})\nORDER BY ({order_by})\n"
-            );
-            if let Some(days) = ttl_days {
-                let _ = writeln!(out, "TTL {time} + INTERVAL {days} DAY");
-            }
-            let _ = write!(
-                out,
-                "SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW_BLOCKS}"
-            );
-        }
-        Profile::Legacy => {
-            let _ = write!(
-                out,
-                "ENGINE = ReplacingMergeTree()\nPARTITION BY toYYYYMM({time})\nORDER BY ({order_by})"
-            );
-        }
-    }
+    push_engine(
+        &mut out,
+        profile,
+        time,
+        &order_by,
+        ttl_days.map(|days| (time, days)),
+    );
     out
 }
 
@@ -653,15 +638,40 @@ pub fn ddl_named(
     let time = table.time_column();
     let order_by: Vec<String> = table.order_by().iter().map(|c| identifier(c)).collect();
     let order_by = order_by.join(", ");
+    // Time columns are DateTime64 in the modern profile and Int64 milliseconds in the legacy one.
+    let month_of = match profile {
+        Profile::Modern => time.to_owned(),
+        Profile::Legacy => format!("toDateTime(intDiv({time}, 1000), 'UTC')"),
+    };
+    let ttl_time = format!("toDateTime({time})");
+    let ttl = match (ttl_days, table) {
+        (Some(days), SchemaTable::Data(_)) => Some((ttl_time.as_str(), days)),
+        _ => None,
+    };
+    push_engine(&mut out, profile, &month_of, &order_by, ttl);
+    out
+}
+
+/// The engine clause of every table the relay creates: a ReplacingMergeTree ordered by
+/// `order_by` (the row's identity) and partitioned by the month of `month_of` (a DateTime
+/// expression). The modern profile adds the TTL (`ttl`: a DateTime expression and days, where
+/// the table has one) and the deduplication window of insert tokens; 18.16 has neither.
+fn push_engine(
+    out: &mut String,
+    profile: Profile,
+    month_of: &str,
+    order_by: &str,
+    ttl: Option<(&str, u32)>,
+) {
     // Writing into a String cannot fail.
     match profile {
         Profile::Modern => {
             let _ = write!(
                 out,
-                "ENGINE = ReplacingMergeTree\nPARTITION BY toYYYYMM({time})\nORDER BY ({order_by})\n"
+                "ENGINE = ReplacingMergeTree\nPARTITION BY toYYYYMM({month_of})\nORDER BY ({order_by})\n"
             );
-            if let (Some(days), SchemaTable::Data(_)) = (ttl_days, table) {
-                let _ = writeln!(out, "TTL toDateTime({time}) + INTERVAL {days} DAY");
+            if let Some((time, days)) = ttl {
+                let _ = writeln!(out, "TTL {time} + INTERVAL {days} DAY");
             }
             let _ = write!(
                 out,
@@ -671,11 +681,10 @@ pub fn ddl_named(
         Profile::Legacy => {
             let _ = write!(
                 out,
-                "ENGINE = ReplacingMergeTree()\nPARTITION BY toYYYYMM(toDateTime(intDiv({time}, 1000), 'UTC'))\nORDER BY ({order_by})"
+                "ENGINE = ReplacingMergeTree()\nPARTITION BY toYYYYMM({month_of})\nORDER BY ({order_by})"
             );
         }
     }
-    out
 }
 
 /// Every statement that creates the schema: the database, the eight tables, the dead letters.
