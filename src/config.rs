@@ -207,6 +207,16 @@ pub const METRICS_HEADER_READ_TIMEOUT_MS_MAX: u64 = 60_000;
 pub const METRICS_REQUEST_TIMEOUT_MS_MIN: u64 = 1_000;
 /// Prometheus gives up on a scrape after its scrape_timeout (10 s by default) anyway.
 pub const METRICS_REQUEST_TIMEOUT_MS_MAX: u64 = 300_000;
+/// A lane's inserts must fail at least this long before `/ready` fails: one retry delay, so a
+/// single lost connection does not flap readiness.
+pub const METRICS_READY_INSERT_FAILING_S_MIN: u64 = 1;
+/// A day: past it a relay that cannot insert would look ready through a whole outage.
+pub const METRICS_READY_INSERT_FAILING_S_MAX: u64 = 86_400;
+/// Consumer info is one small JetStream API request; more often than every second would add
+/// load for a gauge Prometheus reads every 15 s or so.
+pub const METRICS_BACKLOG_POLL_INTERVAL_S_MIN: u64 = 1;
+/// An hour: slower, and the backlog gauges would not serve as an alert or a scaling signal.
+pub const METRICS_BACKLOG_POLL_INTERVAL_S_MAX: u64 = 3_600;
 
 // ---- [shutdown] bounds ----
 /// Stopping fetches, an fsync and a flush need at least this long.
@@ -753,16 +763,25 @@ pub struct MetricsConfig {
     /// Every connection is closed this long after accept (one request each), in milliseconds.
     /// Default 10,000.
     pub request_timeout_ms: u64,
+    /// `/ready` answers 503 once a table's inserts have been failing this long, in seconds.
+    /// Default 30.
+    pub ready_insert_failing_s: u64,
+    /// JetStream consumer info is polled this often for the backlog gauges, in seconds.
+    /// Default 15.
+    pub backlog_poll_interval_s: u64,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
-            // A literal that always parses.
-            listen: SocketAddr::from(([0, 0, 0, 0], 9094)),
+            // Loopback: the endpoint tells anyone who reaches it about the relay's data flow;
+            // exposing it (MarketPrism's compose sets 0.0.0.0:9094) is a deliberate setting.
+            listen: SocketAddr::from(([127, 0, 0, 1], 9094)),
             connections_max: 64,
             header_read_timeout_ms: 5_000,
             request_timeout_ms: 10_000,
+            ready_insert_failing_s: crate::metrics::health::READY_INSERT_FAILING_S_DEFAULT,
+            backlog_poll_interval_s: 15,
         }
     }
 }
@@ -1091,6 +1110,12 @@ impl Config {
                 self.metrics.header_read_timeout_ms = v.parse()?
             }
             ("metrics", "request_timeout_ms") => self.metrics.request_timeout_ms = v.parse()?,
+            ("metrics", "ready_insert_failing_s") => {
+                self.metrics.ready_insert_failing_s = v.parse()?
+            }
+            ("metrics", "backlog_poll_interval_s") => {
+                self.metrics.backlog_poll_interval_s = v.parse()?
+            }
             ("shutdown", "timeout_ms") => self.shutdown.timeout_ms = v.parse()?,
             _ => {
                 let known: Vec<String> = ENV_OVERRIDES
@@ -1532,6 +1557,20 @@ impl Config {
             METRICS_REQUEST_TIMEOUT_MS_MAX,
             "ms (at least header_read_timeout_ms)",
         );
+        v.range(
+            "metrics.ready_insert_failing_s",
+            m.ready_insert_failing_s,
+            METRICS_READY_INSERT_FAILING_S_MIN,
+            METRICS_READY_INSERT_FAILING_S_MAX,
+            "s",
+        );
+        v.range(
+            "metrics.backlog_poll_interval_s",
+            m.backlog_poll_interval_s,
+            METRICS_BACKLOG_POLL_INTERVAL_S_MIN,
+            METRICS_BACKLOG_POLL_INTERVAL_S_MAX,
+            "s",
+        );
     }
 
     fn validate_drain(&self, v: &mut Validator) {
@@ -1689,7 +1728,7 @@ impl Config {
 pub const ENV_SECTIONS: [&str; 6] = ["nats", "wal", "clickhouse", "drain", "metrics", "shutdown"];
 
 /// Every (section, field) an environment variable may override.
-pub const ENV_OVERRIDES: [(&str, &str); 39] = [
+pub const ENV_OVERRIDES: [(&str, &str); 41] = [
     ("nats", "url"),
     ("nats", "name"),
     ("nats", "connect_timeout_ms"),
@@ -1728,6 +1767,8 @@ pub const ENV_OVERRIDES: [(&str, &str); 39] = [
     ("metrics", "connections_max"),
     ("metrics", "header_read_timeout_ms"),
     ("metrics", "request_timeout_ms"),
+    ("metrics", "ready_insert_failing_s"),
+    ("metrics", "backlog_poll_interval_s"),
     ("shutdown", "timeout_ms"),
 ];
 
@@ -2486,6 +2527,12 @@ mod tests {
             ("metrics.request_timeout_ms", |c| {
                 c.metrics.header_read_timeout_ms = 20_000;
                 c.metrics.request_timeout_ms = 10_000;
+            }),
+            ("metrics.ready_insert_failing_s", |c| {
+                c.metrics.ready_insert_failing_s = 0
+            }),
+            ("metrics.backlog_poll_interval_s", |c| {
+                c.metrics.backlog_poll_interval_s = 0
             }),
         ];
         for (field, mutate) in cases {
