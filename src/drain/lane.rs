@@ -233,11 +233,18 @@ impl Lane {
                     .opened_at()
                     .map(|t| t + self.config.limits.age_max)
                     .unwrap_or_else(|| Instant::now() + IDLE_WAKE);
-                tokio::select! {
-                    _ = durable.changed() => {}
-                    _ = tokio::time::sleep_until(deadline.into()) => {}
-                    _ = self.shutdown.changed() => {}
-                }
+                // Waiting for records or for the batch's age limit (flush_interval_ms may be
+                // minutes) is legitimate: beat meanwhile.
+                let mut shutdown = self.shutdown.clone();
+                self.heartbeat
+                    .wait(async {
+                        tokio::select! {
+                            _ = durable.changed() => {}
+                            _ = tokio::time::sleep_until(deadline.into()) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                    })
+                    .await;
             } else {
                 tokio::task::yield_now().await;
             }
