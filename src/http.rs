@@ -239,7 +239,8 @@ async fn render_metrics(State(shared): State<Shared>) -> impl IntoResponse {
 /// 200 while the WAL lives and every task loop beats; 503 naming what does not.
 async fn health(State(shared): State<Shared>) -> impl IntoResponse {
     let wal_failed = shared.metrics.wal_failed.get() == 1;
-    match shared.metrics.health.liveness(wal_failed) {
+    let commit_running = shared.wal.commit_running_for();
+    match shared.metrics.health.liveness(wal_failed, commit_running) {
         Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
         Err(body) => (StatusCode::SERVICE_UNAVAILABLE, body),
     }
