@@ -47,25 +47,61 @@ const SERVER_LOG_FILE: &str = "clickhouse-server.log";
 const ERROR_LOG_FILE: &str = "clickhouse-server.err.log";
 const DATA_DIR: &str = "data";
 
+/// The certificate and key of an HTTPS port ([`ClickHouse::start_with_https`]), PEM files.
+#[derive(Debug, Clone)]
+pub struct HttpsFiles {
+    /// The server's certificate (chain).
+    pub cert_file: PathBuf,
+    /// Its private key.
+    pub key_file: PathBuf,
+}
+
 /// A running (or killed, awaiting restart) `clickhouse-server`.
 ///
 /// Dropping it kills the server with SIGKILL and removes its directory.
 #[derive(Debug)]
 pub struct ClickHouse {
-    /// Ports `[http, tcp]`.
-    server: Server<2>,
+    /// Ports `[http, tcp, https]`; the HTTPS port is reserved, and served only when the server
+    /// was started with [`ClickHouse::start_with_https`].
+    server: Server<3>,
+    /// Whether the HTTPS port is served.
+    https: bool,
 }
 
 impl ClickHouse {
     /// Starts a server on free ports and returns once `/ping` answers `Ok.`.
     pub fn start() -> Result<ClickHouse, TestbedError> {
-        // A fresh pair of ports needs a fresh config; a restart keeps the config it has.
+        Self::start_inner(None)
+    }
+
+    /// Like [`ClickHouse::start`], and also serves HTTPS on [`ClickHouse::https_port`] with the
+    /// given certificate and key (the plain HTTP port stays, for the test bed's own probes).
+    pub fn start_with_https(files: &HttpsFiles) -> Result<ClickHouse, TestbedError> {
+        Self::start_inner(Some(files))
+    }
+
+    fn start_inner(https: Option<&HttpsFiles>) -> Result<ClickHouse, TestbedError> {
+        // Fresh ports need a fresh config; a restart keeps the config it has.
         let server = Server::start(&SPEC, |run| {
-            let [http_port, tcp_port] = run.ports;
-            write_config(run.dir, run.name, http_port, tcp_port)?;
+            write_config(run.dir, run.name, run.ports, https)?;
             launch(run)
         })?;
-        Ok(ClickHouse { server })
+        Ok(ClickHouse {
+            server,
+            https: https.is_some(),
+        })
+    }
+
+    /// HTTPS endpoint, `https://127.0.0.1:PORT`, of a server started with
+    /// [`ClickHouse::start_with_https`]; `None` otherwise.
+    pub fn https_url(&self) -> Option<String> {
+        self.https
+            .then(|| format!("https://127.0.0.1:{}", self.https_port()))
+    }
+
+    /// The port HTTPS is (or would be) served on.
+    pub fn https_port(&self) -> u16 {
+        self.server.ports()[2]
     }
 
     /// HTTP endpoint, `http://127.0.0.1:PORT`, for the `clickhouse` crate.
@@ -151,9 +187,34 @@ impl ClickHouse {
 }
 
 /// Writes the server config. Only what 18.16 needs to run isolated: ports on
-/// 127.0.0.1 (no interserver, HTTPS or secure TCP ports), every path inside `dir`,
-/// file logs at level warning, the packaged users, small caches.
-fn write_config(dir: &Path, name: &str, http_port: u16, tcp_port: u16) -> Result<(), TestbedError> {
+/// 127.0.0.1 (no interserver or secure TCP ports; HTTPS only with `https`), every path
+/// inside `dir`, file logs at level warning, the packaged users, small caches.
+fn write_config(
+    dir: &Path,
+    name: &str,
+    [http_port, tcp_port, https_port]: [u16; 3],
+    https: Option<&HttpsFiles>,
+) -> Result<(), TestbedError> {
+    // The server presents the certificate and asks for none from clients.
+    let https = match https {
+        Some(files) => format!(
+            r#"<https_port>{https_port}</https_port>
+    <openSSL>
+        <server>
+            <certificateFile>{cert}</certificateFile>
+            <privateKeyFile>{key}</privateKeyFile>
+            <verificationMode>none</verificationMode>
+            <loadDefaultCAFile>false</loadDefaultCAFile>
+            <cacheSessions>true</cacheSessions>
+            <disableProtocols>sslv2,sslv3</disableProtocols>
+            <preferServerCiphers>true</preferServerCiphers>
+        </server>
+    </openSSL>"#,
+            cert = xml_escape(&files.cert_file.display().to_string()),
+            key = xml_escape(&files.key_file.display().to_string()),
+        ),
+        None => String::new(),
+    };
     let data = dir.join(DATA_DIR);
     let path = |sub: &str| xml_escape(&format!("{}/", data.join(sub).display()));
     let config = format!(
@@ -169,6 +230,7 @@ fn write_config(dir: &Path, name: &str, http_port: u16, tcp_port: u16) -> Result
     <listen_host>127.0.0.1</listen_host>
     <http_port>{http_port}</http_port>
     <tcp_port>{tcp_port}</tcp_port>
+    {https}
     <path>{data_path}/</path>
     <tmp_path>{tmp_path}</tmp_path>
     <user_files_path>{user_files_path}</user_files_path>
@@ -204,12 +266,12 @@ fn xml_escape(text: &str) -> String {
 }
 
 /// Spawns one server and waits until it is ready and known to be ours.
-fn launch(run: &Launch<2>) -> Result<ServerProcess, StartFailure> {
+fn launch(run: &Launch<3>) -> Result<ServerProcess, StartFailure> {
     let Launch {
         binary,
         dir,
         name,
-        ports: [http_port, _tcp_port],
+        ports: [http_port, _tcp_port, _https_port],
     } = *run;
     let console_path = dir.join(CONSOLE_LOG_FILE);
     let logs = [
