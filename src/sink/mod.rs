@@ -223,10 +223,9 @@ pub fn http_client(
     connector.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
     connector.set_keepalive(Some(Duration::from_millis(TCP_KEEPALIVE_MS)));
     connector.set_nodelay(true);
-    let builder =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_millis(POOL_IDLE_TIMEOUT_MS))
-            .clone();
+    let builder = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_millis(POOL_IDLE_TIMEOUT_MS))
+        .clone();
     let client = if url.starts_with("https://") {
         // The TLS layer hands the plain connector https:// URIs, which it refuses by default.
         connector.enforce_http(false);

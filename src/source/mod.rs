@@ -198,6 +198,18 @@ pub async fn connect(config: &NatsConfig) -> Result<async_nats::Client, SourceEr
     if let Some(token) = &config.token {
         options = options.token(token.clone());
     }
+    if let Some(seed) = &config.nkey_seed {
+        options = options.nkey(seed.clone());
+    }
+    if config.tls_wanted() {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &config.tls_ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
 
     let options = options
         .name(&config.name)
