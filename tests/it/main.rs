@@ -8,6 +8,7 @@ mod hostile_subjects;
 mod modern;
 mod relay;
 mod replay;
+mod security;
 mod sink;
 mod source;
 mod tools;

@@ -42,10 +42,21 @@ const IDENTITY_MACRO: &str = "prism_testbed_id";
 
 /// Files in the server's directory.
 const CONFIG_FILE: &str = "config.xml";
+const USERS_FILE: &str = "users.xml";
 const CONSOLE_LOG_FILE: &str = "console.log";
 const SERVER_LOG_FILE: &str = "clickhouse-server.log";
 const ERROR_LOG_FILE: &str = "clickhouse-server.err.log";
 const DATA_DIR: &str = "data";
+
+/// Options of [`ClickHouse::start_with`]; the default is what [`ClickHouse::start`] runs.
+#[derive(Debug, Clone, Default)]
+pub struct ClickHouseOptions {
+    /// Also serve HTTPS on [`ClickHouse::https_port`] with this certificate and key.
+    pub https: Option<HttpsFiles>,
+    /// Also define this user with this password (with the default user's profile and
+    /// networks); the default user stays passwordless for the test bed's own queries.
+    pub password_user: Option<(String, String)>,
+}
 
 /// The certificate and key of an HTTPS port ([`ClickHouse::start_with_https`]), PEM files.
 #[derive(Debug, Clone)]
@@ -71,24 +82,28 @@ pub struct ClickHouse {
 impl ClickHouse {
     /// Starts a server on free ports and returns once `/ping` answers `Ok.`.
     pub fn start() -> Result<ClickHouse, TestbedError> {
-        Self::start_inner(None)
+        Self::start_with(&ClickHouseOptions::default())
     }
 
     /// Like [`ClickHouse::start`], and also serves HTTPS on [`ClickHouse::https_port`] with the
     /// given certificate and key (the plain HTTP port stays, for the test bed's own probes).
     pub fn start_with_https(files: &HttpsFiles) -> Result<ClickHouse, TestbedError> {
-        Self::start_inner(Some(files))
+        Self::start_with(&ClickHouseOptions {
+            https: Some(files.clone()),
+            ..ClickHouseOptions::default()
+        })
     }
 
-    fn start_inner(https: Option<&HttpsFiles>) -> Result<ClickHouse, TestbedError> {
+    /// Like [`ClickHouse::start`], with `options`.
+    pub fn start_with(options: &ClickHouseOptions) -> Result<ClickHouse, TestbedError> {
         // Fresh ports need a fresh config; a restart keeps the config it has.
         let server = Server::start(&SPEC, |run| {
-            write_config(run.dir, run.name, run.ports, https)?;
+            write_config(run.dir, run.name, run.ports, options)?;
             launch(run)
         })?;
         Ok(ClickHouse {
             server,
-            https: https.is_some(),
+            https: options.https.is_some(),
         })
     }
 
@@ -193,10 +208,19 @@ fn write_config(
     dir: &Path,
     name: &str,
     [http_port, tcp_port, https_port]: [u16; 3],
-    https: Option<&HttpsFiles>,
+    options: &ClickHouseOptions,
 ) -> Result<(), TestbedError> {
+    let users_config = match &options.password_user {
+        Some((user, password)) => {
+            let path = dir.join(USERS_FILE);
+            std::fs::write(&path, users_xml(user, password))
+                .map_err(|e| TestbedError::io(format!("writing {}", path.display()), e))?;
+            path.display().to_string()
+        }
+        None => USERS_CONFIG.to_owned(),
+    };
     // The server presents the certificate and asks for none from clients.
-    let https = match https {
+    let https = match &options.https {
         Some(files) => format!(
             r#"<https_port>{https_port}</https_port>
     <openSSL>
@@ -251,12 +275,49 @@ fn write_config(
         tmp_path = path("tmp"),
         user_files_path = path("user_files"),
         format_schema_path = path("format_schemas"),
-        users_config = xml_escape(USERS_CONFIG),
+        users_config = xml_escape(&users_config),
         name = xml_escape(name),
     );
     let config_path = dir.join(CONFIG_FILE);
     std::fs::write(&config_path, config)
         .map_err(|e| TestbedError::io(format!("writing {}", config_path.display()), e))
+}
+
+/// The packaged users (default without a password, readonly) plus `user` with `password`.
+fn users_xml(user: &str, password: &str) -> String {
+    let networks = "<networks><ip>::/0</ip></networks>";
+    format!(
+        r#"<?xml version="1.0"?>
+<yandex>
+    <profiles>
+        <default>
+            <max_memory_usage>10000000000</max_memory_usage>
+            <use_uncompressed_cache>0</use_uncompressed_cache>
+            <load_balancing>random</load_balancing>
+        </default>
+        <readonly><readonly>1</readonly></readonly>
+    </profiles>
+    <users>
+        <default><password></password>{networks}<profile>default</profile><quota>default</quota></default>
+        <{user}><password>{password}</password>{networks}<profile>default</profile><quota>default</quota></{user}>
+    </users>
+    <quotas>
+        <default>
+            <interval>
+                <duration>3600</duration>
+                <queries>0</queries>
+                <errors>0</errors>
+                <result_rows>0</result_rows>
+                <read_rows>0</read_rows>
+                <execution_time>0</execution_time>
+            </interval>
+        </default>
+    </quotas>
+</yandex>
+"#,
+        user = xml_escape(user),
+        password = xml_escape(password),
+    )
 }
 
 fn xml_escape(text: &str) -> String {
