@@ -4,7 +4,8 @@
 //! This is the only module of the relay that knows NATS. Its parts:
 //!
 //! - [`connect`] and [`jetstream`]: one client per relay, with the `[nats]` options (name,
-//!   timeouts, authentication). The client reconnects on its own, forever, after a disconnect or
+//!   timeouts, authentication by password, token, `.creds` or NKey seed, TLS with a CA and a
+//!   client certificate). The client reconnects on its own, forever, after a disconnect or
 //!   a server restart; connection events are logged.
 //! - [`ensure_streams`] and [`ensure_consumer`] (in `setup`): create what is missing, compare
 //!   what exists, and report the differences as [`Drift`]. They never update, delete or recreate

@@ -991,3 +991,136 @@ async fn with_log_format_json_every_line_is_a_json_object_and_batch_events_carry
     }
     Ok(())
 }
+
+/// Publishes `payload` on the raw subject bytes `subject` through a TLS connection (the CA and
+/// client certificate of `pki`) speaking the NATS text protocol; returns the stream sequence from
+/// JetStream's publish acknowledgement.
+async fn publish_raw_bytes_tls(
+    port: u16,
+    pki: &Pki,
+    subject: &[u8],
+    payload: &[u8],
+) -> std::io::Result<u64> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut plain = BufReader::new(socket);
+    let mut line = Vec::new();
+    plain.read_until(b'\n', &mut line).await?;
+    assert!(line.starts_with(b"INFO "), "server greeting: {line:?}");
+    let config = prism_relay::tls::client_config(&TlsFiles {
+        ca_file: Some(pki.ca.clone()),
+        cert_file: Some(pki.client_cert.clone()),
+        key_file: Some(pki.client_key.clone()),
+    })
+    .map_err(std::io::Error::other)?;
+    let name =
+        rustls::pki_types::ServerName::try_from("127.0.0.1").map_err(std::io::Error::other)?;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, plain.into_inner())
+        .await?;
+    let (read, mut writer) = tokio::io::split(tls);
+    let mut reader = BufReader::new(read);
+    let inbox = "_INBOX.raw-publisher";
+    let mut out = format!(
+        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true,\"tls_required\":true}}\r\nSUB {inbox} 1\r\nPUB "
+    )
+    .into_bytes();
+    out.extend_from_slice(subject);
+    out.extend_from_slice(format!(" {inbox} {}\r\n", payload.len()).as_bytes());
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\r\nPING\r\n");
+    writer.write_all(&out).await?;
+    writer.flush().await?;
+    let deadline = Duration::from_millis(RAW_IO_TIMEOUT_MS);
+    loop {
+        line.clear();
+        tokio::time::timeout(deadline, reader.read_until(b'\n', &mut line))
+            .await
+            .map_err(std::io::Error::other)??;
+        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        if text == "PING" {
+            writer.write_all(b"PONG\r\n").await?;
+            writer.flush().await?;
+        } else if let Some(args) = text.strip_prefix("MSG ") {
+            let len: usize = args
+                .rsplit(' ')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("MSG line {text:?}"));
+            let mut body = vec![0; len + 2];
+            reader.read_exact(&mut body).await?;
+            let ack: serde_json::Value = serde_json::from_slice(&body[..len]).unwrap_or_else(|e| {
+                panic!("publish ack {:?}: {e}", String::from_utf8_lossy(&body))
+            });
+            return Ok(ack["seq"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("publish not stored: {ack}")));
+        } else if text.starts_with("-ERR") {
+            panic!("server refused the raw publish: {text}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_nats_tls_with_a_client_certificate_the_rescue_connection_dead_letters_an_unreadable_delivery(
+) -> TestResult {
+    let pki = Pki::generate();
+    let bed = bed_with(
+        Nats::start_with_config(&pki.nats_tls_config())?,
+        ClickHouse::start()?,
+    );
+    let mut config = bed.config();
+    config.streams.truncate(1); // MARKET_TRADES
+    config.consumers.truncate(1);
+    // A poisoned delivery comes back to the rescue after one ack_wait.
+    config.consumers[0].ack_wait_ms = 3_000;
+    let path = bed.path("tls.toml");
+    let tls = format!(
+        "tls_ca_file = {}\ntls_cert_file = {}\ntls_key_file = {}",
+        toml_path(&pki.ca),
+        toml_path(&pki.client_cert),
+        toml_path(&pki.client_key)
+    );
+    std::fs::write(&path, with_lines(&config.to_toml(), "nats", &tls))?;
+    let nats = nats_section(&path, &[]);
+
+    let mut relay = Relay::run(
+        bed.dir.path(),
+        "relay",
+        &path,
+        config.metrics_addr(),
+        &[],
+        &[],
+    );
+    relay.wait_ready().await;
+    let good = 300;
+    publish_with(&bed, &nats, Load::new("tls-rescue", good).mix("trade=1")).await;
+    let bad_seq = publish_raw_bytes_tls(bed.nats.port(), &pki, b"trade.\xff.spot.Y", b"{}").await?;
+
+    // The unreadable delivery drops the client's connection; only a raw connection that
+    // upgrades to TLS and presents the client certificate can turn it into a dead letter.
+    let deadline = Instant::now() + Duration::from_millis(ACCOUNTING_TIMEOUT_MS);
+    loop {
+        let (trades, dead) = (bed.count_final("trades"), bed.count_dead_letters());
+        if trades >= good && dead >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{trades} of {good} trades, {dead} of 1 dead letters (seq {bad_seq}):\n{}",
+            relay.output()
+        );
+        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
+    }
+    let dead = bed.rows(&format!(
+        "SELECT nats_seq FROM {DATABASE}.dead_letters FINAL"
+    ));
+    assert_eq!(dead, vec![vec![bad_seq.to_string()]]);
+    assert!(
+        relay.output().contains("pulling through a raw connection"),
+        "{}",
+        relay.output()
+    );
+    relay.stop().await;
+    Ok(())
+}
