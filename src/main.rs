@@ -28,7 +28,7 @@ struct Cli {
     command: Command,
     /// Log lines: human, json (one object per line, with the consumer, table and LSN fields of
     /// each event) or auto (human on a terminal, else json) [default: `[log] format` of the
-    /// configuration, else auto].
+    /// configuration, else human].
     #[arg(long, global = true, value_enum)]
     log_format: Option<LogFormatArg>,
 }
@@ -312,7 +312,7 @@ fn configured_log_format(command: &Command) -> LogFormat {
     let env = std::env::vars().filter(|(name, _)| name == "PRISM_RELAY_LOG_FORMAT");
     match config.apply_env(env) {
         Ok(()) => config.log.format,
-        Err(_) => LogFormat::Auto,
+        Err(_) => LogFormat::Human,
     }
 }
 

@@ -644,9 +644,9 @@ impl Default for ShutdownConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
-    /// Human-readable lines when standard error is a terminal, JSON otherwise (default).
+    /// Human-readable lines when standard error is a terminal, JSON otherwise.
     Auto,
-    /// Human-readable lines.
+    /// Human-readable lines (default: what operators and scripts of earlier versions read).
     Human,
     /// One JSON object per line, with the span fields (consumer, table) of each event.
     Json,
@@ -656,14 +656,14 @@ pub enum LogFormat {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// auto (default), human or json; the `--log-format` flag wins over it.
+    /// human (default), json or auto; the `--log-format` flag wins over it.
     pub format: LogFormat,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            format: LogFormat::Auto,
+            format: LogFormat::Human,
         }
     }
 }

@@ -12,14 +12,16 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use prism_relay::config::{Config, NatsConfig};
-use prism_relay::sink::{Sink, SinkOptions};
+use prism_relay::sink::{tls, Sink, SinkOptions};
 use prism_relay::tls::TlsFiles;
 use prism_relay::tools::loadgen::{self, LoadgenOptions};
 use prism_relay::tools::verify::{self, VerifyOptions};
 use prism_testbed::{ClickHouse, ClickHouseOptions, HttpsFiles, Nats};
 use tempfile::TempDir;
 
-use crate::harness::{http_get, relay_bin, Bed, Load, DATABASE, DRAIN_TIMEOUT, READY_TIMEOUT};
+use crate::harness::{
+    free_port, http_get, relay_bin, Bed, Load, DATABASE, DRAIN_TIMEOUT, READY_TIMEOUT,
+};
 use crate::TestResult;
 
 /// Bound on one run of a relay subcommand (`check`, `verify`, a `run` that fails at start-up).
@@ -477,6 +479,28 @@ async fn a_clickhouse_certificate_the_configured_ca_does_not_sign_fails_with_a_t
     );
     assert!(error.contains("UnknownIssuer"), "{error}");
     assert!(error.contains("tls_ca_file"), "{error}");
+
+    // The client error carries the refusal as a typed source, for the sink's classification;
+    // a refused TCP connection does not.
+    let tls_files = TlsFiles {
+        ca_file: Some(pki.other_ca.clone()),
+        ..TlsFiles::default()
+    };
+    let client = prism_relay::sink::http_client(&https_url, &tls_files, 5_000)?;
+    let refused = client
+        .query("SELECT 1")
+        .fetch_one::<u8>()
+        .await
+        .expect_err("handshake refused");
+    assert!(tls::is_handshake_failure(&refused), "{refused}");
+    let closed_port = format!("https://127.0.0.1:{}", free_port());
+    let client = prism_relay::sink::http_client(&closed_port, &tls_files, 5_000)?;
+    let unreachable = client
+        .query("SELECT 1")
+        .fetch_one::<u8>()
+        .await
+        .expect_err("nothing listens");
+    assert!(!tls::is_handshake_failure(&unreachable), "{unreachable}");
 
     // The binary says the same in `check` (which looks at ClickHouse once the streams exist).
     let bed = bed_with(Nats::start()?, ch);
@@ -973,6 +997,32 @@ async fn with_log_format_json_every_line_is_a_json_object_and_batch_events_carry
     }
     assert!(lines > 0, "no log lines");
     assert!(!batches.is_empty(), "no batch events:\n{log}");
+    // Human lines are the default; `[log] format = "json"` in the file asks for JSON too.
+    let json_file = bed.path("json.toml");
+    std::fs::write(
+        &json_file,
+        format!("{}\n[log]\nformat = \"json\"\n", config.to_toml()),
+    )?;
+    let (dir, file_arg) = (bed.dir.path(), json_file.display().to_string());
+    let mut check = Relay::spawn(dir, "check-json", &["check", "--config", &file_arg], &[]);
+    check.wait_exit().await;
+    let mut human = Relay::spawn(
+        dir,
+        "check-human",
+        &["check", "--config", &path.display().to_string()],
+        &[],
+    );
+    human.wait_exit().await;
+    let (json_log, human_log) = (check.stderr(), human.stderr());
+    assert!(!json_log.trim().is_empty() && !human_log.trim().is_empty());
+    for line in json_log.lines().filter(|l| !l.trim().is_empty()) {
+        let value: Result<serde_json::Value, _> = serde_json::from_str(line);
+        assert!(value.is_ok(), "not JSON: {line}\n{json_log}");
+    }
+    assert!(
+        human_log.lines().all(|l| !l.starts_with('{')),
+        "human by default:\n{human_log}"
+    );
     for batch in &batches {
         let table = batch["span"]["table"].as_str().unwrap_or_default();
         assert!(
