@@ -25,7 +25,7 @@ pub const ENV_SECTIONS: [&str; 7] = [
 ];
 
 /// Every (section, field) an environment variable may override.
-pub const ENV_OVERRIDES: [(&str, &str); 48] = [
+pub const ENV_OVERRIDES: [(&str, &str); 50] = [
     ("nats", "url"),
     ("nats", "name"),
     ("nats", "connect_timeout_ms"),
@@ -72,6 +72,8 @@ pub const ENV_OVERRIDES: [(&str, &str); 48] = [
     ("metrics", "connections_max"),
     ("metrics", "header_read_timeout_ms"),
     ("metrics", "request_timeout_ms"),
+    ("metrics", "ready_insert_failing_s"),
+    ("metrics", "backlog_poll_interval_s"),
     ("shutdown", "timeout_ms"),
     ("log", "format"),
 ];
@@ -192,6 +194,12 @@ impl Config {
                 self.metrics.header_read_timeout_ms = v.parse()?
             }
             ("metrics", "request_timeout_ms") => self.metrics.request_timeout_ms = v.parse()?,
+            ("metrics", "ready_insert_failing_s") => {
+                self.metrics.ready_insert_failing_s = v.parse()?
+            }
+            ("metrics", "backlog_poll_interval_s") => {
+                self.metrics.backlog_poll_interval_s = v.parse()?
+            }
             ("shutdown", "timeout_ms") => self.shutdown.timeout_ms = v.parse()?,
             ("log", "format") => self.log.format = v.parse_enum()?,
             _ => {

@@ -149,6 +149,16 @@ pub const METRICS_HEADER_READ_TIMEOUT_MS_MAX: u64 = 60_000;
 pub const METRICS_REQUEST_TIMEOUT_MS_MIN: u64 = 1_000;
 /// Prometheus gives up on a scrape after its scrape_timeout (10 s by default) anyway.
 pub const METRICS_REQUEST_TIMEOUT_MS_MAX: u64 = 300_000;
+/// A lane's inserts must fail at least this long before `/ready` fails: one retry delay, so a
+/// single lost connection does not flap readiness.
+pub const METRICS_READY_INSERT_FAILING_S_MIN: u64 = 1;
+/// A day: past it a relay that cannot insert would look ready through a whole outage.
+pub const METRICS_READY_INSERT_FAILING_S_MAX: u64 = 86_400;
+/// Consumer info is one small JetStream API request; more often than every second would add
+/// load for a gauge Prometheus reads every 15 s or so.
+pub const METRICS_BACKLOG_POLL_INTERVAL_S_MIN: u64 = 1;
+/// An hour: slower, and the backlog gauges would not serve as an alert or a scaling signal.
+pub const METRICS_BACKLOG_POLL_INTERVAL_S_MAX: u64 = 3_600;
 
 // ---- [shutdown] bounds ----
 /// Stopping fetches, an fsync and a flush need at least this long.

@@ -612,16 +612,25 @@ pub struct MetricsConfig {
     /// Every connection is closed this long after accept (one request each), in milliseconds.
     /// Default 10,000.
     pub request_timeout_ms: u64,
+    /// `/ready` answers 503 once a table's inserts have been failing this long, in seconds.
+    /// Default 30.
+    pub ready_insert_failing_s: u64,
+    /// JetStream consumer info is polled this often for the backlog gauges, in seconds.
+    /// Default 15.
+    pub backlog_poll_interval_s: u64,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
-            // A literal that always parses.
-            listen: SocketAddr::from(([0, 0, 0, 0], 9094)),
+            // Loopback: the endpoint tells anyone who reaches it about the relay's data flow;
+            // exposing it (MarketPrism's compose sets 0.0.0.0:9094) is a deliberate setting.
+            listen: SocketAddr::from(([127, 0, 0, 1], 9094)),
             connections_max: 64,
             header_read_timeout_ms: 5_000,
             request_timeout_ms: 10_000,
+            ready_insert_failing_s: crate::metrics::health::READY_INSERT_FAILING_S_DEFAULT,
+            backlog_poll_interval_s: 15,
         }
     }
 }

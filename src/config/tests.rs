@@ -589,6 +589,12 @@ fn each_kind_of_invalid_value_is_rejected_naming_the_field() {
             c.metrics.header_read_timeout_ms = 20_000;
             c.metrics.request_timeout_ms = 10_000;
         }),
+        ("metrics.ready_insert_failing_s", |c| {
+            c.metrics.ready_insert_failing_s = 0
+        }),
+        ("metrics.backlog_poll_interval_s", |c| {
+            c.metrics.backlog_poll_interval_s = 0
+        }),
     ];
     for (field, mutate) in cases {
         let mut config = Config::default();

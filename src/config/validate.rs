@@ -479,6 +479,20 @@ impl Config {
             METRICS_REQUEST_TIMEOUT_MS_MAX,
             "ms (at least header_read_timeout_ms)",
         );
+        v.range(
+            "metrics.ready_insert_failing_s",
+            m.ready_insert_failing_s,
+            METRICS_READY_INSERT_FAILING_S_MIN,
+            METRICS_READY_INSERT_FAILING_S_MAX,
+            "s",
+        );
+        v.range(
+            "metrics.backlog_poll_interval_s",
+            m.backlog_poll_interval_s,
+            METRICS_BACKLOG_POLL_INTERVAL_S_MIN,
+            METRICS_BACKLOG_POLL_INTERVAL_S_MAX,
+            "s",
+        );
     }
 
     fn validate_drain(&self, v: &mut Validator) {

@@ -8,6 +8,9 @@
 //! [`ANSWER_BYTES_MAX`]. The HTTP/1 client never pipelines, so the bytes read between two writes
 //! belong to one answer. The failed request is a connection error for the sink, which classifies it
 //! as retryable: the batch is retried as the same batch, nothing is dead-lettered for it.
+//!
+//! For an `https://` URL the connection speaks TLS inside the bounded stream ([`super::tls`]), so
+//! the bound and the byte counts of [`super::wire`] see the HTTP bytes, not the encrypted ones.
 
 use std::future::Future;
 use std::io;
@@ -17,7 +20,10 @@ use std::task::{Context, Poll};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+
+use super::tls::Transport;
+use super::wire::{RequestScanner, WireBytes};
+use std::sync::Arc;
 
 /// Largest answer the relay reads from ClickHouse, in bytes. Its own answers are kilobytes at
 /// most; 16 MiB leaves room for a long exception text or a wide column list while bounding the
@@ -31,6 +37,10 @@ pub struct BoundedConnector {
     inner: HttpConnector,
     /// Bytes one answer may take.
     answer_bytes_max: u64,
+    /// Bytes written by every connection of this connector (see [`super::wire`]).
+    wire: Arc<WireBytes>,
+    /// The TLS client for `https://` URIs; `None` refuses them.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl BoundedConnector {
@@ -39,7 +49,21 @@ impl BoundedConnector {
         BoundedConnector {
             inner,
             answer_bytes_max,
+            wire: Arc::default(),
+            tls: None,
         }
+    }
+
+    /// Speaks TLS with `config` to `https://` URIs (the inner connector must not enforce the
+    /// `http` scheme).
+    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> BoundedConnector {
+        self.tls = Some(config);
+        self
+    }
+
+    /// The byte totals of this connector's connections.
+    pub fn wire_bytes(&self) -> Arc<WireBytes> {
+        self.wire.clone()
     }
 }
 
@@ -62,29 +86,48 @@ impl tower_service::Service<hyper::Uri> for BoundedConnector {
     }
 
     fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let https = uri.scheme_str() == Some("https");
+        let host = uri.host().unwrap_or_default().to_owned();
+        let tls = self.tls.clone();
         let connecting = self.inner.call(uri);
         let answer_bytes_max = self.answer_bytes_max;
+        let wire = self.wire.clone();
         Box::pin(async move {
             let io = connecting.await?;
+            let inner = match (https, tls) {
+                (false, _) => Transport::Plain(io.into_inner()),
+                (true, Some(config)) => {
+                    Transport::handshake(io.into_inner(), &host, config).await?
+                }
+                (true, None) => {
+                    return Err("an https:// URL needs the sink's TLS configuration".into())
+                }
+            };
             Ok(TokioIo::new(BoundedStream {
-                inner: io.into_inner(),
+                inner,
                 read_since_write: 0,
                 answer_bytes_max,
+                wire,
+                scanner: RequestScanner::default(),
             }))
         })
     }
 }
 
-/// A TCP stream that fails a read once more than `answer_bytes_max` bytes arrived since the last
-/// write.
+/// A TCP (or TLS) stream that fails a read once more than `answer_bytes_max` bytes arrived since
+/// the last write.
 #[derive(Debug)]
 pub struct BoundedStream {
     /// The connection.
-    inner: TcpStream,
+    inner: Transport,
     /// Bytes read since the last successful write: the answer read so far.
     read_since_write: u64,
     /// Bytes one answer may take.
     answer_bytes_max: u64,
+    /// Where written bytes are counted.
+    wire: Arc<WireBytes>,
+    /// Follows the requests written, for the uncompressed count.
+    scanner: RequestScanner,
 }
 
 impl AsyncRead for BoundedStream {
@@ -122,6 +165,7 @@ impl AsyncWrite for BoundedStream {
             if written > 0 {
                 // A new request: what is read from now on is its answer.
                 this.read_since_write = 0;
+                this.scanner.written(&buf[..written], &this.wire);
             }
         }
         polled
@@ -137,6 +181,16 @@ impl AsyncWrite for BoundedStream {
         if let Poll::Ready(Ok(written)) = polled {
             if written > 0 {
                 this.read_since_write = 0;
+                // The bytes written are a prefix of the slices, in order.
+                let mut left = written;
+                for slice in bufs {
+                    let take = left.min(slice.len());
+                    this.scanner.written(&slice[..take], &this.wire);
+                    left -= take;
+                    if left == 0 {
+                        break;
+                    }
+                }
             }
         }
         polled

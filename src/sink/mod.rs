@@ -39,6 +39,7 @@ mod dead_letter;
 pub mod isolate;
 pub mod json;
 pub mod tls;
+pub mod wire;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -188,6 +189,8 @@ pub struct Sink {
 
 struct Inner {
     client: clickhouse::Client,
+    /// Bytes this sink's connections wrote (see [`wire`]).
+    wire: Arc<wire::WireBytes>,
     opts: SinkOptions,
     request_timeout: Duration,
     /// The rate of isolation inserts, shared by every clone (every lane) of this sink.
@@ -219,26 +222,35 @@ pub fn http_client(
     tls: &tls::TlsFiles,
     connect_timeout_ms: u64,
 ) -> Result<clickhouse::Client, SinkError> {
-    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    connector.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
-    connector.set_keepalive(Some(Duration::from_millis(TCP_KEEPALIVE_MS)));
-    connector.set_nodelay(true);
-    let builder = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+    Ok(client_on(connector(url, tls, connect_timeout_ms)?, url))
+}
+
+/// The sink's connector for `url`: TCP with the connect timeout, keepalive and nodelay, TLS for
+/// `https://` inside the bounded (and counted) connection.
+fn connector(
+    url: &str,
+    tls: &tls::TlsFiles,
+    connect_timeout_ms: u64,
+) -> Result<BoundedConnector, SinkError> {
+    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+    tcp.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
+    tcp.set_keepalive(Some(Duration::from_millis(TCP_KEEPALIVE_MS)));
+    tcp.set_nodelay(true);
+    if !url.starts_with("https://") {
+        return Ok(BoundedConnector::new(tcp, ANSWER_BYTES_MAX));
+    }
+    // The TCP connector refuses https:// URIs unless told the TLS is done above it.
+    tcp.enforce_http(false);
+    let config = tls::client_config(tls).map_err(|source| SinkError::Tls { source })?;
+    Ok(BoundedConnector::new(tcp, ANSWER_BYTES_MAX).with_tls(Arc::new(config)))
+}
+
+/// A `clickhouse` client for `url` on `connector`, with the sink's connection pool settings.
+fn client_on(connector: BoundedConnector, url: &str) -> clickhouse::Client {
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_idle_timeout(Duration::from_millis(POOL_IDLE_TIMEOUT_MS))
-        .clone();
-    let client = if url.starts_with("https://") {
-        // The TLS layer hands the plain connector https:// URIs, which it refuses by default.
-        connector.enforce_http(false);
-        let config = tls::client_config(tls).map_err(|source| SinkError::Tls { source })?;
-        let connector =
-            tls::TlsConnector::new(BoundedConnector::new(connector, ANSWER_BYTES_MAX), config);
-        clickhouse::Client::with_http_client(builder.build(connector))
-    } else {
-        clickhouse::Client::with_http_client(
-            builder.build(BoundedConnector::new(connector, ANSWER_BYTES_MAX)),
-        )
-    };
-    Ok(client.with_url(url))
+        .build(connector);
+    clickhouse::Client::with_http_client(http).with_url(url)
 }
 
 impl Sink {
@@ -272,7 +284,9 @@ impl Sink {
             return Err(invalid("isolate_inserts_per_minute must be positive"));
         }
 
-        let mut client = http_client(&opts.url, &opts.tls, opts.connect_timeout_ms)?
+        let connector = connector(&opts.url, &opts.tls, opts.connect_timeout_ms)?;
+        let wire = connector.wire_bytes();
+        let mut client = client_on(connector, &opts.url)
             .with_database(&opts.database)
             .with_compression(clickhouse::Compression::Lz4)
             // Validation reads the columns with RowBinaryWithNamesAndTypes, which 18.16 lacks.
@@ -287,11 +301,18 @@ impl Sink {
         Ok(Sink {
             inner: Arc::new(Inner {
                 client,
+                wire,
                 pace: Pace::new(opts.isolate_inserts_per_minute, std::time::Instant::now()),
                 opts,
                 request_timeout,
             }),
         })
+    }
+
+    /// Bytes sent to ClickHouse by this sink and its clones: on the wire (compressed) and
+    /// request bodies before compression (see [`wire`]).
+    pub fn wire_bytes(&self) -> Arc<wire::WireBytes> {
+        self.inner.wire.clone()
     }
 
     /// The options this sink was built with.

@@ -1,26 +1,30 @@
-//! TLS to ClickHouse: the connector that speaks TLS over the sink's bounded connections.
+//! TLS to ClickHouse: the transport of the sink's bounded connections for `https://` URLs.
 //!
 //! An `https://` URL gets a rustls client ([`crate::tls::client_config`]: ring provider, TLS 1.2
 //! and 1.3) that verifies the server's certificate against the CA certificates of
 //! `tls_ca_file`, or the system's roots when none is given, and presents a client certificate
-//! when `tls_cert_file` and `tls_key_file` are set. The TLS layer runs inside [`BoundedConnector`]'s connections, so the answer bound holds
-//! for HTTPS too (it counts the encrypted bytes, a few percent more than the answer).
+//! when `tls_cert_file` and `tls_key_file` are set. [`super::bounded::BoundedConnector`] runs
+//! the handshake right after the TCP connect and wraps the resulting [`Transport`], so the answer
+//! bound and the byte counts of [`super::wire`] see the HTTP bytes inside the TLS, and the TCP
+//! connect timeout holds for HTTPS as for HTTP.
 //!
 //! A handshake that rustls refuses (a certificate the configured CA does not sign, a name that
-//! does not match, a server that speaks plain HTTP on the port) is not cured by waiting: the
-//! connector turns it into a [`HandshakeError`], which [`is_handshake_failure`] finds in any error
+//! does not match, a server that speaks plain HTTP on the port) is not cured by waiting:
+//! [`Transport::handshake`] turns it into a [`HandshakeError`], which [`is_handshake_failure`] finds in any error
 //! chain, so the sink's classification can tell it from a refused or reset connection.
 
 use std::fmt;
-use std::future::Future;
+use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
-
-use super::bounded::{BoundedConnector, BoundedStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 pub use crate::tls::{client_config, TlsError, TlsFiles};
 
@@ -59,59 +63,116 @@ pub fn is_handshake_failure(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// A boxed connector error, as hyper-util's client takes them.
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The sink's connector for `https://` (and plain `http://`) URLs: rustls over the bounded
-/// connections, with refused handshakes turned into [`HandshakeError`].
-#[derive(Clone)]
-pub struct TlsConnector {
-    inner: HttpsConnector<BoundedConnector>,
+/// The transport under a bounded connection: plain TCP for `http://`, TLS over TCP for
+/// `https://`.
+#[derive(Debug)]
+pub enum Transport {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP (boxed: the TLS state is large).
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
-impl TlsConnector {
-    /// Wraps `bounded` (which must not enforce the `http` scheme) with TLS per `config`.
-    pub fn new(bounded: BoundedConnector, config: ClientConfig) -> TlsConnector {
-        let inner = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(config)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(bounded);
-        TlsConnector { inner }
+impl Transport {
+    /// Runs the TLS handshake with `host` over `tcp`. A refusal by rustls becomes a
+    /// [`HandshakeError`]; an I/O failure during the handshake stays an I/O error (retryable).
+    pub async fn handshake(
+        tcp: TcpStream,
+        host: &str,
+        config: Arc<ClientConfig>,
+    ) -> Result<Transport, Box<dyn std::error::Error + Send + Sync>> {
+        // hyper's URI keeps the brackets of an IPv6 literal; a server name has none.
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let name = ServerName::try_from(bare.to_owned()).map_err(|error| HandshakeError {
+            host: host.to_owned(),
+            detail: format!("not a TLS server name: {error}"),
+        })?;
+        match tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+        {
+            Ok(stream) => Ok(Transport::Tls(Box::new(stream))),
+            Err(error) => Err(match rustls_reason(&error) {
+                Some(detail) => Box::new(HandshakeError {
+                    host: host.to_owned(),
+                    detail,
+                }),
+                None => Box::new(error),
+            }),
+        }
     }
 }
 
-/// The future of one connection attempt.
-type Connecting = Pin<
-    Box<dyn Future<Output = Result<MaybeHttpsStream<TokioIo<BoundedStream>>, BoxError>> + Send>,
->;
-
-impl tower_service::Service<hyper::Uri> for TlsConnector {
-    type Response = MaybeHttpsStream<TokioIo<BoundedStream>>;
-    type Error = BoxError;
-    type Future = Connecting;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
-        let host = uri.host().unwrap_or_default().to_owned();
-        let connecting = self.inner.call(uri);
-        Box::pin(async move {
-            connecting
-                .await
-                .map_err(|error| match rustls_reason(&*error) {
-                    Some(detail) => Box::new(HandshakeError { host, detail }) as BoxError,
-                    None => error,
-                })
-        })
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
     }
 }
 
-/// rustls' refusal inside a connector error, if that is what it is. hyper-rustls wraps the
-/// handshake's `io::Error` (which carries the `rustls::Error`) in another `io::Error`, and an
-/// `io::Error`'s `source` skips the error it wraps, so the wrapped errors are opened by hand.
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Transport::Plain(tcp) => tcp.is_write_vectored(),
+            Transport::Tls(tls) => tls.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connection for Transport {
+    fn connected(&self) -> Connected {
+        match self {
+            Transport::Plain(tcp) => tcp.connected(),
+            Transport::Tls(tls) => tls.get_ref().0.connected(),
+        }
+    }
+}
+
+/// rustls' refusal inside a handshake error, if that is what it is. tokio-rustls reports it as an
+/// `io::Error` carrying the `rustls::Error` (possibly wrapped once more), and an `io::Error`'s
+/// `source` skips the error it wraps, so the wrapped errors are opened by hand.
 fn rustls_reason(error: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
     // Bounded: the nesting is two io::Errors deep; a longer chain is not a handshake refusal.
