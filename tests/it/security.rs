@@ -1174,3 +1174,43 @@ async fn over_nats_tls_with_a_client_certificate_the_rescue_connection_dead_lett
     relay.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_https_the_sink_inserts_and_counts_the_bytes_it_sends_as_over_http() -> TestResult {
+    let pki = Pki::generate();
+    let ch = ClickHouse::start_with_https(&pki.https())?;
+    ch.query(
+        "CREATE TABLE default.tls_rows (id UInt64, note String) ENGINE = MergeTree ORDER BY id",
+    )?;
+    let sink = Sink::new(SinkOptions {
+        url: ch.https_url().expect("started with HTTPS"),
+        tls: TlsFiles {
+            ca_file: Some(pki.ca.clone()),
+            ..TlsFiles::default()
+        },
+        database: "default".into(),
+        modern: false,
+        insert_timeout_ms: 10_000,
+        ..SinkOptions::default()
+    })?;
+    let body: Vec<u8> = (0..2_000)
+        .flat_map(|id| format!("{{\"id\":{id},\"note\":\"row {id} over TLS\"}}\n").into_bytes())
+        .collect();
+    sink.insert_json_each_row("tls_rows", &body, None).await?;
+    assert_eq!(
+        ch.query("SELECT count(), uniqExact(id) FROM default.tls_rows")?
+            .trim(),
+        "2000\t2000"
+    );
+    // The counters sit inside the TLS: they see the request's HTTP bytes, so the body's
+    // uncompressed size is counted as over plain HTTP.
+    let wire = sink.wire_bytes();
+    assert!(
+        wire.uncompressed() >= body.len() as u64,
+        "uncompressed {} of a {}-byte body",
+        wire.uncompressed(),
+        body.len()
+    );
+    assert!(wire.compressed() > 0);
+    Ok(())
+}
