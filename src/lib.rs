@@ -10,7 +10,8 @@
 //!
 //! Around it: [`config`] (TOML with environment overrides), [`run`] (start-up and graceful
 //! shutdown), [`metrics`] and [`http`] (Prometheus, health, readiness), [`replay`] (WAL backfill),
-//! [`tools`] (`loadgen` and `verify`), [`redact`] (secrets kept out of errors and logs), and
+//! [`tools`] (`loadgen` and `verify`), [`redact`] (secrets kept out of errors and logs), [`tls`] (the rustls
+//! client configuration of TLS connections), and
 //! [`logcond`] (conditions that persist, logged when they start, now and then while they last,
 //! and when they end).
 
@@ -27,4 +28,5 @@ pub mod run;
 pub mod schema;
 pub mod sink;
 pub mod source;
+pub mod tls;
 pub mod tools;

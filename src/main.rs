@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use prism_relay::config::Config;
+use prism_relay::config::{Config, LogFormat};
 use prism_relay::drain::Router;
 use prism_relay::redact::{redact, RedactingWriter};
 use prism_relay::run::{
@@ -26,6 +26,29 @@ use prism_wal::Lsn;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines: human, json (one object per line, with the consumer, table and LSN fields of
+    /// each event) or auto (human on a terminal, else json) [default: `[log] format` of the
+    /// configuration, else human].
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Auto,
+    Human,
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(arg: LogFormatArg) -> LogFormat {
+        match arg {
+            LogFormatArg::Auto => LogFormat::Auto,
+            LogFormatArg::Human => LogFormat::Human,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
 }
 
 /// The configuration file flag shared by the subcommands that read it.
@@ -220,15 +243,11 @@ struct ReplayArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        // Every log line passes through the redaction of secrets, whatever module logged it.
-        .with_writer(|| RedactingWriter::new(std::io::stderr()))
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let format = match cli.log_format {
+        Some(flag) => flag.into(),
+        None => configured_log_format(&cli.command),
+    };
+    init_tracing(format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -245,6 +264,55 @@ fn main() -> ExitCode {
             eprintln!("prism-relay: {}", redact(&format!("{error:#}")));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Sets up the log output in `format`. Every line passes through the redaction of secrets,
+/// whatever module logged it; the level comes from `RUST_LOG` (default `info`).
+fn init_tracing(format: LogFormat) {
+    let terminal = std::io::stderr().is_terminal();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| RedactingWriter::new(std::io::stderr()));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Human => false,
+        LogFormat::Auto => !terminal,
+    };
+    if json {
+        // Span fields (consumer, table) go into each line's `span`/`spans`, the event's own
+        // fields (lsn, rows, ...) into `fields`: one object per line, for log shippers.
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init();
+    } else {
+        builder.with_ansi(terminal).init();
+    }
+}
+
+/// The `[log] format` of the configuration the subcommand reads (file and environment), before
+/// the configuration is loaded for real: a file that cannot be read or parsed here is reported
+/// by that load, so here it only means the default.
+fn configured_log_format(command: &Command) -> LogFormat {
+    let path = match command {
+        Command::Run(config) | Command::Check(config) => config.config.clone(),
+        Command::Replay(args) => args.config.config.clone(),
+        Command::Loadgen(LoadgenArgs { config, .. })
+        | Command::Verify(VerifyArgs { config, .. }) => config.config.clone(),
+        _ => None,
+    };
+    let mut config = path
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| Config::parse_toml(&text).ok())
+        .unwrap_or_default();
+    let env = std::env::vars().filter(|(name, _)| name == "PRISM_RELAY_LOG_FORMAT");
+    match config.apply_env(env) {
+        Ok(()) => config.log.format,
+        Err(_) => LogFormat::Human,
     }
 }
 
@@ -285,6 +353,11 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 options.nats_url = config.nats.url.clone();
                 options.nats = Some(config.nats);
                 options.clickhouse_url = config.clickhouse.url;
+                options.clickhouse_tls = prism_relay::tls::TlsFiles {
+                    ca_file: config.clickhouse.tls_ca_file,
+                    cert_file: config.clickhouse.tls_cert_file,
+                    key_file: config.clickhouse.tls_key_file,
+                };
                 options.clickhouse_user = config.clickhouse.user;
                 options.clickhouse_password = config.clickhouse.password;
                 options.database = config.clickhouse.database;

@@ -104,6 +104,11 @@ pub fn sink_options(config: &Config, profile: Profile) -> SinkOptions {
     let ch = &config.clickhouse;
     SinkOptions {
         url: ch.url.clone(),
+        tls: crate::sink::tls::TlsFiles {
+            ca_file: ch.tls_ca_file.clone(),
+            cert_file: ch.tls_cert_file.clone(),
+            key_file: ch.tls_key_file.clone(),
+        },
         user: ch.user.clone(),
         password: ch.password.clone(),
         database: ch.database.clone(),
@@ -340,11 +345,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     ));
     let mut ingest_tasks = JoinSet::new();
     for fetcher in fetchers {
-        ingest_tasks.spawn(ingest::run(
-            fetcher,
-            wal.clone(),
-            metrics.clone(),
-            stop_rx.clone(),
+        // Every event of the task carries its consumer (a span field in JSON logs).
+        let span = tracing::info_span!("ingest", stream = %fetcher.stream(), consumer = %fetcher.durable());
+        ingest_tasks.spawn(tracing::Instrument::instrument(
+            ingest::run(fetcher, wal.clone(), metrics.clone(), stop_rx.clone()),
+            span,
         ));
     }
     let http_task = tokio::spawn(http::serve(
@@ -590,6 +595,8 @@ async fn drain(
     for name in lane_names {
         let kind = RowsKind::for_lane(&name);
         let table = config.drain.table_batch(&name);
+        // Every event of the lane carries its table (a span field in JSON logs).
+        let span = tracing::info_span!("drain", table = %name);
         let lane_config = LaneConfig {
             limits: BatchLimits {
                 rows_max: table.rows_max as usize,
@@ -614,11 +621,11 @@ async fn drain(
             first_lsn,
         )
         .await;
-        prepared.push(lane);
+        prepared.push((lane, span));
     }
     let mut lanes = JoinSet::new();
-    for lane in prepared {
-        lanes.spawn(lane.run());
+    for (lane, span) in prepared {
+        lanes.spawn(tracing::Instrument::instrument(lane.run(), span));
     }
 
     // Idle lanes move their cursors in memory; commit them now and then so segments get released.

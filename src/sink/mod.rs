@@ -38,6 +38,7 @@ pub mod classify;
 mod dead_letter;
 pub mod isolate;
 pub mod json;
+pub mod tls;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -80,8 +81,10 @@ const SETTING_SKIP_UNKNOWN_FIELDS: &str = "input_format_skip_unknown_fields";
 /// How to reach ClickHouse. The relay's configuration is mapped into this.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SinkOptions {
-    /// HTTP endpoint, e.g. `http://127.0.0.1:8123` (TLS is not built in).
+    /// HTTP endpoint, e.g. `http://127.0.0.1:8123`, or `https://...` for TLS (see [`tls`]).
     pub url: String,
+    /// CA file and client certificate for an `https://` URL; unused for `http://`.
+    pub tls: tls::TlsFiles,
     /// User name; empty means the server's default user.
     pub user: String,
     /// Password; empty means none.
@@ -106,6 +109,7 @@ impl Default for SinkOptions {
     fn default() -> Self {
         SinkOptions {
             url: "http://127.0.0.1:8123".to_owned(),
+            tls: tls::TlsFiles::default(),
             user: String::new(),
             password: String::new(),
             database: "marketprism_hot".to_owned(),
@@ -123,6 +127,7 @@ impl fmt::Debug for SinkOptions {
         // The password stays out of logs.
         f.debug_struct("SinkOptions")
             .field("url", &redact(&self.url))
+            .field("tls", &self.tls)
             .field("user", &self.user)
             .field(
                 "password",
@@ -151,6 +156,12 @@ pub enum SinkError {
     /// The options cannot work; nothing was sent.
     #[error("invalid ClickHouse sink options: {reason}")]
     InvalidOptions { reason: String },
+    /// The TLS files of an `https://` URL cannot be used; nothing was sent.
+    #[error("ClickHouse TLS: {source}")]
+    Tls {
+        #[source]
+        source: tls::TlsError,
+    },
     /// A query or statement failed; `source.class` tells whether waiting can help.
     #[error("ClickHouse statement `{statement}` failed: {source}")]
     Query {
@@ -164,7 +175,7 @@ impl SinkError {
     /// The class of the underlying ClickHouse failure, if one was sent.
     pub fn class(&self) -> Option<ErrorClass> {
         match self {
-            SinkError::InvalidOptions { .. } => None,
+            SinkError::InvalidOptions { .. } | SinkError::Tls { .. } => None,
             SinkError::Query { source, .. } => Some(source.class),
         }
     }
@@ -202,16 +213,60 @@ struct ColumnRow {
     r#type: String,
 }
 
+/// A `clickhouse` client for `url` on the sink's connector: connection attempts bounded by
+/// `connect_timeout_ms`, every answer bounded by [`ANSWER_BYTES_MAX`], TLS per `tls` for an
+/// `https://` URL. The sink and the operator tools (`verify`) use it, so both reach the same
+/// servers the same way. User, password and database are the caller's to set.
+pub fn http_client(
+    url: &str,
+    tls: &tls::TlsFiles,
+    connect_timeout_ms: u64,
+) -> Result<clickhouse::Client, SinkError> {
+    Ok(client_on(connector(url, tls, connect_timeout_ms)?, url))
+}
+
+/// The sink's connector for `url`: TCP with the connect timeout, keepalive and nodelay, TLS for
+/// `https://` inside the bounded (and counted) connection.
+fn connector(
+    url: &str,
+    tls: &tls::TlsFiles,
+    connect_timeout_ms: u64,
+) -> Result<BoundedConnector, SinkError> {
+    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+    tcp.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
+    tcp.set_keepalive(Some(Duration::from_millis(TCP_KEEPALIVE_MS)));
+    tcp.set_nodelay(true);
+    if !url.starts_with("https://") {
+        return Ok(BoundedConnector::new(tcp, ANSWER_BYTES_MAX));
+    }
+    // The TCP connector refuses https:// URIs unless told the TLS is done above it.
+    tcp.enforce_http(false);
+    let config = tls::client_config(tls).map_err(|source| SinkError::Tls { source })?;
+    Ok(BoundedConnector::new(tcp, ANSWER_BYTES_MAX).with_tls(Arc::new(config)))
+}
+
+/// A `clickhouse` client for `url` on `connector`, with the sink's connection pool settings.
+fn client_on(connector: BoundedConnector, url: &str) -> clickhouse::Client {
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_millis(POOL_IDLE_TIMEOUT_MS))
+        .build(connector);
+    clickhouse::Client::with_http_client(http).with_url(url)
+}
+
 impl Sink {
     /// Builds the client and its connection pool; no request is sent until the first call.
     pub fn new(opts: SinkOptions) -> Result<Sink, SinkError> {
         let invalid = |reason: &str| SinkError::InvalidOptions {
             reason: reason.to_owned(),
         };
-        if !opts.url.starts_with("http://") {
-            return Err(invalid("url must start with http:// (TLS is not built in)"));
-        }
-        if opts.url.len() <= "http://".len() {
+        let host_at = if opts.url.starts_with("https://") {
+            "https://".len()
+        } else if opts.url.starts_with("http://") {
+            "http://".len()
+        } else {
+            return Err(invalid("url must start with http:// or https://"));
+        };
+        if opts.url.len() <= host_at {
             return Err(invalid("url has no host"));
         }
         if opts.database.is_empty() {
@@ -229,19 +284,9 @@ impl Sink {
             return Err(invalid("isolate_inserts_per_minute must be positive"));
         }
 
-        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_millis(opts.connect_timeout_ms)));
-        connector.set_keepalive(Some(Duration::from_millis(TCP_KEEPALIVE_MS)));
-        connector.set_nodelay(true);
-        let connector = BoundedConnector::new(connector, ANSWER_BYTES_MAX);
+        let connector = connector(&opts.url, &opts.tls, opts.connect_timeout_ms)?;
         let wire = connector.wire_bytes();
-        let http =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_millis(POOL_IDLE_TIMEOUT_MS))
-                .build(connector);
-
-        let mut client = clickhouse::Client::with_http_client(http)
-            .with_url(&opts.url)
+        let mut client = client_on(connector, &opts.url)
             .with_database(&opts.database)
             .with_compression(clickhouse::Compression::Lz4)
             // Validation reads the columns with RowBinaryWithNamesAndTypes, which 18.16 lacks.
@@ -652,7 +697,11 @@ mod tests {
     fn options_that_cannot_work_are_refused_before_any_request() {
         let bad = [
             SinkOptions {
-                url: "https://example.com".into(),
+                url: "ftp://example.com".into(),
+                ..SinkOptions::default()
+            },
+            SinkOptions {
+                url: "https://".into(),
                 ..SinkOptions::default()
             },
             SinkOptions {

@@ -9,6 +9,7 @@ mod metrics;
 mod modern;
 mod relay;
 mod replay;
+mod security;
 mod sink;
 mod source;
 mod tools;

@@ -27,7 +27,7 @@ mod nats;
 mod process;
 mod server;
 
-pub use clickhouse::ClickHouse;
+pub use clickhouse::{ClickHouse, ClickHouseOptions, HttpsFiles};
 pub use error::TestbedError;
 pub use nats::Nats;
 pub use process::free_ports;
