@@ -13,7 +13,8 @@
 //! Readiness. Each lane reports its inserts: [`Health::insert_failed`] starts a failure streak (or
 //! continues it) with the error's class and a short redacted cause, [`Health::insert_succeeded`]
 //! ends it. `/ready` fails while a streak has lasted longer than `[metrics]
-//! ready_insert_failing_s`, at once on a schema error (an operator must act), while the drain has
+//! ready_insert_failing_s`, at once on an error of any class but `retryable` (a schema mismatch,
+//! refused credentials: an operator must act), while the drain has
 //! not reached ClickHouse yet at start-up, and once the WAL failed. Its body names each table
 //! and why.
 
@@ -33,6 +34,10 @@ pub const HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 /// milliseconds. A minute leaves room for a disk that is merely slow, while a hung one gets the
 /// relay restarted within a probe period or two.
 pub const LOOP_STALL_S: u64 = 60;
+
+/// The error class of failures that pass by themselves (the sink's `retryable`): only these
+/// wait for `ready_insert_failing_s` before `/ready` fails.
+pub const RETRYABLE_CLASS: &str = "retryable";
 
 /// Default of `[metrics] ready_insert_failing_s`.
 pub const READY_INSERT_FAILING_S_DEFAULT: u64 = 30;
@@ -281,7 +286,9 @@ impl Health {
                 continue;
             };
             let failing = since.elapsed();
-            if failing > bound || lane.class == "schema" {
+            // Only a retryable failure can pass by itself: any other class (a schema mismatch,
+            // refused credentials) needs an operator, so it is reported at once.
+            if failing > bound || lane.class != RETRYABLE_CLASS {
                 problems.push(format!(
                     "table {table}: inserts failing for {} s (bound {} s), last error {}: {}",
                     failing.as_secs(),
@@ -427,6 +434,15 @@ mod tests {
         assert!(!body.contains("orderbooks"), "{body}");
         health.insert_succeeded("trades");
         assert_eq!(health.readiness(false), Ok(()));
+        health.insert_failed("funding_rates", "auth", "Authentication failed");
+        let body = health
+            .readiness(false)
+            .expect_err("a class no retry fixes, at once");
+        assert!(
+            body.contains("table funding_rates") && body.contains("auth"),
+            "{body}"
+        );
+        health.insert_succeeded("funding_rates");
         health.insert_failed("orderbooks", "schema", "No such column x");
         let body = health.readiness(false).expect_err("schema at once");
         assert!(
