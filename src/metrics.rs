@@ -100,6 +100,10 @@ pub struct Metrics {
     pub wal_failed: Gauge,
     /// Rows counted under an `other` label set because the label-set cap was reached.
     pub metrics_label_overflow: Counter,
+    /// Sampled acknowledged messages the audit looked up in ClickHouse.
+    pub audit_checked: Counter,
+    /// Sampled acknowledged messages the audit did not find in ClickHouse.
+    pub audit_missing: Counter,
     /// Internal: processed total, for the error rate.
     processed_sum: Arc<AtomicI64>,
     /// Internal: the label sets of `messages_processed` kept as they are (at most
@@ -140,6 +144,8 @@ impl Metrics {
             ready: Gauge::default(),
             wal_failed: Gauge::default(),
             metrics_label_overflow: Counter::default(),
+            audit_checked: Counter::default(),
+            audit_missing: Counter::default(),
             processed_sum: Arc::new(AtomicI64::new(0)),
             processed_label_sets: Arc::new(Mutex::new(KeptLabelSets::default())),
         };
@@ -235,6 +241,16 @@ impl Metrics {
             "prism_relay_metrics_label_overflow",
             "Rows counted under an other label set because the label-set cap was reached",
             m.metrics_label_overflow.clone(),
+        );
+        registry.register(
+            "prism_relay_audit_checked",
+            "Sampled acknowledged messages the audit looked up in ClickHouse",
+            m.audit_checked.clone(),
+        );
+        registry.register(
+            "prism_relay_audit_missing",
+            "Sampled acknowledged messages the audit did not find in ClickHouse",
+            m.audit_missing.clone(),
         );
         registry.register(
             "prism_relay_wal_failed",

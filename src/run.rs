@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::audit::{Audit, AuditOptions, AuditSetup};
 use crate::config::{ClickHouseProfile, Config, RecoveryModeKind, WalConfig};
 use crate::drain::{BatchLimits, DrainError, Lane, LaneConfig, LedgerKeeper, Router, RowsKind};
 use crate::logcond::Condition;
@@ -96,6 +97,17 @@ pub fn wal_options(config: &WalConfig) -> WalOptions {
             RecoveryModeKind::TruncateTornTail => RecoveryMode::TruncateTornTail,
             RecoveryModeKind::Strict => RecoveryMode::Strict,
         },
+    }
+}
+
+/// The audit's options from `[audit]`.
+pub fn audit_options(config: &Config) -> AuditOptions {
+    let audit = &config.audit;
+    AuditOptions {
+        enabled: audit.enabled,
+        sample_every_records: audit.sample_every_records,
+        interval_ms: audit.interval_ms,
+        pending_max: usize::try_from(audit.pending_max).unwrap_or(usize::MAX),
     }
 }
 
@@ -542,6 +554,28 @@ async fn drain(
     let mut lanes = JoinSet::new();
     for lane in prepared {
         lanes.spawn(lane.run());
+    }
+    // The audit runs beside the lanes and stops with them; it never fails the relay.
+    let audit_options = audit_options(&config);
+    if audit_options.enabled {
+        let audit = Audit::new(
+            AuditSetup {
+                options: audit_options,
+                profile,
+                dead_letter_table: config.drain.dead_letter_table.clone(),
+                time_window: config.drain.time_window(),
+            },
+            wal.clone(),
+            ledger.clone(),
+            router.clone(),
+            sink.clone(),
+            metrics.clone(),
+            stop.clone(),
+        );
+        lanes.spawn(async move {
+            audit.run().await;
+            Ok(())
+        });
     }
 
     // Idle lanes move their cursors in memory; commit them now and then so segments get released.

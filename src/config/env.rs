@@ -14,10 +14,18 @@ use crate::redact::redact;
 pub const ENV_PREFIX: &str = "PRISM_RELAY_";
 
 /// Sections whose scalar fields environment variables may override.
-pub const ENV_SECTIONS: [&str; 6] = ["nats", "wal", "clickhouse", "drain", "metrics", "shutdown"];
+pub const ENV_SECTIONS: [&str; 7] = [
+    "nats",
+    "wal",
+    "clickhouse",
+    "drain",
+    "metrics",
+    "shutdown",
+    "audit",
+];
 
 /// Every (section, field) an environment variable may override.
-pub const ENV_OVERRIDES: [(&str, &str); 39] = [
+pub const ENV_OVERRIDES: [(&str, &str); 43] = [
     ("nats", "url"),
     ("nats", "name"),
     ("nats", "connect_timeout_ms"),
@@ -57,6 +65,10 @@ pub const ENV_OVERRIDES: [(&str, &str); 39] = [
     ("metrics", "header_read_timeout_ms"),
     ("metrics", "request_timeout_ms"),
     ("shutdown", "timeout_ms"),
+    ("audit", "enabled"),
+    ("audit", "sample_every_records"),
+    ("audit", "interval_ms"),
+    ("audit", "pending_max"),
 ];
 
 /// `PRISM_RELAY_<SECTION>_<FIELD>` for a (section, field).
@@ -156,6 +168,10 @@ impl Config {
             }
             ("metrics", "request_timeout_ms") => self.metrics.request_timeout_ms = v.parse()?,
             ("shutdown", "timeout_ms") => self.shutdown.timeout_ms = v.parse()?,
+            ("audit", "enabled") => self.audit.enabled = v.parse()?,
+            ("audit", "sample_every_records") => self.audit.sample_every_records = v.parse()?,
+            ("audit", "interval_ms") => self.audit.interval_ms = v.parse()?,
+            ("audit", "pending_max") => self.audit.pending_max = v.parse()?,
             _ => {
                 let known: Vec<String> = ENV_OVERRIDES
                     .iter()

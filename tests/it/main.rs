@@ -1,5 +1,6 @@
 //! Integration tests of the relay against real servers started by `prism-testbed`.
 
+mod audit;
 mod chaos;
 mod disk;
 mod harness;
