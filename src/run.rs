@@ -261,6 +261,85 @@ pub fn wal_dir_exposure(dir: &std::path::Path) -> Option<String> {
     })
 }
 
+/// Name of the file `check` creates and removes to prove it can write where the WAL goes.
+const WAL_PROBE_FILE: &str = ".prism-relay-check-probe";
+
+/// What `check` finds wrong with the WAL directory of `config`, one line each with the change to
+/// make; empty when the relay can run there. It changes nothing: a missing directory is judged
+/// by its nearest existing parent (where `run` would create it), and the probe file that proves
+/// writing works is removed at once.
+pub fn check_wal_dir(config: &WalConfig) -> Vec<String> {
+    let dir = config.dir.display();
+    let mut findings = Vec::new();
+    // The directory, or the nearest parent that exists: `run` creates the rest.
+    let mut existing = config.dir.as_path();
+    while !existing.exists() {
+        match existing.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => existing = parent,
+            _ => {
+                existing = std::path::Path::new(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        findings.push(format!(
+            "{} is not a directory, so the WAL directory {dir} cannot be created there: point [wal] dir elsewhere or remove the file",
+            existing.display()
+        ));
+        return findings;
+    }
+    let probe = existing.join(format!("{WAL_PROBE_FILE}-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(file) => {
+            drop(file);
+            if let Err(error) = std::fs::remove_file(&probe) {
+                findings.push(format!(
+                    "cannot remove the probe file {}: {error}: remove it by hand and give the relay's user full rights on {}",
+                    probe.display(),
+                    existing.display()
+                ));
+            }
+        }
+        Err(error) => findings.push(format!(
+            "cannot write in {} (for the WAL directory {dir}): {error}: make it writable by the relay's user (chown, chmod 700) or mount the volume read-write",
+            existing.display()
+        )),
+    }
+    match rustix::fs::statvfs(existing) {
+        Ok(stat) => {
+            let available = stat.f_bavail.saturating_mul(stat.f_frsize);
+            // The segments already there count against the budget and free their space as the
+            // drain releases them.
+            let held: u64 = prism_wal::list_segments(&config.dir)
+                .map(|segments| segments.iter().map(|s| s.bytes).sum())
+                .unwrap_or(0);
+            let room = available.saturating_add(held);
+            let needed = config
+                .budget_bytes_max
+                .saturating_add(prism_wal::LEDGER_RESERVE_BYTES);
+            if room < needed {
+                findings.push(format!(
+                    "the volume of {dir} has room for {room} bytes ({available} free, {held} in WAL segments) but [wal] budget_bytes_max is {} (plus the {}-byte ledger reserve): give the volume {} more bytes, or set budget_bytes_max = {} or less",
+                    config.budget_bytes_max,
+                    prism_wal::LEDGER_RESERVE_BYTES,
+                    needed - room,
+                    room.saturating_sub(prism_wal::LEDGER_RESERVE_BYTES)
+                ));
+            }
+        }
+        Err(error) => findings.push(format!(
+            "cannot measure the free space of {}: {error}: check that the volume is mounted",
+            existing.display()
+        )),
+    }
+    findings
+}
+
 /// Runs the relay until `shutdown` resolves or a fatal error occurs.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     tokio::pin!(shutdown);

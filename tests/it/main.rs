@@ -2,6 +2,7 @@
 
 mod audit;
 mod chaos;
+mod check;
 mod disk;
 mod harness;
 mod hostile;
