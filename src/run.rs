@@ -521,6 +521,7 @@ async fn drain(
         config.drain.retry_backoff_max_ms,
     );
     let mut not_ready = Condition::default();
+    let mut refused = Condition::default();
     let (probe, profile) = loop {
         let attempt = async {
             let (probe, profile) = resolve_profile(&config).await?;
@@ -538,17 +539,38 @@ async fn drain(
                 break (probe, profile);
             }
             Err(error) => {
-                if let Some(o) = not_ready.occurred() {
-                    tracing::warn!(%error, attempts = o.count(), lasted_s = o.lasted_s(), "ClickHouse not ready; ingesting into the WAL meanwhile");
-                }
+                let hint = error.class().and_then(|class| class.operator_hint());
+                // A class no retry can fix is its own condition, reported as such from the first
+                // occurrence (not as a server that is not ready yet), and retried slowly.
+                let delay = match hint {
+                    Some(hint) => {
+                        if let Some(o) = refused.occurred() {
+                            tracing::error!(%error, attempts = o.count(), lasted_s = o.lasted_s(), retry_ms = config.drain.retry_backoff_max_ms, "{hint}");
+                        }
+                        Duration::from_millis(config.drain.retry_backoff_max_ms)
+                    }
+                    None => {
+                        if let Some(o) = not_ready.occurred() {
+                            tracing::warn!(%error, attempts = o.count(), lasted_s = o.lasted_s(), "ClickHouse not ready; ingesting into the WAL meanwhile");
+                        }
+                        backoff.next_delay()
+                    }
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = tokio::time::sleep(delay) => {}
                     _ = stop.changed() => return Ok(()),
                 }
             }
         }
     };
     drop(probe);
+    if let Some(ended) = refused.cleared() {
+        tracing::info!(
+            failures = ended.count,
+            lasted_ms = ended.lasted.as_millis() as u64,
+            "ClickHouse accepts the relay again"
+        );
+    }
     let waited = not_ready.cleared();
     tracing::info!(
         profile = profile.name(),

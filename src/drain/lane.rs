@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use crate::codec::TimeWindow;
 use crate::logcond::Condition;
 use crate::metrics::{DataTypeLabels, LaneLabels, Metrics};
-use crate::sink::{Backoff, DeadLetter, ErrorClass, InsertError, Sink};
+use crate::sink::{Backoff, DeadLetter, InsertError, Sink};
 
 use super::batch::{dead_letter, Batch, BatchLimits, RowsKind};
 use super::route::Router;
@@ -398,6 +398,8 @@ impl Lane {
             self.config.backoff_max.as_millis() as u64,
         );
         let mut failing = Condition::default();
+        // Failures no retry can fix are a condition of their own, logged as such from the first.
+        let mut refused = Condition::default();
         loop {
             match attempt(self.sink.clone()).await {
                 Ok(value) => {
@@ -405,14 +407,19 @@ impl Lane {
                     if let Some(ended) = failing.cleared() {
                         tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "insert succeeded after retries");
                     }
+                    if let Some(ended) = refused.cleared() {
+                        tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "ClickHouse accepts the relay's inserts again");
+                    }
                     return Ok(value);
                 }
                 Err(error) => {
                     self.metrics.clickhouse_insert_errors.inc();
-                    if error.class == ErrorClass::Schema {
+                    if let Some(hint) = error.class.operator_hint() {
                         self.metrics.ready.set(0);
-                    }
-                    if let Some(o) = failing.occurred() {
+                        if let Some(o) = refused.occurred() {
+                            tracing::error!(lane = %self.config.name, class = %error.class, %error, failures = o.count(), lasted_s = o.lasted_s(), retry_ms = self.config.backoff_max.as_millis() as u64, "{hint}");
+                        }
+                    } else if let Some(o) = failing.occurred() {
                         tracing::warn!(lane = %self.config.name, class = ?error.class, %error, failures = o.count(), lasted_s = o.lasted_s(), "insert failed; retrying");
                     }
                     if stopping || *self.shutdown.borrow() {
@@ -420,7 +427,12 @@ impl Lane {
                             lane: self.config.name.clone(),
                         });
                     }
-                    let delay = backoff.next_delay();
+                    // An operator's fix takes minutes: retry at the slowest pace meanwhile.
+                    let delay = if error.class.needs_operator() {
+                        self.config.backoff_max
+                    } else {
+                        backoff.next_delay()
+                    };
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.shutdown.changed() => {}

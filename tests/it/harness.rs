@@ -389,6 +389,8 @@ pub struct RelayConfig {
     pub shutdown_timeout_ms: u64,
     /// Raw TOML appended at the end (e.g. `[[drain.passthrough]]` entries).
     pub extra: String,
+    /// Raw TOML lines added to `[clickhouse]` (e.g. `user` and `password_file`).
+    pub clickhouse_extra: String,
 }
 
 impl RelayConfig {
@@ -423,6 +425,7 @@ impl RelayConfig {
             metrics_port: free_port(),
             shutdown_timeout_ms: 10_000,
             extra: String::new(),
+            clickhouse_extra: String::new(),
         }
     }
 
@@ -476,11 +479,12 @@ impl RelayConfig {
         let _ = writeln!(
             t,
             "[clickhouse]\nurl = {}\ndatabase = {}\nprofile = \"auto\"\ncreate_schema = {}\n\
-             insert_timeout_ms = {}\nconnect_timeout_ms = 1000\n",
+             insert_timeout_ms = {}\nconnect_timeout_ms = 1000\n{}",
             q(&self.clickhouse_url),
             q(DATABASE),
             self.create_schema,
-            self.insert_timeout_ms
+            self.insert_timeout_ms,
+            self.clickhouse_extra
         );
         let _ = writeln!(
             t,

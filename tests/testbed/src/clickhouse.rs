@@ -59,10 +59,17 @@ pub struct ClickHouse {
 impl ClickHouse {
     /// Starts a server on free ports and returns once `/ping` answers `Ok.`.
     pub fn start() -> Result<ClickHouse, TestbedError> {
+        Self::start_with_users_config(Path::new(USERS_CONFIG))
+    }
+
+    /// Like [`ClickHouse::start`], with the users, profiles and quotas of `users_config` (the
+    /// server reloads that file when it changes, so a test can change a user while it runs).
+    pub fn start_with_users_config(users_config: &Path) -> Result<ClickHouse, TestbedError> {
+        let users_config = users_config.display().to_string();
         // A fresh pair of ports needs a fresh config; a restart keeps the config it has.
         let server = Server::start(&SPEC, |run| {
             let [http_port, tcp_port] = run.ports;
-            write_config(run.dir, run.name, http_port, tcp_port)?;
+            write_config(run.dir, run.name, http_port, tcp_port, &users_config)?;
             launch(run)
         })?;
         Ok(ClickHouse { server })
@@ -152,8 +159,14 @@ impl ClickHouse {
 
 /// Writes the server config. Only what 18.16 needs to run isolated: ports on
 /// 127.0.0.1 (no interserver, HTTPS or secure TCP ports), every path inside `dir`,
-/// file logs at level warning, the packaged users, small caches.
-fn write_config(dir: &Path, name: &str, http_port: u16, tcp_port: u16) -> Result<(), TestbedError> {
+/// file logs at level warning, the given users (the packaged ones by default), small caches.
+fn write_config(
+    dir: &Path,
+    name: &str,
+    http_port: u16,
+    tcp_port: u16,
+    users_config: &str,
+) -> Result<(), TestbedError> {
     let data = dir.join(DATA_DIR);
     let path = |sub: &str| xml_escape(&format!("{}/", data.join(sub).display()));
     let config = format!(
@@ -189,7 +202,7 @@ fn write_config(dir: &Path, name: &str, http_port: u16, tcp_port: u16) -> Result
         tmp_path = path("tmp"),
         user_files_path = path("user_files"),
         format_schema_path = path("format_schemas"),
-        users_config = xml_escape(USERS_CONFIG),
+        users_config = xml_escape(users_config),
         name = xml_escape(name),
     );
     let config_path = dir.join(CONFIG_FILE);

@@ -1,0 +1,162 @@
+//! Errors no retry can fix, against a real ClickHouse: a user whose password no longer matches
+//! is reported as refused (once per reminder period, not per retry), `/ready` answers 503 while
+//! it lasts, the relay keeps ingesting and retrying slowly, and data arrives once the user is
+//! fixed on the server.
+
+use std::fs;
+use std::path::Path;
+
+use prism_relay::sink::{Sink, SinkOptions};
+use prism_testbed::{ClickHouse, Nats};
+
+use crate::harness::{http_get, wait_until, Bed, Load, RelayProc, DRAIN_TIMEOUT};
+
+const INSERT_ERRORS: &str = "marketprism_storage_clickhouse_insert_errors_total";
+const RECEIVED: &str = "marketprism_storage_messages_received_total";
+
+/// The relay's password, as its password file holds it.
+const PASSWORD: &str = "relay-secret-1";
+
+/// Failed insert attempts that show the lanes went on retrying (many per lane at the test's
+/// 500 ms retry pace) while the log stayed quiet.
+const RETRIES_MIN: f64 = 30.0;
+
+/// Most lines the refusal may log over the test: one start line per lane (nine lanes) and a
+/// few reminders; a line per retry would be many more than `RETRIES_MIN`.
+const REFUSED_LINES_MAX: usize = 20;
+
+/// Users of the test's server: `default` without a password (the test bed's queries) and
+/// `relay` with `relay_password`.
+fn write_users(path: &Path, relay_password: &str) {
+    let user = |name: &str, password: &str| {
+        format!(
+            "<{name}><password>{password}</password><networks><ip>::/0</ip></networks>\
+             <profile>default</profile><quota>default</quota></{name}>"
+        )
+    };
+    let xml = format!(
+        "<?xml version=\"1.0\"?>\n<yandex><profiles><default></default></profiles>\
+         <users>{}{}</users><quotas><default><interval><duration>3600</duration>\
+         <queries>0</queries><errors>0</errors><result_rows>0</result_rows>\
+         <read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>\
+         </yandex>\n",
+        user("default", ""),
+        user("relay", relay_password)
+    );
+    // Written next to the file and renamed, so the server never reads half a file.
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, xml).expect("write users.xml");
+    fs::rename(&tmp, path).expect("replace users.xml");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_clickhouse_no_longer_accepts_is_reported_as_refused_at_a_slow_rate_with_ready_503_and_data_arrives_once_the_user_is_fixed(
+) {
+    let dir = tempfile::Builder::new()
+        .prefix("prism-auth-")
+        .tempdir()
+        .expect("temporary directory");
+    let users = dir.path().join("users.xml");
+    write_users(&users, PASSWORD);
+    let bed = Bed {
+        nats: Nats::start().expect("start nats-server"),
+        ch: ClickHouse::start_with_users_config(&users).expect("start clickhouse-server"),
+        dir,
+    };
+    let password_file = bed.path("relay-password");
+    fs::write(&password_file, PASSWORD).expect("write password file");
+    let mut config = bed.config();
+    config.clickhouse_extra = format!(
+        "user = \"relay\"\npassword_file = \"{}\"\n",
+        password_file.display()
+    );
+    let relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
+    bed.publish(Load::new("auth1", 400)).await;
+    bed.wait_accounted(DRAIN_TIMEOUT).await;
+
+    // The server's user changes its password: every insert is refused from now on (the server
+    // reloads its users file within seconds).
+    write_users(&users, "another-password");
+    let probe = Sink::new(SinkOptions {
+        url: bed.ch.http_url(),
+        user: "relay".into(),
+        password: PASSWORD.into(),
+        database: "system".into(),
+        modern: false,
+        ..SinkOptions::default()
+    })
+    .expect("valid sink options");
+    wait_until(
+        "ClickHouse refuses the relay's password",
+        DRAIN_TIMEOUT,
+        || async { probe.server_version().await.is_err() },
+    )
+    .await;
+    let received = relay.metric_sum(RECEIVED, &[]).await;
+    let errors = relay.metric_sum(INSERT_ERRORS, &[]).await;
+    bed.publish(Load::new("auth2", 400)).await;
+    wait_until(
+        "/ready answers 503 while ClickHouse refuses the relay",
+        DRAIN_TIMEOUT,
+        || async {
+            matches!(
+                http_get(config.metrics_addr(), "/ready").await,
+                Ok((503, _))
+            )
+        },
+    )
+    .await;
+    wait_until(
+        "the lanes retried many times and ingest went on",
+        DRAIN_TIMEOUT,
+        || async {
+            relay.metric_sum(INSERT_ERRORS, &[]).await >= errors + RETRIES_MIN
+                && relay.metric_sum(RECEIVED, &[]).await >= received + 400.0
+        },
+    )
+    .await;
+    let log = relay.log();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ClickHouse refuses the relay"))
+        .collect();
+    assert!(
+        !refused.is_empty(),
+        "the refusal is reported as such:\n{log}"
+    );
+    assert!(
+        refused.len() <= REFUSED_LINES_MAX,
+        "{} refusal lines, not one per retry:\n{log}",
+        refused.len()
+    );
+    for line in &refused {
+        assert!(
+            line.contains("ERROR") && line.contains("class=auth") && line.contains("Code: 193"),
+            "names the class and the server's reason: {line}"
+        );
+        assert!(!line.contains(PASSWORD), "no secret in the log: {line}");
+    }
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("insert failed; retrying") && l.contains("Code: 193")),
+        "a refusal is not reported as a transient failure:\n{log}"
+    );
+
+    // The operator fixes the user on the server: the backlog arrives and /ready is 200 again.
+    write_users(&users, PASSWORD);
+    bed.wait_accounted(DRAIN_TIMEOUT).await;
+    wait_until("/ready answers 200 again", DRAIN_TIMEOUT, || async {
+        matches!(
+            http_get(config.metrics_addr(), "/ready").await,
+            Ok((200, _))
+        )
+    })
+    .await;
+    assert!(
+        relay
+            .log()
+            .contains("ClickHouse accepts the relay's inserts again"),
+        "{}",
+        relay.log()
+    );
+}
