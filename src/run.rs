@@ -41,6 +41,10 @@ const REGISTER_RETRY_MS: u64 = 200;
 /// the open: space comes back when an operator frees it, so a short poll starts promptly.
 const OPEN_RETRY_MS: u64 = 500;
 
+/// Pause between connect attempts while NATS refuses the relay: an operator's fix takes
+/// minutes; 5 s picks it up promptly at 12 attempts a minute.
+const NATS_REFUSED_RETRY_MS: u64 = 5_000;
+
 /// Why the relay stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -406,7 +410,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             source,
         })?;
 
-    let client = source::connect(&config.nats).await?;
+    // A server that refuses the relay (credentials, authorization, TLS) is the operator's to
+    // fix, on the server at any time: wait for it instead of exiting into a restart loop.
+    let mut nats_refused = Condition::default();
+    let client = loop {
+        match source::connect(&config.nats).await {
+            Ok(client) => break client,
+            Err(error) if error.is_refused() => {
+                if let Some(o) = nats_refused.occurred() {
+                    tracing::error!(%error, attempts = o.count(), lasted_s = o.lasted_s(), retry_ms = NATS_REFUSED_RETRY_MS,
+                        "NATS refuses the relay (credentials, authorization or TLS): no retry can fix this; fix the user, its password or permissions on the server, or [nats] user/password/creds/TLS settings; retrying slowly");
+                }
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(NATS_REFUSED_RETRY_MS)) => {}
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
+    if let Some(ended) = nats_refused.cleared() {
+        tracing::info!(
+            attempts = ended.count,
+            lasted_ms = ended.lasted.as_millis() as u64,
+            "NATS accepts the relay"
+        );
+    }
     let js = source::jetstream(client, &config.nats);
     for outcome in source::ensure_streams(&js, &config.stream).await? {
         tracing::info!(stream = %outcome.stream, action = ?outcome.action, drift = outcome.drift.len(), "stream");

@@ -1,9 +1,11 @@
-//! Errors no retry can fix, against a real ClickHouse: a user whose password no longer matches
-//! is reported as refused (once per reminder period, not per retry), `/ready` answers 503 while
-//! it lasts, the relay keeps ingesting and retrying slowly, and data arrives once the user is
-//! fixed on the server.
+//! Errors no retry can fix, against real servers: a ClickHouse user whose password no longer
+//! matches is reported as refused (once per reminder period, not per retry), `/ready` answers 503
+//! while it lasts, the relay keeps ingesting and retrying slowly, and data arrives once the user
+//! is fixed on the server; a NATS server that refuses the relay at start-up is waited for, not
+//! exited on.
 
 use std::fs;
+use std::net::SocketAddr;
 use std::path::Path;
 
 use prism_relay::sink::{Sink, SinkOptions};
@@ -159,4 +161,77 @@ async fn a_password_clickhouse_no_longer_accepts_is_reported_as_refused_at_a_slo
         "{}",
         relay.log()
     );
+}
+
+/// nats-server authorization: the test's own clients connect without credentials (as `tester`);
+/// the relay must log in as `relay` with `relay_password`.
+fn nats_users(relay_password: &str) -> String {
+    format!(
+        "authorization {{\n  users = [\n    {{user: tester, password: \"tester-pw\"}}\n    \
+         {{user: relay, password: \"{relay_password}\"}}\n  ]\n}}\nno_auth_user: tester\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_nats_refuses_at_start_up_waits_reporting_it_at_a_slow_rate_and_runs_once_the_server_accepts_it(
+) {
+    let bed = Bed::start_with_nats_config(&nats_users("not-the-relays"));
+    let password_file = bed.path("nats-password");
+    fs::write(&password_file, PASSWORD).expect("write password file");
+    let mut config = bed.config();
+    config.nats_extra = format!(
+        "user = \"relay\"\npassword_file = \"{}\"\n",
+        password_file.display()
+    );
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    wait_until("the relay reported the refusal", DRAIN_TIMEOUT, || async {
+        relay.log().contains("NATS refuses the relay")
+    })
+    .await;
+    assert_eq!(relay.try_wait(), None, "the relay exited:\n{}", relay.log());
+    let log = relay.log();
+    for line in log.lines().filter(|l| l.contains("NATS refuses the relay")) {
+        assert!(
+            line.contains("ERROR") && line.contains("authorization violation"),
+            "names the server's reason: {line}"
+        );
+        assert!(!line.contains(PASSWORD), "no secret in the log: {line}");
+    }
+
+    // The operator gives the relay's user the relay's password and reloads the server.
+    let conf = bed
+        .nats
+        .data_dir()
+        .parent()
+        .expect("the store lies in the server's directory")
+        .join("nats-server.conf");
+    // A reload must not change the server name the test bed gives by flag: the file names it.
+    let varz = SocketAddr::from(([127, 0, 0, 1], bed.nats.monitor_port()));
+    let (_, body) = http_get(varz, "/varz").await.expect("GET /varz");
+    let name = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["server_name"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("no server_name in /varz: {body}"));
+    let text = fs::read_to_string(&conf).expect("read nats-server.conf");
+    let fixed = format!(
+        "{}\nserver_name: \"{name}\"\n",
+        text.replace("not-the-relays", PASSWORD)
+    );
+    fs::write(&conf, fixed).expect("write nats-server.conf");
+    let pid = bed.nats.pid().expect("nats-server runs");
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -HUP {pid}");
+    relay.wait_ready().await;
+    bed.publish(Load::new("natsauth", 200)).await;
+    bed.wait_accounted(DRAIN_TIMEOUT).await;
+    let refusals = relay.log().matches("NATS refuses the relay").count();
+    assert!(
+        refusals <= REFUSED_LINES_MAX,
+        "{refusals} refusal lines, not one per attempt:\n{}",
+        relay.log()
+    );
+    assert!(relay.terminate().await.success(), "{}", relay.log());
 }

@@ -391,6 +391,8 @@ pub struct RelayConfig {
     pub extra: String,
     /// Raw TOML lines added to `[clickhouse]` (e.g. `user` and `password_file`).
     pub clickhouse_extra: String,
+    /// Raw TOML lines added to `[nats]` (e.g. `user` and `password_file`).
+    pub nats_extra: String,
 }
 
 impl RelayConfig {
@@ -426,6 +428,7 @@ impl RelayConfig {
             shutdown_timeout_ms: 10_000,
             extra: String::new(),
             clickhouse_extra: String::new(),
+            nats_extra: String::new(),
         }
     }
 
@@ -441,7 +444,12 @@ impl RelayConfig {
             format!("[{}]", items.join(", "))
         };
         let mut t = String::new();
-        let _ = writeln!(t, "[nats]\nurl = {}\n", q(&self.nats_url));
+        let _ = writeln!(
+            t,
+            "[nats]\nurl = {}\n{}",
+            q(&self.nats_url),
+            self.nats_extra
+        );
         for s in &self.streams {
             let _ = writeln!(
                 t,
