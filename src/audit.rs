@@ -19,7 +19,8 @@
 //! at most one query per table with at most [`AUDIT_IDENTITIES_PER_QUERY_MAX`] identities; the
 //! queries filter on the key's leading columns and the time range, so they read few granules. A
 //! row ClickHouse rejected for its content went to the dead letters instead, so an identity not
-//! found in its table is looked up there (one more query per round) before it counts as missing.
+//! found in its table is looked up there (one more query per round, per 500 identities) before it
+//! counts as missing.
 //!
 //! Costs and bounds: the reader reads every record once more (each lane already reads them all),
 //! decodes only the sampled ones, and holds at most [`AuditOptions::pending_max`] samples; while
@@ -445,13 +446,14 @@ impl Audit {
         }
         // Everything not found so far may be a dead letter (expected, or rejected by ClickHouse).
         let rest: Vec<usize> = (0..samples.len()).filter(|&i| !found[i]).collect();
-        if !rest.is_empty() {
+        // In chunks, so this query too asks for a bounded number of identities.
+        for rest in rest.chunks(AUDIT_IDENTITIES_PER_QUERY_MAX) {
             let wanted: Vec<&Sample> = rest.iter().map(|&i| samples[i]).collect();
             let sql = dead_letter_query(&self.setup.dead_letter_table, &wanted);
             let rows: Vec<DeadLetterRow> = self.sink.select_json_rows(&sql).await?;
             let present: BTreeSet<(String, String, String)> =
                 rows.into_iter().map(|r| (r.s, r.q, r.t)).collect();
-            for &i in &rest {
+            for &i in rest {
                 let s = samples[i];
                 // The drain writes no table name for a record no route claims.
                 let lane = if s.lane == UNROUTED_LANE {
