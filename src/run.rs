@@ -568,13 +568,15 @@ async fn drain(
                 break (probe, profile);
             }
             Err(error) => {
-                let hint = error.class().and_then(|class| class.operator_hint());
+                let hint = error
+                    .class()
+                    .and_then(|class| Some((class, class.operator_hint()?)));
                 // A class no retry can fix is its own condition, reported as such from the first
                 // occurrence (not as a server that is not ready yet), and retried slowly.
                 let delay = match hint {
-                    Some(hint) => {
+                    Some((class, hint)) => {
                         if let Some(o) = refused.occurred() {
-                            tracing::error!(%error, attempts = o.count(), lasted_s = o.lasted_s(), retry_ms = config.drain.retry_backoff_max_ms, "{hint}");
+                            tracing::error!(%class, %error, attempts = o.count(), lasted_s = o.lasted_s(), retry_ms = config.drain.retry_backoff_max_ms, "{hint}");
                         }
                         Duration::from_millis(config.drain.retry_backoff_max_ms)
                     }

@@ -27,6 +27,10 @@ const RETRIES_MIN: f64 = 30.0;
 /// few reminders; a line per retry would be many more than `RETRIES_MIN`.
 const REFUSED_LINES_MAX: usize = 20;
 
+/// How far ahead of now each users.xml version is dated, so every version is newer (by whole
+/// seconds) than the one before it, which the server loaded at most a few seconds earlier.
+const USERS_MTIME_AHEAD: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Users of the test's server: `default` without a password (the test bed's queries) and
 /// `relay` with `relay_password`.
 fn write_users(path: &Path, relay_password: &str) {
@@ -48,6 +52,14 @@ fn write_users(path: &Path, relay_password: &str) {
     // Written next to the file and renamed, so the server never reads half a file.
     let tmp = path.with_extension("tmp");
     fs::write(&tmp, xml).expect("write users.xml");
+    // The server notices a change by a newer modification time in whole seconds: two writes in
+    // the same second (the server's first load, then the fix) would look unchanged.
+    let later = std::time::SystemTime::now() + USERS_MTIME_AHEAD;
+    fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .and_then(|f| f.set_modified(later))
+        .expect("set the modification time");
     fs::rename(&tmp, path).expect("replace users.xml");
 }
 
@@ -59,8 +71,9 @@ async fn a_password_clickhouse_no_longer_accepts_is_reported_as_refused_at_a_slo
         .tempdir()
         .expect("temporary directory");
     let users = dir.path().join("users.xml");
-    write_users(&users, PASSWORD);
-    let bed = Bed {
+    // At first the server knows the relay's user under another password.
+    write_users(&users, "not-the-relays");
+    let mut bed = Bed {
         nats: Nats::start().expect("start nats-server"),
         ch: ClickHouse::start_with_users_config(&users).expect("start clickhouse-server"),
         dir,
@@ -72,13 +85,32 @@ async fn a_password_clickhouse_no_longer_accepts_is_reported_as_refused_at_a_slo
         "user = \"relay\"\npassword_file = \"{}\"\n",
         password_file.display()
     );
-    let relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
-    bed.publish(Load::new("auth1", 400)).await;
-    bed.wait_accounted(DRAIN_TIMEOUT).await;
-
-    // The server's user changes its password: every insert is refused from now on (the server
-    // reloads its users file within seconds).
-    write_users(&users, "another-password");
+    // Start-up: refused, reported as such, not as a server that is not ready yet; the relay
+    // waits and answers 503 on /ready.
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    wait_until(
+        "the start-up refusal is reported",
+        DRAIN_TIMEOUT,
+        || async { relay.log().contains("ClickHouse refuses the relay") },
+    )
+    .await;
+    assert!(
+        matches!(
+            http_get(config.metrics_addr(), "/ready").await,
+            Ok((503, _))
+        ),
+        "{}",
+        relay.log()
+    );
+    assert!(
+        !relay.log().contains("ClickHouse not ready"),
+        "a refusal is not reported as a server still starting:\n{}",
+        relay.log()
+    );
+    // The server may have taken its snapshot of the users file's time after the first load and
+    // after this write, and then never reload it: a restart makes the fix certain.
+    write_users(&users, PASSWORD);
+    tokio::task::block_in_place(|| bed.ch.restart()).expect("restart clickhouse-server");
     let probe = Sink::new(SinkOptions {
         url: bed.ch.http_url(),
         user: "relay".into(),
@@ -88,6 +120,24 @@ async fn a_password_clickhouse_no_longer_accepts_is_reported_as_refused_at_a_slo
         ..SinkOptions::default()
     })
     .expect("valid sink options");
+    wait_until(
+        "ClickHouse accepts the relay's password",
+        DRAIN_TIMEOUT,
+        || async { probe.server_version().await.is_ok() },
+    )
+    .await;
+    relay.wait_ready().await;
+    assert!(
+        relay.log().contains("ClickHouse accepts the relay again"),
+        "{}",
+        relay.log()
+    );
+    bed.publish(Load::new("auth1", 400)).await;
+    bed.wait_accounted(DRAIN_TIMEOUT).await;
+
+    // The server's user changes its password: every insert is refused from now on (the server
+    // reloads its users file within seconds).
+    write_users(&users, "another-password");
     wait_until(
         "ClickHouse refuses the relay's password",
         DRAIN_TIMEOUT,
