@@ -13,8 +13,10 @@
 //! [`tools`] (`loadgen` and `verify`), [`redact`] (secrets kept out of errors and logs), [`tls`] (the rustls
 //! client configuration of TLS connections), and
 //! [`logcond`] (conditions that persist, logged when they start, now and then while they last,
-//! and when they end).
+//! and when they end), and [`audit`] (samples acknowledged messages and confirms they reached
+//! ClickHouse).
 
+pub mod audit;
 pub mod codec;
 pub mod config;
 pub mod drain;

@@ -70,8 +70,9 @@ impl ConfigArg {
 enum Command {
     /// Run the relay: JetStream -> WAL -> ClickHouse, until SIGTERM or SIGINT.
     Run(ConfigArg),
-    /// Check the configuration, the JetStream streams and consumers (drift), and the ClickHouse
-    /// schema, changing nothing.
+    /// Check the configuration, the WAL directory, the JetStream streams and consumers (drift),
+    /// and the ClickHouse schema, changing nothing. Prints one line per finding with the change
+    /// to make. Exit status: 0 nothing found, 1 findings, 2 invalid configuration.
     Check(ConfigArg),
     /// Print or apply the ClickHouse DDL.
     Schema {
@@ -323,7 +324,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             run::run(config, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check(config) => check(&config.load()?).await,
+        Command::Check(config) => check(&config).await,
         Command::Schema { action } => schema_command(action).await,
         Command::Wal { action } => wal_command(action),
         Command::Replay(args) => replay_command(args).await,
@@ -391,58 +392,157 @@ async fn shutdown_signal() {
     }
 }
 
-async fn check(config: &Config) -> Result<ExitCode> {
-    let mut ok = true;
+/// Exit status of `check` when it found something to change (drift, an unreachable server, a
+/// schema mismatch, a WAL directory that cannot work).
+const CHECK_FINDINGS: u8 = 1;
+/// Exit status of `check` when the configuration itself is invalid (clap uses 2 for usage
+/// errors too): nothing else could be checked.
+const CHECK_INVALID_CONFIG: u8 = 2;
+
+/// `check`: prints one line per finding with the change to make and exits 0 when there is none,
+/// [`CHECK_FINDINGS`] otherwise, and [`CHECK_INVALID_CONFIG`] when the configuration does not
+/// load. NATS, ClickHouse and the WAL directory are checked independently: one being unreachable
+/// does not stop the checks of the others.
+async fn check(arg: &ConfigArg) -> Result<ExitCode> {
+    let config = match arg.load() {
+        Ok(config) => config,
+        Err(error) => {
+            println!("config: {}", redact(&format!("{error:#}")));
+            println!("check: the configuration is invalid; nothing else was checked");
+            return Ok(ExitCode::from(CHECK_INVALID_CONFIG));
+        }
+    };
     println!("config: ok");
-    // A finding, not a failure: the relay runs, only a poisoned delivery needs the operator.
+    let mut findings = 0usize;
+    let mut finding = |line: String| {
+        println!("{}", redact(&line));
+        findings += 1;
+    };
+    // A warning, not a finding: the relay runs, only a poisoned delivery needs the operator.
     if let Some(limitation) = source::rescue_unavailable(&config.nats) {
         println!("nats: warning: {limitation}");
     }
-    let client = source::connect(&config.nats).await?;
-    let js = source::jetstream(client, &config.nats);
-    for outcome in source::check_streams(&js, &config.stream).await? {
-        ok &= report_setup("stream", &outcome.stream, outcome.action, &outcome.drift);
+
+    let wal = run::check_wal_dir(&config.wal);
+    if wal.is_empty() {
+        println!("wal: ok ({})", config.wal.dir.display());
     }
-    for consumer in &config.consumer {
-        let outcome = source::check_consumer(&js, consumer).await?;
-        let name = format!("{}/{}", outcome.stream, outcome.durable);
-        ok &= report_setup("consumer", &name, outcome.action, &outcome.drift);
+    for line in wal {
+        finding(format!("wal: {line}"));
     }
-    match resolve_profile(config).await {
-        Err(error) => {
-            println!("clickhouse: unreachable: {}", redact(&error.to_string()));
-            ok = false;
+    // A warning, as at start-up: a shared volume may be set up that way on purpose.
+    if let Some(exposure) = run::wal_dir_exposure(&config.wal.dir) {
+        println!("wal: warning: {exposure}");
+    }
+
+    match source::connect(&config.nats).await {
+        Err(error) => finding(format!(
+            "nats: cannot connect: {error}: start NATS or fix [nats] url and its credentials"
+        )),
+        Ok(client) => {
+            let js = source::jetstream(client, &config.nats);
+            match source::check_streams(&js, &config.stream).await {
+                Err(error) => finding(format!("nats: {error}")),
+                Ok(outcomes) => {
+                    for outcome in outcomes {
+                        for line in setup_findings(
+                            "stream",
+                            &outcome.stream,
+                            outcome.action,
+                            &outcome.drift,
+                        ) {
+                            finding(line);
+                        }
+                    }
+                }
+            }
+            for consumer in &config.consumer {
+                match source::check_consumer(&js, consumer).await {
+                    Err(error) => finding(format!("nats: {error}")),
+                    Ok(outcome) => {
+                        let name = format!("{}/{}", outcome.stream, outcome.durable);
+                        for line in
+                            setup_findings("consumer", &name, outcome.action, &outcome.drift)
+                        {
+                            finding(line);
+                        }
+                    }
+                }
+            }
         }
+    }
+
+    match resolve_profile(&config).await {
+        Err(error) => finding(format!(
+            "clickhouse: unreachable: {error}: start ClickHouse or fix [clickhouse] url, user and password"
+        )),
         Ok((probe, profile)) => {
             println!("clickhouse: profile {}", profile.name());
-            let problems = check_schema(config, &probe, profile).await?;
-            for problem in &problems {
-                println!("schema: {problem}");
+            match check_schema(&config, &probe, profile).await {
+                Err(error) => finding(format!("clickhouse: {error}")),
+                Ok(problems) => {
+                    for problem in problems {
+                        finding(format!("schema: {problem}"));
+                    }
+                }
             }
-            ok &= problems.is_empty();
         }
     }
-    Ok(if ok {
-        println!("check: ok");
-        ExitCode::SUCCESS
-    } else {
-        println!("check: problems found");
-        ExitCode::FAILURE
+    Ok(match findings {
+        0 => {
+            println!("check: ok");
+            ExitCode::SUCCESS
+        }
+        1 => {
+            println!("check: 1 finding");
+            ExitCode::from(CHECK_FINDINGS)
+        }
+        n => {
+            println!("check: {n} findings");
+            ExitCode::from(CHECK_FINDINGS)
+        }
     })
 }
 
-fn report_setup(kind: &str, name: &str, action: SetupAction, drift: &[source::Drift]) -> bool {
-    match action {
-        SetupAction::Missing => println!("{kind} {name}: missing (run creates it)"),
-        _ if drift.is_empty() => println!("{kind} {name}: ok"),
-        _ => {
-            for d in drift {
-                println!("{kind} {name}: drift: {d}");
-            }
-        }
+/// A drift report's server value as TOML: subject sets are reported as `{"a", "b"}`, which the
+/// configuration spells as a list.
+fn toml_value(server: &str) -> String {
+    match server.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+        Some(items) => format!("[{items}]"),
+        None => server.to_owned(),
     }
-    // Drift is reported, not fatal: the server's settings stay in force.
-    true
+}
+
+/// Prints the state of a stream or consumer and returns its findings: each drift, with the
+/// change that ends it. A missing object is not a finding: `run` creates it.
+fn setup_findings(
+    kind: &str,
+    name: &str,
+    action: SetupAction,
+    drift: &[source::Drift],
+) -> Vec<String> {
+    match action {
+        SetupAction::Missing => {
+            println!("{kind} {name}: missing (run creates it)");
+            Vec::new()
+        }
+        _ if drift.is_empty() => {
+            println!("{kind} {name}: ok");
+            Vec::new()
+        }
+        // The server's value stays in force (the relay never recreates a durable), so the
+        // configuration is what changes, unless the operator edits the server object.
+        _ => drift
+            .iter()
+            .map(|d| {
+                format!(
+                    "{kind} {name}: drift: {d}: set {} = {} in the configuration to match the server, or change the {kind} on the server (`nats {kind} edit`)",
+                    d.field,
+                    toml_value(&d.server)
+                )
+            })
+            .collect(),
+    }
 }
 
 async fn schema_command(action: SchemaAction) -> Result<ExitCode> {

@@ -14,7 +14,7 @@ use crate::redact::redact;
 pub const ENV_PREFIX: &str = "PRISM_RELAY_";
 
 /// Sections whose scalar fields environment variables may override.
-pub const ENV_SECTIONS: [&str; 7] = [
+pub const ENV_SECTIONS: [&str; 8] = [
     "nats",
     "wal",
     "clickhouse",
@@ -22,10 +22,11 @@ pub const ENV_SECTIONS: [&str; 7] = [
     "metrics",
     "shutdown",
     "log",
+    "audit",
 ];
 
 /// Every (section, field) an environment variable may override.
-pub const ENV_OVERRIDES: [(&str, &str); 50] = [
+pub const ENV_OVERRIDES: [(&str, &str); 54] = [
     ("nats", "url"),
     ("nats", "name"),
     ("nats", "connect_timeout_ms"),
@@ -76,6 +77,10 @@ pub const ENV_OVERRIDES: [(&str, &str); 50] = [
     ("metrics", "backlog_poll_interval_s"),
     ("shutdown", "timeout_ms"),
     ("log", "format"),
+    ("audit", "enabled"),
+    ("audit", "sample_every_records"),
+    ("audit", "interval_ms"),
+    ("audit", "pending_max"),
 ];
 
 /// `PRISM_RELAY_<SECTION>_<FIELD>` for a (section, field).
@@ -202,6 +207,10 @@ impl Config {
             }
             ("shutdown", "timeout_ms") => self.shutdown.timeout_ms = v.parse()?,
             ("log", "format") => self.log.format = v.parse_enum()?,
+            ("audit", "enabled") => self.audit.enabled = v.parse()?,
+            ("audit", "sample_every_records") => self.audit.sample_every_records = v.parse()?,
+            ("audit", "interval_ms") => self.audit.interval_ms = v.parse()?,
+            ("audit", "pending_max") => self.audit.pending_max = v.parse()?,
             _ => {
                 let known: Vec<String> = ENV_OVERRIDES
                     .iter()

@@ -65,6 +65,8 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Log output.
     pub log: LogConfig,
+    /// The online audit of acknowledged messages.
+    pub audit: AuditConfig,
 }
 
 impl Default for Config {
@@ -79,6 +81,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -673,6 +676,32 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             format: LogFormat::Human,
+        }
+    }
+}
+
+/// `[audit]`: the online audit that samples acknowledged messages and confirms they reached
+/// ClickHouse (see `crate::audit`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Whether the audit runs. Default true.
+    pub enabled: bool,
+    /// One WAL record in this many is sampled. Default 1,000.
+    pub sample_every_records: u64,
+    /// How often due samples are looked up, in milliseconds. Default 10,000.
+    pub interval_ms: u64,
+    /// Samples waiting for their table's drain, at most. Default 10,000.
+    pub pending_max: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            sample_every_records: crate::audit::SAMPLE_EVERY_RECORDS_DEFAULT,
+            interval_ms: crate::audit::INTERVAL_MS_DEFAULT,
+            pending_max: crate::audit::PENDING_MAX_DEFAULT as u64,
         }
     }
 }

@@ -26,6 +26,7 @@ impl Config {
         self.validate_clickhouse(&mut v);
         self.validate_drain(&mut v);
         self.validate_metrics(&mut v);
+        self.validate_audit(&mut v);
         v.range(
             "shutdown.timeout_ms",
             self.shutdown.timeout_ms,
@@ -454,6 +455,31 @@ impl Config {
                 );
             }
         }
+    }
+
+    fn validate_audit(&self, v: &mut Validator) {
+        let a = &self.audit;
+        v.range(
+            "audit.sample_every_records",
+            a.sample_every_records,
+            AUDIT_SAMPLE_EVERY_RECORDS_MIN,
+            AUDIT_SAMPLE_EVERY_RECORDS_MAX,
+            "records",
+        );
+        v.range(
+            "audit.interval_ms",
+            a.interval_ms,
+            AUDIT_INTERVAL_MS_MIN,
+            AUDIT_INTERVAL_MS_MAX,
+            "ms",
+        );
+        v.range(
+            "audit.pending_max",
+            a.pending_max,
+            AUDIT_PENDING_MAX_MIN,
+            AUDIT_PENDING_MAX_MAX,
+            "samples",
+        );
     }
 
     fn validate_metrics(&self, v: &mut Validator) {

@@ -481,6 +481,8 @@ impl Lane {
             self.config.backoff_max.as_millis() as u64,
         );
         let mut failing = Condition::default();
+        // Failures no retry can fix are a condition of their own, logged as such from the first.
+        let mut refused = Condition::default();
         loop {
             let started = Instant::now();
             let result = self.heartbeat.wait(attempt(self.sink.clone())).await;
@@ -492,6 +494,9 @@ impl Lane {
                     if let Some(ended) = failing.cleared() {
                         tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "insert succeeded after retries");
                     }
+                    if let Some(ended) = refused.cleared() {
+                        tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "ClickHouse accepts the relay's inserts again");
+                    }
                     return Ok(value);
                 }
                 Err(error) => {
@@ -500,7 +505,12 @@ impl Lane {
                     self.metrics
                         .health
                         .insert_failed(&self.config.name, &class, &error.message);
-                    if let Some(o) = failing.occurred() {
+                    // /ready fails at once on a class no retry can fix (Health::insert_failed).
+                    if let Some(hint) = error.class.operator_hint() {
+                        if let Some(o) = refused.occurred() {
+                            tracing::error!(lane = %self.config.name, class = %error.class, %error, failures = o.count(), lasted_s = o.lasted_s(), retry_ms = self.config.backoff_max.as_millis() as u64, "{hint}");
+                        }
+                    } else if let Some(o) = failing.occurred() {
                         tracing::warn!(lane = %self.config.name, class = ?error.class, %error, failures = o.count(), lasted_s = o.lasted_s(), "insert failed; retrying");
                     }
                     if stopping || *self.shutdown.borrow() {
@@ -514,7 +524,12 @@ impl Lane {
                             table: table.to_owned(),
                         })
                         .inc();
-                    let delay = backoff.next_delay();
+                    // An operator's fix takes minutes: retry at the slowest pace meanwhile.
+                    let delay = if error.class.needs_operator() {
+                        self.config.backoff_max
+                    } else {
+                        backoff.next_delay()
+                    };
                     let mut shutdown = self.shutdown.clone();
                     self.heartbeat
                         .wait(async {

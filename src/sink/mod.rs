@@ -566,6 +566,16 @@ impl Sink {
         Ok(outcome)
     }
 
+    /// Runs a `SELECT` as given (`?` is not a placeholder: the caller quotes its literals) and
+    /// parses its JSONEachRow answer, whose size the connector bounds. The audit reads with it.
+    pub async fn select_json_rows<R: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+    ) -> Result<Vec<R>, SinkError> {
+        self.fetch_json_query(sql, self.inner.client.query_raw(sql))
+            .await
+    }
+
     /// Runs a query (with at most one bound string) and parses its JSONEachRow answer. Reads go
     /// through JSON rather than the crate's typed rows so they never depend on validation,
     /// whose RowBinaryWithNamesAndTypes format 18.16 lacks.
@@ -578,6 +588,15 @@ impl Sink {
         if let Some(value) = bound {
             query = query.bind(value);
         }
+        self.fetch_json_query(sql, query).await
+    }
+
+    /// Fetches `query` (whose text is `sql`) as JSONEachRow and parses each line.
+    async fn fetch_json_query<R: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        query: clickhouse::query::Query,
+    ) -> Result<Vec<R>, SinkError> {
         let fetch = async move {
             let mut cursor = query.fetch_bytes("JSONEachRow")?;
             cursor.collect().await

@@ -172,6 +172,17 @@ pub enum SourceError {
     },
 }
 
+impl SourceError {
+    /// True when the server refused the relay itself at connect: authentication failed, the
+    /// user is not authorized, or the TLS set-up or handshake failed. No retry can fix it, an
+    /// operator can (on the server, at any time), so the relay reports it as such and waits.
+    pub fn is_refused(&self) -> bool {
+        use async_nats::ConnectErrorKind as Kind;
+        matches!(self, SourceError::Connect { source, .. }
+            if matches!(source.kind(), Kind::Authentication | Kind::AuthorizationViolation | Kind::Tls))
+    }
+}
+
 /// Connects to the NATS servers of `config`.
 ///
 /// The first attempt must succeed (a wrong address fails fast at start-up); after that the client

@@ -393,6 +393,10 @@ pub struct RelayConfig {
     pub shutdown_timeout_ms: u64,
     /// Raw TOML appended at the end (e.g. `[[drain.passthrough]]` entries).
     pub extra: String,
+    /// Raw TOML lines added to `[clickhouse]` (e.g. `user` and `password_file`).
+    pub clickhouse_extra: String,
+    /// Raw TOML lines added to `[nats]` (e.g. `user` and `password_file`).
+    pub nats_extra: String,
 }
 
 impl RelayConfig {
@@ -429,6 +433,8 @@ impl RelayConfig {
             backlog_poll_interval_s: None,
             shutdown_timeout_ms: 10_000,
             extra: String::new(),
+            clickhouse_extra: String::new(),
+            nats_extra: String::new(),
         }
     }
 
@@ -444,7 +450,12 @@ impl RelayConfig {
             format!("[{}]", items.join(", "))
         };
         let mut t = String::new();
-        let _ = writeln!(t, "[nats]\nurl = {}\n", q(&self.nats_url));
+        let _ = writeln!(
+            t,
+            "[nats]\nurl = {}\n{}",
+            q(&self.nats_url),
+            self.nats_extra
+        );
         for s in &self.streams {
             let _ = writeln!(
                 t,
@@ -482,11 +493,12 @@ impl RelayConfig {
         let _ = writeln!(
             t,
             "[clickhouse]\nurl = {}\ndatabase = {}\nprofile = \"auto\"\ncreate_schema = {}\n\
-             insert_timeout_ms = {}\nconnect_timeout_ms = 1000\n",
+             insert_timeout_ms = {}\nconnect_timeout_ms = 1000\n{}",
             q(&self.clickhouse_url),
             q(DATABASE),
             self.create_schema,
-            self.insert_timeout_ms
+            self.insert_timeout_ms,
+            self.clickhouse_extra
         );
         let _ = writeln!(
             t,

@@ -1,6 +1,9 @@
 //! Integration tests of the relay against real servers started by `prism-testbed`.
 
+mod audit;
+mod auth;
 mod chaos;
+mod check;
 mod disk;
 mod harness;
 mod hostile;

@@ -580,7 +580,11 @@ async fn a_durable_whose_ack_wait_drifted_is_reported_by_check_and_run_and_kept_
     drifted.consumers[2].ack_wait_ms = 45_000;
     let path = drifted.write(&bed.path("drifted.toml"));
     let (status, out) = relay_command(&["check", "--config", path.to_str().unwrap()]).await;
-    assert!(status.success(), "check: {status}\n{out}");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "drift is a finding: {status}\n{out}"
+    );
     assert!(
         out.contains(
             "consumer MARKET_DATA/prism-relay-data: drift: ack_wait_ms: configured 45000, server has 30000"

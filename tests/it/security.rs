@@ -893,19 +893,33 @@ async fn no_secret_shows_in_the_logs_check_verify_or_configuration_errors_of_the
             vec!["check", "--config", &user_arg],
             vec![("PRISM_RELAY_NATS_PASSWORD", WRONG_PASSWORD)],
         ),
-        (
-            "wrong-password-run",
-            vec!["run", "--config", &user_arg],
-            vec![
-                ("RUST_LOG", "debug"),
-                ("PRISM_RELAY_NATS_PASSWORD", WRONG_PASSWORD),
-            ],
-        ),
     ];
     for (name, args, env) in &runs {
         let (status, out) = command(dir, name, args, env).await;
         outputs.push((format!("{name} ({status})"), out));
     }
+    // `run` waits a refusal out (an operator fixes the server or the file meanwhile), so it is
+    // stopped once it has said why it waits.
+    let mut refused = Relay::spawn(
+        dir,
+        "wrong-password-run",
+        &["run", "--config", &user_arg],
+        &[
+            ("RUST_LOG", "debug"),
+            ("PRISM_RELAY_NATS_PASSWORD", WRONG_PASSWORD),
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_millis(COMMAND_TIMEOUT_MS);
+    while !refused.output().contains("NATS refuses the relay") {
+        assert!(
+            Instant::now() < deadline,
+            "run never reported the refusal:\n{}",
+            refused.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = refused.stop().await;
+    outputs.push((format!("wrong-password-run ({status})"), refused.output()));
 
     // The runs did what they are for, so their output is worth searching.
     let find = |name: &str| -> &str {

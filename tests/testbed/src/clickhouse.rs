@@ -56,6 +56,9 @@ pub struct ClickHouseOptions {
     /// Also define this user with this password (with the default user's profile and
     /// networks); the default user stays passwordless for the test bed's own queries.
     pub password_user: Option<(String, String)>,
+    /// Read users, profiles and quotas from this file instead (the server reloads it when it
+    /// changes, so a test can change a user while the server runs); wins over `password_user`.
+    pub users_config: Option<PathBuf>,
 }
 
 /// The certificate and key of an HTTPS port ([`ClickHouse::start_with_https`]), PEM files.
@@ -90,6 +93,14 @@ impl ClickHouse {
     pub fn start_with_https(files: &HttpsFiles) -> Result<ClickHouse, TestbedError> {
         Self::start_with(&ClickHouseOptions {
             https: Some(files.clone()),
+            ..ClickHouseOptions::default()
+        })
+    }
+
+    /// Like [`ClickHouse::start`], with the users, profiles and quotas of `users_config`.
+    pub fn start_with_users_config(users_config: &Path) -> Result<ClickHouse, TestbedError> {
+        Self::start_with(&ClickHouseOptions {
+            users_config: Some(users_config.to_path_buf()),
             ..ClickHouseOptions::default()
         })
     }
@@ -210,14 +221,15 @@ fn write_config(
     [http_port, tcp_port, https_port]: [u16; 3],
     options: &ClickHouseOptions,
 ) -> Result<(), TestbedError> {
-    let users_config = match &options.password_user {
-        Some((user, password)) => {
+    let users_config = match (&options.users_config, &options.password_user) {
+        (Some(file), _) => file.display().to_string(),
+        (None, Some((user, password))) => {
             let path = dir.join(USERS_FILE);
             std::fs::write(&path, users_xml(user, password))
                 .map_err(|e| TestbedError::io(format!("writing {}", path.display()), e))?;
             path.display().to_string()
         }
-        None => USERS_CONFIG.to_owned(),
+        (None, None) => USERS_CONFIG.to_owned(),
     };
     // The server presents the certificate and asks for none from clients.
     let https = match &options.https {
