@@ -1,13 +1,13 @@
 //! The `modern` schema profile (ClickHouse 22.2 and newer; MarketPrism runs 23.8) against a
 //! modern ClickHouse engine: the one the PyPI package `chdb-core` embeds, driven through
-//! `python3` and `tests/it/chdb_session.py` (one process per call, one persistent session per
+//! `python3` and `tests/testbed/chdb_session.py` (one process per call, one persistent session per
 //! test in a temporary directory). The only server these machines can run is 18.16, so the
 //! relay's rows are produced against it (legacy profile, the drain's own batch and sink path),
 //! exported as RowBinary, and loaded into the modern tables, where the values must read back
 //! equal: the two profiles promise the same RowBinary encoding.
 //!
-//! The relay's own modern sink runs too: `tests/it/chdb_http.py` serves a chdb session over the
-//! part of ClickHouse's HTTP interface the `clickhouse` crate uses, so start-up (version,
+//! The relay's own modern sink runs too: the test bed's `Chdb` serves a chdb session over the
+//! part of ClickHouse's HTTP interface the relay uses, so start-up (version,
 //! DDL, column check), row validation against the modern types, LZ4 bodies and deduplication
 //! tokens are exercised as against a 23.8 server. The engine is real; only the HTTP layer is a
 //! stand-in, and it checks no more than a server would.
@@ -16,9 +16,9 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use prism_relay::codec::decimal;
 use prism_relay::codec::{Table, TimeWindow};
@@ -33,10 +33,7 @@ use prism_wal::{Envelope, Lsn, StreamSeq};
 use tempfile::TempDir;
 
 /// The helper script that runs statements in a chdb session.
-const SESSION_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/chdb_session.py");
-
-/// The script that serves a chdb session over ClickHouse's HTTP interface.
-const HTTP_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/chdb_http.py");
+const SESSION_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/testbed/chdb_session.py");
 
 /// The scripts' exit status when chdb cannot be imported.
 const EXIT_CHDB_MISSING: i32 = 3;
@@ -133,63 +130,24 @@ fn chdb_missing(stderr: &str) -> ! {
     )
 }
 
-/// A chdb session served over the subset of ClickHouse's HTTP interface the sink uses
-/// (`tests/it/chdb_http.py`), so the relay's own modern sink runs against a modern engine: row
-/// validation on, deduplication tokens sent, RowBinary bodies compressed with LZ4.
+/// The test bed's modern server ([`prism_testbed::Chdb`]: a chdb session behind a stand-in for
+/// ClickHouse's HTTP interface), so the relay's own modern sink runs against a modern engine:
+/// row validation on, deduplication tokens sent, RowBinary bodies compressed with LZ4.
 /// The server dies with this handle.
 pub(crate) struct ChdbServer {
-    child: Child,
-    port: u16,
-    _dir: TempDir,
+    server: prism_testbed::Chdb,
 }
 
 impl ChdbServer {
     pub(crate) fn start() -> ChdbServer {
-        let dir = tempfile::Builder::new()
-            .prefix("prism-chdb-http-")
-            .tempdir()
-            .expect("temporary directory");
-        let mut child = Command::new("python3")
-            .arg(HTTP_SCRIPT)
-            .arg(dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run python3 ({e}): run scripts/test, which installs {CHDB_PYPI}")
-            });
-        // The script prints its port once it listens; a blocking read is bounded by the
-        // script either listening or exiting.
-        let mut line = String::new();
-        if let Some(stdout) = child.stdout.take() {
-            BufReader::new(stdout)
-                .read_line(&mut line)
-                .expect("read the server's port");
-        }
-        let port = match line.trim().strip_prefix("port ").map(str::parse::<u16>) {
-            Some(Ok(port)) => port,
-            _ => {
-                let status = child.wait().expect("wait for python3");
-                let mut stderr = String::new();
-                if let Some(mut pipe) = child.stderr.take() {
-                    let _ = pipe.read_to_string(&mut stderr);
-                }
-                if status.code() == Some(EXIT_CHDB_MISSING) {
-                    chdb_missing(&stderr);
-                }
-                panic!("{HTTP_SCRIPT} did not start ({status}): {line}{stderr}");
-            }
-        };
-        ChdbServer {
-            child,
-            port,
-            _dir: dir,
+        match prism_testbed::Chdb::start() {
+            Ok(server) => ChdbServer { server },
+            Err(e) => panic!("the modern server did not start: {e}"),
         }
     }
 
     pub(crate) fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.http_url()
     }
 
     /// Sink options for `database` on this server, as the relay builds them for a modern one.
@@ -215,14 +173,6 @@ impl ChdbServer {
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
         String::from_utf8_lossy(&bytes).into_owned()
-    }
-}
-
-impl Drop for ChdbServer {
-    fn drop(&mut self) {
-        // The child is ours; killing an exited child only fails, which is fine here.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
