@@ -697,6 +697,9 @@ pub fn free_port() -> u16 {
 /// Killed (SIGKILL) on drop.
 pub struct RelayProc {
     child: Option<Child>,
+    /// Extra environment of the next start (e.g. a failpoint); clear it before a restart
+    /// that must run without.
+    pub env: Vec<(String, String)>,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     pub metrics_addr: SocketAddr,
@@ -709,6 +712,29 @@ impl RelayProc {
         let config_path = config.write(&bed.path(&format!("{name}.toml")));
         let mut relay = RelayProc {
             child: None,
+            env: Vec::new(),
+            config_path,
+            log_path: bed.path(&format!("{name}.log")),
+            metrics_addr: config.metrics_addr(),
+        };
+        relay.start();
+        relay
+    }
+
+    /// [`RelayProc::spawn`] with `env` in the relay's environment.
+    pub fn spawn_with_env(
+        bed: &Bed,
+        name: &str,
+        config: &RelayConfig,
+        env: &[(&str, &str)],
+    ) -> RelayProc {
+        let config_path = config.write(&bed.path(&format!("{name}.toml")));
+        let mut relay = RelayProc {
+            child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             config_path,
             log_path: bed.path(&format!("{name}.log")),
             metrics_addr: config.metrics_addr(),
@@ -731,6 +757,8 @@ impl RelayProc {
             .arg(&self.config_path)
             .env("RUST_LOG", "info")
             .env_remove("PRISM_RELAY_CONFIG")
+            .env_remove(prism_relay::drain::FAILPOINT_ENV)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
