@@ -352,6 +352,9 @@ pub struct ClickHouseConfig {
     pub create_schema: bool,
     /// Row TTL of created tables, in days; none by default. Modern profile only.
     pub ttl_days: Option<u32>,
+    /// Asynchronous inserts (`async_insert=1, wait_for_async_insert=1`), for fleets of many
+    /// relays inserting into one cluster. Default false. Modern profile only.
+    pub async_insert: bool,
 }
 
 impl Default for ClickHouseConfig {
@@ -367,6 +370,7 @@ impl Default for ClickHouseConfig {
             connect_timeout_ms: 5_000,
             create_schema: false,
             ttl_days: None,
+            async_insert: false,
         }
     }
 }
@@ -390,6 +394,7 @@ impl fmt::Debug for ClickHouseConfig {
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("create_schema", &self.create_schema)
             .field("ttl_days", &self.ttl_days)
+            .field("async_insert", &self.async_insert)
             .finish()
     }
 }

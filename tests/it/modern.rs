@@ -32,7 +32,7 @@ use prism_testbed::ClickHouse;
 use prism_wal::{Envelope, Lsn, StreamSeq};
 use tempfile::TempDir;
 
-use crate::harness::{Bed, Leg, Load, RelayProc, DRAIN_TIMEOUT};
+use crate::harness::{relay_command, Bed, Leg, Load, RelayProc, DRAIN_TIMEOUT, READY_TIMEOUT};
 
 /// The helper script that runs statements in a chdb session.
 const SESSION_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/testbed/chdb_session.py");
@@ -1071,4 +1071,123 @@ async fn the_same_crash_on_18_16_leaves_copies_that_only_final_collapses() {
         "{plain} rows without FINAL for {published}"
     );
     assert_eq!(under_final, published, "rows under FINAL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_async_insert_every_insert_asks_the_server_to_wait_and_dedupe_and_a_crash_retry_is_stored_once(
+) {
+    let bed = Bed::start_on(Leg::Modern);
+    let mut config = bed.config();
+    config.clickhouse_extra = "async_insert = true\n".to_owned();
+    // The same crash as above, with asynchronous inserts: the retried batch must be dropped.
+    let mut relay = RelayProc::spawn_with_env(
+        &bed,
+        "relay",
+        &config,
+        &[(FAILPOINT_ENV, FAILPOINT_AFTER_INSERT_BEFORE_CURSOR)],
+    );
+    relay.wait_ready().await;
+    let published = 300;
+    bed.publish(Load::new("async", published).mix("trade=1,funding_rate=1"))
+        .await;
+    relay
+        .wait_exit(DRAIN_TIMEOUT)
+        .await
+        .unwrap_or_else(|| panic!("the failpoint never fired; log:\n{}", relay.log()));
+    for table in ["trades", "funding_rates"] {
+        bed.sql(&format!("SYSTEM STOP MERGES {DATABASE}.{table}"));
+    }
+    relay.env.clear();
+    relay.restart();
+    relay.wait_ready().await;
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (published, published, 0, 0),
+        "{report}"
+    );
+    let plain: u64 = ["trades", "funding_rates"]
+        .iter()
+        .map(|table| {
+            bed.sql(&format!("SELECT count() FROM {DATABASE}.{table}"))
+                .trim()
+                .parse::<u64>()
+                .expect("count")
+        })
+        .sum();
+    assert_eq!(plain, published, "rows without FINAL");
+
+    // Every insert of typed rows carried the asynchronous settings and a token.
+    let server = bed.ch.modern().expect("the modern leg");
+    let inserts = server.insert_settings().expect("insert log");
+    assert!(!inserts.is_empty());
+    for settings in &inserts {
+        let has = |name: &str, value: Option<&str>| {
+            settings
+                .iter()
+                .any(|(n, v)| n == name && value.is_none_or(|value| v == value))
+        };
+        assert!(has("async_insert", Some("1")), "{settings:?}");
+        assert!(has("wait_for_async_insert", Some("1")), "{settings:?}");
+        assert!(has("async_insert_deduplicate", Some("1")), "{settings:?}");
+        assert!(has("insert_deduplication_token", None), "{settings:?}");
+    }
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_and_run_report_a_server_older_than_the_forced_modern_profile_needs() {
+    let bed = Bed::start_on(Leg::Legacy);
+    let mut config = bed.config();
+    config.profile = "modern".to_owned();
+    // `run` stops at start-up naming the server's version and the need, before any DDL (it
+    // creates the streams, which `check` then finds).
+    let version = bed.sql("SELECT version()").trim().to_owned();
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    let status = relay
+        .wait_exit(READY_TIMEOUT)
+        .await
+        .unwrap_or_else(|| panic!("run went on with an 18.16 server; log:\n{}", relay.log()));
+    assert!(!status.success());
+    assert!(
+        relay.log().contains(&format!(
+            "ClickHouse {version} is older than the modern profile needs"
+        )),
+        "{}",
+        relay.log()
+    );
+    assert!(
+        bed.try_sql(&format!("SELECT count() FROM {DATABASE}.trades"))
+            .is_err(),
+        "run created tables on a server too old for them"
+    );
+
+    // `check` reports the same.
+    let path = config.write(&bed.path("modern-on-18.toml"));
+    let (status, out) = relay_command(&["check", "--config", path.to_str().expect("utf-8")]).await;
+    assert!(!status.success(), "check passed: {out}");
+    assert!(
+        out.contains(&format!(
+            "ClickHouse {version} is older than the modern profile needs (22.2 or newer"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("insert_deduplication_token (22.2)"), "{out}");
+
+    // async_insert with `auto` on 18.16 (legacy) is reported too.
+    config.profile = "auto".to_owned();
+    config.clickhouse_extra = "async_insert = true\n".to_owned();
+    let path = config.write(&bed.path("async-on-18.toml"));
+    let (status, out) = relay_command(&["check", "--config", path.to_str().expect("utf-8")]).await;
+    assert!(!status.success(), "check passed: {out}");
+    assert!(
+        out.contains("async_insert = true needs the modern profile"),
+        "{out}"
+    );
 }
