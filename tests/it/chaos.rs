@@ -62,6 +62,16 @@ const ROWS_PER_INSERT_MIN: f64 = 4.0;
 /// Lines of the relay's log shown when a drain does not complete.
 const LOG_TAIL_LINES: usize = 80;
 
+/// Publish rate of the scenarios that fault ClickHouse once rows reach it, chosen so the
+/// traffic outlasts the fault's trigger: the modern leg's server answers through one engine
+/// session, and its rows take longer to reach the count the trigger waits for.
+fn mid_load_rate_per_s(leg: Leg) -> u64 {
+    match leg {
+        Leg::Legacy => 1_000,
+        Leg::Modern => 500,
+    }
+}
+
 /// A bed configuration for chaos: short redelivery and small batches.
 fn chaos_config(bed: &Bed) -> RelayConfig {
     let mut config = bed.config();
@@ -271,7 +281,7 @@ async fn clickhouse_killed_mid_load_and_restarted_on_its_data_loses_and_duplicat
     let mut bed = Bed::start_on(leg);
     let mut relay = RelayProc::spawn(&bed, "relay", &chaos_config(&bed));
     relay.wait_ready().await;
-    let traffic = Traffic::start(&bed, "chaosch", 3_000, 1_000, 1);
+    let traffic = Traffic::start(&bed, "chaosch", 3_000, mid_load_rate_per_s(leg), 1);
 
     wait_rows_reach_clickhouse(&bed).await;
     bed.ch.kill9().expect("kill -9 clickhouse-server");
@@ -293,7 +303,7 @@ async fn clickhouse_frozen_past_the_insert_timeout_neither_hangs_the_relay_nor_d
     let mut config = chaos_config(&bed);
     config.insert_timeout_ms = 1_000;
     let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
-    let traffic = Traffic::start(&bed, "chaosstop", 3_000, 1_000, 1);
+    let traffic = Traffic::start(&bed, "chaosstop", 3_000, mid_load_rate_per_s(leg), 1);
 
     wait_rows_reach_clickhouse(&bed).await;
     bed.ch.pause().expect("SIGSTOP clickhouse-server");
@@ -543,7 +553,7 @@ async fn the_relay_killed_while_clickhouse_is_down_recovers_when_both_come_back(
     let mut bed = Bed::start_on(leg);
     let config = chaos_config(&bed);
     let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
-    let traffic = Traffic::start(&bed, "chaosboth", 3_000, 1_000, 1);
+    let traffic = Traffic::start(&bed, "chaosboth", 3_000, mid_load_rate_per_s(leg), 1);
 
     wait_rows_reach_clickhouse(&bed).await;
     bed.ch.kill9().expect("kill -9 clickhouse-server");
