@@ -1191,3 +1191,62 @@ async fn check_and_run_report_a_server_older_than_the_forced_modern_profile_need
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_modern_servers_failures_reach_the_sink_classified_as_a_real_servers_would() {
+    use prism_relay::sink::{ErrorClass, SinkError};
+    let server = ChdbServer::start();
+    let probe = Sink::new(server.sink_options("system")).expect("valid sink options");
+    probe
+        .execute("CREATE DATABASE IF NOT EXISTS classify")
+        .await
+        .expect("database");
+    probe
+        .execute("CREATE TABLE classify.numbers (n UInt8) ENGINE = MergeTree ORDER BY n")
+        .await
+        .expect("table");
+    let sink = Sink::new(server.sink_options("classify")).expect("valid sink options");
+
+    // A missing table or database: the target is wrong, not the rows (code 60 and 81, 404).
+    let missing = sink
+        .insert_json_each_row("missing", b"{\"n\":1}\n", None)
+        .await
+        .expect_err("no such table");
+    assert_eq!(
+        (missing.class, missing.code),
+        (ErrorClass::Schema, Some(60)),
+        "{missing}"
+    );
+    match probe.execute("SELECT * FROM nowhere.numbers").await {
+        Err(SinkError::Query { source, .. }) => assert_eq!(
+            (source.class, source.code),
+            (ErrorClass::Schema, Some(81)),
+            "{source}"
+        ),
+        other => panic!("expected a failed query, got {other:?}"),
+    }
+    // A value the column cannot take: the row is poison.
+    let poison = sink
+        .insert_json_each_row("numbers", b"{\"n\":\"not a number\"}\n", None)
+        .await
+        .expect_err("not a number");
+    assert_eq!(poison.class, ErrorClass::Poison, "{poison}");
+    assert!(
+        poison.message.starts_with(&format!(
+            "Code: {}. DB::Exception: ",
+            poison.code.expect("a code")
+        )),
+        "{poison}"
+    );
+    // The good row goes in.
+    sink.insert_json_each_row("numbers", b"{\"n\":7}\n", None)
+        .await
+        .expect("a good row");
+    assert_eq!(
+        server
+            .query("SELECT n FROM classify.numbers", "TabSeparated")
+            .await
+            .trim(),
+        "7"
+    );
+}
