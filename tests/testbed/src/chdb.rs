@@ -96,6 +96,13 @@ impl Chdb {
         })
     }
 
+    /// [`Chdb::start`] with `python` as the interpreter.
+    pub fn start_with_interpreter(python: PathBuf) -> Result<Chdb, TestbedError> {
+        Ok(Chdb {
+            server: Server::start_binary(&SPEC, python, launch)?,
+        })
+    }
+
     /// HTTP endpoint, `http://127.0.0.1:PORT`, for the `clickhouse` crate.
     pub fn http_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port())

@@ -172,3 +172,21 @@ fn failures_answer_with_the_status_header_and_exception_text_of_a_real_server() 
     }
     Ok(())
 }
+
+#[test]
+fn a_python_without_chdb_fails_the_start_naming_the_package_and_how_to_install_it() -> TestResult {
+    // The same interpreter without its site packages, where chdb lives.
+    let dir = tempfile::tempdir()?;
+    let python = dir.path().join("python3-without-site-packages");
+    std::fs::write(&python, "#!/bin/sh\nexec python3 -S \"$@\"\n")?;
+    std::fs::set_permissions(&python, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    match Chdb::start_with_interpreter(python) {
+        Err(error @ TestbedError::ExitedEarly { .. }) => {
+            let text = error.to_string();
+            assert!(text.contains("chdb-core==26.9.0"), "{text}");
+            assert!(text.contains("run scripts/test"), "{text}");
+            Ok(())
+        }
+        other => panic!("expected a failed start, got {other:?}"),
+    }
+}
