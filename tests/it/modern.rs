@@ -972,6 +972,9 @@ async fn the_modern_sink_writes_every_table_and_a_retried_batch_is_stored_once()
 /// `trades` once verify accounts for every message.
 async fn relay_aborted_between_insert_and_cursor(bed: &Bed) -> (u64, u64, u64) {
     use std::os::unix::process::ExitStatusExt as _;
+    // Before the relay creates them, the tables count as empty on either leg.
+    assert_eq!(bed.count_final("trades"), 0);
+    assert_eq!(bed.count_dead_letters(), 0);
     let config = bed.config();
     let mut relay = RelayProc::spawn_with_env(
         bed,
