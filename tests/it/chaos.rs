@@ -4,6 +4,10 @@
 //! accounting by `verify` (which reads the streams themselves and the tables under FINAL):
 //! nothing lost, nothing duplicated, every published identity stored, no dead letters.
 //!
+//! The scenarios that fault ClickHouse run on both legs (`chaos::legacy::*` on 18.16,
+//! `chaos::modern::*` on the test bed's modern engine); on the modern leg the freeze scenario
+//! also finds every row once without FINAL, since timed-out inserts are retried with their token.
+//!
 //! Faults are timed by conditions (rows stored, messages appended, insert errors counted), not
 //! by sleeps, and every wait is bounded. Each scenario prints one `chaos:` line with its message
 //! count and how long the drain took after the last fault was lifted and the traffic ended

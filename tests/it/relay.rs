@@ -1,5 +1,7 @@
 //! The relay end to end: the binary between real NATS and ClickHouse servers, with exact
-//! accounting of what was published and what was stored.
+//! accounting of what was published and what was stored. The tests every user depends on run
+//! on both legs (see the `on_both_legs!` list at the end): `relay::legacy::*` against
+//! clickhouse-server 18.16, `relay::modern::*` against the test bed's modern engine.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

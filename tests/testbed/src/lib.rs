@@ -1,9 +1,10 @@
 //! Real servers for tests, chaos runs and benchmarks of prism-relay.
 //!
-//! The main types are [`Nats`], a `nats-server` with JetStream, [`ClickHouse`],
-//! a `clickhouse-server` (18.16 here), and [`Chdb`], a modern ClickHouse engine (chdb-core's
-//! 26.9) behind a stand-in for ClickHouse's HTTP interface. Each starts on free 127.0.0.1 ports in its own temporary
-//! directory, is ready when `start` returns, and can be killed with SIGKILL, restarted
+//! The main types are [`Nats`], a `nats-server` with JetStream, [`ClickHouse`], a
+//! `clickhouse-server` (18.16 here), and [`Chdb`], a modern ClickHouse engine (chdb-core's
+//! 26.9) behind a stand-in for ClickHouse's HTTP interface. Each starts on free 127.0.0.1
+//! ports in its own temporary directory, is ready when `start` returns, and can be killed
+//! with SIGKILL, restarted
 //! on the same ports and data, paused with SIGSTOP and resumed. Dropping a handle kills
 //! the server and removes its directory, also when a test panics; a server also dies
 //! with the test process, because it is spawned with a parent-death signal.
