@@ -4,10 +4,10 @@
 //! `clickhouse-server` (18.16 here), and [`Chdb`], a modern ClickHouse engine (chdb-core's
 //! 26.9) behind a stand-in for ClickHouse's HTTP interface. Each starts on free 127.0.0.1
 //! ports in its own temporary directory, is ready when `start` returns, and can be killed
-//! with SIGKILL, restarted
-//! on the same ports and data, paused with SIGSTOP and resumed. Dropping a handle kills
-//! the server and removes its directory, also when a test panics; a server also dies
-//! with the test process, because it is spawned with a parent-death signal.
+//! with SIGKILL, restarted on the same ports and data, paused with SIGSTOP and resumed.
+//! Dropping a handle kills the server and removes its directory, also when a test panics;
+//! a server also dies with the test process, because it is spawned with a parent-death
+//! signal.
 //! Failures are [`TestbedError`]s that carry the server's log tail where it helps.
 //!
 //! Ports are picked below the kernel's ephemeral range, which outgoing connections
