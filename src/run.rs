@@ -131,6 +131,8 @@ pub fn sink_options(config: &Config, profile: Profile) -> SinkOptions {
         insert_timeout_ms: ch.insert_timeout_ms,
         connect_timeout_ms: ch.connect_timeout_ms,
         modern: profile == Profile::Modern,
+        // With `auto` resolved to legacy, the start-up check reports the setting unusable.
+        async_insert: ch.async_insert && profile == Profile::Modern,
         ..SinkOptions::default()
     }
 }
@@ -226,8 +228,35 @@ fn table_name(config: &Config, table: SchemaTable) -> &str {
     }
 }
 
-/// Problems found by the schema check, if any, each naming the table, the column and the fix.
+/// Problems found by the schema check, if any, each naming the table, the column and the fix,
+/// after those of the server's version ([`check_server`]).
 pub async fn check_schema(
+    config: &Config,
+    probe: &Sink,
+    profile: Profile,
+) -> Result<Vec<SchemaError>, SinkError> {
+    let mut problems = check_server(config, probe, profile).await?;
+    problems.extend(check_tables(config, probe, profile).await?);
+    Ok(problems)
+}
+
+/// What the server lacks for `profile` and `[clickhouse] async_insert`, judged by its version
+/// (see [`schema::SERVER_VERSIONS`]).
+pub async fn check_server(
+    config: &Config,
+    probe: &Sink,
+    profile: Profile,
+) -> Result<Vec<SchemaError>, SinkError> {
+    let version = probe.server_version().await?;
+    Ok(schema::check_server_version(
+        &version,
+        profile,
+        config.clickhouse.async_insert,
+    ))
+}
+
+/// Checks that every table the relay writes has the columns it writes.
+async fn check_tables(
     config: &Config,
     probe: &Sink,
     profile: Profile,
@@ -630,10 +659,16 @@ async fn drain(
     let (probe, profile) = loop {
         let attempt = async {
             let (probe, profile) = resolve_profile(&config).await?;
+            // A server older than the profile needs is reported before any DDL, which it
+            // would refuse with a less helpful message.
+            let server = check_server(&config, &probe, profile).await?;
+            if !server.is_empty() {
+                return Ok((probe, profile, server));
+            }
             if config.clickhouse.create_schema {
                 apply_schema(&config, &probe, profile).await?;
             }
-            let problems = check_schema(&config, &probe, profile).await?;
+            let problems = check_tables(&config, &probe, profile).await?;
             Ok::<_, SinkError>((probe, profile, problems))
         };
         match attempt.await {

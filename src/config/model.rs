@@ -402,6 +402,10 @@ pub struct ClickHouseConfig {
     pub tls_cert_file: Option<PathBuf>,
     /// PEM file with the client certificate's private key, with `tls_cert_file`.
     pub tls_key_file: Option<PathBuf>,
+
+    /// Asynchronous inserts (`async_insert=1, wait_for_async_insert=1`), for fleets of many
+    /// relays inserting into one cluster. Default false. Modern profile only.
+    pub async_insert: bool,
 }
 
 impl Default for ClickHouseConfig {
@@ -420,6 +424,8 @@ impl Default for ClickHouseConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+
+            async_insert: false,
         }
     }
 }
@@ -446,6 +452,7 @@ impl fmt::Debug for ClickHouseConfig {
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)
+            .field("async_insert", &self.async_insert)
             .finish()
     }
 }

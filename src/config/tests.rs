@@ -541,6 +541,10 @@ fn each_kind_of_invalid_value_is_rejected_naming_the_field() {
             c.clickhouse.ttl_days = Some(3);
             c.clickhouse.profile = ClickHouseProfile::Legacy;
         }),
+        ("clickhouse.async_insert", |c| {
+            c.clickhouse.async_insert = true;
+            c.clickhouse.profile = ClickHouseProfile::Legacy;
+        }),
         ("drain.flush_interval_ms", |c| c.drain.flush_interval_ms = 0),
         ("drain.retry_backoff_initial_ms", |c| {
             c.drain.retry_backoff_initial_ms = 0

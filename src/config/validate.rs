@@ -455,6 +455,16 @@ impl Config {
                 );
             }
         }
+        if c.async_insert && c.profile == ClickHouseProfile::Legacy {
+            v.push(
+                "clickhouse.async_insert",
+                "true",
+                "false with profile = \"legacy\"",
+                "set async_insert = false, or profile = \"modern\" for a server that has \
+                 asynchronous inserts (ClickHouse 22.2 and newer); 18.16 has none"
+                    .to_owned(),
+            );
+        }
     }
 
     fn validate_audit(&self, v: &mut Validator) {

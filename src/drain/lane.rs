@@ -18,6 +18,31 @@ use super::{DrainError, LedgerKeeper};
 /// Records read per pass before the lane yields to other tasks and checks its timers.
 const READ_CHUNK_RECORDS: usize = 4_096;
 
+/// Test hook (debug builds only): the environment variable naming a failpoint at which the
+/// process aborts, so a test can crash the relay at an exact point of a batch's life. Release
+/// builds compile no failpoint, and a debug build without the variable reaches none.
+pub const FAILPOINT_ENV: &str = "PRISM_RELAY_FAILPOINT";
+
+/// The failpoint between a batch's successful insert and the ledger's move of the lane's cursor
+/// past it: a restart finds the batch in flight, re-cuts the same records and inserts them again
+/// with the same token.
+pub const FAILPOINT_AFTER_INSERT_BEFORE_CURSOR: &str = "drain.after_insert_before_cursor";
+
+/// Aborts the process when [`FAILPOINT_ENV`] names `failpoint` (debug builds only).
+fn failpoint(failpoint: &str) {
+    #[cfg(debug_assertions)]
+    {
+        static ACTIVE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let active = ACTIVE.get_or_init(|| std::env::var(FAILPOINT_ENV).ok());
+        if active.as_deref() == Some(failpoint) {
+            tracing::error!(failpoint, "failpoint reached: aborting the process");
+            std::process::abort();
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = failpoint;
+}
+
 /// Static settings of a lane.
 #[derive(Debug, Clone)]
 pub struct LaneConfig {
@@ -394,6 +419,7 @@ impl Lane {
             for (labels, rows) in full.label_counts(&rejected) {
                 self.metrics.processed(labels, rows);
             }
+            failpoint(FAILPOINT_AFTER_INSERT_BEFORE_CURSOR);
         }
         self.ledger_step(LedgerStep::Finish(self.read_pos), stopping)
             .await?;

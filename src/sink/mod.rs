@@ -24,6 +24,10 @@
 //! validation is off and no token is sent; there the ReplacingMergeTree tables collapse the
 //! duplicates that retries create (invariant 6).
 //!
+//! With `async_insert` (modern only, off by default), each insert also carries `async_insert=1`,
+//! `wait_for_async_insert=1` (the answer comes after the server's flush, so the drain moves its
+//! cursor only over stored rows) and `async_insert_deduplicate=1`, with the token as always.
+//!
 //! Every request is bounded by `insert_timeout_ms` (a paused server makes a request fail as
 //! retryable instead of hanging) and every connection attempt by `connect_timeout_ms`.
 //!
@@ -74,6 +78,14 @@ const TCP_KEEPALIVE_MS: u64 = 60_000;
 /// Setting names sent with inserts on modern servers.
 const SETTING_DEDUP_TOKEN: &str = "insert_deduplication_token";
 const SETTING_DEDUPLICATE: &str = "insert_deduplicate";
+/// Asynchronous inserts (`[clickhouse] async_insert`, modern servers only): the server buffers
+/// inserts from many clients into fewer parts; the relay waits for the flush, so its cursor moves
+/// only after the rows are stored, and asks for deduplication, which servers turn off by default
+/// for asynchronous inserts.
+const SETTING_ASYNC_INSERT: &str = "async_insert";
+const SETTING_WAIT_FOR_ASYNC_INSERT: &str = "wait_for_async_insert";
+const SETTING_ASYNC_INSERT_DEDUPLICATE: &str = "async_insert_deduplicate";
+
 /// MarketPrism payloads carry fields the passthrough tables do not have; they must be ignored,
 /// not rejected (ClickHouse 18.16 knows this setting too).
 const SETTING_SKIP_UNKNOWN_FIELDS: &str = "input_format_skip_unknown_fields";
@@ -97,6 +109,9 @@ pub struct SinkOptions {
     pub connect_timeout_ms: u64,
     /// True for ClickHouse 23.8 and newer: row validation and deduplication tokens are used.
     pub modern: bool,
+    /// Inserts are asynchronous (`async_insert=1, wait_for_async_insert=1`, deduplication on);
+    /// only with `modern`, since 18.16 rejects settings it does not know.
+    pub async_insert: bool,
     /// Floor of the inserts one isolating insert may issue while bisecting a poison batch; a
     /// batch of `n` rows always gets at least `2n - 1`, so no good row is dead-lettered.
     pub isolate_inserts_max: u32,
@@ -116,6 +131,7 @@ impl Default for SinkOptions {
             insert_timeout_ms: 30_000,
             connect_timeout_ms: 5_000,
             modern: true,
+            async_insert: false,
             isolate_inserts_max: ISOLATE_INSERTS_MAX_DEFAULT,
             isolate_inserts_per_minute: ISOLATE_INSERTS_PER_MINUTE_DEFAULT,
         }
@@ -141,6 +157,7 @@ impl fmt::Debug for SinkOptions {
             .field("insert_timeout_ms", &self.insert_timeout_ms)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("modern", &self.modern)
+            .field("async_insert", &self.async_insert)
             .field("isolate_inserts_max", &self.isolate_inserts_max)
             .field(
                 "isolate_inserts_per_minute",
@@ -283,6 +300,11 @@ impl Sink {
         if opts.isolate_inserts_per_minute == 0 {
             return Err(invalid("isolate_inserts_per_minute must be positive"));
         }
+        if opts.async_insert && !opts.modern {
+            return Err(invalid(
+                "async_insert needs a modern server (the legacy profile knows no such setting)",
+            ));
+        }
 
         let connector = connector(&opts.url, &opts.tls, opts.connect_timeout_ms)?;
         let wire = connector.wire_bytes();
@@ -402,6 +424,9 @@ impl Sink {
                     .with_setting(SETTING_DEDUP_TOKEN, token)
                     .with_setting(SETTING_DEDUPLICATE, "1");
             }
+            for &(name, value) in self.async_settings() {
+                insert = insert.with_setting(name, value);
+            }
             for row in rows {
                 insert.write(row).await.map_err(classify)?;
             }
@@ -501,6 +526,9 @@ impl Sink {
             insert = insert
                 .with_setting(SETTING_DEDUP_TOKEN, token)
                 .with_setting(SETTING_DEDUPLICATE, "1");
+        }
+        for &(name, value) in self.async_settings() {
+            insert = insert.with_setting(name, value);
         }
         let classify = |e: clickhouse::error::Error| from_client_error(&e, BodyFormat::Text);
         let body = Bytes::copy_from_slice(body);
@@ -618,6 +646,21 @@ impl Sink {
         token.filter(|_| self.inner.opts.modern)
     }
 
+    /// The settings of an asynchronous insert, when configured (none otherwise).
+    fn async_settings(&self) -> &'static [(&'static str, &'static str)] {
+        const ASYNC: [(&str, &str); 3] = [
+            (SETTING_ASYNC_INSERT, "1"),
+            (SETTING_WAIT_FOR_ASYNC_INSERT, "1"),
+            (SETTING_ASYNC_INSERT_DEDUPLICATE, "1"),
+        ];
+        let opts = &self.inner.opts;
+        if opts.async_insert && opts.modern {
+            &ASYNC
+        } else {
+            &[]
+        }
+    }
+
     /// Bounds an insert by the request timeout; a timeout is retryable.
     async fn bounded_insert(
         &self,
@@ -733,6 +776,11 @@ mod tests {
             },
             SinkOptions {
                 database: String::new(),
+                ..SinkOptions::default()
+            },
+            SinkOptions {
+                modern: false,
+                async_insert: true,
                 ..SinkOptions::default()
             },
         ];

@@ -11,6 +11,7 @@ use std::path::Path;
 use prism_relay::sink::{Sink, SinkOptions};
 use prism_testbed::{ClickHouse, Nats};
 
+use crate::harness::ChServer;
 use crate::harness::{http_get, wait_until, Bed, Load, RelayProc, DRAIN_TIMEOUT};
 
 const INSERT_ERRORS: &str = "marketprism_storage_clickhouse_insert_errors_total";
@@ -75,7 +76,9 @@ async fn a_password_clickhouse_no_longer_accepts_is_reported_as_refused_at_a_slo
     write_users(&users, "not-the-relays");
     let mut bed = Bed {
         nats: Nats::start().expect("start nats-server"),
-        ch: ClickHouse::start_with_users_config(&users).expect("start clickhouse-server"),
+        ch: ChServer::Legacy(
+            ClickHouse::start_with_users_config(&users).expect("start clickhouse-server"),
+        ),
         dir,
     };
     let password_file = bed.path("relay-password");

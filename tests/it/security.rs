@@ -19,6 +19,7 @@ use prism_relay::tools::verify::{self, VerifyOptions};
 use prism_testbed::{ClickHouse, ClickHouseOptions, HttpsFiles, Nats};
 use tempfile::TempDir;
 
+use crate::harness::ChServer;
 use crate::harness::{
     free_port, http_get, relay_bin, Bed, Load, DATABASE, DRAIN_TIMEOUT, READY_TIMEOUT,
 };
@@ -398,7 +399,11 @@ fn bed_with(nats: Nats, ch: ClickHouse) -> Bed {
         .prefix("prism-security-")
         .tempdir()
         .expect("temporary directory");
-    Bed { nats, ch, dir }
+    Bed {
+        nats,
+        ch: ChServer::Legacy(ch),
+        dir,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

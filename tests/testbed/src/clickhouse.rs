@@ -212,6 +212,18 @@ impl ClickHouse {
     }
 }
 
+impl ClickHouse {
+    /// POSTs `body` to `path_and_query` (e.g. `/?query=...`) and returns the answer whatever
+    /// its status, for tests of the HTTP interface itself.
+    pub fn post(
+        &self,
+        path_and_query: &str,
+        body: &[u8],
+    ) -> Result<crate::HttpAnswer, TestbedError> {
+        crate::chdb::post(self.http_port(), path_and_query, body)
+    }
+}
+
 /// Writes the server config. Only what 18.16 needs to run isolated: ports on
 /// 127.0.0.1 (no interserver or secure TCP ports; HTTPS only with `https`), every path
 /// inside `dir`, file logs at level warning, the packaged users, small caches.
