@@ -118,14 +118,17 @@ enum ProfileArg {
     Auto,
 }
 
+/// The long help of `--profile`: the supported versions come from their one statement.
+const PROFILE_HELP: &str = prism_relay::schema::SERVER_VERSIONS;
+
 #[derive(Subcommand)]
 enum SchemaAction {
     /// Print the DDL of a profile.
     Print {
         #[command(flatten)]
         config: ConfigArg,
-        /// modern (ClickHouse 22.2+, what MarketPrism runs) or legacy (18.16, for tests here).
-        #[arg(long, value_enum, default_value = "modern")]
+        /// The profile whose DDL to print.
+        #[arg(long, value_enum, default_value = "modern", long_help = PROFILE_HELP)]
         profile: ProfileArg,
     },
     /// Create the database and tables that are missing (auto picks the profile by version).
