@@ -22,11 +22,74 @@ use prism_wal::Lsn;
 
 /// Durable relay from NATS JetStream to ClickHouse with a local write-ahead log.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version = version_text(), long_version = version_text(), about, after_help = EXAMPLES_TOP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// What `--version` prints: the relay's version, the WAL format it reads and writes, and the
+/// schema profiles with the ClickHouse versions each supports.
+fn version_text() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        format!(
+            "{}\nWAL format version {}\nschema profiles: {}",
+            env!("CARGO_PKG_VERSION"),
+            prism_wal::segment::SEGMENT_VERSION,
+            prism_relay::schema::SERVER_VERSIONS
+        )
+    })
+}
+
+// Examples closing each command's --help. Each line is a command that parses (a unit test
+// runs every one through the parser), so they stay real as flags change.
+const EXAMPLES_TOP: &str = "Examples:
+  prism-relay check --config relay.toml
+  prism-relay run --config relay.toml
+  prism-relay run --help";
+const EXAMPLES_RUN: &str = "Examples:
+  prism-relay run --config /etc/prism-relay/relay.toml
+  PRISM_RELAY_CLICKHOUSE_URL=http://clickhouse:8123 prism-relay run --config relay.toml
+  RUST_LOG=prism_relay=debug prism-relay run --config relay.toml";
+const EXAMPLES_CHECK: &str = "Examples:
+  prism-relay check --config relay.toml
+  PRISM_RELAY_NATS_URL=nats://nats:4222 prism-relay check --config relay.toml";
+const EXAMPLES_SCHEMA: &str = "Examples:
+  prism-relay schema print --profile legacy
+  prism-relay schema apply --config relay.toml";
+const EXAMPLES_SCHEMA_PRINT: &str = "Examples:
+  prism-relay schema print
+  prism-relay schema print --profile legacy --config relay.toml";
+const EXAMPLES_SCHEMA_APPLY: &str = "Examples:
+  prism-relay schema apply --config relay.toml
+  prism-relay schema apply --config relay.toml --profile modern";
+const EXAMPLES_WAL: &str = "Examples:
+  prism-relay wal inspect --config relay.toml
+  prism-relay wal verify --dir /var/lib/prism-relay/wal
+  prism-relay wal dump --dir /var/lib/prism-relay/wal --from-lsn 1000 --limit 10";
+const EXAMPLES_WAL_INSPECT: &str = "Examples:
+  prism-relay wal inspect --config relay.toml
+  prism-relay wal inspect --dir /var/lib/prism-relay/wal";
+const EXAMPLES_WAL_VERIFY: &str = "Examples:
+  prism-relay wal verify --config relay.toml
+  prism-relay wal verify --dir /var/lib/prism-relay/wal";
+const EXAMPLES_WAL_DUMP: &str = "Examples:
+  prism-relay wal dump --config relay.toml --limit 5
+  prism-relay wal dump --dir /var/lib/prism-relay/wal --from-lsn 1000 --to-lsn 1999 --limit 1000";
+const EXAMPLES_WAL_QUARANTINE: &str = "Examples:
+  prism-relay wal verify --dir /var/lib/prism-relay/wal
+  prism-relay wal quarantine --dir /var/lib/prism-relay/wal --segment 38765";
+const EXAMPLES_REPLAY: &str = "Examples:
+  prism-relay replay --config relay.toml --from-time 2026-11-30T12:00:00Z --to-time 2026-11-30T13:00:00Z
+  prism-relay replay --config relay.toml --database marketprism_cold --table trades
+  prism-relay replay --config relay.toml --from-lsn 1000 --to-lsn 2000 --no-progress";
+const EXAMPLES_LOADGEN: &str = "Examples:
+  prism-relay loadgen --create-streams --rate-per-s 1000 --duration-s 60
+  prism-relay loadgen --config relay.toml --count 100000 --no-progress";
+const EXAMPLES_VERIFY: &str = "Examples:
+  prism-relay verify --config relay.toml
+  prism-relay verify --config relay.toml --stream MARKET_TRADES --from-seq 1 --to-seq 100000";
 
 /// The configuration file flag shared by the subcommands that read it.
 #[derive(clap::Args, Clone)]
@@ -46,25 +109,32 @@ impl ConfigArg {
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay: JetStream -> WAL -> ClickHouse, until SIGTERM or SIGINT.
+    #[command(after_help = EXAMPLES_RUN)]
     Run(ConfigArg),
     /// Check the configuration, the JetStream streams and consumers (drift), and the ClickHouse
     /// schema, changing nothing.
+    #[command(after_help = EXAMPLES_CHECK)]
     Check(ConfigArg),
     /// Print or apply the ClickHouse DDL.
+    #[command(after_help = EXAMPLES_SCHEMA)]
     Schema {
         #[command(subcommand)]
         action: SchemaAction,
     },
     /// Inspect, verify or dump the WAL.
+    #[command(after_help = EXAMPLES_WAL)]
     Wal {
         #[command(subcommand)]
         action: WalAction,
     },
     /// Re-insert a WAL range into ClickHouse (backfill).
+    #[command(after_help = EXAMPLES_REPLAY)]
     Replay(ReplayArgs),
     /// Publish realistic MarketPrism traffic into JetStream.
+    #[command(after_help = EXAMPLES_LOADGEN)]
     Loadgen(LoadgenArgs),
     /// Account for every published identity of a stream range in ClickHouse.
+    #[command(after_help = EXAMPLES_VERIFY)]
     Verify(VerifyArgs),
 }
 
@@ -124,6 +194,7 @@ const PROFILE_HELP: &str = prism_relay::schema::SERVER_VERSIONS;
 #[derive(Subcommand)]
 enum SchemaAction {
     /// Print the DDL of a profile.
+    #[command(after_help = EXAMPLES_SCHEMA_PRINT)]
     Print {
         #[command(flatten)]
         config: ConfigArg,
@@ -131,11 +202,14 @@ enum SchemaAction {
         #[arg(long, value_enum, default_value = "modern", long_help = PROFILE_HELP)]
         profile: ProfileArg,
     },
-    /// Create the database and tables that are missing (auto picks the profile by version).
+    /// Create the database and tables that are missing, and add the columns the relay writes to
+    /// tables that lack them.
+    #[command(after_help = EXAMPLES_SCHEMA_APPLY)]
     Apply {
         #[command(flatten)]
         config: ConfigArg,
-        #[arg(long, value_enum, default_value = "auto")]
+        /// The profile to create; auto picks it from the server's version.
+        #[arg(long, value_enum, default_value = "auto", long_help = PROFILE_HELP)]
         profile: ProfileArg,
     },
 }
@@ -161,11 +235,14 @@ impl WalDir {
 #[derive(Subcommand)]
 enum WalAction {
     /// List the segments with their LSN ranges and sizes, and the ledger's cursors.
+    #[command(after_help = EXAMPLES_WAL_INSPECT)]
     Inspect(WalDir),
     /// Check every record's checksum; exits 1 on corruption.
+    #[command(after_help = EXAMPLES_WAL_VERIFY)]
     Verify(WalDir),
     /// Print records as JSON lines: `payload` when it is valid UTF-8, otherwise `payload_base64`
     /// (standard alphabet, padded), so every payload comes out byte-exact.
+    #[command(after_help = EXAMPLES_WAL_DUMP)]
     Dump {
         #[command(flatten)]
         dir: WalDir,
@@ -180,6 +257,7 @@ enum WalAction {
         limit: u64,
     },
     /// Move a corrupt segment into the WAL's quarantine/ folder (only while the relay is stopped).
+    #[command(after_help = EXAMPLES_WAL_QUARANTINE)]
     Quarantine {
         #[command(flatten)]
         dir: WalDir,
@@ -219,6 +297,9 @@ struct ReplayArgs {
     /// LSN range is reported, and the exit status is 1.
     #[arg(long)]
     skip_corrupt: bool,
+    /// Hide the progress bar (shown only on a terminal; elsewhere a line every 10 s).
+    #[arg(long)]
+    no_progress: bool,
 }
 
 fn main() -> ExitCode {
@@ -643,7 +724,7 @@ async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
         ),
         None => eprintln!("replay: no record on disk in {}", options.dir.display()),
     }
-    let terminal = std::io::stderr().is_terminal();
+    let terminal = std::io::stderr().is_terminal() && !args.no_progress;
     let bar = indicatif::ProgressBar::new(range.len());
     if terminal {
         // The template is a constant known to parse; a failure would only lose the layout.
@@ -664,7 +745,9 @@ async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
         if terminal {
             bar.set_position(done.min(range.len()));
             bar.set_message(format!("{} rows, {rows_per_s:.0} rows/s", p.rows));
-        } else if last_line.elapsed().as_secs() >= REPLAY_PROGRESS_LINE_INTERVAL_S {
+        } else if !args.no_progress
+            && last_line.elapsed().as_secs() >= REPLAY_PROGRESS_LINE_INTERVAL_S
+        {
             last_line = std::time::Instant::now();
             let left = range.len().saturating_sub(done);
             let eta_s = left as f64 * elapsed_s / done.max(1) as f64;
@@ -710,7 +793,100 @@ async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::base64_encode;
+    use super::{base64_encode, Cli};
+    use clap::{CommandFactory, Parser};
+
+    /// Every command with its path of names (`prism-relay wal dump`), the top one first.
+    fn commands() -> Vec<(String, clap::Command)> {
+        let mut out = Vec::new();
+        let mut stack = vec![("prism-relay".to_string(), Cli::command())];
+        while let Some((path, command)) = stack.pop() {
+            for sub in command.get_subcommands() {
+                stack.push((format!("{path} {}", sub.get_name()), sub.clone()));
+            }
+            out.push((path, command));
+        }
+        out
+    }
+
+    #[test]
+    fn every_command_and_every_flag_has_help_text() {
+        let mut missing = Vec::new();
+        for (path, command) in commands() {
+            if path != "prism-relay" && command.get_about().is_none() {
+                missing.push(format!("{path}: no description"));
+            }
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} --{}: no help", arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "{missing:#?}");
+    }
+
+    #[test]
+    fn every_command_help_ends_with_examples_that_parse() {
+        for (path, command) in commands() {
+            let help = command
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            let examples = help
+                .split("Examples:")
+                .nth(1)
+                .unwrap_or_else(|| panic!("{path}: no Examples: section in --help"));
+            let lines: Vec<&str> = examples.lines().filter(|l| !l.trim().is_empty()).collect();
+            assert!((2..=3).contains(&lines.len()), "{path}: {lines:?}");
+            for line in lines {
+                // Leading VAR=value assignments are the shell's, not the command's.
+                let words: Vec<&str> = line
+                    .split_whitespace()
+                    .skip_while(|w| w.contains('=') && !w.starts_with('-'))
+                    .collect();
+                assert_eq!(words.first(), Some(&"prism-relay"), "{path}: {line}");
+                if let Err(error) = Cli::try_parse_from(&words) {
+                    // `--help` in an example prints help, which clap reports as an "error".
+                    assert_eq!(
+                        error.kind(),
+                        clap::error::ErrorKind::DisplayHelp,
+                        "{path}: {line}: {error}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn version_names_the_wal_format_and_the_schema_profiles() {
+        let version = Cli::command().render_long_version();
+        assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
+        assert!(
+            version.contains(&format!(
+                "WAL format version {}",
+                prism_wal::segment::SEGMENT_VERSION
+            )),
+            "{version}"
+        );
+        assert!(
+            version.contains("modern: ClickHouse 22.2")
+                && version.contains("legacy: ClickHouse 18.16"),
+            "{version}"
+        );
+    }
+
+    #[test]
+    fn progress_is_hidden_with_no_progress_on_every_command_that_shows_one() {
+        for command in ["loadgen", "replay"] {
+            Cli::try_parse_from(["prism-relay", command, "--no-progress"])
+                .unwrap_or_else(|e| panic!("{command}: {e}"));
+            assert!(
+                Cli::try_parse_from(["prism-relay", command, "--progress", "false"]).is_err(),
+                "{command} still takes --progress false"
+            );
+        }
+    }
 
     #[test]
     fn base64_matches_the_rfc_4648_test_vectors() {
