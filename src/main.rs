@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use prism_relay::config::Config;
+use prism_relay::config::{Config, ConfigError};
 use prism_relay::drain::Router;
 use prism_relay::redact::{redact, RedactingWriter};
 use prism_relay::run::{
@@ -18,11 +18,11 @@ use prism_relay::sink::Sink;
 use prism_relay::source::{self, SetupAction};
 use prism_relay::tools::{loadgen, verify};
 use prism_relay::{replay, run};
-use prism_wal::Lsn;
+use prism_wal::{ErrorChain, Lsn};
 
 /// Durable relay from NATS JetStream to ClickHouse with a local write-ahead log.
 #[derive(Parser)]
-#[command(version = version_text(), long_version = version_text(), about, after_help = EXAMPLES_TOP)]
+#[command(version = version_text(), long_version = version_text(), about, after_help = HELP_TOP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,12 +42,30 @@ fn version_text() -> &'static str {
     })
 }
 
-// Examples closing each command's --help. Each line is a command that parses (a unit test
-// runs every one through the parser), so they stay real as flags change.
-const EXAMPLES_TOP: &str = "Examples:
+/// Exit status: a command ran and found problems (check, verify, wal verify, replay
+/// --skip-corrupt).
+const EXIT_PROBLEMS: u8 = 1;
+/// Exit status: the configuration (file or environment) is invalid; nothing was started.
+const EXIT_CONFIG: u8 = 3;
+/// Exit status: the command failed (a server unreachable or refusing, the WAL unusable, ...).
+const EXIT_FAILURE: u8 = 4;
+
+/// The top-level --help's closing text: the exit statuses (2 is clap's for a usage error), then
+/// examples.
+const HELP_TOP: &str = "Exit status:
+  0  success
+  1  the command ran and found problems (check, verify, wal verify, replay --skip-corrupt)
+  2  usage error: unknown subcommand or flag, or a flag value that does not parse
+  3  invalid configuration (file or PRISM_RELAY_* environment); nothing was started
+  4  failure: a server unreachable or refusing, the WAL unusable, an I/O error
+
+Examples:
   prism-relay check --config relay.toml
   prism-relay run --config relay.toml
   prism-relay run --help";
+
+// Examples closing each command's --help. Each line is a command that parses (a unit test
+// runs every one through the parser), so they stay real as flags change.
 const EXAMPLES_RUN: &str = "Examples:
   prism-relay run --config /etc/prism-relay/relay.toml
   PRISM_RELAY_CLICKHOUSE_URL=http://clickhouse:8123 prism-relay run --config relay.toml
@@ -102,7 +120,8 @@ struct ConfigArg {
 
 impl ConfigArg {
     fn load(&self) -> Result<Config> {
-        Config::load(self.config.as_deref()).context("invalid configuration")
+        // The error names the file or the variable itself; a context would only repeat it.
+        Ok(Config::load(self.config.as_deref())?)
     }
 }
 
@@ -174,9 +193,7 @@ impl ToolConfigArg {
     fn load(&self) -> Result<Option<Config>> {
         match &self.config {
             None => Ok(None),
-            Some(path) => Config::load(Some(path))
-                .map(Some)
-                .context("invalid configuration"),
+            Some(path) => Ok(Some(Config::load(Some(path))?)),
         }
     }
 }
@@ -320,15 +337,27 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("prism-relay: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_FAILURE);
         }
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("prism-relay: {}", redact(&format!("{error:#}")));
-            ExitCode::FAILURE
+            // Each cause once: the relay's errors leave their cause to `source()`, and the chain
+            // skips a cause that another crate's message already quoted.
+            let chain = ErrorChain(error.as_ref()).to_string();
+            eprintln!("prism-relay: {}", redact(&chain));
+            ExitCode::from(exit_status(&error))
         }
+    }
+}
+
+/// The documented exit status of a failed command (see `HELP_TOP`).
+fn exit_status(error: &anyhow::Error) -> u8 {
+    if error.downcast_ref::<ConfigError>().is_some() {
+        EXIT_CONFIG
+    } else {
+        EXIT_FAILURE
     }
 }
 
@@ -357,7 +386,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(if summary.ok() {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::FAILURE
+                ExitCode::from(EXIT_PROBLEMS)
             })
         }
         Command::Verify(VerifyArgs {
@@ -379,7 +408,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(if report.ok() {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::FAILURE
+                ExitCode::from(EXIT_PROBLEMS)
             })
         }
     }
@@ -409,19 +438,31 @@ async fn check(config: &Config) -> Result<ExitCode> {
     if let Some(limitation) = source::rescue_unavailable(&config.nats) {
         println!("nats: warning: {limitation}");
     }
-    let client = source::connect(&config.nats).await?;
-    let js = source::jetstream(client, &config.nats);
-    for outcome in source::check_streams(&js, &config.stream).await? {
-        ok &= report_setup("stream", &outcome.stream, outcome.action, &outcome.drift);
-    }
-    for consumer in &config.consumer {
-        let outcome = source::check_consumer(&js, consumer).await?;
-        let name = format!("{}/{}", outcome.stream, outcome.durable);
-        ok &= report_setup("consumer", &name, outcome.action, &outcome.drift);
+    // Both servers are checked even when one fails, so one run reports every problem.
+    match source::connect(&config.nats).await {
+        Err(error) => {
+            println!("nats: {}", redact(&ErrorChain(&error).to_string()));
+            ok = false;
+        }
+        Ok(client) => {
+            let js = source::jetstream(client, &config.nats);
+            for outcome in source::check_streams(&js, &config.stream).await? {
+                ok &= report_setup("stream", &outcome.stream, outcome.action, &outcome.drift);
+            }
+            for consumer in &config.consumer {
+                let outcome = source::check_consumer(&js, consumer).await?;
+                let name = format!("{}/{}", outcome.stream, outcome.durable);
+                ok &= report_setup("consumer", &name, outcome.action, &outcome.drift);
+            }
+        }
     }
     match resolve_profile(config).await {
         Err(error) => {
-            println!("clickhouse: unreachable: {}", redact(&error.to_string()));
+            println!(
+                "clickhouse: {}: {}",
+                redact(&ErrorChain(&error).to_string()),
+                run::clickhouse_fix(&error)
+            );
             ok = false;
         }
         Ok((probe, profile)) => {
@@ -438,7 +479,7 @@ async fn check(config: &Config) -> Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         println!("check: problems found");
-        ExitCode::FAILURE
+        ExitCode::from(EXIT_PROBLEMS)
     })
 }
 
@@ -501,8 +542,7 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
     match action {
         WalAction::Inspect(dir_arg) => {
             let dir = dir_arg.resolve()?;
-            let segments = prism_wal::list_segments(&dir)
-                .with_context(|| format!("listing {}", dir.display()))?;
+            let segments = prism_wal::list_segments(&dir).with_context(|| wal_dir_context(&dir))?;
             println!(
                 "{:<24} {:>14} {:>14} {:>12}",
                 "segment", "first_lsn", "last_lsn", "bytes"
@@ -554,7 +594,7 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
                 ExitCode::SUCCESS
             } else {
                 println!("verify: corruption found; see `prism-relay wal inspect`");
-                ExitCode::FAILURE
+                ExitCode::from(EXIT_PROBLEMS)
             })
         }
         WalAction::Dump {
@@ -568,7 +608,7 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
                 Some(from) => Lsn(from),
                 // The oldest on disk: retention may have deleted the first segments.
                 None => prism_wal::list_segments(&dir)
-                    .with_context(|| format!("listing {}", dir.display()))?
+                    .with_context(|| wal_dir_context(&dir))?
                     .first()
                     .map_or(Lsn(1), |s| s.first_lsn),
             };
@@ -610,6 +650,15 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The context of a failure to read a WAL directory, naming where it came from.
+fn wal_dir_context(dir: &std::path::Path) -> String {
+    format!(
+        "cannot read the WAL directory {} (from --dir or `wal.dir`): give the directory the relay \
+         writes its WAL to",
+        dir.display()
+    )
 }
 
 /// Prints which segments retention deletes next and why, with the limits of the configuration
@@ -787,7 +836,7 @@ async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         println!("replay: corrupt records skipped; see `prism-relay wal verify`");
-        ExitCode::FAILURE
+        ExitCode::from(EXIT_PROBLEMS)
     })
 }
 

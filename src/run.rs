@@ -15,7 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prism_wal::{Lsn, RecoveryMode, Retention, Wal, WalError, WalOptions};
+use prism_wal::{ErrorChain, Lsn, RecoveryMode, Retention, Wal, WalError, WalOptions};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -44,7 +44,7 @@ const OPEN_RETRY_MS: u64 = 500;
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// The WAL could not be opened or recovered.
-    #[error("cannot open the WAL in {dir}: {source}")]
+    #[error("cannot open the WAL in {dir} (`wal.dir`){}", wal_open_fix(.source))]
     WalOpen {
         /// WAL directory.
         dir: String,
@@ -53,13 +53,13 @@ pub enum RunError {
         source: WalError,
     },
     /// The WAL failed while running (an fsync error is fatal by design).
-    #[error("WAL failure: {0}")]
+    #[error("WAL failure")]
     Wal(#[source] WalError),
     /// NATS set-up failed.
     #[error(transparent)]
     Source(#[from] SourceError),
     /// The metrics endpoint could not bind.
-    #[error("cannot listen on {listen} for /metrics: {source}")]
+    #[error("cannot listen on {listen} for /metrics: free the port or change `metrics.listen`")]
     Listen {
         /// Address from `[metrics] listen`.
         listen: String,
@@ -68,7 +68,7 @@ pub enum RunError {
         source: std::io::Error,
     },
     /// ClickHouse's tables do not have the columns the relay writes.
-    #[error("{0}")]
+    #[error(transparent)]
     Schema(#[from] SchemaError),
     /// A ClickHouse statement failed in a way retrying cannot fix.
     #[error(transparent)]
@@ -79,6 +79,53 @@ pub enum RunError {
     /// A drain lane failed.
     #[error(transparent)]
     Drain(#[from] DrainError),
+}
+
+/// What an operator can do about a WAL that does not open, when the cause says it.
+fn wal_open_fix(error: &WalError) -> &'static str {
+    use std::io::ErrorKind;
+    match error {
+        WalError::Io { source, .. } => match source.kind() {
+            ErrorKind::AlreadyExists | ErrorKind::NotADirectory => {
+                ": it is not a directory; point `wal.dir` at a directory, or remove what is there"
+            }
+            ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => {
+                ": the relay cannot write there; give its user write access, or point `wal.dir` \
+                 at a writable directory"
+            }
+            _ => "",
+        },
+        WalError::Corrupt { .. } | WalError::TornTail { .. } | WalError::BadSegment { .. } => {
+            ": `prism-relay wal verify` shows the damage, `prism-relay wal quarantine` moves a \
+             corrupt segment aside"
+        }
+        _ => "",
+    }
+}
+
+/// ClickHouse exception codes that mean the server refused the user or its password:
+/// UNKNOWN_USER, WRONG_PASSWORD, REQUIRED_PASSWORD (18.16 and later) and AUTHENTICATION_FAILED
+/// (which newer servers send for all three).
+const CLICKHOUSE_AUTH_CODES: [u32; 4] = [192, 193, 194, 516];
+
+/// What an operator can do when ClickHouse does not answer the relay's first query.
+pub fn clickhouse_fix(error: &SinkError) -> &'static str {
+    match error {
+        SinkError::Query { source, .. }
+            if source
+                .code
+                .is_some_and(|c| CLICKHOUSE_AUTH_CODES.contains(&c)) =>
+        {
+            "check `clickhouse.user` and its password (`clickhouse.password_file` or \
+             PRISM_RELAY_CLICKHOUSE_PASSWORD)"
+        }
+        SinkError::Query { source, .. } if source.code.is_none() => {
+            "check that the server runs and that `clickhouse.url` (or PRISM_RELAY_CLICKHOUSE_URL) \
+             names its HTTP port"
+        }
+        SinkError::Query { .. } => "the server refused the query; its message says why",
+        SinkError::InvalidOptions { .. } => "correct the `[clickhouse]` section",
+    }
 }
 
 /// Maps `[wal]` to the WAL's options.
@@ -261,7 +308,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Ok(opened) => break opened,
             Err(error) if error.is_transient() => {
                 if let Some(o) = open_blocked.occurred() {
-                    tracing::warn!(dir = %config.wal.dir.display(), %error, failures = o.count(), lasted_s = o.lasted_s(), "cannot open the WAL yet; retrying");
+                    tracing::warn!(dir = %config.wal.dir.display(), error = %ErrorChain(&error), failures = o.count(), lasted_s = o.lasted_s(), "cannot open the WAL yet; retrying");
                 }
                 tokio::select! {
                     _ = &mut shutdown => return Ok(()),
@@ -299,7 +346,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         // Out of file descriptors: ingest waits and retries creating it, as on a full disk.
         Err(error) if error.is_transient() => tracing::warn!(
             dir = %config.wal.dir.display(),
-            %error,
+            error = %ErrorChain(&error),
             "cannot create the WAL's reserve file at start-up: ingest waits and retries"
         ),
         Err(source) => return Err(RunError::Wal(source)),
@@ -368,7 +415,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     if let Some(error) = &failure {
-        tracing::error!(%error, "stopping after a fatal error");
+        tracing::error!(error = %ErrorChain(error), "stopping after a fatal error");
         if matches!(error, RunError::Ingest(_) | RunError::Wal(_)) {
             metrics.wal_failed.set(1);
         }
@@ -379,12 +426,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let graceful = tokio::time::timeout(bound, async {
         while let Some(joined) = ingest_tasks.join_next().await {
             if let Some(error) = task_failure(joined.map(|r| r.map_err(RunError::from))) {
-                tracing::error!(%error, "ingest task failed during shutdown");
+                tracing::error!(error = %ErrorChain(&error), "ingest task failed during shutdown");
             }
         }
         if drain_done.is_none() {
             if let Some(error) = task_failure((&mut drain_task).await) {
-                tracing::warn!(%error, "drain stopped with work left in the WAL");
+                tracing::warn!(error = %ErrorChain(&error), "drain stopped with work left in the WAL");
             }
         }
     })
@@ -399,7 +446,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let _ = http_task.await;
     if let Err(error) = wal.close().await {
-        tracing::warn!(%error, "closing the WAL");
+        tracing::warn!(error = %ErrorChain(&error), "closing the WAL");
     }
     match failure {
         Some(error) => Err(error),
@@ -448,7 +495,7 @@ async fn drain(
             }
             Err(error) => {
                 if let Some(o) = not_ready.occurred() {
-                    tracing::warn!(%error, attempts = o.count(), lasted_s = o.lasted_s(), "ClickHouse not ready; ingesting into the WAL meanwhile");
+                    tracing::warn!(error = %ErrorChain(&error), attempts = o.count(), lasted_s = o.lasted_s(), "ClickHouse not ready; ingesting into the WAL meanwhile");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => {}
@@ -489,7 +536,7 @@ async fn drain(
             Ok(stale) => break stale,
             Err(DrainError::LedgerDiskFull(error)) => {
                 if let Some(o) = register_disk_full.occurred() {
-                    tracing::warn!(%error, failures = o.count(), lasted_s = o.lasted_s(), "disk full: the ledger cannot be written at start-up; waiting for space");
+                    tracing::warn!(error = %ErrorChain(&error), failures = o.count(), lasted_s = o.lasted_s(), "disk full: the ledger cannot be written at start-up; waiting for space");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(REGISTER_RETRY_MS)) => {}
@@ -561,7 +608,7 @@ async fn drain(
                 }
                 Err(DrainError::LedgerDiskFull(error)) => {
                     if let Some(o) = disk_full.occurred() {
-                        tracing::warn!(%error, failures = o.count(), lasted_s = o.lasted_s(), "disk full: the ledger cannot be written; retrying");
+                        tracing::warn!(error = %ErrorChain(&error), failures = o.count(), lasted_s = o.lasted_s(), "disk full: the ledger cannot be written; retrying");
                     }
                 }
                 Err(error) => {
@@ -589,11 +636,11 @@ async fn drain(
     // On a lane failure, stop the others too: the relay exits and restarts from the ledger.
     while let Some(joined) = lanes.join_next().await {
         if let Some(error) = task_failure(joined.map(|r| r.map_err(RunError::from))) {
-            tracing::warn!(%error, "lane stopped");
+            tracing::warn!(error = %ErrorChain(&error), "lane stopped");
         }
     }
     if let Err(error) = ledger.commit().await {
-        tracing::warn!(%error, "final ledger commit");
+        tracing::warn!(error = %ErrorChain(&error), "final ledger commit");
     }
     result
 }

@@ -37,8 +37,12 @@ impl fmt::Display for InvalidValue {
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    /// The file could not be read. Like every error of the relay, the message leaves the cause
+    /// to `source()`, so a printed chain says it once.
+    #[error(
+        "cannot read config file {path}: check the path given to --config or PRISM_RELAY_CONFIG \
+         (relay.example.toml is a complete example)"
+    )]
     Read {
         path: PathBuf,
         #[source]
@@ -46,7 +50,10 @@ pub enum ConfigError {
     },
     /// The file is not valid TOML for this configuration (syntax, type, unknown field). The
     /// message is redacted: the parser quotes the offending line, which may hold a password.
-    #[error("invalid config file {path}: {message}")]
+    #[error(
+        "invalid config file {path} (fix what is shown; relay.example.toml lists every section \
+         and field with its type): {}", .message.trim_end()
+    )]
     Parse { path: PathBuf, message: String },
     /// An environment override names a field that does not exist.
     #[error("unknown environment override {var}: {section} has no scalar field {field}; overridable: {known}")]
@@ -57,14 +64,14 @@ pub enum ConfigError {
         known: String,
     },
     /// An environment override's value does not parse as the field's type.
-    #[error("environment override {var} = {value:?} is not {expected}")]
+    #[error("environment override {var} = {value:?} is not {expected}: correct or unset it")]
     EnvValue {
         var: String,
         value: String,
         expected: &'static str,
     },
     /// A `password_file` or `token_file` could not be read.
-    #[error("cannot read {field} {path}: {source}")]
+    #[error("cannot read {field} {path}: check the path and that the relay's user may read it")]
     SecretFile {
         field: &'static str,
         path: PathBuf,

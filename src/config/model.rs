@@ -319,9 +319,10 @@ impl Default for WalConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClickHouseProfile {
-    /// ClickHouse 23.8 and newer: DateTime64, LowCardinality, codecs, deduplication tokens.
+    /// ClickHouse 22.2 and newer (`schema::SERVER_VERSIONS`): DateTime64, LowCardinality, codecs,
+    /// deduplication tokens.
     Modern,
-    /// ClickHouse 18.16: Int64 milliseconds, String, no codecs, no TTL.
+    /// ClickHouse 18.16 and newer: Int64 milliseconds, String, no codecs, no TTL.
     Legacy,
     /// Chosen at start-up from `SELECT version()` (default).
     Auto,

@@ -151,7 +151,7 @@ pub enum SinkError {
     #[error("invalid ClickHouse sink options: {reason}")]
     InvalidOptions { reason: String },
     /// A query or statement failed; `source.class` tells whether waiting can help.
-    #[error("ClickHouse statement `{statement}` failed: {source}")]
+    #[error("ClickHouse statement `{statement}` failed")]
     Query {
         statement: String,
         #[source]

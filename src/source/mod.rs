@@ -65,28 +65,30 @@ pub type NatsError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// `nats.url` holds an address the client cannot parse.
-    #[error("invalid NATS server address {url:?}: {source}")]
+    #[error(
+        "invalid NATS server address {url:?} in `nats.url`: give host:port or nats://host:port"
+    )]
     Address {
         url: String,
         #[source]
         source: std::io::Error,
     },
     /// `nats.creds_file` could not be read.
-    #[error("cannot read NATS credentials file {path}: {source}")]
+    #[error("cannot read NATS credentials file {path} (`nats.creds_file`)")]
     Credentials {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     /// The first connection attempt failed (later disconnects are retried by the client).
-    #[error("cannot connect to NATS at {url}: {source}")]
+    #[error("cannot connect to NATS at {url}: check that the server runs and that `nats.url` (or PRISM_RELAY_NATS_URL) names it")]
     Connect {
         url: String,
         #[source]
         source: async_nats::ConnectError,
     },
     /// A JetStream API request about a stream failed (timeout, JetStream disabled, ...).
-    #[error("JetStream request about stream {stream} failed: {source}")]
+    #[error("JetStream request about stream {stream} failed")]
     StreamRequest {
         stream: String,
         #[source]
@@ -96,14 +98,14 @@ pub enum SourceError {
     #[error("stream {stream} does not exist: declare it in a [[stream]] section or create it on the server")]
     StreamMissing { stream: String },
     /// The server refused to create a stream (e.g. its subjects overlap another stream's).
-    #[error("cannot create stream {stream}: {source}")]
+    #[error("cannot create stream {stream}")]
     CreateStream {
         stream: String,
         #[source]
         source: NatsError,
     },
     /// A JetStream API request about a consumer failed.
-    #[error("JetStream request about consumer {durable} on stream {stream} failed: {source}")]
+    #[error("JetStream request about consumer {durable} on stream {stream} failed")]
     ConsumerRequest {
         stream: String,
         durable: String,
@@ -114,7 +116,7 @@ pub enum SourceError {
     #[error("consumer {durable} on stream {stream} does not exist")]
     ConsumerMissing { stream: String, durable: String },
     /// The server refused to create a consumer.
-    #[error("cannot create consumer {durable} on stream {stream}: {source}")]
+    #[error("cannot create consumer {durable} on stream {stream}")]
     CreateConsumer {
         stream: String,
         durable: String,
@@ -136,7 +138,7 @@ pub enum SourceError {
     #[error("NATS connection is {state}; no pull sent to consumer {durable}")]
     Disconnected { durable: String, state: String },
     /// A pull failed (connection lost, consumer deleted, leadership change). Retry with backoff.
-    #[error("pull from consumer {durable} on stream {stream} failed: {source}")]
+    #[error("pull from consumer {durable} on stream {stream} failed")]
     Fetch {
         stream: String,
         durable: String,
@@ -160,7 +162,7 @@ pub enum SourceError {
         reply: Option<String>,
     },
     /// Sending or flushing acks failed; the messages will be redelivered after ack_wait.
-    #[error("acks for consumer {durable} on stream {stream} not sent: {source}")]
+    #[error("acks for consumer {durable} on stream {stream} not sent")]
     Ack {
         stream: String,
         durable: String,
