@@ -8,7 +8,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::Config;
+use super::{Config, Origins};
 use crate::redact::redact;
 
 /// One invalid value, with what to do about it.
@@ -114,8 +114,21 @@ impl Config {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let mut config = match path {
-            None => Config::default(),
+        Self::load_with_origins(path, env).map(|(config, _)| config)
+    }
+
+    /// [`Config::load_with_env`], also telling where each value came from (for `prism-relay
+    /// config`).
+    pub fn load_with_origins<I>(
+        path: Option<&Path>,
+        env: I,
+    ) -> Result<(Config, Origins), ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let (mut config, mut origins) = match path {
+            None => (Config::default(), Origins::default()),
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.to_owned(),
@@ -132,17 +145,20 @@ impl Config {
                         values: secrets,
                     });
                 }
-                config
+                (config, Origins::from_file(&text))
             }
         };
-        config.apply_env(env)?;
+        config.apply_env(env.iter().cloned())?;
+        origins.record_env(env);
+        // Only values the operator set can contradict each other: the others follow them.
+        config.derive_defaults(&mut origins);
         // Registered before validation, whose errors quote URLs, and again once the secret files
         // are read.
         config.register_secrets();
         config.validate()?;
         config.read_secret_files()?;
         config.register_secrets();
-        Ok(config)
+        Ok((config, origins))
     }
 
     /// Parses TOML text without environment overrides or validation.
