@@ -73,6 +73,10 @@ const EXAMPLES_RUN: &str = "Examples:
 const EXAMPLES_CHECK: &str = "Examples:
   prism-relay check --config relay.toml
   PRISM_RELAY_NATS_URL=nats://nats:4222 prism-relay check --config relay.toml";
+const EXAMPLES_CONFIG: &str = "Examples:
+  prism-relay config --config relay.toml
+  PRISM_RELAY_WAL_DIR=/var/lib/prism-relay/wal prism-relay config --config relay.toml
+  prism-relay config";
 const EXAMPLES_SCHEMA: &str = "Examples:
   prism-relay schema print --profile legacy
   prism-relay schema apply --config relay.toml";
@@ -134,6 +138,10 @@ enum Command {
     /// schema, changing nothing.
     #[command(after_help = EXAMPLES_CHECK)]
     Check(ConfigArg),
+    /// Print the configuration in effect (file, PRISM_RELAY_* overrides, derived defaults) as
+    /// TOML, each value marked with where it came from; secrets redacted.
+    #[command(after_help = EXAMPLES_CONFIG)]
+    Config(ConfigArg),
     /// Print or apply the ClickHouse DDL.
     #[command(after_help = EXAMPLES_SCHEMA)]
     Schema {
@@ -369,6 +377,22 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(config) => check(&config.load()?).await,
+        Command::Config(config) => {
+            let (effective, origins) =
+                Config::load_with_origins(config.config.as_deref(), std::env::vars())?;
+            let source = config
+                .config
+                .as_ref()
+                .map_or("no file (defaults)".to_string(), |p| {
+                    p.display().to_string()
+                });
+            println!(
+                "# prism-relay configuration in effect: {source}, then PRISM_RELAY_* overrides, \
+                 then derived defaults.\n# Each value says where it came from; secrets are redacted."
+            );
+            print!("{}", effective.render_effective(&origins));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema { action } => schema_command(action).await,
         Command::Wal { action } => wal_command(action),
         Command::Replay(args) => replay_command(args).await,

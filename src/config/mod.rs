@@ -38,7 +38,9 @@
 //! - `validate.rs`: the validation of every bound and relation;
 //! - `origin.rs`: where each value came from (default, file, environment, derived);
 //! - `derive.rs`: the derived defaults, by which a field the operator did not set follows the
-//!   fields that bound it.
+//!   fields that bound it;
+//! - `show.rs`: the effective configuration as TOML with the origin of each value (`prism-relay
+//!   config`).
 
 mod derive;
 mod env;
@@ -47,6 +49,7 @@ mod load;
 mod model;
 mod origin;
 mod secrets;
+mod show;
 mod validate;
 
 #[cfg(test)]

@@ -375,3 +375,34 @@ fn a_wal_of_another_format_version_is_refused_once_and_left_untouched() {
         "the segment was changed"
     );
 }
+
+#[test]
+fn config_prints_the_effective_values_with_their_origins_and_no_secret() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join("relay.toml");
+    fs::write(
+        &path,
+        "[wal]\nsegment_bytes_max = 1048576\n\n[clickhouse]\nuser = \"relay\"\n",
+    )
+    .unwrap();
+    let outcome = relay(
+        &["config", "--config", path.to_str().unwrap()],
+        &[
+            ("PRISM_RELAY_WAL_DIR", "/var/lib/prism-relay/wal"),
+            ("PRISM_RELAY_CLICKHOUSE_PASSWORD", "hunter2-secret"),
+        ],
+    );
+    assert_outcome(
+        &outcome,
+        0,
+        &[
+            "segment_bytes_max = 1048576  # file",
+            "group_bytes_max = 1048576  # derived from wal.segment_bytes_max",
+            "dir = \"/var/lib/prism-relay/wal\"  # env PRISM_RELAY_WAL_DIR",
+            "user = \"relay\"  # file",
+            "password is set (env PRISM_RELAY_CLICKHOUSE_PASSWORD): <redacted>",
+        ],
+        &["budget_bytes_max = 4294967296  # default", "[[consumer]]"],
+    );
+    assert!(!outcome.output.contains("hunter2"), "{}", outcome.output);
+}
