@@ -323,9 +323,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             }
         }
     };
+    let stats = wal.stats();
     tracing::info!(
         dir = %config.wal.dir.display(),
         segments = recovery.segments,
+        bytes = stats.bytes_on_disk,
+        budget_bytes = config.wal.budget_bytes_max,
+        use_percent = percent(stats.bytes_on_disk, config.wal.budget_bytes_max),
         first_lsn = %recovery.first_lsn,
         next_lsn = %recovery.next_lsn,
         torn_tail = ?recovery.torn_tail,
@@ -361,6 +365,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             listen: config.metrics.listen.to_string(),
             source,
         })?;
+    tracing::info!(listen = %config.metrics.listen, "serving /metrics, /health and /ready");
 
     let client = source::connect(&config.nats).await?;
     let js = source::jetstream(client, &config.nats);
@@ -370,8 +375,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut fetchers = Vec::new();
     for consumer in &config.consumer {
         let outcome = source::ensure_consumer(&js, consumer).await?;
-        tracing::info!(stream = %outcome.stream, durable = %outcome.durable, action = ?outcome.action, drift = outcome.drift.len(), "consumer");
-        fetchers.push(Fetcher::new(&js, consumer).await?.with_rescue(&config.nats));
+        let mut fetcher = Fetcher::new(&js, consumer).await?.with_rescue(&config.nats);
+        // The backlog is for the operator's first look: a failed request loses only that.
+        let pending = fetcher.backlog().await.ok();
+        tracing::info!(
+            stream = %outcome.stream,
+            durable = %outcome.durable,
+            action = ?outcome.action,
+            drift = outcome.drift.len(),
+            pending = ?pending.map(|b| b.num_pending),
+            ack_pending = ?pending.map(|b| b.num_ack_pending),
+            "consumer bound"
+        );
+        fetchers.push(fetcher);
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -392,6 +408,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         wal.clone(),
         stop_rx.clone(),
     ));
+    let status_task = status_interval(&config).map(|interval| {
+        tokio::spawn(status(
+            interval,
+            config.wal.budget_bytes_max,
+            wal.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ))
+    });
+    match status_interval(&config) {
+        Some(interval) => tracing::info!(
+            interval_s = interval.as_secs(),
+            "a status line follows every metrics.status_interval_s"
+        ),
+        None => tracing::info!("no status line (metrics.status_interval_s = 0)"),
+    }
     let drain_task = tokio::spawn(drain(
         config.clone(),
         wal.clone(),
@@ -445,12 +477,79 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         drain_task.abort();
     }
     let _ = http_task.await;
+    if let Some(task) = status_task {
+        let _ = task.await;
+    }
     if let Err(error) = wal.close().await {
         tracing::warn!(error = %ErrorChain(&error), "closing the WAL");
     }
     match failure {
         Some(error) => Err(error),
         None => Ok(()),
+    }
+}
+
+/// The period of the status line, `None` when `[metrics] status_interval_s` turns it off.
+pub fn status_interval(config: &Config) -> Option<Duration> {
+    (config.metrics.status_interval_s > 0)
+        .then(|| Duration::from_secs(config.metrics.status_interval_s))
+}
+
+/// `part` as a percentage of `whole`, one decimal.
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        return 0.0;
+    }
+    (part as f64 * 1000.0 / whole as f64).round() / 10.0
+}
+
+/// Logs one status line every `interval` until `stop`: messages written to the WAL and rows
+/// inserted per second since the previous line, WAL records not yet in ClickHouse (past the
+/// slowest lane's cursor in the ledger on disk), and the WAL's bytes against its budget.
+async fn status(
+    interval: Duration,
+    budget_bytes: u64,
+    wal: Wal,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick fires at once; the first line comes one interval after start-up.
+    tick.tick().await;
+    let mut last = (
+        tokio::time::Instant::now(),
+        metrics.messages_received.get(),
+        metrics.batch_size.get(),
+    );
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let now = tokio::time::Instant::now();
+        let (received, inserted) = (metrics.messages_received.get(), metrics.batch_size.get());
+        let elapsed_s = now.duration_since(last.0).as_secs_f64().max(1e-3);
+        let stats = wal.stats();
+        // The ledger on disk is at most one commit interval old; without one nothing is drained.
+        let slowest = prism_wal::load_ledger(wal.dir())
+            .ok()
+            .and_then(|ledger| ledger.cursors.values().min().copied());
+        let backlog = match slowest {
+            Some(cursor) => (stats.durable_lsn.0 + 1).saturating_sub(cursor.0),
+            None => (stats.durable_lsn.0 + 1).saturating_sub(stats.first_lsn.0),
+        };
+        tracing::info!(
+            in_per_s = ((received - last.1) as f64 / elapsed_s).round(),
+            rows_out_per_s = ((inserted - last.2) as f64 / elapsed_s).round(),
+            backlog_records = backlog,
+            wal_bytes = stats.bytes_on_disk,
+            wal_use_percent = percent(stats.bytes_on_disk, budget_bytes),
+            ingest_paused = metrics.ingest_paused.get() == 1,
+            ready = metrics.ready.get() == 1,
+            "status"
+        );
+        last = (now, received, inserted);
     }
 }
 
@@ -504,9 +603,12 @@ async fn drain(
             }
         }
     };
+    // The version is for the operator's first look; `auto` already asked for it once.
+    let version = probe.server_version().await.ok();
     drop(probe);
     let waited = not_ready.cleared();
     tracing::info!(
+        version = version.as_deref().unwrap_or("unknown"),
         profile = profile.name(),
         failed_attempts = waited.map_or(0, |w| w.count),
         waited_ms = waited.map_or(0, |w| w.lasted.as_millis() as u64),
@@ -649,7 +751,21 @@ async fn drain(
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 
-    use super::wal_dir_exposure;
+    use super::{percent, status_interval, wal_dir_exposure};
+    use crate::config::Config;
+
+    #[test]
+    fn a_status_interval_of_zero_means_no_status_task_and_any_other_its_period() {
+        let mut config = Config::default();
+        assert_eq!(
+            status_interval(&config),
+            Some(std::time::Duration::from_secs(60))
+        );
+        config.metrics.status_interval_s = 0;
+        assert_eq!(status_interval(&config), None);
+        assert_eq!(percent(512, 2048), 25.0);
+        assert_eq!(percent(1, 0), 0.0);
+    }
 
     #[test]
     fn a_wal_directory_writable_by_group_or_others_is_reported_and_a_private_one_is_not() {

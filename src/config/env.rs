@@ -17,7 +17,7 @@ pub const ENV_PREFIX: &str = "PRISM_RELAY_";
 pub const ENV_SECTIONS: [&str; 6] = ["nats", "wal", "clickhouse", "drain", "metrics", "shutdown"];
 
 /// Every (section, field) an environment variable may override.
-pub const ENV_OVERRIDES: [(&str, &str); 39] = [
+pub const ENV_OVERRIDES: [(&str, &str); 40] = [
     ("nats", "url"),
     ("nats", "name"),
     ("nats", "connect_timeout_ms"),
@@ -56,6 +56,7 @@ pub const ENV_OVERRIDES: [(&str, &str); 39] = [
     ("metrics", "connections_max"),
     ("metrics", "header_read_timeout_ms"),
     ("metrics", "request_timeout_ms"),
+    ("metrics", "status_interval_s"),
     ("shutdown", "timeout_ms"),
 ];
 
@@ -155,6 +156,7 @@ impl Config {
                 self.metrics.header_read_timeout_ms = v.parse()?
             }
             ("metrics", "request_timeout_ms") => self.metrics.request_timeout_ms = v.parse()?,
+            ("metrics", "status_interval_s") => self.metrics.status_interval_s = v.parse()?,
             ("shutdown", "timeout_ms") => self.shutdown.timeout_ms = v.parse()?,
             _ => {
                 let known: Vec<String> = ENV_OVERRIDES

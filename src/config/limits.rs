@@ -150,6 +150,9 @@ pub const METRICS_REQUEST_TIMEOUT_MS_MIN: u64 = 1_000;
 /// Prometheus gives up on a scrape after its scrape_timeout (10 s by default) anyway.
 pub const METRICS_REQUEST_TIMEOUT_MS_MAX: u64 = 300_000;
 
+/// A status line a day at the least; beyond that nobody reads it as a heartbeat (0 = off).
+pub const METRICS_STATUS_INTERVAL_S_MAX: u64 = 86_400;
+
 // ---- [shutdown] bounds ----
 /// Stopping fetches, an fsync and a flush need at least this long.
 pub const SHUTDOWN_TIMEOUT_MS_MIN: u64 = 1_000;

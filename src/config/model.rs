@@ -560,6 +560,9 @@ pub struct MetricsConfig {
     /// Every connection is closed this long after accept (one request each), in milliseconds.
     /// Default 10,000.
     pub request_timeout_ms: u64,
+    /// Seconds between two one-line status logs (rates in and out, backlog, WAL use) at info
+    /// level; 0 turns them off. Default 60.
+    pub status_interval_s: u64,
 }
 
 impl Default for MetricsConfig {
@@ -570,6 +573,7 @@ impl Default for MetricsConfig {
             connections_max: 64,
             header_read_timeout_ms: 5_000,
             request_timeout_ms: 10_000,
+            status_interval_s: 60,
         }
     }
 }

@@ -439,6 +439,13 @@ impl Config {
             METRICS_REQUEST_TIMEOUT_MS_MAX,
             "ms (at least header_read_timeout_ms)",
         );
+        v.range(
+            "metrics.status_interval_s",
+            m.status_interval_s,
+            0,
+            METRICS_STATUS_INTERVAL_S_MAX,
+            "s (0 = no status line)",
+        );
     }
 
     fn validate_drain(&self, v: &mut Validator) {

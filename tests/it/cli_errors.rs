@@ -406,3 +406,139 @@ fn config_prints_the_effective_values_with_their_origins_and_no_secret() {
     );
     assert!(!outcome.output.contains("hunter2"), "{}", outcome.output);
 }
+
+/// How long a relay on the test bed may take to log its start-up and a first status line.
+const STARTUP_DEADLINE_S: u64 = 60;
+
+/// `prism-relay run` on a configuration file, logging to a file; killed on drop.
+struct Running {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Running {
+    fn start(config: &Path, log: PathBuf) -> Running {
+        let file = fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_prism-relay"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .env_remove("PRISM_RELAY_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("clone log handle"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn prism-relay run");
+        Running { child, log }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls the log until every one of `needles` is in it; panics with the log at the deadline
+    /// or when the relay exits first.
+    fn wait_for(&mut self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(STARTUP_DEADLINE_S);
+        loop {
+            let log = self.log();
+            if needles.iter().all(|n| log.contains(n)) {
+                return log;
+            }
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                panic!("relay exited with {status}; log:\n{log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{needles:?} not all logged:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(POLL_INTERVAL_MS));
+        }
+    }
+
+    /// SIGTERM, then waits for the graceful exit.
+    fn terminate(mut self) -> String {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(COMMAND_DEADLINE_S);
+        while self.child.try_wait().expect("try_wait").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "no exit after SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(POLL_INTERVAL_MS));
+        }
+        self.log()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The test bed's relay configuration with `[metrics] status_interval_s` set.
+fn status_config(bed: &crate::harness::Bed, name: &str, interval_s: u64) -> PathBuf {
+    let text = bed.config().to_toml().replace(
+        "[metrics]\n",
+        &format!("[metrics]\nstatus_interval_s = {interval_s}\n"),
+    );
+    assert!(text.contains("status_interval_s"), "{text}");
+    let path = bed.path(&format!("{name}.toml"));
+    fs::write(&path, text).expect("write configuration");
+    path
+}
+
+/// The log line of the periodic status (the message, then its fields).
+const STATUS_LINE: &str = "run: status in_per_s=";
+
+#[test]
+fn start_up_says_what_the_relay_does_and_a_status_line_follows_every_interval() {
+    let bed = crate::harness::Bed::start();
+    let config = status_config(&bed, "status", 1);
+    let mut relay = Running::start(&config, bed.path("status.log"));
+    let log = relay.wait_for(&[
+        "WAL recovered",
+        "budget_bytes=",
+        "use_percent=",
+        "serving /metrics, /health and /ready",
+        "consumer bound",
+        "durable=prism-relay-trades",
+        "pending=Some(",
+        "version=\"18.16",
+        "profile=\"legacy\"",
+        "a status line follows every metrics.status_interval_s",
+        STATUS_LINE,
+    ]);
+    let status = log
+        .lines()
+        .find(|l| l.contains(STATUS_LINE))
+        .expect("a status line");
+    for field in [
+        "rows_out_per_s=",
+        "backlog_records=",
+        "wal_bytes=",
+        "wal_use_percent=",
+    ] {
+        assert!(status.contains(field), "{field} missing: {status}");
+    }
+    assert!(status.contains(" INFO "), "not at info level: {status}");
+}
+
+#[test]
+fn a_status_interval_of_zero_logs_no_status_line() {
+    let bed = crate::harness::Bed::start();
+    let config = status_config(&bed, "quiet", 0);
+    let mut relay = Running::start(&config, bed.path("quiet.log"));
+    relay.wait_for(&[
+        "no status line (metrics.status_interval_s = 0)",
+        "ClickHouse schema checked; draining",
+    ]);
+    let log = relay.terminate();
+    assert!(!log.contains(STATUS_LINE), "{log}");
+}
