@@ -608,10 +608,16 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
                 report.segments, report.records, report.bytes
             );
             if let Some(torn) = &report.torn_tail {
-                println!("torn tail (truncated at the next start): {torn:?}");
+                println!(
+                    "torn tail (truncated at the next start): segment {} at offset {}, {} bytes: {}",
+                    torn.segment, torn.offset, torn.bytes_dropped, torn.reason
+                );
             }
             for problem in &report.problems {
-                println!("corrupt: {problem:?}");
+                println!(
+                    "corrupt: segment {} at offset {}: {}",
+                    problem.segment, problem.offset, problem.reason
+                );
             }
             Ok(if report.is_ok() {
                 println!("verify: ok");

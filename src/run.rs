@@ -594,7 +594,7 @@ async fn drain(
             }
             Err(error) => {
                 if let Some(o) = not_ready.occurred() {
-                    tracing::warn!(error = %ErrorChain(&error), attempts = o.count(), lasted_s = o.lasted_s(), "ClickHouse not ready; ingesting into the WAL meanwhile");
+                    tracing::warn!(error = %ErrorChain(&error), fix = clickhouse_fix(&error), attempts = o.count(), lasted_s = o.lasted_s(), "ClickHouse not ready; ingesting into the WAL meanwhile");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => {}

@@ -374,6 +374,22 @@ fn a_wal_of_another_format_version_is_refused_once_and_left_untouched() {
         header,
         "the segment was changed"
     );
+    // `wal verify` reports it as a sentence an operator can read, not a Rust structure.
+    let outcome = relay(&["wal", "verify", "--dir", wal.to_str().unwrap()], &[]);
+    assert_outcome(
+        &outcome,
+        documented_exit("the command ran and found problems"),
+        &[&format!(
+            "corrupt: segment 00000000000000000001.wal at offset 0: format version {version}, \
+             this build reads version"
+        )],
+        &[],
+    );
+    assert!(
+        !outcome.output.contains("SegmentProblem"),
+        "{}",
+        outcome.output
+    );
 }
 
 #[test]
@@ -418,9 +434,14 @@ struct Running {
 
 impl Running {
     fn start(config: &Path, log: PathBuf) -> Running {
+        Running::start_with_env(config, log, &[])
+    }
+
+    fn start_with_env(config: &Path, log: PathBuf, env: &[(&str, &str)]) -> Running {
         let file = fs::File::create(&log).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_prism-relay"))
             .args(["run", "--config", config.to_str().unwrap()])
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env_remove("PRISM_RELAY_CONFIG")
             .stdin(Stdio::null())
@@ -541,4 +562,25 @@ fn a_status_interval_of_zero_logs_no_status_line() {
     ]);
     let log = relay.terminate();
     assert!(!log.contains(STATUS_LINE), "{log}");
+}
+
+#[test]
+fn run_with_a_wrong_clickhouse_password_warns_with_the_settings_to_fix_while_it_waits() {
+    let bed = crate::harness::Bed::start();
+    let config = status_config(&bed, "password", 60);
+    let mut relay = Running::start_with_env(
+        &config,
+        bed.path("password.log"),
+        &[("PRISM_RELAY_CLICKHOUSE_PASSWORD", "not-the-password")],
+    );
+    let log = relay.wait_for(&["ClickHouse not ready", "Wrong password"]);
+    let warning = log
+        .lines()
+        .find(|l| l.contains("ClickHouse not ready"))
+        .expect("the warning");
+    assert!(
+        warning.contains("clickhouse.user") && warning.contains("clickhouse.password_file"),
+        "{warning}"
+    );
+    assert!(!log.contains("not-the-password"), "{log}");
 }
