@@ -177,7 +177,7 @@ pub struct Audit {
 #[derive(Debug, thiserror::Error)]
 enum RoundError {
     /// A query failed; nothing of the round was counted.
-    #[error("{0}")]
+    #[error(transparent)]
     Query(#[from] crate::sink::SinkError),
 }
 
@@ -236,7 +236,7 @@ impl Audit {
                 Err(error) => {
                     reader = None;
                     if let Some(o) = read_failing.occurred() {
-                        tracing::warn!(%error, failures = o.count(), lasted_s = o.lasted_s(), "audit cannot read the WAL; retrying");
+                        tracing::warn!(error = %prism_wal::ErrorChain(&error), failures = o.count(), lasted_s = o.lasted_s(), "audit cannot read the WAL; retrying");
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(READ_RETRY_MS)) => {}
@@ -256,7 +256,7 @@ impl Audit {
                     }
                     Err(error) => {
                         if let Some(o) = query_failing.occurred() {
-                            tracing::warn!(%error, failures = o.count(), lasted_s = o.lasted_s(), pending = self.pending.len(), "audit paused: ClickHouse did not answer its query; nothing is counted until it does");
+                            tracing::warn!(error = %prism_wal::ErrorChain(&error), failures = o.count(), lasted_s = o.lasted_s(), pending = self.pending.len(), "audit paused: ClickHouse did not answer its query; nothing is counted until it does");
                         }
                     }
                 },

@@ -49,7 +49,7 @@ const APPEND_STOP_GRACE_MS: u64 = 2_000;
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     /// The WAL writer failed for good (an fsync error); the relay must exit and recover at restart.
-    #[error("WAL append failed for consumer {consumer}: {source}")]
+    #[error("WAL append failed for consumer {consumer}")]
     Wal {
         /// Durable consumer name.
         consumer: String,
@@ -208,7 +208,7 @@ pub async fn run(
                     // a full disk, instead of exiting into a crash loop.
                     metrics.ingest_paused.set(1);
                     if let Some(o) = files_exhausted.occurred() {
-                        tracing::warn!(%consumer, %error, occurrences = o.count(), lasted_s = o.lasted_s(), "WAL append paused: out of file descriptors; messages stay unacked in JetStream");
+                        tracing::warn!(%consumer, error = %prism_wal::ErrorChain(&error), occurrences = o.count(), lasted_s = o.lasted_s(), "WAL append paused: out of file descriptors; messages stay unacked in JetStream");
                     }
                     if pause(&mut shutdown).await {
                         break None;
@@ -226,7 +226,7 @@ pub async fn run(
             // WAL have written it after all, the redelivery collapses on its identity.
             drop(envelopes);
             if let Err(error) = batch.nak().await {
-                tracing::warn!(%consumer, %error, "nak failed; JetStream redelivers after ack_wait");
+                tracing::warn!(%consumer, error = %prism_wal::ErrorChain(&error), "nak failed; JetStream redelivers after ack_wait");
             }
             return Ok(());
         };
@@ -255,7 +255,9 @@ pub async fn run(
             }
             // The records are durable: a lost ack only means JetStream redelivers them, and the
             // redelivered copies collapse on their identity in ClickHouse.
-            Err(error) => tracing::warn!(%consumer, %error, "ack failed; JetStream will redeliver"),
+            Err(error) => {
+                tracing::warn!(%consumer, error = %prism_wal::ErrorChain(&error), "ack failed; JetStream will redeliver")
+            }
         }
     }
 }
@@ -327,7 +329,7 @@ async fn make_room(wal: &Wal) -> Result<bool, WalError> {
         // Out of file descriptors (for the reserve or a directory fsync): the reserve is not
         // back yet, so ingest stays paused and tries again, instead of exiting.
         Ok(Err(error)) if error.is_transient() => {
-            tracing::debug!(%error, "cannot make room in the WAL yet; retrying");
+            tracing::debug!(error = %prism_wal::ErrorChain(&error), "cannot make room in the WAL yet; retrying");
             Ok(false)
         }
         Ok(result) => result,
@@ -339,7 +341,7 @@ async fn make_room(wal: &Wal) -> Result<bool, WalError> {
 
 fn log_fetch_error(consumer: &str, error: &SourceError, failing: &mut Condition) {
     if let Some(o) = failing.occurred() {
-        tracing::warn!(%consumer, %error, failures = o.count(), lasted_s = o.lasted_s(), "fetch failed; retrying");
+        tracing::warn!(%consumer, error = %prism_wal::ErrorChain(error), failures = o.count(), lasted_s = o.lasted_s(), "fetch failed; retrying");
     }
 }
 

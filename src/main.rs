@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use prism_relay::config::{Config, LogFormat};
+use prism_relay::config::{Config, ConfigError, LogFormat};
 use prism_relay::drain::Router;
 use prism_relay::redact::{redact, RedactingWriter};
 use prism_relay::run::{
@@ -18,11 +18,11 @@ use prism_relay::sink::Sink;
 use prism_relay::source::{self, SetupAction};
 use prism_relay::tools::{loadgen, verify};
 use prism_relay::{replay, run};
-use prism_wal::Lsn;
+use prism_wal::{ErrorChain, Lsn};
 
 /// Durable relay from NATS JetStream to ClickHouse with a local write-ahead log.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version = version_text(), long_version = version_text(), about, after_help = HELP_TOP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -51,6 +51,91 @@ impl From<LogFormatArg> for LogFormat {
     }
 }
 
+/// What `--version` prints: the relay's version, the WAL format it reads and writes, and the
+/// schema profiles with the ClickHouse versions each supports.
+fn version_text() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        format!(
+            "{}\nWAL format version {}\nschema profiles: {}",
+            env!("CARGO_PKG_VERSION"),
+            prism_wal::segment::SEGMENT_VERSION,
+            prism_relay::schema::SERVER_VERSIONS_SUMMARY
+        )
+    })
+}
+
+/// Exit status: a command ran and found problems (check, verify, wal verify, replay
+/// --skip-corrupt).
+const EXIT_PROBLEMS: u8 = 1;
+/// Exit status: the configuration (file or environment) is invalid; nothing was started.
+const EXIT_CONFIG: u8 = 3;
+/// Exit status: the command failed (a server unreachable or refusing, the WAL unusable, ...).
+const EXIT_FAILURE: u8 = 4;
+
+/// The top-level --help's closing text: the exit statuses (2 is clap's for a usage error), then
+/// examples.
+const HELP_TOP: &str = "Exit status:
+  0  success
+  1  the command ran and found problems (check, verify, wal verify, replay --skip-corrupt)
+  2  usage error: unknown subcommand or flag, or a flag value that does not parse
+  3  invalid configuration (file or PRISM_RELAY_* environment); nothing was started
+  4  failure: a server unreachable or refusing, the WAL unusable, an I/O error
+
+Examples:
+  prism-relay check --config relay.toml
+  prism-relay run --config relay.toml
+  prism-relay run --help";
+
+// Examples closing each command's --help. Each line is a command that parses (a unit test
+// runs every one through the parser), so they stay real as flags change.
+const EXAMPLES_RUN: &str = "Examples:
+  prism-relay run --config /etc/prism-relay/relay.toml
+  PRISM_RELAY_CLICKHOUSE_URL=http://clickhouse:8123 prism-relay run --config relay.toml
+  RUST_LOG=prism_relay=debug prism-relay run --config relay.toml";
+const EXAMPLES_CHECK: &str = "Examples:
+  prism-relay check --config relay.toml
+  PRISM_RELAY_NATS_URL=nats://nats:4222 prism-relay check --config relay.toml";
+const EXAMPLES_CONFIG: &str = "Examples:
+  prism-relay config --config relay.toml
+  PRISM_RELAY_WAL_DIR=/var/lib/prism-relay/wal prism-relay config --config relay.toml
+  prism-relay config";
+const EXAMPLES_SCHEMA: &str = "Examples:
+  prism-relay schema print --profile legacy
+  prism-relay schema apply --config relay.toml";
+const EXAMPLES_SCHEMA_PRINT: &str = "Examples:
+  prism-relay schema print
+  prism-relay schema print --profile legacy --config relay.toml";
+const EXAMPLES_SCHEMA_APPLY: &str = "Examples:
+  prism-relay schema apply --config relay.toml
+  prism-relay schema apply --config relay.toml --profile modern";
+const EXAMPLES_WAL: &str = "Examples:
+  prism-relay wal inspect --config relay.toml
+  prism-relay wal verify --dir /var/lib/prism-relay/wal
+  prism-relay wal dump --dir /var/lib/prism-relay/wal --from-lsn 1000 --limit 10";
+const EXAMPLES_WAL_INSPECT: &str = "Examples:
+  prism-relay wal inspect --config relay.toml
+  prism-relay wal inspect --dir /var/lib/prism-relay/wal";
+const EXAMPLES_WAL_VERIFY: &str = "Examples:
+  prism-relay wal verify --config relay.toml
+  prism-relay wal verify --dir /var/lib/prism-relay/wal";
+const EXAMPLES_WAL_DUMP: &str = "Examples:
+  prism-relay wal dump --config relay.toml --limit 5
+  prism-relay wal dump --dir /var/lib/prism-relay/wal --from-lsn 1000 --to-lsn 1999 --limit 1000";
+const EXAMPLES_WAL_QUARANTINE: &str = "Examples:
+  prism-relay wal verify --dir /var/lib/prism-relay/wal
+  prism-relay wal quarantine --dir /var/lib/prism-relay/wal --segment 38765";
+const EXAMPLES_REPLAY: &str = "Examples:
+  prism-relay replay --config relay.toml --from-time 2026-11-30T12:00:00Z --to-time 2026-11-30T13:00:00Z
+  prism-relay replay --config relay.toml --database marketprism_cold --table trades
+  prism-relay replay --config relay.toml --from-lsn 1000 --to-lsn 2000 --no-progress";
+const EXAMPLES_LOADGEN: &str = "Examples:
+  prism-relay loadgen --create-streams --rate-per-s 1000 --duration-s 60
+  prism-relay loadgen --config relay.toml --count 100000 --no-progress";
+const EXAMPLES_VERIFY: &str = "Examples:
+  prism-relay verify --config relay.toml
+  prism-relay verify --config relay.toml --stream MARKET_TRADES --from-seq 1 --to-seq 100000";
+
 /// The configuration file flag shared by the subcommands that read it.
 #[derive(clap::Args, Clone)]
 struct ConfigArg {
@@ -62,33 +147,45 @@ struct ConfigArg {
 
 impl ConfigArg {
     fn load(&self) -> Result<Config> {
-        Config::load(self.config.as_deref()).context("invalid configuration")
+        // The error names the file or the variable itself; a context would only repeat it.
+        Ok(Config::load(self.config.as_deref())?)
     }
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay: JetStream -> WAL -> ClickHouse, until SIGTERM or SIGINT.
+    #[command(after_help = EXAMPLES_RUN)]
     Run(ConfigArg),
     /// Check the configuration, the WAL directory, the JetStream streams and consumers (drift),
     /// and the ClickHouse schema, changing nothing. Prints one line per finding with the change
-    /// to make. Exit status: 0 nothing found, 1 findings, 2 invalid configuration.
+    /// to make; exits 1 when there is any.
+    #[command(after_help = EXAMPLES_CHECK)]
     Check(ConfigArg),
+    /// Print the configuration in effect (file, PRISM_RELAY_* overrides, derived defaults) as
+    /// TOML, each value marked with where it came from; secrets redacted.
+    #[command(after_help = EXAMPLES_CONFIG)]
+    Config(ConfigArg),
     /// Print or apply the ClickHouse DDL.
+    #[command(after_help = EXAMPLES_SCHEMA)]
     Schema {
         #[command(subcommand)]
         action: SchemaAction,
     },
     /// Inspect, verify or dump the WAL.
+    #[command(after_help = EXAMPLES_WAL)]
     Wal {
         #[command(subcommand)]
         action: WalAction,
     },
     /// Re-insert a WAL range into ClickHouse (backfill).
+    #[command(after_help = EXAMPLES_REPLAY)]
     Replay(ReplayArgs),
     /// Publish realistic MarketPrism traffic into JetStream.
+    #[command(after_help = EXAMPLES_LOADGEN)]
     Loadgen(LoadgenArgs),
     /// Account for every published identity of a stream range in ClickHouse.
+    #[command(after_help = EXAMPLES_VERIFY)]
     Verify(VerifyArgs),
 }
 
@@ -128,9 +225,7 @@ impl ToolConfigArg {
     fn load(&self) -> Result<Option<Config>> {
         match &self.config {
             None => Ok(None),
-            Some(path) => Config::load(Some(path))
-                .map(Some)
-                .context("invalid configuration"),
+            Some(path) => Ok(Some(Config::load(Some(path))?)),
         }
     }
 }
@@ -142,21 +237,28 @@ enum ProfileArg {
     Auto,
 }
 
+/// The long help of `--profile`: the supported versions come from their one statement.
+const PROFILE_HELP: &str = prism_relay::schema::SERVER_VERSIONS_SUMMARY;
+
 #[derive(Subcommand)]
 enum SchemaAction {
     /// Print the DDL of a profile.
+    #[command(after_help = EXAMPLES_SCHEMA_PRINT)]
     Print {
         #[command(flatten)]
         config: ConfigArg,
-        /// modern (ClickHouse 22.2+, what MarketPrism runs) or legacy (18.16, for tests here).
-        #[arg(long, value_enum, default_value = "modern")]
+        /// The profile whose DDL to print.
+        #[arg(long, value_enum, default_value = "modern", long_help = PROFILE_HELP)]
         profile: ProfileArg,
     },
-    /// Create the database and tables that are missing (auto picks the profile by version).
+    /// Create the database and tables that are missing, and add the columns the relay writes to
+    /// tables that lack them.
+    #[command(after_help = EXAMPLES_SCHEMA_APPLY)]
     Apply {
         #[command(flatten)]
         config: ConfigArg,
-        #[arg(long, value_enum, default_value = "auto")]
+        /// The profile to create; auto picks it from the server's version.
+        #[arg(long, value_enum, default_value = "auto", long_help = PROFILE_HELP)]
         profile: ProfileArg,
     },
 }
@@ -182,11 +284,14 @@ impl WalDir {
 #[derive(Subcommand)]
 enum WalAction {
     /// List the segments with their LSN ranges and sizes, and the ledger's cursors.
+    #[command(after_help = EXAMPLES_WAL_INSPECT)]
     Inspect(WalDir),
     /// Check every record's checksum; exits 1 on corruption.
+    #[command(after_help = EXAMPLES_WAL_VERIFY)]
     Verify(WalDir),
     /// Print records as JSON lines: `payload` when it is valid UTF-8, otherwise `payload_base64`
     /// (standard alphabet, padded), so every payload comes out byte-exact.
+    #[command(after_help = EXAMPLES_WAL_DUMP)]
     Dump {
         #[command(flatten)]
         dir: WalDir,
@@ -201,6 +306,7 @@ enum WalAction {
         limit: u64,
     },
     /// Move a corrupt segment into the WAL's quarantine/ folder (only while the relay is stopped).
+    #[command(after_help = EXAMPLES_WAL_QUARANTINE)]
     Quarantine {
         #[command(flatten)]
         dir: WalDir,
@@ -240,6 +346,9 @@ struct ReplayArgs {
     /// LSN range is reported, and the exit status is 1.
     #[arg(long)]
     skip_corrupt: bool,
+    /// Hide the progress bar (shown only on a terminal; elsewhere a line every 10 s).
+    #[arg(long)]
+    no_progress: bool,
 }
 
 fn main() -> ExitCode {
@@ -256,14 +365,17 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("prism-relay: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_FAILURE);
         }
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("prism-relay: {}", redact(&format!("{error:#}")));
-            ExitCode::FAILURE
+            // Each cause once: the relay's errors leave their cause to `source()`, and the chain
+            // skips a cause that another crate's message already quoted.
+            let chain = ErrorChain(error.as_ref()).to_string();
+            eprintln!("prism-relay: {}", redact(&chain));
+            ExitCode::from(exit_status(&error))
         }
     }
 }
@@ -317,6 +429,15 @@ fn configured_log_format(command: &Command) -> LogFormat {
     }
 }
 
+/// The documented exit status of a failed command (see `HELP_TOP`).
+fn exit_status(error: &anyhow::Error) -> u8 {
+    if error.downcast_ref::<ConfigError>().is_some() {
+        EXIT_CONFIG
+    } else {
+        EXIT_FAILURE
+    }
+}
+
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(config) => {
@@ -324,7 +445,23 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             run::run(config, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check(config) => check(&config).await,
+        Command::Check(config) => check(&config.load()?).await,
+        Command::Config(config) => {
+            let (effective, origins) =
+                Config::load_with_origins(config.config.as_deref(), std::env::vars())?;
+            let source = config
+                .config
+                .as_ref()
+                .map_or("no file (defaults)".to_string(), |p| {
+                    p.display().to_string()
+                });
+            println!(
+                "# prism-relay configuration in effect: {source}, then PRISM_RELAY_* overrides, \
+                 then derived defaults.\n# Each value says where it came from; secrets are redacted."
+            );
+            print!("{}", effective.render_effective(&origins));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Schema { action } => schema_command(action).await,
         Command::Wal { action } => wal_command(action),
         Command::Replay(args) => replay_command(args).await,
@@ -342,7 +479,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(if summary.ok() {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::FAILURE
+                ExitCode::from(EXIT_PROBLEMS)
             })
         }
         Command::Verify(VerifyArgs {
@@ -369,7 +506,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(if report.ok() {
                 ExitCode::SUCCESS
             } else {
-                ExitCode::FAILURE
+                ExitCode::from(EXIT_PROBLEMS)
             })
         }
     }
@@ -392,26 +529,11 @@ async fn shutdown_signal() {
     }
 }
 
-/// Exit status of `check` when it found something to change (drift, an unreachable server, a
-/// schema mismatch, a WAL directory that cannot work).
-const CHECK_FINDINGS: u8 = 1;
-/// Exit status of `check` when the configuration itself is invalid (clap uses 2 for usage
-/// errors too): nothing else could be checked.
-const CHECK_INVALID_CONFIG: u8 = 2;
-
 /// `check`: prints one line per finding with the change to make and exits 0 when there is none,
-/// [`CHECK_FINDINGS`] otherwise, and [`CHECK_INVALID_CONFIG`] when the configuration does not
-/// load. NATS, ClickHouse and the WAL directory are checked independently: one being unreachable
-/// does not stop the checks of the others.
-async fn check(arg: &ConfigArg) -> Result<ExitCode> {
-    let config = match arg.load() {
-        Ok(config) => config,
-        Err(error) => {
-            println!("config: {}", redact(&format!("{error:#}")));
-            println!("check: the configuration is invalid; nothing else was checked");
-            return Ok(ExitCode::from(CHECK_INVALID_CONFIG));
-        }
-    };
+/// [`EXIT_PROBLEMS`] otherwise (a configuration that does not load fails before, with
+/// [`EXIT_CONFIG`]). NATS, ClickHouse and the WAL directory are checked independently: one being
+/// unreachable does not stop the checks of the others.
+async fn check(config: &Config) -> Result<ExitCode> {
     println!("config: ok");
     let mut findings = 0usize;
     let mut finding = |line: String| {
@@ -436,13 +558,11 @@ async fn check(arg: &ConfigArg) -> Result<ExitCode> {
     }
 
     match source::connect(&config.nats).await {
-        Err(error) => finding(format!(
-            "nats: cannot connect: {error}: start NATS or fix [nats] url and its credentials"
-        )),
+        Err(error) => finding(format!("nats: {}", ErrorChain(&error))),
         Ok(client) => {
             let js = source::jetstream(client, &config.nats);
             match source::check_streams(&js, &config.stream).await {
-                Err(error) => finding(format!("nats: {error}")),
+                Err(error) => finding(format!("nats: {}", ErrorChain(&error))),
                 Ok(outcomes) => {
                     for outcome in outcomes {
                         for line in setup_findings(
@@ -458,7 +578,7 @@ async fn check(arg: &ConfigArg) -> Result<ExitCode> {
             }
             for consumer in &config.consumer {
                 match source::check_consumer(&js, consumer).await {
-                    Err(error) => finding(format!("nats: {error}")),
+                    Err(error) => finding(format!("nats: {}", ErrorChain(&error))),
                     Ok(outcome) => {
                         let name = format!("{}/{}", outcome.stream, outcome.durable);
                         for line in
@@ -472,14 +592,16 @@ async fn check(arg: &ConfigArg) -> Result<ExitCode> {
         }
     }
 
-    match resolve_profile(&config).await {
+    match resolve_profile(config).await {
         Err(error) => finding(format!(
-            "clickhouse: unreachable: {error}: start ClickHouse or fix [clickhouse] url, user and password"
+            "clickhouse: {}: {}",
+            ErrorChain(&error),
+            run::clickhouse_fix(&error)
         )),
         Ok((probe, profile)) => {
             println!("clickhouse: profile {}", profile.name());
             match check_schema(&config, &probe, profile).await {
-                Err(error) => finding(format!("clickhouse: {error}")),
+                Err(error) => finding(format!("clickhouse: {}", ErrorChain(&error))),
                 Ok(problems) => {
                     for problem in problems {
                         finding(format!("schema: {problem}"));
@@ -494,12 +616,12 @@ async fn check(arg: &ConfigArg) -> Result<ExitCode> {
             ExitCode::SUCCESS
         }
         1 => {
-            println!("check: 1 finding");
-            ExitCode::from(CHECK_FINDINGS)
+            println!("check: problems found (1 finding)");
+            ExitCode::from(EXIT_PROBLEMS)
         }
         n => {
-            println!("check: {n} findings");
-            ExitCode::from(CHECK_FINDINGS)
+            println!("check: problems found ({n} findings)");
+            ExitCode::from(EXIT_PROBLEMS)
         }
     })
 }
@@ -590,8 +712,7 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
     match action {
         WalAction::Inspect(dir_arg) => {
             let dir = dir_arg.resolve()?;
-            let segments = prism_wal::list_segments(&dir)
-                .with_context(|| format!("listing {}", dir.display()))?;
+            let segments = prism_wal::list_segments(&dir).with_context(|| wal_dir_context(&dir))?;
             println!(
                 "{:<24} {:>14} {:>14} {:>12}",
                 "segment", "first_lsn", "last_lsn", "bytes"
@@ -617,7 +738,7 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
                         );
                     }
                 }
-                Err(error) => println!("ledger: {error}"),
+                Err(error) => println!("ledger: {}", ErrorChain(&error)),
             }
             explain_retention(&dir_arg, &dir)?;
             Ok(ExitCode::SUCCESS)
@@ -633,17 +754,23 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
                 report.segments, report.records, report.bytes
             );
             if let Some(torn) = &report.torn_tail {
-                println!("torn tail (truncated at the next start): {torn:?}");
+                println!(
+                    "torn tail (truncated at the next start): segment {} at offset {}, {} bytes: {}",
+                    torn.segment, torn.offset, torn.bytes_dropped, torn.reason
+                );
             }
             for problem in &report.problems {
-                println!("corrupt: {problem:?}");
+                println!(
+                    "corrupt: segment {} at offset {}: {}",
+                    problem.segment, problem.offset, problem.reason
+                );
             }
             Ok(if report.is_ok() {
                 println!("verify: ok");
                 ExitCode::SUCCESS
             } else {
                 println!("verify: corruption found; see `prism-relay wal inspect`");
-                ExitCode::FAILURE
+                ExitCode::from(EXIT_PROBLEMS)
             })
         }
         WalAction::Dump {
@@ -657,7 +784,7 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
                 Some(from) => Lsn(from),
                 // The oldest on disk: retention may have deleted the first segments.
                 None => prism_wal::list_segments(&dir)
-                    .with_context(|| format!("listing {}", dir.display()))?
+                    .with_context(|| wal_dir_context(&dir))?
                     .first()
                     .map_or(Lsn(1), |s| s.first_lsn),
             };
@@ -699,6 +826,15 @@ fn wal_command(action: WalAction) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The context of a failure to read a WAL directory, naming where it came from.
+fn wal_dir_context(dir: &std::path::Path) -> String {
+    format!(
+        "cannot read the WAL directory {} (from --dir or `wal.dir`): give the directory the relay \
+         writes its WAL to",
+        dir.display()
+    )
 }
 
 /// Prints which segments retention deletes next and why, with the limits of the configuration
@@ -813,7 +949,7 @@ async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
         ),
         None => eprintln!("replay: no record on disk in {}", options.dir.display()),
     }
-    let terminal = std::io::stderr().is_terminal();
+    let terminal = std::io::stderr().is_terminal() && !args.no_progress;
     let bar = indicatif::ProgressBar::new(range.len());
     if terminal {
         // The template is a constant known to parse; a failure would only lose the layout.
@@ -834,7 +970,9 @@ async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
         if terminal {
             bar.set_position(done.min(range.len()));
             bar.set_message(format!("{} rows, {rows_per_s:.0} rows/s", p.rows));
-        } else if last_line.elapsed().as_secs() >= REPLAY_PROGRESS_LINE_INTERVAL_S {
+        } else if !args.no_progress
+            && last_line.elapsed().as_secs() >= REPLAY_PROGRESS_LINE_INTERVAL_S
+        {
             last_line = std::time::Instant::now();
             let left = range.len().saturating_sub(done);
             let eta_s = left as f64 * elapsed_s / done.max(1) as f64;
@@ -874,13 +1012,106 @@ async fn replay_command(args: ReplayArgs) -> Result<ExitCode> {
         ExitCode::SUCCESS
     } else {
         println!("replay: corrupt records skipped; see `prism-relay wal verify`");
-        ExitCode::FAILURE
+        ExitCode::from(EXIT_PROBLEMS)
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::base64_encode;
+    use super::{base64_encode, Cli};
+    use clap::{CommandFactory, Parser};
+
+    /// Every command with its path of names (`prism-relay wal dump`), the top one first.
+    fn commands() -> Vec<(String, clap::Command)> {
+        let mut out = Vec::new();
+        let mut stack = vec![("prism-relay".to_string(), Cli::command())];
+        while let Some((path, command)) = stack.pop() {
+            for sub in command.get_subcommands() {
+                stack.push((format!("{path} {}", sub.get_name()), sub.clone()));
+            }
+            out.push((path, command));
+        }
+        out
+    }
+
+    #[test]
+    fn every_command_and_every_flag_has_help_text() {
+        let mut missing = Vec::new();
+        for (path, command) in commands() {
+            if path != "prism-relay" && command.get_about().is_none() {
+                missing.push(format!("{path}: no description"));
+            }
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} --{}: no help", arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "{missing:#?}");
+    }
+
+    #[test]
+    fn every_command_help_ends_with_examples_that_parse() {
+        for (path, command) in commands() {
+            let help = command
+                .get_after_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            let examples = help
+                .split("Examples:")
+                .nth(1)
+                .unwrap_or_else(|| panic!("{path}: no Examples: section in --help"));
+            let lines: Vec<&str> = examples.lines().filter(|l| !l.trim().is_empty()).collect();
+            assert!((2..=3).contains(&lines.len()), "{path}: {lines:?}");
+            for line in lines {
+                // Leading VAR=value assignments are the shell's, not the command's.
+                let words: Vec<&str> = line
+                    .split_whitespace()
+                    .skip_while(|w| w.contains('=') && !w.starts_with('-'))
+                    .collect();
+                assert_eq!(words.first(), Some(&"prism-relay"), "{path}: {line}");
+                if let Err(error) = Cli::try_parse_from(&words) {
+                    // `--help` in an example prints help, which clap reports as an "error".
+                    assert_eq!(
+                        error.kind(),
+                        clap::error::ErrorKind::DisplayHelp,
+                        "{path}: {line}: {error}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn version_names_the_wal_format_and_the_schema_profiles() {
+        let version = Cli::command().render_long_version();
+        assert!(version.contains(env!("CARGO_PKG_VERSION")), "{version}");
+        assert!(
+            version.contains(&format!(
+                "WAL format version {}",
+                prism_wal::segment::SEGMENT_VERSION
+            )),
+            "{version}"
+        );
+        assert!(
+            version.contains("modern: ClickHouse 22.2")
+                && version.contains("legacy: ClickHouse 18.16"),
+            "{version}"
+        );
+    }
+
+    #[test]
+    fn progress_is_hidden_with_no_progress_on_every_command_that_shows_one() {
+        for command in ["loadgen", "replay"] {
+            Cli::try_parse_from(["prism-relay", command, "--no-progress"])
+                .unwrap_or_else(|e| panic!("{command}: {e}"));
+            assert!(
+                Cli::try_parse_from(["prism-relay", command, "--progress", "false"]).is_err(),
+                "{command} still takes --progress false"
+            );
+        }
+    }
 
     #[test]
     fn base64_matches_the_rfc_4648_test_vectors() {

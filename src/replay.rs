@@ -191,7 +191,7 @@ impl ReplaySummary {
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     /// Reading the WAL failed (corruption is reported, not skipped).
-    #[error("reading the WAL: {0}")]
+    #[error("reading the WAL")]
     Wal(#[from] WalError),
     /// The range starts before the oldest record retention kept.
     #[error(
@@ -229,7 +229,7 @@ pub enum ReplayError {
         valid: String,
     },
     /// ClickHouse kept failing.
-    #[error("insert into {table} failed {attempts} times, last error: {source}")]
+    #[error("insert into {table} failed {attempts} times")]
     Insert {
         /// Table.
         table: String,
@@ -569,7 +569,7 @@ where
                 })
             }
             Err(error) => {
-                tracing::warn!(%table, %error, "replay insert failed; retrying");
+                tracing::warn!(%table, error = %prism_wal::ErrorChain(&error), "replay insert failed; retrying");
                 tokio::time::sleep(backoff.next_delay()).await;
             }
         }

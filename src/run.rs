@@ -15,7 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prism_wal::{Lsn, RecoveryMode, Retention, Wal, WalError, WalOptions};
+use prism_wal::{ErrorChain, Lsn, RecoveryMode, Retention, Wal, WalError, WalOptions};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -49,7 +49,7 @@ const NATS_REFUSED_RETRY_MS: u64 = 5_000;
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// The WAL could not be opened or recovered.
-    #[error("cannot open the WAL in {dir}: {source}")]
+    #[error("cannot open the WAL in {dir} (`wal.dir`){}", wal_open_fix(.source))]
     WalOpen {
         /// WAL directory.
         dir: String,
@@ -58,13 +58,13 @@ pub enum RunError {
         source: WalError,
     },
     /// The WAL failed while running (an fsync error is fatal by design).
-    #[error("WAL failure: {0}")]
+    #[error("WAL failure")]
     Wal(#[source] WalError),
     /// NATS set-up failed.
     #[error(transparent)]
     Source(#[from] SourceError),
     /// The metrics endpoint could not bind.
-    #[error("cannot listen on {listen} for /metrics: {source}")]
+    #[error("cannot listen on {listen} for /metrics: free the port or change `metrics.listen`")]
     Listen {
         /// Address from `[metrics] listen`.
         listen: String,
@@ -73,7 +73,7 @@ pub enum RunError {
         source: std::io::Error,
     },
     /// ClickHouse's tables do not have the columns the relay writes.
-    #[error("{0}")]
+    #[error(transparent)]
     Schema(#[from] SchemaError),
     /// A ClickHouse statement failed in a way retrying cannot fix.
     #[error(transparent)]
@@ -84,6 +84,56 @@ pub enum RunError {
     /// A drain lane failed.
     #[error(transparent)]
     Drain(#[from] DrainError),
+}
+
+/// What an operator can do about a WAL that does not open, when the cause says it.
+fn wal_open_fix(error: &WalError) -> &'static str {
+    use std::io::ErrorKind;
+    match error {
+        WalError::Io { source, .. } => match source.kind() {
+            ErrorKind::AlreadyExists | ErrorKind::NotADirectory => {
+                ": it is not a directory; point `wal.dir` at a directory, or remove what is there"
+            }
+            ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => {
+                ": the relay cannot write there; give its user write access, or point `wal.dir` \
+                 at a writable directory"
+            }
+            _ => "",
+        },
+        WalError::Corrupt { .. } | WalError::TornTail { .. } | WalError::BadSegment { .. } => {
+            ": `prism-relay wal verify` shows the damage, `prism-relay wal quarantine` moves a \
+             corrupt segment aside"
+        }
+        _ => "",
+    }
+}
+
+/// ClickHouse exception codes that mean the server refused the user or its password:
+/// UNKNOWN_USER, WRONG_PASSWORD, REQUIRED_PASSWORD (18.16 and later) and AUTHENTICATION_FAILED
+/// (which newer servers send for all three).
+const CLICKHOUSE_AUTH_CODES: [u32; 4] = [192, 193, 194, 516];
+
+/// What an operator can do when ClickHouse does not answer the relay's first query.
+pub fn clickhouse_fix(error: &SinkError) -> &'static str {
+    match error {
+        SinkError::Query { source, .. }
+            if source
+                .code
+                .is_some_and(|c| CLICKHOUSE_AUTH_CODES.contains(&c)) =>
+        {
+            "check `clickhouse.user` and its password (`clickhouse.password_file` or \
+             PRISM_RELAY_CLICKHOUSE_PASSWORD)"
+        }
+        SinkError::Query { source, .. } if source.code.is_none() => {
+            "check that the server runs and that `clickhouse.url` (or PRISM_RELAY_CLICKHOUSE_URL) \
+             names its HTTP port"
+        }
+        SinkError::Query { .. } => "the server refused the query; its message says why",
+        SinkError::InvalidOptions { .. } => "correct the `[clickhouse]` section",
+        SinkError::Tls { .. } => {
+            "check `clickhouse.tls_ca_file`, `clickhouse.tls_cert_file` and `clickhouse.tls_key_file`"
+        }
+    }
 }
 
 /// Maps `[wal]` to the WAL's options.
@@ -390,7 +440,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Ok(opened) => break opened,
             Err(error) if error.is_transient() => {
                 if let Some(o) = open_blocked.occurred() {
-                    tracing::warn!(dir = %config.wal.dir.display(), %error, failures = o.count(), lasted_s = o.lasted_s(), "cannot open the WAL yet; retrying");
+                    tracing::warn!(dir = %config.wal.dir.display(), error = %ErrorChain(&error), failures = o.count(), lasted_s = o.lasted_s(), "cannot open the WAL yet; retrying");
                 }
                 tokio::select! {
                     _ = &mut shutdown => return Ok(()),
@@ -405,9 +455,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             }
         }
     };
+    let stats = wal.stats();
     tracing::info!(
         dir = %config.wal.dir.display(),
         segments = recovery.segments,
+        bytes = stats.bytes_on_disk,
+        budget_bytes = config.wal.budget_bytes_max,
+        use_percent = percent(stats.bytes_on_disk, config.wal.budget_bytes_max),
         first_lsn = %recovery.first_lsn,
         next_lsn = %recovery.next_lsn,
         torn_tail = ?recovery.torn_tail,
@@ -428,7 +482,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         // Out of file descriptors: ingest waits and retries creating it, as on a full disk.
         Err(error) if error.is_transient() => tracing::warn!(
             dir = %config.wal.dir.display(),
-            %error,
+            error = %ErrorChain(&error),
             "cannot create the WAL's reserve file at start-up: ingest waits and retries"
         ),
         Err(source) => return Err(RunError::Wal(source)),
@@ -447,6 +501,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             listen: config.metrics.listen.to_string(),
             source,
         })?;
+    tracing::info!(listen = %config.metrics.listen, "serving /metrics, /health and /ready");
 
     // A server that refuses the relay (credentials, authorization, TLS) is the operator's to
     // fix, on the server at any time: wait for it instead of exiting into a restart loop.
@@ -456,7 +511,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Ok(client) => break client,
             Err(error) if error.is_refused() => {
                 if let Some(o) = nats_refused.occurred() {
-                    tracing::error!(%error, attempts = o.count(), lasted_s = o.lasted_s(), retry_ms = NATS_REFUSED_RETRY_MS,
+                    tracing::error!(error = %ErrorChain(&error), attempts = o.count(), lasted_s = o.lasted_s(), retry_ms = NATS_REFUSED_RETRY_MS,
                         "NATS refuses the relay (credentials, authorization or TLS): no retry can fix this; fix the user, its password or permissions on the server, or [nats] user/password/creds/TLS settings; retrying slowly");
                 }
                 tokio::select! {
@@ -481,8 +536,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut fetchers = Vec::new();
     for consumer in &config.consumer {
         let outcome = source::ensure_consumer(&js, consumer).await?;
-        tracing::info!(stream = %outcome.stream, durable = %outcome.durable, action = ?outcome.action, drift = outcome.drift.len(), "consumer");
-        fetchers.push(Fetcher::new(&js, consumer).await?.with_rescue(&config.nats));
+        let mut fetcher = Fetcher::new(&js, consumer).await?.with_rescue(&config.nats);
+        // The backlog is for the operator's first look: a failed request loses only that.
+        let pending = fetcher.backlog().await.ok();
+        tracing::info!(
+            stream = %outcome.stream,
+            durable = %outcome.durable,
+            action = ?outcome.action,
+            drift = outcome.drift.len(),
+            pending = ?pending.map(|b| b.num_pending),
+            ack_pending = ?pending.map(|b| b.num_ack_pending),
+            "consumer bound"
+        );
+        fetchers.push(fetcher);
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -509,6 +575,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         wal.clone(),
         stop_rx.clone(),
     ));
+    let status_task = status_interval(&config).map(|interval| {
+        tokio::spawn(status(
+            interval,
+            config.wal.budget_bytes_max,
+            wal.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        ))
+    });
+    match status_interval(&config) {
+        Some(interval) => tracing::info!(
+            interval_s = interval.as_secs(),
+            "a status line follows every metrics.status_interval_s"
+        ),
+        None => tracing::info!("no status line (metrics.status_interval_s = 0)"),
+    }
     let drain_task = tokio::spawn(drain(
         config.clone(),
         wal.clone(),
@@ -532,7 +614,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     if let Some(error) = &failure {
-        tracing::error!(%error, "stopping after a fatal error");
+        tracing::error!(error = %ErrorChain(error), "stopping after a fatal error");
         if matches!(error, RunError::Ingest(_) | RunError::Wal(_)) {
             metrics.wal_failed.set(1);
         }
@@ -543,12 +625,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let graceful = tokio::time::timeout(bound, async {
         while let Some(joined) = ingest_tasks.join_next().await {
             if let Some(error) = task_failure(joined.map(|r| r.map_err(RunError::from))) {
-                tracing::error!(%error, "ingest task failed during shutdown");
+                tracing::error!(error = %ErrorChain(&error), "ingest task failed during shutdown");
             }
         }
         if drain_done.is_none() {
             if let Some(error) = task_failure((&mut drain_task).await) {
-                tracing::warn!(%error, "drain stopped with work left in the WAL");
+                tracing::warn!(error = %ErrorChain(&error), "drain stopped with work left in the WAL");
             }
         }
     })
@@ -563,8 +645,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let _ = http_task.await;
     let _ = backlog_task.await;
+    if let Some(task) = status_task {
+        let _ = task.await;
+    }
     if let Err(error) = wal.close().await {
-        tracing::warn!(%error, "closing the WAL");
+        tracing::warn!(error = %ErrorChain(&error), "closing the WAL");
     }
     match failure {
         Some(error) => Err(error),
@@ -619,7 +704,7 @@ async fn poll_backlog(
                 }
                 Ok(Err(error)) => {
                     if let Some(o) = failing.occurred() {
-                        tracing::debug!(stream = %labels.stream, durable = %labels.consumer, %error, failures = o.count(), "consumer info for the backlog gauges failed");
+                        tracing::debug!(stream = %labels.stream, durable = %labels.consumer, error = %ErrorChain(&error), failures = o.count(), "consumer info for the backlog gauges failed");
                     }
                 }
                 Err(_) => {
@@ -629,6 +714,70 @@ async fn poll_backlog(
                 }
             }
         }
+    }
+}
+
+/// The period of the status line, `None` when `[metrics] status_interval_s` turns it off.
+pub fn status_interval(config: &Config) -> Option<Duration> {
+    (config.metrics.status_interval_s > 0)
+        .then(|| Duration::from_secs(config.metrics.status_interval_s))
+}
+
+/// `part` as a percentage of `whole`, one decimal.
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        return 0.0;
+    }
+    (part as f64 * 1000.0 / whole as f64).round() / 10.0
+}
+
+/// Logs one status line every `interval` until `stop`: messages written to the WAL and rows
+/// inserted per second since the previous line, WAL records not yet in ClickHouse (past the
+/// slowest lane's cursor in the ledger on disk), and the WAL's bytes against its budget.
+async fn status(
+    interval: Duration,
+    budget_bytes: u64,
+    wal: Wal,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick fires at once; the first line comes one interval after start-up.
+    tick.tick().await;
+    let mut last = (
+        tokio::time::Instant::now(),
+        metrics.messages_received.get(),
+        metrics.batch_size.get(),
+    );
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let now = tokio::time::Instant::now();
+        let (received, inserted) = (metrics.messages_received.get(), metrics.batch_size.get());
+        let elapsed_s = now.duration_since(last.0).as_secs_f64().max(1e-3);
+        let stats = wal.stats();
+        // The ledger on disk is at most one commit interval old; without one nothing is drained.
+        let slowest = prism_wal::load_ledger(wal.dir())
+            .ok()
+            .and_then(|ledger| ledger.cursors.values().min().copied());
+        let backlog = match slowest {
+            Some(cursor) => (stats.durable_lsn.0 + 1).saturating_sub(cursor.0),
+            None => (stats.durable_lsn.0 + 1).saturating_sub(stats.first_lsn.0),
+        };
+        tracing::info!(
+            in_per_s = ((received - last.1) as f64 / elapsed_s).round(),
+            rows_out_per_s = ((inserted - last.2) as f64 / elapsed_s).round(),
+            backlog_records = backlog,
+            wal_bytes = stats.bytes_on_disk,
+            wal_use_percent = percent(stats.bytes_on_disk, budget_bytes),
+            ingest_paused = metrics.ingest_paused.get() == 1,
+            ready = metrics.ready.get() == 1,
+            "status"
+        );
+        last = (now, received, inserted);
     }
 }
 
@@ -693,13 +842,13 @@ async fn drain(
                 let delay = match hint {
                     Some((class, hint)) => {
                         if let Some(o) = refused.occurred() {
-                            tracing::error!(%class, %error, attempts = o.count(), lasted_s = o.lasted_s(), retry_ms = config.drain.retry_backoff_max_ms, "{hint}");
+                            tracing::error!(%class, error = %ErrorChain(&error), fix = clickhouse_fix(&error), attempts = o.count(), lasted_s = o.lasted_s(), retry_ms = config.drain.retry_backoff_max_ms, "{hint}");
                         }
                         Duration::from_millis(config.drain.retry_backoff_max_ms)
                     }
                     None => {
                         if let Some(o) = not_ready.occurred() {
-                            tracing::warn!(%error, attempts = o.count(), lasted_s = o.lasted_s(), "ClickHouse not ready; ingesting into the WAL meanwhile");
+                            tracing::warn!(error = %ErrorChain(&error), fix = clickhouse_fix(&error), attempts = o.count(), lasted_s = o.lasted_s(), "ClickHouse not ready; ingesting into the WAL meanwhile");
                         }
                         backoff.next_delay()
                     }
@@ -711,6 +860,8 @@ async fn drain(
             }
         }
     };
+    // The version is for the operator's first look; `auto` already asked for it once.
+    let version = probe.server_version().await.ok();
     drop(probe);
     if let Some(ended) = refused.cleared() {
         tracing::info!(
@@ -721,6 +872,7 @@ async fn drain(
     }
     let waited = not_ready.cleared();
     tracing::info!(
+        version = version.as_deref().unwrap_or("unknown"),
         profile = profile.name(),
         failed_attempts = waited.map_or(0, |w| w.count),
         waited_ms = waited.map_or(0, |w| w.lasted.as_millis() as u64),
@@ -752,7 +904,7 @@ async fn drain(
             Ok(stale) => break stale,
             Err(DrainError::LedgerDiskFull(error)) => {
                 if let Some(o) = register_disk_full.occurred() {
-                    tracing::warn!(%error, failures = o.count(), lasted_s = o.lasted_s(), "disk full: the ledger cannot be written at start-up; waiting for space");
+                    tracing::warn!(error = %ErrorChain(&error), failures = o.count(), lasted_s = o.lasted_s(), "disk full: the ledger cannot be written at start-up; waiting for space");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(REGISTER_RETRY_MS)) => {}
@@ -851,7 +1003,7 @@ async fn drain(
                 }
                 Err(DrainError::LedgerDiskFull(error)) => {
                     if let Some(o) = disk_full.occurred() {
-                        tracing::warn!(%error, failures = o.count(), lasted_s = o.lasted_s(), "disk full: the ledger cannot be written; retrying");
+                        tracing::warn!(error = %ErrorChain(&error), failures = o.count(), lasted_s = o.lasted_s(), "disk full: the ledger cannot be written; retrying");
                     }
                 }
                 Err(error) => {
@@ -879,11 +1031,11 @@ async fn drain(
     // On a lane failure, stop the others too: the relay exits and restarts from the ledger.
     while let Some(joined) = lanes.join_next().await {
         if let Some(error) = task_failure(joined.map(|r| r.map_err(RunError::from))) {
-            tracing::warn!(%error, "lane stopped");
+            tracing::warn!(error = %ErrorChain(&error), "lane stopped");
         }
     }
     if let Err(error) = ledger.commit().await {
-        tracing::warn!(%error, "final ledger commit");
+        tracing::warn!(error = %ErrorChain(&error), "final ledger commit");
     }
     result
 }
@@ -892,7 +1044,21 @@ async fn drain(
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 
-    use super::wal_dir_exposure;
+    use super::{percent, status_interval, wal_dir_exposure};
+    use crate::config::Config;
+
+    #[test]
+    fn a_status_interval_of_zero_means_no_status_task_and_any_other_its_period() {
+        let mut config = Config::default();
+        assert_eq!(
+            status_interval(&config),
+            Some(std::time::Duration::from_secs(60))
+        );
+        config.metrics.status_interval_s = 0;
+        assert_eq!(status_interval(&config), None);
+        assert_eq!(percent(512, 2048), 25.0);
+        assert_eq!(percent(1, 0), 0.0);
+    }
 
     #[test]
     fn a_wal_directory_writable_by_group_or_others_is_reported_and_a_private_one_is_not() {

@@ -1,11 +1,13 @@
 //! ClickHouse DDL for the relay's tables, and the start-up check that they can take its rows.
 //!
 //! Two profiles render the same columns (see `codec::rows` for their RowBinary encodings):
-//! - [`Profile::Modern`] (ClickHouse 22.2 and newer; MarketPrism runs 23.8): `DateTime64(3,'UTC')`,
+//! Which server versions each profile supports is stated once, in [`SERVER_VERSIONS`] (and in
+//! docs/OPERATIONS.md, "Supported ClickHouse versions"):
+//! - [`Profile::Modern`] (ClickHouse 22.2 and newer): `DateTime64(3,'UTC')`,
 //!   `LowCardinality(String)`, `Decimal64(8)`, `Bool`, column codecs, an optional TTL,
 //!   `ReplacingMergeTree` with `non_replicated_deduplication_window` so retried batches carrying
 //!   the same `insert_deduplication_token` are dropped by the server;
-//! - [`Profile::Legacy`] (ClickHouse 18.16, what Debian ships): `Int64` milliseconds for
+//! - [`Profile::Legacy`] (ClickHouse 18.16 and newer, what Debian ships): `Int64` milliseconds for
 //!   `DateTime64`, `String` for `LowCardinality(String)`, `UInt8` for `Bool`, no codecs, no TTL,
 //!   no deduplication window; `ReplacingMergeTree()` with the custom-partitioning syntax.
 //!
@@ -42,8 +44,9 @@ pub const DATABASE_DEFAULT: &str = "marketprism_hot";
 pub const DEDUPLICATION_WINDOW_BLOCKS: u32 = 1000;
 
 /// The oldest server the modern profile targets, as (major, minor): `DateTime64` exists since
-/// 20.1, but `Bool` arrived in 21.12 and `insert_deduplication_token` in 22.2, and the modern
-/// profile relies on both. Older servers get the legacy profile, whose DDL they all accept.
+/// 20.1, async inserts since 21.11, `Bool` since 21.12, and `insert_deduplication_token` (with
+/// `non_replicated_deduplication_window` the relay's retries depend on) since 22.2. Older servers
+/// get the legacy profile, whose DDL they all accept.
 pub const MODERN_SERVER_VERSION_MIN: (u32, u32) = (22, 2);
 
 /// The oldest server the legacy profile is tested on, as (major, minor): the server Debian
@@ -113,12 +116,21 @@ fn parse_version(version: &str) -> Option<(u32, u32)> {
     }
 }
 
+/// The supported ClickHouse versions in one line, used by `--version`, the help of `--profile`
+/// and the messages that name a version; [`SERVER_VERSIONS`] holds the details and
+/// docs/OPERATIONS.md ("Supported ClickHouse versions") says the same in more words (a test keeps
+/// the floors in it).
+pub const SERVER_VERSIONS_SUMMARY: &str =
+    "modern: ClickHouse 22.2 and newer (MarketPrism runs 23.8+); \
+     legacy: ClickHouse 18.16 and newer";
+
 /// Which DDL dialect and column types to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Profile {
-    /// ClickHouse 22.2 and newer.
+    /// ClickHouse [`MODERN_SERVER_VERSION_MIN`] and newer.
     Modern,
-    /// ClickHouse 18.16 (and anything older than [`MODERN_SERVER_VERSION_MIN`]).
+    /// ClickHouse [`LEGACY_SERVER_VERSION_MIN`] and newer (`auto` picks it below
+    /// [`MODERN_SERVER_VERSION_MIN`]).
     Legacy,
 }
 
@@ -1183,6 +1195,64 @@ mod tests {
             ProfileChoice::Legacy.resolve(Some("23.8.1")),
             Profile::Legacy
         );
+    }
+
+    #[test]
+    fn the_supported_versions_are_stated_once_and_the_same_in_code_docs_and_example() {
+        let modern = format!(
+            "{}.{}",
+            MODERN_SERVER_VERSION_MIN.0, MODERN_SERVER_VERSION_MIN.1
+        );
+        let legacy = format!(
+            "{}.{}",
+            LEGACY_SERVER_VERSION_MIN.0, LEGACY_SERVER_VERSION_MIN.1
+        );
+        assert!(SERVER_VERSIONS_SUMMARY.contains(&format!("modern: ClickHouse {modern} and newer")));
+        assert!(SERVER_VERSIONS_SUMMARY.contains(&format!("legacy: ClickHouse {legacy} and newer")));
+        let operations = include_str!("../docs/OPERATIONS.md");
+        let section = operations
+            .split("## Supported ClickHouse versions")
+            .nth(1)
+            .expect("docs/OPERATIONS.md has a section Supported ClickHouse versions");
+        assert!(
+            section.contains(&format!("ClickHouse {modern} and newer")),
+            "{section}"
+        );
+        assert!(
+            section.contains(&format!("ClickHouse {legacy} and newer")),
+            "{section}"
+        );
+        // 23.8 is what MarketPrism runs, never the floor of a profile: every mention of it says so.
+        for (name, text) in [
+            ("relay.example.toml", include_str!("../relay.example.toml")),
+            ("docs/OPERATIONS.md", operations),
+            ("README.md", include_str!("../README.md")),
+            ("ARCHITECTURE.md", include_str!("../ARCHITECTURE.md")),
+            (
+                "src/schema.rs",
+                include_str!("schema.rs")
+                    .split("#[cfg(test)]")
+                    .next()
+                    .unwrap_or_default(),
+            ),
+        ] {
+            for line in text
+                .lines()
+                .filter(|l| l.contains("23.8+") || l.contains("23.8 and"))
+            {
+                assert!(line.contains("MarketPrism"), "{name}: {line}");
+            }
+        }
+        let example = include_str!("../relay.example.toml");
+        let profile_doc = example
+            .lines()
+            .find(|l| l.starts_with("# modern"))
+            .expect("relay.example.toml documents profile");
+        assert!(
+            profile_doc.contains(&format!("ClickHouse {modern}+")),
+            "{profile_doc}"
+        );
+        assert!(profile_doc.contains("docs/OPERATIONS.md"), "{profile_doc}");
     }
 
     fn columns(table: impl Into<SchemaTable>, profile: Profile) -> Vec<(String, String)> {

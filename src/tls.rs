@@ -33,7 +33,7 @@ pub struct TlsFiles {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// The file cannot be read.
-    #[error("{file} {path}: cannot read it: {source}")]
+    #[error("{file} {path}: cannot read it")]
     Read {
         file: &'static str,
         path: PathBuf,

@@ -7,6 +7,9 @@
 #   rustfmt and clippy (rustup).
 # Each check says "up to date" when nothing is to be done; `apt-get update` runs at
 # most once, and only when an apt package is missing.
+# The package managers' own output (progress bars, download lines, warnings) goes to
+# PREREQS_LOG, not to the screen: the screen gets one line per package installed, and on
+# a failure the log's path and its last lines.
 # Exports PRISM_NATS_SERVER and PRISM_CLICKHOUSE_SERVER for prism-testbed.
 # Source it after common.sh, then call ensure_prereqs.
 
@@ -20,6 +23,29 @@ CLICKHOUSE_SERVER_BIN=/usr/sbin/clickhouse-server
 
 APT_UPDATED=0
 
+# Where apt-get, pip and rustup write their output; appended to, one section per command.
+PREREQS_LOG=${PREREQS_LOG:-$PWD/target/prereqs.log}
+# Lines of the log shown when an installation fails.
+PREREQS_LOG_TAIL_LINES=20
+
+# quietly DESCRIPTION COMMAND [ARGS...]: runs COMMAND with its output appended to
+# PREREQS_LOG. Prints nothing when it succeeds; when it fails, prints what failed, the
+# log's path and its last lines, and returns the command's status.
+quietly() {
+    local what=$1
+    shift
+    mkdir -p "$(dirname "$PREREQS_LOG")"
+    printf '\n=== [%s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >>"$PREREQS_LOG"
+    local status=0
+    "$@" >>"$PREREQS_LOG" 2>&1 || status=$?
+    if ((status != 0)); then
+        printf 'error: %s failed (exit %d); full output in %s, its last lines:\n' \
+            "$what" "$status" "$PREREQS_LOG" >&2
+        tail -n "$PREREQS_LOG_TAIL_LINES" "$PREREQS_LOG" | sed 's/^/    /' >&2
+    fi
+    return "$status"
+}
+
 apt_installed() {
     dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'
 }
@@ -28,12 +54,15 @@ apt_installed() {
 apt_install() {
     command -v apt-get >/dev/null || die "apt-get not found: install $* by hand"
     if ((APT_UPDATED == 0)); then
-        info "apt-get update"
-        apt-get update -qq
+        quietly "apt-get update" apt-get update || die "apt-get update failed"
         APT_UPDATED=1
     fi
-    info "apt-get install -y $*"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+    quietly "apt-get install $*" env DEBIAN_FRONTEND=noninteractive apt-get install -y "$@" ||
+        die "apt-get could not install $*"
+    local pkg
+    for pkg in "$@"; do
+        info "installed $pkg $(dpkg-query -W -f='${Version}' "$pkg" 2>/dev/null)"
+    done
 }
 
 ensure_clickhouse() {
@@ -71,6 +100,16 @@ for f in dist.files or []:
 PY
 }
 
+# True when python3 is marked as managed by the system (PEP 668's EXTERNALLY-MANAGED file),
+# where pip refuses to install without --break-system-packages.
+python_externally_managed() {
+    python3 - <<'PY' 2>/dev/null
+import pathlib, sys, sysconfig
+marker = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "EXTERNALLY-MANAGED"
+sys.exit(0 if marker.exists() else 1)
+PY
+}
+
 # pip_install SPEC: python3 -m pip install SPEC, installing python3 and pip first when
 # missing; dies when pip fails.
 pip_install() {
@@ -78,25 +117,17 @@ pip_install() {
     if ! command -v python3 >/dev/null || ! python3 -m pip --version >/dev/null 2>&1; then
         apt_install python3 python3-pip
     fi
-    info "python3 -m pip install $spec"
-    local log
-    log=$(mktemp)
-    if ! python3 -m pip install -q "$spec" 2>"$log"; then
-        if grep -q externally-managed-environment "$log"; then
-            # Debian's own Python refuses pip installs (PEP 668). Both packages installed
-            # this way are self-contained (a static binary; an engine library with no
-            # dependencies on Debian's Python packages), so installing them beside
-            # Debian's packages is safe.
-            info "Python is externally managed: retrying with --break-system-packages"
-            python3 -m pip install -q --break-system-packages "$spec" ||
-                { rm -f "$log"; die "pip could not install $spec"; }
-        else
-            cat "$log" >&2
-            rm -f "$log"
-            die "pip could not install $spec"
-        fi
+    local flags=(--progress-bar off)
+    if python_externally_managed; then
+        # Debian's own Python refuses pip installs (PEP 668). Both packages installed
+        # this way are self-contained (a static binary; an engine library with no
+        # dependencies on Debian's Python packages), so installing them beside
+        # Debian's packages is safe.
+        flags+=(--break-system-packages)
     fi
-    rm -f "$log"
+    quietly "pip install $spec" python3 -m pip install "${flags[@]}" "$spec" ||
+        die "pip could not install $spec"
+    info "installed $spec"
 }
 
 nats_version_of() {
@@ -166,8 +197,9 @@ ensure_rust_components() {
     cargo clippy --version >/dev/null 2>&1 || missing+=(clippy)
     if ((${#missing[@]} > 0)); then
         command -v rustup >/dev/null || die "${missing[*]} missing and rustup not found"
-        info "rustup component add ${missing[*]}"
-        rustup component add "${missing[@]}"
+        quietly "rustup component add ${missing[*]}" rustup component add "${missing[@]}" ||
+            die "rustup could not add ${missing[*]}"
+        info "installed ${missing[*]} (rustup)"
     else
         info "rust: $(cargo --version), rustfmt and clippy up to date"
     fi

@@ -26,7 +26,7 @@ pub const ENV_SECTIONS: [&str; 8] = [
 ];
 
 /// Every (section, field) an environment variable may override.
-pub const ENV_OVERRIDES: [(&str, &str); 54] = [
+pub const ENV_OVERRIDES: [(&str, &str); 55] = [
     ("nats", "url"),
     ("nats", "name"),
     ("nats", "connect_timeout_ms"),
@@ -75,6 +75,7 @@ pub const ENV_OVERRIDES: [(&str, &str); 54] = [
     ("metrics", "request_timeout_ms"),
     ("metrics", "ready_insert_failing_s"),
     ("metrics", "backlog_poll_interval_s"),
+    ("metrics", "status_interval_s"),
     ("shutdown", "timeout_ms"),
     ("log", "format"),
     ("audit", "enabled"),
@@ -205,6 +206,7 @@ impl Config {
             ("metrics", "backlog_poll_interval_s") => {
                 self.metrics.backlog_poll_interval_s = v.parse()?
             }
+            ("metrics", "status_interval_s") => self.metrics.status_interval_s = v.parse()?,
             ("shutdown", "timeout_ms") => self.shutdown.timeout_ms = v.parse()?,
             ("log", "format") => self.log.format = v.parse_enum()?,
             ("audit", "enabled") => self.audit.enabled = v.parse()?,

@@ -160,6 +160,9 @@ pub const METRICS_BACKLOG_POLL_INTERVAL_S_MIN: u64 = 1;
 /// An hour: slower, and the backlog gauges would not serve as an alert or a scaling signal.
 pub const METRICS_BACKLOG_POLL_INTERVAL_S_MAX: u64 = 3_600;
 
+/// A status line a day at the least; beyond that nobody reads it as a heartbeat (0 = off).
+pub const METRICS_STATUS_INTERVAL_S_MAX: u64 = 86_400;
+
 // ---- [shutdown] bounds ----
 /// Stopping fetches, an fsync and a flush need at least this long.
 pub const SHUTDOWN_TIMEOUT_MS_MIN: u64 = 1_000;

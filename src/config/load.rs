@@ -8,7 +8,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::Config;
+use super::{Config, Origins};
 use crate::redact::redact;
 
 /// One invalid value, with what to do about it.
@@ -37,8 +37,12 @@ impl fmt::Display for InvalidValue {
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    /// The file could not be read. Like every error of the relay, the message leaves the cause
+    /// to `source()`, so a printed chain says it once.
+    #[error(
+        "cannot read config file {path}: check the path given to --config or PRISM_RELAY_CONFIG \
+         (relay.example.toml is a complete example)"
+    )]
     Read {
         path: PathBuf,
         #[source]
@@ -46,7 +50,10 @@ pub enum ConfigError {
     },
     /// The file is not valid TOML for this configuration (syntax, type, unknown field). The
     /// message is redacted: the parser quotes the offending line, which may hold a password.
-    #[error("invalid config file {path}: {message}")]
+    #[error(
+        "invalid config file {path} (fix what is shown; relay.example.toml lists every section \
+         and field with its type): {}", .message.trim_end()
+    )]
     Parse { path: PathBuf, message: String },
     /// An environment override names a field that does not exist.
     #[error("unknown environment override {var}: {section} has no scalar field {field}; overridable: {known}")]
@@ -57,14 +64,14 @@ pub enum ConfigError {
         known: String,
     },
     /// An environment override's value does not parse as the field's type.
-    #[error("environment override {var} = {value:?} is not {expected}")]
+    #[error("environment override {var} = {value:?} is not {expected}: correct or unset it")]
     EnvValue {
         var: String,
         value: String,
         expected: &'static str,
     },
     /// A `password_file` or `token_file` could not be read.
-    #[error("cannot read {field} {path}: {source}")]
+    #[error("cannot read {field} {path}: check the path and that the relay's user may read it")]
     SecretFile {
         field: &'static str,
         path: PathBuf,
@@ -107,8 +114,21 @@ impl Config {
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let mut config = match path {
-            None => Config::default(),
+        Self::load_with_origins(path, env).map(|(config, _)| config)
+    }
+
+    /// [`Config::load_with_env`], also telling where each value came from (for `prism-relay
+    /// config`).
+    pub fn load_with_origins<I>(
+        path: Option<&Path>,
+        env: I,
+    ) -> Result<(Config, Origins), ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let (mut config, mut origins) = match path {
+            None => (Config::default(), Origins::default()),
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.to_owned(),
@@ -125,17 +145,20 @@ impl Config {
                         values: secrets,
                     });
                 }
-                config
+                (config, Origins::from_file(&text))
             }
         };
-        config.apply_env(env)?;
+        config.apply_env(env.iter().cloned())?;
+        origins.record_env(env);
+        // Only values the operator set can contradict each other: the others follow them.
+        config.derive_defaults(&mut origins);
         // Registered before validation, whose errors quote URLs, and again once the secret files
         // are read.
         config.register_secrets();
         config.validate()?;
         config.read_secret_files()?;
         config.register_secrets();
-        Ok(config)
+        Ok((config, origins))
     }
 
     /// Parses TOML text without environment overrides or validation.

@@ -1,6 +1,6 @@
 //! The relay's configuration: one TOML file, environment overrides, and validation.
 //!
-//! Loading happens in three steps, each of which can only narrow what the next one sees:
+//! Loading happens in four steps, each of which can only narrow what the next one sees:
 //!
 //! 1. [`Config::load`] parses the TOML file (or starts from [`Config::default`] when no file is
 //!    given). Every field has a default, and unknown fields are rejected by name, so a typo
@@ -13,7 +13,10 @@
 //!    config-file only: an environment variable cannot describe them unambiguously.
 //!    A variable naming a known section but an unknown field is an error; variables of other
 //!    shapes (`PRISM_RELAY_CONFIG`, for the binary's flags) are left alone.
-//! 3. [`Config::validate`] checks every bound. An invalid value is reported with its field path
+//! 3. Derived defaults: a field set in neither the file nor the environment follows the fields
+//!    that bound it (`wal.group_bytes_max` follows a smaller `wal.segment_bytes_max`), so only
+//!    values the operator set can contradict each other (`derive.rs`).
+//! 4. [`Config::validate`] checks every bound. An invalid value is reported with its field path
 //!    (`consumer[1].fetch_batch`), the value, the allowed range with its unit, and the fix.
 //!    All problems are reported at once, not one per start-up attempt.
 //!
@@ -32,13 +35,21 @@
 //! - `load.rs`: reading and parsing the file, the order of the loading steps, and the errors;
 //! - `env.rs`: the environment overrides;
 //! - `secrets.rs`: secrets refused in the file, read from files, registered for redaction;
-//! - `validate.rs`: the validation of every bound and relation.
+//! - `validate.rs`: the validation of every bound and relation;
+//! - `origin.rs`: where each value came from (default, file, environment, derived);
+//! - `derive.rs`: the derived defaults, by which a field the operator did not set follows the
+//!   fields that bound it;
+//! - `show.rs`: the effective configuration as TOML with the origin of each value (`prism-relay
+//!   config`).
 
+mod derive;
 mod env;
 mod limits;
 mod load;
 mod model;
+mod origin;
 mod secrets;
+mod show;
 mod validate;
 
 #[cfg(test)]
@@ -53,3 +64,4 @@ pub use model::{
     PassthroughRoute, RecoveryModeKind, ShutdownConfig, StorageKind, StreamConfig, TableBatch,
     WalConfig, RESERVED_STREAM_NAME, TYPED_DATA_TYPES, TYPED_TABLES,
 };
+pub use origin::{Origin, Origins};

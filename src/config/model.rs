@@ -362,9 +362,10 @@ impl Default for WalConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClickHouseProfile {
-    /// ClickHouse 23.8 and newer: DateTime64, LowCardinality, codecs, deduplication tokens.
+    /// ClickHouse 22.2 and newer (`schema::SERVER_VERSIONS`): DateTime64, LowCardinality, codecs,
+    /// deduplication tokens.
     Modern,
-    /// ClickHouse 18.16: Int64 milliseconds, String, no codecs, no TTL.
+    /// ClickHouse 18.16 and newer: Int64 milliseconds, String, no codecs, no TTL.
     Legacy,
     /// Chosen at start-up from `SELECT version()` (default).
     Auto,
@@ -628,6 +629,9 @@ pub struct MetricsConfig {
     /// JetStream consumer info is polled this often for the backlog gauges, in seconds.
     /// Default 15.
     pub backlog_poll_interval_s: u64,
+    /// Seconds between two one-line status logs (rates in and out, backlog, WAL use) at info
+    /// level; 0 turns them off. Default 60.
+    pub status_interval_s: u64,
 }
 
 impl Default for MetricsConfig {
@@ -641,6 +645,7 @@ impl Default for MetricsConfig {
             request_timeout_ms: 10_000,
             ready_insert_failing_s: crate::metrics::health::READY_INSERT_FAILING_S_DEFAULT,
             backlog_poll_interval_s: 15,
+            status_interval_s: 60,
         }
     }
 }

@@ -815,8 +815,8 @@ fn an_nkey_seed_file_is_read_checked_and_hidden_and_a_file_without_a_seed_is_ref
             &not_a_seed.display().to_string(),
         )]),
     )
-    .expect_err("a public key is not a seed")
-    .to_string();
+    .expect_err("a public key is not a seed");
+    let err = prism_wal::ErrorChain(&err).to_string();
     assert!(
         err.contains("nats.nkey_file") && err.contains("not an NKey user seed"),
         "{err}"

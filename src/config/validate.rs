@@ -529,6 +529,13 @@ impl Config {
             METRICS_BACKLOG_POLL_INTERVAL_S_MAX,
             "s",
         );
+        v.range(
+            "metrics.status_interval_s",
+            m.status_interval_s,
+            0,
+            METRICS_STATUS_INTERVAL_S_MAX,
+            "s (0 = no status line)",
+        );
     }
 
     fn validate_drain(&self, v: &mut Validator) {

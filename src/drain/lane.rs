@@ -449,7 +449,7 @@ impl Lane {
                 }
                 Err(DrainError::LedgerDiskFull(error)) => {
                     if let Some(o) = disk_full.occurred() {
-                        tracing::warn!(lane = %self.config.name, %error, failures = o.count(), lasted_s = o.lasted_s(), "disk full: the ledger cannot be written; waiting for space");
+                        tracing::warn!(lane = %self.config.name, error = %prism_wal::ErrorChain(&error), failures = o.count(), lasted_s = o.lasted_s(), "disk full: the ledger cannot be written; waiting for space");
                     }
                     if stopping || *self.shutdown.borrow() {
                         return Err(DrainError::Interrupted {

@@ -32,7 +32,7 @@ pub use route::{Route, Router, UNROUTED_LANE};
 #[derive(Debug, thiserror::Error)]
 pub enum DrainError {
     /// The WAL failed (corruption, I/O); the relay must stop and an operator must look.
-    #[error("WAL error in lane {lane}: {source}")]
+    #[error("WAL error in lane {lane}")]
     Wal {
         /// Lane that hit it.
         lane: String,
@@ -41,12 +41,12 @@ pub enum DrainError {
         source: WalError,
     },
     /// Writing the ledger failed for good (an fsync error, corruption): the relay must stop.
-    #[error("ledger commit failed: {0}")]
+    #[error("ledger commit failed")]
     Ledger(#[source] WalError),
     /// The disk is too full to write the ledger, even with the WAL's reserve given up, or no file
     /// descriptor is free to write it. Transient: nothing changed on disk, and the same commit is
     /// retried once space (or a descriptor) returns.
-    #[error("ledger commit waits for disk space: {0}")]
+    #[error("ledger commit waits for disk space")]
     LedgerDiskFull(#[source] WalError),
     /// Shutdown interrupted a batch that could not be inserted in time; it stays in flight in the
     /// ledger and is re-cut at the next start.

@@ -389,8 +389,9 @@ pub fn from_client_error(error: &clickhouse::error::Error, format: BodyFormat) -
             message,
             code: None,
         },
-        // Connection refused or reset, timeouts, broken bodies, and anything the crate adds later.
-        _ => InsertError::retryable(message),
+        // Connection refused or reset, timeouts, broken bodies, and anything the crate adds later:
+        // retryable, except a TLS handshake refused on trust (see `classify` without a code).
+        _ => InsertError::classified(None, message, format),
     }
 }
 

@@ -174,13 +174,13 @@ pub enum SinkError {
     #[error("invalid ClickHouse sink options: {reason}")]
     InvalidOptions { reason: String },
     /// The TLS files of an `https://` URL cannot be used; nothing was sent.
-    #[error("ClickHouse TLS: {source}")]
+    #[error("the ClickHouse TLS files cannot be used")]
     Tls {
         #[source]
         source: tls::TlsError,
     },
     /// A query or statement failed; `source.class` tells whether waiting can help.
-    #[error("ClickHouse statement `{statement}` failed: {source}")]
+    #[error("ClickHouse statement `{statement}` failed")]
     Query {
         statement: String,
         #[source]

@@ -256,7 +256,7 @@ impl Fetcher {
                     if messages.is_empty() {
                         return Err(err);
                     }
-                    tracing::warn!(stream = %self.stream, durable = %self.durable, error = %err,
+                    tracing::warn!(stream = %self.stream, durable = %self.durable, error = %prism_wal::ErrorChain(&err),
                         delivered = messages.len(), "pull ended early; keeping the messages delivered so far");
                     break;
                 }
@@ -387,7 +387,7 @@ impl Fetcher {
                 })
             }
             Err(error @ rescue::RescueError::Unsupported { .. }) => {
-                tracing::error!(stream = %self.stream, durable = %self.durable, %error, target,
+                tracing::error!(stream = %self.stream, durable = %self.durable, error = %prism_wal::ErrorChain(&error), target,
                     "a delivery the NATS client cannot read would be redelivered forever; pulling through the client");
                 self.rescue.abandon();
                 return Ok(None);

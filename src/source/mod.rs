@@ -66,22 +66,25 @@ pub type NatsError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// `nats.url` holds an address the client cannot parse.
-    #[error("invalid NATS server address {url:?}: {source}")]
+    #[error(
+        "invalid NATS server address {url:?} in `nats.url`: give host:port or nats://host:port"
+    )]
     Address {
         url: String,
         #[source]
         source: std::io::Error,
     },
     /// `nats.creds_file` could not be read.
-    #[error("cannot read NATS credentials file {path}: {source}")]
+    #[error("cannot read NATS credentials file {path} (`nats.creds_file`)")]
     Credentials {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     /// The first connection attempt failed (later disconnects are retried by the client).
-    /// `hint` says what to change when waiting cannot help (credentials or TLS refused).
-    #[error("cannot connect to NATS at {url}: {source}{hint}")]
+    /// `hint` says what to change: the credentials or the TLS files when the server refused them
+    /// (waiting cannot help), else the server and the URL. The cause is the error's source.
+    #[error("cannot connect to NATS at {url}: {hint}")]
     Connect {
         url: String,
         #[source]
@@ -89,7 +92,7 @@ pub enum SourceError {
         hint: &'static str,
     },
     /// A JetStream API request about a stream failed (timeout, JetStream disabled, ...).
-    #[error("JetStream request about stream {stream} failed: {source}")]
+    #[error("JetStream request about stream {stream} failed")]
     StreamRequest {
         stream: String,
         #[source]
@@ -99,14 +102,14 @@ pub enum SourceError {
     #[error("stream {stream} does not exist: declare it in a [[stream]] section or create it on the server")]
     StreamMissing { stream: String },
     /// The server refused to create a stream (e.g. its subjects overlap another stream's).
-    #[error("cannot create stream {stream}: {source}")]
+    #[error("cannot create stream {stream}")]
     CreateStream {
         stream: String,
         #[source]
         source: NatsError,
     },
     /// A JetStream API request about a consumer failed.
-    #[error("JetStream request about consumer {durable} on stream {stream} failed: {source}")]
+    #[error("JetStream request about consumer {durable} on stream {stream} failed")]
     ConsumerRequest {
         stream: String,
         durable: String,
@@ -117,7 +120,7 @@ pub enum SourceError {
     #[error("consumer {durable} on stream {stream} does not exist")]
     ConsumerMissing { stream: String, durable: String },
     /// The server refused to create a consumer.
-    #[error("cannot create consumer {durable} on stream {stream}: {source}")]
+    #[error("cannot create consumer {durable} on stream {stream}")]
     CreateConsumer {
         stream: String,
         durable: String,
@@ -139,7 +142,7 @@ pub enum SourceError {
     #[error("NATS connection is {state}; no pull sent to consumer {durable}")]
     Disconnected { durable: String, state: String },
     /// A pull failed (connection lost, consumer deleted, leadership change). Retry with backoff.
-    #[error("pull from consumer {durable} on stream {stream} failed: {source}")]
+    #[error("pull from consumer {durable} on stream {stream} failed")]
     Fetch {
         stream: String,
         durable: String,
@@ -163,7 +166,7 @@ pub enum SourceError {
         reply: Option<String>,
     },
     /// Sending or flushing acks failed; the messages will be redelivered after ack_wait.
-    #[error("acks for consumer {durable} on stream {stream} not sent: {source}")]
+    #[error("acks for consumer {durable} on stream {stream} not sent")]
     Ack {
         stream: String,
         durable: String,
@@ -258,29 +261,34 @@ pub async fn connect(config: &NatsConfig) -> Result<async_nats::Client, SourceEr
 }
 
 /// What the operator changes when a connection is refused for a reason no retry cures: the
-/// credentials, or the TLS certificates. Empty for everything else (a server down, a timeout).
+/// credentials, or the TLS certificates; [`CONNECT_HINT`] for everything else (a server down, a
+/// timeout).
 fn connect_hint(error: &async_nats::ConnectError) -> &'static str {
     use async_nats::ConnectErrorKind as Kind;
-    const CREDENTIALS: &str = " (the server refused the credentials; retrying does not help: \
+    const CREDENTIALS: &str = "the server refused the credentials; retrying does not help: \
         check nats.user with nats.password_file, nats.token_file, nats.creds_file or \
-        nats.nkey_file against the server's authorization)";
-    const TLS: &str = " (TLS refused; retrying does not help: check nats.tls_ca_file against the \
+        nats.nkey_file against the server's authorization";
+    const TLS: &str = "TLS refused; retrying does not help: check nats.tls_ca_file against the \
         server's certificate, the client certificate nats.tls_cert_file/nats.tls_key_file, and \
-        that the server speaks TLS)";
+        that the server speaks TLS";
     match error.kind() {
         Kind::AuthorizationViolation | Kind::Authentication => CREDENTIALS,
         Kind::Tls => TLS,
         // rustls' refusals of a handshake arrive as I/O errors.
         Kind::Io if error.to_string().contains("certificate") => TLS,
-        _ => "",
+        _ => CONNECT_HINT,
     }
 }
+
+/// What to check when NATS cannot be reached for a reason a retry may cure.
+const CONNECT_HINT: &str =
+    "check that the server runs and that `nats.url` (or PRISM_RELAY_NATS_URL) names it";
 
 impl SourceError {
     /// True when the error is a refusal no retry cures (credentials or TLS certificates): the
     /// configuration or the server must change.
     pub fn needs_configuration_change(&self) -> bool {
-        matches!(self, SourceError::Connect { hint, .. } if !hint.is_empty())
+        matches!(self, SourceError::Connect { hint, .. } if *hint != CONNECT_HINT)
     }
 }
 

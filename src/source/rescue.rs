@@ -113,7 +113,7 @@ pub enum RescueError {
     #[error("cannot rescue deliveries the NATS client cannot read: {reason}")]
     Unsupported { reason: String },
     /// `nats.url` holds an address that cannot be parsed.
-    #[error("invalid NATS server address {url:?}: {source}")]
+    #[error("invalid NATS server address {url:?} in `nats.url`")]
     Address {
         url: String,
         #[source]
@@ -123,7 +123,7 @@ pub enum RescueError {
     #[error("raw NATS connection to {url} failed: {detail}")]
     Connect { url: String, detail: String },
     /// Reading or writing the raw connection failed.
-    #[error("raw NATS connection I/O failed: {source}")]
+    #[error("raw NATS connection I/O failed")]
     Io {
         #[source]
         source: std::io::Error,

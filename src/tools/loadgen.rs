@@ -177,8 +177,8 @@ pub struct LoadgenOptions {
     /// Stop publishing after this many publish errors.
     #[arg(long, default_value_t = 100)]
     pub publish_errors_max: u64,
-    /// Show a progress line on a terminal (`--progress false` to hide it).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    /// Hide the progress line (shown only on a terminal anyway).
+    #[arg(long = "no-progress", action = clap::ArgAction::SetFalse)]
     pub progress: bool,
 }
 
@@ -621,8 +621,7 @@ mod tests {
             "100",
             "--run-id",
             "r7",
-            "--progress",
-            "false",
+            "--no-progress",
         ])
         .unwrap();
         let o = cli.opts;

@@ -32,7 +32,7 @@ pub enum ToolError {
     #[error("invalid options: {0}")]
     Options(String),
     /// Connecting to the NATS server failed.
-    #[error("cannot connect to NATS at {url}: {source}")]
+    #[error("cannot connect to NATS at {url}: check that the server runs and that --nats-url (or `nats.url` of --config) names it")]
     Connect {
         url: String,
         #[source]
@@ -42,7 +42,7 @@ pub enum ToolError {
     #[error("JetStream {op} failed: {message}")]
     JetStream { op: &'static str, message: String },
     /// A ClickHouse query failed.
-    #[error("ClickHouse query on {table} failed: {source}")]
+    #[error("ClickHouse query on {table} failed")]
     ClickHouse {
         table: String,
         #[source]

@@ -4,6 +4,8 @@ mod audit;
 mod auth;
 mod chaos;
 mod check;
+
+mod cli_errors;
 mod disk;
 mod harness;
 mod hostile;

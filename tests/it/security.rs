@@ -476,8 +476,8 @@ async fn a_clickhouse_certificate_the_configured_ca_does_not_sign_fails_with_a_t
     let error = sink(&pki.other_ca)?
         .server_version()
         .await
-        .expect_err("a server certificate the CA did not sign is refused")
-        .to_string();
+        .expect_err("a server certificate the CA did not sign is refused");
+    let error = prism_wal::ErrorChain(&error).to_string();
     assert!(
         error.contains("TLS handshake with 127.0.0.1 failed"),
         "{error}"
@@ -529,7 +529,7 @@ async fn a_clickhouse_certificate_the_configured_ca_does_not_sign_fails_with_a_t
     .await;
     assert!(!status.success(), "{out}");
     assert!(
-        out.contains("clickhouse: unreachable") && out.contains("UnknownIssuer"),
+        out.contains("auth ClickHouse error") && out.contains("UnknownIssuer"),
         "{out}"
     );
     Ok(())

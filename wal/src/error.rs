@@ -8,7 +8,7 @@ use std::sync::Arc;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum WalError {
     /// An I/O operation failed.
-    #[error("{op} failed on {path}: {source}")]
+    #[error("{op} failed on {path}")]
     Io {
         /// What was being done.
         op: &'static str,
@@ -150,6 +150,22 @@ pub enum WalError {
         /// What it is instead of a plain file.
         reason: String,
     },
+    /// A segment was written in another on-disk format (by another version of the WAL): its
+    /// header is whole and its checksum holds, but the version is not [`crate::segment::SEGMENT_VERSION`].
+    /// Never a torn tail, so recovery neither truncates nor rewrites it.
+    #[error(
+        "segment {path} is in WAL format version {found}, this build reads version {supported}: \
+         drain it with the relay version that wrote it (or move the WAL directory aside and start \
+         with an empty one)"
+    )]
+    FormatVersion {
+        /// The segment.
+        path: PathBuf,
+        /// The version in its header.
+        found: u32,
+        /// The version this build reads and writes.
+        supported: u32,
+    },
     /// A file in the WAL directory is not what its name says.
     #[error("segment {path} is unusable: {reason}")]
     BadSegment {
@@ -158,6 +174,31 @@ pub enum WalError {
         /// Why.
         reason: String,
     },
+}
+
+/// Displays an error with its causes, `error: cause: cause of the cause`, each once.
+///
+/// The errors of this workspace follow one rule: a message does not repeat its cause, which
+/// [`std::error::Error::source`] returns instead; this walks that chain. Errors of other crates do
+/// not all follow it (some print their cause in their own message and return it as the source
+/// too), so a cause whose text is already shown is skipped rather than said twice. Log lines use it
+/// (`error = %ErrorChain(&error)`) so they carry the whole story, like the binary's last message.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.0.to_string();
+        let mut cause = self.0.source();
+        while let Some(error) = cause {
+            let text = error.to_string();
+            if !text.is_empty() && !shown.contains(&text) {
+                shown.push_str(": ");
+                shown.push_str(&text);
+            }
+            cause = error.source();
+        }
+        f.write_str(&shown)
+    }
 }
 
 impl WalError {
@@ -195,5 +236,39 @@ impl WalError {
             self,
             WalError::DiskFull { .. } | WalError::FilesExhausted { .. }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error of another crate that quotes its cause and returns it as the source as well.
+    #[derive(Debug)]
+    struct Quoting(std::io::Error);
+
+    impl std::fmt::Display for Quoting {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "IO error: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Quoting {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn an_error_chain_says_each_cause_once_after_a_message_that_leaves_it_out() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let error = WalError::io("open segment", "/wal/1.wal", io());
+        assert_eq!(error.to_string(), "open segment failed on /wal/1.wal");
+        assert_eq!(
+            ErrorChain(&error).to_string(),
+            "open segment failed on /wal/1.wal: no such file"
+        );
+        let quoting = Quoting(io());
+        assert_eq!(ErrorChain(&quoting).to_string(), "IO error: no such file");
     }
 }

@@ -47,7 +47,7 @@ mod wal;
 mod writer;
 
 pub use envelope::Envelope;
-pub use error::WalError;
+pub use error::{ErrorChain, WalError};
 pub use fault::FaultyFs;
 pub use fs::{FileMeta, FileSystem, StdFs, WalFile, WalLock};
 pub use ledger::{InflightBatch, Ledger};

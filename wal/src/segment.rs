@@ -107,6 +107,19 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// The format version of a whole header whose magic and checksum hold, whatever the version;
+/// `None` for a short or damaged header. A header of another version is then known to be written
+/// on purpose by another build, not torn by a crash.
+pub fn header_version(h: &[u8]) -> Option<u32> {
+    let h = h.get(..SEGMENT_HEADER_BYTES)?;
+    if h[0..8] != SEGMENT_MAGIC {
+        return None;
+    }
+    let mut arr = [0u8; SEGMENT_HEADER_BYTES];
+    arr.copy_from_slice(h);
+    (u32_at(h, 12) == header_crc(&arr)).then(|| u32_at(h, 8))
+}
+
 /// Checks a segment header; returns its first LSN or what is wrong.
 pub fn decode_header(h: &[u8]) -> Result<Lsn, String> {
     let Some(h) = h.get(..SEGMENT_HEADER_BYTES) else {
@@ -120,7 +133,9 @@ pub fn decode_header(h: &[u8]) -> Result<Lsn, String> {
     }
     let version = u32_at(h, 8);
     if version != SEGMENT_VERSION {
-        return Err(format!("unsupported format version {version}"));
+        return Err(format!(
+            "format version {version}, this build reads version {SEGMENT_VERSION}"
+        ));
     }
     let mut arr = [0u8; SEGMENT_HEADER_BYTES];
     arr.copy_from_slice(h);

@@ -1023,12 +1023,21 @@ fn recover_last(
         .len()
         .map_err(|e| WalError::io("stat segment", &path, e))?;
     let header = SEGMENT_HEADER_BYTES as u64;
-    let header_only_invalid = len <= header && {
-        let mut h = [0u8; SEGMENT_HEADER_BYTES];
-        let n = crate::fs::read_full_at(&*file, &mut h, 0)
-            .map_err(|e| WalError::io("read segment", &path, e))?;
-        segment::decode_header(&h[..n]) != Ok(id.first_lsn())
-    };
+    let mut h = [0u8; SEGMENT_HEADER_BYTES];
+    let n = crate::fs::read_full_at(&*file, &mut h, 0)
+        .map_err(|e| WalError::io("read segment", &path, e))?;
+    // A whole header of another version was written by another build of the WAL, not torn by a
+    // crash: truncating it as a torn tail would destroy that build's data.
+    if let Some(found) = segment::header_version(&h[..n]).filter(|v| *v != segment::SEGMENT_VERSION)
+    {
+        return Err(WalError::FormatVersion {
+            path,
+            found,
+            supported: segment::SEGMENT_VERSION,
+        });
+    }
+    let header_only_invalid =
+        len <= header && segment::decode_header(&h[..n]) != Ok(id.first_lsn());
     if header_only_invalid {
         // The crash interrupted the creation of this segment: records are written only after
         // the header is durable, so a file with nothing but a bad header never held a record.

@@ -195,9 +195,9 @@ impl Writer {
                     // A full disk fails every retry until space returns: the caller logs that
                     // condition once (rate-limited), so here it is only a debug line.
                     if matches!(err, WalError::DiskFull { .. }) {
-                        tracing::debug!(error = %err, "write-ahead log group failed; nothing of it was kept");
+                        tracing::debug!(error = %crate::ErrorChain(&err), "write-ahead log group failed; nothing of it was kept");
                     } else {
-                        tracing::warn!(error = %err, "write-ahead log group failed; nothing of it was kept");
+                        tracing::warn!(error = %crate::ErrorChain(&err), "write-ahead log group failed; nothing of it was kept");
                     }
                     self.inner.lock_pending().fail_all(range.first, &err);
                     for w in waiters {
@@ -360,7 +360,7 @@ impl Writer {
         self.file = file;
         self.len = header;
         if let Err(e) = self.inner.apply_retention() {
-            tracing::warn!(error = %e, "retention at segment rollover failed");
+            tracing::warn!(error = %crate::ErrorChain(&e), "retention at segment rollover failed");
         }
         Ok(())
     }
