@@ -600,7 +600,7 @@ async fn check(config: &Config) -> Result<ExitCode> {
         )),
         Ok((probe, profile)) => {
             println!("clickhouse: profile {}", profile.name());
-            match check_schema(&config, &probe, profile).await {
+            match check_schema(config, &probe, profile).await {
                 Err(error) => finding(format!("clickhouse: {}", ErrorChain(&error))),
                 Ok(problems) => {
                     for problem in problems {
