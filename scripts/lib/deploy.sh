@@ -2,7 +2,7 @@
 # The "deploy checks" step of scripts/test: the deployment files under deploy/ checked with the
 # tools that run them in production.
 #   promtool check rules / test rules   deploy/prometheus/rules.yml and its unit tests
-#   promtool check config               deploy/prometheus/prometheus.yml
+#   promtool check config               deploy/prometheus/prometheus.yml, deploy/docker/prometheus.yml
 #   amtool check-config                 deploy/alertmanager/alertmanager.yml, and where alerts go
 #   systemd-analyze verify              deploy/systemd/prism-relay.service (when systemd-analyze
 #                                       exists; tests/it/deploy.rs checks the unit's keys either way)
@@ -18,7 +18,14 @@ deploy_check_prometheus() {
     (cd "$DEPLOY_DIR/prometheus" &&
         promtool check rules rules.yml &&
         promtool test rules rules_test.yml &&
-        promtool check config prometheus.yml)
+        promtool check config prometheus.yml) || return 1
+    # The compose file's Prometheus gets rules.yml mounted beside its configuration.
+    local dir status=0
+    dir=$(mktemp -d)
+    cp "$DEPLOY_DIR/docker/prometheus.yml" "$DEPLOY_DIR/prometheus/rules.yml" "$dir/"
+    (cd "$dir" && promtool check config prometheus.yml) || status=$?
+    rm -rf "$dir"
+    return "$status"
 }
 
 # deploy_route_test RECEIVERS LABEL=VALUE...: the receivers Alertmanager picks for an alert
