@@ -1248,5 +1248,40 @@ async fn a_real_prometheus_scraping_a_relay_under_load_gets_series_from_every_ru
     }
     assert!(unknown.is_empty(), "not exported by the relay: {unknown:?}");
 
+    // The image's health check, run as the container would, passes against a live relay and
+    // fails against a port where none listens.
+    let port = config.metrics_addr().port();
+    assert!(
+        run_health_check(port),
+        "the Dockerfile's HEALTHCHECK fails against a live relay on port {port}"
+    );
+    let closed = crate::harness::free_port();
+    assert!(
+        !run_health_check(closed),
+        "the HEALTHCHECK passes with no relay on {closed}"
+    );
+
     relay.terminate().await;
+}
+
+/// Runs the Dockerfile's `HEALTHCHECK CMD` (an exec-form JSON array) with the relay's port in
+/// place of 9094; true when it exits 0.
+fn run_health_check(port: u16) -> bool {
+    let dockerfile = read("deploy/docker/Dockerfile").replace("\\\n", " ");
+    let line = dockerfile
+        .lines()
+        .find(|l| l.starts_with("HEALTHCHECK"))
+        .expect("a HEALTHCHECK instruction");
+    let (_, command) = line.split_once(" CMD ").expect("HEALTHCHECK ... CMD [...]");
+    let argv: Vec<String> =
+        serde_json::from_str(command.trim()).expect("the CMD is an exec-form JSON array");
+    let argv: Vec<String> = argv
+        .into_iter()
+        .map(|arg| arg.replace("/9094", &format!("/{port}")))
+        .collect();
+    std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .status()
+        .expect("run the health check")
+        .success()
 }
