@@ -1,8 +1,14 @@
 //! The operator's HTTP endpoint: `/metrics` (Prometheus), `/health` (alive) and `/ready` (serving).
 //!
-//! `/health` answers 200 while the process and its WAL writer live, so a supervisor restarts a relay
-//! whose WAL failed; `/ready` answers 200 only while ClickHouse accepts inserts and the schema matched,
-//! so a load balancer or an alert sees a relay that is only buffering.
+//! `/health` (liveness) answers 200 while the WAL lives and every task loop (ingest per consumer,
+//! each drain lane, the ledger keeper) makes progress or waits legitimately; a loop silent for
+//! [`crate::metrics::health::LOOP_STALL_S`], or a failed WAL, answers 503 with a body naming it,
+//! so a supervisor restarts the relay. `/ready` answers 503 while the drain has not reached
+//! ClickHouse yet, at once on a schema error, once the WAL failed, and while a table's inserts
+//! have been failing for longer than `[metrics] ready_insert_failing_s`; its body names each
+//! table with the last error's class and a short redacted cause. It answers 200 again as soon as
+//! the table's next insert succeeds. A relay that is only buffering is therefore visible to a load
+//! balancer and to alerts (see [`crate::metrics::health`]).
 //!
 //! The port is reachable by whoever can reach the node, so it must not be able to take the relay
 //! down: each connection holds a file descriptor the WAL and the ClickHouse connections need too.
@@ -221,35 +227,32 @@ async fn busy() -> impl IntoResponse {
 }
 
 async fn render_metrics(State(shared): State<Shared>) -> impl IntoResponse {
-    let stats = shared.wal.stats();
-    shared.metrics.wal_bytes.set(stats.bytes_on_disk as i64);
-    shared.metrics.wal_segments.set(stats.segments as i64);
     shared
         .metrics
-        .wal_durable_lsn
-        .set(stats.durable_lsn.0 as i64);
+        .refresh(&shared.wal.stats(), shared.wal.budget_bytes_max());
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, metrics::TEXT_FORMAT_CONTENT_TYPE)],
         metrics::render(&shared.registry),
     )
 }
 
+/// 200 while the WAL lives and every task loop beats; 503 naming what does not.
 async fn health(State(shared): State<Shared>) -> impl IntoResponse {
-    if shared.metrics.wal_failed.get() == 1 {
-        (StatusCode::SERVICE_UNAVAILABLE, "wal failed\n")
-    } else {
-        (StatusCode::OK, "ok\n")
+    let wal_failed = shared.metrics.wal_failed.get() == 1;
+    match shared.metrics.health.liveness(wal_failed) {
+        Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
+        Err(body) => (StatusCode::SERVICE_UNAVAILABLE, body),
     }
 }
 
+/// 200 while the relay delivers to ClickHouse; 503 naming the tables and why.
 async fn ready(State(shared): State<Shared>) -> impl IntoResponse {
-    if shared.metrics.ready.get() == 1 && shared.metrics.wal_failed.get() != 1 {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    let wal_failed = shared.metrics.wal_failed.get() == 1;
+    let readiness = shared.metrics.health.readiness(wal_failed);
+    shared.metrics.ready.set(i64::from(readiness.is_ok()));
+    match readiness {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(body) => (StatusCode::SERVICE_UNAVAILABLE, body),
     }
 }
 

@@ -67,6 +67,9 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
     let consumer = fetcher.durable().to_string();
+    // Beats at every pass and while waiting legitimately (a pull, a retry delay, WAL budget);
+    // an append stuck behind a hung fsync does not beat, so /health reports it.
+    let heartbeat = metrics.health.heartbeat(format!("ingest {consumer}"));
     let mut fetch_delay_ms = FETCH_RETRY_INITIAL_MS;
     // Conditions retried every few milliseconds, logged when they start, every reminder
     // interval while they last, and when they end (the metrics carry the rest).
@@ -77,6 +80,7 @@ pub async fn run(
     // Messages too large for the WAL: events a publisher controls, summarised the same way.
     let mut oversized = Condition::default();
     loop {
+        heartbeat.beat();
         if *shutdown.borrow() {
             return Ok(());
         }
@@ -110,7 +114,7 @@ pub async fn run(
         // A pull in flight is finished, not abandoned at shutdown: JetStream counts its messages
         // as delivered, and dropping them would hold them back for ack_wait after a restart. It
         // ends within fetch_expires_ms; the loop then appends, acks, and sees the shutdown.
-        let batch = match fetcher.fetch().await {
+        let batch = match heartbeat.wait(fetcher.fetch()).await {
             Ok(batch) => {
                 fetch_delay_ms = FETCH_RETRY_INITIAL_MS;
                 if let Some(ended) = fetch_failing.cleared() {
@@ -122,10 +126,15 @@ pub async fn run(
                 log_fetch_error(&consumer, &error, &mut fetch_failing);
                 let delay = Duration::from_millis(fetch_delay_ms);
                 fetch_delay_ms = (fetch_delay_ms * 2).min(FETCH_RETRY_MAX_MS);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.changed() => {}
-                }
+                let mut stop = shutdown.clone();
+                heartbeat
+                    .wait(async {
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = stop.changed() => {}
+                        }
+                    })
+                    .await;
                 continue;
             }
         };
@@ -164,7 +173,7 @@ pub async fn run(
             };
             let attempt = tokio::select! {
                 biased;
-                result = wal.append(&envelopes) => result,
+                result = heartbeat.wait_while(wal.append(&envelopes), || wal.budget_full() || !wal.reserve_held()) => result,
                 _ = stop_then_grace => break None,
             };
             match attempt {
@@ -175,6 +184,7 @@ pub async fn run(
                     metrics.ingest_paused.set(1);
                     log_disk_full(&consumer, &mut disk_full);
                     let stopped = loop {
+                        heartbeat.beat();
                         if pause(&mut shutdown).await {
                             break true;
                         }
@@ -237,7 +247,7 @@ pub async fn run(
                 .set(newest as f64 / 1e9);
         }
         drop(envelopes);
-        match fetcher.ack(batch).await {
+        match heartbeat.wait(fetcher.ack(batch)).await {
             Ok(summary) => {
                 metrics.acks.inc_by(summary.acks_sent as u64);
             }

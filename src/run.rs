@@ -308,6 +308,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     let registry = Arc::new(registry);
+    metrics
+        .health
+        .set_ready_insert_failing_s(config.metrics.ready_insert_failing_s);
+    wal.set_commit_observer(Arc::new(metrics.clone()));
     let listener = http::bind(config.metrics.listen)
         .await
         .map_err(|source| RunError::Listen {
@@ -328,6 +332,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let backlog_task = tokio::spawn(poll_backlog(
+        fetchers.iter().map(Fetcher::backlog_probe).collect(),
+        Duration::from_secs(config.metrics.backlog_poll_interval_s),
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
     let mut ingest_tasks = JoinSet::new();
     for fetcher in fetchers {
         ingest_tasks.spawn(ingest::run(
@@ -398,12 +408,73 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         drain_task.abort();
     }
     let _ = http_task.await;
+    let _ = backlog_task.await;
     if let Err(error) = wal.close().await {
         tracing::warn!(%error, "closing the WAL");
     }
     match failure {
         Some(error) => Err(error),
         None => Ok(()),
+    }
+}
+
+/// Longest wait for one consumer info answer (ms): an answer takes milliseconds; a NATS server
+/// that does not answer must not hold the poller past its next round.
+const BACKLOG_REQUEST_TIMEOUT_MS: u64 = 5_000;
+
+/// Polls every consumer's info each `interval` into the `prism_relay_jetstream_*` gauges, until
+/// shutdown. A failed or slow request leaves the consumer's gauges at their last value and is
+/// logged as a condition (NATS being down is logged by ingest already).
+async fn poll_backlog(
+    probes: Vec<source::BacklogProbe>,
+    interval: Duration,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    use crate::metrics::ConsumerLabels;
+    let mut failing: Vec<Condition> = probes.iter().map(|_| Condition::default()).collect();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        for (probe, failing) in probes.iter().zip(failing.iter_mut()) {
+            let bound = Duration::from_millis(BACKLOG_REQUEST_TIMEOUT_MS).min(interval);
+            let labels = ConsumerLabels {
+                stream: probe.stream().to_owned(),
+                consumer: probe.durable().to_owned(),
+            };
+            match tokio::time::timeout(bound, probe.backlog()).await {
+                Ok(Ok(backlog)) => {
+                    failing.cleared();
+                    let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+                    metrics
+                        .jetstream_pending
+                        .get_or_create(&labels)
+                        .set(gauge(backlog.num_pending));
+                    metrics
+                        .jetstream_ack_pending
+                        .get_or_create(&labels)
+                        .set(gauge(backlog.num_ack_pending));
+                    metrics
+                        .jetstream_redelivered
+                        .get_or_create(&labels)
+                        .set(gauge(backlog.num_redelivered));
+                }
+                Ok(Err(error)) => {
+                    if let Some(o) = failing.occurred() {
+                        tracing::debug!(stream = %labels.stream, durable = %labels.consumer, %error, failures = o.count(), "consumer info for the backlog gauges failed");
+                    }
+                }
+                Err(_) => {
+                    if let Some(o) = failing.occurred() {
+                        tracing::debug!(stream = %labels.stream, durable = %labels.consumer, timeout_ms = bound.as_millis() as u64, failures = o.count(), "consumer info for the backlog gauges timed out");
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -447,6 +518,10 @@ async fn drain(
                 break (probe, profile);
             }
             Err(error) => {
+                let class = error
+                    .class()
+                    .map_or_else(|| "invalid_options".to_owned(), |c| c.to_string());
+                metrics.health.drain_waiting(&class, &error.to_string());
                 if let Some(o) = not_ready.occurred() {
                     tracing::warn!(%error, attempts = o.count(), lasted_s = o.lasted_s(), "ClickHouse not ready; ingesting into the WAL meanwhile");
                 }
@@ -465,9 +540,11 @@ async fn drain(
         waited_ms = waited.map_or(0, |w| w.lasted.as_millis() as u64),
         "ClickHouse schema checked; draining"
     );
+    metrics.health.drain_started();
     metrics.ready.set(1);
 
     let sink = Sink::new(sink_options(&config, profile))?;
+    metrics.count_sent_bytes(sink.wire_bytes());
     let router = Arc::new(Router::new(
         config
             .drain
@@ -551,7 +628,10 @@ async fn drain(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut result = Ok(());
     let mut disk_full = Condition::default();
+    // The keeper beats at every tick; a commit that hangs (a hung fsync) stops it beating.
+    let heartbeat = metrics.health.heartbeat("ledger keeper");
     loop {
+        heartbeat.beat();
         tokio::select! {
             _ = tick.tick() => match ledger.commit().await {
                 Ok(()) => {

@@ -17,7 +17,7 @@ use crate::codec::{self, Row, Table, TimeWindow};
 use crate::sink::{DeadLetter, InsertError, IsolateOutcome, Sink};
 
 use super::route::Route;
-use crate::metrics::RowLabels;
+use crate::metrics::{DeadReason, RowLabels, UNROUTED_DATA_TYPE};
 
 macro_rules! typed_rows {
     ($($variant:ident($row:ty) => $table:ident),* $(,)?) => {
@@ -189,8 +189,12 @@ pub struct Batch {
     pub labels: Vec<RowLabels>,
     /// Records that did not decode, with their reason.
     pub dead: Vec<DeadLetter>,
+    /// The reason class and data type label of each of `dead`, for the metrics.
+    pub dead_classes: Vec<(DeadReason, String)>,
     /// Payload bytes pushed, for the byte limit.
     bytes: usize,
+    /// Publish time (unix ns) of the oldest record pushed, for the drain lag.
+    oldest_published_ns: Option<i64>,
     /// When the first record arrived, for the age limit.
     opened_at: Option<Instant>,
     /// FNV-1a over the identities pushed, for the token.
@@ -230,7 +234,9 @@ impl Batch {
             row_labels: Vec::new(),
             labels: Vec::new(),
             dead: Vec::new(),
+            dead_classes: Vec::new(),
             bytes: 0,
+            oldest_published_ns: None,
             opened_at: None,
             fingerprint: FNV_OFFSET,
             window,
@@ -279,6 +285,10 @@ impl Batch {
         }
         self.last = lsn;
         self.bytes += envelope.payload.len();
+        self.oldest_published_ns = Some(
+            self.oldest_published_ns
+                .map_or(envelope.published_ns, |t| t.min(envelope.published_ns)),
+        );
         self.fingerprint = fnv(self.fingerprint, envelope.stream.as_bytes());
         self.fingerprint = fnv(self.fingerprint, &envelope.stream_seq.0.to_le_bytes());
 
@@ -289,20 +299,29 @@ impl Batch {
                 &envelope.stream,
                 envelope.stream_seq.0,
             )
+            .map_err(|error| (DeadReason::undecodable, error.to_string()))
             .and_then(|row| {
-                self.window.check(&row, envelope.published_ns)?;
+                self.window
+                    .check(&row, envelope.published_ns)
+                    .map_err(|error| (DeadReason::timestamp, error.to_string()))?;
                 Ok(row)
             })
-            .map_err(|error| error.to_string())
             .and_then(|row| {
                 rows.push(row).map_err(|row| {
-                    format!("row of table {} does not belong to lane {}", row.table().name(), self.lane)
+                    (
+                        DeadReason::undecodable,
+                        format!("row of table {} does not belong to lane {}", row.table().name(), self.lane),
+                    )
                 })
             }),
-            Rows::Json { body, starts } => push_passthrough_line(body, starts, envelope),
-            Rows::None => Err(format!(
-                "no route for subject {:?}: no typed codec and no [[drain.passthrough]] entry for its first token",
-                envelope.subject
+            Rows::Json { body, starts } => push_passthrough_line(body, starts, envelope)
+                .map_err(|reason| (DeadReason::undecodable, reason)),
+            Rows::None => Err((
+                DeadReason::unrouted,
+                format!(
+                    "no route for subject {:?}: no typed codec and no [[drain.passthrough]] entry for its first token",
+                    envelope.subject
+                ),
             )),
         };
         match outcome {
@@ -311,10 +330,24 @@ impl Batch {
                 let label = self.label_index(&envelope.subject);
                 self.row_labels.push(label);
             }
-            Err(reason) => self
-                .dead
-                .push(dead_letter(&self.lane, envelope, reason, now_ms)),
+            Err((class, reason)) => {
+                let class = dead_reason_class(envelope).unwrap_or(class);
+                self.dead_classes
+                    .push((class, dead_letter_data_type(&self.lane, &envelope.subject)));
+                self.dead
+                    .push(dead_letter(&self.lane, envelope, reason, now_ms));
+            }
         }
+    }
+
+    /// Payload bytes pushed so far.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Publish time (unix ns) of the oldest record pushed, if any.
+    pub fn oldest_published_ns(&self) -> Option<i64> {
+        self.oldest_published_ns
     }
 
     /// Index of the subject's labels in `labels`, adding them when new. A batch holds a handful of
@@ -485,6 +518,32 @@ pub fn dead_letter(lane: &str, envelope: &Envelope<'_>, reason: String, now_ms: 
         nats_seq: envelope.stream_seq.0,
         error: reason,
         payload: envelope.payload.to_vec(),
+    }
+}
+
+/// The reason class of a dead-letter record (one ingest or the source's rescue wrote in place of
+/// a message), or `None` for an ordinary record. A rescued delivery carries its raw subject.
+fn dead_reason_class(envelope: &Envelope<'_>) -> Option<DeadReason> {
+    super::route::dead_letter_reason(envelope)?;
+    let rescued = envelope
+        .headers
+        .iter()
+        .any(|(name, _)| name == crate::source::RAW_SUBJECT_HEADER);
+    Some(if rescued {
+        DeadReason::invalid_subject
+    } else {
+        DeadReason::oversized
+    })
+}
+
+/// The `data_type` label of a dead letter of `lane`: the subject's first token, which routing
+/// bounds for a routed lane; a fixed value for the unrouted lane, whose first tokens are whatever
+/// publishers send.
+pub fn dead_letter_data_type(lane: &str, subject: &str) -> String {
+    if lane == super::route::UNROUTED_LANE {
+        UNROUTED_DATA_TYPE.to_owned()
+    } else {
+        subject_labels(subject).0.to_owned()
     }
 }
 

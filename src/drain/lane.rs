@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use crate::codec::TimeWindow;
 use crate::logcond::Condition;
-use crate::metrics::{DataTypeLabels, LaneLabels, Metrics};
+use crate::metrics::{DataTypeLabels, DeadReason, Heartbeat, LaneLabels, Metrics};
 use crate::sink::{Backoff, DeadLetter, ErrorClass, InsertError, Sink};
 
 use super::batch::{dead_letter, Batch, BatchLimits, RowsKind};
@@ -54,6 +54,8 @@ pub struct Lane {
     kind: RowsKind,
     /// Publish time of the newest record handled (for the drain watermark).
     newest_published_ns: i64,
+    /// The lane loop's liveness (see [`crate::metrics::health`]).
+    heartbeat: Heartbeat,
 }
 
 fn now_ms() -> i64 {
@@ -84,6 +86,10 @@ impl Lane {
             "an in-flight batch starts at or after its lane's cursor"
         );
         ledger.register(&config.name, resume_cursor).await;
+        metrics.health.lane_started(&config.name);
+        let heartbeat = metrics
+            .health
+            .heartbeat(format!("drain lane {}", config.name));
         Lane {
             config,
             wal,
@@ -97,6 +103,7 @@ impl Lane {
             recut,
             kind,
             newest_published_ns: 0,
+            heartbeat,
         }
     }
 
@@ -110,6 +117,8 @@ impl Lane {
             match self.wal.reader(self.read_pos) {
                 Ok(reader) => break reader,
                 Err(source) if source.is_transient() && !*self.shutdown.borrow() => {
+                    // Out of file descriptors passes on its own: a legitimate wait.
+                    self.heartbeat.beat();
                     if let Some(o) = files_exhausted.occurred() {
                         tracing::warn!(lane = %self.config.name, error = %source, failures = o.count(), lasted_s = o.lasted_s(), "cannot open the WAL to read; retrying");
                     }
@@ -127,6 +136,7 @@ impl Lane {
             }
         };
         loop {
+            self.heartbeat.beat();
             let mut caught_up = false;
             let mut read_blocked = false;
             for _ in 0..READ_CHUNK_RECORDS {
@@ -209,7 +219,7 @@ impl Lane {
                     .note_cursor(&self.config.name, self.read_pos)
                     .await;
             }
-            self.publish_progress(&batch);
+            self.publish_progress(&batch, caught_up);
             if *self.shutdown.borrow() {
                 return self.stop(&mut batch).await;
             }
@@ -247,7 +257,7 @@ impl Lane {
         Ok(())
     }
 
-    fn publish_progress(&self, batch: &Batch) {
+    fn publish_progress(&self, batch: &Batch, caught_up: bool) {
         let lane = LaneLabels {
             table: self.config.name.clone(),
         };
@@ -261,12 +271,27 @@ impl Lane {
             .durable_lsn()
             .0
             .saturating_sub(cursor.0.saturating_sub(1));
+        let queue = DataTypeLabels {
+            data_type: self.config.name.clone(),
+        };
         self.metrics
             .batch_queue_size
-            .get_or_create(&DataTypeLabels {
-                data_type: self.config.name.clone(),
-            })
+            .get_or_create(&queue)
             .set(backlog as i64);
+        self.metrics
+            .batch_queue_bytes
+            .get_or_create(&queue)
+            .set(batch.bytes() as i64);
+        // The oldest record not inserted: the open batch's oldest, or none once the lane has
+        // read everything durable and holds no batch. An empty batch short of the end keeps
+        // the previous figure until the next record of the lane is read.
+        if !batch.is_empty() {
+            self.metrics
+                .health
+                .lane_pending(&self.config.name, batch.oldest_published_ns());
+        } else if caught_up {
+            self.metrics.health.lane_pending(&self.config.name, None);
+        }
         if batch.is_empty() && self.newest_published_ns > 0 {
             self.metrics
                 .drain_watermark_seconds
@@ -286,6 +311,17 @@ impl Lane {
             Batch::new(&self.config.name, self.kind, self.config.time_window),
         );
         let token = full.token();
+        // While the batch is in flight (and retried through an outage) it is what the lane has
+        // not inserted: the lag and the queue bytes must show it.
+        self.metrics
+            .health
+            .lane_pending(&self.config.name, full.oldest_published_ns());
+        self.metrics
+            .batch_queue_bytes
+            .get_or_create(&DataTypeLabels {
+                data_type: self.config.name.clone(),
+            })
+            .set(full.bytes() as i64);
         let inflight = InflightBatch {
             first,
             last: full.last(),
@@ -295,33 +331,59 @@ impl Lane {
             .await?;
 
         let (rows, table, token_ref) = (&full.rows, self.config.name.clone(), token.as_str());
+        let lane_table = self.config.name.clone();
         let outcome = self
-            .retry(stopping, |sink| {
+            .retry(stopping, &lane_table, |sink| {
                 let table = table.clone();
                 async move { rows.insert(&sink, &table, token_ref).await }
             })
             .await?;
         let rejected: Vec<usize> = outcome.poison.iter().map(|p| p.index).collect();
         let mut dead = full.dead.clone();
+        let mut dead_classes = full.dead_classes.clone();
         for poison in &outcome.poison {
             let lsn = full.row_lsns[poison.index];
-            dead.push(self.reread_dead_letter(lsn, poison.error.message.clone())?);
+            let letter = self.reread_dead_letter(lsn, poison.error.message.clone())?;
+            dead_classes.push((
+                DeadReason::rejected,
+                super::batch::dead_letter_data_type(&self.config.name, &letter.subject),
+            ));
+            dead.push(letter);
         }
         if !dead.is_empty() {
             let dead_table = self.config.dead_letter_table.as_str().to_owned();
             let dead_token = format!("{token}/dead");
             let (dead_rows, dead_table, dead_token) =
                 (&dead, dead_table.as_str(), dead_token.as_str());
-            self.retry(stopping, |sink| async move {
+            self.retry(stopping, dead_table, |sink| async move {
                 sink.insert_dead_letters(dead_table, dead_rows, Some(dead_token))
                     .await
             })
             .await?;
-            self.metrics.failed(dead.len() as u64);
+            // A handful of classes and data types per batch: count each group once.
+            let mut groups: Vec<(DeadReason, &str, u64)> = Vec::new();
+            for (class, data_type) in &dead_classes {
+                match groups
+                    .iter_mut()
+                    .find(|(c, d, _)| c == class && d == data_type)
+                {
+                    Some(group) => group.2 += 1,
+                    None => groups.push((*class, data_type, 1)),
+                }
+            }
+            for (class, data_type, records) in groups {
+                self.metrics
+                    .dead_lettered(&self.config.name, data_type, class, records);
+            }
         }
+        self.metrics
+            .batch_rows
+            .get_or_create(&LaneLabels {
+                table: self.config.name.clone(),
+            })
+            .observe(full.len() as f64);
         if outcome.rows_inserted > 0 {
-            self.metrics.batch_inserts.inc();
-            self.metrics.batch_size.inc_by(outcome.rows_inserted as u64);
+            self.metrics.batch_inserted(outcome.rows_inserted as u64);
             for (labels, rows) in full.label_counts(&rejected) {
                 self.metrics.processed(labels, rows);
             }
@@ -357,6 +419,8 @@ impl Lane {
                             lane: self.config.name.clone(),
                         });
                     }
+                    // Waiting for disk space is legitimate: the loop is alive.
+                    self.heartbeat.beat();
                     tokio::select! {
                         _ = tokio::time::sleep(LEDGER_RETRY) => {}
                         _ = self.shutdown.changed() => {}
@@ -387,8 +451,16 @@ impl Lane {
         Ok(dead_letter(&self.config.name, &envelope, reason, now_ms()))
     }
 
-    /// Runs an insert until it succeeds; retryable and schema errors back off and try again.
-    async fn retry<T, F, Fut>(&mut self, stopping: bool, mut attempt: F) -> Result<T, DrainError>
+    /// Runs an insert into `table` until it succeeds; retryable and schema errors back off and
+    /// try again. Each attempt is timed and counted, and reported to the lane's readiness; the
+    /// loop beats while an attempt and a retry delay last (both are legitimate waits, bounded by
+    /// `insert_timeout_ms` and the backoff).
+    async fn retry<T, F, Fut>(
+        &mut self,
+        stopping: bool,
+        table: &str,
+        mut attempt: F,
+    ) -> Result<T, DrainError>
     where
         F: FnMut(Sink) -> Fut,
         Fut: std::future::Future<Output = Result<T, InsertError>>,
@@ -399,19 +471,24 @@ impl Lane {
         );
         let mut failing = Condition::default();
         loop {
-            match attempt(self.sink.clone()).await {
+            let started = Instant::now();
+            let result = self.heartbeat.wait(attempt(self.sink.clone())).await;
+            let elapsed = started.elapsed();
+            match result {
                 Ok(value) => {
-                    self.metrics.ready.set(1);
+                    self.metrics.insert_attempt(table, elapsed, None);
+                    self.metrics.health.insert_succeeded(&self.config.name);
                     if let Some(ended) = failing.cleared() {
                         tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "insert succeeded after retries");
                     }
                     return Ok(value);
                 }
                 Err(error) => {
-                    self.metrics.clickhouse_insert_errors.inc();
-                    if error.class == ErrorClass::Schema {
-                        self.metrics.ready.set(0);
-                    }
+                    let class = error_class_label(error.class);
+                    self.metrics.insert_attempt(table, elapsed, Some(&class));
+                    self.metrics
+                        .health
+                        .insert_failed(&self.config.name, &class, &error.message);
                     if let Some(o) = failing.occurred() {
                         tracing::warn!(lane = %self.config.name, class = ?error.class, %error, failures = o.count(), lasted_s = o.lasted_s(), "insert failed; retrying");
                     }
@@ -420,15 +497,31 @@ impl Lane {
                             lane: self.config.name.clone(),
                         });
                     }
+                    self.metrics
+                        .insert_retries
+                        .get_or_create(&LaneLabels {
+                            table: table.to_owned(),
+                        })
+                        .inc();
                     let delay = backoff.next_delay();
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.shutdown.changed() => {}
-                    }
+                    let mut shutdown = self.shutdown.clone();
+                    self.heartbeat
+                        .wait(async {
+                            tokio::select! {
+                                _ = tokio::time::sleep(delay) => {}
+                                _ = shutdown.changed() => {}
+                            }
+                        })
+                        .await;
                 }
             }
         }
     }
+}
+
+/// The `class` label of an insert error: the sink's class in lower_snake_case.
+fn error_class_label(class: ErrorClass) -> String {
+    class.to_string().replace(['-', ' '], "_").to_lowercase()
 }
 
 /// How long a lane waits before retrying a ledger commit that found the disk full: space comes

@@ -19,6 +19,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::wire::{RequestScanner, WireBytes};
+use std::sync::Arc;
+
 /// Largest answer the relay reads from ClickHouse, in bytes. Its own answers are kilobytes at
 /// most; 16 MiB leaves room for a long exception text or a wide column list while bounding the
 /// memory one request can take.
@@ -31,6 +34,8 @@ pub struct BoundedConnector {
     inner: HttpConnector,
     /// Bytes one answer may take.
     answer_bytes_max: u64,
+    /// Bytes written by every connection of this connector (see [`super::wire`]).
+    wire: Arc<WireBytes>,
 }
 
 impl BoundedConnector {
@@ -39,7 +44,13 @@ impl BoundedConnector {
         BoundedConnector {
             inner,
             answer_bytes_max,
+            wire: Arc::default(),
         }
+    }
+
+    /// The byte totals of this connector's connections.
+    pub fn wire_bytes(&self) -> Arc<WireBytes> {
+        self.wire.clone()
     }
 }
 
@@ -64,12 +75,15 @@ impl tower_service::Service<hyper::Uri> for BoundedConnector {
     fn call(&mut self, uri: hyper::Uri) -> Self::Future {
         let connecting = self.inner.call(uri);
         let answer_bytes_max = self.answer_bytes_max;
+        let wire = self.wire.clone();
         Box::pin(async move {
             let io = connecting.await?;
             Ok(TokioIo::new(BoundedStream {
                 inner: io.into_inner(),
                 read_since_write: 0,
                 answer_bytes_max,
+                wire,
+                scanner: RequestScanner::default(),
             }))
         })
     }
@@ -85,6 +99,10 @@ pub struct BoundedStream {
     read_since_write: u64,
     /// Bytes one answer may take.
     answer_bytes_max: u64,
+    /// Where written bytes are counted.
+    wire: Arc<WireBytes>,
+    /// Follows the requests written, for the uncompressed count.
+    scanner: RequestScanner,
 }
 
 impl AsyncRead for BoundedStream {
@@ -122,6 +140,7 @@ impl AsyncWrite for BoundedStream {
             if written > 0 {
                 // A new request: what is read from now on is its answer.
                 this.read_since_write = 0;
+                this.scanner.written(&buf[..written], &this.wire);
             }
         }
         polled
@@ -137,6 +156,16 @@ impl AsyncWrite for BoundedStream {
         if let Poll::Ready(Ok(written)) = polled {
             if written > 0 {
                 this.read_since_write = 0;
+                // The bytes written are a prefix of the slices, in order.
+                let mut left = written;
+                for slice in bufs {
+                    let take = left.min(slice.len());
+                    this.scanner.written(&slice[..take], &this.wire);
+                    left -= take;
+                    if left == 0 {
+                        break;
+                    }
+                }
             }
         }
         polled

@@ -38,6 +38,7 @@ pub mod classify;
 mod dead_letter;
 pub mod isolate;
 pub mod json;
+pub mod wire;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -177,6 +178,8 @@ pub struct Sink {
 
 struct Inner {
     client: clickhouse::Client,
+    /// Bytes this sink's connections wrote (see [`wire`]).
+    wire: Arc<wire::WireBytes>,
     opts: SinkOptions,
     request_timeout: Duration,
     /// The rate of isolation inserts, shared by every clone (every lane) of this sink.
@@ -230,10 +233,12 @@ impl Sink {
         connector.set_connect_timeout(Some(Duration::from_millis(opts.connect_timeout_ms)));
         connector.set_keepalive(Some(Duration::from_millis(TCP_KEEPALIVE_MS)));
         connector.set_nodelay(true);
+        let connector = BoundedConnector::new(connector, ANSWER_BYTES_MAX);
+        let wire = connector.wire_bytes();
         let http =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_millis(POOL_IDLE_TIMEOUT_MS))
-                .build(BoundedConnector::new(connector, ANSWER_BYTES_MAX));
+                .build(connector);
 
         let mut client = clickhouse::Client::with_http_client(http)
             .with_url(&opts.url)
@@ -251,11 +256,18 @@ impl Sink {
         Ok(Sink {
             inner: Arc::new(Inner {
                 client,
+                wire,
                 pace: Pace::new(opts.isolate_inserts_per_minute, std::time::Instant::now()),
                 opts,
                 request_timeout,
             }),
         })
+    }
+
+    /// Bytes sent to ClickHouse by this sink and its clones: on the wire (compressed) and
+    /// request bodies before compression (see [`wire`]).
+    pub fn wire_bytes(&self) -> Arc<wire::WireBytes> {
+        self.inner.wire.clone()
     }
 
     /// The options this sink was built with.

@@ -303,6 +303,16 @@ impl Fetcher {
         batch.ack().await
     }
 
+    /// A handle that reads this consumer's backlog from another task (the metrics poller),
+    /// sharing the fetcher's consumer handle instead of looking the consumer up again.
+    pub fn backlog_probe(&self) -> BacklogProbe {
+        BacklogProbe {
+            consumer: self.consumer.clone(),
+            stream: self.stream.clone(),
+            durable: self.durable.clone(),
+        }
+    }
+
     /// The consumer's backlog as the server sees it (the autoscaling signal).
     pub async fn backlog(&mut self) -> Result<Backlog, SourceError> {
         let info = self.consumer_info().await?;
@@ -451,6 +461,49 @@ impl Fetcher {
                 source,
             }
         }
+    }
+}
+
+/// Reads one consumer's [`Backlog`] (see [`Fetcher::backlog_probe`]).
+#[derive(Debug, Clone)]
+pub struct BacklogProbe {
+    /// A clone of the fetcher's consumer handle.
+    consumer: PullConsumer,
+    /// Stream name.
+    stream: Arc<str>,
+    /// Durable name.
+    durable: Arc<str>,
+}
+
+impl BacklogProbe {
+    /// Stream name.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// Durable name.
+    pub fn durable(&self) -> &str {
+        &self.durable
+    }
+
+    /// The consumer's counters, fresh from the server (one consumer info request, bounded by
+    /// the client's request timeout).
+    pub async fn backlog(&self) -> Result<Backlog, SourceError> {
+        let info = self
+            .consumer
+            .get_info()
+            .await
+            .map_err(|err| SourceError::ConsumerRequest {
+                stream: self.stream.to_string(),
+                durable: self.durable.to_string(),
+                source: Box::new(err),
+            })?;
+        Ok(Backlog {
+            num_pending: info.num_pending,
+            num_ack_pending: info.num_ack_pending as u64,
+            ack_floor_stream_seq: info.ack_floor.stream_sequence,
+            num_redelivered: info.num_redelivered as u64,
+        })
     }
 }
 

@@ -40,7 +40,7 @@ mod reply;
 mod rescue;
 mod setup;
 
-pub use fetch::{AckSummary, Backlog, Batch, Fetcher, MessageRef, SELECTED_HEADERS};
+pub use fetch::{AckSummary, Backlog, BacklogProbe, Batch, Fetcher, MessageRef, SELECTED_HEADERS};
 pub use rescue::{
     rescue_unavailable, RescueError, DEAD_LETTER_HEADER, RAW_SUBJECT_HEADER, RESCUE_ACK_WAITS_MAX,
 };

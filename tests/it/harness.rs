@@ -386,6 +386,10 @@ pub struct RelayConfig {
     pub retry_backoff_initial_ms: u64,
     pub retry_backoff_max_ms: u64,
     pub metrics_port: u16,
+    /// `[metrics] ready_insert_failing_s`, when not the default.
+    pub ready_insert_failing_s: Option<u64>,
+    /// `[metrics] backlog_poll_interval_s`, when not the default.
+    pub backlog_poll_interval_s: Option<u64>,
     pub shutdown_timeout_ms: u64,
     /// Raw TOML appended at the end (e.g. `[[drain.passthrough]]` entries).
     pub extra: String,
@@ -421,6 +425,8 @@ impl RelayConfig {
             retry_backoff_initial_ms: 50,
             retry_backoff_max_ms: 500,
             metrics_port: free_port(),
+            ready_insert_failing_s: None,
+            backlog_poll_interval_s: None,
             shutdown_timeout_ms: 10_000,
             extra: String::new(),
         }
@@ -496,8 +502,18 @@ impl RelayConfig {
         }
         let _ = writeln!(
             t,
-            "[metrics]\nlisten = {}\n\n[shutdown]\ntimeout_ms = {}\n",
-            q(&self.metrics_addr().to_string()),
+            "[metrics]\nlisten = {}",
+            q(&self.metrics_addr().to_string())
+        );
+        if let Some(s) = self.ready_insert_failing_s {
+            let _ = writeln!(t, "ready_insert_failing_s = {s}");
+        }
+        if let Some(s) = self.backlog_poll_interval_s {
+            let _ = writeln!(t, "backlog_poll_interval_s = {s}");
+        }
+        let _ = writeln!(
+            t,
+            "\n[shutdown]\ntimeout_ms = {}\n",
             self.shutdown_timeout_ms
         );
         t.push_str(&self.extra);
@@ -828,7 +844,8 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
 
 /// Sum of the samples of `name` in Prometheus text whose labels include all `labels`.
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut sum = 0.0;
+    // (number of labels, label text, value) of every series of `name`.
+    let mut series: Vec<(usize, &str, f64)> = Vec::new();
     for line in text.lines() {
         if line.starts_with('#') {
             continue;
@@ -846,16 +863,28 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         } else {
             continue;
         };
-        if labels
-            .iter()
-            .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
-        {
-            if let Some(v) = value.split_whitespace().next() {
-                sum += v.parse::<f64>().unwrap_or(0.0);
-            }
-        }
+        let Some(value) = value.split_whitespace().next() else {
+            continue;
+        };
+        series.push((
+            label_text.matches("=\"").count(),
+            label_text,
+            value.parse::<f64>().unwrap_or(0.0),
+        ));
     }
-    sum
+    // A name exported under several label sets (MarketPrism's processed and failed counters)
+    // counts each row once per set: the finest set partitions the rows, so only it is summed.
+    let finest = series.iter().map(|(n, _, _)| *n).max().unwrap_or(0);
+    series
+        .iter()
+        .filter(|(n, _, _)| *n == finest)
+        .filter(|(_, label_text, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, _, value)| value)
+        .sum()
 }
 
 /// Polls `condition` every 100 ms until it is true; panics naming `what` after `timeout`.

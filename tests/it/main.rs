@@ -6,6 +6,7 @@ mod disk;
 mod harness;
 mod hostile;
 mod hostile_subjects;
+mod metrics;
 mod modern;
 mod relay;
 mod replay;

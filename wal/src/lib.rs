@@ -10,6 +10,8 @@
 //!   that borrow from its read buffer.
 //! - [`Ledger`]: named cursors and in-flight batches, written atomically next to the segments;
 //!   [`Wal::commit_ledger`] also applies [`Retention`] and frees the disk budget.
+//! - [`CommitObserver`]: told of every group commit (records, bytes, fsync time), so the relay
+//!   can keep latency histograms without this crate depending on a metrics library.
 //! - [`Recovery`]: what [`Wal::open`] found (torn tails are outcomes, not errors, unless
 //!   [`RecoveryMode::Strict`]).
 //! - One writer per directory: [`Wal::open`] takes an exclusive advisory lock on [`LOCK_FILE`]
@@ -35,6 +37,7 @@ mod fs;
 pub mod fuzzing;
 mod ledger;
 mod mark;
+mod observe;
 mod reader;
 mod retention;
 pub mod segment;
@@ -49,6 +52,7 @@ pub use fault::FaultyFs;
 pub use fs::{FileMeta, FileSystem, StdFs, WalFile, WalLock};
 pub use ledger::{InflightBatch, Ledger};
 pub use mark::DURABLE_MARK_FILE;
+pub use observe::CommitObserver;
 pub use reader::{Reader, RecordRef};
 pub use tools::{
     list_segments, list_segments_with_fs, load_ledger, quarantine_segment,

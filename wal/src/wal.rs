@@ -239,6 +239,8 @@ pub(crate) struct Inner {
     pub(crate) durable_tx: watch::Sender<Lsn>,
     /// Bytes of segments on disk, for appenders waiting on the budget.
     pub(crate) disk_tx: watch::Sender<u64>,
+    /// Told of every group commit; set at most once, by [`Wal::set_commit_observer`].
+    pub(crate) observer: std::sync::OnceLock<Arc<dyn crate::CommitObserver>>,
 }
 
 impl Inner {
@@ -463,6 +465,7 @@ impl Wal {
             }),
             durable_tx: watch::Sender::new(durable),
             disk_tx: watch::Sender::new(bytes_on_disk),
+            observer: std::sync::OnceLock::new(),
         });
         inner.apply_retention()?;
         let mark = crate::mark::DurableMark::create(inner.fs.clone(), dir, durable)?;
@@ -637,6 +640,17 @@ impl Wal {
             released_through: s.released_through,
             groups_committed: s.groups_committed,
         }
+    }
+
+    /// Sets the observer told of every group commit from now on (see [`crate::CommitObserver`]).
+    /// Only the first call takes effect; returns whether this one did.
+    pub fn set_commit_observer(&self, observer: Arc<dyn crate::CommitObserver>) -> bool {
+        self.inner.observer.set(observer).is_ok()
+    }
+
+    /// The disk budget in bytes (`budget_bytes_max`), for a used-ratio gauge.
+    pub fn budget_bytes_max(&self) -> u64 {
+        self.inner.opts.budget_bytes_max
     }
 
     /// The WAL directory.

@@ -238,6 +238,7 @@ impl Writer {
         // chunks of at most that many bytes, cut at record boundaries: a crash then leaves at most
         // one chunk unsynced, which is what lets recovery tell a torn tail from corruption.
         let mut written = 0;
+        let mut fsync = std::time::Duration::ZERO;
         while written < self.spare.len() {
             let end = chunk_end(&self.spare, written, self.inner.opts.group_bytes_max);
             let at = self.len + written as u64;
@@ -265,7 +266,10 @@ impl Writer {
                     WalError::io("write segment", path, e)
                 }));
             }
-            if let Err(e) = self.file.sync_data() {
+            let sync_started = std::time::Instant::now();
+            let synced = self.file.sync_data();
+            fsync += sync_started.elapsed();
+            if let Err(e) = synced {
                 // The group's bytes may still sit in the page cache, where a restart in the same
                 // boot would read them as durable records although they may never reach the
                 // disk: cut them off before poisoning (best effort; the poison stands anyway).
@@ -295,6 +299,10 @@ impl Writer {
         self.mark.publish(range.last);
         self.inner.durable_tx.send_replace(range.last);
         self.inner.disk_tx.send_replace(bytes_on_disk);
+        if let Some(observer) = self.inner.observer.get() {
+            let records = range.last.0.saturating_sub(range.first.0).saturating_add(1);
+            observer.group_committed(records, self.spare.len() as u64, fsync);
+        }
         Ok(())
     }
 

@@ -156,3 +156,46 @@ async fn an_append_of_more_records_than_allowed_is_refused() {
     );
     assert_eq!(wal.append(&[env(2, 0)]).await.unwrap().first, Lsn(1));
 }
+
+/// Counts what the WAL tells its commit observer.
+#[derive(Default)]
+struct Observed {
+    groups: std::sync::atomic::AtomicU64,
+    records: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl prism_wal::CommitObserver for Observed {
+    fn group_committed(&self, records: u64, bytes: u64, _fsync: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.groups.fetch_add(1, Relaxed);
+        self.records.fetch_add(records, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+    }
+}
+
+#[tokio::test]
+async fn the_commit_observer_is_told_every_group_with_its_records_and_bytes_and_a_second_observer_is_refused(
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, small_opts()).unwrap();
+    let observed = std::sync::Arc::new(Observed::default());
+    assert!(wal.set_commit_observer(observed.clone()));
+    assert!(!wal.set_commit_observer(std::sync::Arc::new(Observed::default())));
+    let before = wal.stats();
+    wal.append(&[env(1, 10), env(2, 10), env(3, 10)])
+        .await
+        .unwrap();
+    append_each(&wal, 4..6, 20).await;
+    let after = wal.stats();
+    assert_eq!(
+        observed.groups.load(Relaxed),
+        after.groups_committed - before.groups_committed
+    );
+    assert_eq!(observed.records.load(Relaxed), 5);
+    assert!(
+        observed.bytes.load(Relaxed) > 5 * 10,
+        "record bytes with framing"
+    );
+}
