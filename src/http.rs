@@ -4,11 +4,13 @@
 //! each drain lane, the ledger keeper) makes progress or waits legitimately; a loop silent for
 //! [`crate::metrics::health::LOOP_STALL_S`], or a failed WAL, answers 503 with a body naming it,
 //! so a supervisor restarts the relay. `/ready` answers 503 while the drain has not reached
-//! ClickHouse yet, at once on a schema error, once the WAL failed, and while a table's inserts
-//! have been failing for longer than `[metrics] ready_insert_failing_s`; its body names each
-//! table with the last error's class and a short redacted cause. It answers 200 again as soon as
-//! the table's next insert succeeds. A relay that is only buffering is therefore visible to a load
-//! balancer and to alerts (see [`crate::metrics::health`]).
+//! ClickHouse yet, at once on an error no retry fixes (any class but retryable), once the WAL
+//! failed, and while a table's inserts have been failing for longer than `[metrics]
+//! ready_insert_failing_s`; its body names each table with the last error's class and a short
+//! redacted cause. It answers 200 again as soon as the table's next insert succeeds. A relay that
+//! is only buffering is therefore visible to a load balancer and to alerts (see
+//! [`crate::metrics::health`]). The WAL writer, idle without traffic, is watched through its group
+//! commit under way: one running past the same bound fails `/health` too.
 //!
 //! The port is reachable by whoever can reach the node, so it must not be able to take the relay
 //! down: each connection holds a file descriptor the WAL and the ClickHouse connections need too.
@@ -239,7 +241,8 @@ async fn render_metrics(State(shared): State<Shared>) -> impl IntoResponse {
 /// 200 while the WAL lives and every task loop beats; 503 naming what does not.
 async fn health(State(shared): State<Shared>) -> impl IntoResponse {
     let wal_failed = shared.metrics.wal_failed.get() == 1;
-    match shared.metrics.health.liveness(wal_failed) {
+    let commit_running = shared.wal.commit_running_for();
+    match shared.metrics.health.liveness(wal_failed, commit_running) {
         Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
         Err(body) => (StatusCode::SERVICE_UNAVAILABLE, body),
     }

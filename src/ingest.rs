@@ -69,7 +69,9 @@ pub async fn run(
     let consumer = fetcher.durable().to_string();
     // Beats at every pass and while waiting legitimately (a pull, a retry delay, WAL budget);
     // an append stuck behind a hung fsync does not beat, so /health reports it.
-    let heartbeat = metrics.health.heartbeat(format!("ingest {consumer}"));
+    let heartbeat = metrics
+        .health
+        .heartbeat(format!("ingest {}/{consumer}", fetcher.stream()));
     let mut fetch_delay_ms = FETCH_RETRY_INITIAL_MS;
     // Conditions retried every few milliseconds, logged when they start, every reminder
     // interval while they last, and when they end (the metrics carry the rest).

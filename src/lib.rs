@@ -10,10 +10,13 @@
 //!
 //! Around it: [`config`] (TOML with environment overrides), [`run`] (start-up and graceful
 //! shutdown), [`metrics`] and [`http`] (Prometheus, health, readiness), [`replay`] (WAL backfill),
-//! [`tools`] (`loadgen` and `verify`), [`redact`] (secrets kept out of errors and logs), and
+//! [`tools`] (`loadgen` and `verify`), [`redact`] (secrets kept out of errors and logs), [`tls`] (the rustls
+//! client configuration of TLS connections), and
 //! [`logcond`] (conditions that persist, logged when they start, now and then while they last,
-//! and when they end).
+//! and when they end), and [`audit`] (samples acknowledged messages and confirms they reached
+//! ClickHouse).
 
+pub mod audit;
 pub mod codec;
 pub mod config;
 pub mod drain;
@@ -27,4 +30,5 @@ pub mod run;
 pub mod schema;
 pub mod sink;
 pub mod source;
+pub mod tls;
 pub mod tools;

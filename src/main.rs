@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use prism_relay::config::Config;
+use prism_relay::config::{Config, LogFormat};
 use prism_relay::drain::Router;
 use prism_relay::redact::{redact, RedactingWriter};
 use prism_relay::run::{
@@ -26,6 +26,29 @@ use prism_wal::Lsn;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines: human, json (one object per line, with the consumer, table and LSN fields of
+    /// each event) or auto (human on a terminal, else json) [default: `[log] format` of the
+    /// configuration, else human].
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Auto,
+    Human,
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(arg: LogFormatArg) -> LogFormat {
+        match arg {
+            LogFormatArg::Auto => LogFormat::Auto,
+            LogFormatArg::Human => LogFormat::Human,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
 }
 
 /// The configuration file flag shared by the subcommands that read it.
@@ -47,8 +70,9 @@ impl ConfigArg {
 enum Command {
     /// Run the relay: JetStream -> WAL -> ClickHouse, until SIGTERM or SIGINT.
     Run(ConfigArg),
-    /// Check the configuration, the JetStream streams and consumers (drift), and the ClickHouse
-    /// schema, changing nothing.
+    /// Check the configuration, the WAL directory, the JetStream streams and consumers (drift),
+    /// and the ClickHouse schema, changing nothing. Prints one line per finding with the change
+    /// to make. Exit status: 0 nothing found, 1 findings, 2 invalid configuration.
     Check(ConfigArg),
     /// Print or apply the ClickHouse DDL.
     Schema {
@@ -220,15 +244,11 @@ struct ReplayArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        // Every log line passes through the redaction of secrets, whatever module logged it.
-        .with_writer(|| RedactingWriter::new(std::io::stderr()))
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let format = match cli.log_format {
+        Some(flag) => flag.into(),
+        None => configured_log_format(&cli.command),
+    };
+    init_tracing(format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -248,6 +268,55 @@ fn main() -> ExitCode {
     }
 }
 
+/// Sets up the log output in `format`. Every line passes through the redaction of secrets,
+/// whatever module logged it; the level comes from `RUST_LOG` (default `info`).
+fn init_tracing(format: LogFormat) {
+    let terminal = std::io::stderr().is_terminal();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| RedactingWriter::new(std::io::stderr()));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Human => false,
+        LogFormat::Auto => !terminal,
+    };
+    if json {
+        // Span fields (consumer, table) go into each line's `span`/`spans`, the event's own
+        // fields (lsn, rows, ...) into `fields`: one object per line, for log shippers.
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init();
+    } else {
+        builder.with_ansi(terminal).init();
+    }
+}
+
+/// The `[log] format` of the configuration the subcommand reads (file and environment), before
+/// the configuration is loaded for real: a file that cannot be read or parsed here is reported
+/// by that load, so here it only means the default.
+fn configured_log_format(command: &Command) -> LogFormat {
+    let path = match command {
+        Command::Run(config) | Command::Check(config) => config.config.clone(),
+        Command::Replay(args) => args.config.config.clone(),
+        Command::Loadgen(LoadgenArgs { config, .. })
+        | Command::Verify(VerifyArgs { config, .. }) => config.config.clone(),
+        _ => None,
+    };
+    let mut config = path
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|text| Config::parse_toml(&text).ok())
+        .unwrap_or_default();
+    let env = std::env::vars().filter(|(name, _)| name == "PRISM_RELAY_LOG_FORMAT");
+    match config.apply_env(env) {
+        Ok(()) => config.log.format,
+        Err(_) => LogFormat::Human,
+    }
+}
+
 async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(config) => {
@@ -255,7 +324,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             run::run(config, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check(config) => check(&config.load()?).await,
+        Command::Check(config) => check(&config).await,
         Command::Schema { action } => schema_command(action).await,
         Command::Wal { action } => wal_command(action),
         Command::Replay(args) => replay_command(args).await,
@@ -285,6 +354,11 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
                 options.nats_url = config.nats.url.clone();
                 options.nats = Some(config.nats);
                 options.clickhouse_url = config.clickhouse.url;
+                options.clickhouse_tls = prism_relay::tls::TlsFiles {
+                    ca_file: config.clickhouse.tls_ca_file,
+                    cert_file: config.clickhouse.tls_cert_file,
+                    key_file: config.clickhouse.tls_key_file,
+                };
                 options.clickhouse_user = config.clickhouse.user;
                 options.clickhouse_password = config.clickhouse.password;
                 options.database = config.clickhouse.database;
@@ -318,58 +392,157 @@ async fn shutdown_signal() {
     }
 }
 
-async fn check(config: &Config) -> Result<ExitCode> {
-    let mut ok = true;
+/// Exit status of `check` when it found something to change (drift, an unreachable server, a
+/// schema mismatch, a WAL directory that cannot work).
+const CHECK_FINDINGS: u8 = 1;
+/// Exit status of `check` when the configuration itself is invalid (clap uses 2 for usage
+/// errors too): nothing else could be checked.
+const CHECK_INVALID_CONFIG: u8 = 2;
+
+/// `check`: prints one line per finding with the change to make and exits 0 when there is none,
+/// [`CHECK_FINDINGS`] otherwise, and [`CHECK_INVALID_CONFIG`] when the configuration does not
+/// load. NATS, ClickHouse and the WAL directory are checked independently: one being unreachable
+/// does not stop the checks of the others.
+async fn check(arg: &ConfigArg) -> Result<ExitCode> {
+    let config = match arg.load() {
+        Ok(config) => config,
+        Err(error) => {
+            println!("config: {}", redact(&format!("{error:#}")));
+            println!("check: the configuration is invalid; nothing else was checked");
+            return Ok(ExitCode::from(CHECK_INVALID_CONFIG));
+        }
+    };
     println!("config: ok");
-    // A finding, not a failure: the relay runs, only a poisoned delivery needs the operator.
+    let mut findings = 0usize;
+    let mut finding = |line: String| {
+        println!("{}", redact(&line));
+        findings += 1;
+    };
+    // A warning, not a finding: the relay runs, only a poisoned delivery needs the operator.
     if let Some(limitation) = source::rescue_unavailable(&config.nats) {
         println!("nats: warning: {limitation}");
     }
-    let client = source::connect(&config.nats).await?;
-    let js = source::jetstream(client, &config.nats);
-    for outcome in source::check_streams(&js, &config.stream).await? {
-        ok &= report_setup("stream", &outcome.stream, outcome.action, &outcome.drift);
+
+    let wal = run::check_wal_dir(&config.wal);
+    if wal.is_empty() {
+        println!("wal: ok ({})", config.wal.dir.display());
     }
-    for consumer in &config.consumer {
-        let outcome = source::check_consumer(&js, consumer).await?;
-        let name = format!("{}/{}", outcome.stream, outcome.durable);
-        ok &= report_setup("consumer", &name, outcome.action, &outcome.drift);
+    for line in wal {
+        finding(format!("wal: {line}"));
     }
-    match resolve_profile(config).await {
-        Err(error) => {
-            println!("clickhouse: unreachable: {}", redact(&error.to_string()));
-            ok = false;
+    // A warning, as at start-up: a shared volume may be set up that way on purpose.
+    if let Some(exposure) = run::wal_dir_exposure(&config.wal.dir) {
+        println!("wal: warning: {exposure}");
+    }
+
+    match source::connect(&config.nats).await {
+        Err(error) => finding(format!(
+            "nats: cannot connect: {error}: start NATS or fix [nats] url and its credentials"
+        )),
+        Ok(client) => {
+            let js = source::jetstream(client, &config.nats);
+            match source::check_streams(&js, &config.stream).await {
+                Err(error) => finding(format!("nats: {error}")),
+                Ok(outcomes) => {
+                    for outcome in outcomes {
+                        for line in setup_findings(
+                            "stream",
+                            &outcome.stream,
+                            outcome.action,
+                            &outcome.drift,
+                        ) {
+                            finding(line);
+                        }
+                    }
+                }
+            }
+            for consumer in &config.consumer {
+                match source::check_consumer(&js, consumer).await {
+                    Err(error) => finding(format!("nats: {error}")),
+                    Ok(outcome) => {
+                        let name = format!("{}/{}", outcome.stream, outcome.durable);
+                        for line in
+                            setup_findings("consumer", &name, outcome.action, &outcome.drift)
+                        {
+                            finding(line);
+                        }
+                    }
+                }
+            }
         }
+    }
+
+    match resolve_profile(&config).await {
+        Err(error) => finding(format!(
+            "clickhouse: unreachable: {error}: start ClickHouse or fix [clickhouse] url, user and password"
+        )),
         Ok((probe, profile)) => {
             println!("clickhouse: profile {}", profile.name());
-            let problems = check_schema(config, &probe, profile).await?;
-            for problem in &problems {
-                println!("schema: {problem}");
+            match check_schema(&config, &probe, profile).await {
+                Err(error) => finding(format!("clickhouse: {error}")),
+                Ok(problems) => {
+                    for problem in problems {
+                        finding(format!("schema: {problem}"));
+                    }
+                }
             }
-            ok &= problems.is_empty();
         }
     }
-    Ok(if ok {
-        println!("check: ok");
-        ExitCode::SUCCESS
-    } else {
-        println!("check: problems found");
-        ExitCode::FAILURE
+    Ok(match findings {
+        0 => {
+            println!("check: ok");
+            ExitCode::SUCCESS
+        }
+        1 => {
+            println!("check: 1 finding");
+            ExitCode::from(CHECK_FINDINGS)
+        }
+        n => {
+            println!("check: {n} findings");
+            ExitCode::from(CHECK_FINDINGS)
+        }
     })
 }
 
-fn report_setup(kind: &str, name: &str, action: SetupAction, drift: &[source::Drift]) -> bool {
-    match action {
-        SetupAction::Missing => println!("{kind} {name}: missing (run creates it)"),
-        _ if drift.is_empty() => println!("{kind} {name}: ok"),
-        _ => {
-            for d in drift {
-                println!("{kind} {name}: drift: {d}");
-            }
-        }
+/// A drift report's server value as TOML: subject sets are reported as `{"a", "b"}`, which the
+/// configuration spells as a list.
+fn toml_value(server: &str) -> String {
+    match server.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+        Some(items) => format!("[{items}]"),
+        None => server.to_owned(),
     }
-    // Drift is reported, not fatal: the server's settings stay in force.
-    true
+}
+
+/// Prints the state of a stream or consumer and returns its findings: each drift, with the
+/// change that ends it. A missing object is not a finding: `run` creates it.
+fn setup_findings(
+    kind: &str,
+    name: &str,
+    action: SetupAction,
+    drift: &[source::Drift],
+) -> Vec<String> {
+    match action {
+        SetupAction::Missing => {
+            println!("{kind} {name}: missing (run creates it)");
+            Vec::new()
+        }
+        _ if drift.is_empty() => {
+            println!("{kind} {name}: ok");
+            Vec::new()
+        }
+        // The server's value stays in force (the relay never recreates a durable), so the
+        // configuration is what changes, unless the operator edits the server object.
+        _ => drift
+            .iter()
+            .map(|d| {
+                format!(
+                    "{kind} {name}: drift: {d}: set {} = {} in the configuration to match the server, or change the {kind} on the server (`nats {kind} edit`)",
+                    d.field,
+                    toml_value(&d.server)
+                )
+            })
+            .collect(),
+    }
 }
 
 async fn schema_command(action: SchemaAction) -> Result<ExitCode> {

@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::audit::{Audit, AuditOptions, AuditSetup};
 use crate::config::{ClickHouseProfile, Config, RecoveryModeKind, WalConfig};
 use crate::drain::{BatchLimits, DrainError, Lane, LaneConfig, LedgerKeeper, Router, RowsKind};
 use crate::logcond::Condition;
@@ -39,6 +40,10 @@ const REGISTER_RETRY_MS: u64 = 200;
 /// Pause before opening the WAL again after a full disk (or no free file descriptor) failed
 /// the open: space comes back when an operator frees it, so a short poll starts promptly.
 const OPEN_RETRY_MS: u64 = 500;
+
+/// Pause between connect attempts while NATS refuses the relay: an operator's fix takes
+/// minutes; 5 s picks it up promptly at 12 attempts a minute.
+const NATS_REFUSED_RETRY_MS: u64 = 5_000;
 
 /// Why the relay stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -99,17 +104,35 @@ pub fn wal_options(config: &WalConfig) -> WalOptions {
     }
 }
 
+/// The audit's options from `[audit]`.
+pub fn audit_options(config: &Config) -> AuditOptions {
+    let audit = &config.audit;
+    AuditOptions {
+        enabled: audit.enabled,
+        sample_every_records: audit.sample_every_records,
+        interval_ms: audit.interval_ms,
+        pending_max: usize::try_from(audit.pending_max).unwrap_or(usize::MAX),
+    }
+}
+
 /// Sink options for `[clickhouse]` with the given profile.
 pub fn sink_options(config: &Config, profile: Profile) -> SinkOptions {
     let ch = &config.clickhouse;
     SinkOptions {
         url: ch.url.clone(),
+        tls: crate::sink::tls::TlsFiles {
+            ca_file: ch.tls_ca_file.clone(),
+            cert_file: ch.tls_cert_file.clone(),
+            key_file: ch.tls_key_file.clone(),
+        },
         user: ch.user.clone(),
         password: ch.password.clone(),
         database: ch.database.clone(),
         insert_timeout_ms: ch.insert_timeout_ms,
         connect_timeout_ms: ch.connect_timeout_ms,
         modern: profile == Profile::Modern,
+        // With `auto` resolved to legacy, the start-up check reports the setting unusable.
+        async_insert: ch.async_insert && profile == Profile::Modern,
         ..SinkOptions::default()
     }
 }
@@ -205,8 +228,35 @@ fn table_name(config: &Config, table: SchemaTable) -> &str {
     }
 }
 
-/// Problems found by the schema check, if any, each naming the table, the column and the fix.
+/// Problems found by the schema check, if any, each naming the table, the column and the fix,
+/// after those of the server's version ([`check_server`]).
 pub async fn check_schema(
+    config: &Config,
+    probe: &Sink,
+    profile: Profile,
+) -> Result<Vec<SchemaError>, SinkError> {
+    let mut problems = check_server(config, probe, profile).await?;
+    problems.extend(check_tables(config, probe, profile).await?);
+    Ok(problems)
+}
+
+/// What the server lacks for `profile` and `[clickhouse] async_insert`, judged by its version
+/// (see [`schema::SERVER_VERSIONS`]).
+pub async fn check_server(
+    config: &Config,
+    probe: &Sink,
+    profile: Profile,
+) -> Result<Vec<SchemaError>, SinkError> {
+    let version = probe.server_version().await?;
+    Ok(schema::check_server_version(
+        &version,
+        profile,
+        config.clickhouse.async_insert,
+    ))
+}
+
+/// Checks that every table the relay writes has the columns it writes.
+async fn check_tables(
     config: &Config,
     probe: &Sink,
     profile: Profile,
@@ -247,6 +297,85 @@ pub fn wal_dir_exposure(dir: &std::path::Path) -> Option<String> {
             }
         )
     })
+}
+
+/// Name of the file `check` creates and removes to prove it can write where the WAL goes.
+const WAL_PROBE_FILE: &str = ".prism-relay-check-probe";
+
+/// What `check` finds wrong with the WAL directory of `config`, one line each with the change to
+/// make; empty when the relay can run there. It changes nothing: a missing directory is judged
+/// by its nearest existing parent (where `run` would create it), and the probe file that proves
+/// writing works is removed at once.
+pub fn check_wal_dir(config: &WalConfig) -> Vec<String> {
+    let dir = config.dir.display();
+    let mut findings = Vec::new();
+    // The directory, or the nearest parent that exists: `run` creates the rest.
+    let mut existing = config.dir.as_path();
+    while !existing.exists() {
+        match existing.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => existing = parent,
+            _ => {
+                existing = std::path::Path::new(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        findings.push(format!(
+            "{} is not a directory, so the WAL directory {dir} cannot be created there: point [wal] dir elsewhere or remove the file",
+            existing.display()
+        ));
+        return findings;
+    }
+    let probe = existing.join(format!("{WAL_PROBE_FILE}-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(file) => {
+            drop(file);
+            if let Err(error) = std::fs::remove_file(&probe) {
+                findings.push(format!(
+                    "cannot remove the probe file {}: {error}: remove it by hand and give the relay's user full rights on {}",
+                    probe.display(),
+                    existing.display()
+                ));
+            }
+        }
+        Err(error) => findings.push(format!(
+            "cannot write in {} (for the WAL directory {dir}): {error}: make it writable by the relay's user (chown, chmod 700) or mount the volume read-write",
+            existing.display()
+        )),
+    }
+    match rustix::fs::statvfs(existing) {
+        Ok(stat) => {
+            let available = stat.f_bavail.saturating_mul(stat.f_frsize);
+            // The segments already there count against the budget and free their space as the
+            // drain releases them.
+            let held: u64 = prism_wal::list_segments(&config.dir)
+                .map(|segments| segments.iter().map(|s| s.bytes).sum())
+                .unwrap_or(0);
+            let room = available.saturating_add(held);
+            let needed = config
+                .budget_bytes_max
+                .saturating_add(prism_wal::LEDGER_RESERVE_BYTES);
+            if room < needed {
+                findings.push(format!(
+                    "the volume of {dir} has room for {room} bytes ({available} free, {held} in WAL segments) but [wal] budget_bytes_max is {} (plus the {}-byte ledger reserve): give the volume {} more bytes, or set budget_bytes_max = {} or less",
+                    config.budget_bytes_max,
+                    prism_wal::LEDGER_RESERVE_BYTES,
+                    needed - room,
+                    room.saturating_sub(prism_wal::LEDGER_RESERVE_BYTES)
+                ));
+            }
+        }
+        Err(error) => findings.push(format!(
+            "cannot measure the free space of {}: {error}: check that the volume is mounted",
+            existing.display()
+        )),
+    }
+    findings
 }
 
 /// Runs the relay until `shutdown` resolves or a fatal error occurs.
@@ -319,7 +448,32 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             source,
         })?;
 
-    let client = source::connect(&config.nats).await?;
+    // A server that refuses the relay (credentials, authorization, TLS) is the operator's to
+    // fix, on the server at any time: wait for it instead of exiting into a restart loop.
+    let mut nats_refused = Condition::default();
+    let client = loop {
+        match source::connect(&config.nats).await {
+            Ok(client) => break client,
+            Err(error) if error.is_refused() => {
+                if let Some(o) = nats_refused.occurred() {
+                    tracing::error!(%error, attempts = o.count(), lasted_s = o.lasted_s(), retry_ms = NATS_REFUSED_RETRY_MS,
+                        "NATS refuses the relay (credentials, authorization or TLS): no retry can fix this; fix the user, its password or permissions on the server, or [nats] user/password/creds/TLS settings; retrying slowly");
+                }
+                tokio::select! {
+                    _ = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(NATS_REFUSED_RETRY_MS)) => {}
+                }
+            }
+            Err(error) => return Err(error.into()),
+        }
+    };
+    if let Some(ended) = nats_refused.cleared() {
+        tracing::info!(
+            attempts = ended.count,
+            lasted_ms = ended.lasted.as_millis() as u64,
+            "NATS accepts the relay"
+        );
+    }
     let js = source::jetstream(client, &config.nats);
     for outcome in source::ensure_streams(&js, &config.stream).await? {
         tracing::info!(stream = %outcome.stream, action = ?outcome.action, drift = outcome.drift.len(), "stream");
@@ -340,11 +494,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     ));
     let mut ingest_tasks = JoinSet::new();
     for fetcher in fetchers {
-        ingest_tasks.spawn(ingest::run(
-            fetcher,
-            wal.clone(),
-            metrics.clone(),
-            stop_rx.clone(),
+        // Every event of the task carries its consumer (a span field in JSON logs).
+        let span = tracing::info_span!("ingest", stream = %fetcher.stream(), consumer = %fetcher.durable());
+        ingest_tasks.spawn(tracing::Instrument::instrument(
+            ingest::run(fetcher, wal.clone(), metrics.clone(), stop_rx.clone()),
+            span,
         ));
     }
     let http_task = tokio::spawn(http::serve(
@@ -501,13 +655,20 @@ async fn drain(
         config.drain.retry_backoff_max_ms,
     );
     let mut not_ready = Condition::default();
+    let mut refused = Condition::default();
     let (probe, profile) = loop {
         let attempt = async {
             let (probe, profile) = resolve_profile(&config).await?;
+            // A server older than the profile needs is reported before any DDL, which it
+            // would refuse with a less helpful message.
+            let server = check_server(&config, &probe, profile).await?;
+            if !server.is_empty() {
+                return Ok((probe, profile, server));
+            }
             if config.clickhouse.create_schema {
                 apply_schema(&config, &probe, profile).await?;
             }
-            let problems = check_schema(&config, &probe, profile).await?;
+            let problems = check_tables(&config, &probe, profile).await?;
             Ok::<_, SinkError>((probe, profile, problems))
         };
         match attempt.await {
@@ -518,21 +679,46 @@ async fn drain(
                 break (probe, profile);
             }
             Err(error) => {
-                let class = error
+                let class_name = error
                     .class()
                     .map_or_else(|| "invalid_options".to_owned(), |c| c.to_string());
-                metrics.health.drain_waiting(&class, &error.to_string());
-                if let Some(o) = not_ready.occurred() {
-                    tracing::warn!(%error, attempts = o.count(), lasted_s = o.lasted_s(), "ClickHouse not ready; ingesting into the WAL meanwhile");
-                }
+                metrics
+                    .health
+                    .drain_waiting(&class_name, &error.to_string());
+                let hint = error
+                    .class()
+                    .and_then(|class| Some((class, class.operator_hint()?)));
+                // A class no retry can fix is its own condition, reported as such from the first
+                // occurrence (not as a server that is not ready yet), and retried slowly.
+                let delay = match hint {
+                    Some((class, hint)) => {
+                        if let Some(o) = refused.occurred() {
+                            tracing::error!(%class, %error, attempts = o.count(), lasted_s = o.lasted_s(), retry_ms = config.drain.retry_backoff_max_ms, "{hint}");
+                        }
+                        Duration::from_millis(config.drain.retry_backoff_max_ms)
+                    }
+                    None => {
+                        if let Some(o) = not_ready.occurred() {
+                            tracing::warn!(%error, attempts = o.count(), lasted_s = o.lasted_s(), "ClickHouse not ready; ingesting into the WAL meanwhile");
+                        }
+                        backoff.next_delay()
+                    }
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = tokio::time::sleep(delay) => {}
                     _ = stop.changed() => return Ok(()),
                 }
             }
         }
     };
     drop(probe);
+    if let Some(ended) = refused.cleared() {
+        tracing::info!(
+            failures = ended.count,
+            lasted_ms = ended.lasted.as_millis() as u64,
+            "ClickHouse accepts the relay again"
+        );
+    }
     let waited = not_ready.cleared();
     tracing::info!(
         profile = profile.name(),
@@ -590,6 +776,8 @@ async fn drain(
     for name in lane_names {
         let kind = RowsKind::for_lane(&name);
         let table = config.drain.table_batch(&name);
+        // Every event of the lane carries its table (a span field in JSON logs).
+        let span = tracing::info_span!("drain", table = %name);
         let lane_config = LaneConfig {
             limits: BatchLimits {
                 rows_max: table.rows_max as usize,
@@ -614,11 +802,33 @@ async fn drain(
             first_lsn,
         )
         .await;
-        prepared.push(lane);
+        prepared.push((lane, span));
     }
     let mut lanes = JoinSet::new();
-    for lane in prepared {
-        lanes.spawn(lane.run());
+    for (lane, span) in prepared {
+        lanes.spawn(tracing::Instrument::instrument(lane.run(), span));
+    }
+    // The audit runs beside the lanes and stops with them; it never fails the relay.
+    let audit_options = audit_options(&config);
+    if audit_options.enabled {
+        let audit = Audit::new(
+            AuditSetup {
+                options: audit_options,
+                profile,
+                dead_letter_table: config.drain.dead_letter_table.clone(),
+                time_window: config.drain.time_window(),
+            },
+            wal.clone(),
+            ledger.clone(),
+            router.clone(),
+            sink.clone(),
+            metrics.clone(),
+            stop.clone(),
+        );
+        lanes.spawn(async move {
+            audit.run().await;
+            Ok(())
+        });
     }
 
     // Idle lanes move their cursors in memory; commit them now and then so segments get released.

@@ -46,6 +46,73 @@ pub const DEDUPLICATION_WINDOW_BLOCKS: u32 = 1000;
 /// profile relies on both. Older servers get the legacy profile, whose DDL they all accept.
 pub const MODERN_SERVER_VERSION_MIN: (u32, u32) = (22, 2);
 
+/// The oldest server the legacy profile is tested on, as (major, minor): the server Debian
+/// installs. Its DDL (`ReplacingMergeTree()` with custom partitioning) is accepted by every later
+/// server too.
+pub const LEGACY_SERVER_VERSION_MIN: (u32, u32) = (18, 16);
+
+/// The oldest server with asynchronous inserts (`async_insert`, `wait_for_async_insert`), as
+/// (major, minor); older than [`MODERN_SERVER_VERSION_MIN`], so every modern server has them.
+pub const ASYNC_INSERT_SERVER_VERSION_MIN: (u32, u32) = (21, 11);
+
+/// The supported ClickHouse versions, stated once: per profile, the oldest server it supports
+/// and what it needs from the server (the version that brought each need, where it sets the
+/// floor). `docs/OPERATIONS.md` repeats this table; `check` and `run` report a server older
+/// than the chosen profile's floor ([`check_server_version`]).
+pub const SERVER_VERSIONS: [(Profile, (u32, u32), &str); 2] = [
+    (
+        Profile::Legacy,
+        LEGACY_SERVER_VERSION_MIN,
+        "ReplacingMergeTree with PARTITION BY; Int64 milliseconds, UInt8 booleans; no settings \
+         beyond input_format_skip_unknown_fields",
+    ),
+    (
+        Profile::Modern,
+        MODERN_SERVER_VERSION_MIN,
+        "DateTime64(3, 'UTC') (20.1), Bool (21.12), insert_deduplication_token (22.2), the \
+         MergeTree setting non_replicated_deduplication_window, RowBinaryWithNamesAndTypes for \
+         row validation; async_insert with wait_for_async_insert (21.11) when \
+         [clickhouse] async_insert = true",
+    ),
+];
+
+/// What a server's version says it lacks for `profile` (and for `async_insert`): empty when it
+/// has everything. A version that does not parse is taken at its word (no finding): `auto`
+/// already gave it the legacy profile.
+pub fn check_server_version(
+    version: &str,
+    profile: Profile,
+    async_insert: bool,
+) -> Vec<SchemaError> {
+    let mut findings = Vec::new();
+    let parsed = parse_version(version);
+    for (p, min, needs) in SERVER_VERSIONS {
+        if p == profile && parsed.is_some_and(|v| v < min) {
+            findings.push(SchemaError::ServerTooOld {
+                version: version.trim().to_owned(),
+                profile: profile.name().to_owned(),
+                min: format!("{}.{}", min.0, min.1),
+                needs: needs.to_owned(),
+            });
+        }
+    }
+    if async_insert && profile == Profile::Legacy {
+        findings.push(SchemaError::AsyncInsertNeedsModern {
+            version: version.trim().to_owned(),
+        });
+    }
+    findings
+}
+
+/// (major, minor) of a `SELECT version()` answer such as `23.8.16.40`.
+fn parse_version(version: &str) -> Option<(u32, u32)> {
+    let mut parts = version.trim().split('.').map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => Some((major, minor)),
+        _ => None,
+    }
+}
+
 /// Which DDL dialect and column types to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Profile {
@@ -120,11 +187,8 @@ impl Profile {
     /// The profile for a `SELECT version()` answer such as `23.8.16.40` or `18.16.1`.
     /// A version that does not parse gets [`Profile::Legacy`].
     pub fn for_server_version(version: &str) -> Profile {
-        let mut parts = version.trim().split('.').map(|p| p.parse::<u32>());
-        match (parts.next(), parts.next()) {
-            (Some(Ok(major)), Some(Ok(minor))) if (major, minor) >= MODERN_SERVER_VERSION_MIN => {
-                Profile::Modern
-            }
+        match parse_version(version) {
+            Some(v) if v >= MODERN_SERVER_VERSION_MIN => Profile::Modern,
             _ => Profile::Legacy,
         }
     }
@@ -767,6 +831,17 @@ pub enum SchemaError {
         column: String,
         expected: String,
     },
+    /// The server is older than the chosen profile supports.
+    #[error("ClickHouse {version} is older than the {profile} profile needs ({min} or newer: {needs}): upgrade the server, or set [clickhouse] profile = \"auto\" to get the profile it supports")]
+    ServerTooOld {
+        version: String,
+        profile: String,
+        min: String,
+        needs: String,
+    },
+    /// `[clickhouse] async_insert` is set but the server gets the legacy profile.
+    #[error("[clickhouse] async_insert = true needs the modern profile, but ClickHouse {version} runs the legacy one: set async_insert = false, or use a server of 22.2 or newer")]
+    AsyncInsertNeedsModern { version: String },
     /// A column has a type whose RowBinary encoding differs from what the relay writes.
     #[error("table `{table}` column `{column}` is {actual}, but the relay writes {expected}: change it with `ALTER TABLE {table} MODIFY COLUMN {column} {expected}` or recreate the table (`prism-relay schema print` shows the DDL)")]
     ColumnType {
@@ -817,6 +892,39 @@ pub fn check_columns(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_server_older_than_the_chosen_profile_is_reported_with_its_version_and_the_need() {
+        let findings = check_server_version("21.8.15.7", Profile::Modern, false);
+        assert_eq!(findings.len(), 1, "{findings:?}");
+        let text = findings[0].to_string();
+        for fragment in [
+            "ClickHouse 21.8.15.7",
+            "modern profile",
+            "22.2 or newer",
+            "insert_deduplication_token (22.2)",
+        ] {
+            assert!(text.contains(fragment), "{fragment:?} not in {text}");
+        }
+        assert!(check_server_version("22.2.1", Profile::Modern, true).is_empty());
+        assert!(check_server_version("23.8.16.40", Profile::Modern, true).is_empty());
+        assert!(check_server_version("18.16.1", Profile::Legacy, false).is_empty());
+        assert_eq!(
+            check_server_version("1.1.54380", Profile::Legacy, false).len(),
+            1
+        );
+        // A version that does not parse is not judged.
+        assert!(check_server_version("custom-build", Profile::Modern, false).is_empty());
+    }
+
+    #[test]
+    fn async_inserts_on_the_legacy_profile_are_reported_naming_the_setting_and_the_fix() {
+        let findings = check_server_version("18.16.1", Profile::Legacy, true);
+        assert_eq!(findings.len(), 1, "{findings:?}");
+        let text = findings[0].to_string();
+        assert!(text.contains("async_insert = true"), "{text}");
+        assert!(text.contains("set async_insert = false"), "{text}");
+    }
     use super::*;
     use crate::sink::DeadLetter;
 
@@ -1064,6 +1172,7 @@ mod tests {
         assert_eq!(Profile::for_server_version("20.1.2.4"), Profile::Legacy);
         assert_eq!(Profile::for_server_version("22.1.3"), Profile::Legacy);
         assert_eq!(Profile::for_server_version("22.2.1"), Profile::Modern);
+        assert_eq!(Profile::for_server_version("22.1.9"), Profile::Legacy);
         assert_eq!(Profile::for_server_version("23.8.16.40"), Profile::Modern);
         assert_eq!(Profile::for_server_version("26.9.1.1"), Profile::Modern);
         assert_eq!(Profile::for_server_version(" 24.3.1\n"), Profile::Modern);

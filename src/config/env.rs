@@ -14,10 +14,19 @@ use crate::redact::redact;
 pub const ENV_PREFIX: &str = "PRISM_RELAY_";
 
 /// Sections whose scalar fields environment variables may override.
-pub const ENV_SECTIONS: [&str; 6] = ["nats", "wal", "clickhouse", "drain", "metrics", "shutdown"];
+pub const ENV_SECTIONS: [&str; 8] = [
+    "nats",
+    "wal",
+    "clickhouse",
+    "drain",
+    "metrics",
+    "shutdown",
+    "log",
+    "audit",
+];
 
 /// Every (section, field) an environment variable may override.
-pub const ENV_OVERRIDES: [(&str, &str); 41] = [
+pub const ENV_OVERRIDES: [(&str, &str); 54] = [
     ("nats", "url"),
     ("nats", "name"),
     ("nats", "connect_timeout_ms"),
@@ -28,6 +37,11 @@ pub const ENV_OVERRIDES: [(&str, &str); 41] = [
     ("nats", "token"),
     ("nats", "token_file"),
     ("nats", "creds_file"),
+    ("nats", "nkey_file"),
+    ("nats", "tls_required"),
+    ("nats", "tls_ca_file"),
+    ("nats", "tls_cert_file"),
+    ("nats", "tls_key_file"),
     ("wal", "dir"),
     ("wal", "segment_bytes_max"),
     ("wal", "group_bytes_max"),
@@ -46,6 +60,9 @@ pub const ENV_OVERRIDES: [(&str, &str); 41] = [
     ("clickhouse", "connect_timeout_ms"),
     ("clickhouse", "create_schema"),
     ("clickhouse", "ttl_days"),
+    ("clickhouse", "tls_ca_file"),
+    ("clickhouse", "tls_cert_file"),
+    ("clickhouse", "tls_key_file"),
     ("drain", "flush_interval_ms"),
     ("drain", "retry_backoff_initial_ms"),
     ("drain", "retry_backoff_max_ms"),
@@ -59,6 +76,11 @@ pub const ENV_OVERRIDES: [(&str, &str); 41] = [
     ("metrics", "ready_insert_failing_s"),
     ("metrics", "backlog_poll_interval_s"),
     ("shutdown", "timeout_ms"),
+    ("log", "format"),
+    ("audit", "enabled"),
+    ("audit", "sample_every_records"),
+    ("audit", "interval_ms"),
+    ("audit", "pending_max"),
 ];
 
 /// `PRISM_RELAY_<SECTION>_<FIELD>` for a (section, field).
@@ -119,6 +141,17 @@ impl Config {
             ("nats", "token") => self.nats.token = v.optional_string(),
             ("nats", "token_file") => self.nats.token_file = v.optional_string().map(PathBuf::from),
             ("nats", "creds_file") => self.nats.creds_file = v.optional_string().map(PathBuf::from),
+            ("nats", "nkey_file") => self.nats.nkey_file = v.optional_string().map(PathBuf::from),
+            ("nats", "tls_required") => self.nats.tls_required = v.parse()?,
+            ("nats", "tls_ca_file") => {
+                self.nats.tls_ca_file = v.optional_string().map(PathBuf::from)
+            }
+            ("nats", "tls_cert_file") => {
+                self.nats.tls_cert_file = v.optional_string().map(PathBuf::from)
+            }
+            ("nats", "tls_key_file") => {
+                self.nats.tls_key_file = v.optional_string().map(PathBuf::from)
+            }
             ("wal", "dir") => self.wal.dir = PathBuf::from(value),
             ("wal", "segment_bytes_max") => self.wal.segment_bytes_max = v.parse()?,
             ("wal", "group_bytes_max") => self.wal.group_bytes_max = v.parse()?,
@@ -141,6 +174,15 @@ impl Config {
             }
             ("clickhouse", "create_schema") => self.clickhouse.create_schema = v.parse()?,
             ("clickhouse", "ttl_days") => self.clickhouse.ttl_days = v.parse_optional()?,
+            ("clickhouse", "tls_ca_file") => {
+                self.clickhouse.tls_ca_file = v.optional_string().map(PathBuf::from)
+            }
+            ("clickhouse", "tls_cert_file") => {
+                self.clickhouse.tls_cert_file = v.optional_string().map(PathBuf::from)
+            }
+            ("clickhouse", "tls_key_file") => {
+                self.clickhouse.tls_key_file = v.optional_string().map(PathBuf::from)
+            }
             ("drain", "flush_interval_ms") => self.drain.flush_interval_ms = v.parse()?,
             ("drain", "retry_backoff_initial_ms") => {
                 self.drain.retry_backoff_initial_ms = v.parse()?
@@ -164,6 +206,11 @@ impl Config {
                 self.metrics.backlog_poll_interval_s = v.parse()?
             }
             ("shutdown", "timeout_ms") => self.shutdown.timeout_ms = v.parse()?,
+            ("log", "format") => self.log.format = v.parse_enum()?,
+            ("audit", "enabled") => self.audit.enabled = v.parse()?,
+            ("audit", "sample_every_records") => self.audit.sample_every_records = v.parse()?,
+            ("audit", "interval_ms") => self.audit.interval_ms = v.parse()?,
+            ("audit", "pending_max") => self.audit.pending_max = v.parse()?,
             _ => {
                 let known: Vec<String> = ENV_OVERRIDES
                     .iter()

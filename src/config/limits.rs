@@ -187,3 +187,17 @@ const _: () = {
     // Some allowed request timeout is at least every allowed header-read timeout.
     assert!(METRICS_HEADER_READ_TIMEOUT_MS_MAX <= METRICS_REQUEST_TIMEOUT_MS_MAX);
 };
+
+// ---- [audit] bounds ----
+/// Every record sampled (1) is allowed for tests and small nodes; it doubles the decode work.
+pub const AUDIT_SAMPLE_EVERY_RECORDS_MIN: u64 = 1;
+/// One in ten million: rarer than that the audit says nothing for hours at MarketPrism's rates.
+pub const AUDIT_SAMPLE_EVERY_RECORDS_MAX: u64 = 10_000_000;
+/// A round more often than every 100 ms would make the audit the busiest ClickHouse client.
+pub const AUDIT_INTERVAL_MS_MIN: u64 = 100;
+/// One hour: rarer rounds leave a loss unseen for too long.
+pub const AUDIT_INTERVAL_MS_MAX: u64 = 3_600_000;
+/// At least one sample must fit.
+pub const AUDIT_PENDING_MAX_MIN: u64 = 1;
+/// A million samples take about 200 MB: the bound on the audit's memory.
+pub const AUDIT_PENDING_MAX_MAX: u64 = 1_000_000;

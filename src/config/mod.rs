@@ -7,7 +7,7 @@
 //!    (`fetch_bach = 10`) fails loudly instead of silently keeping the default.
 //! 2. Environment variables `PRISM_RELAY_<SECTION>_<FIELD>` override scalar fields of the
 //!    non-array sections (`[nats]`, `[wal]`, `[clickhouse]`, `[drain]`, `[metrics]`,
-//!    `[shutdown]`), for example `PRISM_RELAY_NATS_URL`, `PRISM_RELAY_CLICKHOUSE_URL`,
+//!    `[shutdown]`, `[log]`, `[audit]`), for example `PRISM_RELAY_NATS_URL`, `PRISM_RELAY_CLICKHOUSE_URL`,
 //!    `PRISM_RELAY_WAL_DIR`. An empty value clears an optional field. Arrays and maps
 //!    (`[[stream]]`, `[[consumer]]`, `[drain.tables.*]`, `[[drain.passthrough]]`) are
 //!    config-file only: an environment variable cannot describe them unambiguously.
@@ -48,8 +48,8 @@ pub use env::{env_var_name, ENV_OVERRIDES, ENV_PREFIX, ENV_SECTIONS};
 pub use limits::*;
 pub use load::{ConfigError, InvalidValue};
 pub use model::{
-    AckPolicyKind, ClickHouseConfig, ClickHouseProfile, Config, ConsumerConfig, DeliverPolicyKind,
-    DrainConfig, MetricsConfig, NatsConfig, PassthroughRoute, RecoveryModeKind, ShutdownConfig,
-    StorageKind, StreamConfig, TableBatch, WalConfig, RESERVED_STREAM_NAME, TYPED_DATA_TYPES,
-    TYPED_TABLES,
+    AckPolicyKind, AuditConfig, ClickHouseConfig, ClickHouseProfile, Config, ConsumerConfig,
+    DeliverPolicyKind, DrainConfig, LogConfig, LogFormat, MetricsConfig, NatsConfig,
+    PassthroughRoute, RecoveryModeKind, ShutdownConfig, StorageKind, StreamConfig, TableBatch,
+    WalConfig, RESERVED_STREAM_NAME, TYPED_DATA_TYPES, TYPED_TABLES,
 };

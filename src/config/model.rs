@@ -63,6 +63,10 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
+    /// Log output.
+    pub log: LogConfig,
+    /// The online audit of acknowledged messages.
+    pub audit: AuditConfig,
 }
 
 impl Default for Config {
@@ -76,6 +80,8 @@ impl Default for Config {
             drain: DrainConfig::default(),
             metrics: MetricsConfig::default(),
             shutdown: ShutdownConfig::default(),
+            log: LogConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -105,6 +111,31 @@ pub struct NatsConfig {
     pub token_file: Option<PathBuf>,
     /// Path of a `.creds` file (JWT + NKey seed; exclusive with the other methods).
     pub creds_file: Option<PathBuf>,
+    /// File holding an NKey user seed (`SU...`; exclusive with the other methods).
+    pub nkey_file: Option<PathBuf>,
+    /// The seed read from `nkey_file` at load; never in the file itself.
+    #[serde(skip)]
+    pub nkey_seed: Option<String>,
+    /// Connect over TLS even with `nats://` URLs (a `tls://` URL or any `tls_*_file` implies it).
+    pub tls_required: bool,
+    /// PEM file with the CA certificates that sign the server's certificate (default: the
+    /// system's roots).
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM file with a client certificate to present, with `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM file with the client certificate's private key, with `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+}
+
+impl NatsConfig {
+    /// Whether the connection must use TLS: asked for, or TLS files given (which would be
+    /// ignored on a plain connection).
+    pub fn tls_wanted(&self) -> bool {
+        self.tls_required
+            || self.tls_ca_file.is_some()
+            || self.tls_cert_file.is_some()
+            || self.tls_key_file.is_some()
+    }
 }
 
 impl fmt::Debug for NatsConfig {
@@ -121,6 +152,12 @@ impl fmt::Debug for NatsConfig {
             .field("token", &self.token.as_ref().map(|_| REDACTED))
             .field("token_file", &self.token_file)
             .field("creds_file", &self.creds_file)
+            .field("nkey_file", &self.nkey_file)
+            .field("nkey_seed", &self.nkey_seed.as_ref().map(|_| REDACTED))
+            .field("tls_required", &self.tls_required)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
             .finish()
     }
 }
@@ -138,6 +175,12 @@ impl Default for NatsConfig {
             token: None,
             token_file: None,
             creds_file: None,
+            nkey_file: None,
+            nkey_seed: None,
+            tls_required: false,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -352,6 +395,17 @@ pub struct ClickHouseConfig {
     pub create_schema: bool,
     /// Row TTL of created tables, in days; none by default. Modern profile only.
     pub ttl_days: Option<u32>,
+    /// PEM file with the CA certificates that sign the server's certificate, for an `https://`
+    /// URL (default: the system's roots).
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM file with a client certificate to present, with `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM file with the client certificate's private key, with `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+
+    /// Asynchronous inserts (`async_insert=1, wait_for_async_insert=1`), for fleets of many
+    /// relays inserting into one cluster. Default false. Modern profile only.
+    pub async_insert: bool,
 }
 
 impl Default for ClickHouseConfig {
@@ -367,6 +421,11 @@ impl Default for ClickHouseConfig {
             connect_timeout_ms: 5_000,
             create_schema: false,
             ttl_days: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+
+            async_insert: false,
         }
     }
 }
@@ -390,6 +449,10 @@ impl fmt::Debug for ClickHouseConfig {
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("create_schema", &self.create_schema)
             .field("ttl_days", &self.ttl_days)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("async_insert", &self.async_insert)
             .finish()
     }
 }
@@ -593,5 +656,59 @@ pub struct ShutdownConfig {
 impl Default for ShutdownConfig {
     fn default() -> Self {
         ShutdownConfig { timeout_ms: 10_000 }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines when standard error is a terminal, JSON otherwise.
+    Auto,
+    /// Human-readable lines (default: what operators and scripts of earlier versions read).
+    Human,
+    /// One JSON object per line, with the span fields (consumer, table) of each event.
+    Json,
+}
+
+/// `[log]`: log output. The level comes from `RUST_LOG` (default `info`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// human (default), json or auto; the `--log-format` flag wins over it.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Human,
+        }
+    }
+}
+
+/// `[audit]`: the online audit that samples acknowledged messages and confirms they reached
+/// ClickHouse (see `crate::audit`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Whether the audit runs. Default true.
+    pub enabled: bool,
+    /// One WAL record in this many is sampled. Default 1,000.
+    pub sample_every_records: u64,
+    /// How often due samples are looked up, in milliseconds. Default 10,000.
+    pub interval_ms: u64,
+    /// Samples waiting for their table's drain, at most. Default 10,000.
+    pub pending_max: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            sample_every_records: crate::audit::SAMPLE_EVERY_RECORDS_DEFAULT,
+            interval_ms: crate::audit::INTERVAL_MS_DEFAULT,
+            pending_max: crate::audit::PENDING_MAX_DEFAULT as u64,
+        }
     }
 }

@@ -66,6 +66,7 @@ impl Config {
         let secrets = [
             self.nats.password.as_deref(),
             self.nats.token.as_deref(),
+            self.nats.nkey_seed.as_deref(),
             Some(self.clickhouse.password.as_str()),
         ];
         for secret in secrets.into_iter().flatten() {
@@ -99,6 +100,24 @@ impl Config {
         if let Some(path) = &self.clickhouse.password_file {
             self.clickhouse.password = read("clickhouse.password_file", path)?;
         }
+        if let Some(path) = &self.nats.nkey_file {
+            let seed = read("nats.nkey_file", path)?;
+            let seed = seed.trim().to_owned();
+            // Checked here, so a wrong file fails at start-up and not at every reconnect. The
+            // message names the expected shape, never the content.
+            if nkeys::KeyPair::from_seed(&seed).is_err() || !seed.starts_with("SU") {
+                return Err(ConfigError::SecretFile {
+                    field: "nats.nkey_file",
+                    path: path.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "not an NKey user seed (one line of 58 characters starting with SU, as \
+                         `nk -gen user` writes); name the seed file, not the public key",
+                    ),
+                });
+            }
+            self.nats.nkey_seed = Some(seed);
+        }
         Ok(())
     }
 
@@ -113,6 +132,9 @@ impl Config {
         }
         if c.nats.token.is_some() {
             c.nats.token = Some(HIDDEN.to_owned());
+        }
+        if c.nats.nkey_seed.is_some() {
+            c.nats.nkey_seed = Some(HIDDEN.to_owned());
         }
         if !c.clickhouse.password.is_empty() {
             c.clickhouse.password = HIDDEN.to_owned();

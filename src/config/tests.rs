@@ -541,6 +541,10 @@ fn each_kind_of_invalid_value_is_rejected_naming_the_field() {
             c.clickhouse.ttl_days = Some(3);
             c.clickhouse.profile = ClickHouseProfile::Legacy;
         }),
+        ("clickhouse.async_insert", |c| {
+            c.clickhouse.async_insert = true;
+            c.clickhouse.profile = ClickHouseProfile::Legacy;
+        }),
         ("drain.flush_interval_ms", |c| c.drain.flush_interval_ms = 0),
         ("drain.retry_backoff_initial_ms", |c| {
             c.drain.retry_backoff_initial_ms = 0
@@ -737,4 +741,103 @@ fn route(data_type: &str, table: &str) -> PassthroughRoute {
         data_type: data_type.to_owned(),
         table: table.to_owned(),
     }
+}
+
+#[test]
+fn tls_files_that_cannot_work_are_refused_naming_the_field_and_the_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = dir.path().join("client.pem");
+    std::fs::write(&cert, "certificate").expect("write");
+    let missing = dir.path().join("missing.pem");
+    let mut c = Config::default();
+    c.nats.tls_cert_file = Some(cert.clone());
+    c.nats.tls_ca_file = Some(missing.clone());
+    c.clickhouse.tls_key_file = Some(cert.clone());
+    let err = c.validate().expect_err("refused");
+    let text = err.to_string();
+    // A certificate without its key (and the other way round), in each section.
+    assert!(
+        text.contains("nats.tls_key_file = <unset>") && text.contains("set nats.tls_key_file"),
+        "{text}"
+    );
+    assert!(
+        text.contains("clickhouse.tls_cert_file = <unset>")
+            && text.contains("set clickhouse.tls_cert_file"),
+        "{text}"
+    );
+    // A file that is not there names its path and the fix.
+    assert!(
+        text.contains(&format!("nats.tls_ca_file = {}", missing.display()))
+            && text.contains("fix the path or make it readable"),
+        "{text}"
+    );
+    // TLS files with a plain http:// ClickHouse URL would be ignored: refused instead.
+    assert!(
+        text.contains("clickhouse.url = http://127.0.0.1:8123") && text.contains("https://"),
+        "{text}"
+    );
+    c.clickhouse.url = "https://ch.example:8443".into();
+    c.clickhouse.tls_cert_file = Some(cert.clone());
+    c.nats.tls_key_file = Some(cert);
+    c.nats.tls_ca_file = None;
+    assert_eq!(c.validate().map_err(|e| e.to_string()), Ok(()));
+    assert!(c.nats.tls_wanted());
+}
+
+#[test]
+fn an_nkey_seed_file_is_read_checked_and_hidden_and_a_file_without_a_seed_is_refused_without_its_content(
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = nkeys::KeyPair::new_user();
+    let seed = pair.seed().expect("a new key has a seed");
+    let seed_file = dir.path().join("relay.nk");
+    std::fs::write(&seed_file, format!("{seed}\n")).expect("write");
+    let config = Config::load_with_env(
+        None,
+        env(&[(
+            "PRISM_RELAY_NATS_NKEY_FILE",
+            &seed_file.display().to_string(),
+        )]),
+    )
+    .expect("loads");
+    assert_eq!(config.nats.nkey_seed.as_deref(), Some(seed.as_str()));
+    assert!(!format!("{config:?}").contains(seed.as_str()));
+    assert!(!format!("{:?}", config.redacted()).contains(seed.as_str()));
+    let said = format!("signing with {seed} failed");
+    assert!(!redact(&said).contains(seed.as_str()), "{}", redact(&said));
+
+    let not_a_seed = dir.path().join("public.nk");
+    std::fs::write(&not_a_seed, pair.public_key()).expect("write");
+    let err = Config::load_with_env(
+        None,
+        env(&[(
+            "PRISM_RELAY_NATS_NKEY_FILE",
+            &not_a_seed.display().to_string(),
+        )]),
+    )
+    .expect_err("a public key is not a seed")
+    .to_string();
+    assert!(
+        err.contains("nats.nkey_file") && err.contains("not an NKey user seed"),
+        "{err}"
+    );
+    assert!(!err.contains(&pair.public_key()), "{err}");
+
+    let mut both = Config::default();
+    both.nats.nkey_file = Some(seed_file);
+    both.nats.token = Some("t".into());
+    assert!(invalid_fields(&both).contains(&"nats".to_owned()));
+}
+
+#[test]
+fn the_log_format_comes_from_the_file_or_the_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, "[log]\nformat = \"json\"\n").expect("write");
+    let config = Config::load_with_env(Some(&path), Vec::new()).expect("loads");
+    assert_eq!(config.log.format, LogFormat::Json);
+    let config = Config::load_with_env(Some(&path), env(&[("PRISM_RELAY_LOG_FORMAT", "human")]))
+        .expect("loads");
+    assert_eq!(config.log.format, LogFormat::Human);
+    assert!(Config::load_with_env(None, env(&[("PRISM_RELAY_LOG_FORMAT", "xml")])).is_err());
 }

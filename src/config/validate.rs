@@ -26,6 +26,7 @@ impl Config {
         self.validate_clickhouse(&mut v);
         self.validate_drain(&mut v);
         self.validate_metrics(&mut v);
+        self.validate_audit(&mut v);
         v.range(
             "shutdown.timeout_ms",
             self.shutdown.timeout_ms,
@@ -71,14 +72,37 @@ impl Config {
             n.user.is_some() || has_password,
             n.token.is_some() || n.token_file.is_some(),
             n.creds_file.is_some(),
+            n.nkey_file.is_some(),
         ];
         if methods.iter().filter(|m| **m).count() > 1 {
             v.push(
                 "nats",
-                "several of user/password, token, creds_file",
+                "several of user/password, token, creds_file, nkey_file",
                 "one authentication method",
-                "keep exactly one of user+password, token or creds_file".to_owned(),
+                "keep exactly one of user+password, token, creds_file or nkey_file".to_owned(),
             );
+        }
+        for (field, path) in [
+            ("nats.creds_file", &n.creds_file),
+            ("nats.nkey_file", &n.nkey_file),
+        ] {
+            if let Some(path) = path {
+                v.readable_file(field, path);
+            }
+        }
+        v.tls_files("nats", &n.tls_ca_file, &n.tls_cert_file, &n.tls_key_file);
+        if n.tls_wanted() {
+            for server in n.url.split(',').map(str::trim) {
+                if server.starts_with("ws://") {
+                    v.push(
+                        "nats.url",
+                        server,
+                        "tls://, nats:// or wss:// URLs when TLS is wanted",
+                        "use wss:// (or tls://), or remove nats.tls_required and the nats.tls_* files"
+                            .to_owned(),
+                    );
+                }
+            }
         }
         if n.password.is_some() && n.password_file.is_some() {
             v.push(
@@ -363,6 +387,23 @@ impl Config {
 
     fn validate_clickhouse(&self, v: &mut Validator) {
         let c = &self.clickhouse;
+        v.tls_files(
+            "clickhouse",
+            &c.tls_ca_file,
+            &c.tls_cert_file,
+            &c.tls_key_file,
+        );
+        let tls_files =
+            c.tls_ca_file.is_some() || c.tls_cert_file.is_some() || c.tls_key_file.is_some();
+        if tls_files && c.url.starts_with("http://") {
+            v.push(
+                "clickhouse.url",
+                &c.url,
+                "an https:// URL when clickhouse.tls_* files are set",
+                "use the server's https:// URL (its https_port), or remove the clickhouse.tls_* files"
+                    .to_owned(),
+            );
+        }
         if !(c.url.starts_with("http://") || c.url.starts_with("https://"))
             || c.url.len() <= "https://".len()
             || c.url.contains(char::is_whitespace)
@@ -414,6 +455,41 @@ impl Config {
                 );
             }
         }
+        if c.async_insert && c.profile == ClickHouseProfile::Legacy {
+            v.push(
+                "clickhouse.async_insert",
+                "true",
+                "false with profile = \"legacy\"",
+                "set async_insert = false, or profile = \"modern\" for a server that has \
+                 asynchronous inserts (ClickHouse 22.2 and newer); 18.16 has none"
+                    .to_owned(),
+            );
+        }
+    }
+
+    fn validate_audit(&self, v: &mut Validator) {
+        let a = &self.audit;
+        v.range(
+            "audit.sample_every_records",
+            a.sample_every_records,
+            AUDIT_SAMPLE_EVERY_RECORDS_MIN,
+            AUDIT_SAMPLE_EVERY_RECORDS_MAX,
+            "records",
+        );
+        v.range(
+            "audit.interval_ms",
+            a.interval_ms,
+            AUDIT_INTERVAL_MS_MIN,
+            AUDIT_INTERVAL_MS_MAX,
+            "ms",
+        );
+        v.range(
+            "audit.pending_max",
+            a.pending_max,
+            AUDIT_PENDING_MAX_MIN,
+            AUDIT_PENDING_MAX_MAX,
+            "samples",
+        );
     }
 
     fn validate_metrics(&self, v: &mut Validator) {
@@ -644,6 +720,63 @@ impl Validator {
                 &format!("{min} ..= {max} {unit}"),
                 fix,
             );
+        }
+    }
+
+    /// A file the relay must read at start-up: it exists and this user can open it.
+    fn readable_file(&mut self, field: &str, path: &std::path::Path) {
+        let shown = path.display().to_string();
+        match std::fs::File::open(path) {
+            Ok(file) => {
+                if file.metadata().is_ok_and(|m| m.is_dir()) {
+                    self.push(
+                        field,
+                        &shown,
+                        "a readable file",
+                        "name the file, not its directory".to_owned(),
+                    );
+                }
+            }
+            Err(error) => self.push(
+                field,
+                &shown,
+                "a readable file",
+                format!("cannot open it ({error}): fix the path or make it readable by the relay's user"),
+            ),
+        }
+    }
+
+    /// The TLS files of `section`: each readable, and a client certificate with its key.
+    fn tls_files(
+        &mut self,
+        section: &str,
+        ca: &Option<std::path::PathBuf>,
+        cert: &Option<std::path::PathBuf>,
+        key: &Option<std::path::PathBuf>,
+    ) {
+        for (name, path) in [
+            ("tls_ca_file", ca),
+            ("tls_cert_file", cert),
+            ("tls_key_file", key),
+        ] {
+            if let Some(path) = path {
+                self.readable_file(&format!("{section}.{name}"), path);
+            }
+        }
+        match (cert, key) {
+            (Some(_), None) => self.push(
+                &format!("{section}.tls_key_file"),
+                "<unset>",
+                "set together with tls_cert_file",
+                format!("set {section}.tls_key_file to the client certificate's private key, or remove {section}.tls_cert_file"),
+            ),
+            (None, Some(_)) => self.push(
+                &format!("{section}.tls_cert_file"),
+                "<unset>",
+                "set together with tls_key_file",
+                format!("set {section}.tls_cert_file to the client certificate, or remove {section}.tls_key_file"),
+            ),
+            _ => {}
         }
     }
 

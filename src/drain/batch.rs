@@ -632,4 +632,62 @@ mod tests {
         );
         assert_eq!(body(&batch).lines().count(), 1);
     }
+
+    #[test]
+    fn each_dead_letter_carries_its_reason_class_and_a_bounded_data_type_label() {
+        use crate::metrics::DeadReason;
+        let trade = |seq: u64, payload: &'static [u8]| Envelope {
+            stream: Cow::Borrowed("MARKET_TRADES"),
+            stream_seq: StreamSeq(seq),
+            subject: Cow::Borrowed("trade.binance.spot.BTC-USDT"),
+            headers: Vec::new(),
+            published_ns: 1_761_714_312_456_789_000,
+            payload: Cow::Borrowed(payload),
+        };
+        let mut typed = Batch::new("trades", RowsKind::Typed, TimeWindow::default());
+        typed.push(Lsn(1), &trade(1, b"not json {"), 0);
+        // A valid trade dated 1970: outside the plausible window.
+        let old: &'static [u8] = br#"{"exchange":"binance","market_type":"spot","symbol":"BTC-USDT","price":"1.5","quantity":"2","side":"buy","trade_id":"t1","data_type":"trade","ts_ms":1000,"trade_ts_ms":1000}"#;
+        typed.push(Lsn(2), &trade(2, old), 0);
+        assert_eq!(
+            typed.dead_classes,
+            vec![
+                (DeadReason::undecodable, "trade".to_owned()),
+                (DeadReason::timestamp, "trade".to_owned())
+            ],
+            "{:?}",
+            typed.dead
+        );
+
+        let mut unrouted = Batch::new(
+            super::super::route::UNROUTED_LANE,
+            RowsKind::DeadLettersOnly,
+            TimeWindow::default(),
+        );
+        let mut oversized = trade(3, b"cut");
+        oversized.headers = vec![(
+            Cow::Borrowed(super::super::route::DEAD_LETTER_HEADER),
+            Cow::Borrowed("too large"),
+        )];
+        let mut rescued = oversized.clone();
+        rescued.stream_seq = StreamSeq(4);
+        rescued.headers.push((
+            Cow::Borrowed(crate::source::RAW_SUBJECT_HEADER),
+            Cow::Borrowed("74ff"),
+        ));
+        let mut stray = trade(5, b"{}");
+        stray.subject = Cow::Borrowed("made.up.subject");
+        for (lsn, envelope) in [(3, &oversized), (4, &rescued), (5, &stray)] {
+            unrouted.push(Lsn(lsn), envelope, 0);
+        }
+        let unrouted_label = crate::metrics::UNROUTED_DATA_TYPE.to_owned();
+        assert_eq!(
+            unrouted.dead_classes,
+            vec![
+                (DeadReason::oversized, unrouted_label.clone()),
+                (DeadReason::invalid_subject, unrouted_label.clone()),
+                (DeadReason::unrouted, unrouted_label),
+            ]
+        );
+    }
 }

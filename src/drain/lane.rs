@@ -18,6 +18,31 @@ use super::{DrainError, LedgerKeeper};
 /// Records read per pass before the lane yields to other tasks and checks its timers.
 const READ_CHUNK_RECORDS: usize = 4_096;
 
+/// Test hook (debug builds only): the environment variable naming a failpoint at which the
+/// process aborts, so a test can crash the relay at an exact point of a batch's life. Release
+/// builds compile no failpoint, and a debug build without the variable reaches none.
+pub const FAILPOINT_ENV: &str = "PRISM_RELAY_FAILPOINT";
+
+/// The failpoint between a batch's successful insert and the ledger's move of the lane's cursor
+/// past it: a restart finds the batch in flight, re-cuts the same records and inserts them again
+/// with the same token.
+pub const FAILPOINT_AFTER_INSERT_BEFORE_CURSOR: &str = "drain.after_insert_before_cursor";
+
+/// Aborts the process when [`FAILPOINT_ENV`] names `failpoint` (debug builds only).
+fn failpoint(failpoint: &str) {
+    #[cfg(debug_assertions)]
+    {
+        static ACTIVE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        let active = ACTIVE.get_or_init(|| std::env::var(FAILPOINT_ENV).ok());
+        if active.as_deref() == Some(failpoint) {
+            tracing::error!(failpoint, "failpoint reached: aborting the process");
+            std::process::abort();
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = failpoint;
+}
+
 /// Static settings of a lane.
 #[derive(Debug, Clone)]
 pub struct LaneConfig {
@@ -233,11 +258,18 @@ impl Lane {
                     .opened_at()
                     .map(|t| t + self.config.limits.age_max)
                     .unwrap_or_else(|| Instant::now() + IDLE_WAKE);
-                tokio::select! {
-                    _ = durable.changed() => {}
-                    _ = tokio::time::sleep_until(deadline.into()) => {}
-                    _ = self.shutdown.changed() => {}
-                }
+                // Waiting for records or for the batch's age limit (flush_interval_ms may be
+                // minutes) is legitimate: beat meanwhile.
+                let mut shutdown = self.shutdown.clone();
+                self.heartbeat
+                    .wait(async {
+                        tokio::select! {
+                            _ = durable.changed() => {}
+                            _ = tokio::time::sleep_until(deadline.into()) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                    })
+                    .await;
             } else {
                 tokio::task::yield_now().await;
             }
@@ -387,9 +419,14 @@ impl Lane {
             for (labels, rows) in full.label_counts(&rejected) {
                 self.metrics.processed(labels, rows);
             }
+            failpoint(FAILPOINT_AFTER_INSERT_BEFORE_CURSOR);
         }
         self.ledger_step(LedgerStep::Finish(self.read_pos), stopping)
             .await?;
+        // One line per batch at debug level: the LSN range ties a row in ClickHouse to its WAL
+        // records (`wal dump`, `replay --from-lsn`).
+        tracing::debug!(table = %self.config.name, lsn_first = first.0, lsn_last = inflight.last.0,
+            rows = outcome.rows_inserted, dead_letters = dead.len(), "batch inserted");
         Ok(())
     }
 
@@ -470,6 +507,8 @@ impl Lane {
             self.config.backoff_max.as_millis() as u64,
         );
         let mut failing = Condition::default();
+        // Failures no retry can fix are a condition of their own, logged as such from the first.
+        let mut refused = Condition::default();
         loop {
             let started = Instant::now();
             let result = self.heartbeat.wait(attempt(self.sink.clone())).await;
@@ -481,6 +520,9 @@ impl Lane {
                     if let Some(ended) = failing.cleared() {
                         tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "insert succeeded after retries");
                     }
+                    if let Some(ended) = refused.cleared() {
+                        tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "ClickHouse accepts the relay's inserts again");
+                    }
                     return Ok(value);
                 }
                 Err(error) => {
@@ -489,7 +531,12 @@ impl Lane {
                     self.metrics
                         .health
                         .insert_failed(&self.config.name, &class, &error.message);
-                    if let Some(o) = failing.occurred() {
+                    // /ready fails at once on a class no retry can fix (Health::insert_failed).
+                    if let Some(hint) = error.class.operator_hint() {
+                        if let Some(o) = refused.occurred() {
+                            tracing::error!(lane = %self.config.name, class = %error.class, %error, failures = o.count(), lasted_s = o.lasted_s(), retry_ms = self.config.backoff_max.as_millis() as u64, "{hint}");
+                        }
+                    } else if let Some(o) = failing.occurred() {
                         tracing::warn!(lane = %self.config.name, class = ?error.class, %error, failures = o.count(), lasted_s = o.lasted_s(), "insert failed; retrying");
                     }
                     if stopping || *self.shutdown.borrow() {
@@ -503,7 +550,12 @@ impl Lane {
                             table: table.to_owned(),
                         })
                         .inc();
-                    let delay = backoff.next_delay();
+                    // An operator's fix takes minutes: retry at the slowest pace meanwhile.
+                    let delay = if error.class.needs_operator() {
+                        self.config.backoff_max
+                    } else {
+                        backoff.next_delay()
+                    };
                     let mut shutdown = self.shutdown.clone();
                     self.heartbeat
                         .wait(async {

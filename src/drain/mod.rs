@@ -25,7 +25,7 @@ use tokio::sync::Mutex;
 pub use batch::{
     dead_letter, Batch, BatchLimits, Rows, RowsKind, TypedRows, PASSTHROUGH_RELAY_FIELDS,
 };
-pub use lane::{Lane, LaneConfig};
+pub use lane::{Lane, LaneConfig, FAILPOINT_AFTER_INSERT_BEFORE_CURSOR, FAILPOINT_ENV};
 pub use route::{Route, Router, UNROUTED_LANE};
 
 /// Why a lane stopped.

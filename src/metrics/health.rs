@@ -6,12 +6,15 @@
 //! budget, a pull waiting for messages. Such waits go through [`Heartbeat::wait`] (or
 //! [`Heartbeat::wait_while`], which beats only while its condition says the wait is legitimate),
 //! so they beat while they wait. A loop that has not beaten for [`LOOP_STALL_S`] is stuck (a
-//! hung fsync, a deadlock, a blocking call on the runtime) and fails `/health`.
+//! hung fsync, a deadlock, a blocking call on the runtime) and fails `/health`. The WAL's writer
+//! thread waits for work when there is none, so it cannot beat; instead `/health` fails once
+//! its group commit under way (`Wal::commit_running_for`) is older than the same bound.
 //!
 //! Readiness. Each lane reports its inserts: [`Health::insert_failed`] starts a failure streak (or
 //! continues it) with the error's class and a short redacted cause, [`Health::insert_succeeded`]
 //! ends it. `/ready` fails while a streak has lasted longer than `[metrics]
-//! ready_insert_failing_s`, at once on a schema error (an operator must act), while the drain has
+//! ready_insert_failing_s`, at once on an error of any class but `retryable` (a schema mismatch,
+//! refused credentials: an operator must act), while the drain has
 //! not reached ClickHouse yet at start-up, and once the WAL failed. Its body names each table
 //! and why.
 
@@ -31,6 +34,10 @@ pub const HEARTBEAT_INTERVAL_MS: u64 = 1_000;
 /// milliseconds. A minute leaves room for a disk that is merely slow, while a hung one gets the
 /// relay restarted within a probe period or two.
 pub const LOOP_STALL_S: u64 = 60;
+
+/// The error class of failures that pass by themselves (the sink's `retryable`): only these
+/// wait for `ready_insert_failing_s` before `/ready` fails.
+pub const RETRYABLE_CLASS: &str = "retryable";
 
 /// Default of `[metrics] ready_insert_failing_s`.
 pub const READY_INSERT_FAILING_S_DEFAULT: u64 = 30;
@@ -174,12 +181,25 @@ impl Health {
             .collect()
     }
 
-    /// `Ok` while every loop beats, else the body `/health` answers with.
-    pub fn liveness(&self, wal_failed: bool) -> Result<(), String> {
+    /// `Ok` while every loop beats and the WAL writer's group commit under way (if any, for
+    /// `wal_commit_running`) is younger than [`LOOP_STALL_S`], else the body `/health` answers
+    /// with.
+    pub fn liveness(
+        &self,
+        wal_failed: bool,
+        wal_commit_running: Option<Duration>,
+    ) -> Result<(), String> {
         let mut problems = Vec::new();
         if wal_failed {
             problems
                 .push("the WAL failed for good (an fsync error): restart to recover".to_owned());
+        }
+        if let Some(running) = wal_commit_running.filter(|d| d.as_secs() > LOOP_STALL_S) {
+            problems.push(format!(
+                "the WAL writer's group commit (write and fdatasync) has been running for {} s \
+                 (bound {LOOP_STALL_S} s): the disk does not answer",
+                running.as_secs()
+            ));
         }
         for (name, silent) in self.stalled_loops() {
             problems.push(format!(
@@ -266,7 +286,9 @@ impl Health {
                 continue;
             };
             let failing = since.elapsed();
-            if failing > bound || lane.class == "schema" {
+            // Only a retryable failure can pass by itself: any other class (a schema mismatch,
+            // refused credentials) needs an operator, so it is reported at once.
+            if failing > bound || lane.class != RETRYABLE_CLASS {
                 problems.push(format!(
                     "table {table}: inserts failing for {} s (bound {} s), last error {}: {}",
                     failing.as_secs(),
@@ -350,7 +372,7 @@ mod tests {
         waiting
             .wait(tokio::time::sleep(Duration::from_secs(LOOP_STALL_S + 5)))
             .await;
-        let body = health.liveness(false).expect_err("a loop is stuck");
+        let body = health.liveness(false, None).expect_err("a loop is stuck");
         assert!(
             body.contains("loop ingest md has made no progress"),
             "{body}"
@@ -358,8 +380,13 @@ mod tests {
         assert!(!body.contains("drain trades"), "{body}");
         assert!(!body.contains("ingest gone"), "{body}");
         stuck.beat();
-        assert_eq!(health.liveness(false), Ok(()));
-        assert!(health.liveness(true).is_err());
+        assert_eq!(health.liveness(false, None), Ok(()));
+        assert!(health.liveness(true, None).is_err());
+        let short = Some(Duration::from_millis(30));
+        assert_eq!(health.liveness(false, short), Ok(()), "a commit under way");
+        let hung = Some(Duration::from_secs(LOOP_STALL_S + 1));
+        let body = health.liveness(false, hung).expect_err("a hung commit");
+        assert!(body.contains("WAL writer's group commit"), "{body}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -372,12 +399,12 @@ mod tests {
         )
         .await;
         // The future's end is progress: the beat after it clears the stall.
-        assert_eq!(health.liveness(false), Ok(()));
+        assert_eq!(health.liveness(false, None), Ok(()));
         let pending = hung.wait_while(std::future::pending::<()>(), || false);
         let timed = tokio::time::timeout(Duration::from_secs(LOOP_STALL_S + 5), pending).await;
         assert!(timed.is_err());
         let body = health
-            .liveness(false)
+            .liveness(false, None)
             .expect_err("no beat while not legitimate");
         assert!(body.contains("ingest md"), "{body}");
     }
@@ -407,6 +434,15 @@ mod tests {
         assert!(!body.contains("orderbooks"), "{body}");
         health.insert_succeeded("trades");
         assert_eq!(health.readiness(false), Ok(()));
+        health.insert_failed("funding_rates", "auth", "Authentication failed");
+        let body = health
+            .readiness(false)
+            .expect_err("a class no retry fixes, at once");
+        assert!(
+            body.contains("table funding_rates") && body.contains("auth"),
+            "{body}"
+        );
+        health.insert_succeeded("funding_rates");
         health.insert_failed("orderbooks", "schema", "No such column x");
         let body = health.readiness(false).expect_err("schema at once");
         assert!(

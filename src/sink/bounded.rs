@@ -8,6 +8,9 @@
 //! [`ANSWER_BYTES_MAX`]. The HTTP/1 client never pipelines, so the bytes read between two writes
 //! belong to one answer. The failed request is a connection error for the sink, which classifies it
 //! as retryable: the batch is retried as the same batch, nothing is dead-lettered for it.
+//!
+//! For an `https://` URL the connection speaks TLS inside the bounded stream ([`super::tls`]), so
+//! the bound and the byte counts of [`super::wire`] see the HTTP bytes, not the encrypted ones.
 
 use std::future::Future;
 use std::io;
@@ -17,8 +20,8 @@ use std::task::{Context, Poll};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
+use super::tls::Transport;
 use super::wire::{RequestScanner, WireBytes};
 use std::sync::Arc;
 
@@ -36,6 +39,8 @@ pub struct BoundedConnector {
     answer_bytes_max: u64,
     /// Bytes written by every connection of this connector (see [`super::wire`]).
     wire: Arc<WireBytes>,
+    /// The TLS client for `https://` URIs; `None` refuses them.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl BoundedConnector {
@@ -45,7 +50,15 @@ impl BoundedConnector {
             inner,
             answer_bytes_max,
             wire: Arc::default(),
+            tls: None,
         }
+    }
+
+    /// Speaks TLS with `config` to `https://` URIs (the inner connector must not enforce the
+    /// `http` scheme).
+    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> BoundedConnector {
+        self.tls = Some(config);
+        self
     }
 
     /// The byte totals of this connector's connections.
@@ -73,13 +86,25 @@ impl tower_service::Service<hyper::Uri> for BoundedConnector {
     }
 
     fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let https = uri.scheme_str() == Some("https");
+        let host = uri.host().unwrap_or_default().to_owned();
+        let tls = self.tls.clone();
         let connecting = self.inner.call(uri);
         let answer_bytes_max = self.answer_bytes_max;
         let wire = self.wire.clone();
         Box::pin(async move {
             let io = connecting.await?;
+            let inner = match (https, tls) {
+                (false, _) => Transport::Plain(io.into_inner()),
+                (true, Some(config)) => {
+                    Transport::handshake(io.into_inner(), &host, config).await?
+                }
+                (true, None) => {
+                    return Err("an https:// URL needs the sink's TLS configuration".into())
+                }
+            };
             Ok(TokioIo::new(BoundedStream {
-                inner: io.into_inner(),
+                inner,
                 read_since_write: 0,
                 answer_bytes_max,
                 wire,
@@ -89,12 +114,12 @@ impl tower_service::Service<hyper::Uri> for BoundedConnector {
     }
 }
 
-/// A TCP stream that fails a read once more than `answer_bytes_max` bytes arrived since the last
-/// write.
+/// A TCP (or TLS) stream that fails a read once more than `answer_bytes_max` bytes arrived since
+/// the last write.
 #[derive(Debug)]
 pub struct BoundedStream {
     /// The connection.
-    inner: TcpStream,
+    inner: Transport,
     /// Bytes read since the last successful write: the answer read so far.
     read_since_write: u64,
     /// Bytes one answer may take.

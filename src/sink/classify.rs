@@ -13,6 +13,14 @@
 //! - [`ErrorClass::Schema`]: the target does not match what the relay writes (missing table, database
 //!   or column, a setting the server does not know). It is not the rows' fault: the drain retries
 //!   slowly and reports not-ready until an operator fixes the target, and never dead-letters.
+//! - [`ErrorClass::Auth`]: the server refuses the relay itself: authentication failed (unknown user,
+//!   wrong or missing password), the user lacks a grant or may only read, or the TLS handshake
+//!   failed on trust (certificate not valid for the name, unknown issuer, the server wants a
+//!   client certificate). No retry can fix it, yet an operator can, on the server, at any time:
+//!   the drain reports it as such, retries slowly and reports not-ready; it never exits and
+//!   never dead-letters.
+//!
+//! [`ErrorClass::needs_operator`] is true for the last two: the classes a retry cannot fix.
 //!
 //! **Unknown codes are retryable.** Guessing "poison" for an error we do not recognise would move
 //! good rows out of the main tables into dead letters for good; guessing "retryable" only delays
@@ -33,6 +41,34 @@ pub enum ErrorClass {
     Poison,
     /// The target schema or configuration does not match: retry slowly, report not-ready.
     Schema,
+    /// The server refuses the relay's credentials, grants or TLS identity: retry slowly, report
+    /// not-ready.
+    Auth,
+}
+
+impl ErrorClass {
+    /// True for the classes no retry can fix, only an operator ([`ErrorClass::Schema`] and
+    /// [`ErrorClass::Auth`]): the drain retries them slowly and reports them as such.
+    pub fn needs_operator(self) -> bool {
+        matches!(self, ErrorClass::Schema | ErrorClass::Auth)
+    }
+
+    /// What to tell the operator about a failure of a class no retry can fix; `None` for the
+    /// classes the relay handles by itself.
+    pub fn operator_hint(self) -> Option<&'static str> {
+        match self {
+            ErrorClass::Auth => Some(
+                "ClickHouse refuses the relay (authentication, grants or TLS identity): no retry can fix this; \
+                 fix the user, its password or grants on the server, or [clickhouse] user/password/TLS settings; \
+                 the relay retries slowly and the WAL keeps the data meanwhile",
+            ),
+            ErrorClass::Schema => Some(
+                "ClickHouse's database or table does not match what the relay writes: no retry can fix this; \
+                 fix it (`prism-relay check` names the change); the relay retries slowly and the WAL keeps the data meanwhile",
+            ),
+            ErrorClass::Retryable | ErrorClass::Poison => None,
+        }
+    }
 }
 
 impl fmt::Display for ErrorClass {
@@ -41,6 +77,7 @@ impl fmt::Display for ErrorClass {
             ErrorClass::Retryable => "retryable",
             ErrorClass::Poison => "poison",
             ErrorClass::Schema => "schema",
+            ErrorClass::Auth => "auth",
         })
     }
 }
@@ -148,6 +185,12 @@ mod code {
     pub const TIMEOUT_EXCEEDED: u32 = 159;
     pub const SIZES_OF_ARRAYS_DOESNT_MATCH: u32 = 190;
     pub const READONLY: u32 = 164;
+    pub const UNKNOWN_USER: u32 = 192;
+    pub const WRONG_PASSWORD: u32 = 193;
+    pub const REQUIRED_PASSWORD: u32 = 194;
+    pub const IP_ADDRESS_NOT_ALLOWED: u32 = 195;
+    pub const ACCESS_DENIED: u32 = 497;
+    pub const AUTHENTICATION_FAILED: u32 = 516;
     pub const TOO_MANY_SIMULTANEOUS_QUERIES: u32 = 202;
     pub const NO_FREE_CONNECTION: u32 = 203;
     pub const SOCKET_TIMEOUT: u32 = 209;
@@ -182,18 +225,57 @@ const TOO_MANY_PARTITIONS_MARKER: &str = "Too many partitions for single INSERT 
 /// The client's own validation (modern servers) rejects an enum value the table does not define.
 const CLIENT_ENUM_MISMATCH_MARKER: &str = "is not present in the database schema";
 
+/// Transport errors without an exception code that mean the TLS handshake failed on trust, as
+/// rustls and OpenSSL word them: a certificate the relay does not accept, or a server that does
+/// not accept the relay's (or wants one). A handshake cut short by the network is not among them
+/// (it is retryable like any dropped connection).
+const TLS_TRUST_MARKERS: &[&str] = &[
+    "invalid peer certificate",
+    "certificate verify failed",
+    "UnknownIssuer",
+    "NotValidForName",
+    "BadCertificate",
+    "CertificateRequired",
+    "UnknownCA",
+    "self signed certificate",
+    "self-signed certificate",
+    "unable to get local issuer certificate",
+    "certificate has expired",
+];
+
+/// Bare HTTP statuses (no ClickHouse exception, e.g. from a proxy in front of the server) that
+/// refuse the client rather than the request.
+const HTTP_REFUSAL_MARKERS: &[&str] = &["401 Unauthorized", "403 Forbidden"];
+
 /// Classifies a failure from its ClickHouse exception code (if any), its message and the body format.
 pub fn classify(code: Option<u32>, message: &str, format: BodyFormat) -> ErrorClass {
     use code::*;
     let Some(code) = code else {
-        // No exception code: transport failures, timeouts, bare HTTP statuses (proxies, 5xx).
+        // No exception code: transport failures, timeouts, bare HTTP statuses (proxies, 5xx);
+        // a refused TLS identity or a proxy's refusal is the operator's to fix.
+        if TLS_TRUST_MARKERS
+            .iter()
+            .chain(HTTP_REFUSAL_MARKERS)
+            .any(|m| message.contains(m))
+        {
+            return ErrorClass::Auth;
+        }
         return ErrorClass::Retryable;
     };
     let about_enum_value = ENUM_VALUE_MARKERS.iter().any(|m| message.contains(m));
     match code {
+        // The server refuses the relay: who it is, or what it may do (READONLY is the user's
+        // `readonly` setting; a replica that is read-only is TABLE_IS_READ_ONLY below).
+        UNKNOWN_USER
+        | WRONG_PASSWORD
+        | REQUIRED_PASSWORD
+        | IP_ADDRESS_NOT_ALLOWED
+        | ACCESS_DENIED
+        | AUTHENTICATION_FAILED
+        | READONLY => ErrorClass::Auth,
+
         // The server needs time, memory, merges or replicas.
         TIMEOUT_EXCEEDED
-        | READONLY
         | TOO_MANY_SIMULTANEOUS_QUERIES
         | NO_FREE_CONNECTION
         | SOCKET_TIMEOUT
@@ -334,7 +416,7 @@ mod tests {
     /// (code, message, format, expected class); messages are real server texts.
     const CASES: &[(Option<u32>, &str, BodyFormat, ErrorClass)] = {
         use BodyFormat::{None as NoBody, RowBinary, Text};
-        use ErrorClass::{Poison, Retryable, Schema};
+        use ErrorClass::{Auth, Poison, Retryable, Schema};
         &[
             // Transport and bare statuses.
             (None, "network error: connection refused", RowBinary, Retryable),
@@ -343,7 +425,19 @@ mod tests {
             (None, "Unknown element 'x' for type Enum8", Text, Retryable),
             // Retryable server states.
             (Some(159), "Code: 159. DB::Exception: Timeout exceeded", RowBinary, Retryable),
-            (Some(164), "Code: 164. DB::Exception: Cannot execute query in readonly mode", RowBinary, Retryable),
+            // The server refuses the relay: no retry fixes it.
+            (Some(164), "Code: 164. DB::Exception: Cannot execute query in readonly mode", RowBinary, Auth),
+            (Some(192), "Code: 192, e.displayText() = DB::Exception: Unknown user relay", RowBinary, Auth),
+            (Some(193), "Code: 193, e.displayText() = DB::Exception: Wrong password for user default", NoBody, Auth),
+            (Some(194), "Code: 194. DB::Exception: Password required for user relay", Text, Auth),
+            (Some(195), "Code: 195. DB::Exception: User relay is not allowed to connect from address 10.0.0.7", RowBinary, Auth),
+            (Some(497), "Code: 497. DB::Exception: relay: Not enough privileges. To execute this query it's necessary to have grant INSERT(timestamp) ON marketprism_hot.trades. (ACCESS_DENIED)", RowBinary, Auth),
+            (Some(516), "Code: 516. DB::Exception: relay: Authentication failed: password is incorrect, or there is no user with such name. (AUTHENTICATION_FAILED)", NoBody, Auth),
+            (None, "network error: client error (Connect): invalid peer certificate: UnknownIssuer", RowBinary, Auth),
+            (None, "error:0A000086:SSL routines:tls_post_process_server_certificate:certificate verify failed", NoBody, Auth),
+            (None, "received fatal alert: CertificateRequired", Text, Auth),
+            (None, "401 Unauthorized", RowBinary, Auth),
+            (None, "tls handshake eof", RowBinary, Retryable),
             (Some(202), "Code: 202. Too many simultaneous queries", RowBinary, Retryable),
             (Some(203), "Code: 203. No free connection", RowBinary, Retryable),
             (Some(209), "Code: 209. Timeout exceeded while reading from socket", RowBinary, Retryable),

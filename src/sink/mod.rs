@@ -24,6 +24,10 @@
 //! validation is off and no token is sent; there the ReplacingMergeTree tables collapse the
 //! duplicates that retries create (invariant 6).
 //!
+//! With `async_insert` (modern only, off by default), each insert also carries `async_insert=1`,
+//! `wait_for_async_insert=1` (the answer comes after the server's flush, so the drain moves its
+//! cursor only over stored rows) and `async_insert_deduplicate=1`, with the token as always.
+//!
 //! Every request is bounded by `insert_timeout_ms` (a paused server makes a request fail as
 //! retryable instead of hanging) and every connection attempt by `connect_timeout_ms`.
 //!
@@ -38,6 +42,7 @@ pub mod classify;
 mod dead_letter;
 pub mod isolate;
 pub mod json;
+pub mod tls;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -73,6 +78,14 @@ const TCP_KEEPALIVE_MS: u64 = 60_000;
 /// Setting names sent with inserts on modern servers.
 const SETTING_DEDUP_TOKEN: &str = "insert_deduplication_token";
 const SETTING_DEDUPLICATE: &str = "insert_deduplicate";
+/// Asynchronous inserts (`[clickhouse] async_insert`, modern servers only): the server buffers
+/// inserts from many clients into fewer parts; the relay waits for the flush, so its cursor moves
+/// only after the rows are stored, and asks for deduplication, which servers turn off by default
+/// for asynchronous inserts.
+const SETTING_ASYNC_INSERT: &str = "async_insert";
+const SETTING_WAIT_FOR_ASYNC_INSERT: &str = "wait_for_async_insert";
+const SETTING_ASYNC_INSERT_DEDUPLICATE: &str = "async_insert_deduplicate";
+
 /// MarketPrism payloads carry fields the passthrough tables do not have; they must be ignored,
 /// not rejected (ClickHouse 18.16 knows this setting too).
 const SETTING_SKIP_UNKNOWN_FIELDS: &str = "input_format_skip_unknown_fields";
@@ -80,8 +93,10 @@ const SETTING_SKIP_UNKNOWN_FIELDS: &str = "input_format_skip_unknown_fields";
 /// How to reach ClickHouse. The relay's configuration is mapped into this.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SinkOptions {
-    /// HTTP endpoint, e.g. `http://127.0.0.1:8123` (TLS is not built in).
+    /// HTTP endpoint, e.g. `http://127.0.0.1:8123`, or `https://...` for TLS (see [`tls`]).
     pub url: String,
+    /// CA file and client certificate for an `https://` URL; unused for `http://`.
+    pub tls: tls::TlsFiles,
     /// User name; empty means the server's default user.
     pub user: String,
     /// Password; empty means none.
@@ -94,6 +109,9 @@ pub struct SinkOptions {
     pub connect_timeout_ms: u64,
     /// True for ClickHouse 23.8 and newer: row validation and deduplication tokens are used.
     pub modern: bool,
+    /// Inserts are asynchronous (`async_insert=1, wait_for_async_insert=1`, deduplication on);
+    /// only with `modern`, since 18.16 rejects settings it does not know.
+    pub async_insert: bool,
     /// Floor of the inserts one isolating insert may issue while bisecting a poison batch; a
     /// batch of `n` rows always gets at least `2n - 1`, so no good row is dead-lettered.
     pub isolate_inserts_max: u32,
@@ -106,12 +124,14 @@ impl Default for SinkOptions {
     fn default() -> Self {
         SinkOptions {
             url: "http://127.0.0.1:8123".to_owned(),
+            tls: tls::TlsFiles::default(),
             user: String::new(),
             password: String::new(),
             database: "marketprism_hot".to_owned(),
             insert_timeout_ms: 30_000,
             connect_timeout_ms: 5_000,
             modern: true,
+            async_insert: false,
             isolate_inserts_max: ISOLATE_INSERTS_MAX_DEFAULT,
             isolate_inserts_per_minute: ISOLATE_INSERTS_PER_MINUTE_DEFAULT,
         }
@@ -123,6 +143,7 @@ impl fmt::Debug for SinkOptions {
         // The password stays out of logs.
         f.debug_struct("SinkOptions")
             .field("url", &redact(&self.url))
+            .field("tls", &self.tls)
             .field("user", &self.user)
             .field(
                 "password",
@@ -136,6 +157,7 @@ impl fmt::Debug for SinkOptions {
             .field("insert_timeout_ms", &self.insert_timeout_ms)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("modern", &self.modern)
+            .field("async_insert", &self.async_insert)
             .field("isolate_inserts_max", &self.isolate_inserts_max)
             .field(
                 "isolate_inserts_per_minute",
@@ -151,6 +173,12 @@ pub enum SinkError {
     /// The options cannot work; nothing was sent.
     #[error("invalid ClickHouse sink options: {reason}")]
     InvalidOptions { reason: String },
+    /// The TLS files of an `https://` URL cannot be used; nothing was sent.
+    #[error("ClickHouse TLS: {source}")]
+    Tls {
+        #[source]
+        source: tls::TlsError,
+    },
     /// A query or statement failed; `source.class` tells whether waiting can help.
     #[error("ClickHouse statement `{statement}` failed: {source}")]
     Query {
@@ -164,7 +192,7 @@ impl SinkError {
     /// The class of the underlying ClickHouse failure, if one was sent.
     pub fn class(&self) -> Option<ErrorClass> {
         match self {
-            SinkError::InvalidOptions { .. } => None,
+            SinkError::InvalidOptions { .. } | SinkError::Tls { .. } => None,
             SinkError::Query { source, .. } => Some(source.class),
         }
     }
@@ -202,16 +230,60 @@ struct ColumnRow {
     r#type: String,
 }
 
+/// A `clickhouse` client for `url` on the sink's connector: connection attempts bounded by
+/// `connect_timeout_ms`, every answer bounded by [`ANSWER_BYTES_MAX`], TLS per `tls` for an
+/// `https://` URL. The sink and the operator tools (`verify`) use it, so both reach the same
+/// servers the same way. User, password and database are the caller's to set.
+pub fn http_client(
+    url: &str,
+    tls: &tls::TlsFiles,
+    connect_timeout_ms: u64,
+) -> Result<clickhouse::Client, SinkError> {
+    Ok(client_on(connector(url, tls, connect_timeout_ms)?, url))
+}
+
+/// The sink's connector for `url`: TCP with the connect timeout, keepalive and nodelay, TLS for
+/// `https://` inside the bounded (and counted) connection.
+fn connector(
+    url: &str,
+    tls: &tls::TlsFiles,
+    connect_timeout_ms: u64,
+) -> Result<BoundedConnector, SinkError> {
+    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+    tcp.set_connect_timeout(Some(Duration::from_millis(connect_timeout_ms)));
+    tcp.set_keepalive(Some(Duration::from_millis(TCP_KEEPALIVE_MS)));
+    tcp.set_nodelay(true);
+    if !url.starts_with("https://") {
+        return Ok(BoundedConnector::new(tcp, ANSWER_BYTES_MAX));
+    }
+    // The TCP connector refuses https:// URIs unless told the TLS is done above it.
+    tcp.enforce_http(false);
+    let config = tls::client_config(tls).map_err(|source| SinkError::Tls { source })?;
+    Ok(BoundedConnector::new(tcp, ANSWER_BYTES_MAX).with_tls(Arc::new(config)))
+}
+
+/// A `clickhouse` client for `url` on `connector`, with the sink's connection pool settings.
+fn client_on(connector: BoundedConnector, url: &str) -> clickhouse::Client {
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_millis(POOL_IDLE_TIMEOUT_MS))
+        .build(connector);
+    clickhouse::Client::with_http_client(http).with_url(url)
+}
+
 impl Sink {
     /// Builds the client and its connection pool; no request is sent until the first call.
     pub fn new(opts: SinkOptions) -> Result<Sink, SinkError> {
         let invalid = |reason: &str| SinkError::InvalidOptions {
             reason: reason.to_owned(),
         };
-        if !opts.url.starts_with("http://") {
-            return Err(invalid("url must start with http:// (TLS is not built in)"));
-        }
-        if opts.url.len() <= "http://".len() {
+        let host_at = if opts.url.starts_with("https://") {
+            "https://".len()
+        } else if opts.url.starts_with("http://") {
+            "http://".len()
+        } else {
+            return Err(invalid("url must start with http:// or https://"));
+        };
+        if opts.url.len() <= host_at {
             return Err(invalid("url has no host"));
         }
         if opts.database.is_empty() {
@@ -228,20 +300,15 @@ impl Sink {
         if opts.isolate_inserts_per_minute == 0 {
             return Err(invalid("isolate_inserts_per_minute must be positive"));
         }
+        if opts.async_insert && !opts.modern {
+            return Err(invalid(
+                "async_insert needs a modern server (the legacy profile knows no such setting)",
+            ));
+        }
 
-        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_millis(opts.connect_timeout_ms)));
-        connector.set_keepalive(Some(Duration::from_millis(TCP_KEEPALIVE_MS)));
-        connector.set_nodelay(true);
-        let connector = BoundedConnector::new(connector, ANSWER_BYTES_MAX);
+        let connector = connector(&opts.url, &opts.tls, opts.connect_timeout_ms)?;
         let wire = connector.wire_bytes();
-        let http =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_millis(POOL_IDLE_TIMEOUT_MS))
-                .build(connector);
-
-        let mut client = clickhouse::Client::with_http_client(http)
-            .with_url(&opts.url)
+        let mut client = client_on(connector, &opts.url)
             .with_database(&opts.database)
             .with_compression(clickhouse::Compression::Lz4)
             // Validation reads the columns with RowBinaryWithNamesAndTypes, which 18.16 lacks.
@@ -357,6 +424,9 @@ impl Sink {
                     .with_setting(SETTING_DEDUP_TOKEN, token)
                     .with_setting(SETTING_DEDUPLICATE, "1");
             }
+            for &(name, value) in self.async_settings() {
+                insert = insert.with_setting(name, value);
+            }
             for row in rows {
                 insert.write(row).await.map_err(classify)?;
             }
@@ -457,6 +527,9 @@ impl Sink {
                 .with_setting(SETTING_DEDUP_TOKEN, token)
                 .with_setting(SETTING_DEDUPLICATE, "1");
         }
+        for &(name, value) in self.async_settings() {
+            insert = insert.with_setting(name, value);
+        }
         let classify = |e: clickhouse::error::Error| from_client_error(&e, BodyFormat::Text);
         let body = Bytes::copy_from_slice(body);
         let request = async move {
@@ -521,6 +594,16 @@ impl Sink {
         Ok(outcome)
     }
 
+    /// Runs a `SELECT` as given (`?` is not a placeholder: the caller quotes its literals) and
+    /// parses its JSONEachRow answer, whose size the connector bounds. The audit reads with it.
+    pub async fn select_json_rows<R: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+    ) -> Result<Vec<R>, SinkError> {
+        self.fetch_json_query(sql, self.inner.client.query_raw(sql))
+            .await
+    }
+
     /// Runs a query (with at most one bound string) and parses its JSONEachRow answer. Reads go
     /// through JSON rather than the crate's typed rows so they never depend on validation,
     /// whose RowBinaryWithNamesAndTypes format 18.16 lacks.
@@ -533,6 +616,15 @@ impl Sink {
         if let Some(value) = bound {
             query = query.bind(value);
         }
+        self.fetch_json_query(sql, query).await
+    }
+
+    /// Fetches `query` (whose text is `sql`) as JSONEachRow and parses each line.
+    async fn fetch_json_query<R: serde::de::DeserializeOwned>(
+        &self,
+        sql: &str,
+        query: clickhouse::query::Query,
+    ) -> Result<Vec<R>, SinkError> {
         let fetch = async move {
             let mut cursor = query.fetch_bytes("JSONEachRow")?;
             cursor.collect().await
@@ -552,6 +644,21 @@ impl Sink {
     /// The deduplication token to send: only modern servers know the setting.
     fn token_to_send<'a>(&self, token: Option<&'a str>) -> Option<&'a str> {
         token.filter(|_| self.inner.opts.modern)
+    }
+
+    /// The settings of an asynchronous insert, when configured (none otherwise).
+    fn async_settings(&self) -> &'static [(&'static str, &'static str)] {
+        const ASYNC: [(&str, &str); 3] = [
+            (SETTING_ASYNC_INSERT, "1"),
+            (SETTING_WAIT_FOR_ASYNC_INSERT, "1"),
+            (SETTING_ASYNC_INSERT_DEDUPLICATE, "1"),
+        ];
+        let opts = &self.inner.opts;
+        if opts.async_insert && opts.modern {
+            &ASYNC
+        } else {
+            &[]
+        }
     }
 
     /// Bounds an insert by the request timeout; a timeout is retryable.
@@ -652,7 +759,11 @@ mod tests {
     fn options_that_cannot_work_are_refused_before_any_request() {
         let bad = [
             SinkOptions {
-                url: "https://example.com".into(),
+                url: "ftp://example.com".into(),
+                ..SinkOptions::default()
+            },
+            SinkOptions {
+                url: "https://".into(),
                 ..SinkOptions::default()
             },
             SinkOptions {
@@ -665,6 +776,11 @@ mod tests {
             },
             SinkOptions {
                 database: String::new(),
+                ..SinkOptions::default()
+            },
+            SinkOptions {
+                modern: false,
+                async_insert: true,
                 ..SinkOptions::default()
             },
         ];

@@ -4,7 +4,8 @@
 //! This is the only module of the relay that knows NATS. Its parts:
 //!
 //! - [`connect`] and [`jetstream`]: one client per relay, with the `[nats]` options (name,
-//!   timeouts, authentication). The client reconnects on its own, forever, after a disconnect or
+//!   timeouts, authentication by password, token, `.creds` or NKey seed, TLS with a CA and a
+//!   client certificate). The client reconnects on its own, forever, after a disconnect or
 //!   a server restart; connection events are logged.
 //! - [`ensure_streams`] and [`ensure_consumer`] (in `setup`): create what is missing, compare
 //!   what exists, and report the differences as [`Drift`]. They never update, delete or recreate
@@ -79,11 +80,13 @@ pub enum SourceError {
         source: std::io::Error,
     },
     /// The first connection attempt failed (later disconnects are retried by the client).
-    #[error("cannot connect to NATS at {url}: {source}")]
+    /// `hint` says what to change when waiting cannot help (credentials or TLS refused).
+    #[error("cannot connect to NATS at {url}: {source}{hint}")]
     Connect {
         url: String,
         #[source]
         source: async_nats::ConnectError,
+        hint: &'static str,
     },
     /// A JetStream API request about a stream failed (timeout, JetStream disabled, ...).
     #[error("JetStream request about stream {stream} failed: {source}")]
@@ -169,6 +172,17 @@ pub enum SourceError {
     },
 }
 
+impl SourceError {
+    /// True when the server refused the relay itself at connect: authentication failed, the
+    /// user is not authorized, or the TLS set-up or handshake failed. No retry can fix it, an
+    /// operator can (on the server, at any time), so the relay reports it as such and waits.
+    pub fn is_refused(&self) -> bool {
+        use async_nats::ConnectErrorKind as Kind;
+        matches!(self, SourceError::Connect { source, .. }
+            if matches!(source.kind(), Kind::Authentication | Kind::AuthorizationViolation | Kind::Tls))
+    }
+}
+
 /// Connects to the NATS servers of `config`.
 ///
 /// The first attempt must succeed (a wrong address fails fast at start-up); after that the client
@@ -198,6 +212,18 @@ pub async fn connect(config: &NatsConfig) -> Result<async_nats::Client, SourceEr
     if let Some(token) = &config.token {
         options = options.token(token.clone());
     }
+    if let Some(seed) = &config.nkey_seed {
+        options = options.nkey(seed.clone());
+    }
+    if config.tls_wanted() {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &config.tls_ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
 
     let options = options
         .name(&config.name)
@@ -226,8 +252,36 @@ pub async fn connect(config: &NatsConfig) -> Result<async_nats::Client, SourceEr
         .await
         .map_err(|source| SourceError::Connect {
             url: redact(&config.url).into_owned(),
+            hint: connect_hint(&source),
             source,
         })
+}
+
+/// What the operator changes when a connection is refused for a reason no retry cures: the
+/// credentials, or the TLS certificates. Empty for everything else (a server down, a timeout).
+fn connect_hint(error: &async_nats::ConnectError) -> &'static str {
+    use async_nats::ConnectErrorKind as Kind;
+    const CREDENTIALS: &str = " (the server refused the credentials; retrying does not help: \
+        check nats.user with nats.password_file, nats.token_file, nats.creds_file or \
+        nats.nkey_file against the server's authorization)";
+    const TLS: &str = " (TLS refused; retrying does not help: check nats.tls_ca_file against the \
+        server's certificate, the client certificate nats.tls_cert_file/nats.tls_key_file, and \
+        that the server speaks TLS)";
+    match error.kind() {
+        Kind::AuthorizationViolation | Kind::Authentication => CREDENTIALS,
+        Kind::Tls => TLS,
+        // rustls' refusals of a handshake arrive as I/O errors.
+        Kind::Io if error.to_string().contains("certificate") => TLS,
+        _ => "",
+    }
+}
+
+impl SourceError {
+    /// True when the error is a refusal no retry cures (credentials or TLS certificates): the
+    /// configuration or the server must change.
+    pub fn needs_configuration_change(&self) -> bool {
+        matches!(self, SourceError::Connect { hint, .. } if !hint.is_empty())
+    }
 }
 
 /// A JetStream context on `client` whose API requests time out after `request_timeout_ms`.

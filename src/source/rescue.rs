@@ -41,11 +41,14 @@
 //!
 //! # Limits
 //!
-//! - The raw connection speaks plain TCP with user/password (also from the URL) or token
-//!   authentication. It refuses TLS (a `tls://` URL or a server that requires TLS) and `.creds`
-//!   authentication (which needs an NKey signature of the server's nonce) with an error naming the
-//!   reason, logged once per reconnect; the consumer then behaves as without the rescue (the
-//!   poisoned message keeps being redelivered, and is not lost while the stream retains it).
+//! - The raw connection authenticates as the client does: user/password (also from the URL),
+//!   token, an NKey seed (`nkey_file`) or a `.creds` file (JWT and seed), signing the server's
+//!   nonce with the seed. It speaks TLS when the client does (a `tls://` URL, `tls_required`, a
+//!   `tls_*_file`, or a server that requires it), upgrading after the server's INFO as the client
+//!   does, with the same CA and client certificate. It does not speak WebSocket (`ws://`,
+//!   `wss://`): there it fails with an error naming the reason, logged once per reconnect, and the
+//!   consumer behaves as without the rescue (the poisoned message keeps being redelivered, and is
+//!   not lost while the stream keeps it).
 //! - The client is shared by every consumer, so a reconnect starts rescue pulls in each consumer
 //!   with deliveries pending, each on its own raw connection. Without a poisoned message they last
 //!   up to one `ack_wait` (the messages of the lost pull come back only then); the relay keeps
@@ -60,12 +63,15 @@
 //!   needs the same JetStream API the client uses, so any server of the cluster will do.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{HeaderMap, HeaderName, HeaderValue, ServerAddr, StatusCode, Subject};
 use bytes::Bytes;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
+    ReadHalf, WriteHalf,
+};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -128,6 +134,12 @@ pub enum RescueError {
     /// The next message exceeds the pull's byte limit.
     #[error("the next message is larger than the pull's byte limit")]
     TooLarge,
+    /// The TLS files cannot be used, or the server's certificate was refused.
+    #[error("raw NATS connection TLS: {detail}")]
+    Tls { detail: String },
+    /// The NKey seed or `.creds` file cannot sign the server's nonce.
+    #[error("raw NATS connection authentication: {detail}")]
+    Auth { detail: String },
 }
 
 impl From<std::io::Error> for RescueError {
@@ -195,18 +207,14 @@ pub(crate) enum Step {
 /// (as far as the configuration shows: a server that requires TLS behind a `nats://` URL is only
 /// found out at a rescue's connect, and logged then).
 pub fn rescue_unavailable(nats: &NatsConfig) -> Option<String> {
-    let reason = if nats.creds_file.is_some() {
-        "the connection authenticates with a .creds file (nats.creds_file), whose NKey signature \
-         the rescue's raw connection does not implement"
-            .to_owned()
-    } else {
+    let reason = {
         let url = nats.url.split(',').map(str::trim).find(|url| {
             let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
-            matches!(scheme, "tls" | "ws" | "wss")
+            matches!(scheme, "ws" | "wss")
         })?;
         format!(
-            "the connection uses {}, which the rescue's raw connection (plain NATS over TCP) does \
-             not speak",
+            "the connection uses {}, which the rescue's raw connection (NATS over TCP or TLS) \
+             does not speak",
             crate::redact::redact(url)
         )
     };
@@ -216,8 +224,7 @@ pub fn rescue_unavailable(nats: &NatsConfig) -> Option<String> {
          stays pending (it is not lost while the stream keeps it). If the relay keeps \
          reconnecting to NATS with messages pending, find the first unacknowledged stream \
          sequence past the ack floor (nats consumer info <stream> <durable>) and remove it \
-         (nats stream rmm <stream> <seq>), or connect the relay over nats:// with user/password \
-         or token authentication on a trusted network"
+         (nats stream rmm <stream> <seq>), or connect the relay over nats:// or tls://"
     ))
 }
 
@@ -386,13 +393,17 @@ pub(crate) struct PullRequest<'a> {
     pub expires: Duration,
 }
 
-/// A minimal NATS protocol client on its own TCP connection: subscribes to one inbox prefix and
-/// sends pull requests, each with its own reply subject under it, reading every delivery as bytes.
-/// A delivery for an earlier pull (one that ended at its deadline) is as good as any and is kept;
-/// an end-of-pull status for an earlier pull is ignored.
+/// The raw connection: TCP, or TLS over TCP.
+trait Conn: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Conn for T {}
+
+/// A minimal NATS protocol client on its own TCP (or TLS) connection: subscribes to one inbox
+/// prefix and sends pull requests, each with its own reply subject under it, reading every
+/// delivery as bytes. A delivery for an earlier pull (one that ended at its deadline) is as good
+/// as any and is kept; an end-of-pull status for an earlier pull is ignored.
 pub(crate) struct RawPuller {
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: BufReader<ReadHalf<Box<dyn Conn>>>,
+    writer: WriteHalf<Box<dyn Conn>>,
     inbox: String,
     /// Pulls sent on this connection; the current one's reply subject is `<inbox>.<pulls>`.
     pulls: u64,
@@ -402,21 +413,19 @@ pub(crate) struct RawPuller {
 impl RawPuller {
     /// Connects to the first server of `nats.url` that answers, with the client's authentication.
     pub(crate) async fn connect(nats: &NatsConfig) -> Result<RawPuller, RescueError> {
-        if nats.creds_file.is_some() {
-            return Err(RescueError::Unsupported {
-                reason: "nats.creds_file authentication needs an NKey signature the raw connection does not implement".to_owned(),
-            });
-        }
         let timeout = Duration::from_millis(nats.connect_timeout_ms);
         let mut failures = Vec::new();
         for url in nats.url.split(',').map(str::trim) {
+            let shown = crate::redact::redact(url).into_owned();
             let addr = ServerAddr::from_str(url).map_err(|source| RescueError::Address {
-                url: url.to_owned(),
+                url: shown.clone(),
                 source,
             })?;
-            if addr.tls_required() {
+            if addr.is_websocket() {
                 return Err(RescueError::Unsupported {
-                    reason: format!("{url} uses TLS, which the raw connection does not speak"),
+                    reason: format!(
+                        "{shown} uses WebSocket, which the raw connection does not speak"
+                    ),
                 });
             }
             match tokio::time::timeout(timeout, TcpStream::connect((addr.host(), addr.port())))
@@ -427,17 +436,17 @@ impl RawPuller {
                     return match tokio::time::timeout(timeout, handshake).await {
                         Ok(result) => result,
                         Err(_) => Err(RescueError::Connect {
-                            url: url.to_owned(),
+                            url: shown,
                             detail: format!("no handshake within {timeout:?}"),
                         }),
                     };
                 }
-                Ok(Err(error)) => failures.push(format!("{url}: {error}")),
-                Err(_) => failures.push(format!("{url}: no connection within {timeout:?}")),
+                Ok(Err(error)) => failures.push(format!("{shown}: {error}")),
+                Err(_) => failures.push(format!("{shown}: no connection within {timeout:?}")),
             }
         }
         Err(RescueError::Connect {
-            url: nats.url.clone(),
+            url: crate::redact::redact(&nats.url).into_owned(),
             detail: failures.join("; "),
         })
     }
@@ -447,7 +456,28 @@ impl RawPuller {
         nats: &NatsConfig,
         addr: &ServerAddr,
     ) -> Result<RawPuller, RescueError> {
-        let (read, writer) = socket.into_split();
+        // The INFO line comes in the clear, before any TLS upgrade.
+        let mut plain = BufReader::new(socket);
+        let line = read_line_from(&mut plain).await?;
+        let info = line
+            .strip_prefix(b"INFO ")
+            .ok_or_else(|| protocol(format!("expected INFO, got {}", lossy(&line))))?;
+        let info: serde_json::Value = serde_json::from_slice(info)
+            .map_err(|error| protocol(format!("INFO is not JSON: {error}")))?;
+        let tls = nats.tls_wanted()
+            || addr.tls_required()
+            || info["tls_required"].as_bool() == Some(true);
+        let conn: Box<dyn Conn> = if tls {
+            if !plain.buffer().is_empty() {
+                return Err(protocol(
+                    "the server sent more than INFO before the TLS handshake".to_owned(),
+                ));
+            }
+            Box::new(upgrade(plain.into_inner(), nats, addr).await?)
+        } else {
+            Box::new(plain.into_inner())
+        };
+        let (read, writer) = tokio::io::split(conn);
         let mut puller = RawPuller {
             reader: BufReader::new(read),
             writer,
@@ -455,18 +485,6 @@ impl RawPuller {
             pulls: 0,
             max_payload: PAYLOAD_MAX_BYTES,
         };
-        let line = puller.read_line().await?;
-        let info = line
-            .strip_prefix(b"INFO ")
-            .ok_or_else(|| protocol(format!("expected INFO, got {}", lossy(&line))))?;
-        let info: serde_json::Value = serde_json::from_slice(info)
-            .map_err(|error| protocol(format!("INFO is not JSON: {error}")))?;
-        if info["tls_required"].as_bool() == Some(true) {
-            return Err(RescueError::Unsupported {
-                reason: "the server requires TLS, which the raw connection does not speak"
-                    .to_owned(),
-            });
-        }
         if let Some(max) = info["max_payload"].as_u64() {
             puller.max_payload = usize::try_from(max)
                 .unwrap_or(PAYLOAD_MAX_BYTES)
@@ -482,6 +500,7 @@ impl RawPuller {
             "lang": "rust",
             "version": env!("CARGO_PKG_VERSION"),
             "name": format!("{}{CLIENT_NAME_SUFFIX}", nats.name),
+            "tls_required": tls,
         });
         // As the client: configured credentials, else those of the URL, where a user name
         // without a password is a token.
@@ -500,8 +519,32 @@ impl RawPuller {
         if let Some(token) = &nats.token {
             connect["auth_token"] = token.as_str().into();
         }
+        let nonce = info["nonce"].as_str().unwrap_or_default();
+        if let Some(seed) = &nats.nkey_seed {
+            let (public, signature) = sign_nonce(seed, nonce)?;
+            connect["nkey"] = public.into();
+            connect["sig"] = signature.into();
+        }
+        if let Some(path) = &nats.creds_file {
+            let creds =
+                tokio::fs::read_to_string(path)
+                    .await
+                    .map_err(|error| RescueError::Auth {
+                        detail: format!("cannot read nats.creds_file {}: {error}", path.display()),
+                    })?;
+            let (jwt, seed) = parse_creds(&creds).ok_or_else(|| RescueError::Auth {
+                detail: format!(
+                    "nats.creds_file {} holds no user JWT and seed blocks",
+                    path.display()
+                ),
+            })?;
+            let (_, signature) = sign_nonce(seed, nonce)?;
+            connect["jwt"] = jwt.into();
+            connect["sig"] = signature.into();
+        }
         let command = format!("CONNECT {connect}\r\nPING\r\nSUB {}.* 1\r\n", puller.inbox);
         puller.writer.write_all(command.as_bytes()).await?;
+        puller.writer.flush().await?;
         loop {
             let line = puller.read_line().await?;
             if line == b"PONG" {
@@ -515,6 +558,7 @@ impl RawPuller {
             }
             if line == b"PING" {
                 puller.writer.write_all(b"PONG\r\n").await?;
+                puller.writer.flush().await?;
             }
             // INFO updates and +OK are of no interest.
         }
@@ -656,27 +700,104 @@ impl RawPuller {
 
     /// Reads one line without its CRLF, bounded by [`CONTROL_LINE_MAX_BYTES`].
     async fn read_line(&mut self) -> Result<Vec<u8>, RescueError> {
-        let mut line = Vec::new();
-        let read = (&mut self.reader)
-            .take(CONTROL_LINE_MAX_BYTES)
-            .read_until(b'\n', &mut line)
-            .await?;
-        if read == 0 {
-            return Err(RescueError::Io {
-                source: std::io::ErrorKind::UnexpectedEof.into(),
-            });
-        }
-        if !line.ends_with(b"\n") {
-            return Err(protocol(format!(
-                "control line longer than {CONTROL_LINE_MAX_BYTES} bytes"
-            )));
-        }
-        line.pop();
-        if line.ends_with(b"\r") {
-            line.pop();
-        }
-        Ok(line)
+        read_line_from(&mut self.reader).await
     }
+}
+
+/// Reads one line without its CRLF, bounded by [`CONTROL_LINE_MAX_BYTES`].
+async fn read_line_from<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Vec<u8>, RescueError> {
+    let mut line = Vec::new();
+    let read = reader
+        .take(CONTROL_LINE_MAX_BYTES)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if read == 0 {
+        return Err(RescueError::Io {
+            source: std::io::ErrorKind::UnexpectedEof.into(),
+        });
+    }
+    if !line.ends_with(b"\n") {
+        return Err(protocol(format!(
+            "control line longer than {CONTROL_LINE_MAX_BYTES} bytes"
+        )));
+    }
+    line.pop();
+    if line.ends_with(b"\r") {
+        line.pop();
+    }
+    Ok(line)
+}
+
+/// Upgrades the connection to TLS as the client does after INFO: the CA and client certificate
+/// of `[nats]`, the server's host name from its URL.
+async fn upgrade(
+    socket: TcpStream,
+    nats: &NatsConfig,
+    addr: &ServerAddr,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, RescueError> {
+    let config = crate::tls::client_config(&crate::tls::TlsFiles {
+        ca_file: nats.tls_ca_file.clone(),
+        cert_file: nats.tls_cert_file.clone(),
+        key_file: nats.tls_key_file.clone(),
+    })
+    .map_err(|error| RescueError::Tls {
+        detail: format!("nats.{error}"),
+    })?;
+    let name =
+        rustls::pki_types::ServerName::try_from(addr.host().to_owned()).map_err(|error| {
+            RescueError::Tls {
+                detail: format!("{} is not a TLS server name: {error}", addr.host()),
+            }
+        })?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, socket)
+        .await
+        .map_err(|error| RescueError::Tls {
+            detail: format!("handshake with {} failed: {error}", addr.host()),
+        })
+}
+
+/// The public key of `seed` and its signature of `nonce`, base64url without padding, as the
+/// server's CONNECT expects them.
+fn sign_nonce(seed: &str, nonce: &str) -> Result<(String, String), RescueError> {
+    let pair = nkeys::KeyPair::from_seed(seed.trim()).map_err(|error| RescueError::Auth {
+        detail: format!("the NKey seed is not valid: {error}"),
+    })?;
+    let signature = pair
+        .sign(nonce.as_bytes())
+        .map_err(|error| RescueError::Auth {
+            detail: format!("cannot sign the server's nonce: {error}"),
+        })?;
+    Ok((pair.public_key(), base64url(&signature)))
+}
+
+/// The user JWT and the seed of a `.creds` file (each the first line after its BEGIN marker).
+fn parse_creds(text: &str) -> Option<(&str, &str)> {
+    let after = |marker: &str| {
+        let mut lines = text.lines().map(str::trim);
+        lines.find(|line| line.contains(marker))?;
+        lines.find(|line| !line.is_empty())
+    };
+    Some((
+        after("BEGIN NATS USER JWT")?,
+        after("BEGIN USER NKEY SEED")?,
+    ))
+}
+
+/// Base64url without padding (RFC 4648 section 5), the encoding of CONNECT's `sig`.
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 0x3f) as usize]));
+        }
+    }
+    out
 }
 
 /// One protocol frame of interest.
@@ -931,7 +1052,7 @@ mod tests {
     }
 
     #[test]
-    fn tls_websocket_and_creds_connections_are_named_as_unable_to_rescue_with_what_to_do() {
+    fn websocket_connections_are_named_as_unable_to_rescue_and_tls_and_creds_are_not() {
         let nats = |url: &str, creds: Option<&str>| NatsConfig {
             url: url.to_owned(),
             creds_file: creds.map(Into::into),
@@ -939,11 +1060,10 @@ mod tests {
         };
         for (config, names) in [
             (
-                nats("tls://alice:pw@h:4222", None),
-                "tls://alice:<redacted>@h:4222",
+                nats("ws://alice:pw@h:4222", None),
+                "ws://alice:<redacted>@h:4222",
             ),
             (nats("nats://a:4222, wss://b:443", None), "wss://b:443"),
-            (nats("nats://h:4222", Some("/etc/relay.creds")), ".creds"),
         ] {
             let text = rescue_unavailable(&config).expect("the rescue cannot work");
             assert!(text.contains(names), "{text}");
@@ -953,16 +1073,48 @@ mod tests {
                 "{text}"
             );
         }
-        assert_eq!(
-            rescue_unavailable(&nats("nats://a:4222,127.0.0.1:4223", None)),
-            None
-        );
+        for config in [
+            nats("nats://a:4222,127.0.0.1:4223", None),
+            nats("tls://a:4222", None),
+            nats("nats://h:4222", Some("/etc/relay.creds")),
+        ] {
+            assert_eq!(rescue_unavailable(&config), None, "{config:?}");
+        }
     }
 
     #[test]
-    fn enabling_the_rescue_on_a_tls_connection_logs_one_warning() {
+    fn base64url_matches_rfc_4648_vectors_without_padding() {
+        for (plain, encoded) in [
+            ("", ""),
+            ("f", "Zg"),
+            ("fo", "Zm8"),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg"),
+            ("fooba", "Zm9vYmE"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64url(plain.as_bytes()), encoded);
+        }
+        assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
+    }
+
+    #[test]
+    fn a_creds_file_yields_its_jwt_and_seed() {
+        let creds =
+            "-----BEGIN NATS USER JWT-----\neyJhbGc.payload.sig\n------END NATS USER JWT------\n\n\
+                     ************************* IMPORTANT *************************\n\n\
+                     -----BEGIN USER NKEY SEED-----\nSUAEXAMPLE\n------END USER NKEY SEED------\n";
+        assert_eq!(
+            parse_creds(creds),
+            Some(("eyJhbGc.payload.sig", "SUAEXAMPLE"))
+        );
+        assert_eq!(parse_creds("SUAEXAMPLE\n"), None);
+    }
+
+    #[test]
+    fn enabling_the_rescue_on_a_websocket_connection_logs_one_warning() {
         let config = NatsConfig {
-            url: "tls://127.0.0.1:4222".to_owned(),
+            url: "wss://127.0.0.1:4222".to_owned(),
             ..NatsConfig::default()
         };
         let mut rescue = Rescue::disabled();

@@ -100,7 +100,7 @@ pub fn refuse_secret_in_flag(
 
 /// Connects to NATS (`url` may list several servers, comma separated) with a name that shows up
 /// in the server's connection list, authenticating as `auth` says when given (the relay's
-/// `[nats]` section: user and password, token or credentials file; never a flag, which would
+/// `[nats]` section: user and password, token, credentials or NKey seed file, TLS files; never a flag, which would
 /// show the secret in `ps`). Errors show the URL redacted.
 pub(crate) async fn connect_nats(
     url: &str,
@@ -135,6 +135,19 @@ pub(crate) async fn connect_nats(
         }
         if let Some(token) = &auth.token {
             options = options.token(token.clone());
+        }
+        // NKey and TLS as the relay connects (source::connect).
+        if let Some(seed) = &auth.nkey_seed {
+            options = options.nkey(seed.clone());
+        }
+        if auth.tls_wanted() {
+            options = options.require_tls(true);
+        }
+        if let Some(ca) = &auth.tls_ca_file {
+            options = options.add_root_certificates(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&auth.tls_cert_file, &auth.tls_key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
         }
     }
     options

@@ -39,6 +39,10 @@ pub const SAMPLE_MAX: usize = 10;
 /// the number of ClickHouse round trips small.
 pub const CHUNK_SEQS_DEFAULT: u64 = 1_000_000;
 
+/// Bound on one connection attempt to ClickHouse, in milliseconds: the relay's default
+/// `connect_timeout_ms`, so an unreachable server fails the check instead of hanging.
+const VERIFY_CONNECT_TIMEOUT_MS: u64 = 5_000;
+
 /// Options of `verify`; also its command-line flags. `Debug` is written out so that it never
 /// shows the password or a URL's credentials.
 #[derive(Clone, PartialEq, clap::Args)]
@@ -59,6 +63,9 @@ pub struct VerifyOptions {
     /// ClickHouse HTTP URL.
     #[arg(long, default_value = "http://127.0.0.1:8123")]
     pub clickhouse_url: String,
+    /// CA file and client certificate for an `https://` ClickHouse URL, from `--config`.
+    #[arg(skip)]
+    pub clickhouse_tls: crate::tls::TlsFiles,
     /// ClickHouse user.
     #[arg(long, default_value = "default")]
     pub clickhouse_user: String,
@@ -100,6 +107,7 @@ impl fmt::Debug for VerifyOptions {
             .field("from_seq", &self.from_seq)
             .field("to_seq", &self.to_seq)
             .field("clickhouse_url", &redact(&self.clickhouse_url))
+            .field("clickhouse_tls", &self.clickhouse_tls)
             .field("clickhouse_user", &self.clickhouse_user)
             .field("clickhouse_password", &password)
             .field("nats", &self.nats)
@@ -129,6 +137,7 @@ impl Default for VerifyOptions {
             from_seq: None,
             to_seq: None,
             clickhouse_url: "http://127.0.0.1:8123".into(),
+            clickhouse_tls: crate::tls::TlsFiles::default(),
             clickhouse_user: "default".into(),
             clickhouse_password: String::new(),
             nats: None,
@@ -523,10 +532,15 @@ struct Store {
 
 impl Store {
     async fn connect(opts: &VerifyOptions) -> Result<Store, ToolError> {
-        let mut client = clickhouse::Client::default()
-            .with_url(&opts.clickhouse_url)
-            .with_user(&opts.clickhouse_user)
-            .with_validation(opts.clickhouse_validation);
+        // The sink's connector: the same TLS and the same bounds as the relay's own requests.
+        let mut client = crate::sink::http_client(
+            &opts.clickhouse_url,
+            &opts.clickhouse_tls,
+            VERIFY_CONNECT_TIMEOUT_MS,
+        )
+        .map_err(|source| ToolError::Options(source.to_string()))?
+        .with_user(&opts.clickhouse_user)
+        .with_validation(opts.clickhouse_validation);
         if !opts.clickhouse_password.is_empty() {
             client = client.with_password(&opts.clickhouse_password);
         }

@@ -29,12 +29,12 @@ const FULL_DISK_LOG_LINES_MAX: usize = 40;
 
 /// A tmpfs mounted on a directory for the life of the value (lazily unmounted on drop, so a
 /// process still holding files in it does not keep it mounted).
-struct Tmpfs {
+pub(crate) struct Tmpfs {
     dir: PathBuf,
 }
 
 impl Tmpfs {
-    fn mount(dir: &Path, bytes: u64) -> Tmpfs {
+    pub(crate) fn mount(dir: &Path, bytes: u64) -> Tmpfs {
         fs::create_dir_all(dir).expect("create the mount point");
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])

@@ -20,7 +20,7 @@ use prism_relay::config::Config;
 use prism_relay::run::RunError;
 use prism_relay::tools::loadgen::{self, LoadgenOptions, LoadgenSummary};
 use prism_relay::tools::verify::{self, VerifyOptions, VerifyReport};
-use prism_testbed::{ClickHouse, Nats};
+use prism_testbed::{Chdb, ClickHouse, Nats, TestbedError};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -62,18 +62,151 @@ pub const TABLES: [&str; 8] = [
     "volatility_indices",
 ];
 
+/// Which ClickHouse a bed runs: the two server generations the relay's schema profiles serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leg {
+    /// clickhouse-server 18.16, the `legacy` profile: no tokens, duplicates collapse under FINAL.
+    Legacy,
+    /// A modern engine (chdb-core's ClickHouse 26.9 behind the test bed's HTTP stand-in), the
+    /// `modern` profile: row validation, deduplication tokens, DateTime64 and Bool columns.
+    Modern,
+}
+
+impl Leg {
+    /// The `[clickhouse] profile` the relay is configured with on this leg.
+    pub fn profile(self) -> &'static str {
+        match self {
+            Leg::Legacy => "legacy",
+            Leg::Modern => "modern",
+        }
+    }
+}
+
+/// The ClickHouse of a bed, either leg, with the lifecycle and queries the tests use.
+pub enum ChServer {
+    Legacy(ClickHouse),
+    Modern(Chdb),
+}
+
+impl ChServer {
+    /// Starts the server of `leg` (ready when this returns).
+    pub fn start(leg: Leg) -> ChServer {
+        match leg {
+            Leg::Legacy => ChServer::Legacy(ClickHouse::start().expect("start clickhouse-server")),
+            // A missing chdb fails here with the fix the test bed names (never a skip).
+            Leg::Modern => ChServer::Modern(Chdb::start().expect("start the modern ClickHouse")),
+        }
+    }
+
+    pub fn leg(&self) -> Leg {
+        match self {
+            ChServer::Legacy(_) => Leg::Legacy,
+            ChServer::Modern(_) => Leg::Modern,
+        }
+    }
+
+    /// The HTTPS endpoint of an 18.16 server started with one; `None` otherwise.
+    pub fn https_url(&self) -> Option<String> {
+        match self {
+            ChServer::Legacy(s) => s.https_url(),
+            ChServer::Modern(_) => None,
+        }
+    }
+
+    pub fn http_url(&self) -> String {
+        match self {
+            ChServer::Legacy(s) => s.http_url(),
+            ChServer::Modern(s) => s.http_url(),
+        }
+    }
+
+    pub fn query(&self, sql: &str) -> Result<String, TestbedError> {
+        match self {
+            ChServer::Legacy(s) => s.query(sql),
+            ChServer::Modern(s) => s.query(sql),
+        }
+    }
+
+    pub fn kill9(&mut self) -> Result<(), TestbedError> {
+        match self {
+            ChServer::Legacy(s) => s.kill9(),
+            ChServer::Modern(s) => s.kill9(),
+        }
+    }
+
+    pub fn restart(&mut self) -> Result<(), TestbedError> {
+        match self {
+            ChServer::Legacy(s) => s.restart(),
+            ChServer::Modern(s) => s.restart(),
+        }
+    }
+
+    pub fn pause(&self) -> Result<(), TestbedError> {
+        match self {
+            ChServer::Legacy(s) => s.pause(),
+            ChServer::Modern(s) => s.pause(),
+        }
+    }
+
+    pub fn resume(&self) -> Result<(), TestbedError> {
+        match self {
+            ChServer::Legacy(s) => s.resume(),
+            ChServer::Modern(s) => s.resume(),
+        }
+    }
+
+    /// The modern server, for what only it has (the settings its inserts carried).
+    pub fn modern(&self) -> Option<&Chdb> {
+        match self {
+            ChServer::Legacy(_) => None,
+            ChServer::Modern(s) => Some(s),
+        }
+    }
+}
+
+/// Generates one `#[tokio::test]` per leg, `<name>_legacy` and `<name>_modern`, each calling
+/// the async fn `name(leg: Leg)`: the same test body runs against both server generations.
+#[macro_export]
+macro_rules! on_both_legs {
+    ($($name:ident),+ $(,)?) => {
+        /// The tests against clickhouse-server 18.16 and the legacy profile.
+        mod legacy {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::harness::Leg::Legacy).await
+                }
+            )+
+        }
+        /// The tests against the modern engine and the modern profile.
+        mod modern {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::harness::Leg::Modern).await
+                }
+            )+
+        }
+    };
+}
+
 /// A NATS server, a ClickHouse server and a temporary directory for configs, WALs and logs.
 pub struct Bed {
     pub nats: Nats,
-    pub ch: ClickHouse,
+    pub ch: ChServer,
     pub dir: TempDir,
 }
 
 impl Bed {
-    /// Starts both servers (each ready when this returns).
+    /// Starts both servers (each ready when this returns), ClickHouse 18.16.
     pub fn start() -> Bed {
+        Bed::start_on(Leg::Legacy)
+    }
+
+    /// Starts NATS and the ClickHouse of `leg`.
+    pub fn start_on(leg: Leg) -> Bed {
         let nats = Nats::start().expect("start nats-server");
-        let ch = ClickHouse::start().expect("start clickhouse-server");
+        let ch = ChServer::start(leg);
         let dir = tempfile::Builder::new()
             .prefix("prism-e2e-")
             .tempdir()
@@ -85,12 +218,16 @@ impl Bed {
     /// (e.g. `max_payload: 20971520`).
     pub fn start_with_nats_config(nats_config: &str) -> Bed {
         let nats = Nats::start_with_config(nats_config).expect("start nats-server");
-        let ch = ClickHouse::start().expect("start clickhouse-server");
+        let ch = ChServer::start(Leg::Legacy);
         let dir = tempfile::Builder::new()
             .prefix("prism-e2e-")
             .tempdir()
             .expect("temporary directory");
         Bed { nats, ch, dir }
+    }
+
+    pub fn leg(&self) -> Leg {
+        self.ch.leg()
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -142,7 +279,7 @@ impl Bed {
             "SELECT count() FROM {DATABASE}.{table} FINAL WHERE {condition}"
         )) {
             Ok(body) => body.trim().parse().expect("count is a number"),
-            Err(e) if e.to_string().contains("doesn't exist") => 0,
+            Err(e) if is_missing_table(&e) => 0,
             Err(e) => panic!("count {table}: {e}"),
         }
     }
@@ -159,7 +296,7 @@ impl Bed {
             .query(&format!("SELECT count() FROM {DATABASE}.dead_letters"))
         {
             Ok(body) => body.trim().parse().expect("count is a number"),
-            Err(e) if e.to_string().contains("doesn't exist") => 0,
+            Err(e) if is_missing_table(&e) => 0,
             Err(e) => panic!("count dead_letters: {e}"),
         }
     }
@@ -254,6 +391,13 @@ impl Bed {
             stream.get_consumer(durable).await.expect("consumer exists");
         consumer.info().await.expect("consumer info").clone()
     }
+}
+
+/// Whether a query failed because its table or database does not exist, on either leg: both
+/// answer 404 (18.16 says "doesn't exist", modern servers name UNKNOWN_TABLE or UNKNOWN_DATABASE).
+fn is_missing_table(error: &TestbedError) -> bool {
+    matches!(error, TestbedError::Query { status: 404, .. })
+        || error.to_string().contains("doesn't exist")
 }
 
 /// Publishes one message and waits for its ack; returns (stream, sequence).
@@ -370,6 +514,11 @@ impl ConsumerDef {
 pub struct RelayConfig {
     pub nats_url: String,
     pub clickhouse_url: String,
+    /// `[clickhouse] profile`; `auto`, which picks the leg's profile from the server version.
+    pub profile: String,
+    /// Raw TOML lines appended to the `[clickhouse]` table (e.g. `async_insert = true`, or
+    /// `user` and `password_file`).
+    pub clickhouse_extra: String,
     pub streams: Vec<StreamDef>,
     pub consumers: Vec<ConsumerDef>,
     pub wal_dir: PathBuf,
@@ -393,6 +542,8 @@ pub struct RelayConfig {
     pub shutdown_timeout_ms: u64,
     /// Raw TOML appended at the end (e.g. `[[drain.passthrough]]` entries).
     pub extra: String,
+    /// Raw TOML lines added to `[nats]` (e.g. `user` and `password_file`).
+    pub nats_extra: String,
 }
 
 impl RelayConfig {
@@ -400,6 +551,8 @@ impl RelayConfig {
         RelayConfig {
             nats_url: bed.nats.url(),
             clickhouse_url: bed.ch.http_url(),
+            profile: "auto".to_owned(),
+            clickhouse_extra: String::new(),
             streams: STREAMS
                 .iter()
                 .map(|(name, subjects)| StreamDef {
@@ -429,6 +582,7 @@ impl RelayConfig {
             backlog_poll_interval_s: None,
             shutdown_timeout_ms: 10_000,
             extra: String::new(),
+            nats_extra: String::new(),
         }
     }
 
@@ -444,7 +598,12 @@ impl RelayConfig {
             format!("[{}]", items.join(", "))
         };
         let mut t = String::new();
-        let _ = writeln!(t, "[nats]\nurl = {}\n", q(&self.nats_url));
+        let _ = writeln!(
+            t,
+            "[nats]\nurl = {}\n{}",
+            q(&self.nats_url),
+            self.nats_extra
+        );
         for s in &self.streams {
             let _ = writeln!(
                 t,
@@ -481,12 +640,14 @@ impl RelayConfig {
         );
         let _ = writeln!(
             t,
-            "[clickhouse]\nurl = {}\ndatabase = {}\nprofile = \"auto\"\ncreate_schema = {}\n\
-             insert_timeout_ms = {}\nconnect_timeout_ms = 1000\n",
+            "[clickhouse]\nurl = {}\ndatabase = {}\nprofile = {}\ncreate_schema = {}\n\
+             insert_timeout_ms = {}\nconnect_timeout_ms = 1000\n{}\n",
             q(&self.clickhouse_url),
             q(DATABASE),
+            q(&self.profile),
             self.create_schema,
-            self.insert_timeout_ms
+            self.insert_timeout_ms,
+            self.clickhouse_extra
         );
         let _ = writeln!(
             t,
@@ -560,6 +721,9 @@ pub fn free_port() -> u16 {
 /// Killed (SIGKILL) on drop.
 pub struct RelayProc {
     child: Option<Child>,
+    /// Extra environment of the next start (e.g. a failpoint); clear it before a restart
+    /// that must run without.
+    pub env: Vec<(String, String)>,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     pub metrics_addr: SocketAddr,
@@ -572,6 +736,29 @@ impl RelayProc {
         let config_path = config.write(&bed.path(&format!("{name}.toml")));
         let mut relay = RelayProc {
             child: None,
+            env: Vec::new(),
+            config_path,
+            log_path: bed.path(&format!("{name}.log")),
+            metrics_addr: config.metrics_addr(),
+        };
+        relay.start();
+        relay
+    }
+
+    /// [`RelayProc::spawn`] with `env` in the relay's environment.
+    pub fn spawn_with_env(
+        bed: &Bed,
+        name: &str,
+        config: &RelayConfig,
+        env: &[(&str, &str)],
+    ) -> RelayProc {
+        let config_path = config.write(&bed.path(&format!("{name}.toml")));
+        let mut relay = RelayProc {
+            child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             config_path,
             log_path: bed.path(&format!("{name}.log")),
             metrics_addr: config.metrics_addr(),
@@ -594,6 +781,8 @@ impl RelayProc {
             .arg(&self.config_path)
             .env("RUST_LOG", "info")
             .env_remove("PRISM_RELAY_CONFIG")
+            .env_remove(prism_relay::drain::FAILPOINT_ENV)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)

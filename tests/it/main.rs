@@ -1,6 +1,9 @@
 //! Integration tests of the relay against real servers started by `prism-testbed`.
 
+mod audit;
+mod auth;
 mod chaos;
+mod check;
 mod deploy;
 mod disk;
 mod harness;
@@ -10,6 +13,7 @@ mod metrics;
 mod modern;
 mod relay;
 mod replay;
+mod security;
 mod sink;
 mod source;
 mod tools;

@@ -209,7 +209,34 @@ async fn every_contract_name_is_on_a_real_relays_page_after_traffic_and_a_clickh
     let mut bed = Bed::start();
     let config = config(&bed);
     let mut relay = RelayProc::spawn_ready(&bed, "relay", &config).await;
-    let first = bed.publish(Load::new("contract", 2_000).rate(2_000)).await;
+    // While loadgen publishes, a page scraped mid-traffic must pass promtool too.
+    let addr = relay.metrics_addr;
+    let (first, mid_traffic) = tokio::join!(
+        bed.publish(Load::new("contract", 2_000).rate(500)),
+        wait_for(
+            "a page scraped while messages arrive",
+            DRAIN_TIMEOUT,
+            || async move {
+                match http_get(addr, "/metrics").await {
+                    Ok((200, page))
+                        if metric_sum(
+                            &page,
+                            "marketprism_storage_messages_received_total",
+                            &[],
+                        ) > 0.0 =>
+                    {
+                        Some(page)
+                    }
+                    _ => None,
+                }
+            }
+        )
+    );
+    let (ok, output) = promtool_check(&mid_traffic);
+    assert!(
+        ok,
+        "promtool check metrics mid-traffic:\n{output}\n{mid_traffic}"
+    );
     // One undecodable trade, for the dead-letter and validation series.
     bed.publish_raw("trade.binance.spot.BTC-USDT", "not json {")
         .await;
@@ -223,7 +250,6 @@ async fn every_contract_name_is_on_a_real_relays_page_after_traffic_and_a_clickh
             .ts_start(first.ts_last_ms + 1_000),
     )
     .await;
-    let addr = relay.metrics_addr;
     wait_until(
         "an insert error counted",
         READY_CHANGE_TIMEOUT,

@@ -1,13 +1,13 @@
 //! The `modern` schema profile (ClickHouse 22.2 and newer; MarketPrism runs 23.8) against a
 //! modern ClickHouse engine: the one the PyPI package `chdb-core` embeds, driven through
-//! `python3` and `tests/it/chdb_session.py` (one process per call, one persistent session per
+//! `python3` and `tests/testbed/chdb_session.py` (one process per call, one persistent session per
 //! test in a temporary directory). The only server these machines can run is 18.16, so the
 //! relay's rows are produced against it (legacy profile, the drain's own batch and sink path),
 //! exported as RowBinary, and loaded into the modern tables, where the values must read back
 //! equal: the two profiles promise the same RowBinary encoding.
 //!
-//! The relay's own modern sink runs too: `tests/it/chdb_http.py` serves a chdb session over the
-//! part of ClickHouse's HTTP interface the `clickhouse` crate uses, so start-up (version,
+//! The relay's own modern sink runs too: the test bed's `Chdb` serves a chdb session over the
+//! part of ClickHouse's HTTP interface the relay uses, so start-up (version,
 //! DDL, column check), row validation against the modern types, LZ4 bodies and deduplication
 //! tokens are exercised as against a 23.8 server. The engine is real; only the HTTP layer is a
 //! stand-in, and it checks no more than a server would.
@@ -16,13 +16,13 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use prism_relay::codec::decimal;
 use prism_relay::codec::{Table, TimeWindow};
-use prism_relay::drain::{Batch, RowsKind};
+use prism_relay::drain::{Batch, RowsKind, FAILPOINT_AFTER_INSERT_BEFORE_CURSOR, FAILPOINT_ENV};
 use prism_relay::schema::{
     self, all_ddl, check_columns, expected_columns, ColumnType, Profile, ProfileChoice,
     SchemaError, SchemaTable,
@@ -32,11 +32,10 @@ use prism_testbed::ClickHouse;
 use prism_wal::{Envelope, Lsn, StreamSeq};
 use tempfile::TempDir;
 
-/// The helper script that runs statements in a chdb session.
-const SESSION_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/chdb_session.py");
+use crate::harness::{relay_command, Bed, Leg, Load, RelayProc, DRAIN_TIMEOUT, READY_TIMEOUT};
 
-/// The script that serves a chdb session over ClickHouse's HTTP interface.
-const HTTP_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/chdb_http.py");
+/// The helper script that runs statements in a chdb session.
+const SESSION_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/testbed/chdb_session.py");
 
 /// The scripts' exit status when chdb cannot be imported.
 const EXIT_CHDB_MISSING: i32 = 3;
@@ -133,63 +132,24 @@ fn chdb_missing(stderr: &str) -> ! {
     )
 }
 
-/// A chdb session served over the subset of ClickHouse's HTTP interface the sink uses
-/// (`tests/it/chdb_http.py`), so the relay's own modern sink runs against a modern engine: row
-/// validation on, deduplication tokens sent, RowBinary bodies compressed with LZ4.
+/// The test bed's modern server ([`prism_testbed::Chdb`]: a chdb session behind a stand-in for
+/// ClickHouse's HTTP interface), so the relay's own modern sink runs against a modern engine:
+/// row validation on, deduplication tokens sent, RowBinary bodies compressed with LZ4.
 /// The server dies with this handle.
 pub(crate) struct ChdbServer {
-    child: Child,
-    port: u16,
-    _dir: TempDir,
+    server: prism_testbed::Chdb,
 }
 
 impl ChdbServer {
     pub(crate) fn start() -> ChdbServer {
-        let dir = tempfile::Builder::new()
-            .prefix("prism-chdb-http-")
-            .tempdir()
-            .expect("temporary directory");
-        let mut child = Command::new("python3")
-            .arg(HTTP_SCRIPT)
-            .arg(dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run python3 ({e}): run scripts/test, which installs {CHDB_PYPI}")
-            });
-        // The script prints its port once it listens; a blocking read is bounded by the
-        // script either listening or exiting.
-        let mut line = String::new();
-        if let Some(stdout) = child.stdout.take() {
-            BufReader::new(stdout)
-                .read_line(&mut line)
-                .expect("read the server's port");
-        }
-        let port = match line.trim().strip_prefix("port ").map(str::parse::<u16>) {
-            Some(Ok(port)) => port,
-            _ => {
-                let status = child.wait().expect("wait for python3");
-                let mut stderr = String::new();
-                if let Some(mut pipe) = child.stderr.take() {
-                    let _ = pipe.read_to_string(&mut stderr);
-                }
-                if status.code() == Some(EXIT_CHDB_MISSING) {
-                    chdb_missing(&stderr);
-                }
-                panic!("{HTTP_SCRIPT} did not start ({status}): {line}{stderr}");
-            }
-        };
-        ChdbServer {
-            child,
-            port,
-            _dir: dir,
+        match prism_testbed::Chdb::start() {
+            Ok(server) => ChdbServer { server },
+            Err(e) => panic!("the modern server did not start: {e}"),
         }
     }
 
     pub(crate) fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.server.http_url()
     }
 
     /// Sink options for `database` on this server, as the relay builds them for a modern one.
@@ -215,14 +175,6 @@ impl ChdbServer {
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
         String::from_utf8_lossy(&bytes).into_owned()
-    }
-}
-
-impl Drop for ChdbServer {
-    fn drop(&mut self) {
-        // The child is ours; killing an exited child only fails, which is fine here.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1012,5 +964,292 @@ async fn the_modern_sink_writes_every_table_and_a_retried_batch_is_stored_once()
         counts.trim(),
         "2\t1",
         "plain and FINAL counts after a replay"
+    );
+}
+
+/// The relay aborted by its failpoint between a batch's insert and the ledger's cursor move,
+/// then restarted without it. Returns (published, rows without FINAL, rows under FINAL) of
+/// `trades` once verify accounts for every message.
+async fn relay_aborted_between_insert_and_cursor(bed: &Bed) -> (u64, u64, u64) {
+    use std::os::unix::process::ExitStatusExt as _;
+    // Before the relay creates them, the tables count as empty on either leg.
+    assert_eq!(bed.count_final("trades"), 0);
+    assert_eq!(bed.count_dead_letters(), 0);
+    let config = bed.config();
+    let mut relay = RelayProc::spawn_with_env(
+        bed,
+        "relay",
+        &config,
+        &[(FAILPOINT_ENV, FAILPOINT_AFTER_INSERT_BEFORE_CURSOR)],
+    );
+    relay.wait_ready().await;
+    let published = 300;
+    bed.publish(Load::new("failpoint", published).mix("trade=1"))
+        .await;
+    let status = relay
+        .wait_exit(DRAIN_TIMEOUT)
+        .await
+        .unwrap_or_else(|| panic!("the failpoint never fired; log:\n{}", relay.log()));
+    assert_eq!(
+        status.signal(),
+        Some(SIGABRT),
+        "{status}; log:\n{}",
+        relay.log()
+    );
+    assert!(relay.log().contains("failpoint reached"), "{}", relay.log());
+    let plain = |bed: &Bed| -> u64 {
+        bed.sql(&format!("SELECT count() FROM {DATABASE}.trades"))
+            .trim()
+            .parse()
+            .expect("count")
+    };
+    let before_restart = plain(bed);
+    assert!(
+        before_restart > 0,
+        "the batch was inserted before the abort"
+    );
+    // Without merges, nothing but the server's deduplication can keep the re-cut batch out (a
+    // merge would collapse copies as ReplacingMergeTree does).
+    bed.sql(&format!("SYSTEM STOP MERGES {DATABASE}.trades"));
+
+    relay.env.clear();
+    relay.restart();
+    relay.wait_ready().await;
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (published, published, 0, 0),
+        "{report}"
+    );
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+    (published, plain(bed), bed.count_final("trades"))
+}
+
+/// SIGABRT, what `std::process::abort` ends the process with.
+const SIGABRT: i32 = 6;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_between_an_insert_and_its_cursor_move_leaves_every_row_once_without_final_on_a_modern_server(
+) {
+    let bed = Bed::start_on(Leg::Modern);
+    let (published, plain, under_final) = relay_aborted_between_insert_and_cursor(&bed).await;
+    assert_eq!(plain, published, "rows without FINAL");
+    assert_eq!(under_final, published, "rows under FINAL");
+    // The re-cut batch went out again with the token of the insert before the abort, and the
+    // server dropped it: some token was sent twice.
+    let server = bed.ch.modern().expect("the modern leg");
+    let tokens: Vec<String> = server
+        .insert_settings()
+        .expect("insert log")
+        .into_iter()
+        .filter_map(|settings| {
+            settings
+                .into_iter()
+                .find(|(name, _)| name == "insert_deduplication_token")
+                .map(|(_, token)| token)
+        })
+        .filter(|token| token.starts_with("trades:"))
+        .collect();
+    let repeated = tokens
+        .iter()
+        .enumerate()
+        .any(|(i, token)| tokens[..i].contains(token));
+    assert!(repeated, "no batch token was sent twice: {tokens:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_crash_on_18_16_leaves_copies_that_only_final_collapses() {
+    // The control: without tokens the re-cut batch is stored again, so the modern test above
+    // could not pass by accident of the failpoint missing its moment.
+    let bed = Bed::start_on(Leg::Legacy);
+    let (published, plain, under_final) = relay_aborted_between_insert_and_cursor(&bed).await;
+    assert!(
+        plain > published,
+        "{plain} rows without FINAL for {published}"
+    );
+    assert_eq!(under_final, published, "rows under FINAL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_async_insert_every_insert_asks_the_server_to_wait_and_dedupe_and_a_crash_retry_is_stored_once(
+) {
+    let bed = Bed::start_on(Leg::Modern);
+    let mut config = bed.config();
+    config.clickhouse_extra = "async_insert = true\n".to_owned();
+    // The same crash as above, with asynchronous inserts: the retried batch must be dropped.
+    let mut relay = RelayProc::spawn_with_env(
+        &bed,
+        "relay",
+        &config,
+        &[(FAILPOINT_ENV, FAILPOINT_AFTER_INSERT_BEFORE_CURSOR)],
+    );
+    relay.wait_ready().await;
+    let published = 300;
+    bed.publish(Load::new("async", published).mix("trade=1,funding_rate=1"))
+        .await;
+    relay
+        .wait_exit(DRAIN_TIMEOUT)
+        .await
+        .unwrap_or_else(|| panic!("the failpoint never fired; log:\n{}", relay.log()));
+    for table in ["trades", "funding_rates"] {
+        bed.sql(&format!("SYSTEM STOP MERGES {DATABASE}.{table}"));
+    }
+    relay.env.clear();
+    relay.restart();
+    relay.wait_ready().await;
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (published, published, 0, 0),
+        "{report}"
+    );
+    let plain: u64 = ["trades", "funding_rates"]
+        .iter()
+        .map(|table| {
+            bed.sql(&format!("SELECT count() FROM {DATABASE}.{table}"))
+                .trim()
+                .parse::<u64>()
+                .expect("count")
+        })
+        .sum();
+    assert_eq!(plain, published, "rows without FINAL");
+
+    // Every insert of typed rows carried the asynchronous settings and a token.
+    let server = bed.ch.modern().expect("the modern leg");
+    let inserts = server.insert_settings().expect("insert log");
+    assert!(!inserts.is_empty());
+    for settings in &inserts {
+        let has = |name: &str, value: Option<&str>| {
+            settings
+                .iter()
+                .any(|(n, v)| n == name && value.is_none_or(|value| v == value))
+        };
+        assert!(has("async_insert", Some("1")), "{settings:?}");
+        assert!(has("wait_for_async_insert", Some("1")), "{settings:?}");
+        assert!(has("async_insert_deduplicate", Some("1")), "{settings:?}");
+        assert!(has("insert_deduplication_token", None), "{settings:?}");
+    }
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_and_run_report_a_server_older_than_the_forced_modern_profile_needs() {
+    let bed = Bed::start_on(Leg::Legacy);
+    let mut config = bed.config();
+    config.profile = "modern".to_owned();
+    // `run` stops at start-up naming the server's version and the need, before any DDL (it
+    // creates the streams, which `check` then finds).
+    let version = bed.sql("SELECT version()").trim().to_owned();
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    let status = relay
+        .wait_exit(READY_TIMEOUT)
+        .await
+        .unwrap_or_else(|| panic!("run went on with an 18.16 server; log:\n{}", relay.log()));
+    assert!(!status.success());
+    assert!(
+        relay.log().contains(&format!(
+            "ClickHouse {version} is older than the modern profile needs"
+        )),
+        "{}",
+        relay.log()
+    );
+    assert!(
+        bed.try_sql(&format!("SELECT count() FROM {DATABASE}.trades"))
+            .is_err(),
+        "run created tables on a server too old for them"
+    );
+
+    // `check` reports the same.
+    let path = config.write(&bed.path("modern-on-18.toml"));
+    let (status, out) = relay_command(&["check", "--config", path.to_str().expect("utf-8")]).await;
+    assert!(!status.success(), "check passed: {out}");
+    assert!(
+        out.contains(&format!(
+            "ClickHouse {version} is older than the modern profile needs (22.2 or newer"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("insert_deduplication_token (22.2)"), "{out}");
+
+    // async_insert with `auto` on 18.16 (legacy) is reported too.
+    config.profile = "auto".to_owned();
+    config.clickhouse_extra = "async_insert = true\n".to_owned();
+    let path = config.write(&bed.path("async-on-18.toml"));
+    let (status, out) = relay_command(&["check", "--config", path.to_str().expect("utf-8")]).await;
+    assert!(!status.success(), "check passed: {out}");
+    assert!(
+        out.contains("async_insert = true needs the modern profile"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_modern_servers_failures_reach_the_sink_classified_as_a_real_servers_would() {
+    use prism_relay::sink::{ErrorClass, SinkError};
+    let server = ChdbServer::start();
+    let probe = Sink::new(server.sink_options("system")).expect("valid sink options");
+    probe
+        .execute("CREATE DATABASE IF NOT EXISTS classify")
+        .await
+        .expect("database");
+    probe
+        .execute("CREATE TABLE classify.numbers (n UInt8) ENGINE = MergeTree ORDER BY n")
+        .await
+        .expect("table");
+    let sink = Sink::new(server.sink_options("classify")).expect("valid sink options");
+
+    // A missing table or database: the target is wrong, not the rows (code 60 and 81, 404).
+    let missing = sink
+        .insert_json_each_row("missing", b"{\"n\":1}\n", None)
+        .await
+        .expect_err("no such table");
+    assert_eq!(
+        (missing.class, missing.code),
+        (ErrorClass::Schema, Some(60)),
+        "{missing}"
+    );
+    match probe.execute("SELECT * FROM nowhere.numbers").await {
+        Err(SinkError::Query { source, .. }) => assert_eq!(
+            (source.class, source.code),
+            (ErrorClass::Schema, Some(81)),
+            "{source}"
+        ),
+        other => panic!("expected a failed query, got {other:?}"),
+    }
+    // A value the column cannot take: the row is poison.
+    let poison = sink
+        .insert_json_each_row("numbers", b"{\"n\":\"not a number\"}\n", None)
+        .await
+        .expect_err("not a number");
+    assert_eq!(poison.class, ErrorClass::Poison, "{poison}");
+    assert!(
+        poison.message.starts_with(&format!(
+            "Code: {}. DB::Exception: ",
+            poison.code.expect("a code")
+        )),
+        "{poison}"
+    );
+    // The good row goes in.
+    sink.insert_json_each_row("numbers", b"{\"n\":7}\n", None)
+        .await
+        .expect("a good row");
+    assert_eq!(
+        server
+            .query("SELECT n FROM classify.numbers", "TabSeparated")
+            .await
+            .trim(),
+        "7"
     );
 }

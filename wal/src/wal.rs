@@ -241,6 +241,8 @@ pub(crate) struct Inner {
     pub(crate) disk_tx: watch::Sender<u64>,
     /// Told of every group commit; set at most once, by [`Wal::set_commit_observer`].
     pub(crate) observer: std::sync::OnceLock<Arc<dyn crate::CommitObserver>>,
+    /// When the group commit under way (write and fdatasync) started; `None` between groups.
+    pub(crate) commit_started: Mutex<Option<std::time::Instant>>,
 }
 
 impl Inner {
@@ -466,6 +468,7 @@ impl Wal {
             durable_tx: watch::Sender::new(durable),
             disk_tx: watch::Sender::new(bytes_on_disk),
             observer: std::sync::OnceLock::new(),
+            commit_started: Mutex::new(None),
         });
         inner.apply_retention()?;
         let mark = crate::mark::DurableMark::create(inner.fs.clone(), dir, durable)?;
@@ -646,6 +649,17 @@ impl Wal {
     /// Only the first call takes effect; returns whether this one did.
     pub fn set_commit_observer(&self, observer: Arc<dyn crate::CommitObserver>) -> bool {
         self.inner.observer.set(observer).is_ok()
+    }
+
+    /// How long the group commit under way (its writes and fdatasyncs) has been running, or
+    /// `None` while the writer waits for work. A commit takes milliseconds; one running for
+    /// minutes is a hung disk, which a liveness check can report.
+    pub fn commit_running_for(&self) -> Option<std::time::Duration> {
+        self.inner
+            .commit_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|started| started.elapsed())
     }
 
     /// The disk budget in bytes (`budget_bytes_max`), for a used-ratio gauge.

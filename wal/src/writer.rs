@@ -182,7 +182,10 @@ impl Writer {
                 first: first.range.first,
                 last: last.range.last,
             };
-            match self.commit(range) {
+            self.set_commit_started(Some(std::time::Instant::now()));
+            let committed = self.commit(range);
+            self.set_commit_started(None);
+            match committed {
                 Ok(()) => {
                     for w in waiters {
                         let _ = w.answer.send(Ok(w.range));
@@ -222,6 +225,15 @@ impl Writer {
             }
             self.spare.clear();
         }
+    }
+
+    /// Publishes when the group commit under way started (`None`: none is).
+    fn set_commit_started(&self, started: Option<std::time::Instant>) {
+        *self
+            .inner
+            .commit_started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = started;
     }
 
     /// One write and one fdatasync for the whole group (after a rollover if due).

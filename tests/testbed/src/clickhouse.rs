@@ -42,30 +42,92 @@ const IDENTITY_MACRO: &str = "prism_testbed_id";
 
 /// Files in the server's directory.
 const CONFIG_FILE: &str = "config.xml";
+const USERS_FILE: &str = "users.xml";
 const CONSOLE_LOG_FILE: &str = "console.log";
 const SERVER_LOG_FILE: &str = "clickhouse-server.log";
 const ERROR_LOG_FILE: &str = "clickhouse-server.err.log";
 const DATA_DIR: &str = "data";
+
+/// Options of [`ClickHouse::start_with`]; the default is what [`ClickHouse::start`] runs.
+#[derive(Debug, Clone, Default)]
+pub struct ClickHouseOptions {
+    /// Also serve HTTPS on [`ClickHouse::https_port`] with this certificate and key.
+    pub https: Option<HttpsFiles>,
+    /// Also define this user with this password (with the default user's profile and
+    /// networks); the default user stays passwordless for the test bed's own queries.
+    pub password_user: Option<(String, String)>,
+    /// Read users, profiles and quotas from this file instead (the server reloads it when it
+    /// changes, so a test can change a user while the server runs); wins over `password_user`.
+    pub users_config: Option<PathBuf>,
+}
+
+/// The certificate and key of an HTTPS port ([`ClickHouse::start_with_https`]), PEM files.
+#[derive(Debug, Clone)]
+pub struct HttpsFiles {
+    /// The server's certificate (chain).
+    pub cert_file: PathBuf,
+    /// Its private key.
+    pub key_file: PathBuf,
+}
 
 /// A running (or killed, awaiting restart) `clickhouse-server`.
 ///
 /// Dropping it kills the server with SIGKILL and removes its directory.
 #[derive(Debug)]
 pub struct ClickHouse {
-    /// Ports `[http, tcp]`.
-    server: Server<2>,
+    /// Ports `[http, tcp, https]`; the HTTPS port is reserved, and served only when the server
+    /// was started with [`ClickHouse::start_with_https`].
+    server: Server<3>,
+    /// Whether the HTTPS port is served.
+    https: bool,
 }
 
 impl ClickHouse {
     /// Starts a server on free ports and returns once `/ping` answers `Ok.`.
     pub fn start() -> Result<ClickHouse, TestbedError> {
-        // A fresh pair of ports needs a fresh config; a restart keeps the config it has.
+        Self::start_with(&ClickHouseOptions::default())
+    }
+
+    /// Like [`ClickHouse::start`], and also serves HTTPS on [`ClickHouse::https_port`] with the
+    /// given certificate and key (the plain HTTP port stays, for the test bed's own probes).
+    pub fn start_with_https(files: &HttpsFiles) -> Result<ClickHouse, TestbedError> {
+        Self::start_with(&ClickHouseOptions {
+            https: Some(files.clone()),
+            ..ClickHouseOptions::default()
+        })
+    }
+
+    /// Like [`ClickHouse::start`], with the users, profiles and quotas of `users_config`.
+    pub fn start_with_users_config(users_config: &Path) -> Result<ClickHouse, TestbedError> {
+        Self::start_with(&ClickHouseOptions {
+            users_config: Some(users_config.to_path_buf()),
+            ..ClickHouseOptions::default()
+        })
+    }
+
+    /// Like [`ClickHouse::start`], with `options`.
+    pub fn start_with(options: &ClickHouseOptions) -> Result<ClickHouse, TestbedError> {
+        // Fresh ports need a fresh config; a restart keeps the config it has.
         let server = Server::start(&SPEC, |run| {
-            let [http_port, tcp_port] = run.ports;
-            write_config(run.dir, run.name, http_port, tcp_port)?;
+            write_config(run.dir, run.name, run.ports, options)?;
             launch(run)
         })?;
-        Ok(ClickHouse { server })
+        Ok(ClickHouse {
+            server,
+            https: options.https.is_some(),
+        })
+    }
+
+    /// HTTPS endpoint, `https://127.0.0.1:PORT`, of a server started with
+    /// [`ClickHouse::start_with_https`]; `None` otherwise.
+    pub fn https_url(&self) -> Option<String> {
+        self.https
+            .then(|| format!("https://127.0.0.1:{}", self.https_port()))
+    }
+
+    /// The port HTTPS is (or would be) served on.
+    pub fn https_port(&self) -> u16 {
+        self.server.ports()[2]
     }
 
     /// HTTP endpoint, `http://127.0.0.1:PORT`, for the `clickhouse` crate.
@@ -150,10 +212,57 @@ impl ClickHouse {
     }
 }
 
+impl ClickHouse {
+    /// POSTs `body` to `path_and_query` (e.g. `/?query=...`) and returns the answer whatever
+    /// its status, for tests of the HTTP interface itself.
+    pub fn post(
+        &self,
+        path_and_query: &str,
+        body: &[u8],
+    ) -> Result<crate::HttpAnswer, TestbedError> {
+        crate::chdb::post(self.http_port(), path_and_query, body)
+    }
+}
+
 /// Writes the server config. Only what 18.16 needs to run isolated: ports on
-/// 127.0.0.1 (no interserver, HTTPS or secure TCP ports), every path inside `dir`,
-/// file logs at level warning, the packaged users, small caches.
-fn write_config(dir: &Path, name: &str, http_port: u16, tcp_port: u16) -> Result<(), TestbedError> {
+/// 127.0.0.1 (no interserver or secure TCP ports; HTTPS only with `https`), every path
+/// inside `dir`, file logs at level warning, the packaged users, small caches.
+fn write_config(
+    dir: &Path,
+    name: &str,
+    [http_port, tcp_port, https_port]: [u16; 3],
+    options: &ClickHouseOptions,
+) -> Result<(), TestbedError> {
+    let users_config = match (&options.users_config, &options.password_user) {
+        (Some(file), _) => file.display().to_string(),
+        (None, Some((user, password))) => {
+            let path = dir.join(USERS_FILE);
+            std::fs::write(&path, users_xml(user, password))
+                .map_err(|e| TestbedError::io(format!("writing {}", path.display()), e))?;
+            path.display().to_string()
+        }
+        (None, None) => USERS_CONFIG.to_owned(),
+    };
+    // The server presents the certificate and asks for none from clients.
+    let https = match &options.https {
+        Some(files) => format!(
+            r#"<https_port>{https_port}</https_port>
+    <openSSL>
+        <server>
+            <certificateFile>{cert}</certificateFile>
+            <privateKeyFile>{key}</privateKeyFile>
+            <verificationMode>none</verificationMode>
+            <loadDefaultCAFile>false</loadDefaultCAFile>
+            <cacheSessions>true</cacheSessions>
+            <disableProtocols>sslv2,sslv3</disableProtocols>
+            <preferServerCiphers>true</preferServerCiphers>
+        </server>
+    </openSSL>"#,
+            cert = xml_escape(&files.cert_file.display().to_string()),
+            key = xml_escape(&files.key_file.display().to_string()),
+        ),
+        None => String::new(),
+    };
     let data = dir.join(DATA_DIR);
     let path = |sub: &str| xml_escape(&format!("{}/", data.join(sub).display()));
     let config = format!(
@@ -169,6 +278,7 @@ fn write_config(dir: &Path, name: &str, http_port: u16, tcp_port: u16) -> Result
     <listen_host>127.0.0.1</listen_host>
     <http_port>{http_port}</http_port>
     <tcp_port>{tcp_port}</tcp_port>
+    {https}
     <path>{data_path}/</path>
     <tmp_path>{tmp_path}</tmp_path>
     <user_files_path>{user_files_path}</user_files_path>
@@ -189,12 +299,49 @@ fn write_config(dir: &Path, name: &str, http_port: u16, tcp_port: u16) -> Result
         tmp_path = path("tmp"),
         user_files_path = path("user_files"),
         format_schema_path = path("format_schemas"),
-        users_config = xml_escape(USERS_CONFIG),
+        users_config = xml_escape(&users_config),
         name = xml_escape(name),
     );
     let config_path = dir.join(CONFIG_FILE);
     std::fs::write(&config_path, config)
         .map_err(|e| TestbedError::io(format!("writing {}", config_path.display()), e))
+}
+
+/// The packaged users (default without a password, readonly) plus `user` with `password`.
+fn users_xml(user: &str, password: &str) -> String {
+    let networks = "<networks><ip>::/0</ip></networks>";
+    format!(
+        r#"<?xml version="1.0"?>
+<yandex>
+    <profiles>
+        <default>
+            <max_memory_usage>10000000000</max_memory_usage>
+            <use_uncompressed_cache>0</use_uncompressed_cache>
+            <load_balancing>random</load_balancing>
+        </default>
+        <readonly><readonly>1</readonly></readonly>
+    </profiles>
+    <users>
+        <default><password></password>{networks}<profile>default</profile><quota>default</quota></default>
+        <{user}><password>{password}</password>{networks}<profile>default</profile><quota>default</quota></{user}>
+    </users>
+    <quotas>
+        <default>
+            <interval>
+                <duration>3600</duration>
+                <queries>0</queries>
+                <errors>0</errors>
+                <result_rows>0</result_rows>
+                <read_rows>0</read_rows>
+                <execution_time>0</execution_time>
+            </interval>
+        </default>
+    </quotas>
+</yandex>
+"#,
+        user = xml_escape(user),
+        password = xml_escape(password),
+    )
 }
 
 fn xml_escape(text: &str) -> String {
@@ -204,12 +351,12 @@ fn xml_escape(text: &str) -> String {
 }
 
 /// Spawns one server and waits until it is ready and known to be ours.
-fn launch(run: &Launch<2>) -> Result<ServerProcess, StartFailure> {
+fn launch(run: &Launch<3>) -> Result<ServerProcess, StartFailure> {
     let Launch {
         binary,
         dir,
         name,
-        ports: [http_port, _tcp_port],
+        ports: [http_port, _tcp_port, _https_port],
     } = *run;
     let console_path = dir.join(CONSOLE_LOG_FILE);
     let logs = [

@@ -20,6 +20,8 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 #[derive(Debug)]
 pub(crate) struct Response {
     pub(crate) status: u16,
+    /// ClickHouse's `X-ClickHouse-Exception-Code` header, when the answer has one.
+    pub(crate) exception_code: Option<String>,
     pub(crate) body: Vec<u8>,
 }
 
@@ -115,12 +117,15 @@ pub(crate) fn parse_response(raw: &[u8]) -> Result<Response, String> {
 
     let mut chunked = false;
     let mut content_length = None;
+    let mut exception_code = None;
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             return Err(format!("bad header line {line:?}"));
         };
         let value = value.trim();
-        if name.eq_ignore_ascii_case("transfer-encoding") {
+        if name.eq_ignore_ascii_case("x-clickhouse-exception-code") {
+            exception_code = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
             chunked = value.eq_ignore_ascii_case("chunked");
         } else if name.eq_ignore_ascii_case("content-length") {
             content_length = Some(
@@ -140,7 +145,11 @@ pub(crate) fn parse_response(raw: &[u8]) -> Result<Response, String> {
     } else {
         rest.to_vec()
     };
-    Ok(Response { status, body })
+    Ok(Response {
+        status,
+        exception_code,
+        body,
+    })
 }
 
 /// Decodes a chunked body (chunk extensions and trailers are ignored).

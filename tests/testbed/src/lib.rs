@@ -1,11 +1,14 @@
 //! Real servers for tests, chaos runs and benchmarks of prism-relay.
 //!
-//! The main types are [`Nats`], a `nats-server` with JetStream, [`ClickHouse`],
-//! a `clickhouse-server`, and [`Prometheus`], a `prometheus` server for the deployment tests. Each starts on free 127.0.0.1 ports in its own temporary
-//! directory, is ready when `start` returns, and can be killed with SIGKILL, restarted
-//! on the same ports and data, paused with SIGSTOP and resumed. Dropping a handle kills
-//! the server and removes its directory, also when a test panics; a server also dies
-//! with the test process, because it is spawned with a parent-death signal.
+//! The main types are [`Nats`], a `nats-server` with JetStream, [`ClickHouse`], a
+//! `clickhouse-server` (18.16 here), [`Chdb`], a modern ClickHouse engine (chdb-core's
+//! 26.9) behind a stand-in for ClickHouse's HTTP interface, and [`Prometheus`], a
+//! `prometheus` server for the deployment tests. Each starts on free 127.0.0.1
+//! ports in its own temporary directory, is ready when `start` returns, and can be killed
+//! with SIGKILL, restarted on the same ports and data, paused with SIGSTOP and resumed.
+//! Dropping a handle kills the server and removes its directory, also when a test panics;
+//! a server also dies with the test process, because it is spawned with a parent-death
+//! signal.
 //! Failures are [`TestbedError`]s that carry the server's log tail where it helps.
 //!
 //! Ports are picked below the kernel's ephemeral range, which outgoing connections
@@ -21,6 +24,7 @@
 //! (`/usr/bin` for Prometheus). A missing binary is an error naming how to install it: tests
 //! never skip. `scripts/test` installs all three.
 
+mod chdb;
 mod clickhouse;
 mod error;
 mod http;
@@ -29,7 +33,8 @@ mod process;
 mod prometheus;
 mod server;
 
-pub use clickhouse::ClickHouse;
+pub use chdb::{Chdb, HttpAnswer};
+pub use clickhouse::{ClickHouse, ClickHouseOptions, HttpsFiles};
 pub use error::TestbedError;
 pub use nats::Nats;
 pub use process::free_ports;
@@ -46,6 +51,11 @@ pub const CLICKHOUSE_READY_TIMEOUT_MS: u64 = 30_000;
 /// How long `Prometheus::start` waits for `/-/ready`. It is ready in under a second here;
 /// the bound is wide for a loaded 2-core machine.
 pub const PROMETHEUS_READY_TIMEOUT_MS: u64 = 30_000;
+
+/// How long `Chdb::start`/`restart` wait for `/ping`. Importing chdb and opening its
+/// session takes about a second here; a loaded machine and a restart that loads every
+/// table's parts take longer.
+pub const CHDB_READY_TIMEOUT_MS: u64 = 60_000;
 
 /// Pause between two readiness (or state) probes.
 pub const READY_POLL_INTERVAL_MS: u64 = 20;

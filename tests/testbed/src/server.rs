@@ -54,9 +54,18 @@ impl<const N: usize> Server<N> {
     /// only once the run is ready.
     pub(crate) fn start(
         spec: &ServerSpec,
-        mut launch: impl FnMut(&Launch<N>) -> Result<ServerProcess, StartFailure>,
+        launch: impl FnMut(&Launch<N>) -> Result<ServerProcess, StartFailure>,
     ) -> Result<Self, TestbedError> {
         let binary = spec.binary.locate()?;
+        Self::start_binary(spec, binary, launch)
+    }
+
+    /// [`Server::start`] with the executable already found.
+    pub(crate) fn start_binary(
+        spec: &ServerSpec,
+        binary: PathBuf,
+        mut launch: impl FnMut(&Launch<N>) -> Result<ServerProcess, StartFailure>,
+    ) -> Result<Self, TestbedError> {
         let dir = tempfile::Builder::new()
             .prefix(spec.dir_prefix)
             .tempdir()

@@ -199,3 +199,30 @@ async fn the_commit_observer_is_told_every_group_with_its_records_and_bytes_and_
         "record bytes with framing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_commit_whose_fdatasync_does_not_return_is_reported_as_running_until_it_returns() {
+    let fs = FaultyFs::new();
+    let (wal, _) = open_mem(&fs, small_opts()).unwrap();
+    assert_eq!(wal.commit_running_for(), None, "idle writer");
+    fs.hold_segment_syncs(true);
+    let appending = {
+        let wal = wal.clone();
+        tokio::spawn(async move { wal.append(&[env(1, 10)]).await })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while wal.commit_running_for().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the held commit is never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        !appending.is_finished(),
+        "the append waits for its fdatasync"
+    );
+    fs.hold_segment_syncs(false);
+    appending.await.unwrap().unwrap();
+    assert_eq!(wal.commit_running_for(), None, "the commit ended");
+}

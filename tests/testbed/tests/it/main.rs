@@ -2,6 +2,7 @@
 //! the relay's tests will rely on holds (round trips, durability across SIGKILL,
 //! pause and resume, clean-up on drop).
 
+mod chdb_server;
 mod clickhouse_server;
 mod nats_server;
 mod process_lifetime;
