@@ -246,6 +246,24 @@ fn the_statefulset_keeps_a_wal_volume_per_pod_probes_health_and_ready_runs_non_r
         );
     }
 
+    // The pod's environment overrides fields the relay knows.
+    let pod_env: Vec<(String, String)> = at(container, "env")
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| {
+            let value = e
+                .get("value")
+                .and_then(Value::as_str)
+                .unwrap_or("prism-relay-0");
+            (text(e, "name").to_string(), value.to_string())
+        })
+        .collect();
+    let mut with_env = config.clone();
+    with_env
+        .apply_env(pod_env.clone())
+        .unwrap_or_else(|e| panic!("the pod's environment {pod_env:?}: {e}"));
+
     // Probes on the metrics port the relay listens on.
     let port = at(container, "ports/0");
     assert_eq!(text(port, "name"), "metrics");
@@ -536,6 +554,27 @@ fn the_systemd_unit_runs_unprivileged_with_its_wal_in_the_state_directory_harden
         wal_dir.starts_with(&format!("%S/{state}/")),
         "the WAL ({wal_dir}) lives in the state directory"
     );
+    // Every PRISM_RELAY_* variable the unit sets or its env file shows (commented examples
+    // included) names a field the relay knows, with a value it accepts.
+    let env_file = read("deploy/systemd/prism-relay.env");
+    let variables: Vec<(String, String)> = environment
+        .iter()
+        .map(String::as_str)
+        .chain(env_file.lines().map(|l| l.trim_start_matches('#')))
+        .filter(|l| l.starts_with("PRISM_RELAY_"))
+        .map(|l| {
+            let (k, v) = l.split_once('=').expect("NAME=value");
+            let v = v
+                .replace("%S", "/var/lib")
+                .replace("%d", "/run/credentials/prism-relay.service");
+            (k.to_string(), v)
+        })
+        .collect();
+    assert!(variables.len() >= 5, "{variables:?}");
+    let mut config = Config::default();
+    config
+        .apply_env(variables.clone())
+        .unwrap_or_else(|e| panic!("the unit's variables {variables:?}: {e}"));
     let exec = one("ExecStart");
     assert!(
         exec.contains(" run ") && exec.contains("--config"),
