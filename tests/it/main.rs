@@ -4,8 +4,8 @@ mod audit;
 mod auth;
 mod chaos;
 mod check;
-
 mod cli_errors;
+mod deploy;
 mod disk;
 mod harness;
 mod hostile;

@@ -1,8 +1,9 @@
 //! Real servers for tests, chaos runs and benchmarks of prism-relay.
 //!
 //! The main types are [`Nats`], a `nats-server` with JetStream, [`ClickHouse`], a
-//! `clickhouse-server` (18.16 here), and [`Chdb`], a modern ClickHouse engine (chdb-core's
-//! 26.9) behind a stand-in for ClickHouse's HTTP interface. Each starts on free 127.0.0.1
+//! `clickhouse-server` (18.16 here), [`Chdb`], a modern ClickHouse engine (chdb-core's
+//! 26.9) behind a stand-in for ClickHouse's HTTP interface, and [`Prometheus`], a
+//! `prometheus` server for the deployment tests. Each starts on free 127.0.0.1
 //! ports in its own temporary directory, is ready when `start` returns, and can be killed
 //! with SIGKILL, restarted on the same ports and data, paused with SIGSTOP and resumed.
 //! Dropping a handle kills the server and removes its directory, also when a test panics;
@@ -18,9 +19,10 @@
 //! from plain tests and from tokio tests alike; from async code that must not block a
 //! runtime thread for long, wrap `start`/`restart` in `spawn_blocking`.
 //!
-//! Binaries are found through `PRISM_NATS_SERVER` / `PRISM_CLICKHOUSE_SERVER`, then
-//! `PATH`, then (for ClickHouse) `/usr/sbin` and `/usr/bin`. A missing binary is an
-//! error naming how to install it: tests never skip. `scripts/test` installs both.
+//! Binaries are found through `PRISM_NATS_SERVER` / `PRISM_CLICKHOUSE_SERVER` /
+//! `PRISM_PROMETHEUS_SERVER`, then `PATH`, then (for ClickHouse) `/usr/sbin` and `/usr/bin`
+//! (`/usr/bin` for Prometheus). A missing binary is an error naming how to install it: tests
+//! never skip. `scripts/test` installs all three.
 
 mod chdb;
 mod clickhouse;
@@ -28,6 +30,7 @@ mod error;
 mod http;
 mod nats;
 mod process;
+mod prometheus;
 mod server;
 
 pub use chdb::{Chdb, HttpAnswer};
@@ -35,6 +38,7 @@ pub use clickhouse::{ClickHouse, ClickHouseOptions, HttpsFiles};
 pub use error::TestbedError;
 pub use nats::Nats;
 pub use process::free_ports;
+pub use prometheus::{url_encode, PromAnswer, Prometheus};
 
 /// How long `Nats::start`/`restart` wait for JetStream to report healthy. NATS is
 /// ready in tens of milliseconds; the bound is wide for a loaded 2-core machine.
@@ -43,6 +47,10 @@ pub const NATS_READY_TIMEOUT_MS: u64 = 15_000;
 /// How long `ClickHouse::start`/`restart` wait for `/ping`. ClickHouse 18.16 starts
 /// in a fraction of a second to 2 s here; restarts after SIGKILL load all tables first.
 pub const CLICKHOUSE_READY_TIMEOUT_MS: u64 = 30_000;
+
+/// How long `Prometheus::start` waits for `/-/ready`. It is ready in under a second here;
+/// the bound is wide for a loaded 2-core machine.
+pub const PROMETHEUS_READY_TIMEOUT_MS: u64 = 30_000;
 
 /// How long `Chdb::start`/`restart` wait for `/ping`. Importing chdb and opening its
 /// session takes about a second here; a loaded machine and a restart that loads every
