@@ -10,8 +10,8 @@ use prism_relay::config::{Config, LogFormat};
 use prism_relay::drain::Router;
 use prism_relay::redact::{redact, RedactingWriter};
 use prism_relay::run::{
-    add_missing_columns, apply_schema, check_schema, resolve_profile, schema_statements,
-    sink_options,
+    add_missing_columns, apply_schema, check_cluster_schema, check_schema, resolve_profile,
+    schema_statements, sink_options,
 };
 use prism_relay::schema::Profile;
 use prism_relay::sink::Sink;
@@ -139,6 +139,30 @@ enum ProfileArg {
     Modern,
     Legacy,
     Auto,
+    /// The cluster layout of `[clickhouse] cluster` (required), in the dialect of
+    /// `[clickhouse] profile`.
+    Cluster,
+}
+
+impl ProfileArg {
+    /// The dialect to render: a given one, or the configured one for `cluster`; `auto` asks
+    /// the server. `cluster` fails without `[clickhouse] cluster`. Whenever the configuration
+    /// names a cluster, every profile renders the cluster layout.
+    async fn resolve(self, config: &Config) -> Result<Profile> {
+        Ok(match self {
+            ProfileArg::Legacy => Profile::Legacy,
+            ProfileArg::Modern => Profile::Modern,
+            ProfileArg::Auto => resolve_profile(config).await?.1,
+            ProfileArg::Cluster => {
+                if config.clickhouse.cluster.is_none() {
+                    bail!(
+                        "schema profile cluster needs [clickhouse] cluster: set it to the cluster's name in the servers' <remote_servers> (and zookeeper_path if the default does not fit)"
+                    );
+                }
+                resolve_profile(config).await?.1
+            }
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -147,7 +171,8 @@ enum SchemaAction {
     Print {
         #[command(flatten)]
         config: ConfigArg,
-        /// modern (ClickHouse 22.2+, what MarketPrism runs) or legacy (18.16, for tests here).
+        /// modern (ClickHouse 22.2+, what MarketPrism runs), legacy (18.16, for tests here), or
+        /// cluster (the [clickhouse] cluster layout in the configured profile).
         #[arg(long, value_enum, default_value = "modern")]
         profile: ProfileArg,
     },
@@ -415,12 +440,16 @@ async fn check(config: &Config) -> Result<ExitCode> {
         }
         Ok((probe, profile)) => {
             println!("clickhouse: profile {}", profile.name());
-            let problems = check_schema(config, &probe, profile).await?;
+            let mut problems = check_schema(config, &probe, profile).await?;
+            problems.extend(check_cluster_schema(config, &probe, profile).await?);
             for problem in &problems {
                 println!("schema: {problem}");
             }
             ok &= problems.is_empty();
         }
+    }
+    if let Some(cluster) = &config.clickhouse.cluster {
+        ok &= check_replicas(config, cluster).await?;
     }
     Ok(if ok {
         println!("check: ok");
@@ -429,6 +458,38 @@ async fn check(config: &Config) -> Result<ExitCode> {
         println!("check: problems found");
         ExitCode::FAILURE
     })
+}
+
+/// Checks the tables on each of `[clickhouse] replica_urls` as on `url`; true when every
+/// replica was reached and has them.
+async fn check_replicas(config: &Config, cluster: &str) -> Result<bool> {
+    let mut ok = true;
+    for url in &config.clickhouse.replica_urls {
+        let mut replica = config.clone();
+        replica.clickhouse.url = url.clone();
+        let url = redact(url);
+        match resolve_profile(&replica).await {
+            Err(error) => {
+                println!(
+                    "clickhouse replica {url}: unreachable: {}",
+                    redact(&error.to_string())
+                );
+                ok = false;
+            }
+            Ok((probe, profile)) => {
+                let mut problems = check_schema(&replica, &probe, profile).await?;
+                problems.extend(check_cluster_schema(&replica, &probe, profile).await?);
+                for problem in &problems {
+                    println!("clickhouse replica {url}: schema: {problem}");
+                }
+                if problems.is_empty() {
+                    println!("clickhouse replica {url}: ok (cluster {cluster})");
+                }
+                ok &= problems.is_empty();
+            }
+        }
+    }
+    Ok(ok)
 }
 
 fn report_setup(kind: &str, name: &str, action: SetupAction, drift: &[source::Drift]) -> bool {
@@ -449,11 +510,7 @@ async fn schema_command(action: SchemaAction) -> Result<ExitCode> {
     match action {
         SchemaAction::Print { config, profile } => {
             let config = config.load()?;
-            let profile = match profile {
-                ProfileArg::Legacy => Profile::Legacy,
-                ProfileArg::Modern => Profile::Modern,
-                ProfileArg::Auto => resolve_profile(&config).await?.1,
-            };
+            let profile = profile.resolve(&config).await?;
             for statement in schema_statements(&config, profile) {
                 println!("{statement};\n");
             }
@@ -461,26 +518,30 @@ async fn schema_command(action: SchemaAction) -> Result<ExitCode> {
         }
         SchemaAction::Apply { config, profile } => {
             let config = config.load()?;
-            let (probe, detected) = resolve_profile(&config).await?;
-            let profile = match profile {
-                ProfileArg::Legacy => Profile::Legacy,
-                ProfileArg::Modern => Profile::Modern,
-                ProfileArg::Auto => detected,
-            };
+            let (probe, _) = resolve_profile(&config).await?;
+            let profile = profile.resolve(&config).await?;
             apply_schema(&config, &probe, profile).await?;
             add_missing_columns(&config, &probe, profile).await?;
-            let problems = check_schema(&config, &probe, profile).await?;
+            let mut problems = check_schema(&config, &probe, profile).await?;
+            problems.extend(check_cluster_schema(&config, &probe, profile).await?);
             for problem in &problems {
                 println!("schema: {problem}");
             }
             if !problems.is_empty() {
                 bail!("the tables exist but differ from what the relay writes");
             }
-            println!(
-                "schema: {} profile applied to database {}",
-                profile.name(),
-                config.clickhouse.database
-            );
+            match &config.clickhouse.cluster {
+                None => println!(
+                    "schema: {} profile applied to database {}",
+                    profile.name(),
+                    config.clickhouse.database
+                ),
+                Some(cluster) => println!(
+                    "schema: {} profile applied to database {} on cluster {cluster}",
+                    profile.name(),
+                    config.clickhouse.database
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -399,6 +399,17 @@ pub struct ClickHouseConfig {
     pub tls_cert_file: Option<PathBuf>,
     /// PEM file with the client certificate's private key, with `tls_cert_file`.
     pub tls_key_file: Option<PathBuf>,
+    /// The ClickHouse cluster (a name in the servers' `<remote_servers>`) the schema is created
+    /// on: replicated tables `ON CLUSTER`, read through `<table>_all`. None by default (one
+    /// server); required by `schema print|apply --profile cluster`.
+    pub cluster: Option<String>,
+    /// ZooKeeper path of each replicated table (with `cluster`); `{database}` and `{table}` are
+    /// replaced by the relay, `{shard}` and other macros by the server. Default
+    /// `schema::ZOOKEEPER_PATH_DEFAULT`.
+    pub zookeeper_path: String,
+    /// HTTP(S) endpoints of the cluster's other replicas that `check` also verifies (with
+    /// `cluster`); the relay itself inserts only into `url`. Empty by default.
+    pub replica_urls: Vec<String>,
 }
 
 impl Default for ClickHouseConfig {
@@ -417,6 +428,9 @@ impl Default for ClickHouseConfig {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            cluster: None,
+            zookeeper_path: crate::schema::ZOOKEEPER_PATH_DEFAULT.to_owned(),
+            replica_urls: Vec::new(),
         }
     }
 }
@@ -443,6 +457,16 @@ impl fmt::Debug for ClickHouseConfig {
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)
+            .field("cluster", &self.cluster)
+            .field("zookeeper_path", &self.zookeeper_path)
+            .field(
+                "replica_urls",
+                &self
+                    .replica_urls
+                    .iter()
+                    .map(|url| redact(url))
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

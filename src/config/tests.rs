@@ -135,6 +135,7 @@ fn example_file_mentions_every_field_of_every_section() {
         "creds_file",
         "start_sequence",
         "ttl_days",
+        "cluster",
     ] {
         if !text.contains(&format!("# {key} = ")) && !text.contains(&format!("\n{key} = ")) {
             missing.push(key.to_owned());
@@ -836,4 +837,39 @@ fn the_log_format_comes_from_the_file_or_the_environment() {
         .expect("loads");
     assert_eq!(config.log.format, LogFormat::Human);
     assert!(Config::load_with_env(None, env(&[("PRISM_RELAY_LOG_FORMAT", "xml")])).is_err());
+}
+
+#[test]
+fn cluster_fields_are_validated_naming_the_field_and_the_fix() {
+    let mut config = Config::default();
+    config.clickhouse.cluster = Some("marketprism-2".into());
+    config.clickhouse.replica_urls = vec!["http://ch-2:8123".into()];
+    assert_eq!(config.validate().map_err(|e| e.to_string()), Ok(()));
+
+    config.clickhouse.cluster = Some("bad name".into());
+    config.clickhouse.zookeeper_path = "/clickhouse/tables/{shard}/shared".into();
+    config.clickhouse.replica_urls = vec!["ch-2:9000".into()];
+    assert_eq!(
+        invalid_fields(&config),
+        [
+            "clickhouse.cluster",
+            "clickhouse.zookeeper_path",
+            "clickhouse.replica_urls"
+        ]
+    );
+    let err = config.validate().expect_err("three problems").to_string();
+    assert!(err.contains("each table needs a path of its own"), "{err}");
+
+    let mut config = Config::default();
+    config.clickhouse.zookeeper_path = "/x/'{table}".into();
+    config.clickhouse.replica_urls = vec!["http://ch-2:8123".into()];
+    assert_eq!(
+        invalid_fields(&config),
+        ["clickhouse.zookeeper_path", "clickhouse.replica_urls"]
+    );
+    let err = config
+        .validate()
+        .expect_err("replicas without a cluster")
+        .to_string();
+    assert!(err.contains("set clickhouse.cluster"), "{err}");
 }
