@@ -1,7 +1,7 @@
 //! Real servers for tests, chaos runs and benchmarks of prism-relay.
 //!
 //! The main types are [`Nats`], a `nats-server` with JetStream, and [`ClickHouse`],
-//! a `clickhouse-server`. Each starts on free 127.0.0.1 ports in its own temporary
+//! a `clickhouse-server` (optionally a replica of a cluster coordinated by [`ZooKeeper`]). Each starts on free 127.0.0.1 ports in its own temporary
 //! directory, is ready when `start` returns, and can be killed with SIGKILL, restarted
 //! on the same ports and data, paused with SIGSTOP and resumed. Dropping a handle kills
 //! the server and removes its directory, also when a test panics; a server also dies
@@ -26,11 +26,13 @@ mod http;
 mod nats;
 mod process;
 mod server;
+mod zookeeper;
 
-pub use clickhouse::{ClickHouse, ClickHouseOptions, HttpsFiles};
+pub use clickhouse::{ClickHouse, ClickHouseOptions, HttpsFiles, Replication};
 pub use error::TestbedError;
 pub use nats::Nats;
 pub use process::free_ports;
+pub use zookeeper::{ZooKeeper, ZOOKEEPER_TICK_MS};
 
 /// How long `Nats::start`/`restart` wait for JetStream to report healthy. NATS is
 /// ready in tens of milliseconds; the bound is wide for a loaded 2-core machine.
@@ -39,6 +41,14 @@ pub const NATS_READY_TIMEOUT_MS: u64 = 15_000;
 /// How long `ClickHouse::start`/`restart` wait for `/ping`. ClickHouse 18.16 starts
 /// in a fraction of a second to 2 s here; restarts after SIGKILL load all tables first.
 pub const CLICKHOUSE_READY_TIMEOUT_MS: u64 = 30_000;
+
+/// How long `ZooKeeper::start`/`restart` wait for the server to serve requests. The JVM
+/// starts it in 1 to 3 s here; the bound is wide for a loaded 2-core machine.
+pub const ZOOKEEPER_READY_TIMEOUT_MS: u64 = 60_000;
+
+/// How long [`ClickHouse::set_cluster`] waits for the server to load its new cluster
+/// definition: it rereads its configuration every few seconds.
+pub const CLUSTER_CONFIG_TIMEOUT_MS: u64 = 30_000;
 
 /// Pause between two readiness (or state) probes.
 pub const READY_POLL_INTERVAL_MS: u64 = 20;
