@@ -1,6 +1,7 @@
 //! Integration tests of the relay against real servers started by `prism-testbed`.
 
 mod chaos;
+mod cluster;
 mod disk;
 mod harness;
 mod hostile;
