@@ -4,7 +4,9 @@
 //! that every row reaches both replicas and the `Distributed` tables, that a byte-identical
 //! batch inserted twice is stored once on every replica without FINAL (replicated block
 //! deduplication), and that a replica killed with SIGKILL under load catches up after its
-//! restart so both replicas end equal.
+//! restart so both replicas end equal, and that while ZooKeeper is down (replicated tables
+//! refuse inserts) the relay keeps acking into its WAL, reports not-ready, and delivers
+//! everything once ZooKeeper is back.
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +18,7 @@ use prism_relay::tools::verify::VerifyReport;
 use prism_testbed::{ClickHouse, ClickHouseOptions, Nats, Replication, ZooKeeper};
 
 use crate::harness::{
-    relay_command, Bed, Load, RelayProc, DATABASE, DRAIN_TIMEOUT, STREAMS, TABLES,
+    http_get, relay_command, Bed, Load, RelayProc, DATABASE, DRAIN_TIMEOUT, STREAMS, TABLES,
 };
 
 /// The cluster's name in both replicas' `<remote_servers>`.
@@ -34,8 +36,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(250);
 struct ClusterBed {
     bed: Bed,
     replica2: ClickHouse,
-    /// Coordinates the replicas; lives as long as the bed.
-    _zookeeper: ZooKeeper,
+    /// Coordinates the replicas.
+    zookeeper: ZooKeeper,
 }
 
 impl ClusterBed {
@@ -72,7 +74,7 @@ impl ClusterBed {
                 dir,
             },
             replica2,
-            _zookeeper: zookeeper,
+            zookeeper,
         }
     }
 
@@ -449,5 +451,113 @@ async fn a_replica_killed_under_load_catches_up_after_its_restart_and_both_repli
         caught_up.elapsed().as_millis(),
         started.elapsed().as_millis()
     );
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+/// Polls the relay's `/ready` until `want(status, body)` holds; returns the body.
+async fn wait_ready_answer(relay: &RelayProc, want: impl Fn(u16, &str) -> bool) -> String {
+    let deadline = Instant::now() + REPLICATION_TIMEOUT;
+    loop {
+        let answer = http_get(relay.metrics_addr, "/ready").await;
+        if let Ok((status, body)) = &answer {
+            if want(*status, body) {
+                return body.clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/ready still answers {answer:?} after {REPLICATION_TIMEOUT:?}"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_zookeeper_is_killed_the_relay_buffers_in_its_wal_reports_not_ready_and_delivers_everything_after_it_returns(
+) {
+    const MESSAGES: u64 = 3_000;
+    const RATE_PER_S: u64 = 1_000;
+    let started = Instant::now();
+    let mut cluster = ClusterBed::start();
+    cluster.apply_schema().await;
+    let mut config = cluster.bed.config();
+    config.create_schema = false;
+    config.ready_insert_failing_s = Some(1);
+    let relay = RelayProc::spawn_ready(&cluster.bed, "relay", &config).await;
+
+    let options = LoadgenOptions {
+        nats_url: cluster.bed.nats.url(),
+        create_streams: false,
+        mix: Mix::uniform(),
+        count: Some(MESSAGES),
+        rate_per_s: RATE_PER_S,
+        run_id: Some("zookeeperkill".into()),
+        progress: false,
+        ..LoadgenOptions::default()
+    };
+    let traffic = tokio::spawn(async move { loadgen::run(&options).await });
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while total_rows(&cluster.bed.ch) < MESSAGES / 10 {
+        assert!(Instant::now() < deadline, "no rows reached replica 1");
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+    cluster.zookeeper.kill9().expect("kill -9 ZooKeeper");
+
+    // The replicated tables refuse inserts: the relay's lanes fail with a retryable error and
+    // /ready says so, naming the class.
+    let not_ready = wait_ready_answer(&relay, |status, body| {
+        status == 503 && body.contains("retryable")
+    })
+    .await;
+    let summary = traffic.await.expect("loadgen task").expect("loadgen runs");
+    assert!(summary.ok(), "loadgen failed: {summary}");
+    assert_eq!(summary.published_total(), MESSAGES, "{summary}");
+    // Every message is acked (so in the WAL after its fsync) while ClickHouse lacks some.
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    for consumer in &config.consumers {
+        loop {
+            let info = cluster
+                .bed
+                .consumer_info(&consumer.stream, &consumer.durable)
+                .await;
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not all acked while ZooKeeper is down: {info:?}",
+                consumer.durable
+            );
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+    let rows_in_outage = total_rows(&cluster.bed.ch);
+    assert!(
+        rows_in_outage < MESSAGES,
+        "every row stored without ZooKeeper ({rows_in_outage})"
+    );
+
+    let returned = Instant::now();
+    tokio::task::block_in_place(|| cluster.zookeeper.restart()).expect("restart ZooKeeper");
+    let report = cluster.bed.wait_accounted(REPLICATION_TIMEOUT).await;
+    assert_exact(&report, MESSAGES);
+    let replicated = wait_equal(&cluster.bed.ch, &cluster.replica2).await;
+    assert_no_duplicates(&replicated);
+    assert_eq!(total_rows(&cluster.replica2), MESSAGES);
+    wait_ready_answer(&relay, |status, _| status == 200).await;
+    println!(
+        "cluster: zookeeper kill -9: messages={MESSAGES} stored={} lost=0 duplicated=0 \
+         rows_stored_during_outage={rows_in_outage} buffered_in_wal={} replicas_equal=yes \
+         delivered_after_return_ms={} total_ms={}",
+        report.totals().stored,
+        MESSAGES - rows_in_outage,
+        returned.elapsed().as_millis(),
+        started.elapsed().as_millis()
+    );
+    println!(
+        "cluster: /ready while ZooKeeper was down: {}",
+        not_ready.trim()
+    );
+    let mut relay = relay;
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
