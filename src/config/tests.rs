@@ -873,3 +873,26 @@ fn cluster_fields_are_validated_naming_the_field_and_the_fix() {
         .to_string();
     assert!(err.contains("set clickhouse.cluster"), "{err}");
 }
+
+#[test]
+fn the_cluster_and_its_zookeeper_path_come_from_the_environment_too() {
+    let config = Config::load_with_env(
+        None,
+        env(&[
+            ("PRISM_RELAY_CLICKHOUSE_CLUSTER", "marketprism"),
+            (
+                "PRISM_RELAY_CLICKHOUSE_ZOOKEEPER_PATH",
+                "/ch/{shard}/{table}",
+            ),
+        ]),
+    )
+    .expect("valid overrides");
+    assert_eq!(config.clickhouse.cluster.as_deref(), Some("marketprism"));
+    assert_eq!(config.clickhouse.zookeeper_path, "/ch/{shard}/{table}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, "[clickhouse]\ncluster = \"marketprism\"\n").expect("write");
+    let config = Config::load_with_env(Some(&path), env(&[("PRISM_RELAY_CLICKHOUSE_CLUSTER", "")]))
+        .expect("an empty value clears the cluster");
+    assert_eq!(config.clickhouse.cluster, None);
+}
