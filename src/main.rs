@@ -145,22 +145,23 @@ enum ProfileArg {
 }
 
 impl ProfileArg {
-    /// The dialect to render: a given one, or the configured one for `cluster`; `auto` asks
-    /// the server. `cluster` fails without `[clickhouse] cluster`. Whenever the configuration
-    /// names a cluster, every profile renders the cluster layout.
-    async fn resolve(self, config: &Config) -> Result<Profile> {
+    /// The dialect to render: a given one, or for `auto` and `cluster` the one `detected`
+    /// resolves (`[clickhouse] profile`, asking the server for `auto`). `cluster` fails
+    /// without `[clickhouse] cluster`. Whenever the configuration names a cluster, every
+    /// profile renders the cluster layout.
+    async fn resolve<F>(self, config: &Config, detected: F) -> Result<Profile>
+    where
+        F: std::future::Future<Output = Result<Profile>>,
+    {
+        if matches!(self, ProfileArg::Cluster) && config.clickhouse.cluster.is_none() {
+            bail!(
+                "schema profile cluster needs [clickhouse] cluster: set it to the cluster's name in the servers' <remote_servers> (and zookeeper_path if the default does not fit)"
+            );
+        }
         Ok(match self {
             ProfileArg::Legacy => Profile::Legacy,
             ProfileArg::Modern => Profile::Modern,
-            ProfileArg::Auto => resolve_profile(config).await?.1,
-            ProfileArg::Cluster => {
-                if config.clickhouse.cluster.is_none() {
-                    bail!(
-                        "schema profile cluster needs [clickhouse] cluster: set it to the cluster's name in the servers' <remote_servers> (and zookeeper_path if the default does not fit)"
-                    );
-                }
-                resolve_profile(config).await?.1
-            }
+            ProfileArg::Auto | ProfileArg::Cluster => detected.await?,
         })
     }
 }
@@ -510,7 +511,8 @@ async fn schema_command(action: SchemaAction) -> Result<ExitCode> {
     match action {
         SchemaAction::Print { config, profile } => {
             let config = config.load()?;
-            let profile = profile.resolve(&config).await?;
+            let detected = async { Ok(resolve_profile(&config).await?.1) };
+            let profile = profile.resolve(&config, detected).await?;
             for statement in schema_statements(&config, profile) {
                 println!("{statement};\n");
             }
@@ -518,8 +520,12 @@ async fn schema_command(action: SchemaAction) -> Result<ExitCode> {
         }
         SchemaAction::Apply { config, profile } => {
             let config = config.load()?;
-            let (probe, _) = resolve_profile(&config).await?;
-            let profile = profile.resolve(&config).await?;
+            // The configuration is checked before ClickHouse is asked anything.
+            profile
+                .resolve(&config, async { Ok(Profile::Legacy) })
+                .await?;
+            let (probe, detected) = resolve_profile(&config).await?;
+            let profile = profile.resolve(&config, async { Ok(detected) }).await?;
             apply_schema(&config, &probe, profile).await?;
             add_missing_columns(&config, &probe, profile).await?;
             let mut problems = check_schema(&config, &probe, profile).await?;

@@ -227,7 +227,11 @@ pub async fn check_cluster_schema(
             Some(table) => schema::check_columns(table, actual, profile),
             None => schema::check_passthrough_columns(name, actual, profile),
         };
-        problems.extend(columns_ok.err());
+        problems.extend(
+            columns_ok
+                .err()
+                .map(|problem| problem.on_table(&distributed)),
+        );
     }
     Ok(problems)
 }

@@ -999,6 +999,21 @@ pub enum SchemaError {
     },
 }
 
+impl SchemaError {
+    /// The same problem found on the table `name` (a `<table>_all` checked with its local
+    /// table's columns), so the message names the table that has it.
+    pub fn on_table(mut self, name: &str) -> SchemaError {
+        let (SchemaError::NotReplicated { table, .. }
+        | SchemaError::NotDistributed { table, .. }
+        | SchemaError::MissingTable { table }
+        | SchemaError::MissingColumn { table, .. }
+        | SchemaError::PassthroughIdentity { table, .. }
+        | SchemaError::ColumnType { table, .. }) = &mut self;
+        *table = name.to_owned();
+        self
+    }
+}
+
 /// Checks the engines of a table of the cluster layout (`local`: the table the relay inserts
 /// into; `distributed`: its `<table>_all`), as `system.tables` names them (`None`: no table).
 /// A missing local table is [`check_columns`]'s to report.
@@ -1484,6 +1499,16 @@ mod tests {
         assert!(problems[0]
             .to_string()
             .contains("prism-relay schema apply --profile cluster"));
+        let mut actual = columns(Table::Trades, Profile::Legacy);
+        actual.retain(|(n, _)| n != "nats_seq");
+        let err = check_columns(Table::Trades, &actual, Profile::Legacy)
+            .unwrap_err()
+            .on_table("trades_all");
+        assert!(
+            err.to_string()
+                .starts_with("table `trades_all` has no column `nats_seq`"),
+            "{err}"
+        );
     }
 
     #[test]
