@@ -10,8 +10,8 @@ use prism_relay::config::{Config, ConfigError, LogFormat};
 use prism_relay::drain::Router;
 use prism_relay::redact::{redact, RedactingWriter};
 use prism_relay::run::{
-    add_missing_columns, apply_schema, check_schema, resolve_profile, schema_statements,
-    sink_options,
+    add_missing_columns, apply_schema, check_cluster_schema, check_schema, resolve_profile,
+    schema_statements, sink_options,
 };
 use prism_relay::schema::Profile;
 use prism_relay::sink::Sink;
@@ -235,10 +235,42 @@ enum ProfileArg {
     Modern,
     Legacy,
     Auto,
+    /// The cluster layout of `[clickhouse] cluster` (required), in the dialect of
+    /// `[clickhouse] profile`.
+    Cluster,
+}
+
+impl ProfileArg {
+    /// The dialect to render: a given one, or for `auto` and `cluster` the one `detected`
+    /// resolves (`[clickhouse] profile`, asking the server for `auto`). `cluster` fails
+    /// without `[clickhouse] cluster`. Whenever the configuration names a cluster, every
+    /// profile renders the cluster layout.
+    async fn resolve<F>(self, config: &Config, detected: F) -> Result<Profile>
+    where
+        F: std::future::Future<Output = Result<Profile>>,
+    {
+        if matches!(self, ProfileArg::Cluster) && config.clickhouse.cluster.is_none() {
+            bail!(
+                "schema profile cluster needs [clickhouse] cluster: set it to the cluster's name in the servers' <remote_servers> (and zookeeper_path if the default does not fit)"
+            );
+        }
+        Ok(match self {
+            ProfileArg::Legacy => Profile::Legacy,
+            ProfileArg::Modern => Profile::Modern,
+            ProfileArg::Auto | ProfileArg::Cluster => detected.await?,
+        })
+    }
 }
 
 /// The long help of `--profile`: the supported versions come from their one statement.
-const PROFILE_HELP: &str = prism_relay::schema::SERVER_VERSIONS_SUMMARY;
+/// The long help of `--profile`: the profiles and the supported versions, stated once in `schema`.
+fn profile_help() -> String {
+    format!(
+        "modern, legacy, or cluster (the `[clickhouse] cluster` layout of replicated tables in \
+         the configured profile). Supported servers: {}",
+        prism_relay::schema::SERVER_VERSIONS_SUMMARY
+    )
+}
 
 #[derive(Subcommand)]
 enum SchemaAction {
@@ -247,8 +279,9 @@ enum SchemaAction {
     Print {
         #[command(flatten)]
         config: ConfigArg,
-        /// The profile whose DDL to print.
-        #[arg(long, value_enum, default_value = "modern", long_help = PROFILE_HELP)]
+        /// modern, legacy, or cluster (the `[clickhouse] cluster` layout of replicated tables in the
+        /// configured profile).
+        #[arg(long, value_enum, default_value = "modern", long_help = profile_help())]
         profile: ProfileArg,
     },
     /// Create the database and tables that are missing, and add the columns the relay writes to
@@ -258,7 +291,7 @@ enum SchemaAction {
         #[command(flatten)]
         config: ConfigArg,
         /// The profile to create; auto picks it from the server's version.
-        #[arg(long, value_enum, default_value = "auto", long_help = PROFILE_HELP)]
+        #[arg(long, value_enum, default_value = "auto", long_help = profile_help())]
         profile: ProfileArg,
     },
 }
@@ -608,6 +641,19 @@ async fn check(config: &Config) -> Result<ExitCode> {
                     }
                 }
             }
+            match check_cluster_schema(config, &probe, profile).await {
+                Err(error) => finding(format!("clickhouse: {}", ErrorChain(&error))),
+                Ok(problems) => {
+                    for problem in problems {
+                        finding(format!("schema: {problem}"));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(cluster) = &config.clickhouse.cluster {
+        for line in check_replicas(config, cluster).await {
+            finding(line);
         }
     }
     Ok(match findings {
@@ -667,15 +713,51 @@ fn setup_findings(
     }
 }
 
+/// Checks the tables on each of `[clickhouse] replica_urls` as on `url`; returns the findings
+/// (an unreachable replica, a schema problem on one).
+async fn check_replicas(config: &Config, cluster: &str) -> Vec<String> {
+    let mut findings = Vec::new();
+    for url in &config.clickhouse.replica_urls {
+        let mut replica = config.clone();
+        replica.clickhouse.url = url.clone();
+        let url = redact(url);
+        match resolve_profile(&replica).await {
+            Err(error) => findings.push(format!(
+                "clickhouse replica {url}: {}: {}",
+                ErrorChain(&error),
+                run::clickhouse_fix(&error)
+            )),
+            Ok((probe, profile)) => {
+                let before = findings.len();
+                for problems in [
+                    check_schema(&replica, &probe, profile).await,
+                    check_cluster_schema(&replica, &probe, profile).await,
+                ] {
+                    match problems {
+                        Err(error) => findings
+                            .push(format!("clickhouse replica {url}: {}", ErrorChain(&error))),
+                        Ok(problems) => findings.extend(
+                            problems
+                                .iter()
+                                .map(|p| format!("clickhouse replica {url}: schema: {p}")),
+                        ),
+                    }
+                }
+                if findings.len() == before {
+                    println!("clickhouse replica {url}: ok (cluster {cluster})");
+                }
+            }
+        }
+    }
+    findings
+}
+
 async fn schema_command(action: SchemaAction) -> Result<ExitCode> {
     match action {
         SchemaAction::Print { config, profile } => {
             let config = config.load()?;
-            let profile = match profile {
-                ProfileArg::Legacy => Profile::Legacy,
-                ProfileArg::Modern => Profile::Modern,
-                ProfileArg::Auto => resolve_profile(&config).await?.1,
-            };
+            let detected = async { Ok(resolve_profile(&config).await?.1) };
+            let profile = profile.resolve(&config, detected).await?;
             for statement in schema_statements(&config, profile) {
                 println!("{statement};\n");
             }
@@ -683,26 +765,34 @@ async fn schema_command(action: SchemaAction) -> Result<ExitCode> {
         }
         SchemaAction::Apply { config, profile } => {
             let config = config.load()?;
+            // The configuration is checked before ClickHouse is asked anything.
+            profile
+                .resolve(&config, async { Ok(Profile::Legacy) })
+                .await?;
             let (probe, detected) = resolve_profile(&config).await?;
-            let profile = match profile {
-                ProfileArg::Legacy => Profile::Legacy,
-                ProfileArg::Modern => Profile::Modern,
-                ProfileArg::Auto => detected,
-            };
+            let profile = profile.resolve(&config, async { Ok(detected) }).await?;
             apply_schema(&config, &probe, profile).await?;
             add_missing_columns(&config, &probe, profile).await?;
-            let problems = check_schema(&config, &probe, profile).await?;
+            let mut problems = check_schema(&config, &probe, profile).await?;
+            problems.extend(check_cluster_schema(&config, &probe, profile).await?);
             for problem in &problems {
                 println!("schema: {problem}");
             }
             if !problems.is_empty() {
                 bail!("the tables exist but differ from what the relay writes");
             }
-            println!(
-                "schema: {} profile applied to database {}",
-                profile.name(),
-                config.clickhouse.database
-            );
+            match &config.clickhouse.cluster {
+                None => println!(
+                    "schema: {} profile applied to database {}",
+                    profile.name(),
+                    config.clickhouse.database
+                ),
+                Some(cluster) => println!(
+                    "schema: {} profile applied to database {} on cluster {cluster}",
+                    profile.name(),
+                    config.clickhouse.database
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

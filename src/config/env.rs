@@ -26,7 +26,7 @@ pub const ENV_SECTIONS: [&str; 8] = [
 ];
 
 /// Every (section, field) an environment variable may override.
-pub const ENV_OVERRIDES: [(&str, &str); 55] = [
+pub const ENV_OVERRIDES: [(&str, &str); 57] = [
     ("nats", "url"),
     ("nats", "name"),
     ("nats", "connect_timeout_ms"),
@@ -63,6 +63,8 @@ pub const ENV_OVERRIDES: [(&str, &str); 55] = [
     ("clickhouse", "tls_ca_file"),
     ("clickhouse", "tls_cert_file"),
     ("clickhouse", "tls_key_file"),
+    ("clickhouse", "cluster"),
+    ("clickhouse", "zookeeper_path"),
     ("drain", "flush_interval_ms"),
     ("drain", "retry_backoff_initial_ms"),
     ("drain", "retry_backoff_max_ms"),
@@ -184,6 +186,8 @@ impl Config {
             ("clickhouse", "tls_key_file") => {
                 self.clickhouse.tls_key_file = v.optional_string().map(PathBuf::from)
             }
+            ("clickhouse", "cluster") => self.clickhouse.cluster = v.optional_string(),
+            ("clickhouse", "zookeeper_path") => self.clickhouse.zookeeper_path = value.to_owned(),
             ("drain", "flush_interval_ms") => self.drain.flush_interval_ms = v.parse()?,
             ("drain", "retry_backoff_initial_ms") => {
                 self.drain.retry_backoff_initial_ms = v.parse()?

@@ -107,6 +107,9 @@ pub const CLICKHOUSE_CONNECT_TIMEOUT_MS_MAX: u64 = 60_000;
 pub const CLICKHOUSE_TTL_DAYS_MIN: u32 = 1;
 /// Ten years.
 pub const CLICKHOUSE_TTL_DAYS_MAX: u32 = 3_650;
+/// The longest `[clickhouse] cluster` name, in characters: the same bound as a database name,
+/// far above any name an operator writes into `<remote_servers>`.
+pub const CLICKHOUSE_CLUSTER_NAME_CHARS_MAX: usize = 128;
 
 // ---- [drain] bounds ----
 /// Flushing more often than this only multiplies ClickHouse parts.

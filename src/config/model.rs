@@ -407,6 +407,18 @@ pub struct ClickHouseConfig {
     /// Asynchronous inserts (`async_insert=1, wait_for_async_insert=1`), for fleets of many
     /// relays inserting into one cluster. Default false. Modern profile only.
     pub async_insert: bool,
+
+    /// The ClickHouse cluster (a name in the servers' `<remote_servers>`) the schema is created
+    /// on: replicated tables `ON CLUSTER`, read through `<table>_all`. None by default (one
+    /// server); required by `schema print|apply --profile cluster`.
+    pub cluster: Option<String>,
+    /// ZooKeeper path of each replicated table (with `cluster`); `{database}` and `{table}` are
+    /// replaced by the relay, `{shard}` and other macros by the server. Default
+    /// `schema::ZOOKEEPER_PATH_DEFAULT`.
+    pub zookeeper_path: String,
+    /// HTTP(S) endpoints of the cluster's other replicas that `check` also verifies (with
+    /// `cluster`); the relay itself inserts only into `url`. Empty by default.
+    pub replica_urls: Vec<String>,
 }
 
 impl Default for ClickHouseConfig {
@@ -427,6 +439,10 @@ impl Default for ClickHouseConfig {
             tls_key_file: None,
 
             async_insert: false,
+
+            cluster: None,
+            zookeeper_path: crate::schema::ZOOKEEPER_PATH_DEFAULT.to_owned(),
+            replica_urls: Vec::new(),
         }
     }
 }
@@ -454,6 +470,16 @@ impl fmt::Debug for ClickHouseConfig {
             .field("tls_cert_file", &self.tls_cert_file)
             .field("tls_key_file", &self.tls_key_file)
             .field("async_insert", &self.async_insert)
+            .field("cluster", &self.cluster)
+            .field("zookeeper_path", &self.zookeeper_path)
+            .field(
+                "replica_urls",
+                &self
+                    .replica_urls
+                    .iter()
+                    .map(|url| redact(url))
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }

@@ -135,6 +135,7 @@ fn example_file_mentions_every_field_of_every_section() {
         "creds_file",
         "start_sequence",
         "ttl_days",
+        "cluster",
     ] {
         if !text.contains(&format!("# {key} = ")) && !text.contains(&format!("\n{key} = ")) {
             missing.push(key.to_owned());
@@ -840,4 +841,62 @@ fn the_log_format_comes_from_the_file_or_the_environment() {
         .expect("loads");
     assert_eq!(config.log.format, LogFormat::Human);
     assert!(Config::load_with_env(None, env(&[("PRISM_RELAY_LOG_FORMAT", "xml")])).is_err());
+}
+
+#[test]
+fn cluster_fields_are_validated_naming_the_field_and_the_fix() {
+    let mut config = Config::default();
+    config.clickhouse.cluster = Some("marketprism-2".into());
+    config.clickhouse.replica_urls = vec!["http://ch-2:8123".into()];
+    assert_eq!(config.validate().map_err(|e| e.to_string()), Ok(()));
+
+    config.clickhouse.cluster = Some("bad name".into());
+    config.clickhouse.zookeeper_path = "/clickhouse/tables/{shard}/shared".into();
+    config.clickhouse.replica_urls = vec!["ch-2:9000".into()];
+    assert_eq!(
+        invalid_fields(&config),
+        [
+            "clickhouse.cluster",
+            "clickhouse.zookeeper_path",
+            "clickhouse.replica_urls"
+        ]
+    );
+    let err = config.validate().expect_err("three problems").to_string();
+    assert!(err.contains("each table needs a path of its own"), "{err}");
+
+    let mut config = Config::default();
+    config.clickhouse.zookeeper_path = "/x/'{table}".into();
+    config.clickhouse.replica_urls = vec!["http://ch-2:8123".into()];
+    assert_eq!(
+        invalid_fields(&config),
+        ["clickhouse.zookeeper_path", "clickhouse.replica_urls"]
+    );
+    let err = config
+        .validate()
+        .expect_err("replicas without a cluster")
+        .to_string();
+    assert!(err.contains("set clickhouse.cluster"), "{err}");
+}
+
+#[test]
+fn the_cluster_and_its_zookeeper_path_come_from_the_environment_too() {
+    let config = Config::load_with_env(
+        None,
+        env(&[
+            ("PRISM_RELAY_CLICKHOUSE_CLUSTER", "marketprism"),
+            (
+                "PRISM_RELAY_CLICKHOUSE_ZOOKEEPER_PATH",
+                "/ch/{shard}/{table}",
+            ),
+        ]),
+    )
+    .expect("valid overrides");
+    assert_eq!(config.clickhouse.cluster.as_deref(), Some("marketprism"));
+    assert_eq!(config.clickhouse.zookeeper_path, "/ch/{shard}/{table}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("relay.toml");
+    std::fs::write(&path, "[clickhouse]\ncluster = \"marketprism\"\n").expect("write");
+    let config = Config::load_with_env(Some(&path), env(&[("PRISM_RELAY_CLICKHOUSE_CLUSTER", "")]))
+        .expect("an empty value clears the cluster");
+    assert_eq!(config.clickhouse.cluster, None);
 }

@@ -424,6 +424,7 @@ impl Config {
             );
         }
         v.identifier("clickhouse.database", &c.database);
+        self.validate_clickhouse_cluster(v);
         v.range(
             "clickhouse.insert_timeout_ms",
             c.insert_timeout_ms,
@@ -490,6 +491,64 @@ impl Config {
             AUDIT_PENDING_MAX_MAX,
             "samples",
         );
+    }
+
+    /// `cluster`, `zookeeper_path` and `replica_urls`: the cluster layout's fields.
+    fn validate_clickhouse_cluster(&self, v: &mut Validator) {
+        let c = &self.clickhouse;
+        if let Some(cluster) = &c.cluster {
+            let ok = !cluster.is_empty()
+                && cluster.len() <= CLICKHOUSE_CLUSTER_NAME_CHARS_MAX
+                && cluster
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-');
+            if !ok {
+                v.push(
+                    "clickhouse.cluster",
+                    cluster,
+                    "1 ..= 128 characters of [A-Za-z0-9_-]",
+                    "use the cluster's name as <remote_servers> in the servers' configuration spells it, or remove cluster for one server".to_owned(),
+                );
+            }
+        }
+        let path = &c.zookeeper_path;
+        if !path.starts_with('/')
+            || !path.contains("{table}")
+            || path.contains(['\'', '\\'])
+            || path.contains(char::is_whitespace)
+        {
+            v.push(
+                "clickhouse.zookeeper_path",
+                path,
+                "an absolute ZooKeeper path containing {table}, without quotes, backslashes or spaces",
+                format!(
+                    "use the default \"{}\": each table needs a path of its own, and the replicas of a shard share it through {{shard}}",
+                    crate::schema::ZOOKEEPER_PATH_DEFAULT
+                ),
+            );
+        }
+        for url in &c.replica_urls {
+            if !(url.starts_with("http://") || url.starts_with("https://"))
+                || url.len() <= "https://".len()
+                || url.contains(char::is_whitespace)
+            {
+                v.push(
+                    "clickhouse.replica_urls",
+                    url,
+                    "http:// or https:// URLs",
+                    "list each other replica's HTTP interface, e.g. \"http://ch-2:8123\""
+                        .to_owned(),
+                );
+            }
+        }
+        if c.cluster.is_none() && !c.replica_urls.is_empty() {
+            v.push(
+                "clickhouse.replica_urls",
+                "set without clickhouse.cluster",
+                "only with clickhouse.cluster",
+                "set clickhouse.cluster to the cluster's name, or remove replica_urls".to_owned(),
+            );
+        }
     }
 
     fn validate_metrics(&self, v: &mut Validator) {

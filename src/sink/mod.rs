@@ -230,6 +230,13 @@ struct ColumnRow {
     r#type: String,
 }
 
+/// One row of the `system.tables` query of [`Sink::table_engines`].
+#[derive(Debug, Deserialize)]
+struct EngineRow {
+    name: String,
+    engine: String,
+}
+
 /// A `clickhouse` client for `url` on the sink's connector: connection attempts bounded by
 /// `connect_timeout_ms`, every answer bounded by [`ANSWER_BYTES_MAX`], TLS per `tls` for an
 /// `https://` URL. The sink and the operator tools (`verify`) use it, so both reach the same
@@ -385,6 +392,16 @@ impl Sink {
                 .push((row.name, row.r#type));
         }
         Ok(tables)
+    }
+
+    /// The engine of each table in `database`, by table name, from `system.tables`.
+    pub async fn table_engines(
+        &self,
+        database: &str,
+    ) -> Result<BTreeMap<String, String>, SinkError> {
+        const SQL: &str = "SELECT name, engine FROM system.tables WHERE database = ?";
+        let rows: Vec<EngineRow> = self.fetch_json_rows(SQL, Some(database)).await?;
+        Ok(rows.into_iter().map(|row| (row.name, row.engine)).collect())
     }
 
     /// Inserts `rows` into `table` (relative to the configured database) with ONE `INSERT`,

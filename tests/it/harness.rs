@@ -105,6 +105,14 @@ impl ChServer {
         }
     }
 
+    /// The 18.16 server of a legacy-leg bed (the cluster and security tests start their own).
+    pub fn legacy(&self) -> &ClickHouse {
+        match self {
+            ChServer::Legacy(s) => s,
+            ChServer::Modern(_) => panic!("this bed runs the modern leg, not clickhouse-server"),
+        }
+    }
+
     /// The HTTPS endpoint of an 18.16 server started with one; `None` otherwise.
     pub fn https_url(&self) -> Option<String> {
         match self {

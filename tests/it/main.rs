@@ -5,6 +5,7 @@ mod auth;
 mod chaos;
 mod check;
 mod cli_errors;
+mod cluster;
 mod deploy;
 mod disk;
 mod harness;

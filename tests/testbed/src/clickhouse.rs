@@ -10,7 +10,10 @@ use crate::process::{
     open_append, wait_ready, BinarySpec, LogFile, Probe, ServerProcess, StartFailure,
 };
 use crate::server::{Launch, Server, ServerSpec};
-use crate::{TestbedError, CLICKHOUSE_READY_TIMEOUT_MS, PROBE_TIMEOUT_MS, QUERY_TIMEOUT_MS};
+use crate::{
+    TestbedError, CLICKHOUSE_READY_TIMEOUT_MS, CLUSTER_CONFIG_TIMEOUT_MS, PROBE_TIMEOUT_MS,
+    QUERY_TIMEOUT_MS, READY_POLL_INTERVAL_MS,
+};
 
 const SERVER: &str = "clickhouse-server";
 
@@ -47,6 +50,18 @@ const CONSOLE_LOG_FILE: &str = "console.log";
 const SERVER_LOG_FILE: &str = "clickhouse-server.log";
 const ERROR_LOG_FILE: &str = "clickhouse-server.err.log";
 const DATA_DIR: &str = "data";
+/// The cluster definition of [`ClickHouse::set_cluster`], merged into the configuration by the
+/// server (which rereads it while running).
+const CLUSTER_CONFIG_FILE: &str = "config.d/remote_servers.xml";
+
+/// The ZooKeeper session timeout of a replica, in milliseconds: short, so a replica killed with
+/// SIGKILL loses its `is_active` node within seconds and its restart can take it again. It must
+/// lie within 2 to 20 ZooKeeper ticks ([`crate::ZOOKEEPER_TICK_MS`]).
+const ZOOKEEPER_SESSION_TIMEOUT_MS: u32 = 6_000;
+
+/// Where distributed DDL (`ON CLUSTER`) queues its tasks in ZooKeeper; 18.16 runs no DDL
+/// worker without it.
+const DISTRIBUTED_DDL_PATH: &str = "/clickhouse/task_queue/ddl";
 
 /// Options of [`ClickHouse::start_with`]; the default is what [`ClickHouse::start`] runs.
 #[derive(Debug, Clone, Default)]
@@ -59,6 +74,21 @@ pub struct ClickHouseOptions {
     /// Read users, profiles and quotas from this file instead (the server reloads it when it
     /// changes, so a test can change a user while the server runs); wins over `password_user`.
     pub users_config: Option<PathBuf>,
+    /// Make the server a replica of replicated tables coordinated by ZooKeeper.
+    pub replication: Option<Replication>,
+}
+
+/// How a server takes part in replication: its ZooKeeper and its `{shard}` and `{replica}`
+/// macros. The cluster itself (`<remote_servers>`) is set once every member runs and its
+/// ports are known: [`ClickHouse::set_cluster`].
+#[derive(Debug, Clone)]
+pub struct Replication {
+    /// The client port of ZooKeeper on 127.0.0.1 ([`crate::ZooKeeper::port`]).
+    pub zookeeper_port: u16,
+    /// The `{shard}` macro.
+    pub shard: String,
+    /// The `{replica}` macro: unique among the replicas of a shard.
+    pub replica: String,
 }
 
 /// The certificate and key of an HTTPS port ([`ClickHouse::start_with_https`]), PEM files.
@@ -75,9 +105,10 @@ pub struct HttpsFiles {
 /// Dropping it kills the server with SIGKILL and removes its directory.
 #[derive(Debug)]
 pub struct ClickHouse {
-    /// Ports `[http, tcp, https]`; the HTTPS port is reserved, and served only when the server
-    /// was started with [`ClickHouse::start_with_https`].
-    server: Server<3>,
+    /// Ports `[http, tcp, https, interserver]`; the HTTPS port is reserved, and served only when
+    /// the server was started with [`ClickHouse::start_with_https`]; the interserver HTTP port
+    /// (replicas fetch parts from each other through it) only with [`Replication`].
+    server: Server<4>,
     /// Whether the HTTPS port is served.
     https: bool,
 }
@@ -140,9 +171,64 @@ impl ClickHouse {
         self.server.ports()[0]
     }
 
-    /// Native protocol port, for `clickhouse-client --port`.
+    /// Native protocol port, for `clickhouse-client --port`, and the port a cluster
+    /// definition names a replica by.
     pub fn tcp_port(&self) -> u16 {
         self.server.ports()[1]
+    }
+
+    /// Defines the cluster `name` on this server as one shard whose replicas are the servers on
+    /// `replica_tcp_ports` (this one among them), and waits until the server has loaded it.
+    /// Call it on every member once all run; the definition survives restarts.
+    pub fn set_cluster(&self, name: &str, replica_tcp_ports: &[u16]) -> Result<(), TestbedError> {
+        let replicas: String = replica_tcp_ports
+            .iter()
+            .map(|port| format!("<replica><host>127.0.0.1</host><port>{port}</port></replica>"))
+            .collect();
+        // internal_replication: a Distributed table writes to one replica of a shard and lets
+        // the replicated table copy it, as the relay's direct inserts do.
+        let xml = format!(
+            r#"<?xml version="1.0"?>
+<yandex>
+    <remote_servers>
+        <{name}>
+            <shard><internal_replication>true</internal_replication>{replicas}</shard>
+        </{name}>
+    </remote_servers>
+</yandex>
+"#,
+            name = xml_escape(name),
+        );
+        let path = self.server.dir().join(CLUSTER_CONFIG_FILE);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| TestbedError::io(format!("creating {}", parent.display()), e))?;
+        }
+        std::fs::write(&path, xml)
+            .map_err(|e| TestbedError::io(format!("writing {}", path.display()), e))?;
+        let sql = format!(
+            "SELECT count() FROM system.clusters WHERE cluster = '{}'",
+            name.replace('\\', "\\\\").replace('\'', "\\'")
+        );
+        let deadline = std::time::Instant::now() + Duration::from_millis(CLUSTER_CONFIG_TIMEOUT_MS);
+        loop {
+            let hosts = self.query(&sql)?;
+            if hosts.trim() == replica_tcp_ports.len().to_string() {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(TestbedError::NotReady {
+                    server: SERVER,
+                    waited_ms: CLUSTER_CONFIG_TIMEOUT_MS,
+                    log_tail: format!(
+                        "system.clusters lists {} hosts of cluster {name}, not {}",
+                        hosts.trim(),
+                        replica_tcp_ports.len()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(READY_POLL_INTERVAL_MS * 10));
+        }
     }
 
     /// The server's data path (tables, metadata); it survives `kill9` and `restart`.
@@ -225,12 +311,14 @@ impl ClickHouse {
 }
 
 /// Writes the server config. Only what 18.16 needs to run isolated: ports on
-/// 127.0.0.1 (no interserver or secure TCP ports; HTTPS only with `https`), every path
-/// inside `dir`, file logs at level warning, the packaged users, small caches.
+/// 127.0.0.1 (no secure TCP port; HTTPS only with `https`; the interserver HTTP port,
+/// ZooKeeper, the distributed DDL queue and the `{shard}`/`{replica}` macros only with
+/// `replication`), every path inside `dir`, file logs at level warning, the packaged users,
+/// small caches.
 fn write_config(
     dir: &Path,
     name: &str,
-    [http_port, tcp_port, https_port]: [u16; 3],
+    [http_port, tcp_port, https_port, interserver_port]: [u16; 4],
     options: &ClickHouseOptions,
 ) -> Result<(), TestbedError> {
     let users_config = match (&options.users_config, &options.password_user) {
@@ -263,6 +351,27 @@ fn write_config(
         ),
         None => String::new(),
     };
+    let replication = match &options.replication {
+        Some(r) => format!(
+            r#"<interserver_http_port>{interserver_port}</interserver_http_port>
+    <interserver_http_host>127.0.0.1</interserver_http_host>
+    <zookeeper>
+        <node><host>127.0.0.1</host><port>{zookeeper_port}</port></node>
+        <session_timeout_ms>{ZOOKEEPER_SESSION_TIMEOUT_MS}</session_timeout_ms>
+    </zookeeper>
+    <distributed_ddl><path>{DISTRIBUTED_DDL_PATH}</path></distributed_ddl>"#,
+            zookeeper_port = r.zookeeper_port,
+        ),
+        None => String::new(),
+    };
+    let macros = match &options.replication {
+        Some(r) => format!(
+            "<shard>{}</shard><replica>{}</replica>",
+            xml_escape(&r.shard),
+            xml_escape(&r.replica)
+        ),
+        None => String::new(),
+    };
     let data = dir.join(DATA_DIR);
     let path = |sub: &str| xml_escape(&format!("{}/", data.join(sub).display()));
     let config = format!(
@@ -279,6 +388,7 @@ fn write_config(
     <http_port>{http_port}</http_port>
     <tcp_port>{tcp_port}</tcp_port>
     {https}
+    {replication}
     <path>{data_path}/</path>
     <tmp_path>{tmp_path}</tmp_path>
     <user_files_path>{user_files_path}</user_files_path>
@@ -289,7 +399,7 @@ fn write_config(
     <mark_cache_size>{MARK_CACHE_BYTES}</mark_cache_size>
     <uncompressed_cache_size>{UNCOMPRESSED_CACHE_BYTES}</uncompressed_cache_size>
     <macros>
-        <{IDENTITY_MACRO}>{name}</{IDENTITY_MACRO}>
+        <{IDENTITY_MACRO}>{name}</{IDENTITY_MACRO}>{macros}
     </macros>
 </yandex>
 "#,
@@ -351,12 +461,12 @@ fn xml_escape(text: &str) -> String {
 }
 
 /// Spawns one server and waits until it is ready and known to be ours.
-fn launch(run: &Launch<3>) -> Result<ServerProcess, StartFailure> {
+fn launch(run: &Launch<4>) -> Result<ServerProcess, StartFailure> {
     let Launch {
         binary,
         dir,
         name,
-        ports: [http_port, _tcp_port, _https_port],
+        ports: [http_port, _tcp_port, _https_port, _interserver_port],
     } = *run;
     let console_path = dir.join(CONSOLE_LOG_FILE);
     let logs = [

@@ -1,14 +1,14 @@
 //! Real servers for tests, chaos runs and benchmarks of prism-relay.
 //!
 //! The main types are [`Nats`], a `nats-server` with JetStream, [`ClickHouse`], a
-//! `clickhouse-server` (18.16 here), [`Chdb`], a modern ClickHouse engine (chdb-core's
-//! 26.9) behind a stand-in for ClickHouse's HTTP interface, and [`Prometheus`], a
-//! `prometheus` server for the deployment tests. Each starts on free 127.0.0.1
-//! ports in its own temporary directory, is ready when `start` returns, and can be killed
-//! with SIGKILL, restarted on the same ports and data, paused with SIGSTOP and resumed.
-//! Dropping a handle kills the server and removes its directory, also when a test panics;
-//! a server also dies with the test process, because it is spawned with a parent-death
-//! signal.
+//! `clickhouse-server` (18.16 here; optionally a replica of a cluster coordinated by
+//! [`ZooKeeper`]), [`Chdb`], a modern ClickHouse engine (chdb-core's 26.9) behind a stand-in
+//! for ClickHouse's HTTP interface, and [`Prometheus`], a `prometheus` server for the
+//! deployment tests. Each starts on free 127.0.0.1 ports in its own temporary directory, is
+//! ready when `start` returns, and can be killed with SIGKILL, restarted on the same ports and
+//! data, paused with SIGSTOP and resumed. Dropping a handle kills the server and removes its
+//! directory, also when a test panics; a server also dies with the test process, because it is
+//! spawned with a parent-death signal.
 //! Failures are [`TestbedError`]s that carry the server's log tail where it helps.
 //!
 //! Ports are picked below the kernel's ephemeral range, which outgoing connections
@@ -32,13 +32,15 @@ mod nats;
 mod process;
 mod prometheus;
 mod server;
+mod zookeeper;
 
 pub use chdb::{Chdb, HttpAnswer};
-pub use clickhouse::{ClickHouse, ClickHouseOptions, HttpsFiles};
+pub use clickhouse::{ClickHouse, ClickHouseOptions, HttpsFiles, Replication};
 pub use error::TestbedError;
 pub use nats::Nats;
 pub use process::free_ports;
 pub use prometheus::{url_encode, PromAnswer, Prometheus};
+pub use zookeeper::{ZooKeeper, ZOOKEEPER_TICK_MS};
 
 /// How long `Nats::start`/`restart` wait for JetStream to report healthy. NATS is
 /// ready in tens of milliseconds; the bound is wide for a loaded 2-core machine.
@@ -56,6 +58,14 @@ pub const PROMETHEUS_READY_TIMEOUT_MS: u64 = 30_000;
 /// session takes about a second here; a loaded machine and a restart that loads every
 /// table's parts take longer.
 pub const CHDB_READY_TIMEOUT_MS: u64 = 60_000;
+
+/// How long `ZooKeeper::start`/`restart` wait for the server to serve requests. The JVM
+/// starts it in 1 to 3 s here; the bound is wide for a loaded 2-core machine.
+pub const ZOOKEEPER_READY_TIMEOUT_MS: u64 = 60_000;
+
+/// How long [`ClickHouse::set_cluster`] waits for the server to load its new cluster
+/// definition: it rereads its configuration every few seconds.
+pub const CLUSTER_CONFIG_TIMEOUT_MS: u64 = 30_000;
 
 /// Pause between two readiness (or state) probes.
 pub const READY_POLL_INTERVAL_MS: u64 = 20;

@@ -6,6 +6,7 @@ mod chdb_server;
 mod clickhouse_server;
 mod nats_server;
 mod process_lifetime;
+mod replicated_cluster;
 
 /// Error type of the tests: any error, with `?` instead of unwrap.
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
