@@ -826,36 +826,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     Ok((status, body.to_string()))
 }
 
-/// Sum of the samples of `name` in Prometheus text whose labels include all `labels`.
+/// Sum of the samples of `name` in Prometheus text whose labels include all `labels` (the test
+/// bed's, which the chaos runner reads the relay's metrics with too).
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut sum = 0.0;
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let (label_text, value) = if let Some(rest) = rest.strip_prefix('{') {
-            let Some((l, v)) = rest.split_once('}') else {
-                continue;
-            };
-            (l, v)
-        } else if rest.starts_with(' ') {
-            ("", rest)
-        } else {
-            continue;
-        };
-        if labels
-            .iter()
-            .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
-        {
-            if let Some(v) = value.split_whitespace().next() {
-                sum += v.parse::<f64>().unwrap_or(0.0);
-            }
-        }
-    }
-    sum
+    prism_testbed::metric_sum(text, name, labels)
 }
 
 /// Polls `condition` every 100 ms until it is true; panics naming `what` after `timeout`.

@@ -1,7 +1,7 @@
 //! Real servers for tests, chaos runs and benchmarks of prism-relay.
 //!
-//! The main types are [`Nats`], a `nats-server` with JetStream, and [`ClickHouse`],
-//! a `clickhouse-server`. Each starts on free 127.0.0.1 ports in its own temporary
+//! The main types are [`Nats`], a `nats-server` with JetStream, [`ClickHouse`],
+//! a `clickhouse-server`, and [`Relay`], the `prism-relay` binary run on a configuration. Each starts on free 127.0.0.1 ports in its own temporary
 //! directory, is ready when `start` returns, and can be killed with SIGKILL, restarted
 //! on the same ports and data, paused with SIGSTOP and resumed. Dropping a handle kills
 //! the server and removes its directory, also when a test panics; a server also dies
@@ -25,12 +25,14 @@ mod error;
 mod http;
 mod nats;
 mod process;
+mod relay;
 mod server;
 
 pub use clickhouse::ClickHouse;
 pub use error::TestbedError;
 pub use nats::Nats;
 pub use process::free_ports;
+pub use relay::{http_get, metric_sum, Relay};
 
 /// How long `Nats::start`/`restart` wait for JetStream to report healthy. NATS is
 /// ready in tens of milliseconds; the bound is wide for a loaded 2-core machine.
