@@ -69,6 +69,9 @@ pub const LOAD_RUN_S: u64 = 4;
 /// Pause before the next loadgen run after one that failed (NATS down).
 const LOAD_RETRY_MS: u64 = 250;
 
+/// How often the load thread looks at its loadgen process (and at the stop flag).
+const LOAD_POLL_MS: u64 = 50;
+
 /// How long the relay may take from spawn to `/ready` (schema creation included).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -108,6 +111,15 @@ pub struct StreamState {
     pub first_seq: u64,
     pub last_seq: u64,
     pub messages: u64,
+}
+
+/// JetStream's state as its monitoring endpoint shows it.
+#[derive(Debug, Clone, Default)]
+pub struct JetStreamView {
+    /// Every stream's state, by name.
+    pub streams: BTreeMap<String, StreamState>,
+    /// Per stream, the lowest ack floor (a stream sequence) of its consumers.
+    pub ack_floors: BTreeMap<String, u64>,
 }
 
 /// The final accounting of a scenario.
@@ -206,32 +218,49 @@ impl Load {
             let mut ts_next = wall_ms();
             while !flag.load(Ordering::SeqCst) {
                 let run_id = format!("{run_prefix}-{}", tally.runs);
-                let out = Command::new(&relay_bin)
-                    .arg("loadgen")
-                    .arg("--config")
-                    .arg(&config)
-                    .args(["--rate-per-s", &LOAD_RATE_PER_S.to_string()])
-                    .args(["--duration-s", &LOAD_RUN_S.to_string()])
-                    .args(["--run-id", &run_id])
-                    .args([
-                        "--seed",
-                        &(seed.wrapping_add(u64::from(tally.runs))).to_string(),
-                    ])
-                    .args(["--ts-start-ms", &ts_next.to_string()])
-                    .args(["--publish-errors-max", "1000000000"])
-                    .args(["--progress", "false"])
-                    .env("RUST_LOG", "warn")
-                    .stdin(Stdio::null())
-                    .output();
+                let output_path = log.with_extension("run");
+                let spawned = File::create(&output_path).and_then(|out| {
+                    let err = out.try_clone()?;
+                    Command::new(&relay_bin)
+                        .arg("loadgen")
+                        .arg("--config")
+                        .arg(&config)
+                        .args(["--rate-per-s", &LOAD_RATE_PER_S.to_string()])
+                        .args(["--duration-s", &LOAD_RUN_S.to_string()])
+                        .args(["--run-id", &run_id])
+                        .args([
+                            "--seed",
+                            &(seed.wrapping_add(u64::from(tally.runs))).to_string(),
+                        ])
+                        .args(["--ts-start-ms", &ts_next.to_string()])
+                        .args(["--publish-errors-max", "1000000000"])
+                        .args(["--progress", "false"])
+                        .env("RUST_LOG", "warn")
+                        .stdin(Stdio::null())
+                        .stdout(out)
+                        .stderr(err)
+                        .spawn()
+                });
                 tally.runs += 1;
-                let text = match out {
-                    Ok(out) => {
-                        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-                        text.push_str(&String::from_utf8_lossy(&out.stderr));
-                        if !out.status.success() {
+                let text = match spawned {
+                    Ok(mut child) => {
+                        // Stopping the load kills the run in progress: the accounting counts
+                        // what JetStream stored, not what loadgen saw acked, so nothing of a
+                        // killed run goes uncounted.
+                        let status = loop {
+                            if flag.load(Ordering::SeqCst) {
+                                let _ = child.kill();
+                            }
+                            match child.try_wait() {
+                                Ok(Some(status)) => break Some(status),
+                                Ok(None) => thread::sleep(Duration::from_millis(LOAD_POLL_MS)),
+                                Err(_) => break None,
+                            }
+                        };
+                        if !status.is_some_and(|s| s.success()) {
                             tally.failed_runs += 1;
                         }
-                        text
+                        fs::read_to_string(&output_path).unwrap_or_default()
                     }
                     Err(e) => {
                         tally.failed_runs += 1;
@@ -259,7 +288,7 @@ impl Load {
         }
     }
 
-    /// Stops after the run in progress and returns the tally.
+    /// Stops the load (killing the run in progress) and returns the tally.
     fn finish(&mut self) -> LoadTally {
         self.stop.store(true, Ordering::SeqCst);
         self.thread
@@ -418,16 +447,14 @@ impl Bed {
         ));
     }
 
-    /// Stops the load after its run in progress.
+    /// Stops the load (the loadgen run in progress is killed).
     pub fn stop_load(&mut self) -> LoadTally {
         self.load.as_mut().map(Load::finish).unwrap_or_default()
     }
 
     /// JetStream's view: every stream's state and, per stream, the lowest ack floor (stream
     /// sequence) of its consumers, from the monitoring endpoint.
-    pub fn jetstream(
-        &self,
-    ) -> Result<(BTreeMap<String, StreamState>, BTreeMap<String, u64>), ChaosError> {
+    pub fn jetstream(&self) -> Result<JetStreamView, ChaosError> {
         let (status, body) = http_get(
             self.nats.monitor_port(),
             "/jsz?streams=true&consumers=true",
@@ -472,14 +499,17 @@ impl Bed {
                 }
             }
         }
-        Ok((streams, floors))
+        Ok(JetStreamView {
+            streams,
+            ack_floors: floors,
+        })
     }
 
     /// Last sequence per stream.
     pub fn last_seqs(&self) -> Result<BTreeMap<String, u64>, ChaosError> {
         Ok(self
             .jetstream()?
-            .0
+            .streams
             .into_iter()
             .map(|(name, s)| (name, s.last_seq))
             .collect())
@@ -554,7 +584,7 @@ impl Bed {
     /// FINAL in the typed tables and in the dead letters; then `verify --config`, whose counts
     /// (over what the streams still hold) must agree. Writes verify's report to `verify.txt`.
     pub fn account(&self) -> Result<Accounting, ChaosError> {
-        let (streams, _) = self.jetstream()?;
+        let streams = self.jetstream()?.streams;
         let upto: BTreeMap<String, u64> = streams
             .iter()
             .map(|(n, s)| (n.clone(), s.last_seq))

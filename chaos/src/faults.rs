@@ -182,20 +182,24 @@ pub fn inject(
             proxy.set_mode(ProxyMode::Pass);
         }
         FaultKind::RetentionOutage => {
-            let before = bed.jetstream()?.0;
+            let before = bed.jetstream()?.streams;
             bed.ch.kill9()?;
             stats.clickhouse_kills += 1;
             stats.retention_outages += 1;
-            // The outage lasts until JetStream has discarded messages of a stream (its first
-            // sequence moved), which the relay must already hold in its WAL.
-            wait_condition("JetStream discarding messages under its limits", || {
-                let now = bed.jetstream().map(|j| j.0).unwrap_or_default();
-                now.iter().any(|(name, s)| {
-                    before
-                        .get(name)
-                        .is_some_and(|b| s.first_seq > b.first_seq.max(1))
-                })
-            })?;
+            // The outage outlasts the stream's retention: it goes on until JetStream has
+            // discarded every message a stream held when it began (its first sequence passed
+            // the last one then), all of which the relay must already hold in its WAL.
+            wait_condition(
+                "JetStream discarding what it held when the outage began",
+                || {
+                    let now = bed.jetstream().map(|j| j.streams).unwrap_or_default();
+                    now.iter().any(|(name, s)| {
+                        before
+                            .get(name)
+                            .is_some_and(|b| b.last_seq > 0 && s.first_seq > b.last_seq)
+                    })
+                },
+            )?;
             thread::sleep(hold);
             bed.ch.restart()?;
         }
@@ -291,7 +295,7 @@ fn durable_but_unacked(bed: &Bed) -> Result<bool, ChaosError> {
         let e = wal_max.entry(envelope.stream.to_string()).or_default();
         *e = (*e).max(envelope.stream_seq.0);
     }
-    let (_, floors) = bed.jetstream()?;
+    let floors = bed.jetstream()?.ack_floors;
     Ok(wal_max
         .iter()
         .any(|(stream, max)| floors.get(stream).is_some_and(|floor| max > floor)))
@@ -463,7 +467,7 @@ fn acked_beyond_wal(bed: &Bed) -> Result<Option<String>, ChaosError> {
         let e = wal_max.entry(envelope.stream.to_string()).or_default();
         *e = (*e).max(envelope.stream_seq.0);
     }
-    let (_, floors) = bed.jetstream()?;
+    let floors = bed.jetstream()?.ack_floors;
     for (stream, floor) in floors {
         let held = wal_max.get(&stream).copied().unwrap_or(0);
         // A floor of 0 means nothing acked; ClickHouse has been down since before the WAL's
