@@ -173,7 +173,7 @@ pub const SCENARIOS: [Scenario; 9] = [
         name: "clickhouse-stop",
         kinds: &[FaultKind::ClickHouseStop],
         cycles_quick: 1,
-        cycles_full: 8,
+        cycles_full: 6,
         needs: NOTHING,
     },
     Scenario {
@@ -189,7 +189,7 @@ pub const SCENARIOS: [Scenario; 9] = [
         name: "nats-kill",
         kinds: &[FaultKind::NatsKill],
         cycles_quick: 2,
-        cycles_full: 8,
+        cycles_full: 6,
         needs: NOTHING,
     },
     Scenario {
@@ -197,7 +197,7 @@ pub const SCENARIOS: [Scenario; 9] = [
         name: "torn-tail",
         kinds: &[FaultKind::TornTail],
         cycles_quick: 2,
-        cycles_full: 12,
+        cycles_full: 8,
         needs: NOTHING,
     },
     Scenario {
@@ -217,7 +217,7 @@ pub const SCENARIOS: [Scenario; 9] = [
         name: "clickhouse-slow",
         kinds: &[FaultKind::ClickHouseSlow],
         cycles_quick: 3,
-        cycles_full: 12,
+        cycles_full: 9,
         needs: Needs {
             proxy: true,
             small_disk: false,
@@ -250,7 +250,7 @@ pub const SCENARIOS: [Scenario; 9] = [
             FaultKind::RetentionOutage,
         ],
         cycles_quick: 4,
-        cycles_full: 24,
+        cycles_full: 12,
         needs: Needs {
             proxy: true,
             small_disk: true,
@@ -273,9 +273,9 @@ pub fn draw(seed: u64, scenario: &Scenario, cycles: u32) -> Vec<Fault> {
     (0..u64::from(cycles))
         .map(|i| {
             let kind = rng.pick(scenario.kinds);
-            let lead_ms = rng.range(300, 2_500);
+            let lead_ms = rng.range(200, 1_500);
             let hold_ms = match kind {
-                FaultKind::ClickHouseKill => rng.range(200, 3_000),
+                FaultKind::ClickHouseKill => rng.range(200, 2_000),
                 FaultKind::ClickHouseStop => {
                     rng.range(INSERT_TIMEOUT_MS + 500, INSERT_TIMEOUT_MS + 3_000)
                 }
