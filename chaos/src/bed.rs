@@ -640,12 +640,10 @@ impl Bed {
         Ok(acc)
     }
 
-    /// The relay's metric `name` summed over its samples (0 when the relay does not answer).
-    pub fn metric(&self, name: &str) -> f64 {
-        self.relay
-            .metrics(MONITOR_TIMEOUT)
-            .map(|text| prism_testbed::metric_sum(&text, name, &[]))
-            .unwrap_or(0.0)
+    /// The relay's metric `name` summed over its samples.
+    pub fn metric(&self, name: &str) -> Result<f64, ChaosError> {
+        let text = self.relay.metrics(MONITOR_TIMEOUT)?;
+        Ok(prism_testbed::metric_sum(&text, name, &[]))
     }
 
     /// Copies what a failing scenario leaves behind into its directory: the servers' logs

@@ -48,8 +48,17 @@ const CPU_WINDOW: Duration = Duration::from_secs(2);
 /// few times a second; a retry loop without a pause takes a whole core.
 const SPIN_CPU_SHARE_MAX: f64 = 0.5;
 
-/// Fetches a paused relay may still complete (one was in flight when the disk filled).
-const FETCHES_WHILE_PAUSED_MAX: f64 = 1.0;
+/// Fetches a paused relay may still complete over the measured window: one per consumer (three),
+/// whose pull was in flight when its append met the full disk.
+const FETCHES_WHILE_PAUSED_MAX: f64 = 3.0;
+
+/// Time after the disk is full and the relay reports a pause for every consumer to meet the full
+/// disk (a consumer's pull returns within `fetch_expires_ms`, 250 ms, and then blocks on its
+/// append) before the window starts.
+const PAUSE_SETTLE: Duration = Duration::from_millis(1_000);
+
+/// Measurement windows tried until one sees the disk stay full for the relay.
+const FULL_WINDOWS_MAX: u32 = 5;
 
 /// What the kills of a run did, for the kill-point table.
 #[derive(Debug, Clone, Default)]
@@ -384,11 +393,8 @@ fn disk_full(
         .map_err(|e| ChaosError::io("creating the filler", e))?;
     let deadline = Instant::now() + CONDITION_TIMEOUT;
     loop {
-        for chunk in [1024 * 1024, 4096, 1] {
-            let buf = vec![0xA5u8; chunk];
-            while filler.write_all(&buf).is_ok() {}
-        }
-        let paused = bed.metric("prism_relay_ingest_paused") >= 1.0;
+        top_off(&mut filler);
+        let paused = bed.metric("prism_relay_ingest_paused").unwrap_or(0.0) >= 1.0;
         if disk.available_bytes()? == 0 && paused {
             break;
         }
@@ -401,21 +407,40 @@ fn disk_full(
         }
         thread::sleep(Duration::from_millis(50));
     }
-    let fetches = bed.metric("prism_relay_fetch_batches_total");
-    let cpu_before = cpu_ticks(bed)?;
-    let measured = Instant::now();
-    thread::sleep(CPU_WINDOW.max(hold));
-    let cpu_share = (cpu_ticks(bed)? - cpu_before) as f64
-        / clock_ticks_per_s()
-        / measured.elapsed().as_secs_f64();
-    let fetched_while_paused = bed.metric("prism_relay_fetch_batches_total") - fetches;
-    let received = bed.metric("marketprism_storage_messages_received_total");
-    let acks = bed.metric("prism_relay_acks_total");
-    let _ = writeln!(
-        log,
+    // The relay frees what it may while paused (its reserve for the ledger, replay segments
+    // retention keeps), appends into that room and meets the full disk again. A window counts
+    // once no append succeeded in it: the disk stayed full for the relay all along.
+    let mut window = None;
+    for _ in 0..FULL_WINDOWS_MAX {
+        thread::sleep(PAUSE_SETTLE);
+        top_off(&mut filler);
+        let fetches = bed.metric("prism_relay_fetch_batches_total")?;
+        let received = bed.metric("marketprism_storage_messages_received_total")?;
+        let cpu_before = cpu_ticks(bed)?;
+        let measured = Instant::now();
+        thread::sleep(CPU_WINDOW.max(hold));
+        let cpu_share = (cpu_ticks(bed)? - cpu_before) as f64
+            / clock_ticks_per_s()
+            / measured.elapsed().as_secs_f64();
+        let fetched = bed.metric("prism_relay_fetch_batches_total")? - fetches;
+        if bed.metric("marketprism_storage_messages_received_total")? == received {
+            window = Some((cpu_share, fetched));
+            break;
+        }
+    }
+    let Some((cpu_share, fetched_while_paused)) = window else {
+        return Err(ChaosError::Check(format!(
+            "the relay kept appending on a disk the runner kept full ({FULL_WINDOWS_MAX} windows)"
+        )));
+    };
+    let received = bed.metric("marketprism_storage_messages_received_total")?;
+    let acks = bed.metric("prism_relay_acks_total")?;
+    let measured = format!(
         "disk full: cpu {cpu_share:.3} of a core, fetches while paused {fetched_while_paused}, \
          acks {acks} of {received} durable appends"
     );
+    println!("    {measured}");
+    let _ = writeln!(log, "{measured}");
     if bed.relay.try_exit()?.is_some() {
         return Err(ChaosError::Check("the relay exited on a full disk".into()));
     }
@@ -446,6 +471,14 @@ fn disk_full(
     drop(filler);
     fs::remove_file(&filler_path).map_err(|e| ChaosError::io("deleting the filler", e))?;
     Ok(())
+}
+
+/// Appends to the filler until the kernel refuses even one byte (ENOSPC), in shrinking chunks.
+fn top_off(filler: &mut fs::File) {
+    for chunk in [1024 * 1024, 4096, 1] {
+        let buf = vec![0xA5u8; chunk];
+        while filler.write_all(&buf).is_ok() {}
+    }
 }
 
 /// With the relay frozen: a consumer whose ack floor is past the WAL's durable records.
