@@ -313,7 +313,7 @@ impl Batch {
             }
             Err(reason) => self
                 .dead
-                .push(dead_letter(&self.lane, envelope, reason, now_ms)),
+                .push(dead_letter(&self.lane, envelope, lsn, reason, now_ms)),
         }
     }
 
@@ -462,9 +462,15 @@ fn push_passthrough_line(
 /// Nanoseconds in a millisecond, to turn a JetStream publish time into the tables' unit.
 const NANOS_PER_MILLI: i64 = 1_000_000;
 
-/// A dead-letter row for a record of `lane`. A dead-letter record (written by ingest in place of
-/// a message the WAL could not take) keeps the reason it carries, verbatim.
-pub fn dead_letter(lane: &str, envelope: &Envelope<'_>, reason: String, now_ms: i64) -> DeadLetter {
+/// A dead-letter row for the record at `lsn` of `lane`. A dead-letter record (written by ingest
+/// in place of a message the WAL could not take) keeps the reason it carries, verbatim.
+pub fn dead_letter(
+    lane: &str,
+    envelope: &Envelope<'_>,
+    lsn: Lsn,
+    reason: String,
+    now_ms: i64,
+) -> DeadLetter {
     let reason = match super::route::dead_letter_reason(envelope) {
         Some(carried) => carried.to_owned(),
         None => reason,
@@ -485,6 +491,7 @@ pub fn dead_letter(lane: &str, envelope: &Envelope<'_>, reason: String, now_ms: 
         nats_seq: envelope.stream_seq.0,
         error: reason,
         payload: envelope.payload.to_vec(),
+        wal_lsn: lsn.0,
     }
 }
 
