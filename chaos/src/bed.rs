@@ -546,8 +546,23 @@ impl Bed {
     /// ClickHouse; returns the time since `since` (the fault's end). Fails when the relay
     /// exits or `CATCH_UP_TIMEOUT` passes.
     pub fn wait_caught_up(&mut self, since: Instant) -> Result<Duration, ChaosError> {
-        let upto = self.last_seqs()?;
         let deadline = Instant::now() + CATCH_UP_TIMEOUT;
+        // A NATS server just restarted answers before it has loaded every stream; a view
+        // without all three would make the catch-up trivially complete.
+        let upto = loop {
+            let seqs = self.last_seqs()?;
+            if STREAMS.iter().all(|(name, _)| seqs.contains_key(*name)) {
+                break seqs;
+            }
+            if Instant::now() >= deadline {
+                return Err(ChaosError::Timeout {
+                    what: "JetStream listing the three streams".into(),
+                    waited_ms: CATCH_UP_TIMEOUT.as_millis() as u64,
+                    detail: format!(": {seqs:?}"),
+                });
+            }
+            thread::sleep(Duration::from_millis(CATCH_UP_POLL_MS));
+        };
         let mut last;
         loop {
             if let Some(status) = self.relay.try_exit()? {
