@@ -8,11 +8,11 @@
 #![allow(dead_code)] // Not every test module uses every helper.
 
 use std::fmt::Write as _;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -541,9 +541,10 @@ pub fn free_port() -> u16 {
 }
 
 /// The relay binary, spawned with a config file; stdout and stderr go to a log file.
-/// Killed (SIGKILL) on drop.
+/// Killed (SIGKILL) on drop. The process itself is the test bed's [`prism_testbed::Relay`],
+/// which the chaos runner drives too.
 pub struct RelayProc {
-    child: Option<Child>,
+    process: prism_testbed::Relay,
     pub config_path: PathBuf,
     pub log_path: PathBuf,
     pub metrics_addr: SocketAddr,
@@ -554,40 +555,29 @@ impl RelayProc {
     /// `prism-relay run` on it, logging to `<name>.log`.
     pub fn spawn(bed: &Bed, name: &str, config: &RelayConfig) -> RelayProc {
         let config_path = config.write(&bed.path(&format!("{name}.toml")));
-        let mut relay = RelayProc {
-            child: None,
+        let log_path = bed.path(&format!("{name}.log"));
+        let metrics_addr = config.metrics_addr();
+        let process = prism_testbed::Relay::spawn(
+            Path::new(relay_bin()),
+            &config_path,
+            &log_path,
+            metrics_addr.port(),
+        )
+        .expect("spawn prism-relay");
+        RelayProc {
+            process,
             config_path,
-            log_path: bed.path(&format!("{name}.log")),
-            metrics_addr: config.metrics_addr(),
-        };
-        relay.start();
-        relay
+            log_path,
+            metrics_addr,
+        }
     }
 
     fn start(&mut self) {
-        assert!(self.child.is_none(), "relay already running");
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("open relay log");
-        let err = log.try_clone().expect("clone log handle");
-        let child = Command::new(relay_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info")
-            .env_remove("PRISM_RELAY_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .expect("spawn prism-relay");
-        self.child = Some(child);
+        self.process.start().expect("spawn prism-relay");
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     /// [`RelayProc::spawn`], then waits until the relay reports ready.
@@ -622,10 +612,9 @@ impl RelayProc {
         }
     }
 
-    /// The exit status if the process has exited.
+    /// The exit status if the process has exited since the last look (it is then reaped).
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
-        child.try_wait().expect("try_wait on relay")
+        self.process.try_exit().expect("try_wait on relay")
     }
 
     /// Waits for the process to exit by itself within `timeout`.
@@ -633,7 +622,6 @@ impl RelayProc {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_wait() {
-                self.child = None;
                 return Some(status);
             }
             if Instant::now() >= deadline {
@@ -645,10 +633,7 @@ impl RelayProc {
 
     /// SIGKILL, then reap.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let _ = self.process.kill9();
     }
 
     /// SIGTERM, then waits for the exit (panics after `bound`, killing the process).
@@ -679,11 +664,8 @@ impl RelayProc {
 
     /// Starts the relay again on the same config and WAL (kill it or terminate it first).
     pub fn restart(&mut self) {
-        if let Some(status) = self.try_wait() {
-            let _ = status;
-            self.child = None;
-        }
-        assert!(self.child.is_none(), "stop the relay before restarting it");
+        let running = self.process.is_running().expect("poll the relay");
+        assert!(!running, "stop the relay before restarting it");
         self.start();
     }
 

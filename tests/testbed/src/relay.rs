@@ -63,10 +63,10 @@ impl Relay {
             .env_remove("PRISM_RELAY_CONFIG")
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(err);
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "info");
-        }
+            .stderr(err)
+            // Info level whatever the caller's environment says: the log is evidence a test or
+            // a failed chaos scenario reads.
+            .env("RUST_LOG", "info");
         self.process = Some(ServerProcess::spawn(PROCESS, command)?);
         Ok(())
     }
