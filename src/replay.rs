@@ -526,6 +526,7 @@ async fn flush(
             dead.push(dead_letter(
                 lane,
                 &envelope,
+                lsn,
                 poison.error.message.clone(),
                 now_ms(),
             ));

@@ -556,6 +556,9 @@ const DEAD_LETTERS: &[(&str, ColumnType)] = &[
     ("nats_seq", UInt64),
     ("error", Str),
     ("payload", Str),
+    // Last, so that `ALTER TABLE ... ADD COLUMN` on a table of an older relay gives the same
+    // column order as a new table (the relay names its columns on insert either way).
+    ("wal_lsn", UInt64),
 ];
 
 /// The columns of a passthrough table the relay creates, in the order of the fields it writes
@@ -1369,8 +1372,46 @@ mod tests {
         );
         assert_eq!(
             add_missing_columns_ddl(Profile::Legacy, "db", SchemaTable::DeadLetters, &old),
-            ["ALTER TABLE `db`.`dead_letters` ADD COLUMN `published_at` Int64"]
+            [
+                "ALTER TABLE `db`.`dead_letters` ADD COLUMN `published_at` Int64",
+                "ALTER TABLE `db`.`dead_letters` ADD COLUMN `wal_lsn` UInt64"
+            ]
         );
+    }
+
+    #[test]
+    fn a_dead_letter_table_without_the_wal_lsn_column_is_drift_named_with_its_add_column_fix() {
+        for profile in [Profile::Legacy, Profile::Modern] {
+            // The table as the previous relay created it: every column but `wal_lsn`.
+            let old: Vec<(String, String)> = expected_columns(SchemaTable::DeadLetters)
+                .iter()
+                .filter(|(name, _)| *name != "wal_lsn")
+                .map(|&(name, column_type)| {
+                    (name.to_string(), column_type.sql(profile).to_string())
+                })
+                .collect();
+            assert_eq!(
+                old.len() + 1,
+                expected_columns(SchemaTable::DeadLetters).len()
+            );
+            let err = check_columns(SchemaTable::DeadLetters, &old, profile).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "table `dead_letters` has no column `wal_lsn` (UInt64): run `prism-relay schema apply` to add it"
+            );
+            let wal_lsn = column_definition(profile, "wal_lsn", UInt64);
+            assert!(wal_lsn.starts_with("`wal_lsn` UInt64"), "{wal_lsn}");
+            assert_eq!(
+                add_missing_columns_ddl(profile, "db", SchemaTable::DeadLetters, &old),
+                [format!(
+                    "ALTER TABLE `db`.`dead_letters` ADD COLUMN {wal_lsn}"
+                )]
+            );
+            // A new table has it, after the payload.
+            let payload = column_definition(profile, "payload", Str);
+            let ddl = ddl(profile, "db", SchemaTable::DeadLetters, None);
+            assert!(ddl.contains(&format!("{payload},\n    {wal_lsn}")), "{ddl}");
+        }
     }
 
     #[test]

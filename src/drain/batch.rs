@@ -335,7 +335,7 @@ impl Batch {
                 self.dead_classes
                     .push((class, dead_letter_data_type(&self.lane, &envelope.subject)));
                 self.dead
-                    .push(dead_letter(&self.lane, envelope, reason, now_ms));
+                    .push(dead_letter(&self.lane, envelope, lsn, reason, now_ms));
             }
         }
     }
@@ -495,9 +495,15 @@ fn push_passthrough_line(
 /// Nanoseconds in a millisecond, to turn a JetStream publish time into the tables' unit.
 const NANOS_PER_MILLI: i64 = 1_000_000;
 
-/// A dead-letter row for a record of `lane`. A dead-letter record (written by ingest in place of
-/// a message the WAL could not take) keeps the reason it carries, verbatim.
-pub fn dead_letter(lane: &str, envelope: &Envelope<'_>, reason: String, now_ms: i64) -> DeadLetter {
+/// A dead-letter row for the record at `lsn` of `lane`. A dead-letter record (written by ingest
+/// in place of a message the WAL could not take) keeps the reason it carries, verbatim.
+pub fn dead_letter(
+    lane: &str,
+    envelope: &Envelope<'_>,
+    lsn: Lsn,
+    reason: String,
+    now_ms: i64,
+) -> DeadLetter {
     let reason = match super::route::dead_letter_reason(envelope) {
         Some(carried) => carried.to_owned(),
         None => reason,
@@ -518,6 +524,7 @@ pub fn dead_letter(lane: &str, envelope: &Envelope<'_>, reason: String, now_ms: 
         nats_seq: envelope.stream_seq.0,
         error: reason,
         payload: envelope.payload.to_vec(),
+        wal_lsn: lsn.0,
     }
 }
 

@@ -485,7 +485,13 @@ impl Lane {
                 },
             })?;
         let envelope: Envelope<'_> = record.envelope().map_err(wal_error)?;
-        Ok(dead_letter(&self.config.name, &envelope, reason, now_ms()))
+        Ok(dead_letter(
+            &self.config.name,
+            &envelope,
+            lsn,
+            reason,
+            now_ms(),
+        ))
     }
 
     /// Runs an insert into `table` until it succeeds; retryable and schema errors back off and

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 /// One row of the `dead_letters` table. Field order is the column order of its DDL:
 /// `failed_at DateTime64(3)`, `published_at DateTime64(3)` (Int64 milliseconds on the legacy
 /// profile, the same RowBinary bytes), `table String, subject String, nats_stream String,
-/// nats_seq UInt64, error String, payload String`.
+/// nats_seq UInt64, error String, payload String, wal_lsn UInt64`.
 ///
 /// Everything but `failed_at` derives from the record, so a dead letter written again (a batch
 /// retried or re-cut after a crash) is the same row: the table is partitioned by `published_at`,
@@ -35,6 +35,10 @@ pub struct DeadLetter {
     /// The original payload, exactly as received.
     #[serde(with = "raw_bytes")]
     pub payload: Vec<u8>,
+    /// The WAL LSN of the record the dead letter comes from, so that the range of a batch of
+    /// dead letters can be replayed in one command (`prism-relay replay --from-lsn --to-lsn`)
+    /// once their cause is fixed. A dead letter written again derives it from the same record.
+    pub wal_lsn: u64,
 }
 
 /// A ClickHouse `String` is any byte sequence and RowBinary encodes it like a byte slice

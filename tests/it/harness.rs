@@ -8,11 +8,11 @@
 #![allow(dead_code)] // Not every test module uses every helper.
 
 use std::fmt::Write as _;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -726,9 +726,10 @@ pub fn free_port() -> u16 {
 }
 
 /// The relay binary, spawned with a config file; stdout and stderr go to a log file.
-/// Killed (SIGKILL) on drop.
+/// Killed (SIGKILL) on drop. The process itself is the test bed's [`prism_testbed::Relay`],
+/// which the chaos runner drives too.
 pub struct RelayProc {
-    child: Option<Child>,
+    process: prism_testbed::Relay,
     /// Extra environment of the next start (e.g. a failpoint); clear it before a restart
     /// that must run without.
     pub env: Vec<(String, String)>,
@@ -742,15 +743,7 @@ impl RelayProc {
     /// `prism-relay run` on it, logging to `<name>.log`.
     pub fn spawn(bed: &Bed, name: &str, config: &RelayConfig) -> RelayProc {
         let config_path = config.write(&bed.path(&format!("{name}.toml")));
-        let mut relay = RelayProc {
-            child: None,
-            env: Vec::new(),
-            config_path,
-            log_path: bed.path(&format!("{name}.log")),
-            metrics_addr: config.metrics_addr(),
-        };
-        relay.start();
-        relay
+        RelayProc::spawn_with_env_at(config_path, bed, name, config, &[])
     }
 
     /// [`RelayProc::spawn`] with `env` in the relay's environment.
@@ -761,46 +754,46 @@ impl RelayProc {
         env: &[(&str, &str)],
     ) -> RelayProc {
         let config_path = config.write(&bed.path(&format!("{name}.toml")));
-        let mut relay = RelayProc {
-            child: None,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+        RelayProc::spawn_with_env_at(config_path, bed, name, config, env)
+    }
+
+    fn spawn_with_env_at(
+        config_path: PathBuf,
+        bed: &Bed,
+        name: &str,
+        config: &RelayConfig,
+        env: &[(&str, &str)],
+    ) -> RelayProc {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let log_path = bed.path(&format!("{name}.log"));
+        let metrics_addr = config.metrics_addr();
+        let process = prism_testbed::Relay::spawn_with_env(
+            Path::new(relay_bin()),
+            &config_path,
+            &log_path,
+            metrics_addr.port(),
+            env.clone(),
+        )
+        .expect("spawn prism-relay");
+        RelayProc {
+            process,
+            env,
             config_path,
-            log_path: bed.path(&format!("{name}.log")),
-            metrics_addr: config.metrics_addr(),
-        };
-        relay.start();
-        relay
+            log_path,
+            metrics_addr,
+        }
     }
 
     fn start(&mut self) {
-        assert!(self.child.is_none(), "relay already running");
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("open relay log");
-        let err = log.try_clone().expect("clone log handle");
-        let child = Command::new(relay_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info")
-            .env_remove("PRISM_RELAY_CONFIG")
-            .env_remove(prism_relay::drain::FAILPOINT_ENV)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .expect("spawn prism-relay");
-        self.child = Some(child);
+        self.process.set_env(self.env.clone());
+        self.process.start().expect("spawn prism-relay");
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     /// [`RelayProc::spawn`], then waits until the relay reports ready.
@@ -835,10 +828,9 @@ impl RelayProc {
         }
     }
 
-    /// The exit status if the process has exited.
+    /// The exit status if the process has exited since the last look (it is then reaped).
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
-        child.try_wait().expect("try_wait on relay")
+        self.process.try_exit().expect("try_wait on relay")
     }
 
     /// Waits for the process to exit by itself within `timeout`.
@@ -846,7 +838,6 @@ impl RelayProc {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_wait() {
-                self.child = None;
                 return Some(status);
             }
             if Instant::now() >= deadline {
@@ -858,10 +849,7 @@ impl RelayProc {
 
     /// SIGKILL, then reap.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let _ = self.process.kill9();
     }
 
     /// SIGTERM, then waits for the exit (panics after `bound`, killing the process).
@@ -892,11 +880,8 @@ impl RelayProc {
 
     /// Starts the relay again on the same config and WAL (kill it or terminate it first).
     pub fn restart(&mut self) {
-        if let Some(status) = self.try_wait() {
-            let _ = status;
-            self.child = None;
-        }
-        assert!(self.child.is_none(), "stop the relay before restarting it");
+        let running = self.process.is_running().expect("poll the relay");
+        assert!(!running, "stop the relay before restarting it");
         self.start();
     }
 
@@ -1039,49 +1024,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     Ok((status, body.to_string()))
 }
 
-/// Sum of the samples of `name` in Prometheus text whose labels include all `labels`.
+/// Sum of the samples of `name` in Prometheus text whose labels include all `labels` (the test
+/// bed's, which the chaos runner reads the relay's metrics with too).
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    // (number of labels, label text, value) of every series of `name`.
-    let mut series: Vec<(usize, &str, f64)> = Vec::new();
-    for line in text.lines() {
-        if line.starts_with('#') {
-            continue;
-        }
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let (label_text, value) = if let Some(rest) = rest.strip_prefix('{') {
-            let Some((l, v)) = rest.split_once('}') else {
-                continue;
-            };
-            (l, v)
-        } else if rest.starts_with(' ') {
-            ("", rest)
-        } else {
-            continue;
-        };
-        let Some(value) = value.split_whitespace().next() else {
-            continue;
-        };
-        series.push((
-            label_text.matches("=\"").count(),
-            label_text,
-            value.parse::<f64>().unwrap_or(0.0),
-        ));
-    }
-    // A name exported under several label sets (MarketPrism's processed and failed counters)
-    // counts each row once per set: the finest set partitions the rows, so only it is summed.
-    let finest = series.iter().map(|(n, _, _)| *n).max().unwrap_or(0);
-    series
-        .iter()
-        .filter(|(n, _, _)| *n == finest)
-        .filter(|(_, label_text, _)| {
-            labels
-                .iter()
-                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|(_, _, value)| value)
-        .sum()
+    prism_testbed::metric_sum(text, name, labels)
 }
 
 /// Polls `condition` every 100 ms until it is true; panics naming `what` after `timeout`.

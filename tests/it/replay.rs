@@ -12,7 +12,8 @@ use std::path::Path;
 use prism_wal::{Envelope, Ledger, Lsn, StreamSeq, Wal, WalOptions};
 
 use crate::harness::{
-    relay_command, Bed, InProcRelay, Load, RelayConfig, DATABASE, DRAIN_TIMEOUT, TABLES,
+    relay_command, wait_until_sync, Bed, InProcRelay, Load, RelayConfig, DATABASE, DRAIN_TIMEOUT,
+    TABLES,
 };
 use crate::TestResult;
 
@@ -674,5 +675,79 @@ async fn a_dead_letter_record_replays_into_dead_letters_with_its_reason_whatever
         ]],
         "{output}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_carries_its_record_lsn_and_replaying_that_lsn_range_writes_the_range_again(
+) -> TestResult {
+    let bed = Bed::start();
+    let config = bed.config();
+    let relay = InProcRelay::spawn(&config);
+    relay.wait_ready().await;
+    // Good traffic, a payload no codec reads, more traffic, another one: the dead letters'
+    // LSN range has good records inside it.
+    let first = bed.publish(Load::new("dl-lsn-a", 200)).await;
+    let bad_a = bed
+        .publish_raw("trade.binance.spot.BTC-USDT", "not json")
+        .await;
+    // Once the first dead letter is stored its record is in the WAL, so every record of the
+    // next traffic comes after it.
+    wait_until_sync("the first dead letter", DRAIN_TIMEOUT, || {
+        bed.count_dead_letters() == 1
+    })
+    .await;
+    bed.publish(Load::new("dl-lsn-b", 200).ts_start(first.ts_last_ms + 1))
+        .await;
+    let bad_b = bed
+        .publish_raw("funding_rate.okx.perpetual.BTC-USDT", "{\"broken\"")
+        .await;
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    assert_eq!(report.totals().dead_lettered, 2, "{report}");
+    relay.stop().await.expect("relay stops cleanly");
+
+    let records = wal_records(&config.wal_dir);
+    let lsn_of = |(stream, seq): &(String, u64)| {
+        records
+            .iter()
+            .find(|r| &r.stream == stream && r.seq == *seq)
+            .map(|r| r.lsn.to_string())
+            .expect("the dead-lettered message is in the WAL")
+    };
+    let letters = bed.rows(&format!(
+        "SELECT nats_stream, nats_seq, wal_lsn FROM {DATABASE}.dead_letters ORDER BY wal_lsn"
+    ));
+    let expected: Vec<Vec<String>> = [&bad_a, &bad_b]
+        .iter()
+        .map(|id| vec![id.0.clone(), id.1.to_string(), lsn_of(id)])
+        .collect();
+    assert_eq!(letters, expected, "each dead letter names its record's LSN");
+
+    // The command docs/OPERATIONS.md gives: replay the dead letters' LSN range.
+    let (from, to) = (expected[0][2].clone(), expected[1][2].clone());
+    let path = config.write(&bed.path("relay.toml"));
+    empty_copy_of_the_relay_tables(&bed, REPLAYED);
+    let (ok, output) = replay(&path, &["--from-lsn", &from, "--to-lsn", &to]).await;
+    assert!(ok, "{output}");
+    assert_eq!(
+        bed.rows(&format!(
+            "SELECT nats_stream, nats_seq, wal_lsn FROM {REPLAYED}.dead_letters FINAL ORDER BY wal_lsn"
+        )),
+        expected,
+        "{output}"
+    );
+    let (from, to): (u64, u64) = (from.parse()?, to.parse()?);
+    let bad: BTreeSet<(String, u64)> = [bad_a, bad_b].into_iter().collect();
+    let inside: BTreeSet<(String, u64)> =
+        identities_of(records.iter().filter(|r| (from..=to).contains(&r.lsn)))
+            .difference(&bad)
+            .cloned()
+            .collect();
+    assert!(
+        inside.len() >= 200,
+        "good records between the dead letters: {}",
+        inside.len()
+    );
+    assert_eq!(identities(&bed, REPLAYED), inside, "{output}");
     Ok(())
 }

@@ -431,8 +431,8 @@ async fn dead_letters_are_inserted_and_read_back() {
     server
         .query(&format!(
             "CREATE TABLE {DATABASE}.dead_letters (failed_at Int64, published_at Int64, table String, \
-             subject String, nats_stream String, nats_seq UInt64, error String, payload String) \
-             ENGINE = MergeTree ORDER BY (nats_stream, nats_seq)"
+             subject String, nats_stream String, nats_seq UInt64, error String, payload String, \
+             wal_lsn UInt64) ENGINE = MergeTree ORDER BY (nats_stream, nats_seq)"
         ))
         .expect("table created");
     let letters = [
@@ -445,6 +445,7 @@ async fn dead_letters_are_inserted_and_read_back() {
             nats_seq: 42,
             error: "Code: 6, Cannot parse string".into(),
             payload: b"{\"price\":\"x\"}".to_vec(),
+            wal_lsn: 7,
         },
         DeadLetter {
             failed_at: 1_761_714_312_999,
@@ -456,6 +457,7 @@ async fn dead_letters_are_inserted_and_read_back() {
             error: "no route".into(),
             // Not UTF-8: stored byte for byte.
             payload: b"not json \xff\xfe".to_vec(),
+            wal_lsn: 8,
         },
     ];
     sink.insert_dead_letters("dead_letters", &letters, Some("dl-1"))
@@ -464,11 +466,11 @@ async fn dead_letters_are_inserted_and_read_back() {
     assert_eq!(
         query(
             &server,
-            "SELECT failed_at, table, subject, nats_stream, nats_seq, error, payload \
+            "SELECT failed_at, table, subject, nats_stream, nats_seq, error, payload, wal_lsn \
              FROM sink_it.dead_letters ORDER BY nats_seq FORMAT TSV"
         ),
-        "1761714312456\ttrades\ttrade.binance.spot.BTC-USDT\tMARKET_DATA\t42\tCode: 6, Cannot parse string\t{\"price\":\"x\"}\n\
-         1761714312999\t\tweird.subject\tMARKET_DATA\t43\tno route\tnot json \u{fffd}\u{fffd}"
+        "1761714312456\ttrades\ttrade.binance.spot.BTC-USDT\tMARKET_DATA\t42\tCode: 6, Cannot parse string\t{\"price\":\"x\"}\t7\n\
+         1761714312999\t\tweird.subject\tMARKET_DATA\t43\tno route\tnot json \u{fffd}\u{fffd}\t8"
     );
     assert_eq!(
         query(
@@ -586,8 +588,13 @@ async fn a_dead_letter_written_again_in_another_month_lands_in_the_same_partitio
     let jan_31_ms = 1_769_860_800_000;
     let feb_1_ms = 1_769_947_200_000;
     for now_ms in [jan_31_ms, feb_1_ms] {
-        let letter =
-            prism_relay::drain::dead_letter("trades", &envelope, "bad price".into(), now_ms);
+        let letter = prism_relay::drain::dead_letter(
+            "trades",
+            &envelope,
+            prism_wal::Lsn(5),
+            "bad price".into(),
+            now_ms,
+        );
         sink.insert_dead_letters("dead_letters", &[letter], None)
             .await
             .expect("insert");

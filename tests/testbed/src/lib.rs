@@ -3,12 +3,12 @@
 //! The main types are [`Nats`], a `nats-server` with JetStream, [`ClickHouse`], a
 //! `clickhouse-server` (18.16 here; optionally a replica of a cluster coordinated by
 //! [`ZooKeeper`]), [`Chdb`], a modern ClickHouse engine (chdb-core's 26.9) behind a stand-in
-//! for ClickHouse's HTTP interface, and [`Prometheus`], a `prometheus` server for the
-//! deployment tests. Each starts on free 127.0.0.1 ports in its own temporary directory, is
-//! ready when `start` returns, and can be killed with SIGKILL, restarted on the same ports and
-//! data, paused with SIGSTOP and resumed. Dropping a handle kills the server and removes its
-//! directory, also when a test panics; a server also dies with the test process, because it is
-//! spawned with a parent-death signal.
+//! for ClickHouse's HTTP interface, [`Prometheus`], a `prometheus` server for the deployment
+//! tests, and [`Relay`], the `prism-relay` binary run on a configuration. Each starts on free
+//! 127.0.0.1 ports in its own temporary directory, is ready when `start` returns, and can be
+//! killed with SIGKILL, restarted on the same ports and data, paused with SIGSTOP and resumed.
+//! Dropping a handle kills the server and removes its directory, also when a test panics; a
+//! server also dies with the test process, because it is spawned with a parent-death signal.
 //! Failures are [`TestbedError`]s that carry the server's log tail where it helps.
 //!
 //! Ports are picked below the kernel's ephemeral range, which outgoing connections
@@ -31,6 +31,7 @@ mod http;
 mod nats;
 mod process;
 mod prometheus;
+mod relay;
 mod server;
 mod zookeeper;
 
@@ -40,6 +41,7 @@ pub use error::TestbedError;
 pub use nats::Nats;
 pub use process::free_ports;
 pub use prometheus::{url_encode, PromAnswer, Prometheus};
+pub use relay::{http_get, metric_sum, Relay};
 pub use zookeeper::{ZooKeeper, ZOOKEEPER_TICK_MS};
 
 /// How long `Nats::start`/`restart` wait for JetStream to report healthy. NATS is

@@ -413,6 +413,14 @@ impl LogFile {
         let offset_bytes = path.metadata().map(|m| m.len()).unwrap_or(0);
         LogFile { path, offset_bytes }
     }
+
+    /// The whole of `path`.
+    pub(crate) fn from_start(path: PathBuf) -> LogFile {
+        LogFile {
+            path,
+            offset_bytes: 0,
+        }
+    }
 }
 
 /// Polls `probe` until it reports ready, the process exits, or `timeout` passes.
