@@ -20,11 +20,11 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use prism_testbed::{free_ports, http_get, ClickHouse, Nats, Relay};
+use prism_testbed::{free_ports, http_get, Chdb, ClickHouse, Nats, Relay, TestbedError};
 
 use crate::error::ChaosError;
 use crate::proxy::Proxy;
-use crate::schedule::{Needs, INSERT_TIMEOUT_MS};
+use crate::schedule::{Leg, Needs, INSERT_TIMEOUT_MS};
 
 /// The database the relay writes into.
 pub const DATABASE: &str = "marketprism_hot";
@@ -134,6 +134,10 @@ pub struct Accounting {
     pub discarded: u64,
     /// The `total` row of `verify` (published, stored, dead-lettered, lost, duplicated).
     pub verify_total: [u64; 5],
+    /// On the modern leg, rows beyond one per identity WITHOUT FINAL: what the server's
+    /// token deduplication let through (a retried batch carries its token, so it should be
+    /// 0); `None` on the legacy leg, whose server has no tokens.
+    pub extra_without_final: Option<u64>,
 }
 
 /// A WAL on a small tmpfs, unmounted (lazily) on drop.
@@ -363,12 +367,80 @@ fn wall_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The ClickHouse of a leg: clickhouse-server 18.16 (the relay picks its legacy profile) or
+/// the modern engine behind the test bed's HTTP stand-in (the relay picks its modern profile).
+/// The faults need only what both have: kill, restart, pause, resume, a port and SQL.
+pub enum ChServer {
+    Legacy(ClickHouse),
+    Modern(Chdb),
+}
+
+impl ChServer {
+    fn start(leg: Leg) -> Result<ChServer, TestbedError> {
+        Ok(match leg {
+            Leg::Legacy => ChServer::Legacy(ClickHouse::start()?),
+            Leg::Modern => ChServer::Modern(Chdb::start()?),
+        })
+    }
+
+    pub fn http_port(&self) -> u16 {
+        match self {
+            ChServer::Legacy(ch) => ch.http_port(),
+            ChServer::Modern(ch) => ch.http_port(),
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        match self {
+            ChServer::Legacy(ch) => ch.log_path(),
+            ChServer::Modern(ch) => ch.log_path(),
+        }
+    }
+
+    pub fn kill9(&mut self) -> Result<(), TestbedError> {
+        match self {
+            ChServer::Legacy(ch) => ch.kill9(),
+            ChServer::Modern(ch) => ch.kill9(),
+        }
+    }
+
+    pub fn restart(&mut self) -> Result<(), TestbedError> {
+        match self {
+            ChServer::Legacy(ch) => ch.restart(),
+            ChServer::Modern(ch) => ch.restart(),
+        }
+    }
+
+    pub fn pause(&self) -> Result<(), TestbedError> {
+        match self {
+            ChServer::Legacy(ch) => ch.pause(),
+            ChServer::Modern(ch) => ch.pause(),
+        }
+    }
+
+    pub fn resume(&self) -> Result<(), TestbedError> {
+        match self {
+            ChServer::Legacy(ch) => ch.resume(),
+            ChServer::Modern(ch) => ch.resume(),
+        }
+    }
+
+    pub fn query_with_timeout(&self, sql: &str, timeout: Duration) -> Result<String, TestbedError> {
+        match self {
+            ChServer::Legacy(ch) => ch.query_with_timeout(sql, timeout),
+            ChServer::Modern(ch) => ch.query_with_timeout(sql, timeout),
+        }
+    }
+}
+
 /// A scenario's servers, relay and load.
 pub struct Bed {
     /// The scenario's directory: configuration, logs, the WAL (unless on the small disk).
     pub dir: PathBuf,
     pub nats: Nats,
-    pub ch: ClickHouse,
+    pub ch: ChServer,
+    /// Which ClickHouse the bed runs.
+    pub leg: Leg,
     pub proxy: Option<Proxy>,
     pub disk: Option<Tmpfs>,
     pub relay: Relay,
@@ -381,11 +453,11 @@ pub struct Bed {
 impl Bed {
     /// Starts the servers, the proxy and the small disk as `needs` says, writes the relay's
     /// configuration and starts the relay, ready.
-    pub fn start(relay_bin: &Path, dir: &Path, needs: Needs) -> Result<Bed, ChaosError> {
+    pub fn start(relay_bin: &Path, dir: &Path, needs: Needs, leg: Leg) -> Result<Bed, ChaosError> {
         fs::create_dir_all(dir)
             .map_err(|e| ChaosError::io(format!("creating {}", dir.display()), e))?;
         let nats = Nats::start()?;
-        let ch = ClickHouse::start()?;
+        let ch = ChServer::start(leg)?;
         let [proxy_port, metrics_port] = free_ports::<2>()?;
         let proxy = if needs.proxy {
             Some(
@@ -426,6 +498,7 @@ impl Bed {
             dir: dir.to_path_buf(),
             nats,
             ch,
+            leg,
             proxy,
             disk,
             relay,
@@ -625,6 +698,13 @@ impl Bed {
                      WHERE c > 1"
                 ))?;
                 acc.duplicated += parse_count(&dup)?;
+                if self.leg == Leg::Modern {
+                    let extra = self.sql(&format!(
+                        "SELECT count() - uniqExact(nats_stream, nats_seq) FROM {DATABASE}.{table} \
+                         WHERE {cond}"
+                    ))?;
+                    *acc.extra_without_final.get_or_insert(0) += parse_count(&extra)?;
+                }
             }
             let dead = self.sql(&format!(
                 "SELECT count() FROM (SELECT DISTINCT nats_stream, nats_seq FROM \

@@ -10,8 +10,14 @@
 //! line (`summary`) end the run; the exit code is 0 only when nothing was lost or duplicated
 //! and every check held.
 //!
-//! Usage: `prism-chaos [--quick] [--seed N] [--scenario 1,3,...] [--relay-bin PATH]
-//! [--work-dir DIR]`. A failing scenario leaves its directory (configuration, relay, loadgen,
+//! Every scenario runs on the legacy leg (clickhouse-server 18.16); the scenarios whose faults
+//! involve ClickHouse run on the modern leg too (the modern engine behind the test bed's
+//! stand-in, `prism_testbed::Chdb`), where the relay's `profile = "auto"` picks the modern
+//! profile and the runner also checks that the tables hold every row once without FINAL where
+//! the insert tokens promise it. `--leg` picks the legs (default both).
+//!
+//! Usage: `prism-chaos [--quick] [--seed N] [--scenario 1,3,...] [--leg legacy|modern|both]
+//! [--relay-bin PATH] [--work-dir DIR]`. A failing scenario leaves its directory (configuration, relay, loadgen,
 //! server and fault logs, WAL) under the work directory; a passing one removes it.
 
 mod bed;
@@ -31,7 +37,7 @@ use std::time::{Duration, Instant};
 use bed::Bed;
 use error::ChaosError;
 use faults::KillStats;
-use schedule::{Scenario, SCENARIOS};
+use schedule::{Leg, Scenario, SCENARIOS};
 use summary::Row;
 
 /// Load that runs before the first fault, so the first one lands on traffic in flight.
@@ -43,18 +49,21 @@ struct Args {
     quick: bool,
     seed: Option<u64>,
     scenarios: Vec<u8>,
+    /// The legs to run, legacy first.
+    legs: Vec<Leg>,
     relay_bin: Option<PathBuf>,
     work_dir: Option<PathBuf>,
 }
 
 const USAGE: &str = "usage: prism-chaos [--quick] [--seed N] [--scenario 1,3,...] \
-                     [--relay-bin PATH] [--work-dir DIR]";
+                     [--leg legacy|modern|both] [--relay-bin PATH] [--work-dir DIR]";
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
     let mut out = Args {
         quick: false,
         seed: None,
         scenarios: Vec::new(),
+        legs: vec![Leg::Legacy, Leg::Modern],
         relay_bin: None,
         work_dir: None,
     };
@@ -78,6 +87,11 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
                     }
                     out.scenarios.push(n);
                 }
+            }
+            "--leg" => {
+                let v = value("--leg")?;
+                out.legs = Leg::parse_list(&v)
+                    .ok_or_else(|| format!("--leg {v}: legs are legacy, modern or both"))?;
             }
             "--relay-bin" => out.relay_bin = Some(PathBuf::from(value("--relay-bin")?)),
             "--work-dir" => out.work_dir = Some(PathBuf::from(value("--work-dir")?)),
@@ -115,14 +129,7 @@ fn run(args: &Args) -> Result<u8, ChaosError> {
     fs::create_dir_all(&work)
         .map_err(|e| ChaosError::io(format!("creating {}", work.display()), e))?;
     let relay_bin = copy_relay_bin(args, &work)?;
-    let selected: Vec<&Scenario> = if args.scenarios.is_empty() {
-        SCENARIOS.iter().collect()
-    } else {
-        args.scenarios
-            .iter()
-            .filter_map(|n| schedule::scenario(*n))
-            .collect()
-    };
+    let runs = plan(args);
     let mode = if args.quick { "quick" } else { "full" };
     println!(
         "chaos: seed={seed} ({mode} run; rerun with --seed {seed}); work directory {}",
@@ -130,19 +137,20 @@ fn run(args: &Args) -> Result<u8, ChaosError> {
     );
     let mut rows = Vec::new();
     let mut stats = KillStats::default();
-    for scenario in selected {
-        let cycles = if args.quick {
-            scenario.cycles_quick
-        } else {
-            scenario.cycles_full
-        };
-        let dir = work.join(format!("s{}-{}", scenario.number, scenario.name));
-        let scenario_started = Instant::now();
-        let (row, s) = run_scenario(&relay_bin, &dir, scenario, seed, cycles);
-        println!(
-            "chaos: scenario {} {} {} in {:.0} s{}",
+    for (leg, scenario, cycles) in runs {
+        let dir = work.join(format!(
+            "s{}-{}-{}",
             scenario.number,
             scenario.name,
+            leg.name()
+        ));
+        let scenario_started = Instant::now();
+        let (row, s) = run_scenario(&relay_bin, &dir, scenario, leg, seed, cycles);
+        println!(
+            "chaos: scenario {} {} ({}) {} in {:.0} s{}",
+            scenario.number,
+            scenario.name,
+            leg.name(),
             if row.passed() { "passed" } else { "FAILED" },
             scenario_started.elapsed().as_secs_f64(),
             if row.passed() {
@@ -156,9 +164,11 @@ fn run(args: &Args) -> Result<u8, ChaosError> {
     }
     let table = summary::table(&rows);
     let (line, code) = summary::verdict(&rows);
+    let legs: Vec<&str> = args.legs.iter().map(|l| l.name()).collect();
     let report = format!(
-        "\n{table}\n{}\nseed {seed}, {mode} run, {:.0} s; rerun: prism-chaos{} --seed {seed}\n",
+        "\n{table}\n{}\nseed {seed}, {mode} run, legs {}, {:.0} s; rerun: prism-chaos{} --seed {seed}\n",
         stats.report(),
+        legs.join(" and "),
         started.elapsed().as_secs_f64(),
         if args.quick { " --quick" } else { "" }
     );
@@ -172,6 +182,29 @@ fn run(args: &Args) -> Result<u8, ChaosError> {
     }
     println!("{line}");
     Ok(code)
+}
+
+/// The scenario runs in order: every selected scenario on the first leg, then on the next;
+/// a scenario with no cycles on a leg (the modern leg's NATS kills) is left out there.
+fn plan(args: &Args) -> Vec<(Leg, &'static Scenario, u32)> {
+    let selected: Vec<&'static Scenario> = if args.scenarios.is_empty() {
+        SCENARIOS.iter().collect()
+    } else {
+        args.scenarios
+            .iter()
+            .filter_map(|n| schedule::scenario(*n))
+            .collect()
+    };
+    args.legs
+        .iter()
+        .flat_map(|leg| {
+            selected.iter().filter_map(move |s| {
+                s.cycles(*leg, args.quick)
+                    .filter(|c| *c > 0)
+                    .map(|c| (*leg, *s, c))
+            })
+        })
+        .collect()
 }
 
 /// Copies the relay binary into the work directory, so rebuilding it during a run does not
@@ -198,18 +231,15 @@ fn run_scenario(
     relay_bin: &Path,
     dir: &Path,
     scenario: &Scenario,
+    leg: Leg,
     seed: u64,
     cycles: u32,
 ) -> (Row, KillStats) {
-    let mut row = Row {
-        number: scenario.number,
-        name: scenario.name.to_string(),
-        ..Row::default()
-    };
+    let mut row = Row::new(leg, scenario.number, scenario.name);
     let mut stats = KillStats::default();
     let _ = fs::remove_dir_all(dir);
     let faults = schedule::draw(seed, scenario, cycles);
-    let mut bed = match Bed::start(relay_bin, dir, scenario.needs) {
+    let mut bed = match Bed::start(relay_bin, dir, scenario.needs, leg) {
         Ok(bed) => bed,
         Err(e) => {
             row.failure = Some(format!("start: {e}"));
@@ -291,6 +321,18 @@ fn run_scenario(
                     scenario.number, acc.discarded
                 );
             }
+            if let Some(extra) = acc.extra_without_final {
+                println!(
+                    "  s{} ({}): {extra} rows beyond one per identity without FINAL",
+                    scenario.number,
+                    leg.name()
+                );
+                if extra > 0 && scenario.clickhouse_faults_only() && row.failure.is_none() {
+                    row.failure = Some(format!(
+                        "{extra} rows stored twice without FINAL: a retried batch escaped the server's token deduplication"
+                    ));
+                }
+            }
             if acc.published == 0 && row.failure.is_none() {
                 row.failure = Some("nothing was published".into());
             }
@@ -332,5 +374,60 @@ mod tests {
             .unwrap_err()
             .contains("unknown argument"));
         assert!(args(&["--seed"]).unwrap_err().contains("needs a value"));
+    }
+
+    #[test]
+    fn both_legs_run_by_default_and_leg_picks_one_or_refuses_a_stranger() {
+        assert_eq!(
+            args(&[]).expect("no flags").legs,
+            vec![Leg::Legacy, Leg::Modern]
+        );
+        assert_eq!(
+            args(&["--leg", "modern"]).expect("modern").legs,
+            vec![Leg::Modern]
+        );
+        assert_eq!(
+            args(&["--leg", "legacy"]).expect("legacy").legs,
+            vec![Leg::Legacy]
+        );
+        assert_eq!(
+            args(&["--leg", "both"]).expect("both").legs,
+            vec![Leg::Legacy, Leg::Modern]
+        );
+        assert!(args(&["--leg", "new"])
+            .unwrap_err()
+            .contains("legacy, modern or both"));
+    }
+
+    #[test]
+    fn the_plan_runs_the_legacy_leg_whole_then_the_clickhouse_scenarios_on_the_modern_leg() {
+        let quick = args(&["--quick"]).expect("quick");
+        let runs = plan(&quick);
+        let legacy: Vec<u8> = runs
+            .iter()
+            .filter(|(l, _, _)| *l == Leg::Legacy)
+            .map(|(_, s, _)| s.number)
+            .collect();
+        let modern: Vec<u8> = runs
+            .iter()
+            .filter(|(l, _, _)| *l == Leg::Modern)
+            .map(|(_, s, _)| s.number)
+            .collect();
+        assert_eq!(legacy, (1..=9).collect::<Vec<u8>>());
+        for n in [1, 2, 7, 8, 9] {
+            assert!(modern.contains(&n), "scenario {n} on the modern leg");
+        }
+        assert!(!modern.contains(&4), "NATS kills do not involve ClickHouse");
+        assert!(runs
+            .iter()
+            .position(|(l, _, _)| *l == Leg::Modern)
+            .is_some_and(|first| runs[first..].iter().all(|(l, _, _)| *l == Leg::Modern)));
+        let only = args(&["--leg", "modern", "--scenario", "4,1"]).expect("modern 4,1");
+        let runs = plan(&only);
+        assert_eq!(runs.len(), 1);
+        assert_eq!((runs[0].0, runs[0].1.number), (Leg::Modern, 1));
+        assert!(runs
+            .iter()
+            .all(|(_, s, c)| Some(*c) == s.cycles(Leg::Modern, false)));
     }
 }

@@ -127,6 +127,43 @@ pub struct Needs {
     pub stream_max_msgs: Option<u64>,
 }
 
+/// Which ClickHouse a scenario runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Leg {
+    /// clickhouse-server 18.16; the relay's `profile = "auto"` picks the legacy profile.
+    Legacy,
+    /// The modern engine behind the test bed's HTTP stand-in (`prism_testbed::Chdb`); `auto`
+    /// picks the modern profile (insert tokens, non-replicated deduplication).
+    Modern,
+}
+
+impl Leg {
+    /// Short name for the table, logs and directories.
+    pub fn name(self) -> &'static str {
+        match self {
+            Leg::Legacy => "legacy",
+            Leg::Modern => "modern",
+        }
+    }
+
+    /// The legs `--leg` names: `legacy`, `modern` or `both` (legacy first).
+    pub fn parse_list(text: &str) -> Option<Vec<Leg>> {
+        match text {
+            "legacy" => Some(vec![Leg::Legacy]),
+            "modern" => Some(vec![Leg::Modern]),
+            "both" => Some(vec![Leg::Legacy, Leg::Modern]),
+            _ => None,
+        }
+    }
+}
+
+/// Cycles of a scenario on the modern leg, quick and full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModernCycles {
+    pub quick: u32,
+    pub full: u32,
+}
+
 /// A scenario: its faults and how many cycles a quick and a full run give it.
 #[derive(Debug, Clone, Copy)]
 pub struct Scenario {
@@ -137,7 +174,46 @@ pub struct Scenario {
     pub kinds: &'static [FaultKind],
     pub cycles_quick: u32,
     pub cycles_full: u32,
+    /// Cycles on the modern leg; `None` for a scenario whose faults do not involve ClickHouse
+    /// (NATS kills), which the legacy leg covers for both. Fewer than on the legacy leg: the
+    /// stand-in serves one statement at a time and restarts slower, and the legacy leg
+    /// already gives each fault its count.
+    pub modern: Option<ModernCycles>,
     pub needs: Needs,
+}
+
+impl Scenario {
+    /// The cycles this scenario gets on `leg` in a quick or full run; `None` when it does not
+    /// run on that leg.
+    pub fn cycles(&self, leg: Leg, quick: bool) -> Option<u32> {
+        match (leg, quick) {
+            (Leg::Legacy, true) => Some(self.cycles_quick),
+            (Leg::Legacy, false) => Some(self.cycles_full),
+            (Leg::Modern, true) => self.modern.map(|m| m.quick),
+            (Leg::Modern, false) => self.modern.map(|m| m.full),
+        }
+    }
+
+    /// Whether every fault of the scenario is on ClickHouse's side (kill, stop, slow,
+    /// outage): the relay keeps running, so every retried batch carries its first attempt's
+    /// token and the modern server must hold every row once without FINAL. A relay or NATS
+    /// fault redelivers messages the relay writes again in other batches, which only FINAL
+    /// collapses.
+    pub fn clickhouse_faults_only(&self) -> bool {
+        self.kinds.iter().all(|k| {
+            matches!(
+                k,
+                FaultKind::ClickHouseKill
+                    | FaultKind::ClickHouseStop
+                    | FaultKind::ClickHouseSlow
+                    | FaultKind::RetentionOutage
+            )
+        })
+    }
+}
+
+const fn modern(quick: u32, full: u32) -> Option<ModernCycles> {
+    Some(ModernCycles { quick, full })
 }
 
 /// Insert timeout of the relays the runner starts; stalls are drawn past it.
@@ -166,6 +242,7 @@ pub const SCENARIOS: [Scenario; 9] = [
         kinds: &[FaultKind::ClickHouseKill],
         cycles_quick: 3,
         cycles_full: 100,
+        modern: modern(2, 30),
         needs: NOTHING,
     },
     Scenario {
@@ -174,6 +251,7 @@ pub const SCENARIOS: [Scenario; 9] = [
         kinds: &[FaultKind::ClickHouseStop],
         cycles_quick: 1,
         cycles_full: 6,
+        modern: modern(1, 4),
         needs: NOTHING,
     },
     Scenario {
@@ -182,6 +260,7 @@ pub const SCENARIOS: [Scenario; 9] = [
         kinds: &[FaultKind::RelayKill],
         cycles_quick: 3,
         cycles_full: 50,
+        modern: modern(2, 20),
         needs: NOTHING,
     },
     Scenario {
@@ -190,6 +269,7 @@ pub const SCENARIOS: [Scenario; 9] = [
         kinds: &[FaultKind::NatsKill],
         cycles_quick: 2,
         cycles_full: 6,
+        modern: None,
         needs: NOTHING,
     },
     Scenario {
@@ -198,6 +278,7 @@ pub const SCENARIOS: [Scenario; 9] = [
         kinds: &[FaultKind::TornTail],
         cycles_quick: 2,
         cycles_full: 8,
+        modern: modern(1, 4),
         needs: NOTHING,
     },
     Scenario {
@@ -206,6 +287,7 @@ pub const SCENARIOS: [Scenario; 9] = [
         kinds: &[FaultKind::DiskFull],
         cycles_quick: 1,
         cycles_full: 3,
+        modern: modern(1, 2),
         needs: Needs {
             proxy: false,
             small_disk: true,
@@ -218,6 +300,7 @@ pub const SCENARIOS: [Scenario; 9] = [
         kinds: &[FaultKind::ClickHouseSlow],
         cycles_quick: 3,
         cycles_full: 9,
+        modern: modern(3, 6),
         needs: Needs {
             proxy: true,
             small_disk: false,
@@ -230,6 +313,7 @@ pub const SCENARIOS: [Scenario; 9] = [
         kinds: &[FaultKind::RetentionOutage],
         cycles_quick: 1,
         cycles_full: 3,
+        modern: modern(1, 2),
         needs: Needs {
             proxy: false,
             small_disk: false,
@@ -251,6 +335,7 @@ pub const SCENARIOS: [Scenario; 9] = [
         ],
         cycles_quick: 4,
         cycles_full: 12,
+        modern: modern(3, 8),
         needs: Needs {
             proxy: true,
             small_disk: true,

@@ -5,9 +5,13 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::schedule::Leg;
+
 /// What one scenario ended with.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
+    /// The ClickHouse the scenario ran against.
+    pub leg: Leg,
     pub number: u8,
     pub name: String,
     /// Faults injected.
@@ -31,19 +35,36 @@ pub struct Row {
 }
 
 impl Row {
+    /// A row before anything ran.
+    pub fn new(leg: Leg, number: u8, name: &str) -> Row {
+        Row {
+            leg,
+            number,
+            name: name.to_string(),
+            cycles: 0,
+            published: 0,
+            stored: 0,
+            dead_lettered: 0,
+            lost: 0,
+            duplicated: 0,
+            catch_up_worst: None,
+            failure: None,
+        }
+    }
+
     /// Whether the scenario kept the promise: nothing lost, nothing duplicated, every check held.
     pub fn passed(&self) -> bool {
         self.lost == 0 && self.duplicated == 0 && self.failure.is_none()
     }
 }
 
-/// The table of a run, one line per scenario and a header.
+/// The table of a run, one line per scenario and leg, and a header.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<22} {:>7} {:>10} {:>10} {:>6} {:>10} {:>12}  result",
-        "scenario", "cycles", "published", "stored", "lost", "duplicated", "catch-up"
+        "{:<22} {:<7} {:>7} {:>10} {:>10} {:>6} {:>10} {:>12}  result",
+        "scenario", "leg", "cycles", "published", "stored", "lost", "duplicated", "catch-up"
     );
     for r in rows {
         let catch_up = match r.catch_up_worst {
@@ -57,8 +78,9 @@ pub fn table(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<22} {:>7} {:>10} {:>10} {:>6} {:>10} {:>12}  {result}",
+            "{:<22} {:<7} {:>7} {:>10} {:>10} {:>6} {:>10} {:>12}  {result}",
             format!("{} {}", r.number, r.name),
+            r.leg.name(),
             r.cycles,
             r.published,
             r.stored,
@@ -70,7 +92,8 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
-/// The final line and the process's exit code: 0 only when every scenario passed.
+/// The final line (every leg summed: `scenarios` counts a scenario once per leg it ran on)
+/// and the process's exit code: 0 only when every scenario passed on every leg.
 pub fn verdict(rows: &[Row]) -> (String, u8) {
     let sum = |f: fn(&Row) -> u64| rows.iter().map(f).sum::<u64>();
     let line = format!(
@@ -92,16 +115,19 @@ mod tests {
 
     fn row(number: u8, published: u64, lost: u64, duplicated: u64) -> Row {
         Row {
-            number,
-            name: format!("s{number}"),
             cycles: 2,
             published,
             stored: published - lost,
             lost,
             duplicated,
             catch_up_worst: Some(Duration::from_millis(1_500)),
-            ..Row::default()
+            ..Row::new(Leg::Legacy, number, &format!("s{number}"))
         }
+    }
+
+    fn modern(mut r: Row) -> Row {
+        r.leg = Leg::Modern;
+        r
     }
 
     #[test]
@@ -142,5 +168,35 @@ mod tests {
             .lines()
             .nth(1)
             .is_some_and(|l| l.starts_with("1 s1") && l.contains("1.5 s") && l.ends_with("ok")));
+    }
+
+    #[test]
+    fn the_table_names_each_row_leg_and_the_final_line_sums_both_legs() {
+        let rows = [
+            row(1, 100, 0, 0),
+            modern(row(1, 40, 0, 0)),
+            modern(row(9, 10, 0, 0)),
+        ];
+        let text = table(&rows);
+        assert_eq!(text.split_whitespace().nth(1), Some("leg"));
+        let legs: Vec<&str> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().nth(2).unwrap_or_default())
+            .collect();
+        assert_eq!(legs, ["legacy", "modern", "modern"]);
+        let (line, code) = verdict(&rows);
+        assert_eq!(
+            line,
+            "chaos: scenarios=3 cycles=6 published=150 stored=150 lost=0 duplicated=0"
+        );
+        assert_eq!(code, 0);
+        let mut lossy = rows.to_vec();
+        lossy[2].lost = 1;
+        assert_eq!(
+            verdict(&lossy).1,
+            1,
+            "a loss on the modern leg alone fails the run"
+        );
     }
 }
