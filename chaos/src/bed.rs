@@ -238,7 +238,7 @@ impl Load {
                         ])
                         .args(["--ts-start-ms", &ts_next.to_string()])
                         .args(["--publish-errors-max", "1000000000"])
-                        .args(["--progress", "false"])
+                        .arg("--no-progress")
                         .env("RUST_LOG", "warn")
                         .stdin(Stdio::null())
                         .stdout(out)
