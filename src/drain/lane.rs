@@ -275,17 +275,23 @@ impl Lane {
                     .await;
             }
             // Draining before exit: what is batched goes now (its age limit may be minutes away);
-            // the lane is done once it read to the durable end and holds nothing.
+            // the lane is done once its read position is past the durable end (the reader's own
+            // end of data is not taken for it) and it holds nothing. Short of that end it waits
+            // below like any caught-up lane and reads again.
+            let past_durable_end = self.read_pos.0 > self.wal.durable_lsn().0;
             if caught_up && !read_blocked && self.finishing() && !*self.shutdown.borrow() {
-                if batch.is_empty() {
+                if !batch.is_empty() {
+                    self.flush(&mut batch, false).await?;
+                    continue;
+                }
+                if past_durable_end {
                     self.ledger
                         .note_cursor(&self.config.name, self.read_pos)
                         .await;
                     self.publish_progress(&batch, caught_up);
+                    tracing::debug!(lane = %self.config.name, cursor = self.read_pos.0, "drained to the WAL's end");
                     return Ok(());
                 }
-                self.flush(&mut batch, false).await?;
-                continue;
             }
             self.publish_progress(&batch, caught_up);
             if *self.shutdown.borrow() {
