@@ -10,6 +10,12 @@
 //! flight finish, each lane makes one bounded attempt to insert what it has batched, the ledger is
 //! committed and the WAL closed, all within `shutdown.timeout_ms`. Whatever is not inserted stays
 //! in the WAL for the next start.
+//!
+//! With `shutdown.drain` (decommissioning: a relay stopped for good), the lanes are told to finish
+//! once the ingest tasks are done (the WAL's durable end no longer moves): each keeps reading and
+//! inserting until it reaches that end, so ClickHouse holds everything acked. Only when
+//! [`DRAIN_STOP_RESERVE_PERCENT`] of the bound is left are they stopped as above; the WAL keeps the
+//! rest for the next start on it or a `replay`, and one WARN says how many records that is.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -37,6 +43,12 @@ const LEDGER_COMMIT_INTERVAL_MS: u64 = 1_000;
 
 /// How often the lanes' registration at start-up retries its ledger write on a full disk.
 const REGISTER_RETRY_MS: u64 = 200;
+
+/// Share of `shutdown.timeout_ms` (percent) kept, in a drain before exit that runs out of time
+/// (ClickHouse unreachable), for the quick stop after it: one insert attempt per lane and the
+/// ledger commit must still fit in the bound, or the drain task is aborted without its commit.
+const DRAIN_STOP_RESERVE_PERCENT: u64 = 20;
+const _: () = assert!(DRAIN_STOP_RESERVE_PERCENT > 0 && DRAIN_STOP_RESERVE_PERCENT < 100);
 /// Pause before opening the WAL again after a full disk (or no free file descriptor) failed
 /// the open: space comes back when an operator frees it, so a short poll starts promptly.
 const OPEN_RETRY_MS: u64 = 500;
@@ -664,11 +676,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         ),
         None => tracing::info!("no status line (metrics.status_interval_s = 0)"),
     }
+    // The lanes stop on a signal of their own: with `shutdown.drain` they outlive fetching.
+    let (lanes_stop_tx, lanes_stop_rx) = watch::channel(false);
+    let (finish_tx, finish_rx) = watch::channel(false);
     let drain_task = tokio::spawn(drain(
         config.clone(),
         wal.clone(),
         metrics.clone(),
-        stop_rx.clone(),
+        DrainSignals {
+            stop: lanes_stop_rx,
+            finish: config.shutdown.drain.then_some(finish_rx),
+            audit_stop: stop_rx.clone(),
+        },
         first_lsn,
     ));
 
@@ -693,16 +712,38 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     let _ = stop_tx.send(true);
+    // A drain before exit only on a requested stop: after a fatal error the relay stops quickly.
+    let drain_first = config.shutdown.drain && failure.is_none();
+    if !drain_first {
+        let _ = lanes_stop_tx.send(true);
+    }
 
     let bound = Duration::from_millis(config.shutdown.timeout_ms);
+    let lanes_stop_at =
+        tokio::time::Instant::now() + bound * (100 - DRAIN_STOP_RESERVE_PERCENT as u32) / 100;
     let graceful = tokio::time::timeout(bound, async {
         while let Some(joined) = ingest_tasks.join_next().await {
             if let Some(error) = task_failure(joined.map(|r| r.map_err(RunError::from))) {
                 tracing::error!(error = %ErrorChain(&error), "ingest task failed during shutdown");
             }
         }
+        if drain_first {
+            // Nothing is appended any more: the durable end the lanes drain to is final.
+            tracing::info!(
+                timeout_ms = config.shutdown.timeout_ms,
+                "draining the WAL into ClickHouse before exit (shutdown.drain)"
+            );
+            let _ = finish_tx.send(true);
+        }
         if drain_done.is_none() {
-            if let Some(error) = task_failure((&mut drain_task).await) {
+            let joined = tokio::select! {
+                joined = &mut drain_task => joined,
+                _ = tokio::time::sleep_until(lanes_stop_at) => {
+                    let _ = lanes_stop_tx.send(true);
+                    (&mut drain_task).await
+                }
+            };
+            if let Some(error) = task_failure(joined) {
                 tracing::warn!(error = %ErrorChain(&error), "drain stopped with work left in the WAL");
             }
         }
@@ -864,14 +905,40 @@ fn task_failure(joined: Result<Result<(), RunError>, tokio::task::JoinError>) ->
     }
 }
 
+/// The signals that end the drain task.
+struct DrainSignals {
+    /// Stop now: each lane makes one insert attempt for what it has batched.
+    stop: watch::Receiver<bool>,
+    /// With `shutdown.drain`: insert everything up to the WAL's durable end, then return.
+    finish: Option<watch::Receiver<bool>>,
+    /// Stops the audit, which has nothing to do once fetching stopped.
+    audit_stop: watch::Receiver<bool>,
+}
+
+/// WAL records from the lowest position a lane still needs to the durable end: what a drain
+/// before exit has left to insert (records of lanes already past them included, so an upper bound).
+async fn records_left(ledger: &LedgerKeeper, wal: &Wal) -> u64 {
+    let end = wal.durable_lsn().0.saturating_add(1);
+    ledger
+        .low_watermark()
+        .await
+        .map_or(0, |low| end.saturating_sub(low.0))
+}
+
 /// Waits for ClickHouse, checks the schema, then runs one lane per table until shutdown.
 async fn drain(
     config: Config,
     wal: Wal,
     metrics: Metrics,
-    mut stop: watch::Receiver<bool>,
+    signals: DrainSignals,
     first_lsn: Lsn,
 ) -> Result<(), RunError> {
+    let DrainSignals {
+        stop,
+        finish,
+        audit_stop,
+    } = signals;
+    let mut stop = stop;
     let mut backoff = Backoff::new(
         config.drain.retry_backoff_initial_ms,
         config.drain.retry_backoff_max_ms,
@@ -1027,6 +1094,10 @@ async fn drain(
             first_lsn,
         )
         .await;
+        let lane = match &finish {
+            Some(finish) => lane.finish_on(finish.clone()),
+            None => lane,
+        };
         prepared.push((lane, span));
     }
     let mut lanes = JoinSet::new();
@@ -1048,7 +1119,7 @@ async fn drain(
             router.clone(),
             sink.clone(),
             metrics.clone(),
-            stop.clone(),
+            audit_stop,
         );
         lanes.spawn(async move {
             audit.run().await;
@@ -1065,9 +1136,15 @@ async fn drain(
     let mut disk_full = Condition::default();
     // The keeper beats at every tick; a commit that hangs (a hung fsync) stops it beating.
     let heartbeat = metrics.health.heartbeat("ledger keeper");
+    // What a drain before exit had to insert when it began, for its closing log line.
+    let mut finish_watch = finish.clone();
+    let mut left_at_finish: Option<u64> = None;
     loop {
         heartbeat.beat();
         tokio::select! {
+            _ = wait_finish(&mut finish_watch), if left_at_finish.is_none() => {
+                left_at_finish = Some(records_left(&ledger, &wal).await);
+            }
             _ = tick.tick() => match ledger.commit().await {
                 Ok(()) => {
                     if let Some(ended) = disk_full.cleared() {
@@ -1110,7 +1187,34 @@ async fn drain(
     if let Err(error) = ledger.commit().await {
         tracing::warn!(error = %ErrorChain(&error), "final ledger commit");
     }
+    if let Some(before) = left_at_finish {
+        let left = records_left(&ledger, &wal).await;
+        tracing::info!(
+            drained = before.saturating_sub(left),
+            left,
+            "drain before exit ended"
+        );
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "shutdown.timeout_ms ran out before the WAL was drained (is ClickHouse reachable?): \
+                 the WAL keeps these records; the next start on this WAL directory or a \
+                 `prism-relay replay` of it delivers them"
+            );
+        }
+    }
     result
+}
+
+/// Resolves once the drain before exit began; never without `shutdown.drain`. A dropped sender
+/// resolves it too (the guard of its select branch then turns it off).
+async fn wait_finish(finish: &mut Option<watch::Receiver<bool>>) {
+    match finish {
+        Some(finish) => {
+            let _ = finish.wait_for(|f| *f).await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

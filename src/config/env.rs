@@ -26,7 +26,7 @@ pub const ENV_SECTIONS: [&str; 8] = [
 ];
 
 /// Every (section, field) an environment variable may override.
-pub const ENV_OVERRIDES: [(&str, &str); 57] = [
+pub const ENV_OVERRIDES: [(&str, &str); 58] = [
     ("nats", "url"),
     ("nats", "name"),
     ("nats", "connect_timeout_ms"),
@@ -79,6 +79,7 @@ pub const ENV_OVERRIDES: [(&str, &str); 57] = [
     ("metrics", "backlog_poll_interval_s"),
     ("metrics", "status_interval_s"),
     ("shutdown", "timeout_ms"),
+    ("shutdown", "drain"),
     ("log", "format"),
     ("audit", "enabled"),
     ("audit", "sample_every_records"),
@@ -212,6 +213,7 @@ impl Config {
             }
             ("metrics", "status_interval_s") => self.metrics.status_interval_s = v.parse()?,
             ("shutdown", "timeout_ms") => self.shutdown.timeout_ms = v.parse()?,
+            ("shutdown", "drain") => self.shutdown.drain = v.parse()?,
             ("log", "format") => self.log.format = v.parse_enum()?,
             ("audit", "enabled") => self.audit.enabled = v.parse()?,
             ("audit", "sample_every_records") => self.audit.sample_every_records = v.parse()?,

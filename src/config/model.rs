@@ -682,11 +682,19 @@ impl Default for MetricsConfig {
 pub struct ShutdownConfig {
     /// Stop fetching, fsync, ack and flush within this, in milliseconds; then exit. Default 10,000.
     pub timeout_ms: u64,
+    /// Drain before exit: after fetching stopped, each lane keeps inserting until it reaches the
+    /// WAL's durable end (or `timeout_ms` runs out), so a relay stopped for good leaves nothing
+    /// in its WAL. Off by default: a restart or an upgrade stops quickly and the next start
+    /// drains the WAL.
+    pub drain: bool,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        ShutdownConfig { timeout_ms: 10_000 }
+        ShutdownConfig {
+            timeout_ms: 10_000,
+            drain: false,
+        }
     }
 }
 

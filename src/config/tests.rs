@@ -158,6 +158,7 @@ fn environment_overrides_scalar_fields_of_sections() {
             ("PRISM_RELAY_CLICKHOUSE_CREATE_SCHEMA", "true"),
             ("PRISM_RELAY_METRICS_LISTEN", "127.0.0.1:9100"),
             ("PRISM_RELAY_SHUTDOWN_TIMEOUT_MS", "5000"),
+            ("PRISM_RELAY_SHUTDOWN_DRAIN", "true"),
             ("PRISM_RELAY_NATS_TOKEN", "s3cret"),
             // Not a section: belongs to the binary's flags and is left alone.
             ("PRISM_RELAY_CONFIG", "/etc/prism-relay.toml"),
@@ -174,6 +175,7 @@ fn environment_overrides_scalar_fields_of_sections() {
     assert!(config.clickhouse.create_schema);
     assert_eq!(config.metrics.listen, "127.0.0.1:9100".parse().unwrap());
     assert_eq!(config.shutdown.timeout_ms, 5_000);
+    assert!(config.shutdown.drain);
     assert_eq!(config.nats.token.as_deref(), Some("s3cret"));
 }
 

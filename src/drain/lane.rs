@@ -69,6 +69,10 @@ pub struct Lane {
     ledger: Arc<LedgerKeeper>,
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
+    /// Drain before exit (`[shutdown] drain`): once this turns true (fetching has stopped, so the
+    /// WAL's durable end no longer moves), the lane flushes what it batched as soon as it has read
+    /// to the durable end, and returns once it holds nothing. `shutdown` still stops it at once.
+    finish: Option<watch::Receiver<bool>>,
     /// Next WAL position this lane will look at.
     read_pos: Lsn,
     /// Records of this lane below this position are already in ClickHouse.
@@ -81,6 +85,18 @@ pub struct Lane {
     newest_published_ns: i64,
     /// The lane loop's liveness (see [`crate::metrics::health`]).
     heartbeat: Heartbeat,
+}
+
+/// Resolves when the lane is asked to finish; never without a finish signal (or once its sender
+/// is gone, so a dropped sender cannot make the wait spin).
+async fn finish_changed(finish: &mut Option<watch::Receiver<bool>>) {
+    let gone = match finish {
+        Some(finish) => finish.changed().await.is_err(),
+        None => true,
+    };
+    if gone {
+        std::future::pending::<()>().await;
+    }
 }
 
 fn now_ms() -> i64 {
@@ -123,6 +139,7 @@ impl Lane {
             ledger,
             metrics,
             shutdown,
+            finish: None,
             read_pos: resume_cursor,
             resume_cursor,
             recut,
@@ -132,7 +149,20 @@ impl Lane {
         }
     }
 
-    /// Runs until shutdown, inserting every record of the lane.
+    /// Makes the lane drain before it exits: once `finish` turns true it inserts everything up to
+    /// the WAL's durable end and returns (see [`Lane::run`]).
+    pub fn finish_on(mut self, finish: watch::Receiver<bool>) -> Lane {
+        self.finish = Some(finish);
+        self
+    }
+
+    /// Whether the lane was asked to drain to the WAL's end and exit.
+    fn finishing(&self) -> bool {
+        self.finish.as_ref().is_some_and(|f| *f.borrow())
+    }
+
+    /// Runs until shutdown, inserting every record of the lane; with [`Lane::finish_on`], also
+    /// returns once asked to finish and every durable record of the lane is inserted.
     pub async fn run(mut self) -> Result<(), DrainError> {
         let mut batch = Batch::new(&self.config.name, self.kind, self.config.time_window);
         let mut durable = self.wal.watch_durable();
@@ -244,6 +274,25 @@ impl Lane {
                     .note_cursor(&self.config.name, self.read_pos)
                     .await;
             }
+            // Draining before exit: what is batched goes now (its age limit may be minutes away);
+            // the lane is done once its read position is past the durable end (the reader's own
+            // end of data is not taken for it) and it holds nothing. Short of that end it waits
+            // below like any caught-up lane and reads again.
+            let past_durable_end = self.read_pos.0 > self.wal.durable_lsn().0;
+            if caught_up && !read_blocked && self.finishing() && !*self.shutdown.borrow() {
+                if !batch.is_empty() {
+                    self.flush(&mut batch, false).await?;
+                    continue;
+                }
+                if past_durable_end {
+                    self.ledger
+                        .note_cursor(&self.config.name, self.read_pos)
+                        .await;
+                    self.publish_progress(&batch, caught_up);
+                    tracing::debug!(lane = %self.config.name, cursor = self.read_pos.0, "drained to the WAL's end");
+                    return Ok(());
+                }
+            }
             self.publish_progress(&batch, caught_up);
             if *self.shutdown.borrow() {
                 return self.stop(&mut batch).await;
@@ -261,12 +310,14 @@ impl Lane {
                 // Waiting for records or for the batch's age limit (flush_interval_ms may be
                 // minutes) is legitimate: beat meanwhile.
                 let mut shutdown = self.shutdown.clone();
+                let mut finish = self.finish.clone();
                 self.heartbeat
                     .wait(async {
                         tokio::select! {
                             _ = durable.changed() => {}
                             _ = tokio::time::sleep_until(deadline.into()) => {}
                             _ = shutdown.changed() => {}
+                            _ = finish_changed(&mut finish) => {}
                         }
                     })
                     .await;

@@ -16,6 +16,7 @@ mod modern;
 mod relay;
 mod replay;
 mod security;
+mod shutdown;
 mod sink;
 mod source;
 mod tools;
