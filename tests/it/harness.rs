@@ -50,17 +50,8 @@ pub const STREAMS: [(&str, &[&str]); 3] = [
     ),
 ];
 
-/// The eight typed tables.
-pub const TABLES: [&str; 8] = [
-    "trades",
-    "orderbooks",
-    "funding_rates",
-    "open_interests",
-    "liquidations",
-    "lsr_top_positions",
-    "lsr_all_accounts",
-    "volatility_indices",
-];
+/// The eight typed tables, as the relay names them.
+pub const TABLES: [&str; 8] = prism_relay::config::TYPED_TABLES;
 
 /// Which ClickHouse a bed runs: the two server generations the relay's schema profiles serve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
