@@ -164,15 +164,7 @@ impl Chdb {
 
     /// [`Chdb::query`] with its own bound, connection to last byte.
     pub fn query_with_timeout(&self, sql: &str, timeout: Duration) -> Result<String, TestbedError> {
-        let response = http::request(self.http_port(), "POST", "/", sql.as_bytes(), timeout)?;
-        if response.status == 200 {
-            Ok(response.body_text())
-        } else {
-            Err(TestbedError::Query {
-                status: response.status,
-                exception: response.body_text().trim().to_owned(),
-            })
-        }
+        http::query(self.http_port(), sql, timeout)
     }
 
     /// POSTs `body` to `path_and_query` (e.g. `/?query=...`) and returns the answer whatever

@@ -286,15 +286,7 @@ impl ClickHouse {
     /// [`ClickHouse::query`] with its own bound, connection to last byte; running out
     /// of time is an error whose [`TestbedError::is_timeout`] is true.
     pub fn query_with_timeout(&self, sql: &str, timeout: Duration) -> Result<String, TestbedError> {
-        let response = http::request(self.http_port(), "POST", "/", sql.as_bytes(), timeout)?;
-        if response.status == 200 {
-            Ok(response.body_text())
-        } else {
-            Err(TestbedError::Query {
-                status: response.status,
-                exception: response.body_text().trim().to_owned(),
-            })
-        }
+        http::query(self.http_port(), sql, timeout)
     }
 }
 

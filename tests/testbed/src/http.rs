@@ -31,6 +31,21 @@ impl Response {
     }
 }
 
+/// Runs `sql` on the ClickHouse HTTP interface at `127.0.0.1:port` within `timeout` and returns
+/// the response body; an answer other than 200 is a [`TestbedError::Query`] carrying the
+/// exception text. Shared by the 18.16 server and the modern engine's stand-in.
+pub(crate) fn query(port: u16, sql: &str, timeout: Duration) -> Result<String, TestbedError> {
+    let response = request(port, "POST", "/", sql.as_bytes(), timeout)?;
+    if response.status == 200 {
+        Ok(response.body_text())
+    } else {
+        Err(TestbedError::Query {
+            status: response.status,
+            exception: response.body_text().trim().to_owned(),
+        })
+    }
+}
+
 /// Sends one request to `127.0.0.1:port` and reads the whole response, all within `timeout`.
 pub(crate) fn request(
     port: u16,
