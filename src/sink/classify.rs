@@ -365,7 +365,8 @@ pub fn parse_exception_code(message: &str) -> Option<u32> {
 /// Converts an error of the `clickhouse` crate into a classified error.
 pub fn from_client_error(error: &clickhouse::error::Error, format: BodyFormat) -> InsertError {
     use clickhouse::error::Error as E;
-    let message = error_chain(error);
+    // With its sources, so the io error kind behind a network error is visible.
+    let message = prism_wal::ErrorChain(error).to_string();
     match error {
         // The server answered with an exception (or a bare HTTP status).
         // The server's own text is the reason (without the crate's "bad response" prefix).
@@ -393,21 +394,6 @@ pub fn from_client_error(error: &clickhouse::error::Error, format: BodyFormat) -
         // retryable, except a TLS handshake refused on trust (see `classify` without a code).
         _ => InsertError::classified(None, message, format),
     }
-}
-
-/// Renders an error with its sources, so the io error kind behind a network error is visible.
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
