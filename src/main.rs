@@ -10,8 +10,8 @@ use prism_relay::config::{Config, ConfigError, LogFormat};
 use prism_relay::drain::Router;
 use prism_relay::redact::{redact, RedactingWriter};
 use prism_relay::run::{
-    add_missing_columns, apply_schema, check_cluster_schema, check_schema, resolve_profile,
-    schema_statements, sink_options,
+    add_missing_columns, add_missing_distributed_columns, apply_schema, check_cluster_schema,
+    check_schema, resolve_profile, schema_statements, sink_options,
 };
 use prism_relay::schema::Profile;
 use prism_relay::sink::Sink;
@@ -773,6 +773,14 @@ async fn schema_command(action: SchemaAction) -> Result<ExitCode> {
             let profile = profile.resolve(&config, async { Ok(detected) }).await?;
             apply_schema(&config, &probe, profile).await?;
             add_missing_columns(&config, &probe, profile).await?;
+            // Each server has its own Distributed tables: those of the replicas `check`
+            // verifies get the missing columns too.
+            for url in &config.clickhouse.replica_urls {
+                let mut replica = config.clone();
+                replica.clickhouse.url = url.clone();
+                let (replica_probe, _) = resolve_profile(&replica).await?;
+                add_missing_distributed_columns(&replica, &replica_probe, profile).await?;
+            }
             let mut problems = check_schema(&config, &probe, profile).await?;
             problems.extend(check_cluster_schema(&config, &probe, profile).await?);
             for problem in &problems {

@@ -331,24 +331,72 @@ pub async fn apply_schema(
 
 /// Adds the columns the relay writes that existing tables lack (a table created by an older
 /// relay), never dropping or retyping one: `schema apply` runs it after [`apply_schema`], whose
-/// `CREATE TABLE IF NOT EXISTS` leaves existing tables as they are. `run` does not: altering a
-/// table is the operator's decision, which the start-up check's message asks for.
+/// `CREATE TABLE IF NOT EXISTS` leaves existing tables as they are. In the cluster layout the
+/// replicated tables are altered `ON CLUSTER` (the change reaches every replica), and this
+/// server's `<table>_all` gets the same columns: a `Distributed` table lives on each server
+/// apart, and ClickHouse refuses an `ON CLUSTER` alter of one over replicated shards, so each
+/// server's is altered through that server ([`add_missing_distributed_columns`]). `run` does not
+/// alter: that is the operator's decision, which the start-up check's message asks for.
 pub async fn add_missing_columns(
     config: &Config,
     probe: &Sink,
     profile: Profile,
 ) -> Result<(), SinkError> {
+    add_columns(config, probe, profile, Tables::Local).await?;
+    add_missing_distributed_columns(config, probe, profile).await
+}
+
+/// In the cluster layout, adds to the `<table>_all` tables of the server behind `probe` the
+/// columns they lack (see [`add_missing_columns`]); nothing otherwise.
+pub async fn add_missing_distributed_columns(
+    config: &Config,
+    probe: &Sink,
+    profile: Profile,
+) -> Result<(), SinkError> {
+    if config.clickhouse.cluster.is_none() {
+        return Ok(());
+    }
+    add_columns(config, probe, profile, Tables::Distributed).await
+}
+
+/// Which tables [`add_columns`] alters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tables {
+    /// The tables the relay inserts into (`ON CLUSTER` in the cluster layout).
+    Local,
+    /// Their `<table>_all`, on the probed server only.
+    Distributed,
+}
+
+async fn add_columns(
+    config: &Config,
+    probe: &Sink,
+    profile: Profile,
+    tables: Tables,
+) -> Result<(), SinkError> {
     let ch = &config.clickhouse;
+    let cluster = match tables {
+        Tables::Local => cluster(config),
+        Tables::Distributed => None,
+    };
     let columns = probe.table_columns(&ch.database).await?;
     for table in SchemaTable::ALL {
-        let name = table_name(config, table);
-        let actual = columns.get(name).map(Vec::as_slice).unwrap_or_default();
+        let name = match tables {
+            Tables::Local => table_name(config, table).to_string(),
+            Tables::Distributed => schema::distributed_name(table_name(config, table)),
+        };
+        let actual = columns.get(&name).map(Vec::as_slice).unwrap_or_default();
         if actual.is_empty() {
             continue;
         }
-        for statement in
-            schema::add_missing_columns_ddl_named(profile, &ch.database, table, name, actual)
-        {
+        for statement in schema::add_missing_columns_ddl_named(
+            profile,
+            &ch.database,
+            table,
+            &name,
+            actual,
+            cluster.as_ref(),
+        ) {
             probe.execute(&statement).await?;
         }
     }

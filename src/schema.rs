@@ -1014,28 +1014,37 @@ pub fn add_missing_columns_ddl(
     actual: &[(String, String)],
 ) -> Vec<String> {
     let table = table.into();
-    add_missing_columns_ddl_named(profile, database, table, table.name(), actual)
+    add_missing_columns_ddl_named(profile, database, table, table.name(), actual, None)
 }
 
-/// [`add_missing_columns_ddl`] for a table stored under `name` (the dead-letter table's name is
-/// configurable).
+/// [`add_missing_columns_ddl`] for a table stored under `table_name` (the dead-letter table's
+/// name is configurable, and in the cluster layout its `<table>_all` takes the same columns), on
+/// every server of `cluster` when one is given (for a replicated table; ClickHouse refuses an
+/// `ON CLUSTER` alter of a `Distributed` table over replicated shards, so that one is altered
+/// on each server without a cluster).
 pub fn add_missing_columns_ddl_named(
     profile: Profile,
     database: &str,
     table: SchemaTable,
     table_name: &str,
     actual: &[(String, String)],
+    cluster: Option<&Cluster>,
 ) -> Vec<String> {
     expected_columns(table)
         .iter()
         .filter(|(name, _)| !actual.iter().any(|(actual_name, _)| actual_name == name))
         .map(|&(name, column_type)| {
-            format!(
-                "ALTER TABLE {}.{} ADD COLUMN {}",
-                identifier(database),
-                identifier(table_name),
-                column_definition(profile, name, column_type)
-            )
+            let mut statement = String::from("ALTER TABLE ");
+            push_identifier(&mut statement, database);
+            statement.push('.');
+            push_identifier(&mut statement, table_name);
+            if let Some(cluster) = cluster {
+                statement.push_str(" ON CLUSTER ");
+                push_identifier(&mut statement, &cluster.name);
+            }
+            statement.push_str(" ADD COLUMN ");
+            statement.push_str(&column_definition(profile, name, column_type));
+            statement
         })
         .collect()
 }

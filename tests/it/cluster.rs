@@ -276,6 +276,66 @@ async fn schema_apply_with_the_cluster_profile_creates_replicated_and_distribute
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_apply_adds_a_missing_column_on_every_replica_and_to_the_distributed_tables() {
+    let cluster = ClusterBed::start();
+    cluster.apply_schema().await;
+    // The dead-letter table as an older relay created it, without `wal_lsn`: dropped from
+    // the replicated table on every server, and from each server's Distributed table (each
+    // has its own, which ClickHouse does not alter ON CLUSTER over replicated shards).
+    query(
+        cluster.bed.ch.legacy(),
+        &format!("ALTER TABLE {DATABASE}.dead_letters ON CLUSTER {CLUSTER} DROP COLUMN wal_lsn"),
+    );
+    for server in cluster.replicas() {
+        query(
+            server,
+            &format!("ALTER TABLE {DATABASE}.dead_letters_all DROP COLUMN wal_lsn"),
+        );
+    }
+    let has_column = |server: &ClickHouse, table: &str| {
+        query(
+            server,
+            &format!(
+                "SELECT count() FROM system.columns WHERE database = '{DATABASE}' \
+                 AND table = '{table}' AND name = 'wal_lsn'"
+            ),
+        ) == "1"
+    };
+    let missing = || {
+        let mut missing = Vec::new();
+        for server in cluster.replicas() {
+            for table in ["dead_letters", "dead_letters_all"] {
+                if !has_column(server, table) {
+                    missing.push(format!("{table} on {}", server.http_url()));
+                }
+            }
+        }
+        missing
+    };
+    // The drop may reach the second replica a moment later (replication of the ALTER).
+    let deadline = Instant::now() + REPLICATION_TIMEOUT;
+    while missing().len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "wal_lsn not dropped everywhere: {:?}",
+            missing()
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+
+    cluster.apply_schema().await;
+    let deadline = Instant::now() + REPLICATION_TIMEOUT;
+    while !missing().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "schema apply left wal_lsn missing from {:?}",
+            missing()
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
 /// Asserts the exact accounting of a finished run on replica 1 (what verify reads): every
 /// published identity stored, none lost, none duplicated under FINAL.
 fn assert_exact(report: &VerifyReport, published: u64) {
