@@ -438,8 +438,6 @@ async fn two_relays_sharing_one_durable_split_the_traffic_and_a_killed_ones_wal_
     let redelivered_before = redelivered_acks.load(Ordering::Relaxed);
     relay_a.kill9();
     let killed_at = Instant::now();
-    let summary = load.await.expect("loadgen task");
-    assert!(summary.ok(), "loadgen: {summary}");
     // Relay B alone takes the rest of the traffic and what A had been handed but not acked.
     wait_until(
         "relay B acked redelivered messages",
@@ -448,6 +446,8 @@ async fn two_relays_sharing_one_durable_split_the_traffic_and_a_killed_ones_wal_
     )
     .await;
     let redelivered_ms = killed_at.elapsed().as_millis();
+    let summary = load.await.expect("loadgen task");
+    assert!(summary.ok(), "loadgen: {summary}");
     wait_until("every consumer settled", ACCOUNTED_TIMEOUT, || async {
         let mut settled = true;
         for c in &config_b.consumers {
