@@ -8,9 +8,16 @@
 //! from the acks. A [`Schedule`] paces the run by elapsed time, so the achieved rate does
 //! not drift. Streams can be created first when missing (`create_streams`).
 //!
+//! A publish whose ack fails (timed out, or an error such as no responders while a clustered
+//! stream elects a new leader) is sent again with the same `Nats-Msg-Id` for up to
+//! `PUBLISH_RETRY_WINDOW_MS` after its first send: JetStream's duplicate window drops the copy
+//! of one that was stored after all (its ack then says duplicate, which for a re-sent message
+//! is no duplicate of the run). Only a publish that still fails then counts as a publish error,
+//! so a NATS node's loss does not end the run.
+//!
 //! Per message, the only allocations are the ones the NATS client needs to own what it
-//! sends (subject, payload bytes, the `Nats-Msg-Id` header); generation itself reuses its
-//! buffers.
+//! sends (subject, payload bytes, the `Nats-Msg-Id` header) and the subject and message id
+//! kept until the ack for a re-send; generation itself reuses its buffers.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -35,6 +42,16 @@ pub const INFLIGHT_MAX_DEFAULT: usize = 1024;
 /// starts only when an ack is awaited, and acks are awaited oldest first: publishes lost to a
 /// server restart would otherwise time out one after the other.
 const PUBLISH_ACK_TIMEOUT_MS: u64 = 5_000;
+
+/// How long after its first send a failed publish is sent again: longer than a JetStream
+/// stream's leader election after its leader's node died (seconds), shorter than the duplicate
+/// window of MarketPrism's streams (120 s), so a re-sent copy of a stored message is dropped.
+const PUBLISH_RETRY_WINDOW_MS: u64 = 60_000;
+
+/// Least time between two sends of one message: a publish that failed at once (no responders
+/// while a stream has no leader, a send error) is sent again no sooner, which bounds the
+/// re-sends of each failing message to ten a second; one that failed later goes out at once.
+const PUBLISH_RETRY_PAUSE_MS: u64 = 100;
 
 /// Time between two progress updates: frequent enough to look live, rare enough to keep
 /// the cost off the publish path at any rate.
@@ -263,8 +280,11 @@ pub struct LoadgenSummary {
     /// Types in the mix no configured market carries (not generated).
     pub skipped_types: Vec<DataType>,
     pub elapsed: Duration,
-    /// Publishes that failed (send error, ack timeout, no stream, ...).
+    /// Publishes that failed (send error, ack timeout, no stream, ...) and were not stored
+    /// by a re-send within the retry window.
     pub publish_errors: u64,
+    /// Publishes sent again after a failed attempt.
+    pub publish_retries: u64,
     pub first_error: Option<String>,
     /// Acks flagged duplicate by the server (expected 0: every message id is unique).
     pub duplicates: u64,
@@ -338,10 +358,11 @@ impl fmt::Display for LoadgenSummary {
         }
         writeln!(
             f,
-            "elapsed {:.3} s, {:.0} msg/s, publish errors {}, duplicates {}",
+            "elapsed {:.3} s, {:.0} msg/s, publish errors {}, retries {}, duplicates {}",
             self.elapsed.as_secs_f64(),
             self.rate_per_s(),
             self.publish_errors,
+            self.publish_retries,
             self.duplicates
         )?;
         if let Some(e) = &self.first_error {
@@ -423,8 +444,54 @@ struct Tally {
     published: [u64; 8],
     streams: BTreeMap<String, StreamSeqRange>,
     publish_errors: u64,
+    publish_retries: u64,
     first_error: Option<String>,
     duplicates: u64,
+}
+
+/// A message as it is published, kept while its ack is awaited so a failed publish can be sent
+/// again unchanged.
+struct Outgoing {
+    dt: DataType,
+    subject: String,
+    payload: Bytes,
+    msg_id: String,
+    /// When the message was sent the first time; re-sends stop [`PUBLISH_RETRY_WINDOW_MS`] later.
+    first_sent: Instant,
+    /// Whether this is a re-send, whose stored first attempt the server acks as a duplicate.
+    resent: bool,
+}
+
+/// A publish awaiting its ack.
+struct InFlight {
+    message: Outgoing,
+    ack: PublishAckFuture,
+    /// When it was sent.
+    sent: Instant,
+}
+
+/// A publish that failed and may be sent again.
+struct Failed {
+    message: Outgoing,
+    error: String,
+    /// When it was sent last.
+    sent: Instant,
+}
+
+/// Sends `message`; a send error comes back with the message.
+async fn send(js: &jetstream::Context, message: Outgoing) -> Result<InFlight, Failed> {
+    let publish = PublishMessage::build()
+        .payload(message.payload.clone())
+        .message_id(message.msg_id.as_str());
+    let sent = Instant::now();
+    match js.send_publish(message.subject.clone(), publish).await {
+        Ok(ack) => Ok(InFlight { message, ack, sent }),
+        Err(e) => Err(Failed {
+            message,
+            error: e.to_string(),
+            sent,
+        }),
+    }
 }
 
 impl Tally {
@@ -435,18 +502,25 @@ impl Tally {
         }
     }
 
-    async fn settle(&mut self, dt: DataType, ack: PublishAckFuture, deadline: Instant) {
+    /// Awaits the ack of `in_flight` and counts it; a failed publish comes back to be sent
+    /// again.
+    async fn settle(&mut self, in_flight: InFlight) -> Option<Failed> {
+        let InFlight { message, ack, sent } = in_flight;
+        let deadline = sent + Duration::from_millis(PUBLISH_ACK_TIMEOUT_MS);
         let ack = match tokio::time::timeout_at(deadline.into(), ack).await {
             Ok(ack) => ack,
             Err(_) => {
-                self.error("publish ack timed out");
-                return;
+                return Some(Failed {
+                    message,
+                    error: "publish ack timed out".to_owned(),
+                    sent,
+                })
             }
         };
         match ack {
             Ok(ack) => {
-                self.published[dt.index()] += 1;
-                if ack.duplicate {
+                self.published[message.dt.index()] += 1;
+                if ack.duplicate && !message.resent {
                     self.duplicates += 1;
                 }
                 let r = self.streams.entry(ack.stream).or_insert(StreamSeqRange {
@@ -457,8 +531,47 @@ impl Tally {
                 r.first_seq = r.first_seq.min(ack.sequence);
                 r.last_seq = r.last_seq.max(ack.sequence);
                 r.published += 1;
+                None
             }
-            Err(e) => self.error(e),
+            Err(e) => Some(Failed {
+                message,
+                error: e.to_string(),
+                sent,
+            }),
+        }
+    }
+
+    /// Sends a failed publish again until a send succeeds, within its retry window; past it
+    /// the failure counts as a publish error.
+    async fn resend(&mut self, js: &jetstream::Context, mut failed: Failed) -> Option<InFlight> {
+        let window = Duration::from_millis(PUBLISH_RETRY_WINDOW_MS);
+        loop {
+            if failed.message.first_sent.elapsed() >= window {
+                self.error(failed.error);
+                return None;
+            }
+            // A message is sent again no sooner than the pause after its previous send, so one
+            // that waited long for its failure goes out at once.
+            let pause = Duration::from_millis(PUBLISH_RETRY_PAUSE_MS);
+            tokio::time::sleep_until((failed.sent + pause).into()).await;
+            self.publish_retries += 1;
+            failed.message.resent = true;
+            match send(js, failed.message).await {
+                Ok(in_flight) => return Some(in_flight),
+                Err(again) => failed = again,
+            }
+        }
+    }
+
+    /// Settles the oldest publish of `window`, sending it again at the back if it failed.
+    async fn settle_oldest(&mut self, js: &jetstream::Context, window: &mut VecDeque<InFlight>) {
+        let Some(in_flight) = window.pop_front() else {
+            return;
+        };
+        if let Some(failed) = self.settle(in_flight).await {
+            if let Some(again) = self.resend(js, failed).await {
+                window.push_back(again);
+            }
         }
     }
 }
@@ -499,11 +612,11 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
         published: [0; 8],
         streams: BTreeMap::new(),
         publish_errors: 0,
+        publish_retries: 0,
         first_error: None,
         duplicates: 0,
     };
-    let mut window: VecDeque<(DataType, PublishAckFuture, Instant)> =
-        VecDeque::with_capacity(opts.inflight_max);
+    let mut window: VecDeque<InFlight> = VecDeque::with_capacity(opts.inflight_max);
     let count_max = opts.count.unwrap_or(u64::MAX);
     let duration_max = opts.duration_s.map(Duration::from_secs);
     let start = Instant::now();
@@ -531,32 +644,33 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
             None => wall_ms(),
         };
         let m = generator.next_message(now_ms);
-        let dt = m.data_type;
-        let publish = PublishMessage::build()
-            .payload(Bytes::copy_from_slice(m.payload))
-            .message_id(m.msg_id);
-        let subject = m.subject.to_string();
-        match js.send_publish(subject, publish).await {
-            Ok(ack) => window.push_back((
-                dt,
-                ack,
-                Instant::now() + Duration::from_millis(PUBLISH_ACK_TIMEOUT_MS),
-            )),
-            Err(e) => tally.error(e),
+        let message = Outgoing {
+            dt: m.data_type,
+            subject: m.subject.to_string(),
+            payload: Bytes::copy_from_slice(m.payload),
+            msg_id: m.msg_id.to_string(),
+            first_sent: Instant::now(),
+            resent: false,
+        };
+        match send(&js, message).await {
+            Ok(in_flight) => window.push_back(in_flight),
+            Err(failed) => {
+                if let Some(again) = tally.resend(&js, failed).await {
+                    window.push_back(again);
+                }
+            }
         }
         n += 1;
         while window.len() >= opts.inflight_max {
-            if let Some((dt, ack, deadline)) = window.pop_front() {
-                tally.settle(dt, ack, deadline).await;
-            }
+            tally.settle_oldest(&js, &mut window).await;
         }
         if elapsed >= progress_due {
             bar.set_position(n);
             progress_due = elapsed + progress_interval;
         }
     }
-    while let Some((dt, ack, deadline)) = window.pop_front() {
-        tally.settle(dt, ack, deadline).await;
+    while !window.is_empty() {
+        tally.settle_oldest(&js, &mut window).await;
     }
     let elapsed = start.elapsed();
     bar.set_position(n);
@@ -573,6 +687,7 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
         skipped_types: generator.skipped_types().to_vec(),
         elapsed,
         publish_errors: tally.publish_errors,
+        publish_retries: tally.publish_retries,
         first_error: tally.first_error,
         duplicates: tally.duplicates,
         aborted,

@@ -346,24 +346,7 @@ impl Bed {
     /// subjects included), then
     /// returns that report (which may still show duplicates: the caller asserts).
     pub async fn wait_accounted(&self, timeout: Duration) -> VerifyReport {
-        let deadline = Instant::now() + timeout;
-        loop {
-            // Until the relay has created its tables, verify fails: keep polling.
-            let last = match verify::run(&self.verify_options()).await {
-                Ok(report) => {
-                    let unrouted = &report.unrouted;
-                    if report.totals().lost == 0 && unrouted.dead_lettered >= unrouted.published {
-                        return report;
-                    }
-                    report.to_string()
-                }
-                Err(error) => format!("verify failed: {error}"),
-            };
-            if Instant::now() >= deadline {
-                panic!("not everything stored after {timeout:?}:\n{last}");
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        wait_accounted_by(&self.verify_options(), timeout).await
     }
 
     /// Messages stored in `stream` on subjects matching `filter`.
@@ -389,6 +372,29 @@ impl Bed {
         let mut consumer: jetstream::consumer::PullConsumer =
             stream.get_consumer(durable).await.expect("consumer exists");
         consumer.info().await.expect("consumer info").clone()
+    }
+}
+
+/// [`Bed::wait_accounted`] for any servers: polls verify with `options` until every published
+/// identity is stored or dead-lettered, then returns that report.
+pub async fn wait_accounted_by(options: &VerifyOptions, timeout: Duration) -> VerifyReport {
+    let deadline = Instant::now() + timeout;
+    loop {
+        // Until the relay has created its tables, verify fails: keep polling.
+        let last = match verify::run(options).await {
+            Ok(report) => {
+                let unrouted = &report.unrouted;
+                if report.totals().lost == 0 && unrouted.dead_lettered >= unrouted.published {
+                    return report;
+                }
+                report.to_string()
+            }
+            Err(error) => format!("verify failed: {error}"),
+        };
+        if Instant::now() >= deadline {
+            panic!("not everything stored after {timeout:?}:\n{last}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -547,9 +553,15 @@ pub struct RelayConfig {
 
 impl RelayConfig {
     fn new(bed: &Bed) -> RelayConfig {
+        RelayConfig::for_servers(bed.nats.url(), bed.ch.http_url(), bed.path("wal"))
+    }
+
+    /// The configuration [`Bed::config`] writes, for servers outside a [`Bed`] (a NATS
+    /// cluster): `nats_url` may list several servers, comma separated.
+    pub fn for_servers(nats_url: String, clickhouse_url: String, wal_dir: PathBuf) -> RelayConfig {
         RelayConfig {
-            nats_url: bed.nats.url(),
-            clickhouse_url: bed.ch.http_url(),
+            nats_url,
+            clickhouse_url,
             profile: "auto".to_owned(),
             clickhouse_extra: String::new(),
             streams: STREAMS
@@ -564,7 +576,7 @@ impl RelayConfig {
                 ConsumerDef::new("MARKET_BOOKS", "prism-relay-books"),
                 ConsumerDef::new("MARKET_DATA", "prism-relay-data"),
             ],
-            wal_dir: bed.path("wal"),
+            wal_dir,
             segment_bytes_max: 4 * 1024 * 1024,
             budget_bytes_max: 256 * 1024 * 1024,
             retention_bytes_max: 64 * 1024 * 1024,
@@ -748,9 +760,26 @@ impl RelayProc {
         RelayProc::spawn_with_env_at(config_path, bed, name, config, env)
     }
 
+    /// [`RelayProc::spawn`] for servers outside a [`Bed`]: the configuration and the log go
+    /// into `dir`.
+    pub fn spawn_in(dir: &Path, name: &str, config: &RelayConfig) -> RelayProc {
+        let config_path = config.write(&dir.join(format!("{name}.toml")));
+        RelayProc::spawn_in_dir(config_path, dir, name, config, &[])
+    }
+
     fn spawn_with_env_at(
         config_path: PathBuf,
         bed: &Bed,
+        name: &str,
+        config: &RelayConfig,
+        env: &[(&str, &str)],
+    ) -> RelayProc {
+        RelayProc::spawn_in_dir(config_path, bed.dir.path(), name, config, env)
+    }
+
+    fn spawn_in_dir(
+        config_path: PathBuf,
+        dir: &Path,
         name: &str,
         config: &RelayConfig,
         env: &[(&str, &str)],
@@ -759,7 +788,7 @@ impl RelayProc {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let log_path = bed.path(&format!("{name}.log"));
+        let log_path = dir.join(format!("{name}.log"));
         let metrics_addr = config.metrics_addr();
         let process = prism_testbed::Relay::spawn_with_env(
             Path::new(relay_bin()),

@@ -15,6 +15,7 @@ mod metrics;
 mod modern;
 mod relay;
 mod replay;
+mod scaleout;
 mod security;
 mod shutdown;
 mod sink;

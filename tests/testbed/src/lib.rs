@@ -1,6 +1,7 @@
 //! Real servers for tests, chaos runs and benchmarks of prism-relay.
 //!
-//! The main types are [`Nats`], a `nats-server` with JetStream, [`ClickHouse`], a
+//! The main types are [`Nats`], a `nats-server` with JetStream, [`NatsCluster`], several of
+//! them forming one JetStream cluster, [`ClickHouse`], a
 //! `clickhouse-server` (18.16 here; optionally a replica of a cluster coordinated by
 //! [`ZooKeeper`]), [`Chdb`], a modern ClickHouse engine (chdb-core's 26.9) behind a stand-in
 //! for ClickHouse's HTTP interface, [`Prometheus`], a `prometheus` server for the deployment
@@ -29,6 +30,7 @@ mod clickhouse;
 mod error;
 mod http;
 mod nats;
+mod nats_cluster;
 mod process;
 mod prometheus;
 mod relay;
@@ -39,6 +41,7 @@ pub use chdb::{Chdb, HttpAnswer};
 pub use clickhouse::{ClickHouse, ClickHouseOptions, HttpsFiles, Replication};
 pub use error::TestbedError;
 pub use nats::Nats;
+pub use nats_cluster::{NatsCluster, NatsNode};
 pub use process::free_ports;
 pub use prometheus::{url_encode, PromAnswer, Prometheus};
 pub use relay::{http_get, metric_sum, Relay};
@@ -47,6 +50,11 @@ pub use zookeeper::{ZooKeeper, ZOOKEEPER_TICK_MS};
 /// How long `Nats::start`/`restart` wait for JetStream to report healthy. NATS is
 /// ready in tens of milliseconds; the bound is wide for a loaded 2-core machine.
 pub const NATS_READY_TIMEOUT_MS: u64 = 15_000;
+
+/// How long [`NatsCluster::start`] waits for the JetStream meta group to elect a leader
+/// known to every node, and [`NatsNode::restart`] for a node to catch up with it. An election
+/// takes a few seconds here; the bound is wide for a loaded 2-core machine.
+pub const NATS_CLUSTER_READY_TIMEOUT_MS: u64 = 60_000;
 
 /// How long `ClickHouse::start`/`restart` wait for `/ping`. ClickHouse 18.16 starts
 /// in a fraction of a second to 2 s here; restarts after SIGKILL load all tables first.

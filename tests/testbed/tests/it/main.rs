@@ -4,6 +4,7 @@
 
 mod chdb_server;
 mod clickhouse_server;
+mod nats_cluster;
 mod nats_server;
 mod process_lifetime;
 mod replicated_cluster;
