@@ -37,6 +37,18 @@ const FETCH_DEADLINE_MARGIN_MS: u64 = 2_000;
 /// The status JetStream uses when the next message exceeds the pull's byte limit.
 const TOO_LARGE_STATUS: &str = "Message Size Exceeds MaxBytes";
 
+/// Statuses (409) with which JetStream ends a pull that is not failing: the consumer's leader
+/// moved to another node ("Leadership Change"), or the server considers the request done
+/// ("Batch Completed", which a new leader answers for a while). The client library reports them
+/// as errors; the relay pulls again instead of backing off, which after a NATS node's loss held
+/// a consumer for tens of seconds.
+const PULL_ENDED_STATUSES: [&str; 2] = ["Batch Completed", "Leadership Change"];
+
+/// Pause before the next pull after one ended by such a status without messages: the server
+/// may answer every pull that way until the new leader has caught up, and a loop of immediate
+/// pulls would flood it with requests.
+const PULL_ENDED_PAUSE_MS: u64 = 50;
+
 /// Bound on handing one batch's acks to the connection. Sending an ack only queues it and
 /// writes it to the socket; if that takes longer, the connection is stuck (a frozen server with
 /// full socket buffers), and the caller must not hang: the acks are abandoned and the messages
@@ -252,6 +264,18 @@ impl Fetcher {
                 None => break,
                 Some(Ok(message)) => messages.push(self.delivered(message.message)?),
                 Some(Err(err)) => {
+                    let text = err.to_string();
+                    if PULL_ENDED_STATUSES
+                        .iter()
+                        .any(|status| text.contains(status))
+                    {
+                        tracing::debug!(stream = %self.stream, durable = %self.durable, status = %text,
+                            delivered = messages.len(), "pull ended by the server; pulling again");
+                        if messages.is_empty() {
+                            tokio::time::sleep(Duration::from_millis(PULL_ENDED_PAUSE_MS)).await;
+                        }
+                        break;
+                    }
                     let err = self.fetch_error(err);
                     if messages.is_empty() {
                         return Err(err);
