@@ -5,9 +5,11 @@
 //! sees the relay's ack on `$JS.ACK.>` minus the stream timestamp the ack's subject carries
 //! (the nanoseconds JetStream stored the message at, the token after the consumer sequence);
 //! the visible latency maps ClickHouse's row count, polled every [`VISIBLE_POLL`], to publish
-//! times: loadgen publishes at a fixed rate, so the k-th message is taken as published at
-//! `start + k / rate`, and the first k messages as visible once the count reaches k (rows
-//! arriving out of publish order blur single messages, not the distribution's scale).
+//! times: loadgen publishes at an even pace, so of `n` messages published over `elapsed` the
+//! k-th is taken as published at `start + k * elapsed / n`, and the first k messages as visible
+//! once the count reaches k (rows arriving out of publish order blur single messages, not the
+//! distribution's scale; `start` is taken just before loadgen connects, which adds its
+//! connection time, a few milliseconds, to every visible latency).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -413,6 +415,7 @@ pub fn outage(
     let published = world.publish("outage", Some(n), 0, None)?;
     check_count("outage traffic", published.published_total(), n)?;
     wait_acked(world, &mut run, DRAIN_TIMEOUT)?;
+    eprintln!("  outage: {} messages in the WAL", thousands(n as f64));
     let wal_records_bytes = world::dir_bytes(&run.wal_dir);
     let mut total = n;
     if with_restart && scale.restart_wal_bytes == 0 {
@@ -437,6 +440,7 @@ pub fn outage(
             "the WAL draining after the outage",
         )?;
         let relay = total as f64 / done.duration_since(back).as_secs_f64();
+        eprintln!("  outage: relay {} rows/s", thousands(relay));
         let rows = world
             .rt
             .block_on(contenders::decode_stream(&world.js(), "bench_outage_base"))?;
@@ -452,6 +456,7 @@ pub fn outage(
             total,
         )?;
         let base = total as f64 / took.as_secs_f64();
+        eprintln!("  outage: baseline {} rows/s", thousands(base));
         let ratio = relay / base;
         report.summary.outage_ratio = Some(ratio);
         report.line(
@@ -594,7 +599,7 @@ pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), 
         let Some((seen, _)) = polls.get(i) else {
             break;
         };
-        let published = start + Duration::from_secs_f64(k as f64 / LATENCY_RATE_PER_S as f64);
+        let published = start + summary.elapsed.mul_f64(k as f64 / n as f64);
         visible_s.push(seen.saturating_duration_since(published).as_secs_f64());
     }
     visible_s.sort_by(f64::total_cmp);
@@ -605,7 +610,7 @@ pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), 
     report.line(
         "latency",
         format!(
-            "latency  ack p50 {ack50:.2} ms p99 {ack99:.2} ms  target p99 <={ACK_P99_MS_MAX} ms {}  visible p50 {vis50:.3} s p99 {vis99:.3} s  target p99 <={VISIBLE_P99_S_MAX} s {}  ({} msg/s asked, {:.0} published, {} s, {} acks seen; ack = seen on $JS.ACK minus the stream timestamp; visible = count() polled every {} ms, k-th message taken as published at start + k/rate)",
+            "latency  ack p50 {ack50:.2} ms p99 {ack99:.2} ms  target p99 <={ACK_P99_MS_MAX} ms {}  visible p50 {vis50:.3} s p99 {vis99:.3} s  target p99 <={VISIBLE_P99_S_MAX} s {}  ({} msg/s asked, {:.0} published, {} s, {} acks seen; ack = seen on $JS.ACK minus the stream timestamp; visible = count() polled every {} ms, k-th of n messages taken as published at start + k*elapsed/n)",
             verdict(ack99 <= ACK_P99_MS_MAX),
             verdict(vis99 <= VISIBLE_P99_S_MAX),
             LATENCY_RATE_PER_S,
