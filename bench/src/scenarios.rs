@@ -571,7 +571,15 @@ pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), 
     };
 
     let start = Instant::now();
-    let summary = world.publish("latency", None, LATENCY_RATE_PER_S, Some(scale.latency_s))?;
+    let summary = match world.publish("latency", None, LATENCY_RATE_PER_S, Some(scale.latency_s)) {
+        Ok(summary) => summary,
+        Err(e) => {
+            stop.store(true, Ordering::SeqCst);
+            let _ = poller.join();
+            collector.abort();
+            return Err(e);
+        }
+    };
     let n = summary.published_total();
     let rows = world.wait_rows(
         &run.database,
@@ -580,11 +588,12 @@ pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), 
         LATENCY_SETTLE_TIMEOUT,
         "the latency scenario's rows",
     );
-    wait_acked(world, &mut run, LATENCY_SETTLE_TIMEOUT)?;
+    let acked = wait_acked(world, &mut run, LATENCY_SETTLE_TIMEOUT);
     stop.store(true, Ordering::SeqCst);
     let _ = poller.join();
     collector.abort();
     rows?;
+    acked?;
     let _ = run.relay.terminate(TERMINATE_TIMEOUT);
 
     let mut ack_ms = acks.lock().map(|v| v.clone()).unwrap_or_default();

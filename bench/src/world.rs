@@ -8,7 +8,8 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
 use prism_relay::tools::loadgen::{self, LoadgenOptions, LoadgenSummary};
@@ -71,6 +72,12 @@ pub struct World {
     pub rt: tokio::runtime::Runtime,
     pub relay_bin: PathBuf,
     client: async_nats::Client,
+    /// Where the next publish's timestamps start: past every earlier one's, so no two
+    /// publishes of the world share a row identity (the tables collapse rows on their natural
+    /// keys, timestamps included, and loadgen runs ahead of the clock at full speed).
+    ts_next_ms: AtomicI64,
+    /// The next publish's seed.
+    seed_next: AtomicU64,
 }
 
 /// A relay process of the world and what it was configured with.
@@ -105,6 +112,8 @@ impl World {
             rt,
             relay_bin: relay_bin.to_path_buf(),
             client,
+            ts_next_ms: AtomicI64::new(0),
+            seed_next: AtomicU64::new(1),
         })
     }
 
@@ -134,10 +143,14 @@ impl World {
             rate_per_s,
             duration_s,
             run_id: Some(run_id.to_string()),
+            seed: self.seed_next.fetch_add(1, Ordering::SeqCst),
+            ts_start_ms: Some(wall_ms().max(self.ts_next_ms.load(Ordering::SeqCst))),
             progress: false,
             ..LoadgenOptions::default()
         };
         let summary = self.rt.block_on(loadgen::run(&opts))?;
+        self.ts_next_ms
+            .fetch_max(summary.ts_last_ms.saturating_add(1), Ordering::SeqCst);
         if summary.publish_errors > 0 {
             return Err(BenchError::Output {
                 what: "loadgen summary".into(),
@@ -303,6 +316,12 @@ impl World {
             spawned,
         })
     }
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// What a relay configuration of the bench depends on.
