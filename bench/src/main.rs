@@ -228,6 +228,7 @@ mod tests {
     #[test]
     fn the_default_json_name_carries_the_utc_time() {
         assert_eq!(utc_stamp(0), "19700101T000000Z");
-        assert_eq!(utc_stamp(1_764_556_800 + 3_661), "20251201T010101Z");
+        assert_eq!(utc_stamp(1_764_547_200 + 3_661), "20251201T010101Z");
+        assert_eq!(utc_stamp(1_709_251_199), "20240229T235959Z");
     }
 }
