@@ -336,21 +336,28 @@ pub async fn no_wal_relay(
 }
 
 /// Reads every message of the three streams through durables `<name>-<stream>` and decodes
-/// them with the relay's codec.
+/// them with the relay's codec, batch by batch (only the rows are kept).
 pub async fn decode_stream(js: &jetstream::Context, name: &str) -> Result<TableRows, BenchError> {
     let mut rows = TableRows::default();
     for (stream, _) in STREAMS {
         // No acks: a consumer that needs none gets no redeliveries while the rows pile up.
         let (consumer, expected) =
             durable(js, stream, &format!("{name}-{stream}"), AckPolicy::None).await?;
-        let mut batches = Vec::new();
-        fetch_all(consumer, expected, |batch| {
-            batches.push(batch);
-            async { Ok(()) }
-        })
-        .await?;
-        for batch in &batches {
-            decode_batch(batch, &mut rows)?;
+        let mut got = 0u64;
+        while got < expected {
+            let mut messages = consumer
+                .fetch()
+                .max_messages(FETCH_BATCH)
+                .expires(Duration::from_millis(FETCH_EXPIRES_MS))
+                .messages()
+                .await
+                .map_err(|e| BenchError::nats("fetch", e))?;
+            let mut batch = Vec::with_capacity(FETCH_BATCH);
+            while let Some(m) = messages.next().await {
+                batch.push(m.map_err(|e| BenchError::nats("fetch", e))?);
+            }
+            got += batch.len() as u64;
+            decode_batch(&batch, &mut rows)?;
         }
     }
     Ok(rows)

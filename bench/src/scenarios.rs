@@ -29,7 +29,6 @@ use crate::world::{self, RelayRun, World, STREAMS};
 /// The counts of a run.
 #[derive(Debug, Clone, Copy)]
 pub struct Scale {
-    pub quick: bool,
     /// Messages of the backlog the drain contenders each consume.
     pub drain_n: u64,
     /// Rounds of the drain contenders (medians are reported).
@@ -40,7 +39,7 @@ pub struct Scale {
     pub wal_mib: u64,
     pub steady_s: u64,
     pub idle_s: u64,
-    /// WAL size the restart is measured with; 0: the outage scenario's WAL as it is.
+    /// WAL size (bytes of its directory) the restart is measured with.
     pub restart_wal_bytes: u64,
     pub latency_s: u64,
 }
@@ -51,19 +50,17 @@ impl Scale {
     pub fn new(quick: bool) -> Scale {
         if quick {
             Scale {
-                quick,
                 drain_n: 200_000,
                 rounds: 1,
                 outage_n: 300_000,
                 wal_mib: 64,
                 steady_s: 20,
                 idle_s: 20,
-                restart_wal_bytes: 0,
+                restart_wal_bytes: 512 * MIB,
                 latency_s: 10,
             }
         } else {
             Scale {
-                quick,
                 drain_n: 1_000_000,
                 rounds: 2,
                 outage_n: 2_000_000,
@@ -106,7 +103,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const IDLE_SETTLE: Duration = Duration::from_secs(2);
 /// Bound on the relay's SIGTERM shutdown between contenders.
 const TERMINATE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Pause between two looks at the ack floor while the restarted relay starts.
+/// How long the restart probe waits for an ack before it looks at the ack floor again (the
+/// figure's resolution when the ack is missed).
 const RESTART_POLL: Duration = Duration::from_millis(10);
 /// Longest restart accepted.
 const RESTART_TIMEOUT: Duration = Duration::from_secs(300);
@@ -342,7 +340,10 @@ pub fn steady(world: &World, scale: &Scale, report: &mut Report) -> Result<(), B
 }
 
 /// Kills the relay (SIGKILL), publishes one fresh message, starts the relay again and times
-/// until its durable's ack floor passes that message. Returns the seconds and the WAL's size.
+/// until it acks that message: its ack seen on `$JS.ACK` (the ack floor may stay behind it
+/// until JetStream redelivers what the killed relay had fetched and not acked, after
+/// `ack_wait`, so the floor alone would time the redelivery, not the restart). Returns the
+/// seconds and the WAL's size.
 fn restart_probe(world: &World, run: &mut RelayRun, tag: &str) -> Result<(f64, u64), BenchError> {
     run.relay.kill9()?;
     let wal_bytes = world::dir_bytes(&run.wal_dir);
@@ -364,13 +365,33 @@ fn restart_probe(world: &World, run: &mut RelayRun, tag: &str) -> Result<(f64, u
             what: "marker stream".into(),
             detail: stream.clone(),
         })?;
+    let client = world.client();
+    let mut acks = world
+        .rt
+        .block_on(async {
+            let sub = client
+                .subscribe(format!("$JS.ACK.{stream}.{durable}.>"))
+                .await?;
+            client.flush().await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(sub)
+        })
+        .map_err(|e| BenchError::nats("subscribe", e))?;
     let spawned = Instant::now();
     run.relay.start()?;
     let deadline = spawned + RESTART_TIMEOUT;
     loop {
-        if world
-            .consumer(&stream, &durable)
-            .is_ok_and(|c| c.ack_floor_stream_seq >= seq)
+        let seen = world.rt.block_on(async {
+            while let Ok(Some(m)) = tokio::time::timeout(RESTART_POLL, acks.next()).await {
+                if ack_stream_seq(&m.subject) == Some(seq) {
+                    return true;
+                }
+            }
+            false
+        });
+        if seen
+            || world
+                .consumer(&stream, &durable)
+                .is_ok_and(|c| c.ack_floor_stream_seq >= seq)
         {
             return Ok((spawned.elapsed().as_secs_f64(), wal_bytes));
         }
@@ -381,16 +402,15 @@ fn restart_probe(world: &World, run: &mut RelayRun, tag: &str) -> Result<(f64, u
                 detail: format!("see {}", run.relay.log_path().display()),
             });
         }
-        thread::sleep(RESTART_POLL);
     }
 }
 
-fn restart_line(report: &mut Report, secs: f64, wal_bytes: u64, note: &str) {
+fn restart_line(report: &mut Report, secs: f64, wal_bytes: u64) {
     report.summary.restart_s = Some(secs);
     report.line(
         "restart",
         format!(
-            "restart  relay {secs:.3} s from spawn to acking a fresh message  target <{RESTART_S_MAX} {}  (kill -9 with a {} MiB WAL{note}, ClickHouse down)",
+            "restart  relay {secs:.3} s from spawn to acking a fresh message  target <{RESTART_S_MAX} {}  (kill -9 with a {} MiB WAL, ClickHouse down)",
             verdict(secs < RESTART_S_MAX),
             wal_bytes / MIB
         ),
@@ -398,9 +418,10 @@ fn restart_line(report: &mut Report, secs: f64, wal_bytes: u64, note: &str) {
     );
 }
 
-/// Outage recovery (and restart): ClickHouse down while the WAL fills with `outage_n`
-/// messages; the relay killed and restarted on that WAL; ClickHouse back and the WAL drained,
-/// against the rows decoded up front and inserted by the `clickhouse` crate.
+/// Outage recovery, then restart: ClickHouse down while the WAL fills with `outage_n`
+/// messages; ClickHouse back and the WAL drained, against the rows decoded up front and
+/// inserted by the `clickhouse` crate. Then ClickHouse down again, the WAL topped up to
+/// `restart_wal_bytes`, the relay killed and restarted on it.
 pub fn outage(
     world: &mut World,
     scale: &Scale,
@@ -417,18 +438,7 @@ pub fn outage(
     wait_acked(world, &mut run, DRAIN_TIMEOUT)?;
     eprintln!("  outage: {} messages in the WAL", thousands(n as f64));
     let wal_records_bytes = world::dir_bytes(&run.wal_dir);
-    let mut total = n;
-    if with_restart && scale.restart_wal_bytes == 0 {
-        let (secs, bytes) = restart_probe(world, &mut run, "outage")?;
-        total += 1;
-        wait_acked(world, &mut run, DRAIN_TIMEOUT)?;
-        let note = if scale.quick {
-            ", the outage scenario's (quick run)"
-        } else {
-            ", the outage scenario's"
-        };
-        restart_line(report, secs, bytes, note);
-    }
+    let total = n;
     if with_outage {
         world.ch.restart()?;
         let back = Instant::now();
@@ -473,8 +483,11 @@ pub fn outage(
                    "target_min": OUTAGE_RATIO_MIN, "n": total, "wal_bytes": wal_records_bytes}),
         );
     }
-    if with_restart && scale.restart_wal_bytes > 0 {
-        world.ch.kill9()?;
+    if with_restart {
+        // ClickHouse is down again (it still is when the outage drain did not run).
+        if with_outage {
+            world.ch.kill9()?;
+        }
         let mut round = 0;
         while world::dir_bytes(&run.wal_dir) < scale.restart_wal_bytes {
             world.publish(&format!("topup-{round}"), Some(TOP_UP_MESSAGES), 0, None)?;
@@ -488,8 +501,8 @@ pub fn outage(
                 thread::sleep(DRAIN_POLL);
             }
         }
-        let (secs, bytes) = restart_probe(world, &mut run, "full")?;
-        restart_line(report, secs, bytes, "");
+        let (secs, bytes) = restart_probe(world, &mut run, "restart")?;
+        restart_line(report, secs, bytes);
     }
     let _ = run.relay.terminate(TERMINATE_TIMEOUT);
     Ok(())
@@ -501,17 +514,28 @@ fn wall_ns() -> u128 {
         .map_or(0, |d| d.as_nanos())
 }
 
+/// The index of the stream sequence among an ack subject's tokens (see [`ack_timestamp_ns`]).
+fn ack_seq_index(tokens: usize) -> Option<usize> {
+    match tokens {
+        9 => Some(5),
+        n if n >= 11 => Some(7),
+        _ => None,
+    }
+}
+
+/// The stream sequence an ack subject carries.
+pub fn ack_stream_seq(subject: &str) -> Option<u64> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    tokens.get(ack_seq_index(tokens.len())?)?.parse().ok()
+}
+
 /// The stream timestamp (ns) an ack subject carries: the token after the consumer sequence.
 /// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>`, or
 /// with domain and account hash before the stream (12 tokens and more).
 pub fn ack_timestamp_ns(subject: &str) -> Option<u128> {
     let tokens: Vec<&str> = subject.split('.').collect();
-    let index = match tokens.len() {
-        9 => 7,
-        n if n >= 11 => 9,
-        _ => return None,
-    };
-    tokens.get(index)?.parse().ok()
+    // Two tokens after the stream sequence: the consumer sequence, then the timestamp.
+    tokens.get(ack_seq_index(tokens.len())? + 2)?.parse().ok()
 }
 
 /// Latency at 20,000 msg/s: publish to ack (from the acks the relay publishes) and publish to
@@ -641,7 +665,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_ack_subject_yields_the_stream_timestamp_in_both_layouts() {
+    fn an_ack_subject_yields_the_stream_sequence_and_timestamp_in_both_layouts() {
         assert_eq!(
             ack_timestamp_ns("$JS.ACK.S.C.1.42.40.1700000000123456789.0"),
             Some(1_700_000_000_123_456_789)
@@ -651,5 +675,13 @@ mod tests {
             Some(1_700_000_000_123_456_789)
         );
         assert_eq!(ack_timestamp_ns("$JS.ACK.S.C"), None);
+        assert_eq!(
+            ack_stream_seq("$JS.ACK.S.C.1.42.40.1700000000123456789.0"),
+            Some(42)
+        );
+        assert_eq!(
+            ack_stream_seq("$JS.ACK._.ACCHASH.S.C.1.42.40.1700000000123456789.0.tok"),
+            Some(42)
+        );
     }
 }
