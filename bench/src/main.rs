@@ -8,7 +8,8 @@
 //! restart after a kill -9 on a large WAL, and latency at 20,000 msg/s (`scenarios`). It prints
 //! one line per figure with its target and whether it was met, writes the same as JSON, and
 //! ends with the `bench:` line (`report`). Targets are reported, not enforced: the exit code is
-//! 0 unless a scenario could not run.
+//! 0 unless a scenario could not run. The work directory (configurations, logs, WALs) is
+//! removed after a run in which every scenario ran, and kept otherwise.
 //!
 //! Usage: `prism-bench [--quick] [--only drain,wal,steady,outage,restart,latency]
 //! [--json PATH] [--relay-bin PATH] [--work-dir DIR]`.
@@ -190,6 +191,13 @@ fn main() -> ExitCode {
     match written {
         Ok(()) => println!("JSON: {}", json_path.display()),
         Err(e) => eprintln!("prism-bench: {e}"),
+    }
+    // The work directory holds the relays' WALs (gigabytes in a full run): kept as evidence
+    // when a scenario failed, removed otherwise (the JSON report lives outside it).
+    if report.errors.is_empty() {
+        let _ = std::fs::remove_dir_all(&work);
+    } else {
+        println!("work directory kept: {}", work.display());
     }
     println!("wall time {:.0} s", started.elapsed().as_secs_f64());
     println!("{}", report.final_line());
