@@ -1,0 +1,687 @@
+//! The scenarios of the bench. Each starts its own world (fresh servers), runs the release
+//! relay and its same-run baselines on the same traffic, and reports one line per figure.
+//!
+//! Latency approximations (also printed): the ack latency of a message is the time the bench
+//! sees the relay's ack on `$JS.ACK.>` minus the stream timestamp the ack's subject carries
+//! (the nanoseconds JetStream stored the message at, the token after the consumer sequence);
+//! the visible latency maps ClickHouse's row count, polled every [`VISIBLE_POLL`], to publish
+//! times: loadgen publishes at an even pace, so of `n` messages published over `elapsed` the
+//! k-th is taken as published at `start + k * elapsed / n`, and the first k messages as visible
+//! once the count reaches k (rows arriving out of publish order blur single messages, not the
+//! distribution's scale; `start` is taken just before loadgen connects, which adds its
+//! connection time, a few milliseconds, to every visible latency).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use serde_json::json;
+
+use crate::contenders;
+use crate::error::BenchError;
+use crate::report::{median, quantile, thousands, verdict, Report};
+use crate::walbench;
+use crate::world::{self, RelayRun, World, STREAMS};
+
+/// The counts of a run.
+#[derive(Debug, Clone, Copy)]
+pub struct Scale {
+    /// Messages of the backlog the drain contenders each consume.
+    pub drain_n: u64,
+    /// Rounds of the drain contenders (medians are reported).
+    pub rounds: usize,
+    /// Messages in the WAL when ClickHouse comes back.
+    pub outage_n: u64,
+    /// Payload MiB the WAL scenario appends (and the raw baseline writes).
+    pub wal_mib: u64,
+    pub steady_s: u64,
+    pub idle_s: u64,
+    /// WAL size (bytes of its directory) the restart is measured with.
+    pub restart_wal_bytes: u64,
+    pub latency_s: u64,
+}
+
+const MIB: u64 = 1024 * 1024;
+
+impl Scale {
+    pub fn new(quick: bool) -> Scale {
+        if quick {
+            Scale {
+                drain_n: 200_000,
+                rounds: 1,
+                outage_n: 300_000,
+                wal_mib: 64,
+                steady_s: 20,
+                idle_s: 20,
+                restart_wal_bytes: 512 * MIB,
+                latency_s: 10,
+            }
+        } else {
+            Scale {
+                drain_n: 1_000_000,
+                rounds: 2,
+                outage_n: 2_000_000,
+                wal_mib: 256,
+                steady_s: 60,
+                idle_s: 60,
+                // Just under the default 4 GiB WAL budget, at which the relay stops fetching.
+                restart_wal_bytes: 4 * 1024 * MIB - 128 * MIB,
+                latency_s: 30,
+            }
+        }
+    }
+}
+
+/// Targets of the issue.
+const DRAIN_RATIO_MIN: f64 = 0.6;
+const OUTAGE_RATIO_MIN: f64 = 0.6;
+const WAL_RATIO_MIN: f64 = 0.5;
+const CPU_PCT_MAX: f64 = 2.0;
+const RSS_MIB_MAX: f64 = 40.0;
+const IDLE_CPU_PCT_MAX: f64 = 0.2;
+const RESTART_S_MAX: f64 = 1.0;
+const ACK_P99_MS_MAX: f64 = 5.0;
+const VISIBLE_P99_S_MAX: f64 = 1.5;
+
+/// MarketPrism's real rate per relay (the steady scenario).
+const STEADY_RATE_PER_S: u64 = 1_200;
+/// The latency scenario's rate.
+const LATENCY_RATE_PER_S: u64 = 20_000;
+
+/// Pause between two looks at the consumers while a drain runs (the issue asks 100-250 ms).
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+/// Pause between two looks at ClickHouse while waiting for the rows.
+const ROWS_POLL: Duration = Duration::from_millis(200);
+/// Longest drain accepted; longer is an error (something is stuck).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(900);
+/// How long the relay may take to become ready (schema creation included).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Quiet time after the relay became ready before the idle window starts.
+const IDLE_SETTLE: Duration = Duration::from_secs(2);
+/// Bound on the relay's SIGTERM shutdown between contenders.
+const TERMINATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the restart probe waits for an ack before it looks at the ack floor again (the
+/// figure's resolution when the ack is missed).
+const RESTART_POLL: Duration = Duration::from_millis(10);
+/// Longest restart accepted.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(300);
+/// Messages per top-up while filling the WAL to the restart's size.
+const TOP_UP_MESSAGES: u64 = 250_000;
+/// ClickHouse count polls of the latency scenario.
+const VISIBLE_POLL: Duration = Duration::from_millis(100);
+/// Bound on the latency scenario's wait for its last rows and acks.
+const LATENCY_SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Waits until the relay acked everything (its durables have nothing pending or unacked);
+/// fails when the relay exits or `timeout` passes.
+fn wait_acked(world: &World, run: &mut RelayRun, timeout: Duration) -> Result<(), BenchError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if world.consumers_drained(&run.durables) {
+            return Ok(());
+        }
+        if let Some(status) = run.relay.try_exit()? {
+            return Err(BenchError::Output {
+                what: "relay exit".into(),
+                detail: format!("{status}; see {}", run.relay.log_path().display()),
+            });
+        }
+        if Instant::now() >= deadline {
+            return Err(BenchError::Timeout {
+                what: "the relay acking every message".into(),
+                waited_s: timeout.as_secs(),
+                detail: format!("see {}", run.relay.log_path().display()),
+            });
+        }
+        thread::sleep(DRAIN_POLL);
+    }
+}
+
+/// One cold relay drain of the backlog: msg/s from spawn until every message is acked and in
+/// ClickHouse with FINAL.
+fn relay_drain(world: &World, name: &str, n: u64) -> Result<f64, BenchError> {
+    let mut run = world.spawn_relay(name)?;
+    wait_acked(world, &mut run, DRAIN_TIMEOUT)?;
+    let done = world.wait_rows(
+        &run.database,
+        n,
+        ROWS_POLL,
+        DRAIN_TIMEOUT,
+        "the relay's rows",
+    )?;
+    let secs = done.duration_since(run.spawned).as_secs_f64();
+    run.relay.terminate(TERMINATE_TIMEOUT)?;
+    Ok(n as f64 / secs)
+}
+
+fn check_count(what: &str, got: u64, n: u64) -> Result<(), BenchError> {
+    if got == n {
+        Ok(())
+    } else {
+        Err(BenchError::Output {
+            what: what.to_string(),
+            detail: format!("{got} messages, expected {n}"),
+        })
+    }
+}
+
+/// Backlog drain: the relay, the raw consumer (ack all and explicit) and the relay without a
+/// WAL, each through its own durables (and database), alternating over the rounds.
+pub fn drain(world: &World, scale: &Scale, report: &mut Report) -> Result<(), BenchError> {
+    let n = scale.drain_n;
+    let published = world.publish("backlog", Some(n), 0, None)?;
+    check_count("backlog", published.published_total(), n)?;
+    check_count("backlog in the streams", world.stream_messages()?, n)?;
+    let js = world.js();
+    let mut figures: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    const ORDER: [&str; 4] = ["relay", "raw_all", "raw_explicit", "no_wal"];
+    for round in 0..scale.rounds {
+        for i in 0..ORDER.len() {
+            // Each round starts with another contender, so none always runs on a cold or warm
+            // page cache.
+            let who = ORDER[(i + round) % ORDER.len()];
+            let name = format!("bench_{who}_{round}");
+            let rate = match who {
+                "relay" => relay_drain(world, &name, n)?,
+                "raw_all" | "raw_explicit" => {
+                    let (got, d) =
+                        world
+                            .rt
+                            .block_on(contenders::raw_consume(&js, &name, who == "raw_all"))?;
+                    check_count(who, got, n)?;
+                    n as f64 / d.as_secs_f64()
+                }
+                _ => {
+                    let (got, d) = world.rt.block_on(contenders::no_wal_relay(
+                        &js,
+                        &world.ch.http_url(),
+                        &name,
+                    ))?;
+                    check_count(who, got, n)?;
+                    check_count("no-WAL relay rows", world.rows(&name, true)?, n)?;
+                    n as f64 / d.as_secs_f64()
+                }
+            };
+            eprintln!("  drain round {round}: {who} {} msg/s", thousands(rate));
+            figures.entry(who).or_default().push(rate);
+        }
+    }
+    let m = |who: &str| median(figures.get(who).map_or(&[][..], Vec::as_slice)).unwrap_or(0.0);
+    let (relay, raw, explicit, no_wal) = (m("relay"), m("raw_all"), m("raw_explicit"), m("no_wal"));
+    let ratio = relay / raw;
+    report.summary.drain_ratio = Some(ratio);
+    let counts = format!(
+        "(n={}, mixed MarketPrism messages, median of {} round(s))",
+        thousands(n as f64),
+        scale.rounds
+    );
+    report.line(
+        "drain",
+        format!(
+            "drain    relay {} msg/s  baseline(raw ack-all) {} msg/s  ratio {ratio:.2}  target >={DRAIN_RATIO_MIN} {}  {counts}",
+            thousands(relay),
+            thousands(raw),
+            verdict(ratio >= DRAIN_RATIO_MIN)
+        ),
+        json!({"relay_msg_per_s": relay, "baseline_msg_per_s": raw, "ratio": ratio,
+               "target_min": DRAIN_RATIO_MIN, "n": n, "rounds": scale.rounds, "all": figures}),
+    );
+    report.line(
+        "drain_raw_explicit",
+        format!(
+            "drain    raw explicit-ack consumer {} msg/s  baseline(raw ack-all) {} msg/s  ratio {:.2}  (no target)  {counts}",
+            thousands(explicit),
+            thousands(raw),
+            explicit / raw
+        ),
+        json!({"msg_per_s": explicit, "baseline_msg_per_s": raw, "ratio": explicit / raw, "n": n}),
+    );
+    report.line(
+        "drain_no_wal",
+        format!(
+            "drain    relay without WAL (fetch, insert, ack) {} msg/s  baseline(raw ack-all) {} msg/s  ratio {:.2}  (no target; relay/no-WAL {:.2})  {counts}",
+            thousands(no_wal),
+            thousands(raw),
+            no_wal / raw,
+            relay / no_wal
+        ),
+        json!({"msg_per_s": no_wal, "baseline_msg_per_s": raw, "ratio": no_wal / raw,
+               "relay_over_no_wal": relay / no_wal, "n": n}),
+    );
+    Ok(())
+}
+
+/// WAL append with group commit against sequential write + fdatasync on the same disk.
+pub fn wal(dir: &std::path::Path, scale: &Scale, report: &mut Report) -> Result<(), BenchError> {
+    let mut ratios = Vec::new();
+    let mut runs = Vec::new();
+    for _ in 0..scale.rounds {
+        let f = walbench::measure(dir, scale.wal_mib)?;
+        ratios.push(f.wal_mib_per_s / f.raw_mib_per_s);
+        runs.push(f);
+    }
+    let ratio = median(&ratios).unwrap_or(0.0);
+    let wal = median(&runs.iter().map(|f| f.wal_mib_per_s).collect::<Vec<_>>()).unwrap_or(0.0);
+    let raw = median(&runs.iter().map(|f| f.raw_mib_per_s).collect::<Vec<_>>()).unwrap_or(0.0);
+    let per_group =
+        median(&runs.iter().map(|f| f.records_per_group).collect::<Vec<_>>()).unwrap_or(0.0);
+    let records = median(&runs.iter().map(|f| f.records_per_s).collect::<Vec<_>>()).unwrap_or(0.0);
+    report.summary.wal_ratio = Some(ratio);
+    report.line(
+        "wal",
+        format!(
+            "wal      WAL {wal:.0} MiB/s  baseline(write 1 MiB + fdatasync) {raw:.0} MiB/s  ratio {ratio:.2}  target >={WAL_RATIO_MIN} {}  ({} appenders, {}-byte records, {} per append, {} MiB, {per_group:.0} records per group commit, median of {} round(s))",
+            verdict(ratio >= WAL_RATIO_MIN),
+            walbench::APPENDERS,
+            walbench::PAYLOAD_BYTES,
+            walbench::BATCH_RECORDS,
+            scale.wal_mib,
+            scale.rounds
+        ),
+        json!({"wal_mib_per_s": wal, "baseline_mib_per_s": raw, "ratio": ratio,
+               "target_min": WAL_RATIO_MIN, "records_per_group": per_group, "records_per_s": records,
+               "appenders": walbench::APPENDERS, "mib": scale.wal_mib}),
+    );
+    Ok(())
+}
+
+/// Idle, then steady load at MarketPrism's rate: the relay's CPU % of one core and peak RSS.
+pub fn steady(world: &World, scale: &Scale, report: &mut Report) -> Result<(), BenchError> {
+    let ticks = world::clock_ticks_per_s();
+    let mut run = world.spawn_relay("bench_steady")?;
+    run.relay.wait_ready(READY_TIMEOUT)?;
+    let pid = run.relay.pid().ok_or(BenchError::Output {
+        what: "relay pid".into(),
+        detail: "the relay is not running".into(),
+    })?;
+    thread::sleep(IDLE_SETTLE);
+    let a = world::proc_cpu(pid, ticks)?;
+    thread::sleep(Duration::from_secs(scale.idle_s));
+    let b = world::proc_cpu(pid, ticks)?;
+    let idle = world::cpu_pct(a, b);
+    report.summary.idle_cpu_pct = Some(idle);
+    report.line(
+        "idle",
+        format!(
+            "idle     relay {idle:.3} % of one core  target <={IDLE_CPU_PCT_MAX} {}  (no traffic, {} s)",
+            verdict(idle <= IDLE_CPU_PCT_MAX),
+            scale.idle_s
+        ),
+        json!({"cpu_pct": idle, "target_max": IDLE_CPU_PCT_MAX, "window_s": scale.idle_s}),
+    );
+
+    let a = world::proc_cpu(pid, ticks)?;
+    let summary = world.publish("steady", None, STEADY_RATE_PER_S, Some(scale.steady_s))?;
+    let b = world::proc_cpu(pid, ticks)?;
+    let cpu = world::cpu_pct(a, b);
+    let rss = world::proc_peak_rss_mib(pid)?;
+    let rate = summary.rate_per_s();
+    wait_acked(world, &mut run, DRAIN_TIMEOUT)?;
+    run.relay.terminate(TERMINATE_TIMEOUT)?;
+    report.summary.cpu_pct = Some(cpu);
+    report.summary.rss_mib = Some(rss);
+    report.line(
+        "steady",
+        format!(
+            "steady   relay {cpu:.2} % of one core  target <={CPU_PCT_MAX} {}  peak RSS {rss:.1} MiB  target <={RSS_MIB_MAX} {}  ({} msg/s asked, {rate:.0} published, MarketPrism's mix, {} s)",
+            verdict(cpu <= CPU_PCT_MAX),
+            verdict(rss <= RSS_MIB_MAX),
+            STEADY_RATE_PER_S,
+            scale.steady_s
+        ),
+        json!({"cpu_pct": cpu, "rss_mib": rss, "cpu_target_max": CPU_PCT_MAX,
+               "rss_target_max": RSS_MIB_MAX, "rate_per_s": STEADY_RATE_PER_S,
+               "published_rate_per_s": rate, "window_s": scale.steady_s}),
+    );
+    Ok(())
+}
+
+/// Kills the relay (SIGKILL), publishes one fresh message, starts the relay again and times
+/// until it acks that message: its ack seen on `$JS.ACK` (the ack floor may stay behind it
+/// until JetStream redelivers what the killed relay had fetched and not acked, after
+/// `ack_wait`, so the floor alone would time the redelivery, not the restart). Returns the
+/// seconds and the WAL's size.
+fn restart_probe(world: &World, run: &mut RelayRun, tag: &str) -> Result<(f64, u64), BenchError> {
+    run.relay.kill9()?;
+    let wal_bytes = world::dir_bytes(&run.wal_dir);
+    let marker = world.publish(&format!("marker-{tag}"), Some(1), 0, None)?;
+    let (stream, seq) = marker
+        .streams
+        .iter()
+        .find(|(_, r)| r.published > 0)
+        .map(|(s, r)| (s.clone(), r.last_seq))
+        .ok_or(BenchError::Output {
+            what: "marker publish".into(),
+            detail: "no stream took the message".into(),
+        })?;
+    let durable = STREAMS
+        .iter()
+        .position(|(s, _)| *s == stream)
+        .map(|i| run.durables[i].clone())
+        .ok_or(BenchError::Output {
+            what: "marker stream".into(),
+            detail: stream.clone(),
+        })?;
+    let client = world.client();
+    let mut acks = world
+        .rt
+        .block_on(async {
+            let sub = client
+                .subscribe(format!("$JS.ACK.{stream}.{durable}.>"))
+                .await?;
+            client.flush().await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(sub)
+        })
+        .map_err(|e| BenchError::nats("subscribe", e))?;
+    let spawned = Instant::now();
+    run.relay.start()?;
+    let deadline = spawned + RESTART_TIMEOUT;
+    loop {
+        let seen = world.rt.block_on(async {
+            while let Ok(Some(m)) = tokio::time::timeout(RESTART_POLL, acks.next()).await {
+                if ack_stream_seq(&m.subject) == Some(seq) {
+                    return true;
+                }
+            }
+            false
+        });
+        if seen
+            || world
+                .consumer(&stream, &durable)
+                .is_ok_and(|c| c.ack_floor_stream_seq >= seq)
+        {
+            return Ok((spawned.elapsed().as_secs_f64(), wal_bytes));
+        }
+        if Instant::now() >= deadline {
+            return Err(BenchError::Timeout {
+                what: "the restarted relay acking a fresh message".into(),
+                waited_s: RESTART_TIMEOUT.as_secs(),
+                detail: format!("see {}", run.relay.log_path().display()),
+            });
+        }
+    }
+}
+
+fn restart_line(report: &mut Report, secs: f64, wal_bytes: u64) {
+    report.summary.restart_s = Some(secs);
+    report.line(
+        "restart",
+        format!(
+            "restart  relay {secs:.3} s from spawn to acking a fresh message  target <{RESTART_S_MAX} {}  (kill -9 with a {} MiB WAL, ClickHouse down)",
+            verdict(secs < RESTART_S_MAX),
+            wal_bytes / MIB
+        ),
+        json!({"restart_s": secs, "target_max": RESTART_S_MAX, "wal_bytes": wal_bytes}),
+    );
+}
+
+/// Outage recovery, then restart: ClickHouse down while the WAL fills with `outage_n`
+/// messages; ClickHouse back and the WAL drained, against the rows decoded up front and
+/// inserted by the `clickhouse` crate. Then ClickHouse down again, the WAL topped up to
+/// `restart_wal_bytes`, the relay killed and restarted on it.
+pub fn outage(
+    world: &mut World,
+    scale: &Scale,
+    report: &mut Report,
+    with_outage: bool,
+    with_restart: bool,
+) -> Result<(), BenchError> {
+    let n = scale.outage_n;
+    let mut run = world.spawn_relay("bench_outage")?;
+    run.relay.wait_ready(READY_TIMEOUT)?;
+    world.ch.kill9()?;
+    let published = world.publish("outage", Some(n), 0, None)?;
+    check_count("outage traffic", published.published_total(), n)?;
+    wait_acked(world, &mut run, DRAIN_TIMEOUT)?;
+    eprintln!("  outage: {} messages in the WAL", thousands(n as f64));
+    let wal_records_bytes = world::dir_bytes(&run.wal_dir);
+    let total = n;
+    if with_outage {
+        world.ch.restart()?;
+        let back = Instant::now();
+        let done = world.wait_rows(
+            &run.database,
+            total,
+            ROWS_POLL,
+            DRAIN_TIMEOUT,
+            "the WAL draining after the outage",
+        )?;
+        let relay = total as f64 / done.duration_since(back).as_secs_f64();
+        eprintln!("  outage: relay {} rows/s", thousands(relay));
+        let rows = world
+            .rt
+            .block_on(contenders::decode_stream(&world.js(), "bench_outage_base"))?;
+        check_count("decoded rows", rows.len() as u64, total)?;
+        let took = world.rt.block_on(contenders::insert_rows(
+            &world.ch.http_url(),
+            "bench_outage_base",
+            rows,
+        ))?;
+        check_count(
+            "baseline rows",
+            world.rows("bench_outage_base", true)?,
+            total,
+        )?;
+        let base = total as f64 / took.as_secs_f64();
+        eprintln!("  outage: baseline {} rows/s", thousands(base));
+        let ratio = relay / base;
+        report.summary.outage_ratio = Some(ratio);
+        report.line(
+            "outage",
+            format!(
+                "outage   relay {} rows/s  baseline(clickhouse crate inserter, rows decoded up front) {} rows/s  ratio {ratio:.2}  target >={OUTAGE_RATIO_MIN} {}  (n={} records, {} MiB WAL, timed from ClickHouse ready to count FINAL == n; 1 round)",
+                thousands(relay),
+                thousands(base),
+                verdict(ratio >= OUTAGE_RATIO_MIN),
+                thousands(total as f64),
+                wal_records_bytes / MIB
+            ),
+            json!({"relay_rows_per_s": relay, "baseline_rows_per_s": base, "ratio": ratio,
+                   "target_min": OUTAGE_RATIO_MIN, "n": total, "wal_bytes": wal_records_bytes}),
+        );
+    }
+    if with_restart {
+        // ClickHouse is down again (it still is when the outage drain did not run).
+        if with_outage {
+            world.ch.kill9()?;
+        }
+        let mut round = 0;
+        while world::dir_bytes(&run.wal_dir) < scale.restart_wal_bytes {
+            world.publish(&format!("topup-{round}"), Some(TOP_UP_MESSAGES), 0, None)?;
+            round += 1;
+            // The relay stops fetching at its WAL budget; the size is what counts here.
+            let deadline = Instant::now() + DRAIN_TIMEOUT;
+            while !world.consumers_drained(&run.durables)
+                && world::dir_bytes(&run.wal_dir) < scale.restart_wal_bytes
+                && Instant::now() < deadline
+            {
+                thread::sleep(DRAIN_POLL);
+            }
+        }
+        let (secs, bytes) = restart_probe(world, &mut run, "restart")?;
+        restart_line(report, secs, bytes);
+    }
+    let _ = run.relay.terminate(TERMINATE_TIMEOUT);
+    Ok(())
+}
+
+fn wall_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// The index of the stream sequence among an ack subject's tokens (see [`ack_timestamp_ns`]).
+fn ack_seq_index(tokens: usize) -> Option<usize> {
+    match tokens {
+        9 => Some(5),
+        n if n >= 11 => Some(7),
+        _ => None,
+    }
+}
+
+/// The stream sequence an ack subject carries.
+pub fn ack_stream_seq(subject: &str) -> Option<u64> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    tokens.get(ack_seq_index(tokens.len())?)?.parse().ok()
+}
+
+/// The stream timestamp (ns) an ack subject carries: the token after the consumer sequence.
+/// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>`, or
+/// with domain and account hash before the stream (12 tokens and more).
+pub fn ack_timestamp_ns(subject: &str) -> Option<u128> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    // Two tokens after the stream sequence: the consumer sequence, then the timestamp.
+    tokens.get(ack_seq_index(tokens.len())? + 2)?.parse().ok()
+}
+
+/// Latency at 20,000 msg/s: publish to ack (from the acks the relay publishes) and publish to
+/// visible in ClickHouse (from the row count, see the module doc), with the default 1 s flush.
+pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), BenchError> {
+    let mut run = world.spawn_relay("bench_latency")?;
+    run.relay.wait_ready(READY_TIMEOUT)?;
+    let client = world.client();
+    let acks: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
+    let first_subject: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    let mut sub = world
+        .rt
+        .block_on(client.subscribe("$JS.ACK.>"))
+        .map_err(|e| BenchError::nats("subscribe", e))?;
+    world
+        .rt
+        .block_on(client.flush())
+        .map_err(|e| BenchError::nats("flush", e))?;
+    let (acks_in, first_in) = (acks.clone(), first_subject.clone());
+    let collector = world.rt.spawn(async move {
+        while let Some(m) = sub.next().await {
+            let now = wall_ns();
+            if let Some(ts) = ack_timestamp_ns(&m.subject) {
+                let ms = now.saturating_sub(ts) as f64 / 1e6;
+                if let Ok(mut v) = acks_in.lock() {
+                    v.push(ms);
+                }
+            }
+            if let Ok(mut f) = first_in.lock() {
+                f.get_or_insert_with(|| m.subject.to_string());
+            }
+        }
+    });
+
+    let polls: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let port = world.ch.http_port();
+    let database = run.database.clone();
+    let poller = {
+        let (polls, stop) = (polls.clone(), stop.clone());
+        thread::spawn(move || {
+            let parts: Vec<String> = world::TABLES
+                .iter()
+                .map(|t| format!("SELECT count() AS c FROM {database}.{t}"))
+                .collect();
+            let sql = format!("SELECT sum(c) FROM ({})", parts.join(" UNION ALL "));
+            let path = format!("/?query={}", prism_testbed::url_encode(&sql));
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok((200, body)) = prism_testbed::http_get(port, &path, VISIBLE_POLL * 10) {
+                    if let (Ok(n), Ok(mut p)) = (body.trim().parse::<u64>(), polls.lock()) {
+                        p.push((Instant::now(), n));
+                    }
+                }
+                thread::sleep(VISIBLE_POLL);
+            }
+        })
+    };
+
+    let start = Instant::now();
+    let summary = match world.publish("latency", None, LATENCY_RATE_PER_S, Some(scale.latency_s)) {
+        Ok(summary) => summary,
+        Err(e) => {
+            stop.store(true, Ordering::SeqCst);
+            let _ = poller.join();
+            collector.abort();
+            return Err(e);
+        }
+    };
+    let n = summary.published_total();
+    let rows = world.wait_rows(
+        &run.database,
+        n,
+        VISIBLE_POLL,
+        LATENCY_SETTLE_TIMEOUT,
+        "the latency scenario's rows",
+    );
+    let acked = wait_acked(world, &mut run, LATENCY_SETTLE_TIMEOUT);
+    stop.store(true, Ordering::SeqCst);
+    let _ = poller.join();
+    collector.abort();
+    rows?;
+    acked?;
+    let _ = run.relay.terminate(TERMINATE_TIMEOUT);
+
+    let mut ack_ms = acks.lock().map(|v| v.clone()).unwrap_or_default();
+    ack_ms.sort_by(f64::total_cmp);
+    let polls = polls.lock().map(|v| v.clone()).unwrap_or_default();
+    let mut visible_s = Vec::with_capacity(n as usize);
+    let mut i = 0;
+    for k in 0..n {
+        while i < polls.len() && polls[i].1 <= k {
+            i += 1;
+        }
+        let Some((seen, _)) = polls.get(i) else {
+            break;
+        };
+        let published = start + summary.elapsed.mul_f64(k as f64 / n as f64);
+        visible_s.push(seen.saturating_duration_since(published).as_secs_f64());
+    }
+    visible_s.sort_by(f64::total_cmp);
+    let q = |v: &[f64], p: f64| quantile(v, p).unwrap_or(f64::NAN);
+    let (ack50, ack99) = (q(&ack_ms, 0.5), q(&ack_ms, 0.99));
+    let (vis50, vis99) = (q(&visible_s, 0.5), q(&visible_s, 0.99));
+    let subject = first_subject.lock().ok().and_then(|s| s.clone());
+    report.line(
+        "latency",
+        format!(
+            "latency  ack p50 {ack50:.2} ms p99 {ack99:.2} ms  target p99 <={ACK_P99_MS_MAX} ms {}  visible p50 {vis50:.3} s p99 {vis99:.3} s  target p99 <={VISIBLE_P99_S_MAX} s {}  ({} msg/s asked, {:.0} published, {} s, {} acks seen; ack = seen on $JS.ACK minus the stream timestamp; visible = count() polled every {} ms, k-th of n messages taken as published at start + k*elapsed/n)",
+            verdict(ack99 <= ACK_P99_MS_MAX),
+            verdict(vis99 <= VISIBLE_P99_S_MAX),
+            LATENCY_RATE_PER_S,
+            summary.rate_per_s(),
+            scale.latency_s,
+            ack_ms.len(),
+            VISIBLE_POLL.as_millis()
+        ),
+        json!({"ack_p50_ms": ack50, "ack_p99_ms": ack99, "visible_p50_s": vis50,
+               "visible_p99_s": vis99, "acks_seen": ack_ms.len(), "published": n,
+               "rate_per_s": LATENCY_RATE_PER_S, "window_s": scale.latency_s,
+               "ack_subject_example": subject}),
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ack_subject_yields_the_stream_sequence_and_timestamp_in_both_layouts() {
+        assert_eq!(
+            ack_timestamp_ns("$JS.ACK.S.C.1.42.40.1700000000123456789.0"),
+            Some(1_700_000_000_123_456_789)
+        );
+        assert_eq!(
+            ack_timestamp_ns("$JS.ACK._.ACCHASH.S.C.1.42.40.1700000000123456789.0.tok"),
+            Some(1_700_000_000_123_456_789)
+        );
+        assert_eq!(ack_timestamp_ns("$JS.ACK.S.C"), None);
+        assert_eq!(
+            ack_stream_seq("$JS.ACK.S.C.1.42.40.1700000000123456789.0"),
+            Some(42)
+        );
+        assert_eq!(
+            ack_stream_seq("$JS.ACK._.ACCHASH.S.C.1.42.40.1700000000123456789.0.tok"),
+            Some(42)
+        );
+    }
+}
