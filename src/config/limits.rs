@@ -71,6 +71,9 @@ pub const CONSUMER_FETCH_BYTES_MAX_MAX: u64 = 256 * MIB;
 pub const CONSUMER_FETCH_EXPIRES_MS_MIN: u64 = 100;
 /// An idle pull must come back soon enough for shutdown and health checks to stay prompt.
 pub const CONSUMER_FETCH_EXPIRES_MS_MAX: u64 = 60_000;
+/// A linger adds to the time a message waits for its WAL append and ack; past a second it
+/// would hold messages longer than the drain's own flush interval does.
+pub const CONSUMER_FETCH_LINGER_MS_MAX: u64 = 1_000;
 
 // ---- [wal] bounds ----
 /// Small segments are allowed so that tests and tiny edge disks can exercise rollover.

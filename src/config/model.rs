@@ -290,6 +290,11 @@ pub struct ConsumerConfig {
     /// How long one pull waits for messages, in milliseconds; an idle stream returns an empty
     /// batch after this. Default 1,000.
     pub fetch_expires_ms: u64,
+    /// After a pull that came back with fewer than `fetch_batch` messages (the consumer caught
+    /// up), wait this long, in milliseconds, before the next pull, so that it carries more
+    /// messages per WAL fsync and ack round instead of one or two. 0 pulls again at once.
+    /// Default 50.
+    pub fetch_linger_ms: u64,
 }
 
 impl Default for ConsumerConfig {
@@ -307,6 +312,7 @@ impl Default for ConsumerConfig {
             fetch_batch: 1_000,
             fetch_bytes_max: 16 * MIB,
             fetch_expires_ms: 1_000,
+            fetch_linger_ms: 50,
         }
     }
 }

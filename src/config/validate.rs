@@ -318,6 +318,13 @@ impl Config {
                 CONSUMER_FETCH_EXPIRES_MS_MAX,
                 "ms",
             );
+            v.range(
+                &p("fetch_linger_ms"),
+                c.fetch_linger_ms,
+                0,
+                CONSUMER_FETCH_LINGER_MS_MAX,
+                "ms",
+            );
             if c.fetch_expires_ms >= c.ack_wait_ms {
                 v.push(
                     &p("fetch_expires_ms"),

@@ -4,6 +4,10 @@
 //! messages and `fetch_bytes_max` bytes, waiting at most `fetch_expires_ms` for them, so an idle
 //! stream yields an empty [`Batch`] promptly and the relay's memory per consumer is bounded.
 //!
+//! A pull returns as soon as the server has messages, so a consumer that has caught up would get
+//! them one or two per pull, each batch costing a WAL fdatasync and an ack round: after a pull
+//! that came back short, the next waits `fetch_linger_ms` (50 ms by default) for more to gather.
+//!
 //! A [`Batch`] owns the delivered messages; [`MessageRef`] borrows each one's stream, sequence,
 //! subject, selected headers, publish time and payload without copying, so the caller can build
 //! WAL records straight from them.
@@ -80,6 +84,11 @@ pub struct Fetcher {
     fetch_bytes_max: u64,
     /// How long the server holds one pull open.
     fetch_expires: Duration,
+    /// Pause before the next pull after one that came back short (`fetch_linger_ms`).
+    fetch_linger: Duration,
+    /// When the next pull may start: set after a short pull, so that messages gather in the
+    /// stream meanwhile.
+    next_pull_at: Option<tokio::time::Instant>,
     /// The ack policy in force on the server (which wins over the configuration on drift).
     ack_policy: AckPolicyKind,
     /// Ack-all only: which written deliveries may still be pending on the server.
@@ -144,6 +153,8 @@ impl Fetcher {
             fetch_batch: config.fetch_batch as usize,
             fetch_bytes_max: config.fetch_bytes_max,
             fetch_expires: Duration::from_millis(config.fetch_expires_ms),
+            fetch_linger: Duration::from_millis(config.fetch_linger_ms),
+            next_pull_at: None,
             ack_policy,
             ack_all_gate: AckAllGate::default(),
             rescue: Rescue::disabled(),
@@ -196,6 +207,12 @@ impl Fetcher {
         if let Some(batch) = self.fetch_rescue().await? {
             return Ok(batch);
         }
+        // A consumer that has caught up gets its messages one or two per pull, each costing an
+        // fsync and an ack round: waiting a moment lets the next pull carry more. The time since
+        // the short pull (its append and acks) counts towards the wait.
+        if let Some(at) = self.next_pull_at.take() {
+            tokio::time::sleep_until(at).await;
+        }
 
         let bytes_max = usize::try_from(self.fetch_bytes_max).unwrap_or(usize::MAX);
         let messages = match self.pull(self.fetch_batch, Some(bytes_max)).await {
@@ -211,6 +228,15 @@ impl Fetcher {
             }
             other => other?,
         };
+        // Short: fewer messages than asked for and far from the byte limit (a pull cut by the
+        // byte limit means more is waiting).
+        let payload_bytes: usize = messages.iter().map(|m| m.message.payload.len()).sum();
+        let short = !messages.is_empty()
+            && messages.len() < self.fetch_batch
+            && (payload_bytes as u64) < self.fetch_bytes_max / 2;
+        if short && !self.fetch_linger.is_zero() {
+            self.next_pull_at = Some(tokio::time::Instant::now() + self.fetch_linger);
+        }
         Ok(Batch {
             stream: Arc::clone(&self.stream),
             durable: Arc::clone(&self.durable),

@@ -897,3 +897,37 @@ async fn running_out_of_file_descriptors_at_a_wal_rollover_pauses_ingest_and_los
     ingest.await??;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_caught_up_pulls_a_steady_trickle_several_messages_at_a_time_not_one_by_one(
+) -> TestResult {
+    const MESSAGES: usize = 200;
+    /// Pause between two publishes: a steady trickle of about 200 msg/s.
+    const PACE_MS: u64 = 5;
+    let bed = bed().await?;
+    ensure_streams(&bed.js, &[stream("MARKET_TRADES", &["trade.>"])]).await?;
+    let config = ConsumerConfig {
+        fetch_linger_ms: 50,
+        ..consumer_config("MARKET_TRADES", "relay", &[])
+    };
+    ensure_consumer(&bed.js, &config).await?;
+    let mut fetcher = Fetcher::new(&bed.js, &config).await?;
+    let js = bed.js.clone();
+    let publisher = tokio::spawn(async move {
+        for i in 0..MESSAGES {
+            publish(&js, "trade.binance.spot.BTC-USDT", &format!("t{i}"), "{}").await?;
+            tokio::time::sleep(Duration::from_millis(PACE_MS)).await;
+        }
+        TestResult::Ok(())
+    });
+    let batches = fetch_count(&mut fetcher, MESSAGES).await?;
+    publisher.await??;
+    // A pull returns as soon as a message is there: without the linger, a consumer that has
+    // caught up gets one or two messages per pull, each batch costing an fsync and an ack round.
+    assert!(
+        batches.len() <= MESSAGES / 4,
+        "{} pulls for {MESSAGES} messages",
+        batches.len()
+    );
+    Ok(())
+}
