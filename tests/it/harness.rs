@@ -867,6 +867,16 @@ impl RelayProc {
         }
     }
 
+    /// SIGSTOP: the relay keeps its connections and does nothing until [`Self::resume`].
+    pub fn pause(&self) {
+        self.process.pause().expect("SIGSTOP the relay");
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&self) {
+        self.process.resume().expect("SIGCONT the relay");
+    }
+
     /// SIGKILL, then reap.
     pub fn kill9(&mut self) {
         let _ = self.process.kill9();

@@ -415,19 +415,28 @@ async fn two_relays_sharing_one_durable_split_the_traffic_and_a_killed_ones_wal_
 ) {
     const MESSAGES: u64 = 16_000;
     const RATE_PER_S: u64 = 1_000;
-    /// Relay A cuts batches only every few seconds, so its WAL surely holds acked records that
-    /// are not in ClickHouse yet when it is killed.
-    const SLOW_FLUSH_MS: u64 = 4_000;
+    /// Relay A does not insert before it is killed (no flush interval or batch size is reached
+    /// within the test), so its WAL surely holds acked records that are not in ClickHouse.
+    const NEVER_FLUSH_MS: u64 = 600_000;
+    const NEVER_ROWS: u64 = 1_000_000;
+    /// Freezes of relay A tried before one catches deliveries it has not acked.
+    const FREEZES_MAX: u32 = 5;
     let started = Instant::now();
     let bed = ScaleBed::start().await;
     let client = async_nats::connect(bed.nats.urls())
         .await
         .expect("connect to the NATS cluster");
     let js = jetstream::new(client.clone());
-    let mut config_a = bed.config("wal-a");
-    config_a.table_flush_interval_ms = SLOW_FLUSH_MS;
-    config_a.flush_interval_ms = SLOW_FLUSH_MS;
     let config_b = bed.config("wal-b");
+    let mut config_a = bed.config("wal-a");
+    config_a.table_flush_interval_ms = NEVER_FLUSH_MS;
+    config_a.flush_interval_ms = NEVER_FLUSH_MS;
+    config_a.rows_max = NEVER_ROWS;
+    // Without a linger relay A has a pull outstanding nearly all the time, so a freeze catches
+    // deliveries it has not acked.
+    for consumer in &mut config_a.consumers {
+        consumer.extra = "fetch_linger_ms = 0".into();
+    }
     create_sampled_consumers(&js, &config_a.consumers).await;
     let redelivered_acks = count_redelivered_acks(&client).await;
     let mut relay_a = bed.spawn_ready("relay-a", &config_a).await;
@@ -446,16 +455,31 @@ async fn two_relays_sharing_one_durable_split_the_traffic_and_a_killed_ones_wal_
     let received_a = relay_a.metric_sum(RECEIVED, &[]).await;
     let received_b = relay_b.metric_sum(RECEIVED, &[]).await;
     let redelivered_before = redelivered_acks.load(Ordering::Relaxed);
+    // Relay A frozen: what the server delivers to its outstanding pulls stays unacknowledged,
+    // and after ack_wait JetStream hands it to relay B. A freeze that lands between two pulls
+    // with everything acked catches nothing: then A is thawed and frozen again.
+    let frozen_at = Instant::now();
+    let mut freezes = 0;
+    loop {
+        freezes += 1;
+        relay_a.pause();
+        let deadline = Instant::now() + Duration::from_millis(3 * ACK_WAIT_MS);
+        while redelivered_acks.load(Ordering::Relaxed) == redelivered_before
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if redelivered_acks.load(Ordering::Relaxed) > redelivered_before {
+            break;
+        }
+        assert!(
+            freezes < FREEZES_MAX,
+            "no redelivery to relay B after {freezes} freezes of relay A"
+        );
+        relay_a.resume();
+    }
+    let redelivered_ms = frozen_at.elapsed().as_millis();
     relay_a.kill9();
-    let killed_at = Instant::now();
-    // Relay B alone takes the rest of the traffic and what A had been handed but not acked.
-    wait_until(
-        "relay B acked redelivered messages",
-        ACCOUNTED_TIMEOUT,
-        || async { redelivered_acks.load(Ordering::Relaxed) > redelivered_before },
-    )
-    .await;
-    let redelivered_ms = killed_at.elapsed().as_millis();
     let summary = load.await.expect("loadgen task");
     assert!(summary.ok(), "loadgen: {summary}");
     wait_until("every consumer settled", ACCOUNTED_TIMEOUT, || async {
@@ -477,6 +501,11 @@ async fn two_relays_sharing_one_durable_split_the_traffic_and_a_killed_ones_wal_
         .expect("verify runs")
         .totals();
     let records_a = wal_subjects(&config_a.wal_dir).len();
+    // Restarted with the usual flush settings, it drains its WAL.
+    config_a.table_flush_interval_ms = config_b.table_flush_interval_ms;
+    config_a.flush_interval_ms = config_b.flush_interval_ms;
+    config_a.rows_max = config_b.rows_max;
+    config_a.write(&relay_a.config_path);
     relay_a.restart();
     relay_a.wait_ready().await;
     wait_wal_drained(&relay_a).await;
@@ -492,7 +521,8 @@ async fn two_relays_sharing_one_durable_split_the_traffic_and_a_killed_ones_wal_
     println!(
         "scaleout: relay kill -9 with a shared durable: published={} stored={} lost=0 duplicated=0 \
          received_before_kill_a={received_a} received_before_kill_b={received_b} \
-         redelivered_acks_b={} first_redelivery_ms={redelivered_ms} wal_records_a={records_a} \
+         redelivered_acks_b={} first_redelivery_ms={redelivered_ms} freezes={freezes} \
+         wal_records_a={records_a} \
          only_in_killed_wal={} total_ms={}",
         report.totals().published,
         report.totals().stored,
