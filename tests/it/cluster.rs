@@ -471,7 +471,7 @@ async fn a_replica_killed_under_load_catches_up_after_its_restart_and_both_repli
     config.create_schema = false;
     let mut relay = RelayProc::spawn_ready(&cluster.bed, "relay", &config).await;
 
-    let before = spawn_load(&cluster.bed, BEFORE, "replicakill1");
+    let before = spawn_load(&cluster.bed, BEFORE, "replicakill1", None);
     // Kill replica 2 once rows flow (so the kill usually lands mid-load).
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     while total_rows(cluster.bed.ch.legacy()) < BEFORE / 10 {
@@ -482,8 +482,9 @@ async fn a_replica_killed_under_load_catches_up_after_its_restart_and_both_repli
     let rows_at_kill = total_rows(cluster.bed.ch.legacy());
     // One generator at a time: two running together may give two messages of one symbol the
     // same timestamp, and a ReplacingMergeTree key would rightly collapse them.
-    finish_load(before, BEFORE).await;
-    finish_load(spawn_load(&cluster.bed, DURING, "replicakill2"), DURING).await;
+    let first = finish_load(before, BEFORE).await;
+    let during = spawn_load(&cluster.bed, DURING, "replicakill2", Some(&first));
+    finish_load(during, DURING).await;
     // Everything is stored while replica 2 is still down: the relay kept inserting into
     // replica 1.
     let report = cluster.bed.wait_accounted(DRAIN_TIMEOUT).await;
@@ -515,11 +516,15 @@ async fn a_replica_killed_under_load_catches_up_after_its_restart_and_both_repli
 }
 
 /// Starts loadgen publishing `count` messages of every type at 1,000 msg/s into the bed's
-/// streams, identities marked with `run_id`.
+/// streams, identities marked with `run_id`. `after` is the run before it, if any: this one's
+/// timestamps start past that one's last (a run that fell behind its pace catches up in bursts,
+/// and its timestamps then run ahead of the clock; a later run reusing one would give a
+/// message the key of an earlier one, which the table rightly collapses).
 fn spawn_load(
     bed: &Bed,
     count: u64,
     run_id: &str,
+    after: Option<&loadgen::LoadgenSummary>,
 ) -> tokio::task::JoinHandle<Result<loadgen::LoadgenSummary, prism_relay::tools::ToolError>> {
     const RATE_PER_S: u64 = 1_000;
     let options = LoadgenOptions {
@@ -530,21 +535,29 @@ fn spawn_load(
         rate_per_s: RATE_PER_S,
         run_id: Some(run_id.into()),
         progress: false,
+        ts_start_ms: after.map(|before| {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("the clock is past 1970")
+                .as_millis() as i64;
+            now_ms.max(before.ts_last_ms + 1)
+        }),
         ..LoadgenOptions::default()
     };
     tokio::spawn(async move { loadgen::run(&options).await })
 }
 
-/// Waits for a loadgen run and asserts it published all `count` messages.
+/// Waits for a loadgen run, asserts it published all `count` messages, and returns its summary.
 async fn finish_load(
     traffic: tokio::task::JoinHandle<
         Result<loadgen::LoadgenSummary, prism_relay::tools::ToolError>,
     >,
     count: u64,
-) {
+) -> loadgen::LoadgenSummary {
     let summary = traffic.await.expect("loadgen task").expect("loadgen runs");
     assert!(summary.ok(), "loadgen failed: {summary}");
     assert_eq!(summary.published_total(), count, "{summary}");
+    summary
 }
 
 /// Polls the relay's `/ready` until `want(status, body)` holds; returns the body.
@@ -581,10 +594,14 @@ async fn while_zookeeper_is_killed_the_relay_buffers_in_its_wal_reports_not_read
     config.ready_insert_failing_s = Some(1);
     let relay = RelayProc::spawn_ready(&cluster.bed, "relay", &config).await;
 
-    finish_load(spawn_load(&cluster.bed, BEFORE, "zookeeperkill1"), BEFORE).await;
+    let first = finish_load(
+        spawn_load(&cluster.bed, BEFORE, "zookeeperkill1", None),
+        BEFORE,
+    )
+    .await;
     assert_exact(&cluster.bed.wait_accounted(DRAIN_TIMEOUT).await, BEFORE);
     cluster.zookeeper.kill9().expect("kill -9 ZooKeeper");
-    let during = spawn_load(&cluster.bed, DURING, "zookeeperkill2");
+    let during = spawn_load(&cluster.bed, DURING, "zookeeperkill2", Some(&first));
 
     // The replicated tables refuse inserts: the relay's lanes fail with a retryable error and
     // /ready says so, naming the class.
