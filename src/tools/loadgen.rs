@@ -10,7 +10,7 @@
 //!
 //! A publish whose ack fails (timed out, or an error such as no responders while a clustered
 //! stream elects a new leader) is sent again with the same `Nats-Msg-Id` for up to
-//! `PUBLISH_RETRY_WINDOW_MS` after its first send: JetStream's duplicate window drops the copy
+//! `publish_retry_ms` (60 s by default) after its first send: JetStream's duplicate window drops the copy
 //! of one that was stored after all (its ack then says duplicate, which for a re-sent message
 //! is no duplicate of the run). Only a publish that still fails then counts as a publish error,
 //! so a NATS node's loss does not end the run.
@@ -194,6 +194,10 @@ pub struct LoadgenOptions {
     /// Stop publishing after this many publish errors.
     #[arg(long, default_value_t = 100)]
     pub publish_errors_max: u64,
+    /// How long after its first send a failed publish is sent again, in milliseconds (0: a
+    /// failed publish is an error at once).
+    #[arg(long, default_value_t = PUBLISH_RETRY_WINDOW_MS)]
+    pub publish_retry_ms: u64,
     /// Hide the progress line (shown only on a terminal anyway).
     #[arg(long = "no-progress", action = clap::ArgAction::SetFalse)]
     pub progress: bool,
@@ -218,6 +222,7 @@ impl Default for LoadgenOptions {
             seed: 1,
             ts_start_ms: None,
             inflight_max: INFLIGHT_MAX_DEFAULT,
+            publish_retry_ms: PUBLISH_RETRY_WINDOW_MS,
             publish_errors_max: 100,
             progress: true,
         }
@@ -543,8 +548,12 @@ impl Tally {
 
     /// Sends a failed publish again until a send succeeds, within its retry window; past it
     /// the failure counts as a publish error.
-    async fn resend(&mut self, js: &jetstream::Context, mut failed: Failed) -> Option<InFlight> {
-        let window = Duration::from_millis(PUBLISH_RETRY_WINDOW_MS);
+    async fn resend(
+        &mut self,
+        js: &jetstream::Context,
+        mut failed: Failed,
+        window: Duration,
+    ) -> Option<InFlight> {
         loop {
             if failed.message.first_sent.elapsed() >= window {
                 self.error(failed.error);
@@ -564,12 +573,17 @@ impl Tally {
     }
 
     /// Settles the oldest publish of `window`, sending it again at the back if it failed.
-    async fn settle_oldest(&mut self, js: &jetstream::Context, window: &mut VecDeque<InFlight>) {
+    async fn settle_oldest(
+        &mut self,
+        js: &jetstream::Context,
+        window: &mut VecDeque<InFlight>,
+        retry_window: Duration,
+    ) {
         let Some(in_flight) = window.pop_front() else {
             return;
         };
         if let Some(failed) = self.settle(in_flight).await {
-            if let Some(again) = self.resend(js, failed).await {
+            if let Some(again) = self.resend(js, failed, retry_window).await {
                 window.push_back(again);
             }
         }
@@ -617,6 +631,7 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
         duplicates: 0,
     };
     let mut window: VecDeque<InFlight> = VecDeque::with_capacity(opts.inflight_max);
+    let retry_window = Duration::from_millis(opts.publish_retry_ms);
     let count_max = opts.count.unwrap_or(u64::MAX);
     let duration_max = opts.duration_s.map(Duration::from_secs);
     let start = Instant::now();
@@ -655,14 +670,14 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
         match send(&js, message).await {
             Ok(in_flight) => window.push_back(in_flight),
             Err(failed) => {
-                if let Some(again) = tally.resend(&js, failed).await {
+                if let Some(again) = tally.resend(&js, failed, retry_window).await {
                     window.push_back(again);
                 }
             }
         }
         n += 1;
         while window.len() >= opts.inflight_max {
-            tally.settle_oldest(&js, &mut window).await;
+            tally.settle_oldest(&js, &mut window, retry_window).await;
         }
         if elapsed >= progress_due {
             bar.set_position(n);
@@ -670,7 +685,7 @@ pub async fn run(opts: &LoadgenOptions) -> Result<LoadgenSummary, ToolError> {
         }
     }
     while !window.is_empty() {
-        tally.settle_oldest(&js, &mut window).await;
+        tally.settle_oldest(&js, &mut window, retry_window).await;
     }
     let elapsed = start.elapsed();
     bar.set_position(n);

@@ -148,6 +148,9 @@ async fn loadgen_counts_publish_errors_when_no_stream_covers_the_subjects() {
     let nats = Nats::start().unwrap();
     let opts = LoadgenOptions {
         create_streams: false,
+        // No stream will ever appear: a failed publish is an error at once, not re-sent for a
+        // minute as while a stream elects a leader.
+        publish_retry_ms: 0,
         ..loadgen_options(&nats.url(), "itnostream", 50)
     };
     let summary = loadgen::run(&opts).await.unwrap();
