@@ -34,17 +34,8 @@ pub const STREAMS: [(&str, &[&str]); 3] = [
     ),
 ];
 
-/// The eight typed tables.
-pub const TABLES: [&str; 8] = [
-    "trades",
-    "orderbooks",
-    "funding_rates",
-    "open_interests",
-    "liquidations",
-    "lsr_top_positions",
-    "lsr_all_accounts",
-    "volatility_indices",
-];
+/// The eight typed tables, as the relay names them.
+pub use prism_relay::config::TYPED_TABLES as TABLES;
 
 /// Bound on one ClickHouse query of the bench (a count with FINAL over millions of rows on
 /// 18.16 takes seconds on a loaded machine).

@@ -929,6 +929,28 @@ impl RelayProc {
         body
     }
 
+    /// The lowest drain cursor of any lane and the WAL's durable LSN, from `/metrics`.
+    pub async fn cursor_and_durable(&self) -> (f64, f64) {
+        let text = self.metrics().await;
+        let value = |line: &str| {
+            line.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let cursor = text
+            .lines()
+            .filter(|l| l.starts_with("prism_relay_drain_cursor_lsn{"))
+            .map(value)
+            .fold(f64::INFINITY, f64::min);
+        let durable = text
+            .lines()
+            .find(|l| l.starts_with("prism_relay_wal_durable_lsn"))
+            .map(value)
+            .unwrap_or(f64::NAN);
+        (cursor, durable)
+    }
+
     /// Sum of every sample of `name` (with any labels) whose labels contain all of
     /// `labels` (`key="value"` pairs).
     pub async fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {

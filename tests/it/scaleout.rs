@@ -254,32 +254,10 @@ fn wal_subjects(dir: &Path) -> Vec<String> {
     subjects
 }
 
-/// The lowest drain cursor of any lane and the WAL's durable LSN, from `/metrics`.
-async fn cursor_and_durable(relay: &RelayProc) -> (f64, f64) {
-    let text = relay.metrics().await;
-    let value = |line: &str| {
-        line.rsplit(' ')
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    let cursor = text
-        .lines()
-        .filter(|l| l.starts_with("prism_relay_drain_cursor_lsn{"))
-        .map(value)
-        .fold(f64::INFINITY, f64::min);
-    let durable = text
-        .lines()
-        .find(|l| l.starts_with("prism_relay_wal_durable_lsn"))
-        .map(value)
-        .unwrap_or(f64::NAN);
-    (cursor, durable)
-}
-
 /// Waits until the relay's lanes have inserted everything its WAL holds.
 async fn wait_wal_drained(relay: &RelayProc) {
     wait_until("the relay's WAL drained", ACCOUNTED_TIMEOUT, || async {
-        let (cursor, durable) = cursor_and_durable(relay).await;
+        let (cursor, durable) = relay.cursor_and_durable().await;
         cursor >= durable
     })
     .await;

@@ -35,28 +35,6 @@ const DOWN_SHUTDOWN_TIMEOUT_MS: u64 = 3_000;
 /// Beyond the bound: the process's own exit, and the test's view of it, on a loaded machine.
 const EXIT_MARGIN: Duration = Duration::from_secs(5);
 
-/// The lowest drain cursor of any lane and the WAL's durable LSN, from `/metrics`.
-async fn cursor_and_durable(relay: &RelayProc) -> (f64, f64) {
-    let text = relay.metrics().await;
-    let value = |line: &str| {
-        line.rsplit(' ')
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    let cursor = text
-        .lines()
-        .filter(|l| l.starts_with("prism_relay_drain_cursor_lsn{"))
-        .map(value)
-        .fold(f64::INFINITY, f64::min);
-    let durable = text
-        .lines()
-        .find(|l| l.starts_with("prism_relay_wal_durable_lsn"))
-        .map(value)
-        .unwrap_or(f64::NAN);
-    (cursor, durable)
-}
-
 /// A relay whose ClickHouse was down while a backlog was published: the backlog is in its WAL
 /// (acked to JetStream) and no insert of it succeeded yet.
 async fn relay_with_backlog(bed: &mut Bed, config: &RelayConfig, drain: bool) -> RelayProc {
@@ -91,7 +69,7 @@ fn backlog_config(bed: &Bed, timeout_ms: u64) -> RelayConfig {
 /// when the signal went, and that the relay exited 0.
 async fn sigterm_with_the_backlog_behind(bed: &mut Bed, relay: &mut RelayProc, timeout_ms: u64) {
     tokio::task::block_in_place(|| bed.ch.restart()).expect("restart clickhouse-server");
-    let (cursor, durable) = cursor_and_durable(relay).await;
+    let (cursor, durable) = relay.cursor_and_durable().await;
     assert!(
         cursor <= durable && durable >= BACKLOG_MESSAGES as f64,
         "the backlog must still be behind at SIGTERM: cursor {cursor}, durable {durable}"
