@@ -27,8 +27,10 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::audit::{Audit, AuditOptions, AuditSetup};
-use crate::config::{ClickHouseProfile, Config, RecoveryModeKind, WalConfig};
-use crate::drain::{BatchLimits, DrainError, Lane, LaneConfig, LedgerKeeper, Router, RowsKind};
+use crate::config::{ClickHouseProfile, CompressionKind, Config, RecoveryModeKind, WalConfig};
+use crate::drain::{
+    BatchLimits, DrainError, Lane, LaneConfig, LedgerKeeper, Router, RowsKind, Tail,
+};
 use crate::logcond::Condition;
 use crate::metrics::Metrics;
 use crate::schema::{self, Profile, SchemaError, SchemaTable};
@@ -192,6 +194,11 @@ pub fn sink_options(config: &Config, profile: Profile) -> SinkOptions {
         database: ch.database.clone(),
         insert_timeout_ms: ch.insert_timeout_ms,
         connect_timeout_ms: ch.connect_timeout_ms,
+        compress: match ch.compression {
+            CompressionKind::Auto => !crate::sink::is_loopback_url(&ch.url),
+            CompressionKind::Lz4 => true,
+            CompressionKind::None => false,
+        },
         modern: profile == Profile::Modern,
         // With `auto` resolved to legacy, the start-up check reports the setting unusable.
         async_insert: ch.async_insert && profile == Profile::Modern,
@@ -1059,9 +1066,11 @@ async fn drain(
         );
     }
     let waited = not_ready.cleared();
+    let options = sink_options(&config, profile);
     tracing::info!(
         version = version.as_deref().unwrap_or("unknown"),
         profile = profile.name(),
+        compression = if options.compress { "lz4" } else { "none" },
         failed_attempts = waited.map_or(0, |w| w.count),
         waited_ms = waited.map_or(0, |w| w.lasted.as_millis() as u64),
         "ClickHouse schema checked; draining"
@@ -1069,7 +1078,7 @@ async fn drain(
     metrics.health.drain_started();
     metrics.ready.set(1);
 
-    let sink = Sink::new(sink_options(&config, profile))?;
+    let sink = Sink::new(options)?;
     metrics.count_sent_bytes(sink.wire_bytes());
     let router = Arc::new(Router::new(
         config
@@ -1113,6 +1122,8 @@ async fn drain(
         );
     }
     let mut prepared = Vec::with_capacity(lane_names.len());
+    // The lanes read the WAL through one shared tail: each record is read and routed once.
+    let tail = Arc::new(Tail::new(wal.clone(), router.clone(), lane_names.clone()));
     for name in lane_names {
         let kind = RowsKind::for_lane(&name);
         let table = config.drain.table_batch(&name);
@@ -1135,6 +1146,7 @@ async fn drain(
             kind,
             wal.clone(),
             router.clone(),
+            tail.clone(),
             sink.clone(),
             ledger.clone(),
             metrics.clone(),
@@ -1269,8 +1281,28 @@ async fn wait_finish(finish: &mut Option<watch::Receiver<bool>>) {
 mod tests {
     use std::os::unix::fs::PermissionsExt;
 
-    use super::{percent, status_interval, wal_dir_exposure};
-    use crate::config::Config;
+    use super::{percent, sink_options, status_interval, wal_dir_exposure};
+    use crate::config::{CompressionKind, Config};
+    use crate::schema::Profile;
+
+    #[test]
+    fn auto_compression_is_off_for_a_server_on_loopback_only_and_the_explicit_kinds_are_obeyed() {
+        let compress = |url: &str, kind: CompressionKind| {
+            let mut config = Config::default();
+            config.clickhouse.url = url.to_owned();
+            config.clickhouse.compression = kind;
+            sink_options(&config, Profile::Legacy).compress
+        };
+        assert_eq!(
+            Config::default().clickhouse.compression,
+            CompressionKind::Auto
+        );
+        assert!(!compress("http://127.0.0.1:8123", CompressionKind::Auto));
+        assert!(!compress("https://localhost:8443", CompressionKind::Auto));
+        assert!(compress("http://10.1.2.3:8123", CompressionKind::Auto));
+        assert!(compress("http://127.0.0.1:8123", CompressionKind::Lz4));
+        assert!(!compress("http://10.1.2.3:8123", CompressionKind::None));
+    }
 
     #[test]
     fn a_status_interval_of_zero_means_no_status_task_and_any_other_its_period() {

@@ -140,11 +140,38 @@ fn wait_acked(world: &World, run: &mut RelayRun, timeout: Duration) -> Result<()
     }
 }
 
+/// What one cold relay drain took: its rate, when the durables were drained (ingest done) and
+/// the CPU each process spent meanwhile, which says what limits the drain.
+struct RelayDrain {
+    rate: f64,
+    acked_s: f64,
+    stored_s: f64,
+    relay_cpu_s: f64,
+    clickhouse_cpu_s: f64,
+    nats_cpu_s: f64,
+}
+
+/// CPU seconds so far of the relay, ClickHouse and NATS (0 for a process that is gone).
+fn cpu_seconds(world: &World, run: &RelayRun, ticks: f64) -> [f64; 3] {
+    let of = |pid: Option<u32>| {
+        pid.and_then(|pid| world::proc_cpu(pid, ticks).ok())
+            .map_or(0.0, |s| s.cpu_s)
+    };
+    [
+        of(run.relay.pid()),
+        of(world.ch.pid()),
+        of(world.nats.pid()),
+    ]
+}
+
 /// One cold relay drain of the backlog: msg/s from spawn until every message is acked and in
 /// ClickHouse with FINAL.
-fn relay_drain(world: &World, name: &str, n: u64) -> Result<f64, BenchError> {
+fn relay_drain(world: &World, name: &str, n: u64) -> Result<RelayDrain, BenchError> {
+    let ticks = world::clock_ticks_per_s();
     let mut run = world.spawn_relay(name)?;
+    let before = cpu_seconds(world, &run, ticks);
     wait_acked(world, &mut run, DRAIN_TIMEOUT)?;
+    let acked_s = run.spawned.elapsed().as_secs_f64();
     let done = world.wait_rows(
         &run.database,
         n,
@@ -152,9 +179,17 @@ fn relay_drain(world: &World, name: &str, n: u64) -> Result<f64, BenchError> {
         DRAIN_TIMEOUT,
         "the relay's rows",
     )?;
-    let secs = done.duration_since(run.spawned).as_secs_f64();
+    let after = cpu_seconds(world, &run, ticks);
+    let stored_s = done.duration_since(run.spawned).as_secs_f64();
     run.relay.terminate(TERMINATE_TIMEOUT)?;
-    Ok(n as f64 / secs)
+    Ok(RelayDrain {
+        rate: n as f64 / stored_s,
+        acked_s,
+        stored_s,
+        relay_cpu_s: after[0] - before[0],
+        clickhouse_cpu_s: after[1] - before[1],
+        nats_cpu_s: after[2] - before[2],
+    })
 }
 
 fn check_count(what: &str, got: u64, n: u64) -> Result<(), BenchError> {
@@ -177,6 +212,7 @@ pub fn drain(world: &World, scale: &Scale, report: &mut Report) -> Result<(), Be
     check_count("backlog in the streams", world.stream_messages()?, n)?;
     let js = world.js();
     let mut figures: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut profile = Vec::new();
     const ORDER: [&str; 4] = ["relay", "raw_all", "raw_explicit", "no_wal"];
     for round in 0..scale.rounds {
         for i in 0..ORDER.len() {
@@ -185,7 +221,19 @@ pub fn drain(world: &World, scale: &Scale, report: &mut Report) -> Result<(), Be
             let who = ORDER[(i + round) % ORDER.len()];
             let name = format!("bench_{who}_{round}");
             let rate = match who {
-                "relay" => relay_drain(world, &name, n)?,
+                "relay" => {
+                    let d = relay_drain(world, &name, n)?;
+                    eprintln!(
+                        "  drain round {round}: relay acked all in {:.2} s, all stored in {:.2} s; CPU s: relay {:.2}, clickhouse {:.2}, nats {:.2}",
+                        d.acked_s, d.stored_s, d.relay_cpu_s, d.clickhouse_cpu_s, d.nats_cpu_s
+                    );
+                    profile.push(
+                        json!({"round": round, "acked_s": d.acked_s, "stored_s": d.stored_s,
+                        "relay_cpu_s": d.relay_cpu_s, "clickhouse_cpu_s": d.clickhouse_cpu_s,
+                        "nats_cpu_s": d.nats_cpu_s}),
+                    );
+                    d.rate
+                }
                 "raw_all" | "raw_explicit" => {
                     let (got, d) =
                         world
@@ -227,7 +275,8 @@ pub fn drain(world: &World, scale: &Scale, report: &mut Report) -> Result<(), Be
             verdict(ratio >= DRAIN_RATIO_MIN)
         ),
         json!({"relay_msg_per_s": relay, "baseline_msg_per_s": raw, "ratio": ratio,
-               "target_min": DRAIN_RATIO_MIN, "n": n, "rounds": scale.rounds, "all": figures}),
+               "target_min": DRAIN_RATIO_MIN, "n": n, "rounds": scale.rounds, "all": figures,
+               "relay_rounds": profile}),
     );
     report.line(
         "drain_raw_explicit",

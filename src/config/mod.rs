@@ -59,9 +59,9 @@ pub use env::{env_var_name, ENV_OVERRIDES, ENV_PREFIX, ENV_SECTIONS};
 pub use limits::*;
 pub use load::{ConfigError, InvalidValue};
 pub use model::{
-    AckPolicyKind, AuditConfig, ClickHouseConfig, ClickHouseProfile, Config, ConsumerConfig,
-    DeliverPolicyKind, DrainConfig, LogConfig, LogFormat, MetricsConfig, NatsConfig,
-    PassthroughRoute, RecoveryModeKind, ShutdownConfig, StorageKind, StreamConfig, TableBatch,
-    WalConfig, RESERVED_STREAM_NAME, TYPED_DATA_TYPES, TYPED_TABLES,
+    AckPolicyKind, AuditConfig, ClickHouseConfig, ClickHouseProfile, CompressionKind, Config,
+    ConsumerConfig, DeliverPolicyKind, DrainConfig, LogConfig, LogFormat, MetricsConfig,
+    NatsConfig, PassthroughRoute, RecoveryModeKind, ShutdownConfig, StorageKind, StreamConfig,
+    TableBatch, WalConfig, RESERVED_STREAM_NAME, TYPED_DATA_TYPES, TYPED_TABLES,
 };
 pub use origin::{Origin, Origins};

@@ -377,6 +377,19 @@ pub enum ClickHouseProfile {
     Auto,
 }
 
+/// Whether insert bodies are LZ4-compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CompressionKind {
+    /// LZ4 unless the URL's host is a loopback address or `localhost` (default): on loopback
+    /// compression saves no bandwidth and costs CPU on both ends.
+    Auto,
+    /// Always LZ4.
+    Lz4,
+    /// Never.
+    None,
+}
+
 /// `[clickhouse]`: the destination.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -398,6 +411,8 @@ pub struct ClickHouseConfig {
     pub insert_timeout_ms: u64,
     /// One connect attempt, in milliseconds. Default 5,000.
     pub connect_timeout_ms: u64,
+    /// LZ4 for insert bodies: auto (default), lz4 or none.
+    pub compression: CompressionKind,
     /// Apply the DDL (CREATE ... IF NOT EXISTS) at start-up. Default false.
     pub create_schema: bool,
     /// Row TTL of created tables, in days; none by default. Modern profile only.
@@ -438,6 +453,7 @@ impl Default for ClickHouseConfig {
             profile: ClickHouseProfile::Auto,
             insert_timeout_ms: 30_000,
             connect_timeout_ms: 5_000,
+            compression: CompressionKind::Auto,
             create_schema: false,
             ttl_days: None,
             tls_ca_file: None,
@@ -470,6 +486,7 @@ impl fmt::Debug for ClickHouseConfig {
             .field("profile", &self.profile)
             .field("insert_timeout_ms", &self.insert_timeout_ms)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("compression", &self.compression)
             .field("create_schema", &self.create_schema)
             .field("ttl_days", &self.ttl_days)
             .field("tls_ca_file", &self.tls_ca_file)

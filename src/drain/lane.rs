@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use prism_wal::{Envelope, InflightBatch, Lsn, Wal};
+use prism_wal::{Envelope, InflightBatch, Lsn, Reader, RecordRef, Wal};
 use tokio::sync::watch;
 
 use crate::codec::TimeWindow;
@@ -13,6 +13,7 @@ use crate::sink::{Backoff, DeadLetter, ErrorClass, InsertError, Sink};
 
 use super::batch::{dead_letter, Batch, BatchLimits, RowsKind};
 use super::route::Router;
+use super::tail::{Tail, Take};
 use super::{DrainError, LedgerKeeper};
 
 /// Records read per pass before the lane yields to other tasks and checks its timers.
@@ -85,6 +86,10 @@ pub struct Lane {
     newest_published_ns: i64,
     /// The lane loop's liveness (see [`crate::metrics::health`]).
     heartbeat: Heartbeat,
+    /// The lanes' shared read of the WAL, and this lane's index in it (None: not one of its
+    /// lanes, so the lane reads on its own).
+    tail: Arc<Tail>,
+    tail_index: Option<usize>,
 }
 
 /// Resolves when the lane is asked to finish; never without a finish signal (or once its sender
@@ -114,6 +119,7 @@ impl Lane {
         kind: RowsKind,
         wal: Wal,
         router: Arc<Router>,
+        tail: Arc<Tail>,
         sink: Sink,
         ledger: Arc<LedgerKeeper>,
         metrics: Metrics,
@@ -127,6 +133,7 @@ impl Lane {
             "an in-flight batch starts at or after its lane's cursor"
         );
         ledger.register(&config.name, resume_cursor).await;
+        let tail_index = tail.register(&config.name, resume_cursor).await;
         metrics.health.lane_started(&config.name);
         let heartbeat = metrics
             .health
@@ -146,6 +153,8 @@ impl Lane {
             kind,
             newest_published_ns: 0,
             heartbeat,
+            tail,
+            tail_index,
         }
     }
 
@@ -167,90 +176,98 @@ impl Lane {
         let mut batch = Batch::new(&self.config.name, self.kind, self.config.time_window);
         let mut durable = self.wal.watch_durable();
         let mut files_exhausted = Condition::default();
-        // Out of file descriptors (FilesExhausted) passes on its own: wait and try again.
-        let mut reader = loop {
-            match self.wal.reader(self.read_pos) {
-                Ok(reader) => break reader,
-                Err(source) if source.is_transient() && !*self.shutdown.borrow() => {
-                    // Out of file descriptors passes on its own: a legitimate wait.
-                    self.heartbeat.beat();
-                    if let Some(o) = files_exhausted.occurred() {
-                        tracing::warn!(lane = %self.config.name, error = %source, failures = o.count(), lasted_s = o.lasted_s(), "cannot open the WAL to read; retrying");
+        // The lane's own reader, only while it reads outside the tail's chunks (see
+        // `super::tail`); positioned at `read_pos` while it exists.
+        let mut own: Option<Reader> = None;
+        loop {
+            self.heartbeat.beat();
+            let mut caught_up = false;
+            let mut read_blocked = false;
+            let take = match self.tail_index {
+                Some(index) => {
+                    self.tail
+                        .chunk_at(index, self.read_pos, own.is_some())
+                        .await
+                }
+                None => Ok(Take::OwnReader),
+            };
+            let failure = match take {
+                Ok(Take::Chunk(chunk)) => {
+                    if own.take().is_some() {
+                        tracing::debug!(lane = %self.config.name, lsn = self.read_pos.0, "the lane reads through the shared tail of the WAL again");
                     }
-                    tokio::select! {
-                        _ = tokio::time::sleep(READ_RETRY) => {}
-                        _ = self.shutdown.changed() => {}
+                    let index = self.tail_index.unwrap_or(usize::MAX);
+                    for (lsn, body) in chunk.records_of(index, self.read_pos) {
+                        self.take_record(&mut batch, lsn, body, true).await?;
+                    }
+                    self.read_pos = self.read_pos.max(chunk.end());
+                    None
+                }
+                Ok(Take::CaughtUp) => {
+                    // At the tail's end: a lane that read on its own has caught up with it.
+                    if own.take().is_some() {
+                        tracing::debug!(lane = %self.config.name, lsn = self.read_pos.0, "the lane reads through the shared tail of the WAL again");
+                    }
+                    caught_up = true;
+                    None
+                }
+                Ok(Take::OwnReader) => {
+                    let reader = match own.as_mut() {
+                        Some(reader) => Ok(reader),
+                        None => self.wal.reader(self.read_pos).map(|r| {
+                            if self.tail_index.is_some() {
+                                tracing::debug!(lane = %self.config.name, lsn = self.read_pos.0, "the lane is outside the shared tail of the WAL (held back, or resumed apart from the others): it reads the WAL on its own");
+                            }
+                            own.insert(r)
+                        }),
+                    };
+                    match reader {
+                        Ok(reader) => {
+                            let mut failure = None;
+                            for _ in 0..READ_CHUNK_RECORDS {
+                                match reader.next() {
+                                    Ok(Some(record)) => {
+                                        let (lsn, body) = (record.lsn, record.body);
+                                        self.take_record(&mut batch, lsn, body, false).await?;
+                                    }
+                                    Ok(None) => {
+                                        caught_up = true;
+                                        break;
+                                    }
+                                    // The reader stays where it was (its next segment could
+                                    // not be opened): the same call is tried again after a
+                                    // pause.
+                                    Err(source) => {
+                                        failure = Some(source);
+                                        break;
+                                    }
+                                }
+                            }
+                            failure
+                        }
+                        Err(source) => Some(source),
                     }
                 }
-                Err(source) => {
+                Err(source) => Some(source),
+            };
+            match failure {
+                // Out of file descriptors passes on its own: wait and try again.
+                Some(source) if source.is_transient() => {
+                    if let Some(o) = files_exhausted.occurred() {
+                        tracing::warn!(lane = %self.config.name, error = %source, failures = o.count(), lasted_s = o.lasted_s(), "cannot read the WAL; retrying");
+                    }
+                    read_blocked = true;
+                }
+                Some(source) => {
                     return Err(DrainError::Wal {
                         lane: self.config.name.clone(),
                         source,
                     })
                 }
-            }
-        };
-        loop {
-            self.heartbeat.beat();
-            let mut caught_up = false;
-            let mut read_blocked = false;
-            for _ in 0..READ_CHUNK_RECORDS {
-                let record = match reader.next() {
-                    Ok(Some(record)) => record,
-                    Ok(None) => {
-                        caught_up = true;
-                        break;
+                None => {
+                    if let Some(ended) = files_exhausted.cleared() {
+                        tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "reading the WAL again");
                     }
-                    // The reader stays where it was (its next segment could not be opened):
-                    // the same call is tried again after a pause.
-                    Err(source) if source.is_transient() => {
-                        if let Some(o) = files_exhausted.occurred() {
-                            tracing::warn!(lane = %self.config.name, error = %source, failures = o.count(), lasted_s = o.lasted_s(), "cannot read the WAL; retrying");
-                        }
-                        read_blocked = true;
-                        break;
-                    }
-                    Err(source) => {
-                        return Err(DrainError::Wal {
-                            lane: self.config.name.clone(),
-                            source,
-                        })
-                    }
-                };
-                if let Some(ended) = files_exhausted.cleared() {
-                    tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "reading the WAL again");
-                }
-                let lsn = record.lsn;
-                let envelope = record.envelope().map_err(|source| DrainError::Wal {
-                    lane: self.config.name.clone(),
-                    source,
-                })?;
-                // A re-cut batch ends exactly where it ended before the crash; past it, batches
-                // are cut by the limits again.
-                if self.recut.as_ref().is_some_and(|r| lsn > r.last) {
-                    if !batch.is_empty() {
-                        self.flush(&mut batch, false).await?;
-                    }
-                    self.recut = None;
-                }
-                self.read_pos = Lsn(lsn.0 + 1);
-                // The committed cursor never passes an in-flight batch's first record, so the
-                // cursor alone says which records of this lane are already in ClickHouse.
-                let mine = self.router.route_envelope(&envelope).lane() == self.config.name;
-                if !mine || lsn < self.resume_cursor {
-                    continue;
-                }
-                self.newest_published_ns = self.newest_published_ns.max(envelope.published_ns);
-                batch.push(lsn, &envelope, now_ms());
-                let cut = match &self.recut {
-                    Some(r) => lsn >= r.last,
-                    None => batch.is_full(&self.config.limits),
-                };
-                if cut {
-                    self.flush(&mut batch, false).await?;
-                    // The re-cut batch (if that was it) is done: the records after it must not
-                    // each become a batch of their own.
-                    self.recut = None;
                 }
             }
 
@@ -325,6 +342,50 @@ impl Lane {
                 tokio::task::yield_now().await;
             }
         }
+    }
+
+    /// Handles the record at `lsn`: batches it when it is this lane's (`routed`: the tail
+    /// already routed it here) and not yet in ClickHouse, and inserts the batch when it is cut.
+    async fn take_record(
+        &mut self,
+        batch: &mut Batch,
+        lsn: Lsn,
+        body: &[u8],
+        routed: bool,
+    ) -> Result<(), DrainError> {
+        let record = RecordRef { lsn, body };
+        let envelope = record.envelope().map_err(|source| DrainError::Wal {
+            lane: self.config.name.clone(),
+            source,
+        })?;
+        // A re-cut batch ends exactly where it ended before the crash; past it, batches are cut
+        // by the limits again.
+        if self.recut.as_ref().is_some_and(|r| lsn > r.last) {
+            if !batch.is_empty() {
+                self.flush(batch, false).await?;
+            }
+            self.recut = None;
+        }
+        self.read_pos = Lsn(lsn.0 + 1);
+        // The committed cursor never passes an in-flight batch's first record, so the cursor
+        // alone says which records of this lane are already in ClickHouse.
+        let mine = routed || self.router.route_envelope(&envelope).lane() == self.config.name;
+        if !mine || lsn < self.resume_cursor {
+            return Ok(());
+        }
+        self.newest_published_ns = self.newest_published_ns.max(envelope.published_ns);
+        batch.push(lsn, &envelope, now_ms());
+        let cut = match &self.recut {
+            Some(r) => lsn >= r.last,
+            None => batch.is_full(&self.config.limits),
+        };
+        if cut {
+            self.flush(batch, false).await?;
+            // The re-cut batch (if that was it) is done: the records after it must not each
+            // become a batch of their own.
+            self.recut = None;
+        }
+        Ok(())
     }
 
     /// On shutdown: one bounded attempt to insert what is batched, then stop.

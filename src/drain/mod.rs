@@ -16,6 +16,7 @@
 mod batch;
 mod lane;
 pub mod route;
+mod tail;
 
 use std::sync::Arc;
 
@@ -27,6 +28,7 @@ pub use batch::{
 };
 pub use lane::{Lane, LaneConfig, FAILPOINT_AFTER_INSERT_BEFORE_CURSOR, FAILPOINT_ENV};
 pub use route::{Route, Router, UNROUTED_LANE};
+pub use tail::Tail;
 
 /// Why a lane stopped.
 #[derive(Debug, thiserror::Error)]

@@ -107,6 +107,8 @@ pub struct SinkOptions {
     pub insert_timeout_ms: u64,
     /// Upper bound on establishing one TCP connection.
     pub connect_timeout_ms: u64,
+    /// Insert bodies are LZ4-compressed (ClickHouse's compressed blocks, `decompress=1`).
+    pub compress: bool,
     /// True for ClickHouse 23.8 and newer: row validation and deduplication tokens are used.
     pub modern: bool,
     /// Inserts are asynchronous (`async_insert=1, wait_for_async_insert=1`, deduplication on);
@@ -130,6 +132,7 @@ impl Default for SinkOptions {
             database: "marketprism_hot".to_owned(),
             insert_timeout_ms: 30_000,
             connect_timeout_ms: 5_000,
+            compress: true,
             modern: true,
             async_insert: false,
             isolate_inserts_max: ISOLATE_INSERTS_MAX_DEFAULT,
@@ -155,6 +158,7 @@ impl fmt::Debug for SinkOptions {
             )
             .field("database", &self.database)
             .field("insert_timeout_ms", &self.insert_timeout_ms)
+            .field("compress", &self.compress)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("modern", &self.modern)
             .field("async_insert", &self.async_insert)
@@ -317,7 +321,11 @@ impl Sink {
         let wire = connector.wire_bytes();
         let mut client = client_on(connector, &opts.url)
             .with_database(&opts.database)
-            .with_compression(clickhouse::Compression::Lz4)
+            .with_compression(if opts.compress {
+                clickhouse::Compression::Lz4
+            } else {
+                clickhouse::Compression::None
+            })
             // Validation reads the columns with RowBinaryWithNamesAndTypes, which 18.16 lacks.
             .with_validation(opts.modern);
         if !opts.user.is_empty() {
@@ -749,6 +757,22 @@ fn log_isolation(table: &str, rows: usize, outcome: &IsolateOutcome) {
 }
 
 /// Quotes a table name for SQL: backquotes, with backslashes and backquotes escaped.
+/// True when `url`'s host is `localhost` or a loopback address (127.0.0.0/8, `::1`): a
+/// server on the same machine, where compressing request bodies saves no bandwidth.
+pub fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host_port.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or(""),
+        None => host_port.split(':').next().unwrap_or(""),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 fn quote_identifier(name: &str) -> String {
     let mut quoted = String::with_capacity(name.len() + 2);
     quoted.push('`');
@@ -765,6 +789,30 @@ fn quote_identifier(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_hosts_are_told_from_remote_ones() {
+        for url in [
+            "http://127.0.0.1:8123",
+            "http://127.3.2.1",
+            "https://localhost:8443/",
+            "http://LOCALHOST",
+            "http://user:secret@127.0.0.1:8123/?database=x",
+            "http://[::1]:8123",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.5:8123",
+            "https://clickhouse.example.com",
+            "http://localhost.example.com:8123",
+            "http://[2001:db8::1]:8123",
+            "http://127.0.0.1.example.com",
+            "http://user@192.168.1.9",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
+    }
 
     #[test]
     fn identifiers_are_backquoted_with_escapes() {

@@ -312,6 +312,7 @@ impl Bed {
             exchanges: load.exchanges.clone(),
             seed: load.seed,
             ts_start_ms: load.ts_start_ms,
+            orderbook_depth: load.orderbook_depth,
             progress: false,
             ..LoadgenOptions::default()
         };
@@ -433,6 +434,8 @@ pub struct Load {
     pub exchanges: Vec<String>,
     pub seed: u64,
     pub ts_start_ms: Option<i64>,
+    /// Levels per side of each order book (loadgen's default 20; MarketPrism sends 100).
+    pub orderbook_depth: u16,
 }
 
 impl Load {
@@ -448,7 +451,14 @@ impl Load {
             exchanges: vec!["binance".into(), "okx".into(), "deribit".into()],
             seed: 1,
             ts_start_ms: None,
+            orderbook_depth: 20,
         }
+    }
+
+    /// Order books of `levels` levels per side (100: MarketPrism's 4-7 KB snapshots).
+    pub fn orderbook_depth(mut self, levels: u16) -> Load {
+        self.orderbook_depth = levels;
+        self
     }
 
     pub fn mix(mut self, mix: &str) -> Load {

@@ -1340,3 +1340,81 @@ crate::on_both_legs!(
     sigterm_during_a_load_exits_zero_within_the_bound_and_a_restart_stores_everything_once,
     sigterm_with_clickhouse_frozen_and_the_wal_full_exits_zero_within_the_bound_and_loses_nothing,
 );
+
+/// A lane held back far behind the others (its table is gone for a while) falls out of the
+/// chunks of the WAL the lanes share, reads the WAL on its own, rejoins them once it caught up,
+/// and stores every record once; the other lanes did not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_held_back_past_the_shared_tail_reads_the_wal_itself_and_stores_every_row_once() {
+    let bed = Bed::start();
+    // The lanes say at debug level when they leave and rejoin the shared tail.
+    let mut relay = RelayProc::spawn_with_env(
+        &bed,
+        "relay",
+        &bed.config(),
+        &[("RUST_LOG", "info,prism_relay::drain=debug")],
+    );
+    relay.wait_ready().await;
+    bed.sql(&format!(
+        "RENAME TABLE {DATABASE}.trades TO {DATABASE}.trades_away"
+    ));
+    // The trades come first in the WAL, so their lane stops there, retrying its insert.
+    let trades = 500;
+    bed.publish(Load::new("held_trades", trades).mix("trade=1"))
+        .await;
+    wait_until(
+        "the trades lane fails its insert",
+        DRAIN_TIMEOUT,
+        || async {
+            relay
+                .metric_sum("prism_relay_insert_errors_total", &[("table", "trades")])
+                .await
+                > 0.0
+        },
+    )
+    .await;
+    // Order books of 4-7 KB: 8,000 of them are past what the lanes' shared tail keeps (32 MiB),
+    // and they are stored while the trades lane is held.
+    let orderbooks = 8_000;
+    bed.publish(
+        Load::new("held_books", orderbooks)
+            .mix("orderbook=1")
+            .orderbook_depth(100),
+    )
+    .await;
+    wait_until_sync("every order book stored", DRAIN_TIMEOUT, || {
+        bed.count_final("orderbooks") == orderbooks
+    })
+    .await;
+    assert_eq!(
+        bed.sql(&format!("SELECT count() FROM {DATABASE}.trades_away"))
+            .trim(),
+        "0"
+    );
+
+    bed.sql(&format!(
+        "RENAME TABLE {DATABASE}.trades_away TO {DATABASE}.trades"
+    ));
+    assert_totals(
+        &bed.wait_accounted(DRAIN_TIMEOUT).await,
+        trades + orderbooks,
+        trades + orderbooks,
+    );
+    let log = relay.log();
+    let alone = log
+        .lines()
+        .filter(|l| l.contains("it reads the WAL on its own") && l.contains("trades"))
+        .count();
+    assert!(
+        alone >= 1,
+        "the trades lane read the WAL on its own:\n{log}"
+    );
+    // Caught up, it reads through the tail again (it looks at the tail at least once a second).
+    wait_until_sync("the trades lane rejoined the others", DRAIN_TIMEOUT, || {
+        relay.log().lines().any(|l| {
+            l.contains("reads through the shared tail of the WAL again") && l.contains("trades")
+        })
+    })
+    .await;
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}

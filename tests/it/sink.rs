@@ -65,6 +65,55 @@ fn query(server: &ClickHouse, sql: &str) -> String {
 }
 
 #[tokio::test]
+async fn uncompressed_and_lz4_inserts_store_the_same_rows_and_only_lz4_shrinks_the_bytes_sent() {
+    let (server, lz4) = setup();
+    let plain = Sink::new(SinkOptions {
+        compress: false,
+        ..options(&server)
+    })
+    .expect("valid options");
+    let rows = quotes(20_000);
+    lz4.insert("quotes", &rows[..10_000], None)
+        .await
+        .expect("lz4 insert");
+    plain
+        .insert("quotes", &rows[10_000..], None)
+        .await
+        .expect("uncompressed insert");
+    assert_eq!(
+        query(
+            &server,
+            "SELECT count(), sum(id), sum(price), uniqExact(symbol) FROM sink_it.quotes"
+        ),
+        format!(
+            "20000\t{}\t{}\t7",
+            (0..20_000u64).sum::<u64>(),
+            (0..20_000i64).map(|i| i * 100).sum::<i64>()
+        )
+    );
+    // The same rows' bodies: on the wire LZ4 takes a fraction of them, no compression all of
+    // them plus the HTTP heads.
+    let (lz4, plain) = (lz4.wire_bytes(), plain.wire_bytes());
+    assert!(
+        plain.uncompressed() > 100_000,
+        "body of 10,000 rows: {}",
+        plain.uncompressed()
+    );
+    assert!(
+        plain.compressed() >= plain.uncompressed(),
+        "uncompressed sink: wire {} < body {}",
+        plain.compressed(),
+        plain.uncompressed()
+    );
+    assert!(
+        lz4.compressed() * 2 < lz4.uncompressed(),
+        "lz4 sink: wire {} of body {}",
+        lz4.compressed(),
+        lz4.uncompressed()
+    );
+}
+
+#[tokio::test]
 async fn rows_inserted_in_one_call_are_read_back_exactly() {
     let (server, sink) = setup();
     let version = sink.server_version().await.expect("version");
