@@ -208,8 +208,14 @@ impl Message<'_> {
     }
 }
 
+/// One UTF-8 check of the whole payload, then serde_json's `str` reader, which trusts it: the
+/// byte-slice reader checks every string and every raw field again, a few short checks per
+/// field (7 % of the relay's CPU while it drained order books).
 fn parse<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, DecodeError> {
-    serde_json::from_slice(payload).map_err(|e| DecodeError::Json {
+    let text = std::str::from_utf8(payload).map_err(|e| DecodeError::Json {
+        reason: format!("not UTF-8: {e}"),
+    })?;
+    serde_json::from_str(text).map_err(|e| DecodeError::Json {
         reason: e.to_string(),
     })
 }

@@ -500,6 +500,10 @@ fn a_payload_that_is_not_json_is_rejected_with_the_parser_reason() {
     )
     .unwrap_err();
     assert!(matches!(e, DecodeError::Json { .. }), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        "payload is not a valid JSON object: not UTF-8: invalid utf-8 sequence of 1 bytes from index 13"
+    );
 }
 
 #[test]

@@ -172,8 +172,73 @@ impl<'de: 'a, 'a> Visitor<'de> for RawLevelVisitor<'a> {
 }
 
 impl<'de, S: Side> Deserialize<'de> for Levels<S> {
+    /// The side as written (serde_json has checked that it is well-formed JSON), read by
+    /// [`Levels::read_pairs`] when it is what MarketPrism sends, else by the general reader,
+    /// which takes every accepted form and names what is wrong.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(LevelsVisitor::<S>(PhantomData))
+        let raw = <&'de RawValue>::deserialize(deserializer)?;
+        if let Some(levels) = Levels::read_pairs(raw.get()) {
+            return Ok(levels);
+        }
+        serde_json::Deserializer::from_str(raw.get())
+            .deserialize_any(LevelsVisitor::<S>(PhantomData))
+            .map_err(de::Error::custom)
+    }
+}
+
+/// Skips JSON whitespace from `at`.
+fn skip_ws(bytes: &[u8], mut at: usize) -> usize {
+    while matches!(bytes.get(at), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        at += 1;
+    }
+    at
+}
+
+/// `byte` at `at` (after whitespace): the position after it.
+fn expect(bytes: &[u8], at: usize, byte: u8) -> Option<usize> {
+    let at = skip_ws(bytes, at);
+    (bytes.get(at) == Some(&byte)).then_some(at + 1)
+}
+
+/// A string without escapes at `at` (after whitespace): its contents and the position after it.
+fn plain_string(text: &str, at: usize) -> Option<(&str, usize)> {
+    let start = expect(text.as_bytes(), at, b'"')?;
+    let len = text.as_bytes()[start..]
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\')?;
+    let end = start + len;
+    (text.as_bytes()[end] == b'"').then(|| (&text[start..end], end + 1))
+}
+
+impl<S: Side> Levels<S> {
+    /// The levels when they are `[["price","quantity"],...]` with decimal strings without
+    /// escapes, as MarketPrism publishes them; None for anything else, which the general
+    /// reader then reads (with the same result where both read). A direct scan: the general
+    /// reader's per-level serde machinery was a quarter of the relay's CPU on order books.
+    fn read_pairs(text: &str) -> Option<Levels<S>> {
+        let bytes = text.as_bytes();
+        let mut levels = Levels::new();
+        let mut at = expect(bytes, 0, b'[')?;
+        if let Some(end) = expect(bytes, at, b']') {
+            levels.finish();
+            return (skip_ws(bytes, end) == bytes.len()).then_some(levels);
+        }
+        loop {
+            at = expect(bytes, at, b'[')?;
+            let (price, next) = plain_string(text, at)?;
+            at = expect(bytes, next, b',')?;
+            let (quantity, next) = plain_string(text, at)?;
+            at = expect(bytes, next, b']')?;
+            levels.push(decimal::parse(price).ok()?, decimal::parse(quantity).ok()?);
+            at = skip_ws(bytes, at);
+            match bytes.get(at)? {
+                b',' => at += 1,
+                b']' => break,
+                _ => return None,
+            }
+        }
+        levels.finish();
+        (skip_ws(bytes, at + 1) == bytes.len()).then_some(levels)
     }
 }
 
@@ -272,6 +337,82 @@ mod tests {
 
     fn asks(json: &str) -> Levels<Asks> {
         serde_json::from_str(json).expect("levels deserialize")
+    }
+
+    /// The general reader alone.
+    fn general<S: Side>(json: &str) -> Levels<S> {
+        serde_json::Deserializer::from_str(json)
+            .deserialize_any(LevelsVisitor::<S>(PhantomData))
+            .expect("levels deserialize")
+    }
+
+    fn same<S: Side>(a: &Levels<S>, b: &Levels<S>) -> bool {
+        (&a.json, a.count, a.best) == (&b.json, b.count, b.best) && a.error.is_none()
+    }
+
+    #[test]
+    fn the_direct_scan_reads_what_marketprism_sends_as_the_general_reader_does_and_leaves_the_rest_to_it(
+    ) {
+        for json in [
+            "[]",
+            " [ ] ",
+            r#"[["112345.6","1.234"],["112345.5","2"]]"#,
+            "[ [ \"1.5\" , \"2\" ] ,\n\t[\"0.00000001\",\"-3\"] ]",
+            r#"[["00012.50","0"]]"#,
+        ] {
+            let scanned = Levels::<Bids>::read_pairs(json).unwrap_or_else(|| panic!("{json}"));
+            assert!(same(&scanned, &general::<Bids>(json)), "{json}");
+            let scanned = Levels::<Asks>::read_pairs(json).expect("scanned");
+            assert!(same(&scanned, &general::<Asks>(json)), "{json}");
+        }
+        for json in [
+            r#"[["1","2","7"]]"#,
+            r#"[[1.5,"2"]]"#,
+            r#"[{"price":"1","quantity":"2"}]"#,
+            r#"[["1\u0030","2"]]"#,
+            r#"[["1","x"]]"#,
+            r#"[["1"]]"#,
+            r#"[["1","2"],]"#,
+            r#"["1"]"#,
+            r#"{"1":"2"}"#,
+            r#"[["1","2"]] 3"#,
+            r#"[["٣","2"]]"#,
+        ] {
+            assert!(Levels::<Bids>::read_pairs(json).is_none(), "{json}");
+        }
+        // Through the payload's deserializer either way: escapes and objects still read.
+        assert_eq!(
+            bids(r#"[["1\u0030","2"]]"#).json,
+            r#"[["10.00000000","2.00000000"]]"#
+        );
+    }
+
+    proptest::proptest! {
+        /// Wherever the direct scan reads a side, it reads it as the general reader does, and
+        /// it reads every side of valid decimal strings.
+        #[test]
+        fn the_direct_scan_agrees_with_the_general_reader(
+            levels in proptest::collection::vec(
+                ("-?[0-9]{0,12}(\\.[0-9]{0,10})?|[0-9a-z.,]{0,6}", "[0-9]{1,9}(\\.[0-9]{1,8})?"),
+                0..30,
+            ),
+            spaces in proptest::collection::vec(" {0,2}", 4),
+        ) {
+            let json = format!(
+                "[{}{}]",
+                spaces[0],
+                levels
+                    .iter()
+                    .map(|(p, q)| format!("[\"{p}\",{}\"{q}\"{}]", spaces[1], spaces[2]))
+                    .collect::<Vec<_>>()
+                    .join(&format!(",{}", spaces[3])),
+            );
+            let general = general::<Bids>(&json);
+            match Levels::<Bids>::read_pairs(&json) {
+                Some(scanned) => proptest::prop_assert!(same(&scanned, &general), "{json}"),
+                None => proptest::prop_assert!(general.error.is_some(), "not scanned: {json}"),
+            }
+        }
     }
 
     #[test]
