@@ -17,7 +17,7 @@ use prism_wal::{Envelope, StreamSeq, Wal, WalOptions};
 use crate::error::BenchError;
 
 const MIB: u64 = 1024 * 1024;
-/// Concurrent appenders (the configuration: enough to fill group commits).
+/// Concurrent appenders (enough to fill group commits).
 pub const APPENDERS: usize = 16;
 /// Records per append call (a JetStream fetch batch of the append bench).
 pub const BATCH_RECORDS: usize = 256;

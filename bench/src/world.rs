@@ -272,6 +272,12 @@ impl World {
     /// `<name>`, WAL under the world's directory. Returns at once (the caller times from
     /// [`RelayRun::spawned`]).
     pub fn spawn_relay(&self, name: &str) -> Result<RelayRun, BenchError> {
+        self.spawn_relay_acking(name, false)
+    }
+
+    /// [`World::spawn_relay`], its consumers with ack policy all when `ack_all` (explicit, the
+    /// default, otherwise).
+    pub fn spawn_relay_acking(&self, name: &str, ack_all: bool) -> Result<RelayRun, BenchError> {
         let dir = self.dir.join(name);
         fs::create_dir_all(&dir)
             .map_err(|e| BenchError::io(format!("creating {}", dir.display()), e))?;
@@ -289,6 +295,7 @@ impl World {
             durables: durables.clone(),
             wal_dir: wal_dir.clone(),
             metrics_port,
+            ack_all,
         });
         let config = dir.join("relay.toml");
         fs::write(&config, toml).map_err(|e| BenchError::io("writing relay.toml", e))?;
@@ -323,6 +330,7 @@ struct RelaySettings {
     durables: [String; 3],
     wal_dir: PathBuf,
     metrics_port: u16,
+    ack_all: bool,
 }
 
 fn quoted(s: &str) -> String {
@@ -346,9 +354,14 @@ fn relay_toml(s: &RelaySettings) -> String {
     for ((stream, _), durable) in STREAMS.iter().zip(&s.durables) {
         let _ = writeln!(
             t,
-            "[[consumer]]\nstream = {}\ndurable = {}\n",
+            "[[consumer]]\nstream = {}\ndurable = {}\n{}",
             quoted(stream),
-            quoted(durable)
+            quoted(durable),
+            if s.ack_all {
+                "ack_policy = \"all\"\n"
+            } else {
+                ""
+            }
         );
     }
     let _ = writeln!(
@@ -454,14 +467,24 @@ mod tests {
 
     #[test]
     fn the_relay_configuration_names_the_run_durables_database_and_wal() {
-        let toml = relay_toml(&RelaySettings {
+        let settings = |ack_all| RelaySettings {
             nats_url: "nats://127.0.0.1:1".into(),
             clickhouse_url: "http://127.0.0.1:2".into(),
             database: "relay_1".into(),
             durables: ["a".into(), "b".into(), "c".into()],
             wal_dir: PathBuf::from("/tmp/w"),
             metrics_port: 3,
-        });
+            ack_all,
+        };
+        let toml = relay_toml(&settings(false));
+        assert!(!toml.contains("ack_policy"));
+        let all = relay_toml(&settings(true));
+        assert_eq!(all.matches("ack_policy = \"all\"").count(), 3);
+        let parsed = prism_relay::config::Config::parse_toml(&all).expect("a valid configuration");
+        assert!(parsed
+            .consumer
+            .iter()
+            .all(|c| c.ack_policy == prism_relay::config::AckPolicyKind::All));
         assert_eq!(toml.matches("[[consumer]]").count(), 3);
         assert!(toml.contains("durable = \"b\""));
         assert!(toml.contains("database = \"relay_1\""));
