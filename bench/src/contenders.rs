@@ -21,7 +21,7 @@ use prism_relay::codec::{
 };
 use prism_relay::config::TableBatch;
 use prism_relay::schema::{self, Profile};
-use prism_relay::sink::{Sink, SinkOptions};
+use prism_relay::sink::{is_loopback_url, Sink, SinkOptions};
 
 use crate::error::BenchError;
 use crate::world::STREAMS;
@@ -270,6 +270,8 @@ pub async fn sink_with_schema(url: &str, database: &str) -> Result<Sink, BenchEr
     Sink::new(SinkOptions {
         url: url.to_string(),
         database: database.to_string(),
+        // As the relay's default would (`compression = "auto"`).
+        compress: !is_loopback_url(url),
         modern: profile == Profile::Modern,
         insert_timeout_ms: INSERT_TIMEOUT_MS,
         connect_timeout_ms: CONNECT_TIMEOUT_MS,
@@ -363,7 +365,8 @@ pub async fn decode_stream(js: &jetstream::Context, name: &str) -> Result<TableR
     Ok(rows)
 }
 
-/// Inserts `rows` into `database` with the `clickhouse` crate's inserter (RowBinary, LZ4),
+/// Inserts `rows` into `database` with the `clickhouse` crate's inserter (RowBinary, LZ4 unless
+/// the server is on loopback, like the relay),
 /// each table in batches of its default `rows_max`, the tables in parallel; returns the time.
 pub async fn insert_rows(
     clickhouse_url: &str,
@@ -375,7 +378,12 @@ pub async fn insert_rows(
     let client = clickhouse::Client::default()
         .with_url(clickhouse_url)
         .with_database(database)
-        .with_compression(clickhouse::Compression::Lz4)
+        // Compressed as the relay's default would (`compression = "auto"`): not on loopback.
+        .with_compression(if is_loopback_url(clickhouse_url) {
+            clickhouse::Compression::None
+        } else {
+            clickhouse::Compression::Lz4
+        })
         // Validation reads the columns with RowBinaryWithNamesAndTypes, which 18.16 lacks.
         .with_validation(false);
     let start = Instant::now();
