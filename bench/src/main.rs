@@ -12,7 +12,8 @@
 //! removed after a run in which every scenario ran, and kept otherwise.
 //!
 //! Usage: `prism-bench [--quick] [--only drain,wal,steady,outage,restart,latency]
-//! [--json PATH] [--relay-bin PATH] [--work-dir DIR]`.
+//! [--json PATH] [--relay-bin PATH] [--work-dir DIR] [--drain-mix MIX]`; `--drain-mix` takes loadgen's
+//! `--mix` syntax (`trade=1`) for the drain's backlog, MarketPrism's eight types by default.
 
 mod contenders;
 mod error;
@@ -26,6 +27,7 @@ use std::process::ExitCode;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use error::BenchError;
+use prism_relay::tools::gen::Mix;
 use report::Report;
 use scenarios::Scale;
 use world::World;
@@ -35,7 +37,8 @@ const SCENARIOS: [&str; 6] = ["drain", "wal", "steady", "outage", "restart", "la
 
 const USAGE: &str =
     "usage: prism-bench [--quick] [--only drain,wal,steady,outage,restart,latency] \
-                     [--json PATH] [--relay-bin PATH] [--work-dir DIR]";
+                     [--json PATH] [--relay-bin PATH] [--work-dir DIR] \
+                     [--drain-mix trade=1,orderbook=1,...]";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Args {
@@ -44,6 +47,8 @@ struct Args {
     json: Option<PathBuf>,
     relay_bin: PathBuf,
     work_dir: Option<PathBuf>,
+    /// The drain's backlog mix (loadgen's `--mix` syntax); MarketPrism's eight types by default.
+    drain_mix: Option<Mix>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
@@ -53,6 +58,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         json: None,
         relay_bin: PathBuf::from("target/release/prism-relay"),
         work_dir: None,
+        drain_mix: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -80,6 +86,13 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
             "--json" => parsed.json = Some(PathBuf::from(value("--json")?)),
             "--relay-bin" => parsed.relay_bin = PathBuf::from(value("--relay-bin")?),
             "--work-dir" => parsed.work_dir = Some(PathBuf::from(value("--work-dir")?)),
+            "--drain-mix" => {
+                let mix = value("--drain-mix")?;
+                parsed.drain_mix = Some(
+                    mix.parse()
+                        .map_err(|e| format!("--drain-mix {mix:?}: {e}"))?,
+                );
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -172,7 +185,10 @@ fn main() -> ExitCode {
         .json
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("target/bench/bench-{stamp}.json")));
-    let scale = Scale::new(args.quick);
+    let mut scale = Scale::new(args.quick);
+    if let Some(mix) = args.drain_mix {
+        scale.drain_mix = mix;
+    }
     println!(
         "prism-bench {} run: scenarios {}; work directory {}",
         if args.quick { "quick" } else { "full" },
@@ -231,6 +247,9 @@ mod tests {
         assert_eq!(a.json, Some(PathBuf::from("x.json")));
         assert!(parse_args(&strings(&["--only", "speed"])).is_err());
         assert!(parse_args(&strings(&["--json"])).is_err());
+        let trades = parse_args(&strings(&["--drain-mix", "trade=1"])).unwrap();
+        assert_eq!(trades.drain_mix, Some("trade=1".parse().unwrap()));
+        assert!(parse_args(&strings(&["--drain-mix", "ticker=1"])).is_err());
     }
 
     #[test]

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use serde_json::json;
 
+use prism_relay::tools::gen::Mix;
+
 use crate::contenders;
 use crate::error::BenchError;
 use crate::report::{median, quantile, thousands, verdict, Report};
@@ -42,6 +44,8 @@ pub struct Scale {
     /// WAL size (bytes of its directory) the restart is measured with.
     pub restart_wal_bytes: u64,
     pub latency_s: u64,
+    /// The types of the drain's backlog.
+    pub drain_mix: Mix,
 }
 
 const MIB: u64 = 1024 * 1024;
@@ -58,6 +62,7 @@ impl Scale {
                 idle_s: 20,
                 restart_wal_bytes: 512 * MIB,
                 latency_s: 10,
+                drain_mix: Mix::default(),
             }
         } else {
             Scale {
@@ -70,6 +75,7 @@ impl Scale {
                 // Just under the default 4 GiB WAL budget, at which the relay stops fetching.
                 restart_wal_bytes: 4 * 1024 * MIB - 128 * MIB,
                 latency_s: 30,
+                drain_mix: Mix::default(),
             }
         }
     }
@@ -207,7 +213,7 @@ fn check_count(what: &str, got: u64, n: u64) -> Result<(), BenchError> {
 /// WAL, each through its own durables (and database), alternating over the rounds.
 pub fn drain(world: &World, scale: &Scale, report: &mut Report) -> Result<(), BenchError> {
     let n = scale.drain_n;
-    let published = world.publish("backlog", Some(n), 0, None)?;
+    let published = world.publish_mix("backlog", Some(n), 0, None, scale.drain_mix)?;
     check_count("backlog", published.published_total(), n)?;
     check_count("backlog in the streams", world.stream_messages()?, n)?;
     let js = world.js();
@@ -269,8 +275,13 @@ pub fn drain(world: &World, scale: &Scale, report: &mut Report) -> Result<(), Be
     let ratio = relay / raw;
     report.summary.drain_ratio = Some(ratio);
     let counts = format!(
-        "(n={}, mixed MarketPrism messages, median of {} round(s))",
+        "(n={}, {}, median of {} round(s))",
         thousands(n as f64),
+        if scale.drain_mix == Mix::default() {
+            "mixed MarketPrism messages".to_string()
+        } else {
+            format!("mix {}", scale.drain_mix)
+        },
         scale.rounds
     );
     report.line(

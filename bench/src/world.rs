@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
+use prism_relay::tools::gen::Mix;
 use prism_relay::tools::loadgen::{self, LoadgenOptions, LoadgenSummary};
 use prism_testbed::{free_ports, ClickHouse, Nats, Relay};
 
@@ -127,7 +128,20 @@ impl World {
         rate_per_s: u64,
         duration_s: Option<u64>,
     ) -> Result<LoadgenSummary, BenchError> {
+        self.publish_mix(run_id, count, rate_per_s, duration_s, Mix::default())
+    }
+
+    /// [`World::publish`] with another mix of types.
+    pub fn publish_mix(
+        &self,
+        run_id: &str,
+        count: Option<u64>,
+        rate_per_s: u64,
+        duration_s: Option<u64>,
+        mix: Mix,
+    ) -> Result<LoadgenSummary, BenchError> {
         let opts = LoadgenOptions {
+            mix,
             nats_url: self.nats.url(),
             create_streams: true,
             count,
