@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::audit::{Audit, AuditOptions, AuditSetup};
-use crate::config::{ClickHouseProfile, CompressionKind, Config, RecoveryModeKind, WalConfig};
+use crate::config::{ClickHouseProfile, Config, RecoveryModeKind, WalConfig};
 use crate::drain::{
     BatchLimits, DrainError, Lane, LaneConfig, LedgerKeeper, Router, RowsKind, Tail,
 };
@@ -194,11 +194,7 @@ pub fn sink_options(config: &Config, profile: Profile) -> SinkOptions {
         database: ch.database.clone(),
         insert_timeout_ms: ch.insert_timeout_ms,
         connect_timeout_ms: ch.connect_timeout_ms,
-        compress: match ch.compression {
-            CompressionKind::Auto => !crate::sink::is_loopback_url(&ch.url),
-            CompressionKind::Lz4 => true,
-            CompressionKind::None => false,
-        },
+        compress: ch.compression.compresses(&ch.url),
         modern: profile == Profile::Modern,
         // With `auto` resolved to legacy, the start-up check reports the setting unusable.
         async_insert: ch.async_insert && profile == Profile::Modern,

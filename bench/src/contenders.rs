@@ -19,9 +19,9 @@ use prism_relay::codec::{
     self, FundingRateRow, LiquidationRow, LsrAllAccountRow, LsrTopPositionRow, OpenInterestRow,
     OrderbookRow, Row, TradeRow, VolatilityIndexRow,
 };
-use prism_relay::config::TableBatch;
+use prism_relay::config::{CompressionKind, TableBatch};
 use prism_relay::schema::{self, Profile};
-use prism_relay::sink::{is_loopback_url, Sink, SinkOptions};
+use prism_relay::sink::{Sink, SinkOptions};
 
 use crate::error::BenchError;
 use crate::world::STREAMS;
@@ -270,8 +270,8 @@ pub async fn sink_with_schema(url: &str, database: &str) -> Result<Sink, BenchEr
     Sink::new(SinkOptions {
         url: url.to_string(),
         database: database.to_string(),
-        // As the relay's default would (`compression = "auto"`).
-        compress: !is_loopback_url(url),
+        // As the relay's default would.
+        compress: CompressionKind::Auto.compresses(url),
         modern: profile == Profile::Modern,
         insert_timeout_ms: INSERT_TIMEOUT_MS,
         connect_timeout_ms: CONNECT_TIMEOUT_MS,
@@ -378,11 +378,11 @@ pub async fn insert_rows(
     let client = clickhouse::Client::default()
         .with_url(clickhouse_url)
         .with_database(database)
-        // Compressed as the relay's default would (`compression = "auto"`): not on loopback.
-        .with_compression(if is_loopback_url(clickhouse_url) {
-            clickhouse::Compression::None
-        } else {
+        // Compressed as the relay's default would.
+        .with_compression(if CompressionKind::Auto.compresses(clickhouse_url) {
             clickhouse::Compression::Lz4
+        } else {
+            clickhouse::Compression::None
         })
         // Validation reads the columns with RowBinaryWithNamesAndTypes, which 18.16 lacks.
         .with_validation(false);

@@ -240,7 +240,7 @@ pub fn drain(world: &World, scale: &Scale, report: &mut Report) -> Result<(), Be
                         d.acked_s, d.stored_s, d.relay_cpu_s, d.clickhouse_cpu_s, d.nats_cpu_s
                     );
                     profile.push(
-                        json!({"round": round, "acked_s": d.acked_s, "stored_s": d.stored_s,
+                        json!({"contender": who, "round": round, "acked_s": d.acked_s, "stored_s": d.stored_s,
                         "relay_cpu_s": d.relay_cpu_s, "clickhouse_cpu_s": d.clickhouse_cpu_s,
                         "nats_cpu_s": d.nats_cpu_s}),
                     );

@@ -390,6 +390,17 @@ pub enum CompressionKind {
     None,
 }
 
+impl CompressionKind {
+    /// Whether insert bodies sent to the ClickHouse at `url` are compressed.
+    pub fn compresses(self, url: &str) -> bool {
+        match self {
+            CompressionKind::Auto => !crate::sink::is_loopback_url(url),
+            CompressionKind::Lz4 => true,
+            CompressionKind::None => false,
+        }
+    }
+}
+
 /// `[clickhouse]`: the destination.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -191,11 +191,12 @@ impl Lane {
                 }
                 None => Ok(Take::OwnReader),
             };
+            // Handed a chunk, or at the tail's end: a lane that read on its own is back with it.
+            if matches!(take, Ok(Take::Chunk(_) | Take::CaughtUp)) && own.take().is_some() {
+                tracing::debug!(lane = %self.config.name, lsn = self.read_pos.0, "the lane reads through the shared tail of the WAL again");
+            }
             let failure = match take {
                 Ok(Take::Chunk(chunk)) => {
-                    if own.take().is_some() {
-                        tracing::debug!(lane = %self.config.name, lsn = self.read_pos.0, "the lane reads through the shared tail of the WAL again");
-                    }
                     let index = self.tail_index.unwrap_or(usize::MAX);
                     for (lsn, body) in chunk.records_of(index, self.read_pos) {
                         self.take_record(&mut batch, lsn, body, true).await?;
@@ -204,10 +205,6 @@ impl Lane {
                     None
                 }
                 Ok(Take::CaughtUp) => {
-                    // At the tail's end: a lane that read on its own has caught up with it.
-                    if own.take().is_some() {
-                        tracing::debug!(lane = %self.config.name, lsn = self.read_pos.0, "the lane reads through the shared tail of the WAL again");
-                    }
                     caught_up = true;
                     None
                 }

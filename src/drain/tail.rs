@@ -178,11 +178,8 @@ impl Tail {
 
     /// Reads the next chunk at `state.end` (None when nothing durable is there yet).
     fn fill(&self, state: &mut State) -> Result<Option<Arc<Chunk>>, WalError> {
-        if let Some((lsn, reason)) = &state.undecodable {
-            return Err(WalError::Decode {
-                lsn: *lsn,
-                reason: reason.clone(),
-            });
+        if let Some(error) = state.undecodable_error() {
+            return Err(error);
         }
         if state.reader.is_none() {
             state.reader = Some(self.wal.reader(state.end)?);
@@ -197,7 +194,6 @@ impl Tail {
             records: Vec::new(),
             by_lane: vec![Vec::new(); self.lanes.len()],
         };
-        let mut failure = None;
         while chunk.records.len() < CHUNK_RECORDS_MAX && chunk.bodies.len() < CHUNK_BYTES_MAX {
             // A reader error leaves the reader where it was: the chunk ends before it, and the
             // next fill meets the error again.
@@ -207,10 +203,11 @@ impl Tail {
                 Err(e) if chunk.records.is_empty() => return Err(e),
                 Err(_) => break,
             };
+            // The records before an undecodable one form the chunk; it is reported from then on.
             let envelope: Envelope<'_> = match record.envelope() {
                 Ok(envelope) => envelope,
                 Err(WalError::Decode { lsn, reason }) => {
-                    failure = Some((lsn, reason));
+                    state.undecodable = Some((lsn, reason));
                     break;
                 }
                 Err(e) => return Err(e),
@@ -225,16 +222,8 @@ impl Tail {
             chunk.records.push((record.lsn, start, record.body.len()));
             chunk.end = Lsn(record.lsn.0 + 1);
         }
-        if let Some((lsn, reason)) = failure {
-            if chunk.records.is_empty() {
-                state.undecodable = Some((lsn, reason.clone()));
-                return Err(WalError::Decode { lsn, reason });
-            }
-            // The records before it form the chunk; the next fill reports it.
-            state.undecodable = Some((lsn, reason));
-        }
         if chunk.records.is_empty() {
-            return Ok(None);
+            return state.undecodable_error().map_or(Ok(None), Err);
         }
         state.end = chunk.end;
         state.bytes += chunk.bytes();
@@ -245,6 +234,16 @@ impl Tail {
 }
 
 impl State {
+    /// The error of the undecodable record at `end`, if there is one.
+    fn undecodable_error(&self) -> Option<WalError> {
+        self.undecodable
+            .as_ref()
+            .map(|(lsn, reason)| WalError::Decode {
+                lsn: *lsn,
+                reason: reason.clone(),
+            })
+    }
+
     /// Drops the chunks every lane has read past, and the oldest ones beyond the byte bound.
     fn evict(&mut self) {
         let slowest = self.positions.iter().copied().min().unwrap_or(Lsn(0));

@@ -756,23 +756,23 @@ fn log_isolation(table: &str, rows: usize, outcome: &IsolateOutcome) {
     }
 }
 
-/// Quotes a table name for SQL: backquotes, with backslashes and backquotes escaped.
 /// True when `url`'s host is `localhost` or a loopback address (127.0.0.0/8, `::1`): a
-/// server on the same machine, where compressing request bodies saves no bandwidth.
+/// server on the same machine, where compressing request bodies saves no bandwidth. The host is
+/// read as the connector reads it ([`hyper::Uri`]), so it is the host the relay connects to.
 pub fn is_loopback_url(url: &str) -> bool {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let host = match host_port.strip_prefix('[') {
-        Some(bracketed) => bracketed.split(']').next().unwrap_or(""),
-        None => host_port.split(':').next().unwrap_or(""),
+    let Ok(uri) = url.parse::<hyper::Uri>() else {
+        return false;
     };
-    host.eq_ignore_ascii_case("localhost")
-        || host
+    // The URI keeps the brackets of an IPv6 literal.
+    let host = uri.host().unwrap_or_default();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// Quotes a table name for SQL: backquotes, with backslashes and backquotes escaped.
 fn quote_identifier(name: &str) -> String {
     let mut quoted = String::with_capacity(name.len() + 2);
     quoted.push('`');
