@@ -699,6 +699,10 @@ async fn a_dead_letter_carries_its_record_lsn_and_replaying_that_lsn_range_write
     .await;
     bed.publish(Load::new("dl-lsn-b", 200).ts_start(first.ts_last_ms + 1))
         .await;
+    // Likewise once the second traffic is stored, every record of it is in the WAL before the
+    // second dead letter: the three streams' consumers append in no common order, and a
+    // consumer waiting out its pull linger appends after another's later message.
+    bed.wait_accounted(DRAIN_TIMEOUT).await;
     let bad_b = bed
         .publish_raw("funding_rate.okx.perpetual.BTC-USDT", "{\"broken\"")
         .await;
