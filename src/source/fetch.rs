@@ -68,6 +68,29 @@ const NAK_BODY: &[u8] = b"-NAK";
 /// Body of a termination: the message was dead-lettered, never redeliver it.
 const TERM_BODY: &[u8] = b"+TERM";
 
+/// The start of the clock that [`next_linger_tick`] counts ticks on, shared by every consumer
+/// of the process.
+static LINGER_EPOCH: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+
+/// When a consumer that lingers may pull again: the next multiple of `linger` on a clock every
+/// consumer of the process shares. Consumers that have caught up then pull at the same instants,
+/// so their appends share one WAL commit (one `fdatasync`), their acks one write to the server and
+/// their timers one wake-up, where each consumer lingering on its own schedule cost its own. A
+/// consumer still pulls at most once per tick, and waits at most `linger`.
+fn next_linger_tick(linger: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    let epoch = *LINGER_EPOCH.get_or_init(|| now);
+    now + until_next_tick(now.saturating_duration_since(epoch), linger)
+}
+
+/// From `elapsed` on a clock, the wait until its next multiple of `tick` (a whole tick on a
+/// multiple: the caller has just pulled).
+fn until_next_tick(elapsed: Duration, tick: Duration) -> Duration {
+    let tick_ns = tick.as_nanos().max(1);
+    let into_tick = elapsed.as_nanos() % tick_ns;
+    Duration::from_nanos(u64::try_from(tick_ns - into_tick).unwrap_or(u64::MAX))
+}
+
 /// Pulls batches from one durable pull consumer.
 pub struct Fetcher {
     /// Handle used to send pull requests.
@@ -87,7 +110,8 @@ pub struct Fetcher {
     /// Pause before the next pull after one that came back short (`fetch_linger_ms`).
     fetch_linger: Duration,
     /// When the next pull may start: set after a short pull, so that messages gather in the
-    /// stream meanwhile.
+    /// stream meanwhile. It is the next tick of a clock shared by every consumer of the process
+    /// ([`next_linger_tick`]).
     next_pull_at: Option<tokio::time::Instant>,
     /// The ack policy in force on the server (which wins over the configuration on drift).
     ack_policy: AckPolicyKind,
@@ -235,7 +259,7 @@ impl Fetcher {
             && messages.len() < self.fetch_batch
             && (payload_bytes as u64) < self.fetch_bytes_max / 2;
         if short && !self.fetch_linger.is_zero() {
-            self.next_pull_at = Some(tokio::time::Instant::now() + self.fetch_linger);
+            self.next_pull_at = Some(next_linger_tick(self.fetch_linger));
         }
         Ok(Batch {
             stream: Arc::clone(&self.stream),
@@ -919,6 +943,25 @@ impl AckAllGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consumers_that_linger_wait_for_the_same_tick_and_never_longer_than_the_linger() {
+        let tick = Duration::from_millis(50);
+        // Three consumers whose short pulls ended at different moments of the same tick pull
+        // again together at its end.
+        for ended_ms in [100, 117, 149] {
+            let ended = Duration::from_millis(ended_ms);
+            assert_eq!(ended + until_next_tick(ended, tick), Duration::from_millis(150));
+        }
+        // On a tick itself the consumer has just pulled: it waits a whole tick, not zero.
+        assert_eq!(until_next_tick(Duration::from_millis(150), tick), tick);
+        assert_eq!(until_next_tick(Duration::ZERO, tick), tick);
+        // A wait is never longer than the linger, nor zero, wherever the clock stands.
+        for ns in [1, 49_999_999, 50_000_001, 1_234_567_891] {
+            let wait = until_next_tick(Duration::from_nanos(ns), tick);
+            assert!(wait > Duration::ZERO && wait <= tick, "{ns} ns: {wait:?}");
+        }
+    }
 
     #[test]
     fn an_ack_all_that_reported_failure_but_reached_the_server_never_lets_a_later_ack_cover_an_abandoned_delivery(
