@@ -12,8 +12,10 @@
 //! removed after a run in which every scenario ran, and kept otherwise.
 //!
 //! Usage: `prism-bench [--quick] [--only drain,wal,steady,outage,restart,latency]
-//! [--json PATH] [--relay-bin PATH] [--work-dir DIR] [--drain-mix MIX]`; `--drain-mix` takes loadgen's
-//! `--mix` syntax (`trade=1`) for the drain's backlog, MarketPrism's eight types by default.
+//! [--json PATH] [--relay-bin PATH] [--work-dir DIR] [--drain-mix MIX] [--fetch-linger-ms N]`;
+//! `--drain-mix` takes loadgen's `--mix` syntax (`trade=1`) for the drain's backlog, MarketPrism's
+//! eight types by default; `--fetch-linger-ms` sets the relays' `fetch_linger_ms` (the trade of
+//! steady CPU against ack latency), their default otherwise.
 
 mod contenders;
 mod error;
@@ -38,7 +40,7 @@ const SCENARIOS: [&str; 6] = ["drain", "wal", "steady", "outage", "restart", "la
 const USAGE: &str =
     "usage: prism-bench [--quick] [--only drain,wal,steady,outage,restart,latency] \
                      [--json PATH] [--relay-bin PATH] [--work-dir DIR] \
-                     [--drain-mix trade=1,orderbook=1,...]";
+                     [--drain-mix trade=1,orderbook=1,...] [--fetch-linger-ms N]";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Args {
@@ -49,6 +51,8 @@ struct Args {
     work_dir: Option<PathBuf>,
     /// The drain's backlog mix (loadgen's `--mix` syntax); MarketPrism's eight types by default.
     drain_mix: Option<Mix>,
+    /// The relays' `fetch_linger_ms`; their default when not given.
+    fetch_linger_ms: Option<u64>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
@@ -59,6 +63,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         relay_bin: PathBuf::from("target/release/prism-relay"),
         work_dir: None,
         drain_mix: None,
+        fetch_linger_ms: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -93,6 +98,13 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
                         .map_err(|e| format!("--drain-mix {mix:?}: {e}"))?,
                 );
             }
+            "--fetch-linger-ms" => {
+                let ms = value("--fetch-linger-ms")?;
+                parsed.fetch_linger_ms = Some(
+                    ms.parse()
+                        .map_err(|e| format!("--fetch-linger-ms {ms:?}: {e}"))?,
+                );
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -125,8 +137,14 @@ fn utc_stamp(secs: u64) -> String {
 fn run_scenarios(args: &Args, work: &Path, scale: &Scale, report: &mut Report) {
     let wants = |s: &str| args.only.iter().any(|o| o == s);
     let world_dir = |name: &str| work.join(name);
+    let start_world = |dir: &Path, relay_bin: &Path| {
+        World::start(dir, relay_bin).map(|mut world| {
+            world.fetch_linger_ms = args.fetch_linger_ms;
+            world
+        })
+    };
     if wants("drain") {
-        let result = World::start(&world_dir("drain"), &args.relay_bin)
+        let result = start_world(&world_dir("drain"), &args.relay_bin)
             .and_then(|world| scenarios::drain(&world, scale, report));
         if let Err(e) = result {
             report.failed("drain", e.to_string());
@@ -138,14 +156,14 @@ fn run_scenarios(args: &Args, work: &Path, scale: &Scale, report: &mut Report) {
         }
     }
     if wants("steady") {
-        let result = World::start(&world_dir("steady"), &args.relay_bin)
+        let result = start_world(&world_dir("steady"), &args.relay_bin)
             .and_then(|world| scenarios::steady(&world, scale, report));
         if let Err(e) = result {
             report.failed("steady", e.to_string());
         }
     }
     if wants("outage") || wants("restart") {
-        let result = World::start(&world_dir("outage"), &args.relay_bin).and_then(|mut world| {
+        let result = start_world(&world_dir("outage"), &args.relay_bin).and_then(|mut world| {
             scenarios::outage(&mut world, scale, report, wants("outage"), wants("restart"))
         });
         if let Err(e) = result {
@@ -153,7 +171,7 @@ fn run_scenarios(args: &Args, work: &Path, scale: &Scale, report: &mut Report) {
         }
     }
     if wants("latency") {
-        let result = World::start(&world_dir("latency"), &args.relay_bin)
+        let result = start_world(&world_dir("latency"), &args.relay_bin)
             .and_then(|world| scenarios::latency(&world, scale, report));
         if let Err(e) = result {
             report.failed("latency", e.to_string());
@@ -250,6 +268,10 @@ mod tests {
         let trades = parse_args(&strings(&["--drain-mix", "trade=1"])).unwrap();
         assert_eq!(trades.drain_mix, Some("trade=1".parse().unwrap()));
         assert!(parse_args(&strings(&["--drain-mix", "ticker=1"])).is_err());
+        let linger = parse_args(&strings(&["--fetch-linger-ms", "200"])).unwrap();
+        assert_eq!(linger.fetch_linger_ms, Some(200));
+        assert_eq!(trades.fetch_linger_ms, None);
+        assert!(parse_args(&strings(&["--fetch-linger-ms", "soon"])).is_err());
     }
 
     #[test]

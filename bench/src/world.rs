@@ -63,6 +63,8 @@ pub struct World {
     pub ch: ClickHouse,
     pub rt: tokio::runtime::Runtime,
     pub relay_bin: PathBuf,
+    /// The relays' `fetch_linger_ms` when set (`--fetch-linger-ms`); their default otherwise.
+    pub fetch_linger_ms: Option<u64>,
     client: async_nats::Client,
     /// Where the next publish's timestamps start: past every earlier one's, so no two
     /// publishes of the world share a row identity (the tables collapse rows on their natural
@@ -103,6 +105,7 @@ impl World {
             ch,
             rt,
             relay_bin: relay_bin.to_path_buf(),
+            fetch_linger_ms: None,
             client,
             ts_next_ms: AtomicI64::new(0),
             seed_next: AtomicU64::new(1),
@@ -310,6 +313,7 @@ impl World {
             wal_dir: wal_dir.clone(),
             metrics_port,
             ack_all,
+            fetch_linger_ms: self.fetch_linger_ms,
         });
         let config = dir.join("relay.toml");
         fs::write(&config, toml).map_err(|e| BenchError::io("writing relay.toml", e))?;
@@ -345,6 +349,7 @@ struct RelaySettings {
     wal_dir: PathBuf,
     metrics_port: u16,
     ack_all: bool,
+    fetch_linger_ms: Option<u64>,
 }
 
 fn quoted(s: &str) -> String {
@@ -377,6 +382,9 @@ fn relay_toml(s: &RelaySettings) -> String {
                 ""
             }
         );
+        if let Some(ms) = s.fetch_linger_ms {
+            let _ = writeln!(t, "fetch_linger_ms = {ms}\n");
+        }
     }
     let _ = writeln!(
         t,
@@ -489,6 +497,7 @@ mod tests {
             wal_dir: PathBuf::from("/tmp/w"),
             metrics_port: 3,
             ack_all,
+            fetch_linger_ms: None,
         };
         let toml = relay_toml(&settings(false));
         assert!(!toml.contains("ack_policy"));
@@ -504,5 +513,13 @@ mod tests {
         assert!(toml.contains("database = \"relay_1\""));
         assert!(toml.contains("dir = \"/tmp/w\""));
         assert!(toml.contains("listen = \"127.0.0.1:3\""));
+        assert!(!toml.contains("fetch_linger_ms"));
+        let lingering = relay_toml(&RelaySettings {
+            fetch_linger_ms: Some(200),
+            ..settings(false)
+        });
+        let parsed =
+            prism_relay::config::Config::parse_toml(&lingering).expect("a valid configuration");
+        assert!(parsed.consumer.iter().all(|c| c.fetch_linger_ms == 200));
     }
 }

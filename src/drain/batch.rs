@@ -159,7 +159,7 @@ impl Rows {
     }
 }
 
-/// Limits that cut a batch; the age limit is checked by the lane loop.
+/// Limits that cut a batch; the age limit is checked by the lane loop ([`flush_due`]).
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
     /// Cut when the batch holds this many rows.
@@ -168,6 +168,31 @@ pub struct BatchLimits {
     pub bytes_max: usize,
     /// Cut when the oldest record has waited this long.
     pub age_max: std::time::Duration,
+}
+
+/// The start of the clock the lanes' flush instants are counted on ([`flush_due`]), shared by
+/// every lane of the process.
+static FLUSH_EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// When a batch opened at `opened` goes for its age: the last multiple of half of `age_max`, on a
+/// clock every lane shares, at or before `opened + age_max`. The batch is then between half its
+/// age limit and its age limit old, never older. Under steady traffic each lane's next batch opens
+/// as its last one goes, so the lanes flush at the same instants (two phases at most) and their
+/// ledger commits are written together ([`super::LedgerKeeper`] groups them), where lanes on
+/// their own schedules cost two ledger writes each per interval.
+pub fn flush_due(opened: Instant, age_max: std::time::Duration) -> Instant {
+    flush_due_on(*FLUSH_EPOCH.get_or_init(|| opened), opened, age_max)
+}
+
+/// [`flush_due`] on the clock that started at `epoch`.
+fn flush_due_on(epoch: Instant, opened: Instant, age_max: std::time::Duration) -> Instant {
+    let latest = opened + age_max;
+    let step = age_max.as_nanos() / 2;
+    if step == 0 {
+        return latest;
+    }
+    let into_step = latest.saturating_duration_since(epoch).as_nanos() % step;
+    latest - std::time::Duration::from_nanos(u64::try_from(into_step).unwrap_or(0))
 }
 
 /// A batch being filled from the WAL.
@@ -566,10 +591,40 @@ fn subject_labels(subject: &str) -> (&str, &str, &str) {
 #[cfg(test)]
 mod tests {
     use std::borrow::Cow;
+    use std::time::Duration;
 
     use prism_wal::{Envelope, Lsn, StreamSeq};
 
-    use super::{Batch, Rows, RowsKind, TimeWindow};
+    use super::{flush_due_on, Batch, Instant, Rows, RowsKind, TimeWindow};
+
+    #[test]
+    fn lanes_under_steady_traffic_flush_together_and_no_batch_outlives_its_age_limit() {
+        let epoch = Instant::now();
+        let age = Duration::from_millis(1_000);
+        let at = |ms: u64| epoch + Duration::from_millis(ms);
+        // Batches opened anywhere in the first half of a step go together at the step's end...
+        for opened_ms in [10, 137, 499] {
+            assert_eq!(flush_due_on(epoch, at(opened_ms), age), at(1_000));
+        }
+        // ... and those opened in the second half half a step later.
+        for opened_ms in [500, 733, 999] {
+            assert_eq!(flush_due_on(epoch, at(opened_ms), age), at(1_500));
+        }
+        // A lane's next batch opens as its last one goes: it stays on the shared instants.
+        assert_eq!(flush_due_on(epoch, at(1_000), age), at(2_000));
+        // Whenever it opened, a batch goes between half its age limit and its age limit old.
+        for opened_ms in (0..5_000).step_by(7) {
+            let due = flush_due_on(epoch, at(opened_ms), age);
+            let waited = due - at(opened_ms);
+            assert!(
+                waited > age / 2 && waited <= age,
+                "{opened_ms} ms: {waited:?}"
+            );
+        }
+        // A batch opened before the clock started, or with no age limit, keeps its own limit.
+        assert_eq!(flush_due_on(at(5_000), at(100), age), at(1_100));
+        assert_eq!(flush_due_on(epoch, at(123), Duration::ZERO), at(123));
+    }
 
     fn envelope(seq: u64, payload: &[u8]) -> Envelope<'_> {
         Envelope {

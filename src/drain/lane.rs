@@ -11,7 +11,7 @@ use crate::logcond::Condition;
 use crate::metrics::{DataTypeLabels, DeadReason, Heartbeat, LaneLabels, Metrics};
 use crate::sink::{Backoff, DeadLetter, ErrorClass, InsertError, Sink};
 
-use super::batch::{dead_letter, Batch, BatchLimits, RowsKind};
+use super::batch::{dead_letter, flush_due, Batch, BatchLimits, RowsKind};
 use super::route::Router;
 use super::tail::{Tail, Take};
 use super::{DrainError, LedgerKeeper};
@@ -279,7 +279,7 @@ impl Lane {
             } else if self.recut.is_none()
                 && batch
                     .opened_at()
-                    .is_some_and(|t| t.elapsed() >= self.config.limits.age_max)
+                    .is_some_and(|t| Instant::now() >= flush_due(t, self.config.limits.age_max))
             {
                 self.flush(&mut batch, false).await?;
             }
@@ -319,7 +319,7 @@ impl Lane {
             } else if caught_up {
                 let deadline = batch
                     .opened_at()
-                    .map(|t| t + self.config.limits.age_max)
+                    .map(|t| flush_due(t, self.config.limits.age_max))
                     .unwrap_or_else(|| Instant::now() + IDLE_WAKE);
                 // Waiting for records or for the batch's age limit (flush_interval_ms may be
                 // minutes) is legitimate: beat meanwhile.

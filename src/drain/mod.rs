@@ -71,13 +71,20 @@ pub struct StaleLane {
 }
 
 /// The ledger shared by the lanes: cursors and in-flight batches, committed atomically.
+///
+/// Commits are grouped: a lane applies its change in memory, then waits for a write that covers
+/// it. One write runs at a time; the lanes whose changes arrived meanwhile are all covered by the
+/// next one, which writes the whole ledger as it then stands. A change is durable when its call
+/// returns `Ok`, as before, and lanes that flush together pay for one write instead of one each.
 #[derive(Debug)]
 pub struct LedgerKeeper {
     /// The WAL that stores the ledger and applies retention after each commit.
     wal: Wal,
     /// The ledger as last committed plus in-memory cursor moves of idle lanes, and what was
-    /// last written.
+    /// last written. Never held across a write.
     state: Mutex<KeeperState>,
+    /// Held for the duration of one write: writes happen one at a time, in order.
+    writing: Mutex<()>,
 }
 
 /// The keeper's ledger in memory and on disk.
@@ -88,6 +95,10 @@ struct KeeperState {
     /// The ledger as last written to disk, so a periodic commit with nothing new writes nothing
     /// (every write needs a free block, which a full disk does not have).
     committed: Ledger,
+    /// Changes applied to `ledger` so far, counted from the load.
+    changes: u64,
+    /// Of those, how many the last successful write covered.
+    written: u64,
 }
 
 impl LedgerKeeper {
@@ -99,7 +110,10 @@ impl LedgerKeeper {
             state: Mutex::new(KeeperState {
                 committed: ledger.clone(),
                 ledger,
+                changes: 0,
+                written: 0,
             }),
+            writing: Mutex::new(()),
         }))
     }
 
@@ -163,7 +177,9 @@ impl LedgerKeeper {
         for lane in lanes {
             ledger.cursors.entry(lane.clone()).or_insert(first_lsn);
         }
-        self.commit_locked(&mut state).await?;
+        let change = state.changed();
+        drop(state);
+        self.write_covering(change).await?;
         Ok(stale)
     }
 
@@ -186,33 +202,46 @@ impl LedgerKeeper {
     /// write it, which is harmless: the batch is re-cut identically) and the caller retries the
     /// same call once space returns, before inserting.
     pub async fn begin(&self, lane: &str, batch: InflightBatch) -> Result<(), DrainError> {
-        let mut state = self.state.lock().await;
-        state.ledger.inflight.insert(lane.to_string(), batch);
-        self.commit_locked(&mut state).await
+        let change = {
+            let mut state = self.state.lock().await;
+            state.ledger.inflight.insert(lane.to_string(), batch);
+            state.changed()
+        };
+        self.write_covering(change).await
     }
 
     /// Clears a lane's in-flight batch, moves its cursor and commits, after the insert succeeded.
     /// On [`DrainError::LedgerDiskFull`] the caller retries the same call.
     pub async fn finish(&self, lane: &str, cursor: Lsn) -> Result<(), DrainError> {
-        let mut state = self.state.lock().await;
-        state.ledger.inflight.remove(lane);
-        state.ledger.cursors.insert(lane.to_string(), cursor);
-        self.commit_locked(&mut state).await
+        let change = {
+            let mut state = self.state.lock().await;
+            state.ledger.inflight.remove(lane);
+            state.ledger.cursors.insert(lane.to_string(), cursor);
+            state.changed()
+        };
+        self.write_covering(change).await
     }
 
     /// Commits the in-memory state if it changed since the last write (used periodically so
     /// idle lanes release segments). With nothing new it only applies retention, which deletes
     /// files and so needs no free block.
     pub async fn commit(&self) -> Result<(), DrainError> {
-        let mut state = self.state.lock().await;
-        if state.ledger == state.committed {
-            drop(state);
-            let wal = self.wal.clone();
-            return blocking(move || wal.enforce_retention())
-                .await
-                .map_err(DrainError::Ledger);
+        let writing = self.writing.lock().await;
+        let (snapshot, covers) = {
+            let state = self.state.lock().await;
+            (state.ledger != state.committed).then(|| (state.ledger.clone(), state.changes))
         }
-        self.commit_locked(&mut state).await
+        .unzip();
+        match (snapshot, covers) {
+            (Some(snapshot), Some(covers)) => self.write(snapshot, covers).await,
+            _ => {
+                drop(writing);
+                let wal = self.wal.clone();
+                blocking(move || wal.enforce_retention())
+                    .await
+                    .map_err(DrainError::Ledger)
+            }
+        }
     }
 
     /// The lowest position any lane still needs.
@@ -224,14 +253,30 @@ impl LedgerKeeper {
         cursors.chain(inflight).min()
     }
 
-    async fn commit_locked(&self, state: &mut KeeperState) -> Result<(), DrainError> {
+    /// Returns once a successful write covers change number `change` ([`KeeperState::changed`]):
+    /// one that started after it, or the one this call makes when none has.
+    async fn write_covering(&self, change: u64) -> Result<(), DrainError> {
+        let _writing = self.writing.lock().await;
+        let (snapshot, covers) = {
+            let state = self.state.lock().await;
+            if state.written >= change {
+                return Ok(());
+            }
+            (state.ledger.clone(), state.changes)
+        };
+        self.write(snapshot, covers).await
+    }
+
+    /// Writes `snapshot`, the ledger with its first `covers` changes; the caller holds `writing`.
+    async fn write(&self, snapshot: Ledger, covers: u64) -> Result<(), DrainError> {
         let wal = self.wal.clone();
-        let snapshot = state.ledger.clone();
         let written = snapshot.clone();
         // The commit does an fsync, a rename and a directory fsync: keep it off the async workers.
         match blocking(move || wal.commit_ledger(&snapshot)).await {
             Ok(()) => {
+                let mut state = self.state.lock().await;
                 state.committed = written;
+                state.written = state.written.max(covers);
                 Ok(())
             }
             // A full disk and a lack of file descriptors pass on their own; nothing changed on
@@ -239,6 +284,14 @@ impl LedgerKeeper {
             Err(error) if error.is_transient() => Err(DrainError::LedgerDiskFull(error)),
             Err(error) => Err(DrainError::Ledger(error)),
         }
+    }
+}
+
+impl KeeperState {
+    /// Counts a change just applied to the ledger and returns its number.
+    fn changed(&mut self) -> u64 {
+        self.changes += 1;
+        self.changes
     }
 }
 
@@ -360,6 +413,44 @@ mod tests {
         keeper.finish("trades", Lsn(4)).await.expect("retry");
         let ledger = wal.load_ledger().expect("load ledger");
         assert_eq!(ledger.cursors.get("trades"), Some(&Lsn(4)));
+    }
+
+    #[tokio::test]
+    async fn lanes_committing_together_share_ledger_writes_and_each_returns_only_once_written() {
+        const LANES: u64 = 8;
+        let fs = prism_wal::FaultyFs::new();
+        let dir = std::path::Path::new("/wal");
+        let (wal, _) =
+            Wal::open_with_fs(dir, WalOptions::default(), Arc::new(fs.clone())).expect("open WAL");
+        append(&wal, LANES).await;
+        let keeper = LedgerKeeper::load(wal.clone()).expect("load ledger");
+        // A slow disk: each write takes a while, so the lanes arrive while one runs.
+        fs.set_sync_delay(Some(Duration::from_millis(50)));
+        let before = fs.count("wal::ledger::create");
+        let lanes: Vec<String> = (1..=LANES).map(|i| format!("lane{i}")).collect();
+        let begins = lanes.iter().zip(1..).map(|(lane, i)| {
+            let keeper = Arc::clone(&keeper);
+            let wal = wal.clone();
+            async move {
+                let batch = InflightBatch {
+                    first: Lsn(i),
+                    last: Lsn(i),
+                    rows: 1,
+                };
+                keeper.begin(lane, batch).await.expect("commit");
+                // Returned: the batch is on disk, whoever wrote it.
+                let on_disk = wal.load_ledger().expect("load ledger");
+                assert_eq!(on_disk.inflight.get(lane.as_str()), Some(&batch), "{lane}");
+            }
+        });
+        futures_util::future::join_all(begins).await;
+        let writes = fs.count("wal::ledger::create") - before;
+        assert!(
+            (1..LANES / 2).contains(&writes),
+            "{LANES} lanes' changes took {writes} ledger writes"
+        );
+        let ledger = wal.load_ledger().expect("load ledger");
+        assert_eq!(ledger.inflight.len() as u64, LANES);
     }
 
     #[tokio::test]

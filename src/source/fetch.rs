@@ -951,7 +951,10 @@ mod tests {
         // again together at its end.
         for ended_ms in [100, 117, 149] {
             let ended = Duration::from_millis(ended_ms);
-            assert_eq!(ended + until_next_tick(ended, tick), Duration::from_millis(150));
+            assert_eq!(
+                ended + until_next_tick(ended, tick),
+                Duration::from_millis(150)
+            );
         }
         // On a tick itself the consumer has just pulled: it waits a whole tick, not zero.
         assert_eq!(until_next_tick(Duration::from_millis(150), tick), tick);
