@@ -291,9 +291,10 @@ pub struct ConsumerConfig {
     /// batch after this. Default 1,000.
     pub fetch_expires_ms: u64,
     /// After a pull that came back with fewer than `fetch_batch` messages (the consumer caught
-    /// up), wait this long, in milliseconds, before the next pull, so that it carries more
-    /// messages per WAL fsync and ack round instead of one or two. 0 pulls again at once.
-    /// Default 50.
+    /// up), wait until the next multiple of this, in milliseconds, on a clock the process's
+    /// consumers share, before the next pull, so that it carries more messages per WAL fsync and
+    /// ack round instead of one or two, and caught-up consumers pull together. 0 pulls again at
+    /// once. Default 50.
     pub fetch_linger_ms: u64,
 }
 
@@ -526,7 +527,9 @@ pub struct TableBatch {
     pub rows_max: u32,
     /// Encoded bytes per insert, at most.
     pub bytes_max: u64,
-    /// A batch is flushed at the latest this long after its first row, in milliseconds.
+    /// A batch is flushed at the latest this long after its first row, in milliseconds: at the
+    /// last multiple of half of it, on a clock the lanes share, so between half of it and all of
+    /// it after its first row (`drain::batch::flush_due`).
     pub flush_interval_ms: u64,
 }
 

@@ -6,7 +6,9 @@
 //!
 //! A pull returns as soon as the server has messages, so a consumer that has caught up would get
 //! them one or two per pull, each batch costing a WAL fdatasync and an ack round: after a pull
-//! that came back short, the next waits `fetch_linger_ms` (50 ms by default) for more to gather.
+//! that came back short, the next waits for the next multiple of `fetch_linger_ms` (50 ms by
+//! default) on a clock the consumers share, for more to gather and for the consumers to pull,
+//! append and ack together.
 //!
 //! A [`Batch`] owns the delivered messages; [`MessageRef`] borrows each one's stream, sequence,
 //! subject, selected headers, publish time and payload without copying, so the caller can build
