@@ -517,8 +517,10 @@ pub fn outage(
     let wal_records_bytes = world::dir_bytes(&run.wal_dir);
     let total = n;
     if with_outage {
+        let ticks = world::clock_ticks_per_s();
         world.ch.restart()?;
         let back = Instant::now();
+        let before = cpu_seconds(world, &run, ticks);
         let done = world.wait_rows(
             &run.database,
             total,
@@ -526,17 +528,38 @@ pub fn outage(
             DRAIN_TIMEOUT,
             "the WAL draining after the outage",
         )?;
-        let relay = total as f64 / done.duration_since(back).as_secs_f64();
-        eprintln!("  outage: relay {} rows/s", thousands(relay));
+        let after = cpu_seconds(world, &run, ticks);
+        let relay_s = done.duration_since(back).as_secs_f64();
+        let relay = total as f64 / relay_s;
+        let (relay_cpu, ch_cpu) = (after[0] - before[0], after[1] - before[1]);
+        eprintln!(
+            "  outage: relay {} rows/s ({relay_s:.2} s; CPU s: relay {relay_cpu:.2}, clickhouse {ch_cpu:.2})",
+            thousands(relay)
+        );
         let rows = world
             .rt
             .block_on(contenders::decode_stream(&world.js(), "bench_outage_base"))?;
         check_count("decoded rows", rows.len() as u64, total)?;
+        // The baseline inserts from the bench's own process.
+        let own_cpu = |world: &World| {
+            let of = |pid| world::proc_cpu(pid, ticks).map_or(0.0, |s| s.cpu_s);
+            [of(std::process::id()), world.ch.pid().map_or(0.0, of)]
+        };
+        let base_before = own_cpu(world);
         let took = world.rt.block_on(contenders::insert_rows(
             &world.ch.http_url(),
             "bench_outage_base",
             rows,
         ))?;
+        let base_after = own_cpu(world);
+        let (base_cpu, base_ch_cpu) = (
+            base_after[0] - base_before[0],
+            base_after[1] - base_before[1],
+        );
+        eprintln!(
+            "  outage: baseline {:.2} s; CPU s: inserter {base_cpu:.2}, clickhouse {base_ch_cpu:.2}",
+            took.as_secs_f64()
+        );
         check_count(
             "baseline rows",
             world.rows("bench_outage_base", true)?,
@@ -557,7 +580,9 @@ pub fn outage(
                 wal_records_bytes / MIB
             ),
             json!({"relay_rows_per_s": relay, "baseline_rows_per_s": base, "ratio": ratio,
-                   "target_min": OUTAGE_RATIO_MIN, "n": total, "wal_bytes": wal_records_bytes}),
+                   "target_min": OUTAGE_RATIO_MIN, "n": total, "wal_bytes": wal_records_bytes,
+                   "relay_cpu_s": relay_cpu, "relay_clickhouse_cpu_s": ch_cpu,
+                   "baseline_cpu_s": base_cpu, "baseline_clickhouse_cpu_s": base_ch_cpu}),
         );
     }
     if with_restart {
