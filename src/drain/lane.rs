@@ -62,24 +62,14 @@ pub struct LaneConfig {
 }
 
 /// A running lane.
-///
-/// A lane reads the WAL and cuts batches; a cut batch is inserted (and its ledger steps
-/// written) by a task of its own, an [`Inserter`] run, while the lane reads and decodes the
-/// next batch: the ClickHouse round trip and the lane's CPU work overlap instead of taking
-/// turns. At most one batch is in flight per lane, as the ledger records (the next batch is cut
-/// in memory and begins only once the previous one's cursor is committed), so what a crash
-/// leaves is what it left before.
 pub struct Lane {
     config: LaneConfig,
     wal: Wal,
     router: Arc<Router>,
+    sink: Sink,
     ledger: Arc<LedgerKeeper>,
     metrics: Metrics,
     shutdown: watch::Receiver<bool>,
-    /// Inserts cut batches and commits their ledger steps.
-    inserter: Arc<Inserter>,
-    /// The batch being inserted, if any.
-    inflight: Option<InFlight>,
     /// Drain before exit (`[shutdown] drain`): once this turns true (fetching has stopped, so the
     /// WAL's durable end no longer moves), the lane flushes what it batched as soon as it has read
     /// to the durable end, and returns once it holds nothing. `shutdown` still stops it at once.
@@ -94,8 +84,8 @@ pub struct Lane {
     kind: RowsKind,
     /// Publish time of the newest record handled (for the drain watermark).
     newest_published_ns: i64,
-    /// The lane loop's liveness (see [`crate::metrics::health`]), shared with its inserts.
-    heartbeat: Arc<Heartbeat>,
+    /// The lane loop's liveness (see [`crate::metrics::health`]).
+    heartbeat: Heartbeat,
     /// The lanes' shared read of the WAL, and this lane's index in it (None: not one of its
     /// lanes, so the lane reads on its own).
     tail: Arc<Tail>,
@@ -145,29 +135,17 @@ impl Lane {
         ledger.register(&config.name, resume_cursor).await;
         let tail_index = tail.register(&config.name, resume_cursor).await;
         metrics.health.lane_started(&config.name);
-        let heartbeat = Arc::new(
-            metrics
-                .health
-                .heartbeat(format!("drain lane {}", config.name)),
-        );
-        let inserter = Arc::new(Inserter {
-            config: config.clone(),
-            wal: wal.clone(),
-            sink,
-            ledger: Arc::clone(&ledger),
-            metrics: metrics.clone(),
-            shutdown: shutdown.clone(),
-            heartbeat: Arc::clone(&heartbeat),
-        });
+        let heartbeat = metrics
+            .health
+            .heartbeat(format!("drain lane {}", config.name));
         Lane {
             config,
             wal,
             router,
+            sink,
             ledger,
             metrics,
             shutdown,
-            inserter,
-            inflight: None,
             finish: None,
             read_pos: resume_cursor,
             resume_cursor,
@@ -203,11 +181,6 @@ impl Lane {
         let mut own: Option<Reader> = None;
         loop {
             self.heartbeat.beat();
-            // A batch whose insert has ended is settled at once: its error stops the lane now, and
-            // the lane's cursor and lag stop counting it.
-            if self.inflight.as_ref().is_some_and(|f| f.task.is_finished()) {
-                self.settle().await?;
-            }
             let mut caught_up = false;
             let mut read_blocked = false;
             let take = match self.tail_index {
@@ -310,9 +283,7 @@ impl Lane {
             {
                 self.flush(&mut batch, false).await?;
             }
-            // The cursor of a lane with nothing batched follows its reads (so idle lanes release
-            // segments), but never while a batch is in flight: it would pass that batch's records.
-            if batch.is_empty() && self.inflight.is_none() {
+            if batch.is_empty() {
                 self.ledger
                     .note_cursor(&self.config.name, self.read_pos)
                     .await;
@@ -325,10 +296,6 @@ impl Lane {
             if caught_up && !read_blocked && self.finishing() && !*self.shutdown.borrow() {
                 if !batch.is_empty() {
                     self.flush(&mut batch, false).await?;
-                    continue;
-                }
-                if self.inflight.is_some() {
-                    self.settle().await?;
                     continue;
                 }
                 if past_durable_end {
@@ -349,12 +316,6 @@ impl Lane {
                     _ = tokio::time::sleep(READ_RETRY) => {}
                     _ = self.shutdown.changed() => {}
                 }
-            } else if caught_up && self.inflight.is_some() {
-                // Nothing more to read yet: the batch in flight comes first. The lane does not
-                // beat while it waits: the insert's own task beats while its waits are
-                // legitimate (an attempt, a retry delay, a full disk), and a ledger write that
-                // hangs must show as a stalled lane.
-                self.settle().await?;
             } else if caught_up {
                 let deadline = batch
                     .opened_at()
@@ -428,7 +389,6 @@ impl Lane {
     /// A re-cut still short of its range is left in flight: flushing it now would cut it
     /// differently from the batch recorded in the ledger.
     async fn stop(&mut self, batch: &mut Batch) -> Result<(), DrainError> {
-        self.settle().await?;
         if !batch.is_empty() && self.recut.is_none() {
             self.flush(batch, true).await?;
             self.ledger
@@ -442,13 +402,7 @@ impl Lane {
         let lane = LaneLabels {
             table: self.config.name.clone(),
         };
-        // A batch in flight is older than the one being filled.
-        let cursor = self
-            .inflight
-            .as_ref()
-            .map(|f| f.first)
-            .or(batch.first())
-            .unwrap_or(self.read_pos);
+        let cursor = batch.first().unwrap_or(self.read_pos);
         self.metrics
             .drain_cursor_lsn
             .get_or_create(&lane)
@@ -465,28 +419,21 @@ impl Lane {
             .batch_queue_size
             .get_or_create(&queue)
             .set(backlog as i64);
-        let inflight_bytes = self.inflight.as_ref().map_or(0, |f| f.bytes);
         self.metrics
             .batch_queue_bytes
             .get_or_create(&queue)
-            .set((inflight_bytes + batch.bytes()) as i64);
-        // The oldest record not inserted: the batch in flight's or the open batch's oldest, or
-        // none once the lane has read everything durable and holds no batch. An empty batch
-        // short of the end keeps the previous figure until the next record of the lane is read.
-        if let Some(inflight) = &self.inflight {
-            let oldest = match (inflight.oldest_published_ns, batch.oldest_published_ns()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            self.metrics.health.lane_pending(&self.config.name, oldest);
-        } else if !batch.is_empty() {
+            .set(batch.bytes() as i64);
+        // The oldest record not inserted: the open batch's oldest, or none once the lane has
+        // read everything durable and holds no batch. An empty batch short of the end keeps
+        // the previous figure until the next record of the lane is read.
+        if !batch.is_empty() {
             self.metrics
                 .health
                 .lane_pending(&self.config.name, batch.oldest_published_ns());
         } else if caught_up {
             self.metrics.health.lane_pending(&self.config.name, None);
         }
-        if batch.is_empty() && self.inflight.is_none() && self.newest_published_ns > 0 {
+        if batch.is_empty() && self.newest_published_ns > 0 {
             self.metrics
                 .drain_watermark_seconds
                 .get_or_create(&lane)
@@ -494,104 +441,16 @@ impl Lane {
         }
     }
 
-    /// Cuts the batch: once the batch in flight (if any) is settled, hands it to a task of its own
-    /// that inserts it (rows, then dead letters) with retries and then moves the cursor, while the
-    /// lane reads on. `stopping` inserts it here instead, with one attempt: shutdown must not wait
-    /// on ClickHouse.
+    /// Inserts the batch (rows, then dead letters) with retries, then moves the cursor.
+    /// `stopping` bounds the retries to one attempt: shutdown must not wait on ClickHouse.
     async fn flush(&mut self, batch: &mut Batch, stopping: bool) -> Result<(), DrainError> {
-        if batch.is_empty() {
+        let Some(first) = batch.first() else {
             return Ok(());
-        }
-        // One batch in flight per lane: the ledger holds one, and cursors move in order.
-        self.settle().await?;
+        };
         let full = std::mem::replace(
             batch,
             Batch::new(&self.config.name, self.kind, self.config.time_window),
         );
-        // Every record of the lane before the read position is in this batch or an earlier one;
-        // the position is taken now, since the lane reads on while the batch is inserted.
-        let cursor = self.read_pos;
-        let inserter = Arc::clone(&self.inserter);
-        if stopping {
-            return inserter.complete(full, cursor, true).await;
-        }
-        let (first, bytes, oldest_published_ns) = (
-            full.first().unwrap_or(cursor),
-            full.bytes(),
-            full.oldest_published_ns(),
-        );
-        let task = tokio::spawn(tracing::Instrument::in_current_span(
-            inserter.complete(full, cursor, false),
-        ));
-        self.inflight = Some(InFlight {
-            first,
-            bytes,
-            oldest_published_ns,
-            task,
-        });
-        Ok(())
-    }
-
-    /// Waits for the batch in flight, if any, to be inserted and its cursor committed; its error
-    /// is the lane's.
-    async fn settle(&mut self) -> Result<(), DrainError> {
-        let Some(mut inflight) = self.inflight.take() else {
-            return Ok(());
-        };
-        match (&mut inflight.task).await {
-            Ok(result) => result,
-            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-            // Cancelled only when the runtime shuts down.
-            Err(_) => Err(DrainError::Interrupted {
-                lane: self.config.name.clone(),
-            }),
-        }
-    }
-}
-
-/// A lane's batch being inserted by its own task.
-struct InFlight {
-    /// The batch's first record.
-    first: Lsn,
-    /// The batch's bytes, for the queue-bytes gauge.
-    bytes: usize,
-    /// The batch's oldest publish time, for the lane's lag.
-    oldest_published_ns: Option<i64>,
-    task: tokio::task::JoinHandle<Result<(), DrainError>>,
-}
-
-impl Drop for InFlight {
-    /// A lane that ends without settling its batch (its task dropped) leaves the batch as a
-    /// crash would: in flight in the ledger, re-cut at the next start.
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// What inserting a lane's batches needs: the sink, the ledger, and the lane's settings,
-/// metrics and liveness, shared by the lane and the task of its batch in flight.
-struct Inserter {
-    config: LaneConfig,
-    wal: Wal,
-    sink: Sink,
-    ledger: Arc<LedgerKeeper>,
-    metrics: Metrics,
-    shutdown: watch::Receiver<bool>,
-    heartbeat: Arc<Heartbeat>,
-}
-
-impl Inserter {
-    /// Inserts `full` (rows, then dead letters) with retries, then moves the lane's cursor to
-    /// `cursor`. `stopping` bounds the retries to one attempt.
-    async fn complete(
-        self: Arc<Self>,
-        full: Batch,
-        cursor: Lsn,
-        stopping: bool,
-    ) -> Result<(), DrainError> {
-        let Some(first) = full.first() else {
-            return Ok(());
-        };
         let token = full.token();
         // While the batch is in flight (and retried through an outage) it is what the lane has
         // not inserted: the lag and the queue bytes must show it.
@@ -671,7 +530,7 @@ impl Inserter {
             }
             failpoint(FAILPOINT_AFTER_INSERT_BEFORE_CURSOR);
         }
-        self.ledger_step(LedgerStep::Finish(cursor), stopping)
+        self.ledger_step(LedgerStep::Finish(self.read_pos), stopping)
             .await?;
         // One line per batch at debug level: the LSN range ties a row in ClickHouse to its WAL
         // records (`wal dump`, `replay --from-lsn`).
@@ -683,7 +542,7 @@ impl Inserter {
     /// Commits a ledger step, waiting out a disk too full to write the ledger: the step is
     /// retried as is (the batch stays the same batch) until it is written, or until shutdown,
     /// which leaves the batch to the next start. Any other ledger failure stops the lane.
-    async fn ledger_step(&self, step: LedgerStep, stopping: bool) -> Result<(), DrainError> {
+    async fn ledger_step(&mut self, step: LedgerStep, stopping: bool) -> Result<(), DrainError> {
         let mut disk_full = Condition::default();
         loop {
             let result = match step {
@@ -708,10 +567,9 @@ impl Inserter {
                     }
                     // Waiting for disk space is legitimate: the loop is alive.
                     self.heartbeat.beat();
-                    let mut shutdown = self.shutdown.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(LEDGER_RETRY) => {}
-                        _ = shutdown.changed() => {}
+                        _ = self.shutdown.changed() => {}
                     }
                 }
                 Err(error) => return Err(error),
@@ -750,7 +608,7 @@ impl Inserter {
     /// loop beats while an attempt and a retry delay last (both are legitimate waits, bounded by
     /// `insert_timeout_ms` and the backoff).
     async fn retry<T, F, Fut>(
-        &self,
+        &mut self,
         stopping: bool,
         table: &str,
         mut attempt: F,
