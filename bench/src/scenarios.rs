@@ -157,16 +157,18 @@ struct RelayDrain {
     nats_cpu_s: f64,
 }
 
+/// CPU seconds so far of process `pid` (0 for a process that is gone).
+fn cpu_of(pid: Option<u32>, ticks: f64) -> f64 {
+    pid.and_then(|pid| world::proc_cpu(pid, ticks).ok())
+        .map_or(0.0, |s| s.cpu_s)
+}
+
 /// CPU seconds so far of the relay, ClickHouse and NATS (0 for a process that is gone).
 fn cpu_seconds(world: &World, run: &RelayRun, ticks: f64) -> [f64; 3] {
-    let of = |pid: Option<u32>| {
-        pid.and_then(|pid| world::proc_cpu(pid, ticks).ok())
-            .map_or(0.0, |s| s.cpu_s)
-    };
     [
-        of(run.relay.pid()),
-        of(world.ch.pid()),
-        of(world.nats.pid()),
+        cpu_of(run.relay.pid(), ticks),
+        cpu_of(world.ch.pid(), ticks),
+        cpu_of(world.nats.pid(), ticks),
     ]
 }
 
@@ -542,8 +544,10 @@ pub fn outage(
         check_count("decoded rows", rows.len() as u64, total)?;
         // The baseline inserts from the bench's own process.
         let own_cpu = |world: &World| {
-            let of = |pid| world::proc_cpu(pid, ticks).map_or(0.0, |s| s.cpu_s);
-            [of(std::process::id()), world.ch.pid().map_or(0.0, of)]
+            [
+                cpu_of(Some(std::process::id()), ticks),
+                cpu_of(world.ch.pid(), ticks),
+            ]
         };
         let base_before = own_cpu(world);
         let took = world.rt.block_on(contenders::insert_rows(
