@@ -66,9 +66,10 @@ const ROWS_PER_INSERT_MIN: f64 = 4.0;
 /// Lines of the relay's log shown when a drain does not complete.
 const LOG_TAIL_LINES: usize = 80;
 
-/// Publish rate of the scenarios that fault ClickHouse once rows reach it, chosen so the
-/// traffic outlasts the fault's trigger: the modern leg's server answers through one engine
-/// session, and its rows take longer to reach the count the trigger waits for.
+/// Publish rate of the scenarios that fault ClickHouse once rows reach it: the modern leg's
+/// server answers through one engine session, and its rows take longer to reach the count the
+/// trigger waits for. Traffic the fault must absorb is a second run started once the relay met
+/// the fault ([`Traffic::start_after`]), so a slow machine cannot use it up beforehand.
 fn mid_load_rate_per_s(leg: Leg) -> u64 {
     match leg {
         Leg::Legacy => 1_000,
@@ -96,6 +97,37 @@ impl Traffic {
     /// Starts `count` messages of all eight types at `rate_per_s` into the relay's streams.
     /// `publish_errors_max` is how many failed publishes the run tolerates (NATS outages).
     fn start(bed: &Bed, run_id: &str, count: u64, rate_per_s: u64, errors_max: u64) -> Traffic {
+        Traffic::start_at(bed, run_id, count, rate_per_s, errors_max, None)
+    }
+
+    /// Starts `count` more messages once `earlier` has finished, their timestamps past its
+    /// last so that no identity repeats: traffic that is sure to arrive after a fault was met,
+    /// however long meeting it took.
+    fn start_after(
+        bed: &Bed,
+        run_id: &str,
+        count: u64,
+        rate_per_s: u64,
+        earlier: &LoadgenSummary,
+    ) -> Traffic {
+        Traffic::start_at(
+            bed,
+            run_id,
+            count,
+            rate_per_s,
+            1,
+            Some(earlier.ts_last_ms + 1_000),
+        )
+    }
+
+    fn start_at(
+        bed: &Bed,
+        run_id: &str,
+        count: u64,
+        rate_per_s: u64,
+        errors_max: u64,
+        ts_start_ms: Option<i64>,
+    ) -> Traffic {
         let opts = LoadgenOptions {
             nats_url: bed.nats.url(),
             create_streams: false,
@@ -105,6 +137,7 @@ impl Traffic {
             run_id: Some(run_id.to_string()),
             publish_errors_max: errors_max.max(1),
             progress: false,
+            ts_start_ms,
             ..LoadgenOptions::default()
         };
         Traffic {
@@ -234,9 +267,26 @@ async fn account_clean_traffic(
     scenario: &str,
     started: Instant,
 ) {
+    account_clean_runs(bed, relay, &[], traffic, scenario, started).await;
+}
+
+/// [`account_clean_traffic`] for a scenario whose `earlier` runs finished before `traffic`.
+async fn account_clean_runs(
+    bed: &Bed,
+    relay: &RelayProc,
+    earlier: &[LoadgenSummary],
+    traffic: Traffic,
+    scenario: &str,
+    started: Instant,
+) {
     let summary = traffic.finish_clean().await;
+    let published = earlier
+        .iter()
+        .chain([&summary])
+        .map(LoadgenSummary::published_total)
+        .sum();
     let (report, drained) = drain(bed, relay).await;
-    assert_exact(&report, summary.published_total(), true);
+    assert_exact(&report, published, true);
     report_line(scenario, &report, drained, started.elapsed());
 }
 
@@ -289,13 +339,25 @@ async fn clickhouse_killed_mid_load_and_restarted_on_its_data_loses_and_duplicat
 
     wait_rows_reach_clickhouse(&bed).await;
     bed.ch.kill9().expect("kill -9 clickhouse-server");
-    // The outage lasts until the relay has met it and the WAL has absorbed more traffic.
+    // The outage lasts until the relay has met it and the WAL has absorbed more traffic: a
+    // second run, published once the first has ended, so a slow machine cannot have used the
+    // traffic up (and left the relay nothing to insert) before the outage.
+    let first = traffic.finish_clean().await;
     let received = metric(&relay, RECEIVED).await;
+    let traffic = Traffic::start_after(&bed, "chaosch2", 2_000, mid_load_rate_per_s(leg), &first);
     wait_metric(&relay, INSERT_ERRORS, 1.0).await;
     wait_metric(&relay, RECEIVED, received + 500.0).await;
     tokio::task::block_in_place(|| bed.ch.restart()).expect("restart clickhouse-server");
 
-    account_clean_traffic(&bed, &relay, traffic, "clickhouse kill -9", started).await;
+    account_clean_runs(
+        &bed,
+        &relay,
+        &[first],
+        traffic,
+        "clickhouse kill -9",
+        started,
+    )
+    .await;
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
 
@@ -314,8 +376,11 @@ async fn clickhouse_frozen_past_the_insert_timeout_neither_hangs_the_relay_nor_d
     // Inserts must time out and be retried, twice per lane on average (so the freeze outlasts
     // the insert timeout and no lane hangs on the frozen server), and ingest must go on into
     // the WAL meanwhile.
+    // The traffic meeting the freeze is a second run (see the kill -9 scenario above).
     let errors = metric(&relay, INSERT_ERRORS).await;
+    let first = traffic.finish_clean().await;
     let received = metric(&relay, RECEIVED).await;
+    let traffic = Traffic::start_after(&bed, "chaosstop2", 2_000, mid_load_rate_per_s(leg), &first);
     wait_metric(&relay, INSERT_ERRORS, errors + 16.0).await;
     wait_metric(&relay, RECEIVED, received + 500.0).await;
     let (status, _) = crate::harness::http_get(relay.metrics_addr, "/health")
@@ -324,7 +389,15 @@ async fn clickhouse_frozen_past_the_insert_timeout_neither_hangs_the_relay_nor_d
     assert_eq!(status, 200, "/health while ClickHouse is frozen");
     bed.ch.resume().expect("SIGCONT clickhouse-server");
 
-    account_clean_traffic(&bed, &relay, traffic, "clickhouse SIGSTOP", started).await;
+    account_clean_runs(
+        &bed,
+        &relay,
+        &[first],
+        traffic,
+        "clickhouse SIGSTOP",
+        started,
+    )
+    .await;
     let raw = bed.sql("SELECT count() FROM marketprism_hot.trades");
     let after_final = bed.count_final("trades");
     println!(
@@ -561,7 +634,10 @@ async fn the_relay_killed_while_clickhouse_is_down_recovers_when_both_come_back(
 
     wait_rows_reach_clickhouse(&bed).await;
     bed.ch.kill9().expect("kill -9 clickhouse-server");
+    // The traffic meeting the outage is a second run (see the kill -9 scenario above).
+    let first = traffic.finish_clean().await;
     let received = metric(&relay, RECEIVED).await;
+    let traffic = Traffic::start_after(&bed, "chaosboth2", 2_000, mid_load_rate_per_s(leg), &first);
     wait_metric(&relay, INSERT_ERRORS, 1.0).await;
     wait_metric(&relay, RECEIVED, received + 300.0).await;
     relay.kill9();
@@ -572,9 +648,10 @@ async fn the_relay_killed_while_clickhouse_is_down_recovers_when_both_come_back(
     tokio::task::block_in_place(|| bed.ch.restart()).expect("restart clickhouse-server");
     relay.wait_ready().await;
 
-    account_clean_traffic(
+    account_clean_runs(
         &bed,
         &relay,
+        &[first],
         traffic,
         "relay kill -9 while clickhouse down",
         started,
