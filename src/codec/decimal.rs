@@ -221,6 +221,41 @@ pub fn write(scaled: i64, out: &mut String) {
     out.extend(buf[at..].iter().map(|&b| char::from(b)));
 }
 
+/// The value of `text` when it is already canonical, the text [`write()`] gives for that value:
+/// `-?(0|[1-9][0-9]*)\.[0-9]{8}` within range, not a negative zero. None for anything else,
+/// which [`parse()`] reads. MarketPrism's collectors publish order book levels in this form, so
+/// their text can be stored as it came instead of being parsed in general and written again.
+pub fn parse_canonical(text: &str) -> Option<i64> {
+    let bytes = text.as_bytes();
+    let (negative, digits) = match bytes.split_first()? {
+        (b'-', rest) => (true, rest),
+        _ => (false, bytes),
+    };
+    let point = digits.len().checked_sub(SCALE_DIGITS as usize + 1)?;
+    let int = &digits[..point];
+    // At most 11 integer digits (the range ends at 92233720368.54775807): with the 8 fractional
+    // ones, 19 digits, which a u64 holds without overflow.
+    if digits[point] != b'.'
+        || int.is_empty()
+        || int.len() > 11
+        || (int.len() > 1 && int[0] == b'0')
+    {
+        return None;
+    }
+    let mut value: u64 = 0;
+    for &b in int.iter().chain(&digits[point + 1..]) {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        value = value * 10 + u64::from(b - b'0');
+    }
+    if value > SCALED_ABS_MAX || (negative && value == 0) {
+        return None;
+    }
+    let value = value as i64;
+    Some(if negative { -value } else { value })
+}
+
 /// The canonical text of a scaled value (see [`write()`]).
 pub fn format(scaled: i64) -> String {
     let mut out = String::with_capacity(24);
@@ -241,6 +276,29 @@ mod tests {
         assert_eq!(parse("-2.5"), Ok(-250_000_000));
         assert_eq!(parse("+2.5"), Ok(250_000_000));
         assert_eq!(parse("007.10"), Ok(710_000_000));
+    }
+
+    #[test]
+    fn only_the_written_form_is_canonical() {
+        assert_eq!(parse_canonical("112345.60000000"), Some(11_234_560_000_000));
+        assert_eq!(parse_canonical("0.00000001"), Some(1));
+        assert_eq!(parse_canonical("-1.50000000"), Some(-150_000_000));
+        assert_eq!(parse_canonical("92233720368.54775807"), Some(i64::MAX));
+        for text in [
+            "",
+            "112345.6",
+            "112345.600000000",
+            "0112345.60000000",
+            "-0.00000000",
+            "+1.00000000",
+            ".00000000",
+            "1,00000000",
+            "92233720368.54775808",
+            "100000000000.00000000",
+            "1e0.00000000",
+        ] {
+            assert_eq!(parse_canonical(text), None, "{text}");
+        }
     }
 
     #[test]
@@ -432,6 +490,22 @@ mod tests {
             };
             let text = if frac_part.is_empty() { int_part.clone() } else { format!("{int_part}.{frac_part}") };
             prop_assert_eq!(parse(&text), reference_digits(&int_part, &frac_part), "text {}", text);
+        }
+
+        /// Canonical means exactly: what `write` gives for the value `parse` reads.
+        #[test]
+        fn parse_canonical_takes_exactly_the_text_format_gives(
+            text in "-?[0-9]{0,13}(\\.[0-9]{0,10})?|-?(0|[1-9][0-9]{0,11})\\.[0-9]{8}|[0-9.+e-]{0,12}",
+        ) {
+            let canonical = parse(&text).ok().filter(|&v| format(v) == text);
+            prop_assert_eq!(parse_canonical(&text), canonical, "text {}", text);
+        }
+
+        #[test]
+        fn parse_canonical_reads_every_formatted_value(
+            scaled in -(SCALED_ABS_MAX as i64)..=(SCALED_ABS_MAX as i64)
+        ) {
+            prop_assert_eq!(parse_canonical(&format(scaled)), Some(scaled));
         }
 
         #[test]

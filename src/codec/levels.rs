@@ -75,12 +75,25 @@ impl<S: Side> Levels<S> {
     }
 
     fn push(&mut self, price: i64, quantity: i64) {
+        self.push_level((price, None), (quantity, None));
+    }
+
+    /// Adds a level: each of price and quantity as its value and, when the payload's text of
+    /// it is already canonical, that text, copied instead of written again.
+    fn push_level(&mut self, price: (i64, Option<&str>), quantity: (i64, Option<&str>)) {
         self.json
             .push_str(if self.count == 0 { "[[\"" } else { ",[\"" });
-        decimal::write(price, &mut self.json);
+        match price.1 {
+            Some(text) => self.json.push_str(text),
+            None => decimal::write(price.0, &mut self.json),
+        }
         self.json.push_str("\",\"");
-        decimal::write(quantity, &mut self.json);
+        match quantity.1 {
+            Some(text) => self.json.push_str(text),
+            None => decimal::write(quantity.0, &mut self.json),
+        }
         self.json.push_str("\"]");
+        let (price, quantity) = (price.0, quantity.0);
         self.count = self.count.saturating_add(1);
         match self.best {
             Some((best, _)) if !S::better(price, best) => {}
@@ -200,6 +213,15 @@ fn expect(bytes: &[u8], at: usize, byte: u8) -> Option<usize> {
     (bytes.get(at) == Some(&byte)).then_some(at + 1)
 }
 
+/// The value of a level's decimal string, with the string itself when it is canonical (the
+/// form MarketPrism publishes, so the common case skips writing the value out again).
+fn level_value(text: &str) -> Option<(i64, Option<&str>)> {
+    match decimal::parse_canonical(text) {
+        Some(value) => Some((value, Some(text))),
+        None => decimal::parse(text).ok().map(|value| (value, None)),
+    }
+}
+
 /// A string without escapes at `at` (after whitespace): its contents and the position after it.
 fn plain_string(text: &str, at: usize) -> Option<(&str, usize)> {
     let start = expect(text.as_bytes(), at, b'"')?;
@@ -229,7 +251,7 @@ impl<S: Side> Levels<S> {
             at = expect(bytes, next, b',')?;
             let (quantity, next) = plain_string(text, at)?;
             at = expect(bytes, next, b']')?;
-            levels.push(decimal::parse(price).ok()?, decimal::parse(quantity).ok()?);
+            levels.push_level(level_value(price)?, level_value(quantity)?);
             at = skip_ws(bytes, at);
             match bytes.get(at)? {
                 b',' => at += 1,
@@ -393,7 +415,10 @@ mod tests {
         #[test]
         fn the_direct_scan_agrees_with_the_general_reader(
             levels in proptest::collection::vec(
-                ("-?[0-9]{0,12}(\\.[0-9]{0,10})?|[0-9a-z.,]{0,6}", "[0-9]{1,9}(\\.[0-9]{1,8})?"),
+                (
+                    "-?[0-9]{0,12}(\\.[0-9]{0,10})?|-?(0|[1-9][0-9]{0,11})\\.[0-9]{8}|[0-9a-z.,]{0,6}",
+                    "[0-9]{1,9}(\\.[0-9]{1,8})?|(0|[1-9][0-9]{0,8})\\.[0-9]{8}",
+                ),
                 0..30,
             ),
             spaces in proptest::collection::vec(" {0,2}", 4),
