@@ -275,7 +275,11 @@ pub(crate) enum Step {
 pub(crate) struct SegmentScan {
     pub(crate) id: SegmentId,
     file: std::sync::Arc<dyn WalFile>,
+    /// Read buffer; only `buf[..valid]` holds file bytes. It keeps its length between reads so
+    /// that a refill does not zero a megabyte before the read overwrites it.
     buf: Vec<u8>,
+    /// Bytes of `buf` read from the file.
+    valid: usize,
     /// File offset of `buf[0]`.
     buf_offset: u64,
     /// File offset of the next record.
@@ -306,6 +310,7 @@ impl SegmentScan {
             id,
             file,
             buf: Vec::new(),
+            valid: 0,
             buf_offset: SEGMENT_HEADER_BYTES as u64,
             pos: SEGMENT_HEADER_BYTES as u64,
             expected: id.first_lsn(),
@@ -315,16 +320,19 @@ impl SegmentScan {
     /// Makes `[pos, pos + n)` available in the buffer, reading at most up to `limit`. Returns
     /// how many bytes from `pos` are available (less than `n` at the limit or end of file).
     fn fill(&mut self, n: usize, limit: u64) -> io::Result<usize> {
-        let have_end = self.buf_offset + self.buf.len() as u64;
+        let have_end = self.buf_offset + self.valid as u64;
         if self.pos >= self.buf_offset && self.pos + n as u64 <= have_end {
             return Ok(n);
         }
         let want =
             (limit.saturating_sub(self.pos)).min(n.max(crate::READ_CHUNK_BYTES) as u64) as usize;
-        self.buf.clear();
-        self.buf.resize(want, 0);
-        let got = read_full_at(&*self.file, &mut self.buf, self.pos)?;
-        self.buf.truncate(got);
+        if self.buf.len() < want {
+            self.buf.resize(want, 0);
+        }
+        // Until the read succeeds the buffer holds nothing valid.
+        self.valid = 0;
+        let got = read_full_at(&*self.file, &mut self.buf[..want], self.pos)?;
+        self.valid = got;
         self.buf_offset = self.pos;
         Ok(got.min(n))
     }
@@ -343,7 +351,7 @@ impl SegmentScan {
             });
         }
         let rel = (self.pos - self.buf_offset) as usize;
-        let len = u32_at(&self.buf, rel) as usize;
+        let len = u32_at(&self.buf[..self.valid], rel) as usize;
         // Checked here, before sizing a read by it, so a garbled length costs no allocation.
         if len == 0 || len > RECORD_BYTES_MAX {
             return Ok(Step::Invalid {
