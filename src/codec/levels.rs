@@ -83,21 +83,23 @@ impl<S: Side> Levels<S> {
     fn push_level(&mut self, price: (i64, Option<&str>), quantity: (i64, Option<&str>)) {
         self.json
             .push_str(if self.count == 0 { "[[\"" } else { ",[\"" });
-        match price.1 {
-            Some(text) => self.json.push_str(text),
-            None => decimal::write(price.0, &mut self.json),
-        }
+        self.push_decimal(price);
         self.json.push_str("\",\"");
-        match quantity.1 {
-            Some(text) => self.json.push_str(text),
-            None => decimal::write(quantity.0, &mut self.json),
-        }
+        self.push_decimal(quantity);
         self.json.push_str("\"]");
         let (price, quantity) = (price.0, quantity.0);
         self.count = self.count.saturating_add(1);
         match self.best {
             Some((best, _)) if !S::better(price, best) => {}
             _ => self.best = Some((price, quantity)),
+        }
+    }
+
+    /// Appends a value's canonical text: the payload's own when it is canonical already.
+    fn push_decimal(&mut self, (value, text): (i64, Option<&str>)) {
+        match text {
+            Some(text) => self.json.push_str(text),
+            None => decimal::write(value, &mut self.json),
         }
     }
 

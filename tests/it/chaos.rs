@@ -69,7 +69,7 @@ const LOG_TAIL_LINES: usize = 80;
 /// Publish rate of the scenarios that fault ClickHouse once rows reach it: the modern leg's
 /// server answers through one engine session, and its rows take longer to reach the count the
 /// trigger waits for. Traffic the fault must absorb is a second run started once the relay met
-/// the fault ([`Traffic::start_after`]), so a slow machine cannot use it up beforehand.
+/// the fault ([`second_run`]), so a slow machine cannot use it up beforehand.
 fn mid_load_rate_per_s(leg: Leg) -> u64 {
     match leg {
         Leg::Legacy => 1_000,
@@ -98,26 +98,6 @@ impl Traffic {
     /// `publish_errors_max` is how many failed publishes the run tolerates (NATS outages).
     fn start(bed: &Bed, run_id: &str, count: u64, rate_per_s: u64, errors_max: u64) -> Traffic {
         Traffic::start_at(bed, run_id, count, rate_per_s, errors_max, None)
-    }
-
-    /// Starts `count` more messages once `earlier` has finished, their timestamps past its
-    /// last so that no identity repeats: traffic that is sure to arrive after a fault was met,
-    /// however long meeting it took.
-    fn start_after(
-        bed: &Bed,
-        run_id: &str,
-        count: u64,
-        rate_per_s: u64,
-        earlier: &LoadgenSummary,
-    ) -> Traffic {
-        Traffic::start_at(
-            bed,
-            run_id,
-            count,
-            rate_per_s,
-            1,
-            Some(earlier.ts_last_ms + 1_000),
-        )
     }
 
     fn start_at(
@@ -328,6 +308,24 @@ async fn drain(bed: &Bed, relay: &RelayProc) -> (VerifyReport, Duration) {
     }
 }
 
+/// Ends `traffic` and starts a second run of 2,000 messages, its timestamps past the first's
+/// so that no identity repeats: traffic sure to arrive after a fault was met, however long a
+/// slow machine took to meet it. Returns the first run, the relay's received count before the
+/// second run started, and the second run.
+async fn second_run(
+    bed: &Bed,
+    relay: &RelayProc,
+    traffic: Traffic,
+    run_id: &str,
+    leg: Leg,
+) -> (LoadgenSummary, f64, Traffic) {
+    let first = traffic.finish_clean().await;
+    let received = metric(relay, RECEIVED).await;
+    let ts_start_ms = Some(first.ts_last_ms + 1_000);
+    let second = Traffic::start_at(bed, run_id, 2_000, mid_load_rate_per_s(leg), 1, ts_start_ms);
+    (first, received, second)
+}
+
 async fn clickhouse_killed_mid_load_and_restarted_on_its_data_loses_and_duplicates_nothing(
     leg: Leg,
 ) {
@@ -339,12 +337,8 @@ async fn clickhouse_killed_mid_load_and_restarted_on_its_data_loses_and_duplicat
 
     wait_rows_reach_clickhouse(&bed).await;
     bed.ch.kill9().expect("kill -9 clickhouse-server");
-    // The outage lasts until the relay has met it and the WAL has absorbed more traffic: a
-    // second run, published once the first has ended, so a slow machine cannot have used the
-    // traffic up (and left the relay nothing to insert) before the outage.
-    let first = traffic.finish_clean().await;
-    let received = metric(&relay, RECEIVED).await;
-    let traffic = Traffic::start_after(&bed, "chaosch2", 2_000, mid_load_rate_per_s(leg), &first);
+    // The outage lasts until the relay has met it and the WAL has absorbed more traffic.
+    let (first, received, traffic) = second_run(&bed, &relay, traffic, "chaosch2", leg).await;
     wait_metric(&relay, INSERT_ERRORS, 1.0).await;
     wait_metric(&relay, RECEIVED, received + 500.0).await;
     tokio::task::block_in_place(|| bed.ch.restart()).expect("restart clickhouse-server");
@@ -376,11 +370,8 @@ async fn clickhouse_frozen_past_the_insert_timeout_neither_hangs_the_relay_nor_d
     // Inserts must time out and be retried, twice per lane on average (so the freeze outlasts
     // the insert timeout and no lane hangs on the frozen server), and ingest must go on into
     // the WAL meanwhile.
-    // The traffic meeting the freeze is a second run (see the kill -9 scenario above).
     let errors = metric(&relay, INSERT_ERRORS).await;
-    let first = traffic.finish_clean().await;
-    let received = metric(&relay, RECEIVED).await;
-    let traffic = Traffic::start_after(&bed, "chaosstop2", 2_000, mid_load_rate_per_s(leg), &first);
+    let (first, received, traffic) = second_run(&bed, &relay, traffic, "chaosstop2", leg).await;
     wait_metric(&relay, INSERT_ERRORS, errors + 16.0).await;
     wait_metric(&relay, RECEIVED, received + 500.0).await;
     let (status, _) = crate::harness::http_get(relay.metrics_addr, "/health")
@@ -634,10 +625,7 @@ async fn the_relay_killed_while_clickhouse_is_down_recovers_when_both_come_back(
 
     wait_rows_reach_clickhouse(&bed).await;
     bed.ch.kill9().expect("kill -9 clickhouse-server");
-    // The traffic meeting the outage is a second run (see the kill -9 scenario above).
-    let first = traffic.finish_clean().await;
-    let received = metric(&relay, RECEIVED).await;
-    let traffic = Traffic::start_after(&bed, "chaosboth2", 2_000, mid_load_rate_per_s(leg), &first);
+    let (first, received, traffic) = second_run(&bed, &relay, traffic, "chaosboth2", leg).await;
     wait_metric(&relay, INSERT_ERRORS, 1.0).await;
     wait_metric(&relay, RECEIVED, received + 300.0).await;
     relay.kill9();
