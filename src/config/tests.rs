@@ -902,3 +902,27 @@ fn the_cluster_and_its_zookeeper_path_come_from_the_environment_too() {
         .expect("an empty value clears the cluster");
     assert_eq!(config.clickhouse.cluster, None);
 }
+
+#[test]
+fn default_byte_limits_let_rows_max_cut_a_backlogs_batches() {
+    // The largest payload of each typed table in MarketPrism's traffic (MARKETPRISM.md: order
+    // book snapshots of 100 levels up to 7 KB, the others about half a kilobyte at most). A
+    // byte limit below rows_max of them would cut a backlog into smaller inserts than rows_max
+    // says, and each insert is a part ClickHouse writes and merges.
+    let payload_bytes_max = |table: &str| -> u64 {
+        match table {
+            "orderbooks" => 7 * 1024,
+            _ => 512,
+        }
+    };
+    let config = Config::default();
+    for table in TYPED_TABLES {
+        let batch = config.drain.table_batch(table);
+        assert!(
+            batch.bytes_max >= u64::from(batch.rows_max) * payload_bytes_max(table),
+            "{table}: bytes_max {} is reached before rows_max {} rows",
+            batch.bytes_max,
+            batch.rows_max
+        );
+    }
+}
