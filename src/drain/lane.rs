@@ -90,6 +90,13 @@ pub struct Lane {
     /// lanes, so the lane reads on its own).
     tail: Arc<Tail>,
     tail_index: Option<usize>,
+    /// Whether the last batch was cut by its row or byte limit: the lane was reading a backlog.
+    /// Once such a lane has read everything and the WAL has not grown for [`BACKLOG_END_QUIET`],
+    /// the backlog is over and nothing is coming to fill the batch: it goes at once instead of
+    /// at its age (up to `flush_interval_ms` later).
+    cut_full: bool,
+    /// The WAL's durable end as the lane last saw it, and when it saw it move.
+    durable_seen: (Lsn, Instant),
 }
 
 /// Resolves when the lane is asked to finish; never without a finish signal (or once its sender
@@ -155,6 +162,8 @@ impl Lane {
             heartbeat,
             tail,
             tail_index,
+            cut_full: false,
+            durable_seen: (Lsn(0), Instant::now()),
         }
     }
 
@@ -268,6 +277,12 @@ impl Lane {
                 }
             }
 
+            if caught_up {
+                let durable_lsn = self.wal.durable_lsn();
+                if durable_lsn != self.durable_seen.0 {
+                    self.durable_seen = (durable_lsn, Instant::now());
+                }
+            }
             // The re-cut ends only once the reader is past its range: a read chunk can end
             // before the range starts (records of other lanes), and clearing it then would let
             // the limits cut that batch differently, under another token.
@@ -282,6 +297,12 @@ impl Lane {
                     .is_some_and(|t| Instant::now() >= flush_due(t, self.config.limits.age_max))
             {
                 self.flush(&mut batch, false).await?;
+                self.cut_full = false;
+            } else if self.recut.is_none() && caught_up && !batch.is_empty() && self.backlog_ended()
+            {
+                tracing::debug!(lane = %self.config.name, rows = batch.len(), "the backlog is read and the WAL is quiet: inserting the last batch without waiting for its age");
+                self.flush(&mut batch, false).await?;
+                self.cut_full = false;
             }
             if batch.is_empty() {
                 self.ledger
@@ -319,7 +340,14 @@ impl Lane {
             } else if caught_up {
                 let deadline = batch
                     .opened_at()
-                    .map(|t| flush_due(t, self.config.limits.age_max))
+                    .map(|t| {
+                        let due = flush_due(t, self.config.limits.age_max);
+                        if self.cut_full && self.recut.is_none() {
+                            due.min(self.durable_seen.1 + BACKLOG_END_QUIET)
+                        } else {
+                            due
+                        }
+                    })
                     .unwrap_or_else(|| Instant::now() + IDLE_WAKE);
                 // Waiting for records or for the batch's age limit (flush_interval_ms may be
                 // minutes) is legitimate: beat meanwhile.
@@ -372,17 +400,27 @@ impl Lane {
         }
         self.newest_published_ns = self.newest_published_ns.max(envelope.published_ns);
         batch.push(lsn, &envelope, now_ms());
-        let cut = match &self.recut {
-            Some(r) => lsn >= r.last,
-            None => batch.is_full(&self.config.limits),
+        let (cut, full) = match &self.recut {
+            Some(r) => (lsn >= r.last, false),
+            None => {
+                let full = batch.is_full(&self.config.limits);
+                (full, full)
+            }
         };
         if cut {
             self.flush(batch, false).await?;
             // The re-cut batch (if that was it) is done: the records after it must not each
             // become a batch of their own.
             self.recut = None;
+            self.cut_full = full;
         }
         Ok(())
+    }
+
+    /// A backlog this lane was reading is over: its last batch was cut full, and the WAL's
+    /// durable end has not moved for [`BACKLOG_END_QUIET`] (checked when caught up).
+    fn backlog_ended(&self) -> bool {
+        self.cut_full && self.durable_seen.1.elapsed() >= BACKLOG_END_QUIET
     }
 
     /// On shutdown: one bounded attempt to insert what is batched, then stop.
@@ -710,3 +748,8 @@ enum LedgerStep {
 
 /// How long an idle lane sleeps before re-checking (a durable-LSN change wakes it sooner).
 const IDLE_WAKE: Duration = Duration::from_millis(1_000);
+
+/// How long the WAL must stay still before a lane that was reading a backlog takes it as over
+/// and inserts its last batch at once ([`Lane::backlog_ended`]). Under traffic the WAL grows at
+/// least every `fetch_linger_ms` (50 ms by default), so steady batches keep going for their age.
+const BACKLOG_END_QUIET: Duration = Duration::from_millis(200);

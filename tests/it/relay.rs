@@ -1418,3 +1418,30 @@ async fn a_lane_held_back_past_the_shared_tail_reads_the_wal_itself_and_stores_e
     .await;
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_stored_to_its_last_row_once_read_not_at_the_last_batchs_age() {
+    /// The tables' age limit: ten minutes, far past the wait below, so rows that waited for
+    /// their batch's age would not be stored in time.
+    const AGE_MS: u64 = 600_000;
+    /// Every table gets more rows than one batch holds: full batches, then a partial last one.
+    const ROWS_MAX: u64 = 100;
+    const BACKLOG: u64 = 1_200;
+    let bed = Bed::start();
+    let mut config = bed.config();
+    config.rows_max = ROWS_MAX;
+    config.table_flush_interval_ms = AGE_MS;
+    // A first run creates the streams and durables, then the backlog builds up while the relay
+    // is down.
+    let mut relay = RelayProc::spawn_ready(&bed, "relay-1", &config).await;
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+    let summary = bed.publish(Load::new("backlog", BACKLOG)).await;
+
+    let mut relay = RelayProc::spawn_ready(&bed, "relay-2", &config).await;
+    // Ingest ends with the backlog and the WAL stops growing: each lane inserts its partial
+    // last batch then, not ten minutes later.
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    assert_totals(&report, summary.published_total(), BACKLOG);
+    assert_eq!(bed.count_all_tables(), BACKLOG);
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
