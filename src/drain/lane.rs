@@ -93,7 +93,8 @@ pub struct Lane {
     /// Whether the last batch was cut by its row or byte limit: the lane was reading a backlog.
     /// Once such a lane has read everything and the WAL has not grown for [`BACKLOG_END_QUIET`],
     /// the backlog is over and nothing is coming to fill the batch: it goes at once instead of
-    /// at its age (up to `flush_interval_ms` later).
+    /// at its age (up to `flush_interval_ms` later). Never set while a re-cut is pending: a
+    /// re-cut exists only from start-up to its end, and only a cut by the limits sets this.
     cut_full: bool,
     /// The WAL's durable end as the lane last saw it, and when it saw it move.
     durable_seen: (Lsn, Instant),
@@ -292,15 +293,12 @@ impl Lane {
                 }
                 self.recut = None;
             } else if self.recut.is_none()
-                && batch
-                    .opened_at()
-                    .is_some_and(|t| Instant::now() >= flush_due(t, self.config.limits.age_max))
+                && batch.opened_at().is_some_and(|t| {
+                    let now = Instant::now();
+                    now >= flush_due(t, self.config.limits.age_max)
+                        || (caught_up && self.backlog_end().is_some_and(|end| now >= end))
+                })
             {
-                self.flush(&mut batch, false).await?;
-                self.cut_full = false;
-            } else if self.recut.is_none() && caught_up && !batch.is_empty() && self.backlog_ended()
-            {
-                tracing::debug!(lane = %self.config.name, rows = batch.len(), "the backlog is read and the WAL is quiet: inserting the last batch without waiting for its age");
                 self.flush(&mut batch, false).await?;
                 self.cut_full = false;
             }
@@ -342,11 +340,7 @@ impl Lane {
                     .opened_at()
                     .map(|t| {
                         let due = flush_due(t, self.config.limits.age_max);
-                        if self.cut_full && self.recut.is_none() {
-                            due.min(self.durable_seen.1 + BACKLOG_END_QUIET)
-                        } else {
-                            due
-                        }
+                        self.backlog_end().map_or(due, |end| due.min(end))
                     })
                     .unwrap_or_else(|| Instant::now() + IDLE_WAKE);
                 // Waiting for records or for the batch's age limit (flush_interval_ms may be
@@ -417,10 +411,11 @@ impl Lane {
         Ok(())
     }
 
-    /// A backlog this lane was reading is over: its last batch was cut full, and the WAL's
-    /// durable end has not moved for [`BACKLOG_END_QUIET`] (checked when caught up).
-    fn backlog_ended(&self) -> bool {
-        self.cut_full && self.durable_seen.1.elapsed() >= BACKLOG_END_QUIET
+    /// When the backlog this lane was reading counts as over, if its last batch was cut full:
+    /// [`BACKLOG_END_QUIET`] after the WAL's durable end last moved (as seen when caught up).
+    fn backlog_end(&self) -> Option<Instant> {
+        self.cut_full
+            .then(|| self.durable_seen.1 + BACKLOG_END_QUIET)
     }
 
     /// On shutdown: one bounded attempt to insert what is batched, then stop.
@@ -750,6 +745,6 @@ enum LedgerStep {
 const IDLE_WAKE: Duration = Duration::from_millis(1_000);
 
 /// How long the WAL must stay still before a lane that was reading a backlog takes it as over
-/// and inserts its last batch at once ([`Lane::backlog_ended`]). Under traffic the WAL grows at
+/// and inserts its last batch at once ([`Lane::backlog_end`]). Under traffic the WAL grows at
 /// least every `fetch_linger_ms` (50 ms by default), so steady batches keep going for their age.
 const BACKLOG_END_QUIET: Duration = Duration::from_millis(200);
