@@ -340,6 +340,9 @@ pub struct Metrics {
     pub insert_errors: Family<InsertErrorLabels, Counter>,
     /// Insert attempts repeated after a failure.
     pub insert_retries: Family<LaneLabels, Counter>,
+    /// Rows inserted again under a new token: the server had answered their retried insert as
+    /// a duplicate of one it never stored (see `drain::lane`).
+    pub rows_reinserted: Family<LaneLabels, Counter>,
     /// Bytes sent to ClickHouse, compressed (wire) and uncompressed (bodies).
     pub clickhouse_sent_bytes: Family<EncodingLabels, Counter>,
     /// Dead letters by lane and reason class.
@@ -431,6 +434,7 @@ impl Metrics {
             insert_seconds: Family::new_with_constructor(insert_seconds_histogram),
             insert_errors: Family::default(),
             insert_retries: Family::default(),
+            rows_reinserted: Family::default(),
             clickhouse_sent_bytes: Family::default(),
             dead_letters: Family::default(),
             jetstream_pending: Family::default(),
@@ -661,6 +665,12 @@ impl Metrics {
             relay("insert_retries"),
             "Insert attempts repeated after a failure, per table",
             Box::new(m.insert_retries.clone()),
+        );
+        reg(
+            relay("rows_reinserted"),
+            "Rows inserted again under a new token after ClickHouse answered their retried insert \
+             as a duplicate without holding them, per table",
+            Box::new(m.rows_reinserted.clone()),
         );
         reg(
             relay("clickhouse_sent_bytes"),

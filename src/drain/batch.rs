@@ -52,6 +52,29 @@ macro_rules! typed_rows {
                 }
             }
 
+            /// The rows at `indices` (ascending), copied: what is inserted again when the server
+            /// dropped a retried insert that it never stored.
+            fn subset(&self, indices: &[usize]) -> TypedRows {
+                match self {
+                    TypedRows::Empty => TypedRows::Empty,
+                    $(
+                        TypedRows::$variant(rows) => TypedRows::$variant(
+                            indices.iter().filter_map(|&i| rows.get(i).cloned()).collect(),
+                        ),
+                    )*
+                }
+            }
+
+            /// The row time (`timestamp`, epoch milliseconds) of the row at `index`.
+            fn timestamp_ms(&self, index: usize) -> Option<i64> {
+                match self {
+                    TypedRows::Empty => None,
+                    $(
+                        TypedRows::$variant(rows) => rows.get(index).map(|row| row.timestamp),
+                    )*
+                }
+            }
+
             /// Inserts the rows, isolating the ones ClickHouse rejects for their content; a batch
             /// spanning too many months for one insert goes in one month at a time.
             pub async fn insert(&self, sink: &Sink, token: &str) -> Result<IsolateOutcome, InsertError> {
@@ -134,6 +157,36 @@ pub enum Rows {
 }
 
 impl Rows {
+    /// The rows at `indices` (ascending), copied in that order.
+    pub fn subset(&self, indices: &[usize]) -> Rows {
+        match self {
+            Rows::Typed(rows) => Rows::Typed(rows.subset(indices)),
+            Rows::Json { body, starts } => {
+                let (mut picked, mut picked_starts) = (Vec::new(), Vec::new());
+                for &i in indices {
+                    let Some(start) = starts.get(i) else { continue };
+                    // Each line ends with its newline, the last one included.
+                    let end = starts.get(i + 1).copied().unwrap_or(body.len());
+                    picked_starts.push(picked.len());
+                    picked.extend_from_slice(&body[*start..end]);
+                }
+                Rows::Json {
+                    body: picked,
+                    starts: picked_starts,
+                }
+            }
+            Rows::None => Rows::None,
+        }
+    }
+
+    /// The row time (epoch milliseconds) of the typed row at `index`; none for other rows.
+    pub fn timestamp_ms(&self, index: usize) -> Option<i64> {
+        match self {
+            Rows::Typed(rows) => rows.timestamp_ms(index),
+            Rows::Json { .. } | Rows::None => None,
+        }
+    }
+
     /// Inserts the rows into `table`, isolating the ones ClickHouse rejects for their content.
     pub async fn insert(
         &self,

@@ -1,5 +1,6 @@
 //! One drain lane: tails the WAL, batches the records of one table and inserts them with retries.
 
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -9,7 +10,7 @@ use tokio::sync::watch;
 use crate::codec::TimeWindow;
 use crate::logcond::Condition;
 use crate::metrics::{DataTypeLabels, DeadReason, Heartbeat, LaneLabels, Metrics};
-use crate::sink::{Backoff, DeadLetter, ErrorClass, InsertError, Sink};
+use crate::sink::{Backoff, DeadLetter, ErrorClass, InsertError, IsolateOutcome, PoisonRow, Sink};
 
 use super::batch::{dead_letter, flush_due, Batch, BatchLimits, RowsKind};
 use super::route::Router;
@@ -504,14 +505,22 @@ impl Lane {
         self.ledger_step(LedgerStep::Begin(inflight), stopping)
             .await?;
 
+        // Sent before under the same token: a re-cut batch from before a restart, or any batch
+        // once an attempt failed. The server may then hold the token without the rows.
+        let recut = self.recut.is_some();
         let (rows, table, token_ref) = (&full.rows, self.config.name.clone(), token.as_str());
         let lane_table = self.config.name.clone();
-        let outcome = self
+        let inserted = self
             .retry(stopping, &lane_table, |sink| {
                 let table = table.clone();
                 async move { rows.insert(&sink, &table, token_ref).await }
             })
             .await?;
+        let mut outcome = inserted.value;
+        if recut || inserted.failed_attempts > 0 {
+            self.store_rows_dropped_as_duplicates(&full, &token, &mut outcome, stopping)
+                .await?;
+        }
         let rejected: Vec<usize> = outcome.poison.iter().map(|p| p.index).collect();
         let mut dead = full.dead.clone();
         let mut dead_classes = full.dead_classes.clone();
@@ -529,11 +538,18 @@ impl Lane {
             let dead_token = format!("{token}/dead");
             let (dead_rows, dead_table, dead_token) =
                 (&dead, dead_table.as_str(), dead_token.as_str());
-            self.retry(stopping, dead_table, |sink| async move {
-                sink.insert_dead_letters(dead_table, dead_rows, Some(dead_token))
-                    .await
-            })
-            .await?;
+            let inserted = self
+                .retry(stopping, dead_table, |sink| async move {
+                    sink.insert_dead_letters(dead_table, dead_rows, Some(dead_token))
+                        .await
+                })
+                .await?;
+            if recut || inserted.failed_attempts > 0 {
+                self.store_dead_letters_dropped_as_duplicates(
+                    dead_table, dead_rows, dead_token, stopping,
+                )
+                .await?;
+            }
             // A handful of classes and data types per batch: count each group once.
             let mut groups: Vec<(DeadReason, &str, u64)> = Vec::new();
             for (class, data_type) in &dead_classes {
@@ -610,6 +626,213 @@ impl Lane {
         }
     }
 
+    /// After the insert of a batch that was sent before under the same token (an attempt failed,
+    /// or the batch is re-cut from before a restart): reads back which of its rows ClickHouse
+    /// holds and inserts the missing ones again, under a new token.
+    ///
+    /// A modern server writes an insert's token to its deduplication log before it commits the
+    /// insert's part. Killed in between, it comes back knowing the token but not the rows, and
+    /// drops the retry as a duplicate while answering success: only a read shows the loss (the
+    /// legacy profile sends no token, so a retry is always stored). The read costs one query per
+    /// stream of the batch, and only after a failure. Rows still missing after
+    /// [`REINSERT_ROUNDS_MAX`] inserts (a TTL that drops old rows on insert, say) become dead
+    /// letters with the reason, instead of stopping the lane.
+    async fn store_rows_dropped_as_duplicates(
+        &mut self,
+        full: &Batch,
+        token: &str,
+        outcome: &mut IsolateOutcome,
+        stopping: bool,
+    ) -> Result<(), DrainError> {
+        if !self.sink.sends_tokens() || full.row_lsns.is_empty() {
+            return Ok(());
+        }
+        let identities = self.row_identities(&full.row_lsns)?;
+        let table = self.config.name.clone();
+        for round in 1..=REINSERT_ROUNDS_MAX + 1 {
+            let rejected: HashSet<usize> = outcome.poison.iter().map(|p| p.index).collect();
+            let expected: Vec<Expected<'_>> = identities
+                .iter()
+                .enumerate()
+                .filter(|(index, _)| !rejected.contains(index))
+                .map(|(index, (stream, seq))| Expected {
+                    index,
+                    stream,
+                    seq: *seq,
+                    time_ms: full.rows.timestamp_ms(index),
+                })
+                .collect();
+            let missing = self.missing_rows(&table, &expected, stopping).await?;
+            if missing.is_empty() {
+                if round > 1 {
+                    tracing::info!(lane = %table, token, "the rows the server had dropped are stored");
+                }
+                return Ok(());
+            }
+            if round > REINSERT_ROUNDS_MAX {
+                let message = format!(
+                    "ClickHouse did not keep this row after {REINSERT_ROUNDS_MAX} inserts under new                      tokens (a TTL or a table engine that drops rows on insert?)"
+                );
+                tracing::error!(lane = %table, token, rows = missing.len(), "{message}: the rows go to the dead letters");
+                outcome
+                    .poison
+                    .extend(missing.iter().map(|&index| PoisonRow {
+                        index,
+                        error: InsertError {
+                            class: ErrorClass::Poison,
+                            message: message.clone(),
+                            code: None,
+                        },
+                    }));
+                outcome.poison.sort_by_key(|p| p.index);
+                outcome.rows_inserted = outcome.rows_inserted.saturating_sub(missing.len());
+                return Ok(());
+            }
+            tracing::warn!(lane = %table, token, rows = missing.len(), batch_rows = expected.len(), round,
+                "ClickHouse answered a retried insert as a duplicate but holds none of these rows (its deduplication log outlived a crash during the first attempt): inserting them again under a new token");
+            self.metrics
+                .rows_reinserted
+                .get_or_create(&LaneLabels {
+                    table: table.clone(),
+                })
+                .inc_by(missing.len() as u64);
+            let subset = full.rows.subset(&missing);
+            let again = format!("{token}/again{round}");
+            let (subset, again, table_ref) = (&subset, again.as_str(), table.as_str());
+            let inserted = self
+                .retry(stopping, &table, |sink| async move {
+                    subset.insert(&sink, table_ref, again).await
+                })
+                .await?;
+            outcome
+                .poison
+                .extend(inserted.value.poison.into_iter().map(|p| PoisonRow {
+                    index: missing[p.index],
+                    error: p.error,
+                }));
+            outcome.poison.sort_by_key(|p| p.index);
+        }
+        Ok(())
+    }
+
+    /// [`Lane::store_rows_dropped_as_duplicates`] for the batch's dead letters, in the dead-letter
+    /// table (keyed by the message identity).
+    async fn store_dead_letters_dropped_as_duplicates(
+        &mut self,
+        table: &str,
+        letters: &[DeadLetter],
+        token: &str,
+        stopping: bool,
+    ) -> Result<(), DrainError> {
+        if !self.sink.sends_tokens() {
+            return Ok(());
+        }
+        for round in 1..=REINSERT_ROUNDS_MAX {
+            let expected: Vec<Expected<'_>> = letters
+                .iter()
+                .enumerate()
+                .map(|(index, letter)| Expected {
+                    index,
+                    stream: &letter.nats_stream,
+                    seq: letter.nats_seq,
+                    time_ms: None,
+                })
+                .collect();
+            let missing = self.missing_rows(table, &expected, stopping).await?;
+            if missing.is_empty() {
+                return Ok(());
+            }
+            tracing::warn!(lane = %self.config.name, table, token, rows = missing.len(), round,
+                "ClickHouse answered a retried insert of dead letters as a duplicate but holds none of them: inserting them again under a new token");
+            let subset: Vec<DeadLetter> = missing.iter().map(|&i| letters[i].clone()).collect();
+            let again = format!("{token}/again{round}");
+            let (subset, again) = (&subset, again.as_str());
+            self.retry(stopping, table, |sink| async move {
+                sink.insert_dead_letters(table, subset, Some(again)).await
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The indices of `expected` whose message identity `table` does not hold: one read per stream
+    /// (retried like an insert), over the stream's sequence range and the rows' time range.
+    async fn missing_rows(
+        &mut self,
+        table: &str,
+        expected: &[Expected<'_>],
+        stopping: bool,
+    ) -> Result<Vec<usize>, DrainError> {
+        let mut by_stream: BTreeMap<&str, Vec<&Expected<'_>>> = BTreeMap::new();
+        for row in expected {
+            by_stream.entry(row.stream).or_default().push(row);
+        }
+        let mut missing = Vec::new();
+        for (stream, rows) in by_stream {
+            let seq_min = rows.iter().map(|r| r.seq).min().unwrap_or(0);
+            let seq_max = rows.iter().map(|r| r.seq).max().unwrap_or(0);
+            let times: Option<Vec<i64>> = rows.iter().map(|r| r.time_ms).collect();
+            let time_ms = times.and_then(|t| Some((*t.iter().min()?, *t.iter().max()?)));
+            let found = self
+                .retry(stopping, table, |sink| async move {
+                    sink.stored_seqs(table, stream, seq_min..=seq_max, time_ms)
+                        .await
+                })
+                .await?
+                .value;
+            missing.extend(
+                rows.iter()
+                    .filter(|r| !found.contains(&r.seq))
+                    .map(|r| r.index),
+            );
+        }
+        missing.sort_unstable();
+        Ok(missing)
+    }
+
+    /// The message identity (stream, sequence) of each row, read back from the WAL records at
+    /// `lsns` (ascending). The batch is in flight, so the ledger keeps its records.
+    fn row_identities(&self, lsns: &[Lsn]) -> Result<Vec<(String, u64)>, DrainError> {
+        let wal_error = |source| DrainError::Wal {
+            lane: self.config.name.clone(),
+            source,
+        };
+        let Some(&first) = lsns.first() else {
+            return Ok(Vec::new());
+        };
+        let mut reader = self.wal.reader(first).map_err(wal_error)?;
+        let mut identities = Vec::with_capacity(lsns.len());
+        let mut wanted = lsns.iter().peekable();
+        while let Some(&&lsn) = wanted.peek() {
+            let record = reader
+                .next()
+                .map_err(wal_error)?
+                .ok_or_else(|| DrainError::Wal {
+                    lane: self.config.name.clone(),
+                    source: prism_wal::WalError::Truncated {
+                        requested: lsn,
+                        first_available: lsn,
+                    },
+                })?;
+            if record.lsn < lsn {
+                continue;
+            }
+            if record.lsn > lsn {
+                return Err(DrainError::Wal {
+                    lane: self.config.name.clone(),
+                    source: prism_wal::WalError::Truncated {
+                        requested: lsn,
+                        first_available: record.lsn,
+                    },
+                });
+            }
+            let envelope = record.envelope().map_err(wal_error)?;
+            identities.push((envelope.stream.into_owned(), envelope.stream_seq.0));
+            wanted.next();
+        }
+        Ok(identities)
+    }
+
     fn reread_dead_letter(&self, lsn: Lsn, reason: String) -> Result<DeadLetter, DrainError> {
         let wal_error = |source| DrainError::Wal {
             lane: self.config.name.clone(),
@@ -636,8 +859,8 @@ impl Lane {
         ))
     }
 
-    /// Runs an insert into `table` until it succeeds; retryable and schema errors back off and
-    /// try again. Each attempt is timed and counted, and reported to the lane's readiness; the
+    /// Runs an insert into `table` until it succeeds (saying how many attempts failed before);
+    /// retryable and schema errors back off and try again. Each attempt is timed and counted, and reported to the lane's readiness; the
     /// loop beats while an attempt and a retry delay last (both are legitimate waits, bounded by
     /// `insert_timeout_ms` and the backoff).
     async fn retry<T, F, Fut>(
@@ -645,7 +868,7 @@ impl Lane {
         stopping: bool,
         table: &str,
         mut attempt: F,
-    ) -> Result<T, DrainError>
+    ) -> Result<Retried<T>, DrainError>
     where
         F: FnMut(Sink) -> Fut,
         Fut: std::future::Future<Output = Result<T, InsertError>>,
@@ -657,6 +880,7 @@ impl Lane {
         let mut failing = Condition::default();
         // Failures no retry can fix are a condition of their own, logged as such from the first.
         let mut refused = Condition::default();
+        let mut failed_attempts = 0u32;
         loop {
             let started = Instant::now();
             let result = self.heartbeat.wait(attempt(self.sink.clone())).await;
@@ -671,9 +895,13 @@ impl Lane {
                     if let Some(ended) = refused.cleared() {
                         tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "ClickHouse accepts the relay's inserts again");
                     }
-                    return Ok(value);
+                    return Ok(Retried {
+                        value,
+                        failed_attempts,
+                    });
                 }
                 Err(error) => {
+                    failed_attempts = failed_attempts.saturating_add(1);
                     let class = error_class_label(error.class);
                     self.metrics.insert_attempt(table, elapsed, Some(&class));
                     self.metrics
@@ -731,6 +959,25 @@ const LEDGER_RETRY: Duration = Duration::from_millis(200);
 /// How long a lane waits before reading again after the WAL ran out of file descriptors: they
 /// come back as soon as other files are closed, so a short poll resumes promptly.
 const READ_RETRY: Duration = Duration::from_millis(200);
+
+/// An insert that succeeded, and how many attempts failed before it.
+struct Retried<T> {
+    value: T,
+    failed_attempts: u32,
+}
+
+/// A row whose message identity must be in ClickHouse: its index in the batch, the identity, and
+/// its row time (typed rows) to narrow the read to the parts of that time.
+struct Expected<'a> {
+    index: usize,
+    stream: &'a str,
+    seq: u64,
+    time_ms: Option<i64>,
+}
+
+/// Inserts under new tokens of rows a server dropped as duplicates, before the rows still missing
+/// become dead letters: each round inserts what the read found missing and reads again.
+const REINSERT_ROUNDS_MAX: u32 = 3;
 
 /// A ledger commit of a batch's life, retried as is while the disk is full.
 #[derive(Debug, Clone, Copy)]

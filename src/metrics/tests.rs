@@ -43,6 +43,7 @@ pub const CONTRACT_NAMES: &[&str] = &[
     "prism_relay_insert_seconds",
     "prism_relay_insert_errors_total",
     "prism_relay_insert_retries_total",
+    "prism_relay_rows_reinserted_total",
     "prism_relay_clickhouse_sent_bytes_total",
     "prism_relay_dead_letters_total",
     "prism_relay_jetstream_pending",
@@ -98,6 +99,12 @@ fn exercised() -> (Registry, Metrics) {
     metrics.insert_attempt("trades", Duration::from_millis(40), Some("retryable"));
     metrics
         .insert_retries
+        .get_or_create(&LaneLabels {
+            table: "trades".into(),
+        })
+        .inc();
+    metrics
+        .rows_reinserted
         .get_or_create(&LaneLabels {
             table: "trades".into(),
         })

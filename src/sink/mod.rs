@@ -666,6 +666,95 @@ impl Sink {
         Ok(rows)
     }
 
+    /// Whether inserts carry their deduplication token, so that the server may drop a retried
+    /// insert as a duplicate (modern servers only).
+    pub fn sends_tokens(&self) -> bool {
+        self.token_to_send(Some("")).is_some()
+    }
+
+    /// The distinct `nats_seq` of the rows of `table` from `stream` with a sequence in `seqs`,
+    /// narrowed to rows whose `timestamp` lies within `time_ms` (epoch milliseconds, inclusive)
+    /// when given, so that only the parts of that time are read. The read-back that tells
+    /// whether the rows of a batch are stored.
+    ///
+    /// The column is `DateTime64(3)` in tables of the modern profile and `Int64` milliseconds in
+    /// tables the legacy profile created (which a server upgraded since still holds), so its type
+    /// is asked first; a table with neither is read without the time filter.
+    pub async fn stored_seqs(
+        &self,
+        table: &str,
+        stream: &str,
+        seqs: std::ops::RangeInclusive<u64>,
+        time_ms: Option<(i64, i64)>,
+    ) -> Result<std::collections::HashSet<u64>, InsertError> {
+        let query_error = |error: SinkError| match error {
+            SinkError::Query { source, .. } => source,
+            other => InsertError::retryable(other.to_string()),
+        };
+        let mut sql = String::from(
+            "SELECT DISTINCT nats_seq FROM ? WHERE nats_stream = ? AND nats_seq BETWEEN ? AND ?",
+        );
+        let time_ms = match time_ms {
+            Some(range) => {
+                const TYPE_SQL: &str = "SELECT type FROM system.columns \
+                     WHERE database = currentDatabase() AND table = ? AND name = 'timestamp'";
+                let query = self.inner.client.query(TYPE_SQL).bind(table);
+                let fetch = async move {
+                    let mut cursor = query.fetch_bytes("TabSeparated")?;
+                    cursor.collect().await
+                };
+                let answer = self
+                    .bounded_query(TYPE_SQL, fetch)
+                    .await
+                    .map_err(query_error)?;
+                let column_type = String::from_utf8_lossy(&answer).trim().to_owned();
+                if column_type.starts_with("DateTime64(3") {
+                    sql.push_str(
+                        " AND timestamp BETWEEN fromUnixTimestamp64Milli(toInt64(?), 'UTC') \
+                         AND fromUnixTimestamp64Milli(toInt64(?), 'UTC')",
+                    );
+                    Some(range)
+                } else if column_type == "Int64" {
+                    sql.push_str(" AND timestamp BETWEEN ? AND ?");
+                    Some(range)
+                } else {
+                    None
+                }
+            }
+            None => None,
+        };
+        let mut query = self
+            .inner
+            .client
+            .query(&sql)
+            .bind(clickhouse::sql::Identifier(table))
+            .bind(stream)
+            .bind(*seqs.start())
+            .bind(*seqs.end());
+        if let Some((lo, hi)) = time_ms {
+            query = query.bind(lo).bind(hi);
+        }
+        let fetch = async move {
+            let mut cursor = query.fetch_bytes("TabSeparated")?;
+            cursor.collect().await
+        };
+        let body = self.bounded_query(&sql, fetch).await.map_err(query_error)?;
+        let mut found = std::collections::HashSet::new();
+        for line in json::split_lines(&body) {
+            let seq = std::str::from_utf8(line)
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    InsertError::retryable(format!(
+                        "unreadable answer to `{sql}`: {:?}",
+                        String::from_utf8_lossy(line)
+                    ))
+                })?;
+            found.insert(seq);
+        }
+        Ok(found)
+    }
+
     /// The deduplication token to send: only modern servers know the setting.
     fn token_to_send<'a>(&self, token: Option<&'a str>) -> Option<&'a str> {
         token.filter(|_| self.inner.opts.modern)

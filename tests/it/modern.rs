@@ -1064,6 +1064,61 @@ async fn a_relay_killed_between_an_insert_and_its_cursor_move_leaves_every_row_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_a_server_drops_as_a_duplicate_of_an_insert_it_never_stored_are_inserted_again() {
+    let bed = Bed::start_on(Leg::Modern);
+    let server = bed.ch.modern().expect("the modern leg");
+    // The relay's first insert into trades leaves the server as one killed between recording
+    // the insert's token and committing its part: the token is known, the rows are not stored,
+    // no answer comes back. The relay's retry carries the same token, and the server answers
+    // it as a duplicate without storing anything.
+    server
+        .lose_next_insert("trades")
+        .expect("arming the stand-in");
+    let config = bed.config();
+    let mut relay = RelayProc::spawn(&bed, "relay", &config);
+    relay.wait_ready().await;
+    let published = 300;
+    bed.publish(Load::new("dropped-retry", published).mix("trade=1"))
+        .await;
+    let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
+    assert!(
+        !server.losing_next_insert(),
+        "the stand-in never lost an insert; log:\n{}",
+        relay.log()
+    );
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (published, published, 0, 0),
+        "{report}\nlog:\n{}",
+        relay.log()
+    );
+    assert!(
+        relay
+            .log()
+            .contains("inserting them again under a new token"),
+        "{}",
+        relay.log()
+    );
+    let reinserted = relay
+        .metric_sum("prism_relay_rows_reinserted_total", &[("table", "trades")])
+        .await;
+    assert!(reinserted >= 1.0, "rows reinserted: {reinserted}");
+    // Every row once, even without FINAL: only the dropped rows went in again.
+    assert_eq!(
+        bed.sql(&format!("SELECT count() FROM {DATABASE}.trades"))
+            .trim(),
+        published.to_string()
+    );
+    assert!(relay.terminate().await.success(), "{}", relay.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_crash_on_18_16_leaves_copies_that_only_final_collapses() {
     // The control: without tokens the re-cut batch is stored again, so the modern test above
     // could not pass by accident of the failpoint missing its moment.

@@ -24,6 +24,13 @@ What is understood, as a ClickHouse server does:
   mapping of ClickHouse's src/Server/HTTP/exceptionCodeToHTTPStatus.cpp, by error name), the
   `X-ClickHouse-Exception-Code` header, and the body `Code: N. DB::Exception: ... (NAME)`.
 
+A test hook, for what a real server does when it is killed at the wrong moment: while the
+file SERVER_DIR/lose-next-insert names a table, the next INSERT into that table carrying an
+`insert_deduplication_token` is run, its new parts' rows are deleted (the deduplication log
+keeps the token) and the connection is closed without an answer; the file is removed. A server
+killed between writing an insert's token to its deduplication log and committing the insert's
+part comes back in that state, and answers the retry as a duplicate without storing it.
+
 Exit status: 3 when chdb cannot be imported (stderr says how to install it), 2 on a usage
 error, 1 when the port is taken (stderr says "Address already in use").
 """
@@ -146,6 +153,11 @@ STD_EXCEPTION = (1001, "STD_EXCEPTION")
 INSERT_WITH_FORMAT = re.compile(
     r"^(?P<head>\s*INSERT\s.*?)\s+FORMAT\s+(?P<format>\w+)\s*$", re.S | re.I
 )
+INSERT_TABLE = re.compile(
+    r"^\s*INSERT\s+INTO\s+(?:[`\"]?\w+[`\"]?\s*\.\s*)?[`\"]?(?P<table>\w+)", re.I
+)
+# The test hook's file in SERVER_DIR (see the module documentation).
+LOSE_NEXT_INSERT = "lose-next-insert"
 TRAILING_FORMAT = re.compile(r"\s+FORMAT\s+(\w+)\s*;?\s*$", re.I)
 EXCEPTION_CODE = re.compile(r"Code:\s*(\d+)")
 EXCEPTION_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)\s*(?:\(version [^)]*\)\s*)?\.?\s*$")
@@ -277,6 +289,30 @@ def main() -> int:
     spool = os.path.join(server_dir, "spool")
     os.makedirs(spool, exist_ok=True)
     inserts_log = os.path.join(server_dir, "inserts.jsonl")
+    lose_file = os.path.join(server_dir, LOSE_NEXT_INSERT)
+
+    def take_lost_insert(head: str, settings: dict) -> str:
+        """The table of this insert when the test hook is to lose it (disarming the hook)."""
+        if "insert_deduplication_token" not in settings:
+            return ""
+        try:
+            with open(lose_file) as armed:
+                table = armed.read().strip()
+        except FileNotFoundError:
+            return ""
+        found = INSERT_TABLE.match(head)
+        if not found or found["table"] != table:
+            return ""
+        os.remove(lose_file)
+        return table
+
+    def active_parts(database: str, table: str) -> set:
+        answer = session.query(
+            f"SELECT name FROM system.parts WHERE database = {quote(database)} "
+            f"AND table = {quote(table)} AND active",
+            "TabSeparated",
+        )
+        return set(answer.bytes().decode().split())
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -356,10 +392,25 @@ def main() -> int:
                         raise StandInError((62, "SYNTAX_ERROR"), "Empty query")
                     if clause:
                         sql = with_settings(sql, clause)
+                database = params.get("database", "default")
                 with lock:
-                    session.query(f"USE `{params.get('database', 'default')}`")
+                    lost = take_lost_insert(head, settings) if found and body else ""
+                    session.query(f"USE `{database}`")
+                    before = active_parts(database, lost) if lost else set()
                     result = session.query(sql, params.get("default_format", "TabSeparated"))
                     data = result.bytes()
+                    if lost:
+                        new_parts = active_parts(database, lost) - before
+                        if new_parts:
+                            names = ", ".join(quote(p) for p in sorted(new_parts))
+                            session.query(
+                                f"ALTER TABLE `{database}`.`{lost}` DELETE WHERE _part IN "
+                                f"({names}) SETTINGS mutations_sync = 1"
+                            )
+                if lost:
+                    # No answer, as from a server killed before it could give one.
+                    self.close_connection = True
+                    return
             except Exception as error:  # every failure is an answer, as a server's would be
                 status, code, text = exception_answer(error, version)
                 self.answer(status, text, code)

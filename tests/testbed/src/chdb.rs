@@ -27,6 +27,8 @@
 //!   can check what the relay sent.
 //! - Compressed-block checksums are not verified, and answers are never compressed.
 //! - `/ping` is answered, `/replicas_status` and the other handlers are not.
+//! - A test hook ([`Chdb::lose_next_insert`]) puts the engine in the state a real server is
+//!   left in when it is killed between recording an insert's token and committing its part.
 //!
 //! The interpreter is `python3` (or `PRISM_PYTHON3`); a missing chdb makes `start` fail with
 //! the script's message naming the fix (`scripts/test` installs `chdb-core`), never a skip.
@@ -67,6 +69,7 @@ const SPEC: ServerSpec = ServerSpec {
 const LOG_FILE: &str = "chdb-server.log";
 const DATA_DIR: &str = "data";
 const INSERTS_LOG_FILE: &str = "inserts.jsonl";
+const LOSE_NEXT_INSERT_FILE: &str = "lose-next-insert";
 
 /// A failed request's answer, as a ClickHouse server gives it over HTTP.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +174,22 @@ impl Chdb {
     /// its status, for tests of the HTTP interface itself.
     pub fn post(&self, path_and_query: &str, body: &[u8]) -> Result<HttpAnswer, TestbedError> {
         post(self.http_port(), path_and_query, body)
+    }
+
+    /// Makes the server lose the next insert into `table` that carries a deduplication token
+    /// the way a server killed between writing the token to its deduplication log and
+    /// committing the insert's part does: the token stays known, the rows are not stored, and
+    /// no answer goes back (the connection is closed). A retry with the same token is then
+    /// answered as a duplicate and stores nothing.
+    pub fn lose_next_insert(&self, table: &str) -> Result<(), TestbedError> {
+        let path = self.server.dir().join(LOSE_NEXT_INSERT_FILE);
+        std::fs::write(&path, table)
+            .map_err(|e| TestbedError::io(format!("writing {}", path.display()), e))
+    }
+
+    /// Whether [`Chdb::lose_next_insert`] is still waiting for its insert.
+    pub fn losing_next_insert(&self) -> bool {
+        self.server.dir().join(LOSE_NEXT_INSERT_FILE).exists()
     }
 
     /// The URL parameters that are settings of every INSERT with a body received so far
