@@ -28,8 +28,9 @@ use std::time::Duration;
 
 use prism_wal::{Lsn, SegmentId, WalError};
 
+use crate::drain::readback;
 use crate::drain::{dead_letter, Batch, BatchLimits, Router, RowsKind};
-use crate::sink::{Backoff, DeadLetter, InsertError, Sink};
+use crate::sink::{Backoff, DeadLetter, InsertError, IsolateOutcome, Sink};
 
 /// Attempts per batch before a replay gives up (a replay is operator-driven; it must not hang).
 const REPLAY_ATTEMPTS_MAX: u32 = 10;
@@ -516,7 +517,11 @@ async fn flush(
     summary: &mut ReplaySummary,
 ) -> Result<u64, ReplayError> {
     let token = format!("replay:{}", batch.token());
-    let outcome = with_retries(options, lane, || batch.rows.insert(sink, lane, &token)).await?;
+    let (mut outcome, failed) =
+        with_retries(options, lane, || batch.rows.insert(sink, lane, &token)).await?;
+    if failed > 0 {
+        store_rows_dropped_as_duplicates(options, sink, lane, &batch, &token, &mut outcome).await?;
+    }
     let mut dead: Vec<DeadLetter> = batch.dead.clone();
     for poison in &outcome.poison {
         let lsn = batch.row_lsns[poison.index];
@@ -535,10 +540,32 @@ async fn flush(
     if !dead.is_empty() {
         let dead_token = format!("{token}/dead");
         let table = options.dead_letter_table.as_str();
-        with_retries(options, table, || {
+        let (_, failed) = with_retries(options, table, || {
             sink.insert_dead_letters(table, &dead, Some(&dead_token))
         })
         .await?;
+        if failed > 0 && sink.sends_tokens() {
+            let expected = readback::expected_dead_letters(&dead);
+            for round in 1.. {
+                let (missing, _) = with_retries(options, table, || {
+                    readback::missing_rows(sink, table, &expected)
+                })
+                .await?;
+                if missing.is_empty() {
+                    break;
+                }
+                tracing::warn!(%table, rows = missing.len(), round, "ClickHouse answered a retried insert of dead letters as a duplicate but holds none of them: inserting them again under a new token");
+                let subset: Vec<DeadLetter> = missing.iter().map(|&i| dead[i].clone()).collect();
+                let again = readback::again_token(&dead_token, round);
+                let (_, failed) = with_retries(options, table, || {
+                    sink.insert_dead_letters(table, &subset, Some(&again))
+                })
+                .await?;
+                if failed == 0 {
+                    break;
+                }
+            }
+        }
         summary.dead_letters += dead.len() as u64;
     }
     let entry = summary.tables.entry(lane.to_string()).or_default();
@@ -547,11 +574,55 @@ async fn flush(
     Ok(outcome.rows_inserted as u64 + dead.len() as u64)
 }
 
+/// After a replayed batch's insert succeeded on a retry: reads back which of its rows ClickHouse
+/// holds and inserts the missing ones again under a new token, as a drain lane does (see
+/// [`crate::drain::readback`]).
+async fn store_rows_dropped_as_duplicates(
+    options: &ReplayOptions,
+    sink: &Sink,
+    lane: &str,
+    batch: &Batch,
+    token: &str,
+    outcome: &mut IsolateOutcome,
+) -> Result<(), ReplayError> {
+    let Some(&first) = batch.row_lsns.first() else {
+        return Ok(());
+    };
+    if !sink.sends_tokens() {
+        return Ok(());
+    }
+    let mut reader = prism_wal::read_dir(&options.dir, first)?;
+    let identities = readback::row_identities(&mut reader, &batch.row_lsns)?;
+    drop(reader);
+    for round in 1.. {
+        let expected = readback::expected_rows(&identities, &batch.rows, &outcome.poison);
+        let (missing, _) = with_retries(options, lane, || {
+            readback::missing_rows(sink, lane, &expected)
+        })
+        .await?;
+        if missing.is_empty() {
+            break;
+        }
+        tracing::warn!(table = %lane, rows = missing.len(), round, "ClickHouse answered a retried insert as a duplicate but holds none of these rows: inserting them again under a new token");
+        let subset = batch.rows.subset(&missing);
+        let again = readback::again_token(token, round);
+        let (inserted, failed) =
+            with_retries(options, lane, || subset.insert(sink, lane, &again)).await?;
+        readback::add_rejected(outcome, &missing, inserted);
+        if failed == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `attempt` until it succeeds (at most [`REPLAY_ATTEMPTS_MAX`] times); returns its value
+/// and how many attempts failed before it.
 async fn with_retries<T, F, Fut>(
     options: &ReplayOptions,
     table: &str,
     mut attempt: F,
-) -> Result<T, ReplayError>
+) -> Result<(T, u32), ReplayError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, InsertError>>,
@@ -561,7 +632,7 @@ where
     loop {
         attempts += 1;
         match attempt().await {
-            Ok(value) => return Ok(value),
+            Ok(value) => return Ok((value, attempts - 1)),
             Err(source) if attempts >= REPLAY_ATTEMPTS_MAX => {
                 return Err(ReplayError::Insert {
                     table: table.to_string(),

@@ -1,6 +1,5 @@
 //! One drain lane: tails the WAL, batches the records of one table and inserts them with retries.
 
-use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -10,9 +9,10 @@ use tokio::sync::watch;
 use crate::codec::TimeWindow;
 use crate::logcond::Condition;
 use crate::metrics::{DataTypeLabels, DeadReason, Heartbeat, LaneLabels, Metrics};
-use crate::sink::{Backoff, DeadLetter, ErrorClass, InsertError, IsolateOutcome, PoisonRow, Sink};
+use crate::sink::{Backoff, DeadLetter, ErrorClass, InsertError, IsolateOutcome, Sink};
 
 use super::batch::{dead_letter, flush_due, Batch, BatchLimits, RowsKind};
+use super::readback::{self, Expected};
 use super::route::Router;
 use super::tail::{Tail, Take};
 use super::{DrainError, LedgerKeeper};
@@ -628,15 +628,9 @@ impl Lane {
 
     /// After the insert of a batch that was sent before under the same token (an attempt failed,
     /// or the batch is re-cut from before a restart): reads back which of its rows ClickHouse
-    /// holds and inserts the missing ones again, under a new token.
-    ///
-    /// A modern server writes an insert's token to its deduplication log before it commits the
-    /// insert's part. Killed in between, it comes back knowing the token but not the rows, and
-    /// drops the retry as a duplicate while answering success: only a read shows the loss (the
-    /// legacy profile sends no token, so a retry is always stored). The read costs one query per
-    /// stream of the batch, and only after a failure. Rows still missing after
-    /// [`REINSERT_ROUNDS_MAX`] inserts (a TTL that drops old rows on insert, say) become dead
-    /// letters with the reason, instead of stopping the lane.
+    /// holds and inserts the missing ones again under a new token, until such an insert succeeds
+    /// at its first attempt (see [`super::readback`]). The read costs one query per stream of
+    /// the batch, and only after a failure.
     async fn store_rows_dropped_as_duplicates(
         &mut self,
         full: &Batch,
@@ -647,46 +641,21 @@ impl Lane {
         if !self.sink.sends_tokens() || full.row_lsns.is_empty() {
             return Ok(());
         }
-        let identities = self.row_identities(&full.row_lsns)?;
+        let wal_error = |source| DrainError::Wal {
+            lane: self.config.name.clone(),
+            source,
+        };
+        // The batch is in flight, so the ledger keeps its records.
+        let mut reader = self.wal.reader(full.row_lsns[0]).map_err(wal_error)?;
+        let identities =
+            readback::row_identities(&mut reader, &full.row_lsns).map_err(wal_error)?;
+        drop(reader);
         let table = self.config.name.clone();
-        for round in 1..=REINSERT_ROUNDS_MAX + 1 {
-            let rejected: HashSet<usize> = outcome.poison.iter().map(|p| p.index).collect();
-            let expected: Vec<Expected<'_>> = identities
-                .iter()
-                .enumerate()
-                .filter(|(index, _)| !rejected.contains(index))
-                .map(|(index, (stream, seq))| Expected {
-                    index,
-                    stream,
-                    seq: *seq,
-                    time_ms: full.rows.timestamp_ms(index),
-                })
-                .collect();
+        for round in 1.. {
+            let expected = readback::expected_rows(&identities, &full.rows, &outcome.poison);
             let missing = self.missing_rows(&table, &expected, stopping).await?;
             if missing.is_empty() {
-                if round > 1 {
-                    tracing::info!(lane = %table, token, "the rows the server had dropped are stored");
-                }
-                return Ok(());
-            }
-            if round > REINSERT_ROUNDS_MAX {
-                let message = format!(
-                    "ClickHouse did not keep this row after {REINSERT_ROUNDS_MAX} inserts under new                      tokens (a TTL or a table engine that drops rows on insert?)"
-                );
-                tracing::error!(lane = %table, token, rows = missing.len(), "{message}: the rows go to the dead letters");
-                outcome
-                    .poison
-                    .extend(missing.iter().map(|&index| PoisonRow {
-                        index,
-                        error: InsertError {
-                            class: ErrorClass::Poison,
-                            message: message.clone(),
-                            code: None,
-                        },
-                    }));
-                outcome.poison.sort_by_key(|p| p.index);
-                outcome.rows_inserted = outcome.rows_inserted.saturating_sub(missing.len());
-                return Ok(());
+                break;
             }
             tracing::warn!(lane = %table, token, rows = missing.len(), batch_rows = expected.len(), round,
                 "ClickHouse answered a retried insert as a duplicate but holds none of these rows (its deduplication log outlived a crash during the first attempt): inserting them again under a new token");
@@ -697,20 +666,18 @@ impl Lane {
                 })
                 .inc_by(missing.len() as u64);
             let subset = full.rows.subset(&missing);
-            let again = format!("{token}/again{round}");
-            let (subset, again, table_ref) = (&subset, again.as_str(), table.as_str());
+            let again = readback::again_token(token, round);
+            let (subset, again_ref, table_ref) = (&subset, again.as_str(), table.as_str());
             let inserted = self
                 .retry(stopping, &table, |sink| async move {
-                    subset.insert(&sink, table_ref, again).await
+                    subset.insert(&sink, table_ref, again_ref).await
                 })
                 .await?;
-            outcome
-                .poison
-                .extend(inserted.value.poison.into_iter().map(|p| PoisonRow {
-                    index: missing[p.index],
-                    error: p.error,
-                }));
-            outcome.poison.sort_by_key(|p| p.index);
+            readback::add_rejected(outcome, &missing, inserted.value);
+            if inserted.failed_attempts == 0 {
+                tracing::info!(lane = %table, token = %again, rows = missing.len(), "the rows the server had dropped are stored");
+                break;
+            }
         }
         Ok(())
     }
@@ -727,110 +694,42 @@ impl Lane {
         if !self.sink.sends_tokens() {
             return Ok(());
         }
-        for round in 1..=REINSERT_ROUNDS_MAX {
-            let expected: Vec<Expected<'_>> = letters
-                .iter()
-                .enumerate()
-                .map(|(index, letter)| Expected {
-                    index,
-                    stream: &letter.nats_stream,
-                    seq: letter.nats_seq,
-                    time_ms: None,
-                })
-                .collect();
+        let expected = readback::expected_dead_letters(letters);
+        for round in 1.. {
             let missing = self.missing_rows(table, &expected, stopping).await?;
             if missing.is_empty() {
-                return Ok(());
+                break;
             }
             tracing::warn!(lane = %self.config.name, table, token, rows = missing.len(), round,
                 "ClickHouse answered a retried insert of dead letters as a duplicate but holds none of them: inserting them again under a new token");
             let subset: Vec<DeadLetter> = missing.iter().map(|&i| letters[i].clone()).collect();
-            let again = format!("{token}/again{round}");
+            let again = readback::again_token(token, round);
             let (subset, again) = (&subset, again.as_str());
-            self.retry(stopping, table, |sink| async move {
-                sink.insert_dead_letters(table, subset, Some(again)).await
-            })
-            .await?;
+            let inserted = self
+                .retry(stopping, table, |sink| async move {
+                    sink.insert_dead_letters(table, subset, Some(again)).await
+                })
+                .await?;
+            if inserted.failed_attempts == 0 {
+                break;
+            }
         }
         Ok(())
     }
 
-    /// The indices of `expected` whose message identity `table` does not hold: one read per stream
-    /// (retried like an insert), over the stream's sequence range and the rows' time range.
+    /// [`readback::missing_rows`], retried like an insert.
     async fn missing_rows(
         &mut self,
         table: &str,
         expected: &[Expected<'_>],
         stopping: bool,
     ) -> Result<Vec<usize>, DrainError> {
-        let mut by_stream: BTreeMap<&str, Vec<&Expected<'_>>> = BTreeMap::new();
-        for row in expected {
-            by_stream.entry(row.stream).or_default().push(row);
-        }
-        let mut missing = Vec::new();
-        for (stream, rows) in by_stream {
-            let seq_min = rows.iter().map(|r| r.seq).min().unwrap_or(0);
-            let seq_max = rows.iter().map(|r| r.seq).max().unwrap_or(0);
-            let times: Option<Vec<i64>> = rows.iter().map(|r| r.time_ms).collect();
-            let time_ms = times.and_then(|t| Some((*t.iter().min()?, *t.iter().max()?)));
-            let found = self
-                .retry(stopping, table, |sink| async move {
-                    sink.stored_seqs(table, stream, seq_min..=seq_max, time_ms)
-                        .await
-                })
-                .await?
-                .value;
-            missing.extend(
-                rows.iter()
-                    .filter(|r| !found.contains(&r.seq))
-                    .map(|r| r.index),
-            );
-        }
-        missing.sort_unstable();
-        Ok(missing)
-    }
-
-    /// The message identity (stream, sequence) of each row, read back from the WAL records at
-    /// `lsns` (ascending). The batch is in flight, so the ledger keeps its records.
-    fn row_identities(&self, lsns: &[Lsn]) -> Result<Vec<(String, u64)>, DrainError> {
-        let wal_error = |source| DrainError::Wal {
-            lane: self.config.name.clone(),
-            source,
-        };
-        let Some(&first) = lsns.first() else {
-            return Ok(Vec::new());
-        };
-        let mut reader = self.wal.reader(first).map_err(wal_error)?;
-        let mut identities = Vec::with_capacity(lsns.len());
-        let mut wanted = lsns.iter().peekable();
-        while let Some(&&lsn) = wanted.peek() {
-            let record = reader
-                .next()
-                .map_err(wal_error)?
-                .ok_or_else(|| DrainError::Wal {
-                    lane: self.config.name.clone(),
-                    source: prism_wal::WalError::Truncated {
-                        requested: lsn,
-                        first_available: lsn,
-                    },
-                })?;
-            if record.lsn < lsn {
-                continue;
-            }
-            if record.lsn > lsn {
-                return Err(DrainError::Wal {
-                    lane: self.config.name.clone(),
-                    source: prism_wal::WalError::Truncated {
-                        requested: lsn,
-                        first_available: record.lsn,
-                    },
-                });
-            }
-            let envelope = record.envelope().map_err(wal_error)?;
-            identities.push((envelope.stream.into_owned(), envelope.stream_seq.0));
-            wanted.next();
-        }
-        Ok(identities)
+        let retried = self
+            .retry(stopping, table, |sink| async move {
+                readback::missing_rows(&sink, table, expected).await
+            })
+            .await?;
+        Ok(retried.value)
     }
 
     fn reread_dead_letter(&self, lsn: Lsn, reason: String) -> Result<DeadLetter, DrainError> {
@@ -965,19 +864,6 @@ struct Retried<T> {
     value: T,
     failed_attempts: u32,
 }
-
-/// A row whose message identity must be in ClickHouse: its index in the batch, the identity, and
-/// its row time (typed rows) to narrow the read to the parts of that time.
-struct Expected<'a> {
-    index: usize,
-    stream: &'a str,
-    seq: u64,
-    time_ms: Option<i64>,
-}
-
-/// Inserts under new tokens of rows a server dropped as duplicates, before the rows still missing
-/// become dead letters: each round inserts what the read found missing and reads again.
-const REINSERT_ROUNDS_MAX: u32 = 3;
 
 /// A ledger commit of a batch's life, retried as is while the disk is full.
 #[derive(Debug, Clone, Copy)]

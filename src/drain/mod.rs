@@ -15,6 +15,7 @@
 
 mod batch;
 mod lane;
+pub mod readback;
 pub mod route;
 mod tail;
 

@@ -152,6 +152,11 @@ impl ChdbServer {
         self.server.http_url()
     }
 
+    /// The test bed's handle on the server (for its test hooks).
+    pub(crate) fn engine(&self) -> &prism_testbed::Chdb {
+        &self.server
+    }
+
     /// Sink options for `database` on this server, as the relay builds them for a modern one.
     pub(crate) fn sink_options(&self, database: &str) -> SinkOptions {
         SinkOptions {

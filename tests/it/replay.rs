@@ -552,10 +552,12 @@ async fn wal_inspect_names_the_segments_retention_deletes_next_and_what_holds_th
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_replay_of_the_same_range_inserts_nothing_at_all_on_a_modern_server() -> TestResult
-{
-    let server = crate::modern::ChdbServer::start();
+/// A WAL of 40 records (five of each MarketPrism message of `modern::MESSAGES`) and a
+/// configuration that replays it into `server`'s `REPLAYED` database with the modern profile;
+/// returns the directory (holding both) and the configuration's path.
+async fn modern_replay_setup(
+    server: &crate::modern::ChdbServer,
+) -> Result<(tempfile::TempDir, String), Box<dyn std::error::Error + Send + Sync>> {
     let dir = tempfile::tempdir()?;
     let (wal, _) = Wal::open(dir.path(), WalOptions::default())?;
     let messages: Vec<Envelope<'static>> = (0..40u64)
@@ -583,7 +585,14 @@ async fn a_second_replay_of_the_same_range_inserts_nothing_at_all_on_a_modern_se
             server.url()
         ),
     )?;
-    let config = config.display().to_string();
+    Ok((dir, config.display().to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_replay_of_the_same_range_inserts_nothing_at_all_on_a_modern_server() -> TestResult
+{
+    let server = crate::modern::ChdbServer::start();
+    let (_dir, config) = modern_replay_setup(&server).await?;
     let count = TABLES
         .iter()
         .map(|t| format!("(SELECT count() FROM {REPLAYED}.{t})"))
@@ -617,6 +626,36 @@ async fn a_second_replay_of_the_same_range_inserts_nothing_at_all_on_a_modern_se
         first.trim(),
         "rows after a second replay: {output}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_batch_the_server_drops_as_a_duplicate_of_an_insert_it_never_stored_is_inserted_again(
+) -> TestResult {
+    let server = crate::modern::ChdbServer::start();
+    let (_dir, config) = modern_replay_setup(&server).await?;
+    // The replay's first insert into trades is stored under its token, then its rows vanish and
+    // no answer comes back: a server killed between recording the token and committing the
+    // part. The retry carries the same token and is answered as a duplicate.
+    server.engine().lose_next_insert("trades")?;
+    let (status, output) = relay_command(&["replay", "--config", &config]).await;
+    assert!(status.success(), "{output}");
+    assert!(
+        !server.engine().losing_next_insert(),
+        "the stand-in never lost an insert: {output}"
+    );
+    assert!(
+        output.contains("inserting them again under a new token"),
+        "{output}"
+    );
+    // Five copies of the one trade collapse into one row on insert.
+    let trades = server
+        .query(
+            &format!("SELECT count() FROM {REPLAYED}.trades"),
+            "TabSeparated",
+        )
+        .await;
+    assert_eq!(trades.trim(), "1", "{output}");
     Ok(())
 }
 
