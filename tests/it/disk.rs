@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{http_get, metric_sum, wait_until, Bed, Load, RelayConfig, RelayProc};
+use crate::harness::{
+    assert_stored_once, http_get, metric_sum, wait_until, Bed, Load, RelayConfig, RelayProc,
+};
 use prism_relay::tools::verify::VerifyReport;
 
 /// Size of the tmpfs under the WAL: small enough to fill, and drain through a debug build's
@@ -135,21 +137,6 @@ fn disk_config(bed: &Bed, disk: &Tmpfs) -> RelayConfig {
     config.retention_segments_max = 1_000;
     config.rows_max = 2_000;
     config
-}
-
-#[track_caller]
-fn assert_totals(report: &VerifyReport, published: u64) {
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (published, published, 0, 0),
-        "{report}"
-    );
 }
 
 /// Panics with the log if the relay process has exited; otherwise checks `/health` answers 200.
@@ -289,7 +276,7 @@ async fn a_disk_filled_to_the_last_byte_by_another_file_pauses_ingest_without_ex
     filler.fill_to_zero(&disk);
 
     filler.delete();
-    assert_totals(&wait_stored(&bed, &relay, &config.wal_dir).await, count);
+    assert_stored_once(&wait_stored(&bed, &relay, &config.wal_dir).await, count);
     wait_paused(&mut relay, 0.0, None).await;
     assert_log_bounded(&relay);
     assert!(relay.terminate().await.success(), "{}", relay.log());
@@ -318,7 +305,7 @@ async fn a_disk_filled_by_the_wal_itself_while_clickhouse_is_down_drains_frees_s
     assert_alive(&mut relay).await;
 
     bed.ch.restart().expect("restart clickhouse");
-    assert_totals(&wait_stored(&bed, &relay, &config.wal_dir).await, count);
+    assert_stored_once(&wait_stored(&bed, &relay, &config.wal_dir).await, count);
     wait_paused(&mut relay, 0.0, None).await;
     // The messages add up to more than the disk holds, so storing them all needed drained
     // segments freed; the first segment is gone.
@@ -402,7 +389,7 @@ async fn a_relay_killed_while_the_disk_is_full_restarts_with_no_byte_free_stays_
     filler.fill_to_zero(&disk);
 
     filler.delete();
-    assert_totals(&wait_stored(&bed, &relay, &config.wal_dir).await, count);
+    assert_stored_once(&wait_stored(&bed, &relay, &config.wal_dir).await, count);
     wait_paused(&mut relay, 0.0, None).await;
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
@@ -445,6 +432,6 @@ async fn a_relay_started_on_a_full_disk_without_a_wal_yet_waits_for_space_instea
     relay.wait_ready().await;
     let count = 2_000;
     bed.publish(Load::new("afterfull", count)).await;
-    assert_totals(&wait_stored(&bed, &relay, &config.wal_dir).await, count);
+    assert_stored_once(&wait_stored(&bed, &relay, &config.wal_dir).await, count);
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }

@@ -376,6 +376,23 @@ impl Bed {
     }
 }
 
+/// Asserts that the report accounts for `published` messages, each stored once: none lost,
+/// none duplicated.
+#[track_caller]
+pub fn assert_stored_once(report: &VerifyReport, published: u64) {
+    let totals = report.totals();
+    assert_eq!(
+        (
+            totals.published,
+            totals.stored,
+            totals.lost,
+            totals.duplicated
+        ),
+        (published, published, 0, 0),
+        "{report}"
+    );
+}
+
 /// [`Bed::wait_accounted`] for any servers: polls verify with `options` until every published
 /// identity is stored or dead-lettered, then returns that report.
 pub async fn wait_accounted_by(options: &VerifyOptions, timeout: Duration) -> VerifyReport {

@@ -32,7 +32,9 @@ use prism_testbed::ClickHouse;
 use prism_wal::{Envelope, Lsn, StreamSeq};
 use tempfile::TempDir;
 
-use crate::harness::{relay_command, Bed, Leg, Load, RelayProc, DRAIN_TIMEOUT, READY_TIMEOUT};
+use crate::harness::{
+    assert_stored_once, relay_command, Bed, Leg, Load, RelayProc, DRAIN_TIMEOUT, READY_TIMEOUT,
+};
 
 /// The helper script that runs statements in a chdb session.
 const SESSION_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/testbed/chdb_session.py");
@@ -1021,17 +1023,7 @@ async fn relay_aborted_between_insert_and_cursor(bed: &Bed) -> (u64, u64, u64) {
     relay.restart();
     relay.wait_ready().await;
     let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (published, published, 0, 0),
-        "{report}"
-    );
+    assert_stored_once(&report, published);
     assert!(relay.terminate().await.success(), "{}", relay.log());
     (published, plain(bed), bed.count_final("trades"))
 }
@@ -1091,18 +1083,7 @@ async fn rows_a_server_drops_as_a_duplicate_of_an_insert_it_never_stored_are_ins
         "the stand-in never lost an insert; log:\n{}",
         relay.log()
     );
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (published, published, 0, 0),
-        "{report}\nlog:\n{}",
-        relay.log()
-    );
+    assert_stored_once(&report, published);
     assert!(
         relay
             .log()
@@ -1164,17 +1145,7 @@ async fn with_async_insert_every_insert_asks_the_server_to_wait_and_dedupe_and_a
     relay.restart();
     relay.wait_ready().await;
     let report = bed.wait_accounted(DRAIN_TIMEOUT).await;
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (published, published, 0, 0),
-        "{report}"
-    );
+    assert_stored_once(&report, published);
     let plain: u64 = ["trades", "funding_rates"]
         .iter()
         .map(|table| {
