@@ -546,24 +546,21 @@ async fn flush(
         .await?;
         if failed > 0 && sink.sends_tokens() {
             let expected = readback::expected_dead_letters(&dead);
-            for round in 1.. {
+            let mut rounds = readback::Rounds::new(table, &dead_token);
+            while rounds.go_on() {
                 let (missing, _) = with_retries(options, table, || {
                     readback::missing_rows(sink, table, &expected)
                 })
                 .await?;
-                if missing.is_empty() {
+                let Some(again) = rounds.insert_again(&missing) else {
                     break;
-                }
-                tracing::warn!(%table, rows = missing.len(), round, "ClickHouse answered a retried insert of dead letters as a duplicate but holds none of them: inserting them again under a new token");
+                };
                 let subset: Vec<DeadLetter> = missing.iter().map(|&i| dead[i].clone()).collect();
-                let again = readback::again_token(&dead_token, round);
                 let (_, failed) = with_retries(options, table, || {
                     sink.insert_dead_letters(table, &subset, Some(&again))
                 })
                 .await?;
-                if failed == 0 {
-                    break;
-                }
+                rounds.inserted(failed);
             }
         }
         summary.dead_letters += dead.len() as u64;
@@ -594,24 +591,21 @@ async fn store_rows_dropped_as_duplicates(
     let mut reader = prism_wal::read_dir(&options.dir, first)?;
     let identities = readback::row_identities(&mut reader, &batch.row_lsns)?;
     drop(reader);
-    for round in 1.. {
+    let mut rounds = readback::Rounds::new(lane, token);
+    while rounds.go_on() {
         let expected = readback::expected_rows(&identities, &batch.rows, &outcome.poison);
         let (missing, _) = with_retries(options, lane, || {
             readback::missing_rows(sink, lane, &expected)
         })
         .await?;
-        if missing.is_empty() {
+        let Some(again) = rounds.insert_again(&missing) else {
             break;
-        }
-        tracing::warn!(table = %lane, rows = missing.len(), round, "ClickHouse answered a retried insert as a duplicate but holds none of these rows: inserting them again under a new token");
+        };
         let subset = batch.rows.subset(&missing);
-        let again = readback::again_token(token, round);
         let (inserted, failed) =
             with_retries(options, lane, || subset.insert(sink, lane, &again)).await?;
         readback::add_rejected(outcome, &missing, inserted);
-        if failed == 0 {
-            break;
-        }
+        rounds.inserted(failed);
     }
     Ok(())
 }

@@ -628,11 +628,10 @@ impl Lane {
 
     /// After the insert of a batch that was sent before under the same token (an attempt failed,
     /// or the batch is re-cut from before a restart): reads back which of its rows ClickHouse
-    /// holds and inserts the missing ones again under a new token, until such an insert succeeds
-    /// at its first attempt (see [`super::readback`]). The read costs one query per stream of
-    /// the batch, and only after a failure.
+    /// holds and inserts the missing ones again under a new token (see [`super::readback`]). The
+    /// read costs one query per stream of the batch, and only after a failure.
     async fn store_rows_dropped_as_duplicates(
-        &mut self,
+        &self,
         full: &Batch,
         token: &str,
         outcome: &mut IsolateOutcome,
@@ -650,34 +649,30 @@ impl Lane {
         let identities =
             readback::row_identities(&mut reader, &full.row_lsns).map_err(wal_error)?;
         drop(reader);
-        let table = self.config.name.clone();
-        for round in 1.. {
+        let table = self.config.name.as_str();
+        let mut rounds = readback::Rounds::new(table, token);
+        while rounds.go_on() {
             let expected = readback::expected_rows(&identities, &full.rows, &outcome.poison);
-            let missing = self.missing_rows(&table, &expected, stopping).await?;
-            if missing.is_empty() {
+            let missing = self.missing_rows(table, &expected, stopping).await?;
+            let Some(again) = rounds.insert_again(&missing) else {
                 break;
-            }
-            tracing::warn!(lane = %table, token, rows = missing.len(), batch_rows = expected.len(), round,
-                "ClickHouse answered a retried insert as a duplicate but holds none of these rows (its deduplication log outlived a crash during the first attempt): inserting them again under a new token");
-            self.metrics
-                .rows_reinserted
-                .get_or_create(&LaneLabels {
-                    table: table.clone(),
-                })
-                .inc_by(missing.len() as u64);
-            let subset = full.rows.subset(&missing);
-            let again = readback::again_token(token, round);
-            let (subset, again_ref, table_ref) = (&subset, again.as_str(), table.as_str());
+            };
+            let (subset, again) = (&full.rows.subset(&missing), again.as_str());
             let inserted = self
-                .retry(stopping, &table, |sink| async move {
-                    subset.insert(&sink, table_ref, again_ref).await
+                .retry(stopping, table, |sink| async move {
+                    subset.insert(&sink, table, again).await
                 })
                 .await?;
             readback::add_rejected(outcome, &missing, inserted.value);
-            if inserted.failed_attempts == 0 {
-                tracing::info!(lane = %table, token = %again, rows = missing.len(), "the rows the server had dropped are stored");
-                break;
-            }
+            rounds.inserted(inserted.failed_attempts);
+        }
+        if rounds.inserted_again() > 0 {
+            self.metrics
+                .rows_reinserted
+                .get_or_create(&LaneLabels {
+                    table: table.to_owned(),
+                })
+                .inc_by(rounds.inserted_again());
         }
         Ok(())
     }
@@ -685,7 +680,7 @@ impl Lane {
     /// [`Lane::store_rows_dropped_as_duplicates`] for the batch's dead letters, in the dead-letter
     /// table (keyed by the message identity).
     async fn store_dead_letters_dropped_as_duplicates(
-        &mut self,
+        &self,
         table: &str,
         letters: &[DeadLetter],
         token: &str,
@@ -695,31 +690,27 @@ impl Lane {
             return Ok(());
         }
         let expected = readback::expected_dead_letters(letters);
-        for round in 1.. {
+        let mut rounds = readback::Rounds::new(table, token);
+        while rounds.go_on() {
             let missing = self.missing_rows(table, &expected, stopping).await?;
-            if missing.is_empty() {
+            let Some(again) = rounds.insert_again(&missing) else {
                 break;
-            }
-            tracing::warn!(lane = %self.config.name, table, token, rows = missing.len(), round,
-                "ClickHouse answered a retried insert of dead letters as a duplicate but holds none of them: inserting them again under a new token");
-            let subset: Vec<DeadLetter> = missing.iter().map(|&i| letters[i].clone()).collect();
-            let again = readback::again_token(token, round);
-            let (subset, again) = (&subset, again.as_str());
+            };
+            let subset: &Vec<DeadLetter> = &missing.iter().map(|&i| letters[i].clone()).collect();
+            let again = again.as_str();
             let inserted = self
                 .retry(stopping, table, |sink| async move {
                     sink.insert_dead_letters(table, subset, Some(again)).await
                 })
                 .await?;
-            if inserted.failed_attempts == 0 {
-                break;
-            }
+            rounds.inserted(inserted.failed_attempts);
         }
         Ok(())
     }
 
     /// [`readback::missing_rows`], retried like an insert.
     async fn missing_rows(
-        &mut self,
+        &self,
         table: &str,
         expected: &[Expected<'_>],
         stopping: bool,
@@ -763,7 +754,7 @@ impl Lane {
     /// loop beats while an attempt and a retry delay last (both are legitimate waits, bounded by
     /// `insert_timeout_ms` and the backoff).
     async fn retry<T, F, Fut>(
-        &mut self,
+        &self,
         stopping: bool,
         table: &str,
         mut attempt: F,

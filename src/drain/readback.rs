@@ -111,7 +111,8 @@ pub fn expected_dead_letters(letters: &[DeadLetter]) -> Vec<Expected<'_>> {
 }
 
 /// The indices (ascending) of `expected` whose message identity `table` does not hold: one read
-/// per stream, over the stream's sequence range and the rows' time range.
+/// per stream, over the stream's sequence range and the rows' time range (the type of the
+/// table's time column is asked once, if any row has a time).
 pub async fn missing_rows(
     sink: &Sink,
     table: &str,
@@ -121,14 +122,21 @@ pub async fn missing_rows(
     for row in expected {
         by_stream.entry(row.stream).or_default().push(row);
     }
+    let row_time = if expected.iter().any(|r| r.time_ms.is_some()) {
+        sink.row_time_column(table).await?
+    } else {
+        None
+    };
     let mut missing = Vec::new();
     for (stream, rows) in by_stream {
         let seq_min = rows.iter().map(|r| r.seq).min().unwrap_or(0);
         let seq_max = rows.iter().map(|r| r.seq).max().unwrap_or(0);
         let times: Option<Vec<i64>> = rows.iter().map(|r| r.time_ms).collect();
-        let time_ms = times.and_then(|t| Some((*t.iter().min()?, *t.iter().max()?)));
+        let time = row_time
+            .zip(times)
+            .and_then(|(column, t)| Some((column, *t.iter().min()?, *t.iter().max()?)));
         let found = sink
-            .stored_seqs(table, stream, seq_min..=seq_max, time_ms)
+            .stored_seqs(table, stream, seq_min..=seq_max, time)
             .await?;
         missing.extend(
             rows.iter()
@@ -138,6 +146,85 @@ pub async fn missing_rows(
     }
     missing.sort_unstable();
     Ok(missing)
+}
+
+/// The rounds of a read-back, as its caller runs them with its own retries:
+///
+/// ```text
+/// let mut rounds = Rounds::new(table, token);
+/// while rounds.go_on() {
+///     let missing = /* missing_rows, retried */;
+///     let Some(again) = rounds.insert_again(&missing) else { break };
+///     /* insert the rows `missing` under `again`, retried */
+///     rounds.inserted(failed_attempts);
+/// }
+/// ```
+///
+/// The read-back ends once a read finds nothing missing, or once an insert under a new token
+/// succeeds at its first attempt: nothing can have taken that one for a duplicate.
+#[derive(Debug)]
+pub struct Rounds<'a> {
+    table: &'a str,
+    token: &'a str,
+    /// The round under way (from 1), and its rows.
+    round: u32,
+    rows: usize,
+    over: bool,
+    /// Rows inserted again so far.
+    inserted_again: u64,
+}
+
+impl<'a> Rounds<'a> {
+    /// The read-back of the batch of `token` in `table`.
+    pub fn new(table: &'a str, token: &'a str) -> Rounds<'a> {
+        Rounds {
+            table,
+            token,
+            round: 0,
+            rows: 0,
+            over: false,
+            inserted_again: 0,
+        }
+    }
+
+    /// Whether to read the table (again).
+    pub fn go_on(&self) -> bool {
+        !self.over
+    }
+
+    /// After a read that found the rows `missing`: the token to insert them again under, or none
+    /// when nothing is missing (the read-back is over).
+    pub fn insert_again(&mut self, missing: &[usize]) -> Option<String> {
+        if missing.is_empty() {
+            self.over = true;
+            return None;
+        }
+        self.round += 1;
+        self.rows = missing.len();
+        self.inserted_again += missing.len() as u64;
+        tracing::warn!(table = self.table, token = self.token, rows = self.rows, round = self.round,
+            "ClickHouse answered a retried insert as a duplicate but holds none of these rows (its deduplication log outlived a crash during the first attempt): inserting them again under a new token");
+        Some(again_token(self.token, self.round))
+    }
+
+    /// After the insert of the round succeeded, `failed_attempts` having failed before it.
+    pub fn inserted(&mut self, failed_attempts: u32) {
+        if failed_attempts == 0 {
+            self.over = true;
+            tracing::info!(
+                table = self.table,
+                token = self.token,
+                rows = self.rows,
+                round = self.round,
+                "the rows the server had dropped are stored"
+            );
+        }
+    }
+
+    /// Rows inserted again so far.
+    pub fn inserted_again(&self) -> u64 {
+        self.inserted_again
+    }
 }
 
 /// Adds the rows the insert of the subset `missing` rejected to `outcome`, by batch index.
@@ -177,6 +264,27 @@ mod tests {
         // The run's part is the same within a process.
         assert_eq!(first.split('.').next_back(), second.split('.').next_back());
         assert_eq!(first, again_token("trades:1-9:9:ab", 1));
+    }
+
+    #[test]
+    fn rounds_end_when_nothing_is_missing_or_an_insert_again_needed_no_retry() {
+        let mut rounds = Rounds::new("trades", "t");
+        assert!(rounds.go_on());
+        let first = rounds.insert_again(&[0, 1, 2]).expect("rows missing");
+        assert!(first.starts_with("t/again1."), "{first}");
+        // The insert needed retries: it may have been dropped too, so read again.
+        rounds.inserted(2);
+        assert!(rounds.go_on());
+        let second = rounds.insert_again(&[2]).expect("a row missing");
+        assert!(second.starts_with("t/again2."), "{second}");
+        rounds.inserted(0);
+        assert!(!rounds.go_on());
+        assert_eq!(rounds.inserted_again(), 4);
+
+        let mut stored = Rounds::new("trades", "t");
+        assert_eq!(stored.insert_again(&[]), None);
+        assert!(!stored.go_on());
+        assert_eq!(stored.inserted_again(), 0);
     }
 
     #[test]

@@ -193,6 +193,15 @@ pub enum SinkError {
 }
 
 impl SinkError {
+    /// The failure as an insert's error, so that a query retried like an insert is classified
+    /// like one.
+    pub fn into_insert_error(self) -> InsertError {
+        match self {
+            SinkError::Query { source, .. } => source,
+            other => InsertError::retryable(other.to_string()),
+        }
+    }
+
     /// The class of the underlying ClickHouse failure, if one was sent.
     pub fn class(&self) -> Option<ErrorClass> {
         match self {
@@ -200,6 +209,15 @@ impl SinkError {
             SinkError::Query { source, .. } => Some(source.class),
         }
     }
+}
+
+/// How a table's `timestamp` column holds the row time ([`Sink::row_time_column`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowTime {
+    /// `DateTime64(3)`: the modern profile.
+    DateTime64,
+    /// `Int64` epoch milliseconds: the legacy profile.
+    EpochMs,
 }
 
 /// A handle on one ClickHouse server or cluster endpoint; clones share the connection pool.
@@ -650,11 +668,7 @@ impl Sink {
         sql: &str,
         query: clickhouse::query::Query,
     ) -> Result<Vec<R>, SinkError> {
-        let fetch = async move {
-            let mut cursor = query.fetch_bytes("JSONEachRow")?;
-            cursor.collect().await
-        };
-        let body = self.bounded_query(sql, fetch).await?;
+        let body = self.fetch_answer(sql, query, "JSONEachRow").await?;
         let mut rows = Vec::new();
         for line in json::split_lines(&body) {
             let row = serde_json::from_slice(line).map_err(|e| SinkError::Query {
@@ -672,57 +686,50 @@ impl Sink {
         self.token_to_send(Some("")).is_some()
     }
 
+    /// How `table`'s `timestamp` column holds the row time: `DateTime64(3)` in tables of the
+    /// modern profile, `Int64` milliseconds in tables the legacy profile created (which a server
+    /// upgraded since still holds); none for any other type, or no such column.
+    pub async fn row_time_column(&self, table: &str) -> Result<Option<RowTime>, InsertError> {
+        const SQL: &str = "SELECT type FROM system.columns \
+             WHERE database = currentDatabase() AND table = ? AND name = 'timestamp'";
+        let query = self.inner.client.query(SQL).bind(table);
+        let answer = self
+            .fetch_answer(SQL, query, "TabSeparated")
+            .await
+            .map_err(SinkError::into_insert_error)?;
+        let column_type = String::from_utf8_lossy(&answer);
+        let column_type = column_type.trim();
+        Ok(if column_type.starts_with("DateTime64(3") {
+            Some(RowTime::DateTime64)
+        } else if column_type == "Int64" {
+            Some(RowTime::EpochMs)
+        } else {
+            None
+        })
+    }
+
     /// The distinct `nats_seq` of the rows of `table` from `stream` with a sequence in `seqs`,
-    /// narrowed to rows whose `timestamp` lies within `time_ms` (epoch milliseconds, inclusive)
-    /// when given, so that only the parts of that time are read. The read-back that tells
-    /// whether the rows of a batch are stored.
-    ///
-    /// The column is `DateTime64(3)` in tables of the modern profile and `Int64` milliseconds in
-    /// tables the legacy profile created (which a server upgraded since still holds), so its type
-    /// is asked first; a table with neither is read without the time filter.
+    /// narrowed to rows whose `timestamp` (held as `time.0` says) lies within `time.1..=time.2`
+    /// (epoch milliseconds) when given, so that only the parts of that time are read. The
+    /// read-back that tells whether the rows of a batch are stored.
     pub async fn stored_seqs(
         &self,
         table: &str,
         stream: &str,
         seqs: std::ops::RangeInclusive<u64>,
-        time_ms: Option<(i64, i64)>,
+        time: Option<(RowTime, i64, i64)>,
     ) -> Result<std::collections::HashSet<u64>, InsertError> {
-        let query_error = |error: SinkError| match error {
-            SinkError::Query { source, .. } => source,
-            other => InsertError::retryable(other.to_string()),
-        };
         let mut sql = String::from(
             "SELECT DISTINCT nats_seq FROM ? WHERE nats_stream = ? AND nats_seq BETWEEN ? AND ?",
         );
-        let time_ms = match time_ms {
-            Some(range) => {
-                const TYPE_SQL: &str = "SELECT type FROM system.columns \
-                     WHERE database = currentDatabase() AND table = ? AND name = 'timestamp'";
-                let query = self.inner.client.query(TYPE_SQL).bind(table);
-                let fetch = async move {
-                    let mut cursor = query.fetch_bytes("TabSeparated")?;
-                    cursor.collect().await
-                };
-                let answer = self
-                    .bounded_query(TYPE_SQL, fetch)
-                    .await
-                    .map_err(query_error)?;
-                let column_type = String::from_utf8_lossy(&answer).trim().to_owned();
-                if column_type.starts_with("DateTime64(3") {
-                    sql.push_str(
-                        " AND timestamp BETWEEN fromUnixTimestamp64Milli(toInt64(?), 'UTC') \
-                         AND fromUnixTimestamp64Milli(toInt64(?), 'UTC')",
-                    );
-                    Some(range)
-                } else if column_type == "Int64" {
-                    sql.push_str(" AND timestamp BETWEEN ? AND ?");
-                    Some(range)
-                } else {
-                    None
-                }
-            }
-            None => None,
-        };
+        match time {
+            Some((RowTime::DateTime64, ..)) => sql.push_str(
+                " AND timestamp BETWEEN fromUnixTimestamp64Milli(toInt64(?), 'UTC') \
+                 AND fromUnixTimestamp64Milli(toInt64(?), 'UTC')",
+            ),
+            Some((RowTime::EpochMs, ..)) => sql.push_str(" AND timestamp BETWEEN ? AND ?"),
+            None => {}
+        }
         let mut query = self
             .inner
             .client
@@ -731,14 +738,13 @@ impl Sink {
             .bind(stream)
             .bind(*seqs.start())
             .bind(*seqs.end());
-        if let Some((lo, hi)) = time_ms {
+        if let Some((_, lo, hi)) = time {
             query = query.bind(lo).bind(hi);
         }
-        let fetch = async move {
-            let mut cursor = query.fetch_bytes("TabSeparated")?;
-            cursor.collect().await
-        };
-        let body = self.bounded_query(&sql, fetch).await.map_err(query_error)?;
+        let body = self
+            .fetch_answer(&sql, query, "TabSeparated")
+            .await
+            .map_err(SinkError::into_insert_error)?;
         let mut found = std::collections::HashSet::new();
         for line in json::split_lines(&body) {
             let seq = std::str::from_utf8(line)
@@ -753,6 +759,20 @@ impl Sink {
             found.insert(seq);
         }
         Ok(found)
+    }
+
+    /// The answer to `query` (whose text is `sql`) in `format`, within the request timeout.
+    async fn fetch_answer(
+        &self,
+        sql: &str,
+        query: clickhouse::query::Query,
+        format: &'static str,
+    ) -> Result<Bytes, SinkError> {
+        let fetch = async move {
+            let mut cursor = query.fetch_bytes(format)?;
+            cursor.collect().await
+        };
+        self.bounded_query(sql, fetch).await
     }
 
     /// The deduplication token to send: only modern servers know the setting.

@@ -7,11 +7,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prism_relay::ingest::DEAD_LETTER_PAYLOAD_BYTES_MAX;
 use prism_relay::run::RunError;
-use prism_relay::tools::verify::VerifyReport;
 use prism_relay::tools::DataType;
 
 use crate::harness::{
-    dir_bytes, free_port, http_get, metric_sum, relay_command, wait_for, wait_until,
+    assert_totals, dir_bytes, free_port, http_get, metric_sum, relay_command, wait_for, wait_until,
     wait_until_sync, Bed, ConsumerDef, InProcRelay, Leg, Load, RelayConfig, RelayProc, DATABASE,
     DRAIN_TIMEOUT, READY_TIMEOUT,
 };
@@ -29,23 +28,6 @@ fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
-}
-
-/// Asserts verify's totals: `published` messages in the streams and `stored` rows, none lost
-/// and none stored twice.
-#[track_caller]
-fn assert_totals(report: &VerifyReport, published: u64, stored: u64) {
-    let totals = report.totals();
-    assert_eq!(
-        (
-            totals.published,
-            totals.stored,
-            totals.lost,
-            totals.duplicated
-        ),
-        (published, stored, 0, 0),
-        "{report}"
-    );
 }
 
 /// One hand-written message and the row it must become: (column, value as ClickHouse prints it).
