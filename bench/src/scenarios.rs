@@ -523,6 +523,8 @@ pub fn outage(
         world.ch.restart()?;
         let back = Instant::now();
         let before = cpu_seconds(world, &run, ticks);
+        let read_bytes = || run.relay.pid().and_then(world::proc_read_bytes);
+        let read_before = read_bytes();
         let done = world.wait_rows(
             &run.database,
             total,
@@ -531,12 +533,24 @@ pub fn outage(
             "the WAL draining after the outage",
         )?;
         let after = cpu_seconds(world, &run, ticks);
+        // What the relay read while it drained: the WAL's records once, if its lanes share the
+        // read, and a multiple of it for each lane that reads on its own.
+        let relay_read_mib = read_before
+            .zip(read_bytes())
+            .map(|(a, b)| b.saturating_sub(a) / MIB);
+        let relay_rss_mib = run
+            .relay
+            .pid()
+            .and_then(|pid| world::proc_peak_rss_mib(pid).ok());
         let relay_s = done.duration_since(back).as_secs_f64();
         let relay = total as f64 / relay_s;
         let (relay_cpu, ch_cpu) = (after[0] - before[0], after[1] - before[1]);
         eprintln!(
-            "  outage: relay {} rows/s ({relay_s:.2} s; CPU s: relay {relay_cpu:.2}, clickhouse {ch_cpu:.2})",
-            thousands(relay)
+            "  outage: relay {} rows/s ({relay_s:.2} s; CPU s: relay {relay_cpu:.2}, clickhouse {ch_cpu:.2}; relay read {} MiB of a {} MiB WAL; peak RSS {} MiB)",
+            thousands(relay),
+            relay_read_mib.map_or("n/a".to_owned(), |m| m.to_string()),
+            wal_records_bytes / MIB,
+            relay_rss_mib.map_or("n/a".to_owned(), |m| format!("{m:.1}"))
         );
         let rows = world
             .rt
@@ -586,6 +600,7 @@ pub fn outage(
             json!({"relay_rows_per_s": relay, "baseline_rows_per_s": base, "ratio": ratio,
                    "target_min": OUTAGE_RATIO_MIN, "n": total, "wal_bytes": wal_records_bytes,
                    "relay_cpu_s": relay_cpu, "relay_clickhouse_cpu_s": ch_cpu,
+                   "relay_read_mib": relay_read_mib, "relay_peak_rss_mib": relay_rss_mib,
                    "baseline_cpu_s": base_cpu, "baseline_clickhouse_cpu_s": base_ch_cpu}),
         );
     }
@@ -724,6 +739,11 @@ pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), 
     collector.abort();
     rows?;
     acked?;
+    // The relay's own fdatasync times: how much of the ack latency the disk accounts for.
+    let fsync_ms = run.relay.metrics(READY_TIMEOUT).ok().map(|text| {
+        [0.5, 0.99]
+            .map(|p| histogram_quantile(&text, "prism_relay_wal_fsync_seconds", p).map(|s| s * 1e3))
+    });
     let _ = run.relay.terminate(TERMINATE_TIMEOUT);
 
     let mut ack_ms = acks.lock().map(|v| v.clone()).unwrap_or_default();
@@ -746,12 +766,16 @@ pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), 
     let (ack50, ack99) = (q(&ack_ms, 0.5), q(&ack_ms, 0.99));
     let (vis50, vis99) = (q(&visible_s, 0.5), q(&visible_s, 0.99));
     let subject = first_subject.lock().ok().and_then(|s| s.clone());
+    let [fsync50, fsync99] = fsync_ms.unwrap_or([None, None]);
+    let bound = |v: Option<f64>| v.map_or("n/a".to_owned(), |ms| format!("<= {ms:.2} ms"));
     report.line(
         "latency",
         format!(
-            "latency  ack p50 {ack50:.2} ms p99 {ack99:.2} ms  target p99 <={ACK_P99_MS_MAX} ms {}  visible p50 {vis50:.3} s p99 {vis99:.3} s  target p99 <={VISIBLE_P99_S_MAX} s {}  ({} msg/s asked, {:.0} published, {} s, {} acks seen; ack = seen on $JS.ACK minus the stream timestamp; visible = count() polled every {} ms, k-th of n messages taken as published at start + k*elapsed/n)",
+            "latency  ack p50 {ack50:.2} ms p99 {ack99:.2} ms  target p99 <={ACK_P99_MS_MAX} ms {}  visible p50 {vis50:.3} s p99 {vis99:.3} s  target p99 <={VISIBLE_P99_S_MAX} s {}  WAL fdatasync p50 {} p99 {}  ({} msg/s asked, {:.0} published, {} s, {} acks seen; ack = seen on $JS.ACK minus the stream timestamp; visible = count() polled every {} ms, k-th of n messages taken as published at start + k*elapsed/n; fdatasync = the relay's histogram, bucket bounds)",
             verdict(ack99 <= ACK_P99_MS_MAX),
             verdict(vis99 <= VISIBLE_P99_S_MAX),
+            bound(fsync50),
+            bound(fsync99),
             LATENCY_RATE_PER_S,
             summary.rate_per_s(),
             scale.latency_s,
@@ -761,14 +785,61 @@ pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), 
         json!({"ack_p50_ms": ack50, "ack_p99_ms": ack99, "visible_p50_s": vis50,
                "visible_p99_s": vis99, "acks_seen": ack_ms.len(), "published": n,
                "rate_per_s": LATENCY_RATE_PER_S, "window_s": scale.latency_s,
-               "ack_subject_example": subject}),
+               "ack_subject_example": subject, "wal_fsync_p50_ms_max": fsync50,
+               "wal_fsync_p99_ms_max": fsync99}),
     );
     Ok(())
+}
+
+/// The upper bound of the bucket holding quantile `p` of histogram `name` in a Prometheus text
+/// exposition (None when the histogram is absent or empty, or `p` falls in the `+Inf` bucket).
+fn histogram_quantile(text: &str, name: &str, p: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{");
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (labels, value) = rest.split_once("} ")?;
+            let le = labels
+                .split(',')
+                .find_map(|l| l.trim().strip_prefix("le="))?;
+            let le = le.trim_matches('"');
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, value.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.iter().map(|(_, n)| *n).fold(0.0, f64::max);
+    if total <= 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, n)| *n >= p * total)
+        .map(|(le, _)| *le)
+        .filter(|le| le.is_finite())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_histogram_quantile_is_the_bound_of_the_bucket_that_holds_it() {
+        let text = "# HELP x_seconds X.\n# TYPE x_seconds histogram\n\
+                    x_seconds_sum 1.5\nx_seconds_count 100\n\
+                    x_seconds_bucket{le=\"0.001\"} 40\nx_seconds_bucket{le=\"0.002\"} 90\n\
+                    x_seconds_bucket{le=\"0.004\"} 99\nx_seconds_bucket{le=\"+Inf\"} 100\n\
+                    y_seconds_bucket{le=\"0.001\"} 7\n";
+        assert_eq!(histogram_quantile(text, "x_seconds", 0.4), Some(0.001));
+        assert_eq!(histogram_quantile(text, "x_seconds", 0.5), Some(0.002));
+        assert_eq!(histogram_quantile(text, "x_seconds", 0.99), Some(0.004));
+        assert_eq!(histogram_quantile(text, "x_seconds", 0.995), None);
+        assert_eq!(histogram_quantile(text, "z_seconds", 0.5), None);
+    }
 
     #[test]
     fn an_ack_subject_yields_the_stream_sequence_and_timestamp_in_both_layouts() {

@@ -444,6 +444,15 @@ pub fn proc_cpu(pid: u32, ticks_per_s: f64) -> Result<ProcSample, BenchError> {
     }
 }
 
+/// Bytes process `pid` has read so far through read-like system calls (`rchar` of
+/// `/proc/<pid>/io`, whether the page cache or the disk answered); None when it cannot be read.
+pub fn proc_read_bytes(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("rchar:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// CPU % of one core between two samples.
 pub fn cpu_pct(a: ProcSample, b: ProcSample) -> f64 {
     let wall = b.at.duration_since(a.at).as_secs_f64();
