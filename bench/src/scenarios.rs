@@ -392,9 +392,22 @@ pub fn steady(world: &World, scale: &Scale, report: &mut Report) -> Result<(), B
         json!({"cpu_pct": idle, "target_max": IDLE_CPU_PCT_MAX, "window_s": scale.idle_s}),
     );
 
+    // The cycles behind the CPU: pulls, WAL fdatasyncs and inserts per second over the window.
+    let cycles = |run: &RelayRun| {
+        run.relay
+            .metrics(READY_TIMEOUT)
+            .ok()
+            .map(|text| CYCLE_METRICS.map(|name| metric_sum(&text, name)))
+    };
+    let cycles_before = cycles(&run);
     let a = world::proc_cpu(pid, ticks)?;
     let summary = world.publish("steady", None, STEADY_RATE_PER_S, Some(scale.steady_s))?;
     let b = world::proc_cpu(pid, ticks)?;
+    let cycles_after = cycles(&run);
+    let window_s = b.at.duration_since(a.at).as_secs_f64().max(f64::EPSILON);
+    let per_s = cycles_before
+        .zip(cycles_after)
+        .map(|(x, y)| [0, 1, 2].map(|i| (y[i] - x[i]) / window_s));
     let cpu = world::cpu_pct(a, b);
     let rss = world::proc_peak_rss_mib(pid)?;
     let rate = summary.rate_per_s();
@@ -405,15 +418,20 @@ pub fn steady(world: &World, scale: &Scale, report: &mut Report) -> Result<(), B
     report.line(
         "steady",
         format!(
-            "steady   relay {cpu:.2} % of one core  target <={CPU_PCT_MAX} {}  peak RSS {rss:.1} MiB  target <={RSS_MIB_MAX} {}  ({} msg/s asked, {rate:.0} published, MarketPrism's mix, {} s)",
+            "steady   relay {cpu:.2} % of one core  target <={CPU_PCT_MAX} {}  peak RSS {rss:.1} MiB  target <={RSS_MIB_MAX} {}  per second: {}  ({} msg/s asked, {rate:.0} published, MarketPrism's mix, {} s)",
             verdict(cpu <= CPU_PCT_MAX),
             verdict(rss <= RSS_MIB_MAX),
+            per_s.map_or("n/a".to_owned(), |[pulls, syncs, inserts]| format!(
+                "{pulls:.1} pulls, {syncs:.1} WAL fdatasyncs, {inserts:.1} inserts"
+            )),
             STEADY_RATE_PER_S,
             scale.steady_s
         ),
         json!({"cpu_pct": cpu, "rss_mib": rss, "cpu_target_max": CPU_PCT_MAX,
                "rss_target_max": RSS_MIB_MAX, "rate_per_s": STEADY_RATE_PER_S,
-               "published_rate_per_s": rate, "window_s": scale.steady_s}),
+               "published_rate_per_s": rate, "window_s": scale.steady_s,
+               "pulls_per_s": per_s.map(|c| c[0]), "wal_fsyncs_per_s": per_s.map(|c| c[1]),
+               "inserts_per_s": per_s.map(|c| c[2])}),
     );
     Ok(())
 }
@@ -791,6 +809,23 @@ pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), 
     Ok(())
 }
 
+/// The relay's counters of its cycles, in the steady line's order: pulls, WAL fdatasyncs (one per
+/// group commit), inserts (every table's).
+const CYCLE_METRICS: [&str; 3] = [
+    "prism_relay_fetch_batches_total",
+    "prism_relay_wal_fsync_seconds_count",
+    "prism_relay_insert_seconds_count",
+];
+
+/// The sum of every sample of metric `name` (any labels) in a Prometheus text exposition.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|line| line.strip_prefix(name))
+        .filter(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The upper bound of the bucket holding quantile `p` of histogram `name` in a Prometheus text
 /// exposition (None when the histogram is absent or empty, or `p` falls in the `+Inf` bucket).
 fn histogram_quantile(text: &str, name: &str, p: f64) -> Option<f64> {
@@ -826,6 +861,16 @@ fn histogram_quantile(text: &str, name: &str, p: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_metric_sum_adds_every_labelled_sample_of_that_name_only() {
+        let text = "# TYPE x_total counter\nx_total 3\n\
+                    x_seconds_count{table=\"a\"} 2\nx_seconds_count{table=\"b\"} 5\n\
+                    x_seconds_count_other 100\nx_seconds_sum{table=\"a\"} 1.5\n";
+        assert_eq!(metric_sum(text, "x_total"), 3.0);
+        assert_eq!(metric_sum(text, "x_seconds_count"), 7.0);
+        assert_eq!(metric_sum(text, "y_total"), 0.0);
+    }
 
     #[test]
     fn a_histogram_quantile_is_the_bound_of_the_bucket_that_holds_it() {
