@@ -397,7 +397,7 @@ pub fn steady(world: &World, scale: &Scale, report: &mut Report) -> Result<(), B
         run.relay
             .metrics(READY_TIMEOUT)
             .ok()
-            .map(|text| CYCLE_METRICS.map(|name| metric_sum(&text, name)))
+            .map(|text| CYCLE_METRICS.map(|name| prism_testbed::metric_sum(&text, name, &[])))
     };
     let cycles_before = cycles(&run);
     let a = world::proc_cpu(pid, ticks)?;
@@ -817,15 +817,6 @@ const CYCLE_METRICS: [&str; 3] = [
     "prism_relay_insert_seconds_count",
 ];
 
-/// The sum of every sample of metric `name` (any labels) in a Prometheus text exposition.
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter_map(|line| line.strip_prefix(name))
-        .filter(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// The upper bound of the bucket holding quantile `p` of histogram `name` in a Prometheus text
 /// exposition (None when the histogram is absent or empty, or `p` falls in the `+Inf` bucket).
 fn histogram_quantile(text: &str, name: &str, p: f64) -> Option<f64> {
@@ -861,16 +852,6 @@ fn histogram_quantile(text: &str, name: &str, p: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_metric_sum_adds_every_labelled_sample_of_that_name_only() {
-        let text = "# TYPE x_total counter\nx_total 3\n\
-                    x_seconds_count{table=\"a\"} 2\nx_seconds_count{table=\"b\"} 5\n\
-                    x_seconds_count_other 100\nx_seconds_sum{table=\"a\"} 1.5\n";
-        assert_eq!(metric_sum(text, "x_total"), 3.0);
-        assert_eq!(metric_sum(text, "x_seconds_count"), 7.0);
-        assert_eq!(metric_sum(text, "y_total"), 0.0);
-    }
 
     #[test]
     fn a_histogram_quantile_is_the_bound_of_the_bucket_that_holds_it() {

@@ -25,7 +25,7 @@ use crate::types::{Lsn, LsnRange, SegmentId};
 use crate::wal::{create_segment, Inner, SegMeta};
 use crate::Envelope;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::oneshot;
 
 type Answer = oneshot::Sender<Result<LsnRange, WalError>>;
@@ -52,13 +52,13 @@ impl WriterState {
 
 /// How long the writer, woken from idle by a group smaller than [`GATHER_BYTES_MAX`] while appends
 /// come from several callers at once, waits for more before it writes and syncs.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
+const GATHER: Duration = Duration::from_millis(1);
 /// A group this large is written at once: appends that large come from a backlog, where groups
 /// form while the previous fdatasync runs.
 const GATHER_BYTES_MAX: usize = 32 * 1024;
 /// The writer waits for more appends only this long after a group that held several: a lone
 /// appender (one consumer) gets its fdatasync at once.
-const GATHER_AFTER_SHARED: std::time::Duration = std::time::Duration::from_secs(1);
+const GATHER_AFTER_SHARED: Duration = Duration::from_secs(1);
 
 /// One append waiting for its group.
 pub(crate) struct Waiter {
@@ -140,7 +140,7 @@ pub(crate) struct Writer {
     /// Where the durable LSN is published for offline readers.
     mark: DurableMark,
     /// When a group last held appends of more than one caller.
-    shared_group_at: Option<std::time::Instant>,
+    shared_group_at: Option<Instant>,
 }
 
 enum GroupError {
@@ -193,27 +193,19 @@ impl Writer {
                 let shared_lately = self
                     .shared_group_at
                     .is_some_and(|at| at.elapsed() < GATHER_AFTER_SHARED);
-                if was_idle && shared_lately && p.buf.len() < GATHER_BYTES_MAX {
-                    let deadline = std::time::Instant::now() + GATHER;
-                    loop {
-                        let now = std::time::Instant::now();
-                        if now >= deadline
-                            || p.buf.len() >= GATHER_BYTES_MAX
-                            || p.state != WriterState::Running
-                        {
-                            break;
-                        }
-                        p = match self.inner.work.wait_timeout(p, deadline - now) {
-                            Ok((p, _)) => p,
-                            Err(e) => e.into_inner().0,
-                        };
-                    }
+                if was_idle && shared_lately {
+                    p = match self.inner.work.wait_timeout_while(p, GATHER, |p| {
+                        p.buf.len() < GATHER_BYTES_MAX && p.state == WriterState::Running
+                    }) {
+                        Ok((p, _)) => p,
+                        Err(e) => e.into_inner().0,
+                    };
                 }
                 std::mem::swap(&mut p.buf, &mut self.spare);
                 std::mem::take(&mut p.waiters)
             };
             if waiters.len() > 1 {
-                self.shared_group_at = Some(std::time::Instant::now());
+                self.shared_group_at = Some(Instant::now());
             }
             self.inner.drained.notify_waiters();
             let (Some(first), Some(last)) = (waiters.first(), waiters.last()) else {
