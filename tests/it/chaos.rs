@@ -714,12 +714,30 @@ async fn the_relay_killed_before_ready_and_during_its_backlog_drain_with_segment
     bed.ch.kill9().expect("kill -9 clickhouse-server");
     wait_metric(&relay, RECEIVED, 1_200.0).await;
     // Twice killed before it is ready (ClickHouse is down, so the drain waits), each time
-    // after it has ingested more into the WAL.
-    for _ in 0..2 {
+    // after it has ingested more into the WAL. Each restarted relay gets a run of its own,
+    // published once it is up: a slow machine can use up a run started earlier before the
+    // restart, and the relay would then wait for messages that never come.
+    let mut earlier = vec![traffic.finish_clean().await];
+    let mut traffic: Option<Traffic> = None;
+    for round in 0..2 {
         relay.kill9();
         relay.restart();
+        if let Some(run) = traffic.take() {
+            earlier.push(run.finish_clean().await);
+        }
+        let ts_start_ms = earlier.last().map(|run| run.ts_last_ms + 1_000);
+        let run_id = format!("chaosbacklog{}", round + 2);
+        traffic = Some(Traffic::start_at(
+            &bed,
+            &run_id,
+            1_000,
+            1_000,
+            1,
+            ts_start_ms,
+        ));
         wait_metric(&relay, RECEIVED, 100.0).await;
     }
+    let traffic = traffic.expect("the second restart's run");
     relay.kill9();
     tokio::task::block_in_place(|| bed.ch.restart()).expect("restart clickhouse-server");
     relay.restart();
@@ -741,9 +759,10 @@ async fn the_relay_killed_before_ready_and_during_its_backlog_drain_with_segment
         relay.wait_ready().await;
     }
 
-    account_clean_traffic(
+    account_clean_runs(
         &bed,
         &relay,
+        &earlier,
         traffic,
         "relay kill -9 x5 around a backlog",
         started,
