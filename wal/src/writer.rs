@@ -5,7 +5,10 @@
 //! The writer swaps the buffer out, does one write and one fdatasync for everything in it (a
 //! group larger than `group_bytes_max` gets one per chunk of at most that many bytes),
 //! advances the durable LSN and answers every waiter. While it writes, new appends fill the
-//! other buffer, so the next group is ready when the fdatasync returns.
+//! other buffer, so the next group is ready when the fdatasync returns. An idle writer woken by a
+//! small group while appends come from several callers (consumers pulling on a shared tick) waits
+//! up to [`GATHER`] for the others, so they share one fdatasync; a lone appender and a backlog's
+//! large appends do not wait.
 //!
 //! Failure policy: a failed fdatasync (or directory fsync) poisons the WAL for good; it is never
 //! retried, because the kernel may have dropped the dirty pages it failed to write. The unsynced
@@ -22,7 +25,7 @@ use crate::types::{Lsn, LsnRange, SegmentId};
 use crate::wal::{create_segment, Inner, SegMeta};
 use crate::Envelope;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::oneshot;
 
 type Answer = oneshot::Sender<Result<LsnRange, WalError>>;
@@ -46,6 +49,16 @@ impl WriterState {
         }
     }
 }
+
+/// How long the writer, woken from idle by a group smaller than [`GATHER_BYTES_MAX`] while appends
+/// come from several callers at once, waits for more before it writes and syncs.
+const GATHER: Duration = Duration::from_millis(1);
+/// A group this large is written at once: appends that large come from a backlog, where groups
+/// form while the previous fdatasync runs.
+const GATHER_BYTES_MAX: usize = 32 * 1024;
+/// The writer waits for more appends only this long after a group that held several: a lone
+/// appender (one consumer) gets its fdatasync at once.
+const GATHER_AFTER_SHARED: Duration = Duration::from_secs(1);
 
 /// One append waiting for its group.
 pub(crate) struct Waiter {
@@ -126,6 +139,8 @@ pub(crate) struct Writer {
     spare: Vec<u8>,
     /// Where the durable LSN is published for offline readers.
     mark: DurableMark,
+    /// When a group last held appends of more than one caller.
+    shared_group_at: Option<Instant>,
 }
 
 enum GroupError {
@@ -150,6 +165,7 @@ impl Writer {
             len,
             spare: Vec::new(),
             mark,
+            shared_group_at: None,
         }
     }
 
@@ -157,6 +173,7 @@ impl Writer {
         loop {
             let waiters = {
                 let mut p = self.inner.lock_pending();
+                let mut was_idle = false;
                 loop {
                     if !p.buf.is_empty() {
                         break;
@@ -168,10 +185,28 @@ impl Writer {
                         return;
                     }
                     p = self.inner.work.wait(p).unwrap_or_else(|e| e.into_inner());
+                    was_idle = true;
+                }
+                // Woken from idle by a small group while appends come from several callers:
+                // those that come with it (the consumers pulling on one tick) share its
+                // fdatasync instead of each paying one.
+                let shared_lately = self
+                    .shared_group_at
+                    .is_some_and(|at| at.elapsed() < GATHER_AFTER_SHARED);
+                if was_idle && shared_lately {
+                    p = match self.inner.work.wait_timeout_while(p, GATHER, |p| {
+                        p.buf.len() < GATHER_BYTES_MAX && p.state == WriterState::Running
+                    }) {
+                        Ok((p, _)) => p,
+                        Err(e) => e.into_inner().0,
+                    };
                 }
                 std::mem::swap(&mut p.buf, &mut self.spare);
                 std::mem::take(&mut p.waiters)
             };
+            if waiters.len() > 1 {
+                self.shared_group_at = Some(Instant::now());
+            }
             self.inner.drained.notify_waiters();
             let (Some(first), Some(last)) = (waiters.first(), waiters.last()) else {
                 // Bytes without waiters cannot happen: enqueue adds both under one lock.
