@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::PathBuf;
 
 use prism_relay::sink::{Sink, SinkOptions};
 use prism_testbed::{ClickHouse, Nats};
@@ -28,40 +28,55 @@ const RETRIES_MIN: f64 = 30.0;
 /// few reminders; a line per retry would be many more than `RETRIES_MIN`.
 const REFUSED_LINES_MAX: usize = 20;
 
-/// How far ahead of now each users.xml version is dated, so every version is newer (by whole
-/// seconds) than the one before it, which the server loaded at most a few seconds earlier.
-const USERS_MTIME_AHEAD: std::time::Duration = std::time::Duration::from_secs(2);
+/// The test server's users file. ClickHouse 18.16 reloads it when its modification time, in
+/// whole seconds, differs from the one it last loaded (checked every 2 s), so two versions
+/// written within the same second look unchanged and the second is never loaded: each version
+/// is dated a whole second past the one before.
+struct UsersFile {
+    path: PathBuf,
+    /// The modification time of the last version written, in seconds since the epoch.
+    dated_s: u64,
+}
 
-/// Users of the test's server: `default` without a password (the test bed's queries) and
-/// `relay` with `relay_password`.
-fn write_users(path: &Path, relay_password: &str) {
-    let user = |name: &str, password: &str| {
-        format!(
-            "<{name}><password>{password}</password><networks><ip>::/0</ip></networks>\
-             <profile>default</profile><quota>default</quota></{name}>"
-        )
-    };
-    let xml = format!(
-        "<?xml version=\"1.0\"?>\n<yandex><profiles><default></default></profiles>\
-         <users>{}{}</users><quotas><default><interval><duration>3600</duration>\
-         <queries>0</queries><errors>0</errors><result_rows>0</result_rows>\
-         <read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>\
-         </yandex>\n",
-        user("default", ""),
-        user("relay", relay_password)
-    );
-    // Written next to the file and renamed, so the server never reads half a file.
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, xml).expect("write users.xml");
-    // The server notices a change by a newer modification time in whole seconds: two writes in
-    // the same second (the server's first load, then the fix) would look unchanged.
-    let later = std::time::SystemTime::now() + USERS_MTIME_AHEAD;
-    fs::File::options()
-        .write(true)
-        .open(&tmp)
-        .and_then(|f| f.set_modified(later))
-        .expect("set the modification time");
-    fs::rename(&tmp, path).expect("replace users.xml");
+impl UsersFile {
+    fn new(path: PathBuf) -> UsersFile {
+        UsersFile { path, dated_s: 0 }
+    }
+
+    /// Writes a version with users `default`, without a password (the test bed's queries), and
+    /// `relay` with `relay_password`.
+    fn write(&mut self, relay_password: &str) {
+        let user = |name: &str, password: &str| {
+            format!(
+                "<{name}><password>{password}</password><networks><ip>::/0</ip></networks>\
+                 <profile>default</profile><quota>default</quota></{name}>"
+            )
+        };
+        let xml = format!(
+            "<?xml version=\"1.0\"?>\n<yandex><profiles><default></default></profiles>\
+             <users>{}{}</users><quotas><default><interval><duration>3600</duration>\
+             <queries>0</queries><errors>0</errors><result_rows>0</result_rows>\
+             <read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>\
+             </yandex>\n",
+            user("default", ""),
+            user("relay", relay_password)
+        );
+        // Written next to the file and renamed, so the server never reads half a file.
+        let tmp = self.path.with_extension("tmp");
+        fs::write(&tmp, xml).expect("write users.xml");
+        let now_s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("a clock past the epoch")
+            .as_secs();
+        self.dated_s = now_s.max(self.dated_s + 1);
+        let dated = std::time::UNIX_EPOCH + std::time::Duration::from_secs(self.dated_s);
+        fs::File::options()
+            .write(true)
+            .open(&tmp)
+            .and_then(|f| f.set_modified(dated))
+            .expect("set the modification time");
+        fs::rename(&tmp, &self.path).expect("replace users.xml");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,13 +86,13 @@ async fn a_password_clickhouse_no_longer_accepts_is_reported_as_refused_at_a_slo
         .prefix("prism-auth-")
         .tempdir()
         .expect("temporary directory");
-    let users = dir.path().join("users.xml");
+    let mut users = UsersFile::new(dir.path().join("users.xml"));
     // At first the server knows the relay's user under another password.
-    write_users(&users, "not-the-relays");
-    let mut bed = Bed {
+    users.write("not-the-relays");
+    let bed = Bed {
         nats: Nats::start().expect("start nats-server"),
         ch: ChServer::Legacy(
-            ClickHouse::start_with_users_config(&users).expect("start clickhouse-server"),
+            ClickHouse::start_with_users_config(&users.path).expect("start clickhouse-server"),
         ),
         dir,
     };
@@ -110,10 +125,8 @@ async fn a_password_clickhouse_no_longer_accepts_is_reported_as_refused_at_a_slo
         "a refusal is not reported as a server still starting:\n{}",
         relay.log()
     );
-    // The server may have taken its snapshot of the users file's time after the first load and
-    // after this write, and then never reload it: a restart makes the fix certain.
-    write_users(&users, PASSWORD);
-    tokio::task::block_in_place(|| bed.ch.restart()).expect("restart clickhouse-server");
+    // The operator fixes the password on the server, which reloads its users file.
+    users.write(PASSWORD);
     let probe = Sink::new(SinkOptions {
         url: bed.ch.http_url(),
         user: "relay".into(),
@@ -140,7 +153,7 @@ async fn a_password_clickhouse_no_longer_accepts_is_reported_as_refused_at_a_slo
 
     // The server's user changes its password: every insert is refused from now on (the server
     // reloads its users file within seconds).
-    write_users(&users, "another-password");
+    users.write("another-password");
     wait_until(
         "ClickHouse refuses the relay's password",
         DRAIN_TIMEOUT,
@@ -198,7 +211,7 @@ async fn a_password_clickhouse_no_longer_accepts_is_reported_as_refused_at_a_slo
     );
 
     // The operator fixes the user on the server: the backlog arrives and /ready is 200 again.
-    write_users(&users, PASSWORD);
+    users.write(PASSWORD);
     bed.wait_accounted(DRAIN_TIMEOUT).await;
     wait_until("/ready answers 200 again", DRAIN_TIMEOUT, || async {
         matches!(

@@ -81,8 +81,9 @@ pub struct ClickHouseOptions {
     /// Also define this user with this password (with the default user's profile and
     /// networks); the default user stays passwordless for the test bed's own queries.
     pub password_user: Option<(String, String)>,
-    /// Read users, profiles and quotas from this file instead (the server reloads it when it
-    /// changes, so a test can change a user while the server runs); wins over `password_user`.
+    /// Read users, profiles and quotas from this file instead (the server reloads it when its
+    /// modification time changes in whole seconds, so a test can change a user while the server
+    /// runs, dating each version past the last); wins over `password_user`.
     pub users_config: Option<PathBuf>,
     /// Make the server a replica of replicated tables coordinated by ZooKeeper.
     pub replication: Option<Replication>,
