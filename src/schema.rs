@@ -32,8 +32,10 @@
 //! in the single-server tables), and `<table>_all` ([`DISTRIBUTED_SUFFIX`]) is a `Distributed`
 //! table over it for reads. The relay inserts into the local replicated table `<table>`: the
 //! names it writes stay the same in both layouts, and a replicated table deduplicates a
-//! byte-identical block (a re-cut batch) by itself, which an insert through a `Distributed`
-//! table (re-batched and forwarded asynchronously) would not guarantee.
+//! re-sent batch by itself (by its token on modern servers; on 18.16 by the stored block's hash,
+//! which holds the server-filled `created_at`, so only a copy sent within the same second),
+//! which an insert through a `Distributed` table (re-batched and forwarded asynchronously) would
+//! not guarantee.
 //!
 //! [`check_columns`] compares a table's columns (from `system.columns`) with what the relay
 //! inserts and accepts any type with the same RowBinary encoding, so tables created by either
@@ -916,9 +918,10 @@ impl Engine {
 /// the table has one) and the deduplication window of insert tokens; 18.16 has neither.
 ///
 /// A replicated table (the cluster layout) deduplicates inserted blocks in both profiles
-/// (`replicated_deduplication_window`, which 18.16 has too): a re-cut batch is byte-identical,
-/// so its block's checksum matches and the servers drop it; modern servers also match the
-/// insert token.
+/// (`replicated_deduplication_window`, which 18.16 has too). Modern servers match the insert
+/// token. 18.16 matches the checksum of the block as stored, which holds `created_at` (the
+/// insert's second, filled by the server): a re-cut batch is byte-identical as sent, so only a
+/// copy sent within the same second matches, and later copies collapse under FINAL.
 fn push_engine(
     out: &mut String,
     profile: Profile,

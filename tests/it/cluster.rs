@@ -2,8 +2,9 @@
 //! coordinated by ZooKeeper from Debian's `zookeeper` package, with the schema of the cluster
 //! layout (`schema apply --profile cluster`). The relay inserts into one replica; the tests show
 //! that every row reaches both replicas and the `Distributed` tables, that a byte-identical
-//! batch inserted twice is stored once on every replica without FINAL (replicated block
-//! deduplication), and that a replica killed with SIGKILL under load catches up after its
+//! batch inserted twice within one second is stored once on every replica without FINAL
+//! (replicated block deduplication) and a copy sent in a later second collapses under FINAL,
+//! and that a replica killed with SIGKILL under load catches up after its
 //! restart so both replicas end equal, and that while ZooKeeper is down (replicated tables
 //! refuse inserts) the relay keeps acking into its WAL, reports not-ready, and delivers
 //! everything once ZooKeeper is back.
@@ -380,9 +381,10 @@ async fn traffic_the_relay_inserts_into_one_replica_reaches_both_replicas_and_th
     assert!(relay.terminate().await.success(), "{}", relay.log());
 }
 
-/// Trade rows of one batch, as the codec makes them.
-fn trade_batch(count: u64) -> Vec<TradeRow> {
-    (0..count)
+/// Trade rows of one batch, as the codec makes them: `count` trades from sequence `first` on, so
+/// batches of different `first` share no identity.
+fn trade_batch(first: u64, count: u64) -> Vec<TradeRow> {
+    (first..first + count)
         .map(|seq| TradeRow {
             timestamp: 1_764_547_200_000 + seq as i64,
             exchange: "binance_spot".into(),
@@ -401,30 +403,46 @@ fn trade_batch(count: u64) -> Vec<TradeRow> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_inserted_twice_lands_once_on_every_replica_without_final() {
-    const ROWS: u64 = 1_000;
-    let cluster = ClusterBed::start();
-    cluster.apply_schema().await;
-    let sink = Sink::new(SinkOptions {
-        url: cluster.bed.ch.http_url(),
-        database: DATABASE.to_owned(),
-        insert_timeout_ms: 5_000,
-        connect_timeout_ms: 1_000,
-        modern: false,
-        ..SinkOptions::default()
-    })
-    .expect("valid sink options");
-    let batch = trade_batch(ROWS);
-    // The same batch twice, as a re-cut after a crash sends it: the same rows in the same
-    // order, so the same bytes and the same block checksum.
-    for _ in 0..2 {
-        sink.insert("trades", &batch, Some("lsn-1-1000"))
-            .await
-            .expect("insert");
-    }
-    let expected = format!("{ROWS}\t{ROWS}");
-    let sql = format!("SELECT count(), uniqExact(trade_id) FROM {DATABASE}.trades");
+/// Rows of one batch, the count of the relay's inserts.
+const BATCH_ROWS: u64 = 1_000;
+
+/// Blocks `server` dropped as a duplicate of one its shard had already stored.
+fn duplicated_blocks(server: &ClickHouse) -> u64 {
+    query(
+        server,
+        "SELECT sum(value) FROM system.events WHERE event = 'DuplicatedInsertedBlocks'",
+    )
+    .parse()
+    .expect("a count")
+}
+
+/// The whole seconds of the wall clock, the clock the test's servers share.
+fn wall_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock past the epoch")
+        .as_secs()
+}
+
+/// Sleeps until just past the wall clock's next whole second.
+async fn next_second() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock past the epoch");
+    let into = Duration::from_nanos(u64::from(now.subsec_nanos()));
+    tokio::time::sleep(Duration::from_secs(1) - into + Duration::from_millis(5)).await;
+}
+
+/// Polls until every replica holds the batch from `first` as `rows` rows without FINAL and
+/// [`BATCH_ROWS`] distinct trades, and `BATCH_ROWS` rows with FINAL.
+async fn wait_batch_on_every_replica(cluster: &ClusterBed, first: u64, rows: u64) {
+    let filter = format!("nats_seq BETWEEN {} AND {}", first + 1, first + BATCH_ROWS);
+    let sql = format!(
+        "SELECT (SELECT count() FROM {DATABASE}.trades WHERE {filter}), \
+         (SELECT uniqExact(trade_id) FROM {DATABASE}.trades WHERE {filter}), \
+         (SELECT count() FROM {DATABASE}.trades FINAL WHERE {filter})"
+    );
+    let expected = format!("{rows}\t{BATCH_ROWS}\t{BATCH_ROWS}");
     for server in cluster.replicas() {
         let deadline = Instant::now() + REPLICATION_TIMEOUT;
         loop {
@@ -434,26 +452,86 @@ async fn a_batch_inserted_twice_lands_once_on_every_replica_without_final() {
             }
             assert!(
                 Instant::now() < deadline,
-                "on {}: {stored}, not {expected}",
+                "on {}: {stored} (count, distinct trades, count with FINAL), not {expected}",
                 server.http_url()
             );
             tokio::time::sleep(POLL_INTERVAL).await;
         }
     }
-    // A merge of two copies would also leave ROWS rows, so the count alone could pass without
-    // deduplication: each replica must also never have had a second part (merged parts stay
-    // listed, inactive, for minutes).
-    for server in cluster.replicas() {
-        assert_eq!(
-            query(
-                server,
-                &format!("SELECT count() FROM system.parts WHERE database = '{DATABASE}' AND table = 'trades'")
-            ),
-            "1",
-            "on {}",
-            server.http_url()
-        );
+}
+
+/// Re-sending a byte-identical batch, as a retry or a re-cut after a crash does: 18.16 has no
+/// deduplication token, and the block its replicated tables hash holds `created_at`, which the
+/// server fills with the insert's second. So the shard drops the copy, on every replica and
+/// without FINAL, when it arrives within the same second as the first; a copy sent in a later
+/// second is a block of its own, stored, and collapses under FINAL (ReplacingMergeTree).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_inserted_twice_lands_once_without_final_within_a_second_and_once_with_final_later()
+{
+    /// Tries at two inserts within one second: a loaded machine may stretch a pair past it.
+    const SAME_SECOND_TRIES: u64 = 5;
+    let cluster = ClusterBed::start();
+    cluster.apply_schema().await;
+    let replica1 = cluster.bed.ch.legacy();
+    let sink = Sink::new(SinkOptions {
+        url: cluster.bed.ch.http_url(),
+        database: DATABASE.to_owned(),
+        insert_timeout_ms: 5_000,
+        connect_timeout_ms: 1_000,
+        modern: false,
+        ..SinkOptions::default()
+    })
+    .expect("valid sink options");
+    let insert = |batch: &[TradeRow]| {
+        let sink = &sink;
+        let batch = batch.to_vec();
+        async move {
+            sink.insert("trades", &batch, Some("lsn-1-1000"))
+                .await
+                .expect("insert");
+        }
+    };
+
+    // Within one second: the copy is dropped. A pair that spans a second boundary proves
+    // nothing and is left behind; the next try uses other trades.
+    let mut deduplicated = None;
+    for try_no in 0..SAME_SECOND_TRIES {
+        let first = try_no * BATCH_ROWS;
+        let batch = trade_batch(first, BATCH_ROWS);
+        next_second().await;
+        let dropped_before = duplicated_blocks(replica1);
+        let second = wall_s();
+        insert(&batch).await;
+        insert(&batch).await;
+        if wall_s() == second {
+            assert_eq!(
+                duplicated_blocks(replica1),
+                dropped_before + 1,
+                "the copy sent within the same second was not dropped as a duplicate"
+            );
+            deduplicated = Some(first);
+            break;
+        }
+        println!("cluster: try {try_no}: the two inserts spanned a second boundary");
     }
+    let first = deduplicated.unwrap_or_else(|| {
+        panic!("no two inserts of {BATCH_ROWS} rows fit within one second in {SAME_SECOND_TRIES} tries")
+    });
+    wait_batch_on_every_replica(&cluster, first, BATCH_ROWS).await;
+
+    // In a later second: the copy is stored, and FINAL collapses it.
+    let first = SAME_SECOND_TRIES * BATCH_ROWS;
+    let batch = trade_batch(first, BATCH_ROWS);
+    let dropped_before = duplicated_blocks(replica1);
+    insert(&batch).await;
+    next_second().await;
+    insert(&batch).await;
+    assert_eq!(
+        duplicated_blocks(replica1),
+        dropped_before,
+        "a copy sent in a later second was dropped: the block no longer holds the insert's second"
+    );
+    wait_batch_on_every_replica(&cluster, first, 2 * BATCH_ROWS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
