@@ -416,21 +416,24 @@ fn duplicated_blocks(server: &ClickHouse) -> u64 {
     .expect("a count")
 }
 
-/// The whole seconds of the wall clock, the clock the test's servers share.
-fn wall_s() -> u64 {
+/// The wall clock, the clock the test's servers share, as time since the epoch.
+fn since_epoch() -> Duration {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .expect("a clock past the epoch")
-        .as_secs()
+        .expect("the clock is past 1970")
 }
 
 /// Sleeps until just past the wall clock's next whole second.
 async fn next_second() {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("a clock past the epoch");
-    let into = Duration::from_nanos(u64::from(now.subsec_nanos()));
+    let into = Duration::from_nanos(u64::from(since_epoch().subsec_nanos()));
     tokio::time::sleep(Duration::from_secs(1) - into + Duration::from_millis(5)).await;
+}
+
+/// Inserts `batch` into `trades` as the relay does, token included (which 18.16 ignores).
+async fn insert(sink: &Sink, batch: &[TradeRow]) {
+    sink.insert("trades", batch, Some("lsn-1-1000"))
+        .await
+        .expect("insert");
 }
 
 /// Polls until every replica holds the batch from `first` as `rows` rows without FINAL and
@@ -482,15 +485,6 @@ async fn a_batch_inserted_twice_lands_once_without_final_within_a_second_and_onc
         ..SinkOptions::default()
     })
     .expect("valid sink options");
-    let insert = |batch: &[TradeRow]| {
-        let sink = &sink;
-        let batch = batch.to_vec();
-        async move {
-            sink.insert("trades", &batch, Some("lsn-1-1000"))
-                .await
-                .expect("insert");
-        }
-    };
 
     // Within one second: the copy is dropped. A pair that spans a second boundary proves
     // nothing and is left behind; the next try uses other trades.
@@ -500,10 +494,10 @@ async fn a_batch_inserted_twice_lands_once_without_final_within_a_second_and_onc
         let batch = trade_batch(first, BATCH_ROWS);
         next_second().await;
         let dropped_before = duplicated_blocks(replica1);
-        let second = wall_s();
-        insert(&batch).await;
-        insert(&batch).await;
-        if wall_s() == second {
+        let second = since_epoch().as_secs();
+        insert(&sink, &batch).await;
+        insert(&sink, &batch).await;
+        if since_epoch().as_secs() == second {
             assert_eq!(
                 duplicated_blocks(replica1),
                 dropped_before + 1,
@@ -523,9 +517,9 @@ async fn a_batch_inserted_twice_lands_once_without_final_within_a_second_and_onc
     let first = SAME_SECOND_TRIES * BATCH_ROWS;
     let batch = trade_batch(first, BATCH_ROWS);
     let dropped_before = duplicated_blocks(replica1);
-    insert(&batch).await;
+    insert(&sink, &batch).await;
     next_second().await;
-    insert(&batch).await;
+    insert(&sink, &batch).await;
     assert_eq!(
         duplicated_blocks(replica1),
         dropped_before,
@@ -613,13 +607,8 @@ fn spawn_load(
         rate_per_s: RATE_PER_S,
         run_id: Some(run_id.into()),
         progress: false,
-        ts_start_ms: after.map(|before| {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("the clock is past 1970")
-                .as_millis() as i64;
-            now_ms.max(before.ts_last_ms + 1)
-        }),
+        ts_start_ms: after
+            .map(|before| (since_epoch().as_millis() as i64).max(before.ts_last_ms + 1)),
         ..LoadgenOptions::default()
     };
     tokio::spawn(async move { loadgen::run(&options).await })
