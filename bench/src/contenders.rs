@@ -6,13 +6,19 @@
 //!   through its own durables; the ceiling of what JetStream delivers to one client here;
 //! - [`no_wal_relay`]: a straightforward relay without a WAL: fetch, decode with the relay's
 //!   codec, insert with the relay's sink (one insert per table per batch), ack after the insert;
+//! - [`follow_streams`]: the latency reference, a consumer that follows the streams live from
+//!   its own thread, runtime and connection (as a separate process would), fetching back to back
+//!   and acking every message, nothing written anywhere;
 //! - [`decode_stream`] + [`insert_rows`]: the outage baseline, the rows decoded up front and
 //!   inserted as RowBinary with the `clickhouse` crate's inserter, in batches of the relay's
 //!   default `rows_max` per table, the tables in parallel like the relay's lanes.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::{self, Message};
 use futures_util::StreamExt;
 use prism_relay::codec::{
@@ -240,6 +246,103 @@ pub async fn raw_consume(
             .map_err(|e| BenchError::nats("consumer task", e))??;
     }
     Ok((total, start.elapsed()))
+}
+
+/// Pause of a follower after a fetch that found nothing, so a caught-up follower does not spin.
+const FOLLOW_EMPTY_PAUSE: Duration = Duration::from_millis(1);
+
+/// Starts a consumer that follows the three streams from now on (durables `<name>-<stream>`,
+/// deliver policy new, explicit acks) on a thread with its own tokio runtime and NATS
+/// connection: per stream a loop that fetches up to [`FETCH_BATCH`] messages, acks each and
+/// flushes, pulling again at once (after [`FOLLOW_EMPTY_PAUSE`] when a fetch found nothing).
+/// Returns once the durables exist, so messages published afterwards reach them; the thread
+/// ends when `stop` is set and yields the messages it acked.
+pub fn follow_streams(
+    nats_url: String,
+    name: &str,
+    stop: Arc<AtomicBool>,
+) -> Result<thread::JoinHandle<Result<u64, BenchError>>, BenchError> {
+    let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    let name = name.to_string();
+    let handle = thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| BenchError::io("building the follower's runtime", e))?;
+        rt.block_on(async move {
+            let client = async_nats::connect(nats_url)
+                .await
+                .map_err(|e| BenchError::nats("connect", e))?;
+            let js = jetstream::new(client.clone());
+            let mut consumers = Vec::new();
+            for (stream, _) in STREAMS {
+                let consumer = js
+                    .get_stream(stream)
+                    .await
+                    .map_err(|e| BenchError::nats("stream info", e))?
+                    .create_consumer(pull::Config {
+                        durable_name: Some(format!("{name}-{stream}")),
+                        ack_policy: AckPolicy::Explicit,
+                        deliver_policy: DeliverPolicy::New,
+                        max_ack_pending: MAX_ACK_PENDING,
+                        ..pull::Config::default()
+                    })
+                    .await
+                    .map_err(|e| BenchError::nats("create consumer", e))?;
+                consumers.push(consumer);
+            }
+            let _ = ready_tx.send(());
+            let mut tasks = tokio::task::JoinSet::new();
+            for consumer in consumers {
+                let (client, stop) = (client.clone(), stop.clone());
+                tasks.spawn(async move {
+                    let mut acked = 0u64;
+                    while !stop.load(Ordering::SeqCst) {
+                        let mut messages = consumer
+                            .fetch()
+                            .max_messages(FETCH_BATCH)
+                            .expires(Duration::from_millis(FETCH_EXPIRES_MS))
+                            .messages()
+                            .await
+                            .map_err(|e| BenchError::nats("fetch", e))?;
+                        let mut batch = Vec::with_capacity(FETCH_BATCH);
+                        while let Some(m) = messages.next().await {
+                            batch.push(m.map_err(|e| BenchError::nats("fetch", e))?);
+                        }
+                        if batch.is_empty() {
+                            tokio::time::sleep(FOLLOW_EMPTY_PAUSE).await;
+                            continue;
+                        }
+                        for m in &batch {
+                            m.ack().await.map_err(|e| BenchError::nats("ack", e))?;
+                        }
+                        client
+                            .flush()
+                            .await
+                            .map_err(|e| BenchError::nats("flush", e))?;
+                        acked += batch.len() as u64;
+                    }
+                    Ok::<u64, BenchError>(acked)
+                });
+            }
+            let mut total = 0;
+            while let Some(done) = tasks.join_next().await {
+                total += done.map_err(|e| BenchError::nats("follower task", e))??;
+            }
+            Ok(total)
+        })
+    });
+    if ready_rx.recv().is_ok() {
+        return Ok(handle);
+    }
+    // The thread ended before its durables existed: its error says why.
+    match handle.join() {
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(_)) | Err(_) => Err(BenchError::Output {
+            what: "the latency follower".into(),
+            detail: "ended before its consumers existed".into(),
+        }),
+    }
 }
 
 /// A sink on `database` of the ClickHouse at `url`, with the database and its eight tables

@@ -40,7 +40,7 @@ const SCENARIOS: [&str; 6] = ["drain", "wal", "steady", "outage", "restart", "la
 const USAGE: &str =
     "usage: prism-bench [--quick] [--only drain,wal,steady,outage,restart,latency] \
                      [--json PATH] [--relay-bin PATH] [--work-dir DIR] \
-                     [--drain-mix trade=1,orderbook=1,...] [--fetch-linger-ms N]";
+                     [--drain-mix trade=1,orderbook=1,...] [--fetch-linger-ms N] [--rounds N]";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Args {
@@ -53,6 +53,8 @@ struct Args {
     drain_mix: Option<Mix>,
     /// The relays' `fetch_linger_ms`; their default when not given.
     fetch_linger_ms: Option<u64>,
+    /// Rounds of the drain and outage scenarios; the scale's (1 quick, 2 full) when not given.
+    rounds: Option<usize>,
 }
 
 fn parse_args(args: &[String]) -> Result<Args, String> {
@@ -64,6 +66,7 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
         work_dir: None,
         drain_mix: None,
         fetch_linger_ms: None,
+        rounds: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -104,6 +107,13 @@ fn parse_args(args: &[String]) -> Result<Args, String> {
                     ms.parse()
                         .map_err(|e| format!("--fetch-linger-ms {ms:?}: {e}"))?,
                 );
+            }
+            "--rounds" => {
+                let n = value("--rounds")?;
+                match n.parse::<usize>() {
+                    Ok(rounds) if rounds >= 1 => parsed.rounds = Some(rounds),
+                    _ => return Err(format!("--rounds {n:?}: a whole number, 1 or more")),
+                }
             }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
@@ -207,6 +217,9 @@ fn main() -> ExitCode {
     if let Some(mix) = args.drain_mix {
         scale.drain_mix = mix;
     }
+    if let Some(rounds) = args.rounds {
+        scale.rounds = rounds;
+    }
     println!(
         "prism-bench {} run: scenarios {}; work directory {}",
         if args.quick { "quick" } else { "full" },
@@ -272,6 +285,10 @@ mod tests {
         assert_eq!(linger.fetch_linger_ms, Some(200));
         assert_eq!(trades.fetch_linger_ms, None);
         assert!(parse_args(&strings(&["--fetch-linger-ms", "soon"])).is_err());
+        let rounds = parse_args(&strings(&["--rounds", "3"])).unwrap();
+        assert_eq!(rounds.rounds, Some(3));
+        assert!(parse_args(&strings(&["--rounds", "0"])).is_err());
+        assert!(parse_args(&strings(&["--rounds", "two"])).is_err());
     }
 
     #[test]

@@ -116,6 +116,8 @@ const RESTART_POLL: Duration = Duration::from_millis(10);
 const RESTART_TIMEOUT: Duration = Duration::from_secs(300);
 /// Messages per top-up while filling the WAL to the restart's size.
 const TOP_UP_MESSAGES: u64 = 250_000;
+/// The latency reference's durables: `<FOLLOWER_NAME>-<stream>`.
+const FOLLOWER_NAME: &str = "bench_latency_follow";
 /// ClickHouse count polls of the latency scenario.
 const VISIBLE_POLL: Duration = Duration::from_millis(100);
 /// Bound on the latency scenario's wait for its last rows and acks.
@@ -515,10 +517,14 @@ fn restart_line(report: &mut Report, secs: f64, wal_bytes: u64) {
     );
 }
 
-/// Outage recovery, then restart: ClickHouse down while the WAL fills with `outage_n`
-/// messages; ClickHouse back and the WAL drained, against the rows decoded up front and
-/// inserted by the `clickhouse` crate. Then ClickHouse down again, the WAL topped up to
-/// `restart_wal_bytes`, the relay killed and restarted on it.
+/// Outage recovery, then restart. Each round, a fresh relay starts with ClickHouse up, then
+/// ClickHouse is killed and `outage_n` messages are published, which the relay acks into its WAL;
+/// ClickHouse comes back and the drain is timed until the rows are in with FINAL. Then the same
+/// rows, decoded up front, are inserted by the `clickhouse` crate (the baseline). Each round's
+/// databases are dropped once counted and the streams purged before the next round, so no step
+/// pays for an earlier one's merges or messages. The figures are medians over the rounds. Then,
+/// ClickHouse down again, a relay's WAL is filled to `restart_wal_bytes` and the relay killed
+/// and restarted on it.
 pub fn outage(
     world: &mut World,
     scale: &Scale,
@@ -527,111 +533,22 @@ pub fn outage(
     with_restart: bool,
 ) -> Result<(), BenchError> {
     let n = scale.outage_n;
-    let mut run = world.spawn_relay("bench_outage")?;
-    run.relay.wait_ready(READY_TIMEOUT)?;
-    world.ch.kill9()?;
-    let published = world.publish("outage", Some(n), 0, None)?;
-    check_count("outage traffic", published.published_total(), n)?;
-    wait_acked(world, &mut run, DRAIN_TIMEOUT)?;
-    eprintln!("  outage: {} messages in the WAL", thousands(n as f64));
-    let wal_records_bytes = world::dir_bytes(&run.wal_dir);
-    let total = n;
     if with_outage {
-        let ticks = world::clock_ticks_per_s();
-        world.ch.restart()?;
-        let back = Instant::now();
-        let before = cpu_seconds(world, &run, ticks);
-        let read_bytes = || run.relay.pid().and_then(world::proc_read_bytes);
-        let read_before = read_bytes();
-        let done = world.wait_rows(
-            &run.database,
-            total,
-            ROWS_POLL,
-            DRAIN_TIMEOUT,
-            "the WAL draining after the outage",
-        )?;
-        let after = cpu_seconds(world, &run, ticks);
-        // What the relay read while it drained: the WAL's records once, if its lanes share the
-        // read, and a multiple of it for each lane that reads on its own.
-        let relay_read_mib = read_before
-            .zip(read_bytes())
-            .map(|(a, b)| b.saturating_sub(a) / MIB);
-        let relay_rss_mib = run
-            .relay
-            .pid()
-            .and_then(|pid| world::proc_peak_rss_mib(pid).ok());
-        let relay_s = done.duration_since(back).as_secs_f64();
-        let relay = total as f64 / relay_s;
-        let (relay_cpu, ch_cpu) = (after[0] - before[0], after[1] - before[1]);
-        eprintln!(
-            "  outage: relay {} rows/s ({relay_s:.2} s; CPU s: relay {relay_cpu:.2}, clickhouse {ch_cpu:.2}; relay read {} MiB of a {} MiB WAL; peak RSS {} MiB)",
-            thousands(relay),
-            relay_read_mib.map_or("n/a".to_owned(), |m| m.to_string()),
-            wal_records_bytes / MIB,
-            relay_rss_mib.map_or("n/a".to_owned(), |m| format!("{m:.1}"))
-        );
-        let rows = world
-            .rt
-            .block_on(contenders::decode_stream(&world.js(), "bench_outage_base"))?;
-        check_count("decoded rows", rows.len() as u64, total)?;
-        // The baseline inserts from the bench's own process.
-        let own_cpu = |world: &World| {
-            [
-                cpu_of(Some(std::process::id()), ticks),
-                cpu_of(world.ch.pid(), ticks),
-            ]
-        };
-        let base_before = own_cpu(world);
-        let took = world.rt.block_on(contenders::insert_rows(
-            &world.ch.http_url(),
-            "bench_outage_base",
-            rows,
-        ))?;
-        let base_after = own_cpu(world);
-        let (base_cpu, base_ch_cpu) = (
-            base_after[0] - base_before[0],
-            base_after[1] - base_before[1],
-        );
-        eprintln!(
-            "  outage: baseline {:.2} s; CPU s: inserter {base_cpu:.2}, clickhouse {base_ch_cpu:.2}",
-            took.as_secs_f64()
-        );
-        check_count(
-            "baseline rows",
-            world.rows("bench_outage_base", true)?,
-            total,
-        )?;
-        let base = total as f64 / took.as_secs_f64();
-        eprintln!("  outage: baseline {} rows/s", thousands(base));
-        let ratio = relay / base;
-        report.summary.outage_ratio = Some(ratio);
-        report.line(
-            "outage",
-            format!(
-                "outage   relay {} rows/s  baseline(clickhouse crate inserter, rows decoded up front) {} rows/s  ratio {ratio:.2}  target >={OUTAGE_RATIO_MIN} {}  (n={} records, {} MiB WAL, timed from ClickHouse ready to count FINAL == n; 1 round)",
-                thousands(relay),
-                thousands(base),
-                verdict(ratio >= OUTAGE_RATIO_MIN),
-                thousands(total as f64),
-                wal_records_bytes / MIB
-            ),
-            json!({"relay_rows_per_s": relay, "baseline_rows_per_s": base, "ratio": ratio,
-                   "target_min": OUTAGE_RATIO_MIN, "n": total, "wal_bytes": wal_records_bytes,
-                   "relay_cpu_s": relay_cpu, "relay_clickhouse_cpu_s": ch_cpu,
-                   "relay_read_mib": relay_read_mib, "relay_peak_rss_mib": relay_rss_mib,
-                   "baseline_cpu_s": base_cpu, "baseline_clickhouse_cpu_s": base_ch_cpu}),
-        );
+        let mut rounds = Vec::with_capacity(scale.rounds);
+        for round in 1..=scale.rounds {
+            rounds.push(outage_round(world, n, round)?);
+        }
+        outage_line(report, n, &rounds);
     }
     if with_restart {
-        // ClickHouse is down again (it still is when the outage drain did not run).
-        if with_outage {
-            world.ch.kill9()?;
-        }
+        world.ch.kill9()?;
+        // A relay on a WAL of its own takes what the streams hold, then top-ups until the WAL
+        // has the restart's size (the relay stops fetching at its WAL budget).
+        let mut run = world.spawn_relay("bench_restart")?;
         let mut round = 0;
         while world::dir_bytes(&run.wal_dir) < scale.restart_wal_bytes {
             world.publish(&format!("topup-{round}"), Some(TOP_UP_MESSAGES), 0, None)?;
             round += 1;
-            // The relay stops fetching at its WAL budget; the size is what counts here.
             let deadline = Instant::now() + DRAIN_TIMEOUT;
             while !world.consumers_drained(&run.durables)
                 && world::dir_bytes(&run.wal_dir) < scale.restart_wal_bytes
@@ -642,9 +559,157 @@ pub fn outage(
         }
         let (secs, bytes) = restart_probe(world, &mut run, "restart")?;
         restart_line(report, secs, bytes);
+        let _ = run.relay.terminate(TERMINATE_TIMEOUT);
     }
-    let _ = run.relay.terminate(TERMINATE_TIMEOUT);
     Ok(())
+}
+
+/// One outage round's figures: the relay's drain and the baseline's insert of the same rows.
+struct OutageRound {
+    relay_rows_per_s: f64,
+    relay_s: f64,
+    relay_cpu_s: f64,
+    relay_clickhouse_cpu_s: f64,
+    relay_read_mib: Option<u64>,
+    relay_peak_rss_mib: Option<f64>,
+    wal_bytes: u64,
+    base_rows_per_s: f64,
+    base_s: f64,
+    base_cpu_s: f64,
+    base_clickhouse_cpu_s: f64,
+}
+
+/// Round `round` of the outage scenario (see [`outage`]); ClickHouse is up before and after.
+fn outage_round(world: &mut World, n: u64, round: usize) -> Result<OutageRound, BenchError> {
+    let ticks = world::clock_ticks_per_s();
+    if round > 1 {
+        world.purge_streams()?;
+    }
+    let mut run = world.spawn_relay(&format!("bench_outage_{round}"))?;
+    run.relay.wait_ready(READY_TIMEOUT)?;
+    world.ch.kill9()?;
+    let published = world.publish(&format!("outage-{round}"), Some(n), 0, None)?;
+    check_count("outage traffic", published.published_total(), n)?;
+    wait_acked(world, &mut run, DRAIN_TIMEOUT)?;
+    let wal_bytes = world::dir_bytes(&run.wal_dir);
+    eprintln!(
+        "  outage round {round}: {} messages in a {} MiB WAL",
+        thousands(n as f64),
+        wal_bytes / MIB
+    );
+    world.ch.restart()?;
+    let back = Instant::now();
+    let before = cpu_seconds(world, &run, ticks);
+    let read_bytes = || run.relay.pid().and_then(world::proc_read_bytes);
+    let read_before = read_bytes();
+    let done = world.wait_rows(
+        &run.database,
+        n,
+        ROWS_POLL,
+        DRAIN_TIMEOUT,
+        "the WAL draining after the outage",
+    )?;
+    let after = cpu_seconds(world, &run, ticks);
+    // What the relay read while it drained: the WAL's records once, if its lanes share the
+    // read, and a multiple of it for each lane that reads on its own.
+    let relay_read_mib = read_before
+        .zip(read_bytes())
+        .map(|(a, b)| b.saturating_sub(a) / MIB);
+    let relay_peak_rss_mib = run
+        .relay
+        .pid()
+        .and_then(|pid| world::proc_peak_rss_mib(pid).ok());
+    let relay_s = done.duration_since(back).as_secs_f64();
+    let (relay_cpu_s, relay_clickhouse_cpu_s) = (after[0] - before[0], after[1] - before[1]);
+    eprintln!(
+        "  outage round {round}: relay {} rows/s ({relay_s:.2} s; CPU s: relay {relay_cpu_s:.2}, clickhouse {relay_clickhouse_cpu_s:.2}; relay read {} MiB; peak RSS {} MiB)",
+        thousands(n as f64 / relay_s),
+        relay_read_mib.map_or("n/a".to_owned(), |m| m.to_string()),
+        relay_peak_rss_mib.map_or("n/a".to_owned(), |m| format!("{m:.1}"))
+    );
+    let _ = run.relay.terminate(TERMINATE_TIMEOUT);
+    world.sql(&format!("DROP DATABASE IF EXISTS {}", run.database))?;
+
+    let base_db = format!("bench_outage_base_{round}");
+    let rows = world
+        .rt
+        .block_on(contenders::decode_stream(&world.js(), &base_db))?;
+    check_count("decoded rows", rows.len() as u64, n)?;
+    // The baseline inserts from the bench's own process.
+    let own_cpu = |world: &World| {
+        [
+            cpu_of(Some(std::process::id()), ticks),
+            cpu_of(world.ch.pid(), ticks),
+        ]
+    };
+    let base_before = own_cpu(world);
+    let took = world.rt.block_on(contenders::insert_rows(
+        &world.ch.http_url(),
+        &base_db,
+        rows,
+    ))?;
+    let base_after = own_cpu(world);
+    let (base_cpu_s, base_clickhouse_cpu_s) = (
+        base_after[0] - base_before[0],
+        base_after[1] - base_before[1],
+    );
+    check_count("baseline rows", world.rows(&base_db, true)?, n)?;
+    world.sql(&format!("DROP DATABASE IF EXISTS {base_db}"))?;
+    let base_s = took.as_secs_f64();
+    eprintln!(
+        "  outage round {round}: baseline {} rows/s ({base_s:.2} s; CPU s: inserter {base_cpu_s:.2}, clickhouse {base_clickhouse_cpu_s:.2})",
+        thousands(n as f64 / base_s)
+    );
+    Ok(OutageRound {
+        relay_rows_per_s: n as f64 / relay_s,
+        relay_s,
+        relay_cpu_s,
+        relay_clickhouse_cpu_s,
+        relay_read_mib,
+        relay_peak_rss_mib,
+        wal_bytes,
+        base_rows_per_s: n as f64 / base_s,
+        base_s,
+        base_cpu_s,
+        base_clickhouse_cpu_s,
+    })
+}
+
+/// The outage line: medians over the rounds, the ratio of the medians (as the drain's).
+fn outage_line(report: &mut Report, n: u64, rounds: &[OutageRound]) {
+    let of = |f: fn(&OutageRound) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
+    let relay = of(|r| r.relay_rows_per_s).unwrap_or(f64::NAN);
+    let base = of(|r| r.base_rows_per_s).unwrap_or(f64::NAN);
+    let ratio = relay / base;
+    let per_round: Vec<String> = rounds
+        .iter()
+        .map(|r| format!("{:.2}", r.relay_rows_per_s / r.base_rows_per_s))
+        .collect();
+    let wal_bytes = rounds.iter().map(|r| r.wal_bytes).max().unwrap_or(0);
+    report.summary.outage_ratio = Some(ratio);
+    report.line(
+        "outage",
+        format!(
+            "outage   relay {} rows/s  baseline(clickhouse crate inserter, rows decoded up front) {} rows/s  ratio {ratio:.2}  target >={OUTAGE_RATIO_MIN} {}  (n={} records, {} MiB WAL, timed from ClickHouse ready to count FINAL == n; median of {} rounds, ratio per round {})",
+            thousands(relay),
+            thousands(base),
+            verdict(ratio >= OUTAGE_RATIO_MIN),
+            thousands(n as f64),
+            wal_bytes / MIB,
+            rounds.len(),
+            per_round.join(", ")
+        ),
+        json!({"relay_rows_per_s": relay, "baseline_rows_per_s": base, "ratio": ratio,
+               "target_min": OUTAGE_RATIO_MIN, "n": n, "wal_bytes": wal_bytes,
+               "rounds": rounds.iter().map(|r| json!({
+                   "relay_rows_per_s": r.relay_rows_per_s, "relay_s": r.relay_s,
+                   "relay_cpu_s": r.relay_cpu_s, "relay_clickhouse_cpu_s": r.relay_clickhouse_cpu_s,
+                   "relay_read_mib": r.relay_read_mib, "relay_peak_rss_mib": r.relay_peak_rss_mib,
+                   "wal_bytes": r.wal_bytes, "baseline_rows_per_s": r.base_rows_per_s,
+                   "baseline_s": r.base_s, "baseline_cpu_s": r.base_cpu_s,
+                   "baseline_clickhouse_cpu_s": r.base_clickhouse_cpu_s,
+               })).collect::<Vec<_>>()}),
+    );
 }
 
 fn wall_ns() -> u128 {
@@ -668,6 +733,14 @@ pub fn ack_stream_seq(subject: &str) -> Option<u64> {
     tokens.get(ack_seq_index(tokens.len())?)?.parse().ok()
 }
 
+/// The consumer an ack subject names: the token two before the stream sequence.
+fn ack_consumer(subject: &str) -> Option<&str> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    tokens
+        .get(ack_seq_index(tokens.len())?.checked_sub(2)?)
+        .copied()
+}
+
 /// The stream timestamp (ns) an ack subject carries: the token after the consumer sequence.
 /// `$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>`, or
 /// with domain and account hash before the stream (12 tokens and more).
@@ -683,7 +756,8 @@ pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), 
     let mut run = world.spawn_relay("bench_latency")?;
     run.relay.wait_ready(READY_TIMEOUT)?;
     let client = world.client();
-    let acks: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
+    // Ack latencies by consumer: the relay's durables, then the follower's (its phase comes after).
+    let acks: Arc<Mutex<BTreeMap<String, Vec<f64>>>> = Arc::new(Mutex::new(BTreeMap::new()));
     let first_subject: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let mut sub = world
         .rt
@@ -697,10 +771,12 @@ pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), 
     let collector = world.rt.spawn(async move {
         while let Some(m) = sub.next().await {
             let now = wall_ns();
-            if let Some(ts) = ack_timestamp_ns(&m.subject) {
+            if let (Some(ts), Some(consumer)) =
+                (ack_timestamp_ns(&m.subject), ack_consumer(&m.subject))
+            {
                 let ms = now.saturating_sub(ts) as f64 / 1e6;
                 if let Ok(mut v) = acks_in.lock() {
-                    v.push(ms);
+                    v.entry(consumer.to_string()).or_default().push(ms);
                 }
             }
             if let Ok(mut f) = first_in.lock() {
@@ -754,7 +830,9 @@ pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), 
     let acked = wait_acked(world, &mut run, LATENCY_SETTLE_TIMEOUT);
     stop.store(true, Ordering::SeqCst);
     let _ = poller.join();
-    collector.abort();
+    if rows.is_err() || acked.is_err() {
+        collector.abort();
+    }
     rows?;
     acked?;
     // The relay's own fdatasync times: how much of the ack latency the disk accounts for.
@@ -764,8 +842,54 @@ pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), 
     });
     let _ = run.relay.terminate(TERMINATE_TIMEOUT);
 
-    let mut ack_ms = acks.lock().map(|v| v.clone()).unwrap_or_default();
-    ack_ms.sort_by(f64::total_cmp);
+    // The reference: the same traffic followed by a consumer that only fetches and acks, its
+    // acks measured the same way. What it shows is the machine's floor, not the WAL's cost.
+    let follower_stop = Arc::new(AtomicBool::new(false));
+    let follower =
+        contenders::follow_streams(world.nats.url(), FOLLOWER_NAME, follower_stop.clone())?;
+    let follower_durables = STREAMS.map(|(stream, _)| format!("{FOLLOWER_NAME}-{stream}"));
+    let followed = world
+        .publish(
+            "latency_follow",
+            None,
+            LATENCY_RATE_PER_S,
+            Some(scale.latency_s),
+        )
+        .and_then(|summary| {
+            let deadline = Instant::now() + LATENCY_SETTLE_TIMEOUT;
+            while !world.consumers_drained(&follower_durables) {
+                if Instant::now() >= deadline {
+                    return Err(BenchError::Timeout {
+                        what: "the latency follower acking every message".into(),
+                        waited_s: LATENCY_SETTLE_TIMEOUT.as_secs(),
+                        detail: String::new(),
+                    });
+                }
+                thread::sleep(DRAIN_POLL);
+            }
+            Ok(summary)
+        });
+    follower_stop.store(true, Ordering::SeqCst);
+    let follower_acked = follower.join().map_err(|_| BenchError::Output {
+        what: "the latency follower".into(),
+        detail: "its thread panicked".into(),
+    })?;
+    collector.abort();
+    let followed = followed?;
+    let follower_acked = follower_acked?;
+
+    let by_consumer = acks.lock().map(|v| v.clone()).unwrap_or_default();
+    let sorted_acks = |prefix: &str| {
+        let mut v: Vec<f64> = by_consumer
+            .iter()
+            .filter(|(consumer, _)| consumer.starts_with(prefix))
+            .flat_map(|(_, ms)| ms.iter().copied())
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let ack_ms = sorted_acks(&format!("{}-", run.database));
+    let follower_ms = sorted_acks(&format!("{FOLLOWER_NAME}-"));
     let polls = polls.lock().map(|v| v.clone()).unwrap_or_default();
     let mut visible_s = Vec::with_capacity(n as usize);
     let mut i = 0;
@@ -783,13 +907,14 @@ pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), 
     let q = |v: &[f64], p: f64| quantile(v, p).unwrap_or(f64::NAN);
     let (ack50, ack99) = (q(&ack_ms, 0.5), q(&ack_ms, 0.99));
     let (vis50, vis99) = (q(&visible_s, 0.5), q(&visible_s, 0.99));
+    let (follow50, follow99) = (q(&follower_ms, 0.5), q(&follower_ms, 0.99));
     let subject = first_subject.lock().ok().and_then(|s| s.clone());
     let [fsync50, fsync99] = fsync_ms.unwrap_or([None, None]);
     let bound = |v: Option<f64>| v.map_or("n/a".to_owned(), |ms| format!("<= {ms:.2} ms"));
     report.line(
         "latency",
         format!(
-            "latency  ack p50 {ack50:.2} ms p99 {ack99:.2} ms  target p99 <={ACK_P99_MS_MAX} ms {}  visible p50 {vis50:.3} s p99 {vis99:.3} s  target p99 <={VISIBLE_P99_S_MAX} s {}  WAL fdatasync p50 {} p99 {}  ({} msg/s asked, {:.0} published, {} s, {} acks seen; ack = seen on $JS.ACK minus the stream timestamp; visible = count() polled every {} ms, k-th of n messages taken as published at start + k*elapsed/n; fdatasync = the relay's histogram, bucket bounds)",
+            "latency  ack p50 {ack50:.2} ms p99 {ack99:.2} ms  target p99 <={ACK_P99_MS_MAX} ms {}  visible p50 {vis50:.3} s p99 {vis99:.3} s  target p99 <={VISIBLE_P99_S_MAX} s {}  WAL fdatasync p50 {} p99 {}  reference(fetch and ack only, same traffic after the relay) ack p50 {follow50:.2} ms p99 {follow99:.2} ms  ({} msg/s asked, {:.0} published, {} s, {} acks seen; reference {:.0} published, {follower_acked} acked, {} acks seen; ack = seen on $JS.ACK minus the stream timestamp; visible = count() polled every {} ms, k-th of n messages taken as published at start + k*elapsed/n; fdatasync = the relay's histogram, bucket bounds)",
             verdict(ack99 <= ACK_P99_MS_MAX),
             verdict(vis99 <= VISIBLE_P99_S_MAX),
             bound(fsync50),
@@ -798,13 +923,18 @@ pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), 
             summary.rate_per_s(),
             scale.latency_s,
             ack_ms.len(),
+            followed.rate_per_s(),
+            follower_ms.len(),
             VISIBLE_POLL.as_millis()
         ),
         json!({"ack_p50_ms": ack50, "ack_p99_ms": ack99, "visible_p50_s": vis50,
                "visible_p99_s": vis99, "acks_seen": ack_ms.len(), "published": n,
                "rate_per_s": LATENCY_RATE_PER_S, "window_s": scale.latency_s,
                "ack_subject_example": subject, "wal_fsync_p50_ms_max": fsync50,
-               "wal_fsync_p99_ms_max": fsync99}),
+               "wal_fsync_p99_ms_max": fsync99, "reference_ack_p50_ms": follow50,
+               "reference_ack_p99_ms": follow99, "reference_acks_seen": follower_ms.len(),
+               "reference_published": followed.published_total(),
+               "reference_acked": follower_acked}),
     );
     Ok(())
 }
@@ -868,7 +998,16 @@ mod tests {
     }
 
     #[test]
-    fn an_ack_subject_yields_the_stream_sequence_and_timestamp_in_both_layouts() {
+    fn an_ack_subject_yields_the_consumer_stream_sequence_and_timestamp_in_both_layouts() {
+        assert_eq!(
+            ack_consumer("$JS.ACK.S.relay-trades.1.42.40.1700000000123456789.0"),
+            Some("relay-trades")
+        );
+        assert_eq!(
+            ack_consumer("$JS.ACK._.ACCHASH.S.C.1.42.40.1700000000123456789.0.tok"),
+            Some("C")
+        );
+        assert_eq!(ack_consumer("$JS.ACK.S.C"), None);
         assert_eq!(
             ack_timestamp_ns("$JS.ACK.S.C.1.42.40.1700000000123456789.0"),
             Some(1_700_000_000_123_456_789)

@@ -332,6 +332,22 @@ impl World {
             spawned,
         })
     }
+
+    /// Empties the three streams (their consumers stay, with nothing pending).
+    pub fn purge_streams(&self) -> Result<(), BenchError> {
+        let js = self.js();
+        self.rt.block_on(async {
+            for (stream, _) in STREAMS {
+                js.get_stream(stream)
+                    .await
+                    .map_err(|e| BenchError::nats("stream info", e))?
+                    .purge()
+                    .await
+                    .map_err(|e| BenchError::nats("purge", e))?;
+            }
+            Ok(())
+        })
+    }
 }
 
 fn wall_ms() -> i64 {
