@@ -374,10 +374,15 @@ impl Lane {
         routed: bool,
     ) -> Result<(), DrainError> {
         let record = RecordRef { lsn, body };
-        let envelope = record.envelope().map_err(|source| DrainError::Wal {
+        let wal_error = |source| DrainError::Wal {
             lane: self.config.name.clone(),
             source,
-        })?;
+        };
+        // Another lane's record is routed from its subject alone: a lane reading on its own
+        // passes over every other lane's records, and decoding each in full cost more than
+        // reading it.
+        let mine = routed
+            || self.router.route_record(&record).map_err(wal_error)?.lane() == self.config.name;
         // A re-cut batch ends exactly where it ended before the crash; past it, batches are cut
         // by the limits again.
         if self.recut.as_ref().is_some_and(|r| lsn > r.last) {
@@ -389,10 +394,13 @@ impl Lane {
         self.read_pos = Lsn(lsn.0 + 1);
         // The committed cursor never passes an in-flight batch's first record, so the cursor
         // alone says which records of this lane are already in ClickHouse.
-        let mine = routed || self.router.route_envelope(&envelope).lane() == self.config.name;
         if !mine || lsn < self.resume_cursor {
             return Ok(());
         }
+        let envelope = record.envelope().map_err(|source| DrainError::Wal {
+            lane: self.config.name.clone(),
+            source,
+        })?;
         self.newest_published_ns = self.newest_published_ns.max(envelope.published_ns);
         batch.push(lsn, &envelope, now_ms());
         let (cut, full) = match &self.recut {

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use prism_wal::Envelope;
+use prism_wal::{Envelope, RecordRef, WalError};
 
 use crate::codec::{DataType, Table};
 
@@ -91,6 +91,17 @@ impl Router {
             return Route::Unrouted;
         }
         self.route(&envelope.subject)
+    }
+
+    /// [`Router::route_envelope`] of a record, read from its body without decoding the rest
+    /// ([`RecordRef::subject_and_header`]): for readers that pass over the records of other lanes.
+    pub fn route_record(&self, record: &RecordRef<'_>) -> Result<Route<'_>, WalError> {
+        let (subject, dead_letter) = record.subject_and_header(DEAD_LETTER_HEADER)?;
+        Ok(if dead_letter.is_some() {
+            Route::Unrouted
+        } else {
+            self.route(subject)
+        })
     }
 
     /// Every lane this router can produce, typed tables first.

@@ -35,6 +35,70 @@ impl RecordRef<'_> {
             reason: e.to_string(),
         })
     }
+
+    /// The record's subject and the value of its first header named `name`, read from the body
+    /// without decoding the rest: no allocation, the stream name, the other headers' text and
+    /// the payload are not checked. What a reader that routes records by subject needs for each
+    /// record it passes over; [`RecordRef::envelope`] checks everything, for the records it
+    /// keeps. On a body [`RecordRef::envelope`] decodes, both agree.
+    pub fn subject_and_header(&self, name: &str) -> Result<(&str, Option<&str>), WalError> {
+        let decode = |reason: &str| WalError::Decode {
+            lsn: self.lsn,
+            reason: reason.to_owned(),
+        };
+        let mut body = Fields(self.body);
+        body.bytes()
+            .ok_or_else(|| decode("the body ends inside the stream name"))?;
+        body.take(8)
+            .ok_or_else(|| decode("the body ends inside the stream sequence"))?;
+        let subject = body
+            .bytes()
+            .ok_or_else(|| decode("the body ends inside the subject"))?;
+        let subject =
+            std::str::from_utf8(subject).map_err(|_| decode("the subject is not UTF-8"))?;
+        let count = body
+            .len()
+            .ok_or_else(|| decode("the body ends inside the header count"))?;
+        let mut found = None;
+        for _ in 0..count {
+            let (key, value) = body
+                .bytes()
+                .zip(body.bytes())
+                .ok_or_else(|| decode("the body ends inside a header"))?;
+            if found.is_none() && key == name.as_bytes() {
+                found = Some(
+                    std::str::from_utf8(value)
+                        .map_err(|_| decode("a header value is not UTF-8"))?,
+                );
+            }
+        }
+        Ok((subject, found))
+    }
+}
+
+/// The unread rest of a record body, taken field by field in bincode's encoding (fixed-width
+/// little-endian integers, u64 length prefixes).
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.0.len() {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn len(&mut self) -> Option<usize> {
+        let bytes: [u8; 8] = self.take(8)?.try_into().ok()?;
+        usize::try_from(u64::from_le_bytes(bytes)).ok()
+    }
+
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = self.len()?;
+        self.take(n)
+    }
 }
 
 /// Where a reader learns which segments exist and how far it may read.

@@ -73,3 +73,85 @@ async fn golden_bytes_of_a_segment_header_and_one_record_never_change() {
 }
 
 const GOLDEN: &str = "5052534d57414c000100000038cca6bb0100000000000000540000001981cc75010000000000000002000000000000004d4407000000000000000300000000000000742e7801000000000000000b000000000000004e6174732d4d73672d496402000000000000006d31e80300000000000002000000000000007b7d";
+
+mod subject_and_header {
+    use super::*;
+    use prism_wal::RecordRef;
+    use proptest::prelude::*;
+
+    fn header() -> impl Strategy<Value = (String, String)> {
+        (
+            prop_oneof![
+                Just("Nats-Msg-Id".to_owned()),
+                Just("Prism-Dead-Letter".to_owned()),
+                "\\PC{0,12}"
+            ],
+            "\\PC{0,24}",
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// On every body the full decode accepts, the cheap read finds the same subject and the
+        /// same first value of the header asked for.
+        #[test]
+        fn agrees_with_the_full_decode(
+            stream in "\\PC{0,16}",
+            seq in any::<u64>(),
+            subject in "\\PC{0,48}",
+            headers in proptest::collection::vec(header(), 0..4),
+            published_ns in any::<i64>(),
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+            name in prop_oneof![Just("Nats-Msg-Id"), Just("Prism-Dead-Letter"), Just("absent")],
+        ) {
+            let envelope = Envelope {
+                stream: Cow::Owned(stream),
+                stream_seq: StreamSeq(seq),
+                subject: Cow::Owned(subject),
+                headers: headers.into_iter().map(|(k, v)| (Cow::Owned(k), Cow::Owned(v))).collect(),
+                published_ns,
+                payload: Cow::Owned(payload),
+            };
+            let body = bincode::serialize(&envelope).unwrap();
+            let record = RecordRef { lsn: Lsn(1), body: &body };
+            let decoded = record.envelope().unwrap();
+            let expected = decoded
+                .headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_ref());
+            prop_assert_eq!(
+                record.subject_and_header(name).unwrap(),
+                (decoded.subject.as_ref(), expected)
+            );
+        }
+
+        /// A body cut anywhere before the end of its headers is an error, not a panic or a
+        /// read past the body; arbitrary bytes never panic.
+        #[test]
+        fn a_cut_or_garbled_body_is_an_error_not_a_panic(
+            subject in "\\PC{0,48}",
+            cut in any::<prop::sample::Index>(),
+            garbage in proptest::collection::vec(any::<u8>(), 0..96),
+        ) {
+            let envelope = Envelope {
+                stream: Cow::Borrowed("MARKET_TRADES"),
+                stream_seq: StreamSeq(9),
+                subject: Cow::Owned(subject),
+                headers: vec![(Cow::Borrowed("Nats-Msg-Id"), Cow::Borrowed("id-1"))],
+                published_ns: 5,
+                payload: Cow::Borrowed(b"{}"),
+            };
+            let body = bincode::serialize(&envelope).unwrap();
+            // Everything up to the end of the headers: published_ns (8) and the payload
+            // (8 + 2) follow them.
+            let headers_end = body.len() - 18;
+            let at = cut.index(headers_end);
+            let record = RecordRef { lsn: Lsn(3), body: &body[..at] };
+            prop_assert!(record.subject_and_header("Nats-Msg-Id").is_err());
+            let record = RecordRef { lsn: Lsn(4), body: &garbage };
+            let _ = record.subject_and_header("Nats-Msg-Id");
+        }
+    }
+}
