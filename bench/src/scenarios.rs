@@ -543,18 +543,26 @@ pub fn outage(
     if with_restart {
         world.ch.kill9()?;
         // A relay on a WAL of its own takes what the streams hold, then top-ups until the WAL
-        // has the restart's size (the relay stops fetching at its WAL budget).
+        // has the restart's size. The size is just under the WAL budget: a WAL filled to the
+        // budget would keep the restarted relay from fetching at all, so once the bytes per
+        // message are known the top-ups shrink to what the size still needs.
         let mut run = world.spawn_relay("bench_restart")?;
+        wait_acked(world, &mut run, DRAIN_TIMEOUT)?;
+        let target = scale.restart_wal_bytes;
+        let mut bytes_per_message: Option<u64> = None;
         let mut round = 0;
-        while world::dir_bytes(&run.wal_dir) < scale.restart_wal_bytes {
-            world.publish(&format!("topup-{round}"), Some(TOP_UP_MESSAGES), 0, None)?;
+        loop {
+            let have = world::dir_bytes(&run.wal_dir);
+            if have >= target {
+                break;
+            }
+            let count = top_up_count(target - have, bytes_per_message);
+            world.publish(&format!("topup-{round}"), Some(count), 0, None)?;
             round += 1;
-            let deadline = Instant::now() + DRAIN_TIMEOUT;
-            while !world.consumers_drained(&run.durables)
-                && world::dir_bytes(&run.wal_dir) < scale.restart_wal_bytes
-                && Instant::now() < deadline
-            {
-                thread::sleep(DRAIN_POLL);
+            wait_acked(world, &mut run, DRAIN_TIMEOUT)?;
+            let grown = world::dir_bytes(&run.wal_dir).saturating_sub(have);
+            if grown > 0 {
+                bytes_per_message = Some((grown / count).max(1));
             }
         }
         let (secs, bytes) = restart_probe(world, &mut run, "restart")?;
@@ -562,6 +570,16 @@ pub fn outage(
         let _ = run.relay.terminate(TERMINATE_TIMEOUT);
     }
     Ok(())
+}
+
+/// Messages of the next top-up towards a WAL size `missing` bytes away: [`TOP_UP_MESSAGES`]
+/// while the bytes a message takes are unknown, then what covers `missing` (one more than the
+/// whole messages that fit, so the size is reached), never more than [`TOP_UP_MESSAGES`].
+fn top_up_count(missing: u64, bytes_per_message: Option<u64>) -> u64 {
+    match bytes_per_message {
+        None => TOP_UP_MESSAGES,
+        Some(per) => (missing / per.max(1) + 1).min(TOP_UP_MESSAGES),
+    }
 }
 
 /// One outage round's figures: the relay's drain and the baseline's insert of the same rows.
@@ -690,7 +708,7 @@ fn outage_line(report: &mut Report, n: u64, rounds: &[OutageRound]) {
     report.line(
         "outage",
         format!(
-            "outage   relay {} rows/s  baseline(clickhouse crate inserter, rows decoded up front) {} rows/s  ratio {ratio:.2}  target >={OUTAGE_RATIO_MIN} {}  (n={} records, {} MiB WAL, timed from ClickHouse ready to count FINAL == n; median of {} rounds, ratio per round {})",
+            "outage   relay {} rows/s  baseline(clickhouse crate inserter, rows decoded up front) {} rows/s  ratio {ratio:.2}  target >={OUTAGE_RATIO_MIN} {}  (n={} records, {} MiB WAL, timed from ClickHouse ready to count FINAL == n; median of {} round(s), ratio per round {})",
             thousands(relay),
             thousands(base),
             verdict(ratio >= OUTAGE_RATIO_MIN),
@@ -995,6 +1013,16 @@ mod tests {
         assert_eq!(histogram_quantile(text, "x_seconds", 0.99), Some(0.004));
         assert_eq!(histogram_quantile(text, "x_seconds", 0.995), None);
         assert_eq!(histogram_quantile(text, "z_seconds", 0.5), None);
+    }
+
+    #[test]
+    fn top_ups_shrink_to_what_the_size_still_needs_once_a_message_size_is_known() {
+        assert_eq!(top_up_count(10 << 30, None), TOP_UP_MESSAGES);
+        assert_eq!(top_up_count(10 << 30, Some(900)), TOP_UP_MESSAGES);
+        // 100 MiB short at 900 bytes a message: 116,508 whole messages, plus one.
+        assert_eq!(top_up_count(100 << 20, Some(900)), 116_509);
+        assert_eq!(top_up_count(1, Some(900)), 1);
+        assert_eq!(top_up_count(1_000, Some(0)), 1_001);
     }
 
     #[test]
