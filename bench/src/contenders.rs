@@ -119,6 +119,22 @@ impl TableRows {
     }
 }
 
+/// One fetch of up to [`FETCH_BATCH`] messages, waiting at most [`FETCH_EXPIRES_MS`].
+async fn fetch_batch(consumer: &PullConsumer) -> Result<Vec<Message>, BenchError> {
+    let mut messages = consumer
+        .fetch()
+        .max_messages(FETCH_BATCH)
+        .expires(Duration::from_millis(FETCH_EXPIRES_MS))
+        .messages()
+        .await
+        .map_err(|e| BenchError::nats("fetch", e))?;
+    let mut batch = Vec::with_capacity(FETCH_BATCH);
+    while let Some(m) = messages.next().await {
+        batch.push(m.map_err(|e| BenchError::nats("fetch", e))?);
+    }
+    Ok(batch)
+}
+
 /// Fetches from a durable until `expected` messages came, calling `on_batch` with each batch
 /// (which acks it); returns how many came.
 async fn fetch_all<F, Fut>(
@@ -132,17 +148,7 @@ where
 {
     let mut got = 0u64;
     while got < expected {
-        let mut messages = consumer
-            .fetch()
-            .max_messages(FETCH_BATCH)
-            .expires(Duration::from_millis(FETCH_EXPIRES_MS))
-            .messages()
-            .await
-            .map_err(|e| BenchError::nats("fetch", e))?;
-        let mut batch = Vec::with_capacity(FETCH_BATCH);
-        while let Some(m) = messages.next().await {
-            batch.push(m.map_err(|e| BenchError::nats("fetch", e))?);
-        }
+        let batch = fetch_batch(&consumer).await?;
         got += batch.len() as u64;
         if !batch.is_empty() {
             on_batch(batch).await?;
@@ -298,17 +304,7 @@ pub fn follow_streams(
                 tasks.spawn(async move {
                     let mut acked = 0u64;
                     while !stop.load(Ordering::SeqCst) {
-                        let mut messages = consumer
-                            .fetch()
-                            .max_messages(FETCH_BATCH)
-                            .expires(Duration::from_millis(FETCH_EXPIRES_MS))
-                            .messages()
-                            .await
-                            .map_err(|e| BenchError::nats("fetch", e))?;
-                        let mut batch = Vec::with_capacity(FETCH_BATCH);
-                        while let Some(m) = messages.next().await {
-                            batch.push(m.map_err(|e| BenchError::nats("fetch", e))?);
-                        }
+                        let batch = fetch_batch(&consumer).await?;
                         if batch.is_empty() {
                             tokio::time::sleep(FOLLOW_EMPTY_PAUSE).await;
                             continue;
@@ -450,17 +446,7 @@ pub async fn decode_stream(js: &jetstream::Context, name: &str) -> Result<TableR
             durable(js, stream, &format!("{name}-{stream}"), AckPolicy::None).await?;
         let mut got = 0u64;
         while got < expected {
-            let mut messages = consumer
-                .fetch()
-                .max_messages(FETCH_BATCH)
-                .expires(Duration::from_millis(FETCH_EXPIRES_MS))
-                .messages()
-                .await
-                .map_err(|e| BenchError::nats("fetch", e))?;
-            let mut batch = Vec::with_capacity(FETCH_BATCH);
-            while let Some(m) = messages.next().await {
-                batch.push(m.map_err(|e| BenchError::nats("fetch", e))?);
-            }
+            let batch = fetch_batch(&consumer).await?;
             got += batch.len() as u64;
             decode_batch(&batch, &mut rows)?;
         }
