@@ -126,26 +126,46 @@ const LATENCY_SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Waits until the relay acked everything (its durables have nothing pending or unacked);
 /// fails when the relay exits or `timeout` passes.
 fn wait_acked(world: &World, run: &mut RelayRun, timeout: Duration) -> Result<(), BenchError> {
+    let log = run.relay.log_path().display().to_string();
+    poll_until(
+        timeout,
+        "the relay acking every message",
+        &format!("see {log}"),
+        || {
+            if world.consumers_drained(&run.durables) {
+                return Ok(true);
+            }
+            match run.relay.try_exit()? {
+                Some(status) => Err(BenchError::Output {
+                    what: "relay exit".into(),
+                    detail: format!("{status}; see {log}"),
+                }),
+                None => Ok(false),
+            }
+        },
+    )
+}
+
+/// Looks at `done` every [`DRAIN_POLL`] until it says true or fails; after `timeout`, an error
+/// naming `what` (with `detail`).
+fn poll_until(
+    timeout: Duration,
+    what: &str,
+    detail: &str,
+    mut done: impl FnMut() -> Result<bool, BenchError>,
+) -> Result<(), BenchError> {
     let deadline = Instant::now() + timeout;
-    loop {
-        if world.consumers_drained(&run.durables) {
-            return Ok(());
-        }
-        if let Some(status) = run.relay.try_exit()? {
-            return Err(BenchError::Output {
-                what: "relay exit".into(),
-                detail: format!("{status}; see {}", run.relay.log_path().display()),
-            });
-        }
+    while !done()? {
         if Instant::now() >= deadline {
             return Err(BenchError::Timeout {
-                what: "the relay acking every message".into(),
+                what: what.to_string(),
                 waited_s: timeout.as_secs(),
-                detail: format!("see {}", run.relay.log_path().display()),
+                detail: detail.to_string(),
             });
         }
         thread::sleep(DRAIN_POLL);
     }
+    Ok(())
 }
 
 /// What one cold relay drain took: its rate, when the durables were drained (ingest done) and
@@ -874,17 +894,12 @@ pub fn latency(world: &World, scale: &Scale, report: &mut Report) -> Result<(), 
             Some(scale.latency_s),
         )
         .and_then(|summary| {
-            let deadline = Instant::now() + LATENCY_SETTLE_TIMEOUT;
-            while !world.consumers_drained(&follower_durables) {
-                if Instant::now() >= deadline {
-                    return Err(BenchError::Timeout {
-                        what: "the latency follower acking every message".into(),
-                        waited_s: LATENCY_SETTLE_TIMEOUT.as_secs(),
-                        detail: String::new(),
-                    });
-                }
-                thread::sleep(DRAIN_POLL);
-            }
+            poll_until(
+                LATENCY_SETTLE_TIMEOUT,
+                "the latency follower acking every message",
+                "",
+                || Ok(world.consumers_drained(&follower_durables)),
+            )?;
             Ok(summary)
         });
     follower_stop.store(true, Ordering::SeqCst);

@@ -610,10 +610,7 @@ pub fn dead_letter(
 /// a message), or `None` for an ordinary record. A rescued delivery carries its raw subject.
 fn dead_reason_class(envelope: &Envelope<'_>) -> Option<DeadReason> {
     super::route::dead_letter_reason(envelope)?;
-    let rescued = envelope
-        .headers
-        .iter()
-        .any(|(name, _)| name == crate::source::RAW_SUBJECT_HEADER);
+    let rescued = envelope.header(crate::source::RAW_SUBJECT_HEADER).is_some();
     Some(if rescued {
         DeadReason::invalid_subject
     } else {

@@ -266,12 +266,7 @@ impl Lane {
                     }
                     read_blocked = true;
                 }
-                Some(source) => {
-                    return Err(DrainError::Wal {
-                        lane: self.config.name.clone(),
-                        source,
-                    })
-                }
+                Some(source) => return Err(wal_error(&self.config.name)(source)),
                 None => {
                     if let Some(ended) = files_exhausted.cleared() {
                         tracing::info!(lane = %self.config.name, failures = ended.count, lasted_ms = ended.lasted.as_millis() as u64, "reading the WAL again");
@@ -374,15 +369,16 @@ impl Lane {
         routed: bool,
     ) -> Result<(), DrainError> {
         let record = RecordRef { lsn, body };
-        let wal_error = |source| DrainError::Wal {
-            lane: self.config.name.clone(),
-            source,
-        };
         // Another lane's record is routed from its subject alone: a lane reading on its own
         // passes over every other lane's records, and decoding each in full cost more than
         // reading it.
         let mine = routed
-            || self.router.route_record(&record).map_err(wal_error)?.lane() == self.config.name;
+            || self
+                .router
+                .route_record(&record)
+                .map_err(wal_error(&self.config.name))?
+                .lane()
+                == self.config.name;
         // A re-cut batch ends exactly where it ended before the crash; past it, batches are cut
         // by the limits again.
         if self.recut.as_ref().is_some_and(|r| lsn > r.last) {
@@ -397,10 +393,7 @@ impl Lane {
         if !mine || lsn < self.resume_cursor {
             return Ok(());
         }
-        let envelope = record.envelope().map_err(|source| DrainError::Wal {
-            lane: self.config.name.clone(),
-            source,
-        })?;
+        let envelope = record.envelope().map_err(wal_error(&self.config.name))?;
         self.newest_published_ns = self.newest_published_ns.max(envelope.published_ns);
         batch.push(lsn, &envelope, now_ms());
         let (cut, full) = match &self.recut {
@@ -648,10 +641,7 @@ impl Lane {
         if !self.sink.sends_tokens() || full.row_lsns.is_empty() {
             return Ok(());
         }
-        let wal_error = |source| DrainError::Wal {
-            lane: self.config.name.clone(),
-            source,
-        };
+        let wal_error = wal_error(&self.config.name);
         // The batch is in flight, so the ledger keeps its records.
         let mut reader = self.wal.reader(full.row_lsns[0]).map_err(wal_error)?;
         let identities =
@@ -732,21 +722,14 @@ impl Lane {
     }
 
     fn reread_dead_letter(&self, lsn: Lsn, reason: String) -> Result<DeadLetter, DrainError> {
-        let wal_error = |source| DrainError::Wal {
-            lane: self.config.name.clone(),
-            source,
-        };
+        let wal_error = wal_error(&self.config.name);
         let mut reader = self.wal.reader(lsn).map_err(wal_error)?;
-        let record = reader
-            .next()
-            .map_err(wal_error)?
-            .ok_or_else(|| DrainError::Wal {
-                lane: self.config.name.clone(),
-                source: prism_wal::WalError::Truncated {
-                    requested: lsn,
-                    first_available: lsn,
-                },
-            })?;
+        let record = reader.next().map_err(wal_error)?.ok_or_else(|| {
+            wal_error(prism_wal::WalError::Truncated {
+                requested: lsn,
+                first_available: lsn,
+            })
+        })?;
         let envelope: Envelope<'_> = record.envelope().map_err(wal_error)?;
         Ok(dead_letter(
             &self.config.name,
@@ -880,3 +863,11 @@ const IDLE_WAKE: Duration = Duration::from_millis(1_000);
 /// and inserts its last batch at once ([`Lane::backlog_end`]). Under traffic the WAL grows at
 /// least every `fetch_linger_ms` (50 ms by default), so steady batches keep going for their age.
 const BACKLOG_END_QUIET: Duration = Duration::from_millis(200);
+
+/// The drain's error for a WAL error met by lane `lane`.
+fn wal_error(lane: &str) -> impl Fn(prism_wal::WalError) -> DrainError + Copy + '_ {
+    move |source| DrainError::Wal {
+        lane: lane.to_owned(),
+        source,
+    }
+}

@@ -28,11 +28,7 @@ pub const DEAD_LETTER_HEADER: &str = "Prism-Dead-Letter";
 
 /// The reason a dead-letter record carries, or `None` for an ordinary record.
 pub fn dead_letter_reason<'e>(envelope: &'e Envelope<'_>) -> Option<&'e str> {
-    envelope
-        .headers
-        .iter()
-        .find(|(name, _)| name == DEAD_LETTER_HEADER)
-        .map(|(_, value)| value.as_ref())
+    envelope.header(DEAD_LETTER_HEADER)
 }
 
 /// Where one record goes.
@@ -87,21 +83,23 @@ impl Router {
     /// The route of one WAL record: a dead-letter record is unrouted whatever its subject (the
     /// unrouted lane dead-letters everything); any other record is routed by its subject.
     pub fn route_envelope(&self, envelope: &Envelope<'_>) -> Route<'_> {
-        if dead_letter_reason(envelope).is_some() {
-            return Route::Unrouted;
-        }
-        self.route(&envelope.subject)
+        self.route_marked(&envelope.subject, dead_letter_reason(envelope).is_some())
     }
 
     /// [`Router::route_envelope`] of a record, read from its body without decoding the rest
     /// ([`RecordRef::subject_and_header`]): for readers that pass over the records of other lanes.
     pub fn route_record(&self, record: &RecordRef<'_>) -> Result<Route<'_>, WalError> {
         let (subject, dead_letter) = record.subject_and_header(DEAD_LETTER_HEADER)?;
-        Ok(if dead_letter.is_some() {
+        Ok(self.route_marked(subject, dead_letter.is_some()))
+    }
+
+    /// The route of a record with `subject`, marked as a dead letter or not.
+    fn route_marked(&self, subject: &str, dead_letter: bool) -> Route<'_> {
+        if dead_letter {
             Route::Unrouted
         } else {
             self.route(subject)
-        })
+        }
     }
 
     /// Every lane this router can produce, typed tables first.

@@ -33,6 +33,15 @@ pub struct Envelope<'a> {
 }
 
 impl Envelope<'_> {
+    /// The value of the first header named `name`, if there is one (see also
+    /// [`crate::RecordRef::subject_and_header`], which reads it without decoding the record).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_ref())
+    }
+
     /// Copies every borrowed field so the envelope outlives its record buffer.
     pub fn into_owned(self) -> Envelope<'static> {
         Envelope {

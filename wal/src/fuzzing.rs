@@ -39,14 +39,9 @@ pub fn record_decode(data: &[u8]) {
 fn check_subject_and_header(record: crate::RecordRef<'_>) {
     let cheap = record.subject_and_header("Nats-Msg-Id");
     if let Ok(envelope) = record.envelope() {
-        let header = envelope
-            .headers
-            .iter()
-            .find(|(k, _)| k == "Nats-Msg-Id")
-            .map(|(_, v)| v.as_ref());
         assert_eq!(
             cheap.ok(),
-            Some((envelope.subject.as_ref(), header)),
+            Some((envelope.subject.as_ref(), envelope.header("Nats-Msg-Id"))),
             "the subject and header read disagree with the decoded envelope"
         );
     }
