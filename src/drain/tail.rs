@@ -5,7 +5,8 @@
 //! tables. Reading it once per lane meant every record was read from its segment, checked
 //! against its CRC and decoded by every lane (nine with MarketPrism's tables): a quarter of the
 //! relay's CPU while it drained a backlog. The [`Tail`] reads the WAL ahead of the lanes in
-//! chunks: it reads each record once, decodes its envelope once to route it, and lists each
+//! chunks: it reads each record once, routes it from its subject and dead-letter header (read
+//! from the body without decoding the rest, as a lane reading alone routes), and lists each
 //! lane's records in the chunk. A lane then takes from the chunk only its own records.
 //!
 //! The lanes keep their own cursors and batches; the tail only changes how records reach them,
@@ -22,7 +23,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use prism_wal::{Envelope, Lsn, Reader, Wal, WalError};
+use prism_wal::{Lsn, Reader, Wal, WalError};
 use tokio::sync::Mutex;
 
 use super::route::Router;
@@ -203,16 +204,18 @@ impl Tail {
                 Err(e) if chunk.records.is_empty() => return Err(e),
                 Err(_) => break,
             };
-            // The records before an undecodable one form the chunk; it is reported from then on.
-            let envelope: Envelope<'_> = match record.envelope() {
-                Ok(envelope) => envelope,
+            // Routed from its subject and dead-letter header alone, as a lane reading on its own
+            // routes it: the lane it belongs to decodes it in full, and a body that fails there
+            // stops that lane. The records before one that cannot even be routed form the chunk;
+            // it is reported from then on.
+            let route = match self.router.route_record(&record) {
+                Ok(route) => route,
                 Err(WalError::Decode { lsn, reason }) => {
                     state.undecodable = Some((lsn, reason));
                     break;
                 }
                 Err(e) => return Err(e),
             };
-            let route = self.router.route_envelope(&envelope);
             let index = chunk.records.len() as u32;
             if let Some(lane) = self.lanes.iter().position(|l| l == route.lane()) {
                 chunk.by_lane[lane].push(index);
@@ -266,6 +269,7 @@ mod tests {
     use prism_wal::{Envelope, Lsn, StreamSeq, Wal, WalOptions};
 
     use super::{Tail, Take, CACHE_BYTES_MAX};
+    use crate::drain::route::DEAD_LETTER_HEADER;
     use crate::drain::Router;
 
     async fn append(wal: &Wal, subjects: &[&str], payload_bytes: usize) {
@@ -370,6 +374,67 @@ mod tests {
         let state = tail.state.lock().await;
         assert_eq!(state.chunks.len(), 1);
         assert_eq!(state.chunks[0].first, Lsn(6));
+    }
+
+    #[tokio::test]
+    async fn a_record_is_routed_as_the_router_routes_its_envelope_dead_letters_included() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (wal, _) = Wal::open(dir.path(), WalOptions::default()).expect("open WAL");
+        let router = Arc::new(Router::new([]));
+        let tail = Tail::new(wal.clone(), router.clone(), router.lanes());
+        let trades = tail.register("trades", Lsn(1)).await.expect("a lane");
+        let header =
+            |name: &'static str, value: &'static str| (Cow::Borrowed(name), Cow::Borrowed(value));
+        let envelope = |subject: &'static str, headers| Envelope {
+            stream: Cow::Borrowed("S"),
+            stream_seq: StreamSeq(1),
+            subject: Cow::Borrowed(subject),
+            headers,
+            published_ns: 0,
+            payload: Cow::Borrowed(b"{}".as_slice()),
+        };
+        let envelopes = [
+            // A trade's subject marked as a dead letter (the rescue's records) is not a trade.
+            envelope(
+                "trade.binance.spot.BTC-USDT",
+                vec![
+                    header("Nats-Msg-Id", "a"),
+                    header(DEAD_LETTER_HEADER, "subject not UTF-8"),
+                ],
+            ),
+            envelope(
+                "trade.binance.spot.BTC-USDT",
+                vec![header("Nats-Msg-Id", "b")],
+            ),
+            envelope("orderbook.okx.spot.ETH-USDT", Vec::new()),
+        ];
+        wal.append(&envelopes).await.expect("append");
+        let Ok(Take::Chunk(chunk)) = tail.chunk_at(trades, Lsn(1), false).await else {
+            panic!("a chunk");
+        };
+        let expected: Vec<(String, Vec<u64>)> = tail
+            .lanes
+            .iter()
+            .map(|lane| {
+                let lsns = envelopes
+                    .iter()
+                    .zip(1u64..)
+                    .filter(|(e, _)| router.route_envelope(e).lane() == lane)
+                    .map(|(_, lsn)| lsn)
+                    .collect();
+                (lane.clone(), lsns)
+            })
+            .filter(|(_, lsns): &(String, Vec<u64>)| !lsns.is_empty())
+            .collect();
+        assert_eq!(lanes_of(&chunk, &tail, Lsn(1)), expected);
+        assert_eq!(
+            expected,
+            [
+                ("trades".to_owned(), vec![2]),
+                ("orderbooks".to_owned(), vec![3]),
+                ("_unrouted".to_owned(), vec![1]),
+            ]
+        );
     }
 
     #[tokio::test]
