@@ -534,25 +534,31 @@ pub struct TableBatch {
 }
 
 impl TableBatch {
+    // In a backlog every cut is a part ClickHouse writes and merges again, so each typed table's
+    // rows_max is about the most rows of its largest MarketPrism payload that its bytes_max holds
+    // (a test checks that bytes_max is not reached first). bytes_max bounds a lane's memory and
+    // is what sets the size; rows_max at 2,000 order books and 10,000 trades cost ClickHouse
+    // 18.16 about twice the CPU per row in a backlog drain (docs/PERFORMANCE.md).
+
     /// Defaults of the trades table: the busiest small-row table.
     pub const TRADES: TableBatch = TableBatch {
-        rows_max: 10_000,
+        rows_max: 16_000,
         bytes_max: 8 * MIB,
         flush_interval_ms: 1_000,
     };
     /// Defaults of the orderbooks table: few, large rows.
     pub const ORDERBOOKS: TableBatch = TableBatch {
-        rows_max: 2_000,
+        rows_max: 4_500,
         bytes_max: 32 * MIB,
         flush_interval_ms: 1_000,
     };
     /// Defaults of the six low-frequency tables, and of passthrough tables. At their steady rates
     /// (a row per market every 10 s to 5 min) a batch goes for its age long before any limit; the
-    /// limits count in a backlog, where every cut is a part ClickHouse writes and merges again,
-    /// so they are as large as the trades': 500-row batches made a backlog of these tables
-    /// cost ClickHouse 20 to 50 ms of CPU per 500 rows (docs/PERFORMANCE.md).
+    /// limits count in a backlog, so they are as large as the trades': 500-row batches made a
+    /// backlog of these tables cost ClickHouse 20 to 50 ms of CPU per 500 rows
+    /// (docs/PERFORMANCE.md).
     pub const LOW_FREQUENCY: TableBatch = TableBatch {
-        rows_max: 10_000,
+        rows_max: 16_000,
         bytes_max: 8 * MIB,
         flush_interval_ms: 1_000,
     };
