@@ -288,6 +288,16 @@ mod tests {
         wal.append(&envelopes).await.expect("append");
     }
 
+    /// A tail for `router`'s lanes over a fresh WAL in a temporary directory (the returned guard
+    /// keeps it).
+    fn tail_on(router: Router) -> (tempfile::TempDir, Wal, Arc<Router>, Tail) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (wal, _) = Wal::open(dir.path(), WalOptions::default()).expect("open WAL");
+        let router = Arc::new(router);
+        let tail = Tail::new(wal.clone(), router.clone(), router.lanes());
+        (dir, wal, router, tail)
+    }
+
     fn lanes_of(chunk: &super::Chunk, tail: &Tail, from: Lsn) -> Vec<(String, Vec<u64>)> {
         tail.lanes
             .iter()
@@ -307,13 +317,10 @@ mod tests {
 
     #[tokio::test]
     async fn each_lane_gets_exactly_its_records_in_order_from_one_shared_read() {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let (wal, _) = Wal::open(dir.path(), WalOptions::default()).expect("open WAL");
-        let router = Arc::new(Router::new([(
+        let (_dir, wal, _, tail) = tail_on(Router::new([(
             "custom".to_owned(),
             "custom_table".to_owned(),
         )]));
-        let tail = Tail::new(wal.clone(), router.clone(), router.lanes());
         let trades = tail.register("trades", Lsn(1)).await.expect("a lane");
         let orderbooks = tail.register("orderbooks", Lsn(1)).await.expect("a lane");
         assert_eq!(tail.register("no_such_lane", Lsn(1)).await, None);
@@ -378,10 +385,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_record_is_routed_as_the_router_routes_its_envelope_dead_letters_included() {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let (wal, _) = Wal::open(dir.path(), WalOptions::default()).expect("open WAL");
-        let router = Arc::new(Router::new([]));
-        let tail = Tail::new(wal.clone(), router.clone(), router.lanes());
+        let (_dir, wal, router, tail) = tail_on(Router::new([]));
         let trades = tail.register("trades", Lsn(1)).await.expect("a lane");
         let header =
             |name: &'static str, value: &'static str| (Cow::Borrowed(name), Cow::Borrowed(value));
@@ -439,10 +443,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lane_outside_the_chunks_kept_reads_on_its_own() {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let (wal, _) = Wal::open(dir.path(), WalOptions::default()).expect("open WAL");
-        let router = Arc::new(Router::new([]));
-        let tail = Tail::new(wal.clone(), router.clone(), router.lanes());
+        let (_dir, wal, _, tail) = tail_on(Router::new([]));
         let slow = tail.register("trades", Lsn(1)).await.expect("a lane");
         let fast = tail
             .register("funding_rates", Lsn(1))
